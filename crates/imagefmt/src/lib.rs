@@ -1,0 +1,31 @@
+//! kiln-imagefmt writes disk images: FAT12/16/32 volumes (and the NoCloud
+//! seeds built on them) to any `Write + Seek`, or straight to a file with
+//! `copy_file_range`, sparse output and an atomic rename.
+//!
+//! It is a pure writer: it never mounts anything, never needs root and never
+//! spawns a process. Layout is computed up front from the tree's metadata
+//! (see [`FatTree::layout`]), so memory is bounded by the number of entries,
+//! not by the bytes copied, and the same inputs always give the same bytes.
+//!
+//! ```
+//! use kiln_imagefmt::{FatOptions, FatTree};
+//!
+//! let mut tree = FatTree::new();
+//! tree.add_file_from_bytes("hello.txt", b"hello\n".to_vec())?;
+//! tree.add_file_from_bytes("etc/motd", b"kiln\n".to_vec())?;
+//! let options = FatOptions { label: Some("DEMO".into()), epoch: 0, ..FatOptions::default() };
+//! let layout = tree.layout(&options)?;
+//! let mut image = std::io::Cursor::new(Vec::new());
+//! layout.write_to(&mut image)?;
+//! assert_eq!(image.get_ref().len() as u64, layout.summary().image_bytes);
+//! # Ok::<(), kiln_imagefmt::Error>(())
+//! ```
+
+mod cidata;
+mod error;
+mod fat;
+mod sink;
+
+pub use cidata::NoCloudSeed;
+pub use error::{Error, ErrorKind, Result};
+pub use fat::{FatLayout, FatOptions, FatSummary, FatTree, FatType};

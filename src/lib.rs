@@ -1,0 +1,1 @@
+//! kiln: the launcher library.
