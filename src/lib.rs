@@ -1,1 +1,18 @@
-//! kiln: the launcher library.
+//! kiln: the launcher library behind the `kiln` binary. It turns a service
+//! (a binary, its arguments, environment and data trees) into the disk images
+//! a microVM boots with: the service disk (label `SERVICEDISK`) with its
+//! generated `launch` script, plus the helpers specs share, such as size parsing.
+//!
+//! It is not the image writer: bytes on disk are `kiln-imagefmt`'s job, and
+//! nothing here mounts, needs root or spawns a process. Booting VMs,
+//! networking and Kubernetes are not part of it yet.
+
+mod error;
+mod launch;
+mod service_disk;
+mod size;
+
+pub use error::{Error, Result};
+pub use launch::LaunchScript;
+pub use service_disk::{DiskTree, ServiceDisk};
+pub use size::parse_size;

@@ -1,1 +1,10 @@
+//! The `kiln` package's integration tests: one binary, one module per area.
+//! CLI tests run the real `kiln` binary; interop checks read every image
+//! back with tools that share no code with kiln's writer.
 
+#![allow(clippy::unwrap_used)]
+
+mod cli_errors;
+mod cli_images;
+mod launch_sh;
+mod support;

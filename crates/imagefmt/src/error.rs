@@ -59,6 +59,8 @@ pub enum Error {
     DoesNotFit { needed: u64, size: u64 },
     #[error("{fat_type} is impossible for this image: {reason}")]
     FatTypeImpossible { fat_type: crate::FatType, reason: String },
+    #[error("Not a readable image: {reason}")]
+    InvalidImage { reason: String },
     #[error("{} changed while the image was being written (expected {expected} bytes)", path.display())]
     SourceChanged { path: PathBuf, expected: u64 },
 }
@@ -76,7 +78,8 @@ impl Error {
             | Error::NotADirectory { .. }
             | Error::InvalidLabel { .. }
             | Error::InvalidSize { .. }
-            | Error::InvalidClusterSize { .. } => ErrorKind::InvalidInput,
+            | Error::InvalidClusterSize { .. }
+            | Error::InvalidImage { .. } => ErrorKind::InvalidInput,
             Error::FileTooLarge { .. } | Error::DoesNotFit { .. } | Error::FatTypeImpossible { .. } => {
                 ErrorKind::DoesNotFit
             }

@@ -1,0 +1,218 @@
+//! Where image bytes go. Every writer in this crate emits into a [`Sink`]
+//! that starts out reading as zeros, so zero regions are simply skipped.
+
+use std::fs::{File, Permissions};
+use std::io::{self, Seek, SeekFrom, Write};
+use std::os::unix::fs::{FileExt, PermissionsExt};
+use std::path::Path;
+
+use rustix::io::Errno;
+
+use crate::{Error, Result};
+
+/// Granularity at which data is checked for zeros before it is written.
+const ZERO_BLOCK: usize = 4096;
+/// Buffer for copies that cannot use `copy_file_range`. Bounds memory.
+const COPY_BUFFER: usize = 1 << 20;
+/// Bytes per `copy_file_range` call, so progress moves on large files.
+const COPY_CHUNK: u64 = 16 << 20;
+
+/// A destination for image bytes that reads as zeros until written.
+pub(crate) trait Sink {
+    /// Writes `data` at `offset`.
+    fn write_at(&mut self, offset: u64, data: &[u8]) -> io::Result<()>;
+
+    /// Copies the first `len` bytes of `src` to `offset`, calling
+    /// `progress` with each run of bytes copied. Returns the bytes copied,
+    /// fewer than `len` only if `src` is shorter.
+    fn copy_file_at(&mut self, offset: u64, src: &File, len: u64, progress: &mut dyn FnMut(u64)) -> io::Result<u64> {
+        copy_through_buffer(self, offset, src, 0, len, progress)
+    }
+
+    /// Sets the final image length.
+    fn finish(&mut self, len: u64) -> io::Result<()>;
+}
+
+/// Writes `data` at `offset`, skipping blocks that are all zeros.
+pub(crate) fn write_nonzero<S: Sink + ?Sized>(sink: &mut S, offset: u64, data: &[u8]) -> io::Result<()> {
+    let mut start = 0;
+    while start < data.len() {
+        let first_nonzero = data[start..]
+            .chunks(ZERO_BLOCK)
+            .position(|block| block.iter().any(|&b| b != 0))
+            .map(|i| start + i * ZERO_BLOCK);
+        let Some(run_start) = first_nonzero else { break };
+        let run_end = data[run_start..]
+            .chunks(ZERO_BLOCK)
+            .position(|block| block.iter().all(|&b| b == 0))
+            .map_or(data.len(), |i| run_start + i * ZERO_BLOCK);
+        sink.write_at(offset + run_start as u64, &data[run_start..run_end])?;
+        start = run_end;
+    }
+    Ok(())
+}
+
+fn copy_through_buffer<S: Sink + ?Sized>(
+    sink: &mut S,
+    offset: u64,
+    src: &File,
+    src_offset: u64,
+    len: u64,
+    progress: &mut dyn FnMut(u64),
+) -> io::Result<u64> {
+    let mut buffer = vec![0u8; COPY_BUFFER.min(len as usize)];
+    let mut done = 0;
+    while done < len {
+        let want = buffer.len().min((len - done) as usize);
+        let got = match src.read_at(&mut buffer[..want], src_offset + done) {
+            Ok(0) => break,
+            Ok(got) => got,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        };
+        write_nonzero(sink, offset + done, &buffer[..got])?;
+        done += got as u64;
+        progress(got as u64);
+    }
+    Ok(done)
+}
+
+/// A plain file: positioned writes, `copy_file_range` for file data (the
+/// kernel moves the bytes, or shares them on reflink filesystems), and
+/// `set_len` at the end so untouched regions stay holes.
+#[derive(Debug)]
+pub(crate) struct FileSink<'f> {
+    file: &'f File,
+    /// Cleared after the first `copy_file_range` refusal, to stop retrying.
+    copy_file_range_works: bool,
+}
+
+impl<'f> FileSink<'f> {
+    pub(crate) fn new(file: &'f File) -> FileSink<'f> {
+        FileSink { file, copy_file_range_works: true }
+    }
+
+    /// The file underneath, for writers that lay out their own format.
+    pub(crate) fn file(&self) -> &'f File {
+        self.file
+    }
+}
+
+impl Sink for FileSink<'_> {
+    fn write_at(&mut self, offset: u64, data: &[u8]) -> io::Result<()> {
+        self.file.write_all_at(data, offset)
+    }
+
+    fn copy_file_at(&mut self, offset: u64, src: &File, len: u64, progress: &mut dyn FnMut(u64)) -> io::Result<u64> {
+        let mut done = 0;
+        while done < len && self.copy_file_range_works {
+            let mut src_offset = done;
+            let mut dst_offset = offset + done;
+            let want = (len - done).min(COPY_CHUNK) as usize;
+            match rustix::fs::copy_file_range(src, Some(&mut src_offset), self.file, Some(&mut dst_offset), want) {
+                Ok(0) => return Ok(done),
+                Ok(copied) => {
+                    done += copied as u64;
+                    progress(copied as u64);
+                }
+                Err(Errno::INTR) => {}
+                // Not supported for this pair of files (other filesystem,
+                // old kernel, special file): fall back to read and write.
+                Err(Errno::XDEV | Errno::NOSYS | Errno::OPNOTSUPP | Errno::INVAL) if done == 0 => {
+                    self.copy_file_range_works = false;
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+        if done < len {
+            done += copy_through_buffer(self, offset + done, src, done, len - done, progress)?;
+        }
+        Ok(done)
+    }
+
+    fn finish(&mut self, len: u64) -> io::Result<()> {
+        self.file.set_len(len)
+    }
+}
+
+/// Runs `write` against a new temporary file next to `path` (mode 0600
+/// from the start, so secrets are never readable by others), sets `mode`,
+/// and renames it over `path`. On any error the temporary file is removed
+/// and `path` is untouched. Atomic, not durable: no fsync, like `cp`.
+pub(crate) fn write_atomically(
+    path: &Path,
+    mode: u32,
+    write: impl FnOnce(&mut FileSink<'_>) -> Result<()>,
+) -> Result<()> {
+    let write_error = |source: io::Error| Error::WriteImage { path: path.to_path_buf(), source };
+    let dir = match path.parent() {
+        Some(parent) if !parent.as_os_str().is_empty() => parent,
+        _ => Path::new("."),
+    };
+    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let temp = tempfile::Builder::new()
+        .prefix(&format!(".{name}."))
+        .suffix(".kiln-tmp")
+        .permissions(Permissions::from_mode(0o600))
+        .tempfile_in(dir)
+        .map_err(write_error)?;
+    let mut sink = FileSink::new(temp.as_file());
+    write(&mut sink).map_err(|e| match e {
+        Error::Write(source) => write_error(source),
+        other => other,
+    })?;
+    if mode != 0o600 {
+        temp.as_file().set_permissions(Permissions::from_mode(mode)).map_err(write_error)?;
+    }
+    temp.persist(path).map_err(|e| write_error(e.error))?;
+    Ok(())
+}
+
+/// Any `Write + Seek`: seeks and writes. At the end the last byte is
+/// written if needed, so the image has its full length.
+#[derive(Debug)]
+pub(crate) struct WriteSeekSink<'w, W> {
+    out: &'w mut W,
+    end: u64,
+}
+
+impl<'w, W: Write + Seek> WriteSeekSink<'w, W> {
+    pub(crate) fn new(out: &'w mut W) -> WriteSeekSink<'w, W> {
+        WriteSeekSink { out, end: 0 }
+    }
+}
+
+impl<W: Write + Seek> Sink for WriteSeekSink<'_, W> {
+    fn write_at(&mut self, offset: u64, data: &[u8]) -> io::Result<()> {
+        self.out.seek(SeekFrom::Start(offset))?;
+        self.out.write_all(data)?;
+        self.end = self.end.max(offset + data.len() as u64);
+        Ok(())
+    }
+
+    fn finish(&mut self, len: u64) -> io::Result<()> {
+        if self.end < len {
+            self.write_at(len - 1, &[0])?;
+        }
+        self.out.flush()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Cursor;
+
+    #[test]
+    fn zero_blocks_are_skipped_and_data_lands_in_place() {
+        let mut data = vec![0u8; 5 * ZERO_BLOCK];
+        data[ZERO_BLOCK + 7] = 1;
+        data[4 * ZERO_BLOCK] = 2;
+        let mut out = Cursor::new(Vec::new());
+        let mut sink = WriteSeekSink::new(&mut out);
+        write_nonzero(&mut sink, 512, &data).unwrap();
+        sink.finish(512 + data.len() as u64).unwrap();
+        let image = out.into_inner();
+        assert_eq!(&image[512..], &data[..]);
+    }
+}

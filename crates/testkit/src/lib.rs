@@ -1,1 +1,76 @@
-//! Test support for kiln crates.
+//! kiln-testkit: test support shared by kiln's crates. It finds the
+//! external tools interop tests need and enforces the suite's rule about
+//! them; it is a dev-dependency only and never part of a shipped binary.
+//!
+//! The rule: under `cargo xtask test` (which sets `KILN_REQUIRE_TOOLS=1`) a
+//! missing tool fails the test. Under a bare `cargo test` the test prints
+//! that it skipped and passes.
+
+mod fat;
+
+pub use fat::{
+    Entry, FatDateTime, FatfsView, Tree, as_mtools_names, fsck_fat_clean, inspect_fat_with_fatfs, mdir_listing,
+    mtools_extract, mtools_label, read_fat_file_with_fatfs, read_fat_with_fatfs, read_fat_with_mtools, read_tree,
+    tree_diff,
+};
+
+use std::env;
+use std::path::{Path, PathBuf};
+
+/// The environment variable `cargo xtask test` sets to make missing tools fatal.
+pub const REQUIRE_TOOLS_ENV: &str = "KILN_REQUIRE_TOOLS";
+
+/// Whether missing tools must fail tests rather than skip them.
+pub fn tools_required() -> bool {
+    env::var_os(REQUIRE_TOOLS_ENV).is_some_and(|v| !v.is_empty() && v != "0")
+}
+
+/// Finds `tool` on `PATH` (or as given, if it contains a `/`).
+pub fn find_tool(tool: &str) -> Option<PathBuf> {
+    if tool.contains('/') {
+        return Path::new(tool).is_file().then(|| PathBuf::from(tool));
+    }
+    let path = env::var_os("PATH")?;
+    env::split_paths(&path).map(|dir| dir.join(tool)).find(|candidate| candidate.is_file())
+}
+
+/// Returns the path of `tool` for test `test`, or `None` after printing
+/// `SKIPPED: ...` when the tool is missing and tools are not required.
+///
+/// # Panics
+/// When the tool is missing and [`tools_required`] is true.
+pub fn require_tool(test: &str, tool: &str) -> Option<PathBuf> {
+    if let Some(found) = find_tool(tool) {
+        return Some(found);
+    }
+    assert!(
+        !tools_required(),
+        "{test}: required tool `{tool}` is not installed ({REQUIRE_TOOLS_ENV} is set; `cargo xtask test` installs it)"
+    );
+    eprintln!("SKIPPED: {test}: `{tool}` not found on PATH");
+    None
+}
+
+/// The name of the running test: libtest names each test's thread after
+/// it, so helpers can report which test skipped without being told.
+pub fn current_test_name() -> String {
+    std::thread::current().name().unwrap_or("<unnamed test>").to_owned()
+}
+
+/// Like [`require_tool`] for several tools at once: `Some(paths)` only if all are present.
+pub fn require_tools(test: &str, tools: &[&str]) -> Option<Vec<PathBuf>> {
+    tools.iter().map(|tool| require_tool(test, tool)).collect()
+}
+
+/// Whether the test runs as root, for tests that need it (namespaces, loop devices).
+pub fn is_root() -> bool {
+    // /proc/self/status avoids a libc dependency: "Uid:\t<real>\t<effective>...".
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|status| {
+            status
+                .lines()
+                .find_map(|line| line.strip_prefix("Uid:").map(|rest| rest.split_whitespace().nth(1) == Some("0")))
+        })
+        .unwrap_or(false)
+}

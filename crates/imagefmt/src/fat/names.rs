@@ -34,7 +34,7 @@ pub(crate) fn fold_case(name: &str) -> String {
 }
 
 /// Short-name characters besides `A-Z` and `0-9`.
-fn is_short_char(b: u8) -> bool {
+pub(crate) fn is_short_char(b: u8) -> bool {
     b.is_ascii_uppercase() || b.is_ascii_digit() || b"!#$%&'()-@^_`{}~".contains(&b)
 }
 
@@ -55,7 +55,7 @@ pub(crate) fn exact_short_name(name: &str) -> Option<[u8; 11]> {
     };
     let valid = (1..=8).contains(&base.len())
         && ext.len() <= 3
-        && (ext.is_empty() == !name.contains('.'))
+        && ext.is_empty() != name.contains('.')
         && base.iter().chain(ext).all(|&b| is_short_char(b));
     valid.then(|| pad11(base, ext))
 }
@@ -189,8 +189,21 @@ mod tests {
     #[test]
     fn short_names() {
         check_short(
-            &["SERVICE", "launch", "README.TXT", "readme.md", "keystore", "long file name.json", "long file name2.json",
-              "a+b", ".bashrc", "x.tar.gz", "ünïcödé", "FOO~1", "foo bar"],
+            &[
+                "SERVICE",
+                "launch",
+                "README.TXT",
+                "readme.md",
+                "keystore",
+                "long file name.json",
+                "long file name2.json",
+                "a+b",
+                ".bashrc",
+                "x.tar.gz",
+                "ünïcödé",
+                "FOO~1",
+                "foo bar",
+            ],
             expect![[r#"
                 SERVICE -> SERVICE    
                 launch -> LAUNCH     
@@ -225,7 +238,8 @@ mod tests {
 
     #[test]
     fn invalid_names_say_why() {
-        for (name, reason) in [("", "empty"), ("a/b", "'/'"), ("a:b", "':'"), ("end.", "trailing"), ("..", "reserved")] {
+        for (name, reason) in [("", "empty"), ("a/b", "'/'"), ("a:b", "':'"), ("end.", "trailing"), ("..", "reserved")]
+        {
             let err = validate_long_name(name).unwrap_err();
             assert!(err.contains(reason), "{name:?}: {err}");
         }

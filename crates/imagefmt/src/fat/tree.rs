@@ -80,7 +80,10 @@ impl FatTree {
         let src = src.as_ref();
         let meta = stat(src)?;
         if meta.is_dir() {
-            return Err(Error::UnsupportedFileType { path: src.to_path_buf(), kind: "directory where a file was expected" });
+            return Err(Error::UnsupportedFileType {
+                path: src.to_path_buf(),
+                kind: "directory where a file was expected",
+            });
         }
         let node = host_file(src, &meta)?;
         self.insert_file(dest, node)
@@ -144,7 +147,7 @@ impl FatTree {
         };
         let size = node.size;
         let mut created = 0;
-        let dir = self.dir_mut_counting(&components, dest, &mut created)?;
+        let dir = walk_create(&mut self.root, &components, dest, &mut created)?;
         dir.insert(name, Node::File(node), dest)?;
         self.dirs += created;
         self.files += 1;
@@ -154,15 +157,9 @@ impl FatTree {
 
     fn dir_mut(&mut self, components: &[&str], dest: &str) -> Result<&mut Dir> {
         let mut created = 0;
-        // Split borrows: count into a local, then add.
-        let dirs = &mut self.dirs;
         let dir = walk_create(&mut self.root, components, dest, &mut created)?;
-        *dirs += created;
+        self.dirs += created;
         Ok(dir)
-    }
-
-    fn dir_mut_counting(&mut self, components: &[&str], dest: &str, created: &mut u64) -> Result<&mut Dir> {
-        walk_create(&mut self.root, components, dest, created)
     }
 }
 
@@ -189,7 +186,11 @@ impl Dir {
             if existing == name {
                 return Err(Error::AlreadyExists { path: dest.to_owned() });
             }
-            return Err(Error::NameCollision { dir: parent_of(dest), first: existing.clone(), second: name.to_owned() });
+            return Err(Error::NameCollision {
+                dir: parent_of(dest),
+                first: existing.clone(),
+                second: name.to_owned(),
+            });
         }
         self.folded.insert(folded, name.to_owned());
         self.children.insert(name.to_owned(), node);
@@ -208,8 +209,7 @@ fn parent_of(dest: &str) -> String {
 fn split_dest(dest: &str) -> Result<Vec<&str>> {
     let components: Vec<&str> = dest.split('/').filter(|c| !c.is_empty()).collect();
     for component in &components {
-        names::validate_long_name(component)
-            .map_err(|reason| Error::InvalidName { path: dest.to_owned(), reason })?;
+        names::validate_long_name(component).map_err(|reason| Error::InvalidName { path: dest.to_owned(), reason })?;
     }
     Ok(components)
 }

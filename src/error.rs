@@ -1,0 +1,33 @@
+/// The result type of every fallible kiln library call.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Every error the kiln library returns. Messages name the value at fault.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("Invalid size {input:?}: {reason}")]
+    InvalidSize { input: String, reason: String },
+    #[error("The launch program {program:?} {reason}")]
+    InvalidProgram {
+        program: String,
+        reason: &'static str,
+    },
+    #[error("Argument {index} ({arg:?}) contains a NUL byte, which exec cannot pass")]
+    NulInArgument { index: usize, arg: String },
+    #[error("Environment variable {name} contains a NUL byte, which exec cannot pass")]
+    NulInEnvValue { name: String },
+    #[error("Invalid environment variable name {name:?}: {reason}")]
+    InvalidEnvName { name: String, reason: &'static str },
+    #[error("Environment variable {name} is given twice")]
+    DuplicateEnv { name: String },
+    #[error("Invalid service disk tree name {name:?}: {reason}")]
+    InvalidTreeName { name: String, reason: &'static str },
+    #[error("Service disk tree {name:?} is given twice (FAT ignores case)")]
+    DuplicateTree { name: String },
+    #[error("Service disk tree {name:?} must be a directory, but {} is not", source_path.display())]
+    TreeNotADirectory {
+        name: String,
+        source_path: std::path::PathBuf,
+    },
+    #[error(transparent)]
+    Image(#[from] kiln_imagefmt::Error),
+}
