@@ -7,10 +7,7 @@ pub enum Error {
     #[error("Invalid size {input:?}: {reason}")]
     InvalidSize { input: String, reason: String },
     #[error("The launch program {program:?} {reason}")]
-    InvalidProgram {
-        program: String,
-        reason: &'static str,
-    },
+    InvalidProgram { program: String, reason: &'static str },
     #[error("Argument {index} ({arg:?}) contains a NUL byte, which exec cannot pass")]
     NulInArgument { index: usize, arg: String },
     #[error("Environment variable {name} contains a NUL byte, which exec cannot pass")]
@@ -24,10 +21,7 @@ pub enum Error {
     #[error("Service disk tree {name:?} is given twice (FAT ignores case)")]
     DuplicateTree { name: String },
     #[error("Service disk tree {name:?} must be a directory, but {} is not", source_path.display())]
-    TreeNotADirectory {
-        name: String,
-        source_path: std::path::PathBuf,
-    },
+    TreeNotADirectory { name: String, source_path: std::path::PathBuf },
     #[error(transparent)]
     Image(#[from] kiln_imagefmt::Error),
 }

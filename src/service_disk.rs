@@ -56,9 +56,7 @@ impl ServiceDisk {
         for tree in &self.trees {
             validate_tree_name(&tree.name)?;
             if !seen.insert(tree.name.to_lowercase()) {
-                return Err(Error::DuplicateTree {
-                    name: tree.name.clone(),
-                });
+                return Err(Error::DuplicateTree { name: tree.name.clone() });
             }
         }
         let script = self.launch.render()?;
@@ -70,10 +68,7 @@ impl ServiceDisk {
             // directory means what the caller asked for. Other stat errors are
             // left to add_host_path, which names the path and the cause.
             if fs::metadata(&tree.source).is_ok_and(|meta| !meta.is_dir()) {
-                return Err(Error::TreeNotADirectory {
-                    name: tree.name.clone(),
-                    source_path: tree.source.clone(),
-                });
+                return Err(Error::TreeNotADirectory { name: tree.name.clone(), source_path: tree.source.clone() });
             }
             // Created first so an empty source still gives an empty directory.
             image.add_dir(&tree.name)?;
@@ -89,12 +84,7 @@ impl ServiceDisk {
 /// A tree name is one path component that does not shadow `service` or
 /// `launch`; FAT's own rules (characters, length) are checked when it is added.
 fn validate_tree_name(name: &str) -> Result<()> {
-    let invalid = |reason| {
-        Err(Error::InvalidTreeName {
-            name: name.to_owned(),
-            reason,
-        })
-    };
+    let invalid = |reason| Err(Error::InvalidTreeName { name: name.to_owned(), reason });
     if name.is_empty() {
         return invalid("it is empty");
     }
@@ -128,11 +118,7 @@ mod tests {
             launch: LaunchScript::default(),
             trees: names
                 .iter()
-                .map(|name| DiskTree {
-                    name: name.to_string(),
-                    source: dir.path().to_path_buf(),
-                    secret: false,
-                })
+                .map(|name| DiskTree { name: name.to_string(), source: dir.path().to_path_buf(), secret: false })
                 .collect(),
         };
         let actual = match disk.tree() {
@@ -146,27 +132,18 @@ mod tests {
     fn tree_names() {
         check_tree_names(&[], expect!["ok: 2 files, 0 dirs"]);
         check_tree_names(&["keystore"], expect!["ok: 3 files, 1 dirs"]);
-        check_tree_names(
-            &["", "x"],
-            expect![[r#"error: Invalid service disk tree name "": it is empty"#]],
-        );
+        check_tree_names(&["", "x"], expect![[r#"error: Invalid service disk tree name "": it is empty"#]]);
         check_tree_names(
             &[".."],
-            expect![[
-                r#"error: Invalid service disk tree name "..": it must name a directory inside the disk"#
-            ]],
+            expect![[r#"error: Invalid service disk tree name "..": it must name a directory inside the disk"#]],
         );
         check_tree_names(
             &["a/b"],
-            expect![[
-                r#"error: Invalid service disk tree name "a/b": it must be a single name, without `/`"#
-            ]],
+            expect![[r#"error: Invalid service disk tree name "a/b": it must be a single name, without `/`"#]],
         );
         check_tree_names(
             &["../etc"],
-            expect![[
-                r#"error: Invalid service disk tree name "../etc": it must be a single name, without `/`"#
-            ]],
+            expect![[r#"error: Invalid service disk tree name "../etc": it must be a single name, without `/`"#]],
         );
         check_tree_names(
             &["Launch"],

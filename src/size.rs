@@ -8,36 +8,23 @@ use crate::{Error, Result};
 /// `KB`/`MB`/`GB`/`TB` powers of 1000, and `B` (or nothing) is bytes. Units
 /// ignore case and may follow a space: `64MiB`, `64 mib`, `64M`, `1GB`, `4096`.
 pub fn parse_size(input: &str) -> Result<u64> {
-    let invalid = |reason: String| Error::InvalidSize {
-        input: input.to_owned(),
-        reason,
-    };
+    let invalid = |reason: String| Error::InvalidSize { input: input.to_owned(), reason };
     let trimmed = input.trim();
-    let digits_end = trimmed
-        .find(|c: char| !c.is_ascii_digit())
-        .unwrap_or(trimmed.len());
+    let digits_end = trimmed.find(|c: char| !c.is_ascii_digit()).unwrap_or(trimmed.len());
     let (number, unit) = trimmed.split_at(digits_end);
     if number.is_empty() {
-        return Err(invalid(
-            "expected a whole number of bytes, optionally followed by a unit like MiB".into(),
-        ));
+        return Err(invalid("expected a whole number of bytes, optionally followed by a unit like MiB".into()));
     }
     if unit.starts_with(['.', ',']) {
-        return Err(invalid(
-            "fractions are not supported; use a smaller unit, such as 1536MiB for 1.5GiB".into(),
-        ));
+        return Err(invalid("fractions are not supported; use a smaller unit, such as 1536MiB for 1.5GiB".into()));
     }
     // Only one optional space between the number and the unit: "64 MiB".
     let unit = unit.strip_prefix(' ').unwrap_or(unit);
     let multiplier = unit_multiplier(unit).ok_or_else(|| {
         invalid(format!("unknown unit {unit:?}: expected B, K/KiB, M/MiB, G/GiB, T/TiB (powers of 1024) or KB, MB, GB, TB (powers of 1000)"))
     })?;
-    let value: u64 = number
-        .parse()
-        .map_err(|_| invalid("the number does not fit in 64 bits".into()))?;
-    value
-        .checked_mul(multiplier)
-        .ok_or_else(|| invalid("the size does not fit in 64 bits".into()))
+    let value: u64 = number.parse().map_err(|_| invalid("the number does not fit in 64 bits".into()))?;
+    value.checked_mul(multiplier).ok_or_else(|| invalid("the size does not fit in 64 bits".into()))
 }
 
 fn unit_multiplier(unit: &str) -> Option<u64> {
@@ -150,9 +137,7 @@ mod tests {
         );
         check(
             "18446744073709551616",
-            expect![[
-                r#"error: Invalid size "18446744073709551616": the number does not fit in 64 bits"#
-            ]],
+            expect![[r#"error: Invalid size "18446744073709551616": the number does not fit in 64 bits"#]],
         );
         check(
             "16EiB",
@@ -160,9 +145,6 @@ mod tests {
                 r#"error: Invalid size "16EiB": unknown unit "EiB": expected B, K/KiB, M/MiB, G/GiB, T/TiB (powers of 1024) or KB, MB, GB, TB (powers of 1000)"#
             ]],
         );
-        check(
-            "16777216TiB",
-            expect![[r#"error: Invalid size "16777216TiB": the size does not fit in 64 bits"#]],
-        );
+        check("16777216TiB", expect![[r#"error: Invalid size "16777216TiB": the size does not fit in 64 bits"#]]);
     }
 }

@@ -9,15 +9,15 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
 use kiln::LaunchScript;
-use kiln_testkit::{
-    Entry, Tree, fsck_fat_clean, inspect_fat_with_fatfs, read_fat_with_mtools, read_tree,
-};
+use kiln_testkit::{Entry, Tree, fsck_fat_clean, inspect_fat_with_fatfs, read_fat_with_mtools, read_tree};
 
 use crate::support::{assert_success, kiln, repo_root};
 
-const JSON_KEYS: [&str; 12] = [
+const JSON_KEYS: [&str; 14] = [
     "path",
+    "format",
     "image_bytes",
+    "file_bytes",
     "fat_type",
     "cluster_size",
     "clusters",
@@ -39,22 +39,25 @@ fn cloud_init() -> PathBuf {
 }
 
 /// Parses `--json` output: exactly one object with exactly the documented keys.
-fn parse_report(stdout: &str, image: &Path) -> serde_json::Map<String, serde_json::Value> {
+pub(crate) fn parse_report(stdout: &str, image: &Path) -> serde_json::Map<String, serde_json::Value> {
     assert_eq!(stdout.lines().count(), 1, "one line of JSON: {stdout}");
     let value: serde_json::Value = serde_json::from_str(stdout).unwrap();
     let object = value.as_object().unwrap().clone();
     let keys: BTreeSet<&str> = object.keys().map(String::as_str).collect();
     assert_eq!(keys, JSON_KEYS.into_iter().collect::<BTreeSet<_>>());
     assert_eq!(object["path"], image.to_str().unwrap());
-    assert_eq!(object["image_bytes"], fs::metadata(image).unwrap().len());
+    let file_bytes = fs::metadata(image).unwrap().len();
+    assert_eq!(object["file_bytes"], file_bytes);
+    if object["format"] == "raw" {
+        assert_eq!(object["image_bytes"], file_bytes);
+    } else {
+        assert_eq!(object["format"], "qcow2");
+    }
     let volume_id = object["volume_id"].as_str().unwrap();
     assert!(
         volume_id.len() == 9
             && volume_id.as_bytes()[4] == b'-'
-            && volume_id
-                .chars()
-                .filter(|&c| c != '-')
-                .all(|c| c.is_ascii_hexdigit() && !c.is_ascii_lowercase()),
+            && volume_id.chars().filter(|&c| c != '-').all(|c| c.is_ascii_hexdigit() && !c.is_ascii_lowercase()),
         "volume_id like 1A2B-3C4D: {volume_id}"
     );
     object
@@ -87,30 +90,14 @@ fn read_back_everywhere(image: &Path, label: &str) -> Tree {
 
 fn service_disk_args(image: &Path, binary: &Path, secret: bool) -> Vec<OsString> {
     let tree_flag = if secret { "--secret-tree" } else { "--tree" };
-    let mut args: Vec<OsString> = vec![
-        "image".into(),
-        "service-disk".into(),
-        "-o".into(),
-        image.into(),
-    ];
+    let mut args: Vec<OsString> = vec!["image".into(), "service-disk".into(), "-o".into(), image.into()];
     args.extend(["--binary".into(), binary.into()]);
-    args.extend([
-        "--arg".into(),
-        "--greeting".into(),
-        "--arg".into(),
-        "it's $HOME".into(),
-    ]);
+    args.extend(["--arg".into(), "--greeting".into(), "--arg".into(), "it's $HOME".into()]);
     // Not UTF-8: must reach the script byte for byte.
     args.extend(["--arg".into(), OsString::from_vec(b"\xff\xfe".to_vec())]);
     args.extend(["--env".into(), "GREETING_STYLE=loud".into()]);
-    args.extend([
-        "--env".into(),
-        OsString::from_vec(b"RAW=a=b\xc3\n".to_vec()),
-    ]);
-    args.extend([
-        tree_flag.into(),
-        format!("keystore={}", keystore().display()).into(),
-    ]);
+    args.extend(["--env".into(), OsString::from_vec(b"RAW=a=b\xc3\n".to_vec())]);
+    args.extend([tree_flag.into(), format!("keystore={}", keystore().display()).into()]);
     args.extend(["--epoch".into(), "1700000000".into(), "--json".into()]);
     args
 }
@@ -127,11 +114,7 @@ fn service_disk_with_secret_keystore() {
     let report = parse_report(&stdout, &image);
     assert_eq!(report["mode"], "0600");
     assert_eq!(mode_of(&image), 0o600);
-    let keystore_files = read_tree(&keystore())
-        .unwrap()
-        .values()
-        .filter(|e| matches!(e, Entry::File(_)))
-        .count();
+    let keystore_files = read_tree(&keystore()).unwrap().values().filter(|e| matches!(e, Entry::File(_))).count();
     assert!(keystore_files >= 2, "the example keystore has files");
     assert_eq!(report["files"], 2 + keystore_files as u64);
     assert_eq!(report["dirs"], 1);
@@ -139,15 +122,8 @@ fn service_disk_with_secret_keystore() {
     let mut expected = host_tree_under(&keystore(), "keystore");
     expected.insert("service".into(), Entry::File(binary_bytes));
     let launch = LaunchScript {
-        args: vec![
-            b"--greeting".to_vec(),
-            b"it's $HOME".to_vec(),
-            b"\xff\xfe".to_vec(),
-        ],
-        env: vec![
-            ("GREETING_STYLE".into(), b"loud".to_vec()),
-            ("RAW".into(), b"a=b\xc3\n".to_vec()),
-        ],
+        args: vec![b"--greeting".to_vec(), b"it's $HOME".to_vec(), b"\xff\xfe".to_vec()],
+        env: vec![("GREETING_STYLE".into(), b"loud".to_vec()), ("RAW".into(), b"a=b\xc3\n".to_vec())],
         ..LaunchScript::default()
     };
     expected.insert("launch".into(), Entry::File(launch.render().unwrap()));
@@ -162,17 +138,11 @@ fn service_disk_without_secrets_is_0644_and_reproducible() {
     let first = dir.path().join("first.img");
     let second = dir.path().join("second.img");
 
-    let report = parse_report(
-        &assert_success(&kiln(service_disk_args(&first, &binary, false))),
-        &first,
-    );
+    let report = parse_report(&assert_success(&kiln(service_disk_args(&first, &binary, false))), &first);
     assert_eq!(report["mode"], "0644");
     assert_eq!(mode_of(&first), 0o644);
     assert_success(&kiln(service_disk_args(&second, &binary, false)));
-    assert!(
-        fs::read(&first).unwrap() == fs::read(&second).unwrap(),
-        "same inputs, same bytes"
-    );
+    assert!(fs::read(&first).unwrap() == fs::read(&second).unwrap(), "same inputs, same bytes");
     read_back_everywhere(&first, "SERVICEDISK");
 }
 
@@ -201,12 +171,7 @@ fn cidata_seed() {
 
     let expected: Tree = ["user-data", "meta-data", "network-config"]
         .into_iter()
-        .map(|name| {
-            (
-                name.to_owned(),
-                Entry::File(fs::read(src.join(name)).unwrap()),
-            )
-        })
+        .map(|name| (name.to_owned(), Entry::File(fs::read(src.join(name)).unwrap())))
         .collect();
     assert_eq!(read_back_everywhere(&image, "CIDATA"), expected);
 
@@ -231,14 +196,8 @@ fn cidata_seed() {
     let from_env = build("env.img", None, Some("1700000000"));
     let flag_wins = build("both.img", Some("1700000000"), Some("5"));
     assert!(from_flag == from_env, "--epoch and SOURCE_DATE_EPOCH agree");
-    assert!(
-        from_flag == flag_wins,
-        "--epoch overrides SOURCE_DATE_EPOCH"
-    );
-    assert!(
-        from_flag != fs::read(&image).unwrap(),
-        "the epoch is stamped into the image"
-    );
+    assert!(from_flag == flag_wins, "--epoch overrides SOURCE_DATE_EPOCH");
+    assert!(from_flag != fs::read(&image).unwrap(), "the epoch is stamped into the image");
 }
 
 #[test]
@@ -285,10 +244,7 @@ fn fat_sources_dir_file_and_dest() {
     expected.insert("a=b.txt".into(), Entry::File(b"equals\n".to_vec()));
     expected.insert("nested".into(), Entry::Dir);
     expected.insert("nested/deeper".into(), Entry::Dir);
-    expected.insert(
-        "nested/deeper/renamed.txt".into(),
-        Entry::File(b"one file\n".to_vec()),
-    );
+    expected.insert("nested/deeper/renamed.txt".into(), Entry::File(b"one file\n".to_vec()));
     assert_eq!(read_back_everywhere(&image, "KILNTEST"), expected);
 }
 
@@ -304,9 +260,6 @@ fn human_summary_without_json() {
         keystore().as_os_str(),
     ]));
     assert_eq!(stdout.lines().count(), 1, "{stdout}");
-    assert!(
-        stdout.starts_with(&format!("Wrote {}: FAT", image.display())),
-        "{stdout}"
-    );
+    assert!(stdout.starts_with(&format!("Wrote {}: FAT", image.display())), "{stdout}");
     assert!(stdout.contains("mode 0644"), "{stdout}");
 }

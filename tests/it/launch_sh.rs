@@ -29,20 +29,10 @@ fn byte_string() -> impl Strategy<Value = Vec<u8>> {
 fn env_name() -> impl Strategy<Value = String> {
     const FIRST: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz_";
     const REST: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz_0123456789";
-    (
-        prop::sample::select(FIRST),
-        prop::collection::vec(prop::sample::select(REST), 0..10),
-    )
-        .prop_map(|(first, rest)| {
-            std::iter::once(first)
-                .chain(rest)
-                .map(char::from)
-                .collect::<String>()
-        })
+    (prop::sample::select(FIRST), prop::collection::vec(prop::sample::select(REST), 0..10))
+        .prop_map(|(first, rest)| std::iter::once(first).chain(rest).map(char::from).collect::<String>())
         // The shell's own variables are refused by LaunchScript; see its tests.
-        .prop_filter("shell-owned name", |name| {
-            !["LINENO", "OPTIND", "PPID"].contains(&name.as_str())
-        })
+        .prop_filter("shell-owned name", |name| !["LINENO", "OPTIND", "PPID"].contains(&name.as_str()))
 }
 
 /// Writes `script` to a file in `dir` and runs it with `sh` in an empty
@@ -51,25 +41,13 @@ fn run_script(sh: &Path, dir: &Path, script: &LaunchScript) -> Vec<u8> {
     let path = dir.join("launch");
     fs::write(&path, script.render().unwrap()).unwrap();
     let output = Command::new(sh).arg(&path).env_clear().output().unwrap();
-    assert!(
-        output.status.success(),
-        "sh failed ({}): {}",
-        output.status,
-        String::from_utf8_lossy(&output.stderr)
-    );
-    assert!(
-        output.stderr.is_empty(),
-        "sh complained: {}",
-        String::from_utf8_lossy(&output.stderr)
-    );
+    assert!(output.status.success(), "sh failed ({}): {}", output.status, String::from_utf8_lossy(&output.stderr));
+    assert!(output.stderr.is_empty(), "sh complained: {}", String::from_utf8_lossy(&output.stderr));
     output.stdout
 }
 
 fn split_nul_terminated(bytes: &[u8]) -> Vec<Vec<u8>> {
-    assert!(
-        bytes.is_empty() || bytes.ends_with(&[0]),
-        "output must end with NUL: {bytes:?}"
-    );
+    assert!(bytes.is_empty() || bytes.ends_with(&[0]), "output must end with NUL: {bytes:?}");
     let mut items: Vec<Vec<u8>> = bytes.split(|&b| b == 0).map(<[u8]>::to_vec).collect();
     items.pop();
     items
@@ -80,10 +58,7 @@ fn parse_env(dump: &[u8]) -> BTreeMap<String, Vec<u8>> {
         .into_iter()
         .map(|entry| {
             let at = entry.iter().position(|&b| b == b'=').unwrap();
-            (
-                String::from_utf8(entry[..at].to_vec()).unwrap(),
-                entry[at + 1..].to_vec(),
-            )
+            (String::from_utf8(entry[..at].to_vec()).unwrap(), entry[at + 1..].to_vec())
         })
         .collect()
 }
@@ -101,35 +76,22 @@ fn tools(test: &str) -> Option<Tools> {
 }
 
 /// Checks one script: args through printf, env through `env -0`.
-fn check_round_trip(
-    tools: &Tools,
-    args: Vec<Vec<u8>>,
-    env: Vec<(String, Vec<u8>)>,
-) -> Result<(), TestCaseError> {
+fn check_round_trip(tools: &Tools, args: Vec<Vec<u8>>, env: Vec<(String, Vec<u8>)>) -> Result<(), TestCaseError> {
     let dir = tempfile::tempdir().unwrap();
 
     // printf prints its format once even with no arguments; a leading
     // marker argument keeps "no arguments" distinguishable from one empty one.
     let mut printf_args = vec![b"%s\\0".to_vec(), b"marker".to_vec()];
     printf_args.extend(args.iter().cloned());
-    let printed = LaunchScript {
-        program: tools.printf.to_str().unwrap().to_owned(),
-        args: printf_args,
-        env: env.clone(),
-    };
+    let printed =
+        LaunchScript { program: tools.printf.to_str().unwrap().to_owned(), args: printf_args, env: env.clone() };
     let mut received_args = split_nul_terminated(&run_script(&tools.sh, dir.path(), &printed));
-    prop_assert_eq!(
-        received_args.first().map(Vec::as_slice),
-        Some(&b"marker"[..])
-    );
+    prop_assert_eq!(received_args.first().map(Vec::as_slice), Some(&b"marker"[..]));
     received_args.remove(0);
     prop_assert_eq!(&received_args, &args);
 
-    let dumped = LaunchScript {
-        program: tools.env.to_str().unwrap().to_owned(),
-        args: vec![b"-0".to_vec()],
-        env: env.clone(),
-    };
+    let dumped =
+        LaunchScript { program: tools.env.to_str().unwrap().to_owned(), args: vec![b"-0".to_vec()], env: env.clone() };
     let mut received_env = parse_env(&run_script(&tools.sh, dir.path(), &dumped));
     let expected_env: BTreeMap<String, Vec<u8>> = env.into_iter().collect();
     // dash exports PWD when the environment has none; it is the one variable
@@ -160,18 +122,8 @@ fn every_awkward_byte_at_once() {
         return;
     };
     let all_bytes: Vec<u8> = (1..=255).collect();
-    let args = vec![
-        all_bytes.clone(),
-        Vec::new(),
-        b"'".to_vec(),
-        b"''".to_vec(),
-        AWKWARD_BYTES.to_vec(),
-    ];
-    let env = vec![
-        ("ALL".to_owned(), all_bytes),
-        ("EMPTY".to_owned(), Vec::new()),
-        ("IFS".to_owned(), b"x".to_vec()),
-    ];
+    let args = vec![all_bytes.clone(), Vec::new(), b"'".to_vec(), b"''".to_vec(), AWKWARD_BYTES.to_vec()];
+    let env = vec![("ALL".to_owned(), all_bytes), ("EMPTY".to_owned(), Vec::new()), ("IFS".to_owned(), b"x".to_vec())];
     check_round_trip(&tools, args, env).unwrap();
 }
 
@@ -185,23 +137,12 @@ fn runs_through_its_shebang() {
     let path = dir.path().join("launch");
     let script = LaunchScript {
         program: tools.printf.to_str().unwrap().to_owned(),
-        args: vec![
-            b"%s|%s".to_vec(),
-            b"hello world".to_vec(),
-            b"$GREETING".to_vec(),
-        ],
+        args: vec![b"%s|%s".to_vec(), b"hello world".to_vec(), b"$GREETING".to_vec()],
         env: vec![("GREETING".to_owned(), b"loud".to_vec())],
     };
     fs::write(&path, script.render().unwrap()).unwrap();
     fs::set_permissions(&path, fs::Permissions::from_mode(0o755)).unwrap();
     let output = Command::new(&path).env_clear().output().unwrap();
-    assert!(
-        output.status.success(),
-        "{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    assert_eq!(
-        String::from_utf8(output.stdout).unwrap(),
-        "hello world|$GREETING"
-    );
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    assert_eq!(String::from_utf8(output.stdout).unwrap(), "hello world|$GREETING");
 }

@@ -6,5 +6,9 @@
 
 mod cli_errors;
 mod cli_images;
+mod cli_info;
+mod cli_initramfs;
+mod cli_qcow2;
 mod launch_sh;
 mod support;
+mod tools;

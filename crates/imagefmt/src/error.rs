@@ -35,6 +35,8 @@ pub enum Error {
     },
     #[error("Cannot write image")]
     Write(#[source] io::Error),
+    #[error("Cannot read image")]
+    ReadImage(#[source] io::Error),
     #[error("Symlink loop at {}", path.display())]
     SymlinkLoop { path: PathBuf },
     #[error("{} is a {kind}; only regular files and directories can go into an image", path.display())]
@@ -69,7 +71,9 @@ impl Error {
     /// The broad class of this error.
     pub fn kind(&self) -> ErrorKind {
         match self {
-            Error::ReadSource { .. } | Error::WriteImage { .. } | Error::Write(_) => ErrorKind::Io,
+            Error::ReadSource { .. } | Error::WriteImage { .. } | Error::Write(_) | Error::ReadImage(_) => {
+                ErrorKind::Io
+            }
             Error::SymlinkLoop { .. }
             | Error::UnsupportedFileType { .. }
             | Error::InvalidName { .. }

@@ -60,19 +60,19 @@ pub struct CpioInfo {
 /// Identifies the image in `input` and summarises it.
 pub fn inspect<R: Read + Seek>(input: &mut R) -> Result<ImageInfo> {
     let mut head = vec![0u8; 512];
-    let got = read_up_to(input, &mut head).map_err(Error::Write)?;
+    let got = read_up_to(input, &mut head).map_err(Error::ReadImage)?;
     head.truncate(got);
     let bad = |reason: String| Error::InvalidImage { reason };
     if head.starts_with(b"QFI\xfb") {
         return inspect_qcow2(input).map(ImageInfo::Qcow2);
     }
     if head.starts_with(&[0x1f, 0x8b]) {
-        input.seek(SeekFrom::Start(0)).map_err(Error::Write)?;
+        input.seek(SeekFrom::Start(0)).map_err(Error::ReadImage)?;
         let decoder = flate2::read::GzDecoder::new(input);
         return count_cpio(decoder, true).map(ImageInfo::Cpio);
     }
     if head.starts_with(b"07070") {
-        input.seek(SeekFrom::Start(0)).map_err(Error::Write)?;
+        input.seek(SeekFrom::Start(0)).map_err(Error::ReadImage)?;
         return count_cpio(input, false).map(ImageInfo::Cpio);
     }
     if head.len() == 512 && head[510..] == [0x55, 0xAA] {
@@ -95,8 +95,8 @@ fn read_up_to<R: Read>(input: &mut R, buf: &mut [u8]) -> io::Result<usize> {
 }
 
 fn read_exact_at<R: Read + Seek>(input: &mut R, offset: u64, buf: &mut [u8], what: &str) -> Result<()> {
-    input.seek(SeekFrom::Start(offset)).map_err(Error::Write)?;
-    let got = read_up_to(input, buf).map_err(Error::Write)?;
+    input.seek(SeekFrom::Start(offset)).map_err(Error::ReadImage)?;
+    let got = read_up_to(input, buf).map_err(Error::ReadImage)?;
     if got < buf.len() {
         return Err(Error::InvalidImage { reason: format!("{what} at byte {offset} is past the end of the file") });
     }
@@ -219,8 +219,8 @@ fn inspect_qcow2<R: Read + Seek>(input: &mut R) -> Result<Qcow2Info> {
     let cluster_bits = u32::from_be_bytes([head[20], head[21], head[22], head[23]]);
     if (9..=21).contains(&cluster_bits) {
         head.resize(1 << cluster_bits, 0);
-        input.seek(SeekFrom::Start(0)).map_err(Error::Write)?;
-        let got = read_up_to(input, &mut head).map_err(Error::Write)?;
+        input.seek(SeekFrom::Start(0)).map_err(Error::ReadImage)?;
+        let got = read_up_to(input, &mut head).map_err(Error::ReadImage)?;
         head.truncate(got);
     }
     let header = Qcow2Header::parse(&head).map_err(|reason| Error::InvalidImage { reason })?;
@@ -229,10 +229,16 @@ fn inspect_qcow2<R: Read + Seek>(input: &mut R) -> Result<Qcow2Info> {
     read_exact_at(input, header.l1_offset, &mut l1, "the L1 table")?;
     let mut l2 = vec![0u8; cluster as usize];
     let mut allocated = 0u64;
+    // A valid image never shares an L2 table between L1 entries; refusing
+    // repeats bounds the reads by the file's size.
+    let mut seen = std::collections::HashSet::new();
     for entry in l1.chunks_exact(8) {
         let l2_offset = u64::from_be_bytes(entry.try_into().unwrap_or([0; 8])) & crate::qcow2::OFFSET_MASK;
         if l2_offset == 0 {
             continue;
+        }
+        if !seen.insert(l2_offset) {
+            return Err(Error::InvalidImage { reason: format!("L2 table at byte {l2_offset} is referenced twice") });
         }
         read_exact_at(input, l2_offset, &mut l2, "an L2 table")?;
         allocated += l2
