@@ -59,6 +59,8 @@ pub enum Error {
     InvalidClusterSize { size: u32, reason: String },
     #[error("The content needs {needed} bytes but the image is {size} bytes")]
     DoesNotFit { needed: u64, size: u64 },
+    #[error("Directory {dir:?} needs {slots} entries (long names take several); FAT allows at most 65536")]
+    TooManyEntries { dir: String, slots: u64 },
     #[error("{fat_type} is impossible for this image: {reason}")]
     FatTypeImpossible { fat_type: crate::FatType, reason: String },
     #[error("Not a readable image: {reason}")]
@@ -84,7 +86,10 @@ impl Error {
             | Error::InvalidSize { .. }
             | Error::InvalidClusterSize { .. }
             | Error::InvalidImage { .. } => ErrorKind::InvalidInput,
-            Error::FileTooLarge { .. } | Error::DoesNotFit { .. } | Error::FatTypeImpossible { .. } => {
+            Error::FileTooLarge { .. }
+            | Error::DoesNotFit { .. }
+            | Error::FatTypeImpossible { .. }
+            | Error::TooManyEntries { .. } => {
                 ErrorKind::DoesNotFit
             }
             Error::SourceChanged { .. } => ErrorKind::SourceChanged,

@@ -114,11 +114,13 @@ pub struct FatDateTime {
 }
 
 impl FatDateTime {
-    /// The FAT timestamp for Unix time `epoch` (UTC), clamped to FAT's
-    /// first day, 1980-01-01, and rounded down to an even second.
+    /// The FAT timestamp for Unix time `epoch` (UTC), clamped to the range
+    /// FAT can hold (1980-01-01 to 2107-12-31) and rounded down to an even
+    /// second.
     pub fn from_unix(epoch: i64) -> FatDateTime {
-        const FAT_EPOCH: i64 = 315_532_800; // 1980-01-01T00:00:00Z
-        let epoch = epoch.max(FAT_EPOCH);
+        const FIRST: i64 = 315_532_800; // 1980-01-01T00:00:00Z
+        const LAST: i64 = 4_354_819_199; // 2107-12-31T23:59:59Z
+        let epoch = epoch.clamp(FIRST, LAST);
         let (days, secs) = (epoch.div_euclid(86_400), epoch.rem_euclid(86_400));
         let (year, month, day) = civil_from_days(days);
         // FAT years run to 2107; callers never pass more, so the casts hold.
@@ -382,4 +384,73 @@ pub fn mtools_label(listing: &str) -> Option<String> {
     listing
         .lines()
         .find_map(|line| line.trim().strip_prefix("Volume in drive : is ").map(|label| label.trim_end().to_owned()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fat_timestamps_from_unix_time() {
+        let at = |epoch| {
+            let t = FatDateTime::from_unix(epoch);
+            format!("{:04}-{:02}-{:02} {:02}:{:02}:{:02}", t.year, t.month, t.day, t.hour, t.min, t.sec)
+        };
+        assert_eq!(at(0), "1980-01-01 00:00:00");
+        assert_eq!(at(i64::MIN), "1980-01-01 00:00:00");
+        assert_eq!(at(315_532_800), "1980-01-01 00:00:00");
+        assert_eq!(at(951_782_400), "2000-02-29 00:00:00");
+        assert_eq!(at(1_717_243_201), "2024-06-01 12:00:00");
+        assert_eq!(at(1_735_689_599), "2024-12-31 23:59:58");
+        assert_eq!(at(4_354_819_199), "2107-12-31 23:59:58");
+        assert_eq!(at(i64::MAX), "2107-12-31 23:59:58");
+    }
+
+    #[test]
+    fn tree_diff_names_every_difference() {
+        let tree = |entries: &[(&str, Option<&[u8]>)]| -> Tree {
+            entries
+                .iter()
+                .map(|(path, bytes)| (path.to_string(), bytes.map_or(Entry::Dir, |b| Entry::File(b.to_vec()))))
+                .collect()
+        };
+        let expected = tree(&[("a", None), ("a/f", Some(b"hello")), ("g", Some(b"x"))]);
+        assert_eq!(tree_diff(&expected, &expected), None);
+        let actual = tree(&[("a", None), ("a/f", Some(b"help!")), ("h", None)]);
+        let diff = tree_diff(&actual, &expected).unwrap_or_default();
+        assert_eq!(
+            diff,
+            "differs: \"a/f\": 5 bytes, expected 5; first difference at byte 3\n\
+             missing: \"g\" (File(\"x\"))\n\
+             unexpected: \"h\" (Dir)"
+        );
+    }
+
+    #[test]
+    fn read_tree_sees_files_and_empty_dirs() -> io::Result<()> {
+        let dir = tempfile::tempdir()?;
+        fs::create_dir_all(dir.path().join("a/empty"))?;
+        fs::write(dir.path().join("a/f"), b"1")?;
+        let tree = read_tree(dir.path())?;
+        let paths: Vec<_> = tree.keys().map(String::as_str).collect();
+        assert_eq!(paths, ["a", "a/empty", "a/f"]);
+        assert_eq!(tree.get("a/f"), Some(&Entry::File(b"1".to_vec())));
+        Ok(())
+    }
+
+    #[test]
+    fn mtools_spelling_of_names_outside_the_bmp() {
+        let tree: Tree = [("d😀/x🎉y".to_owned(), Entry::Dir), ("é日".to_owned(), Entry::Dir)].into_iter().collect();
+        let mangled = as_mtools_names(&tree).unwrap_or_default();
+        assert_eq!(mangled.keys().collect::<Vec<_>>(), ["d__/x__y", "é日"]);
+        let clash: Tree = [("😀".to_owned(), Entry::Dir), ("__".to_owned(), Entry::Dir)].into_iter().collect();
+        assert_eq!(as_mtools_names(&clash), None);
+    }
+
+    #[test]
+    fn labels_from_mdir_listings() {
+        assert_eq!(mtools_label(" Volume in drive : is SERVICEDISK\n Volume Serial"), Some("SERVICEDISK".into()));
+        assert_eq!(mtools_label(" Volume in drive : is MY DISK    \n"), Some("MY DISK".into()));
+        assert_eq!(mtools_label(" Volume in drive : has no label\n"), None);
+    }
 }

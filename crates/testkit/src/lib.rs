@@ -1,6 +1,8 @@
 //! kiln-testkit: test support shared by kiln's crates. It finds the
-//! external tools interop tests need and enforces the suite's rule about
-//! them; it is a dev-dependency only and never part of a shipped binary.
+//! external tools interop tests need, enforces the suite's rule about them,
+//! and reads FAT images back three independent ways (`fsck.fat`, mtools and
+//! the `fatfs` crate) as trees to compare. It is a dev-dependency only and
+//! never part of a shipped binary.
 //!
 //! The rule: under `cargo xtask test` (which sets `KILN_REQUIRE_TOOLS=1`) a
 //! missing tool fails the test. Under a bare `cargo test` the test prints
@@ -47,7 +49,7 @@ pub fn require_tool(test: &str, tool: &str) -> Option<PathBuf> {
         !tools_required(),
         "{test}: required tool `{tool}` is not installed ({REQUIRE_TOOLS_ENV} is set; `cargo xtask test` installs it)"
     );
-    eprintln!("SKIPPED: {test}: `{tool}` not found on PATH");
+    report_skip(&format!("{test}: `{tool}` not found on PATH"));
     None
 }
 
@@ -55,6 +57,14 @@ pub fn require_tool(test: &str, tool: &str) -> Option<PathBuf> {
 /// it, so helpers can report which test skipped without being told.
 pub fn current_test_name() -> String {
     std::thread::current().name().unwrap_or("<unnamed test>").to_owned()
+}
+
+/// Prints `SKIPPED: <reason>` where a person running the tests sees it.
+/// `eprintln!` would be swallowed by the test harness's output capture for
+/// a passing test; a direct write to the stderr handle is not captured.
+pub fn report_skip(reason: &str) {
+    use std::io::Write;
+    let _ = writeln!(std::io::stderr(), "SKIPPED: {reason}");
 }
 
 /// Like [`require_tool`] for several tools at once: `Some(paths)` only if all are present.

@@ -1,7 +1,6 @@
 //! Geometry and placement: every decision about the image, made from the
 //! tree's metadata alone. Writing a [`FatLayout`] only copies bytes.
 
-use std::collections::HashSet;
 use std::io::{Seek, Write};
 use std::path::Path;
 
@@ -17,6 +16,10 @@ const DIR_ENTRY: u64 = 32;
 const FAT12_MAX_CLUSTERS: u64 = 4084;
 const FAT16_MAX_CLUSTERS: u64 = 65524;
 const FAT32_MAX_CLUSTERS: u64 = 0x0FFF_FFF4;
+/// The most 32-byte slots any directory may have (a 2 MiB directory).
+const MAX_DIR_SLOTS: u64 = 65536;
+/// The most root entries a FAT12/16 BPB can state: a multiple of 16 below 2^16.
+const MAX_ROOT_ENTRIES: u32 = 65520;
 /// Root entries of a FAT12/16 root directory unless more are needed.
 const DEFAULT_ROOT_ENTRIES: u64 = 512;
 /// Cluster sizes tried, in bytes. 4 KiB (a page, a filesystem block) comes
@@ -131,7 +134,8 @@ impl Shape {
             sectors_per_cluster: u32::try_from(self.sectors_per_cluster).ok()?,
             reserved_sectors: u32::try_from(reserved).ok().filter(|&r| r <= u32::from(u16::MAX))?,
             fat_sectors: u32::try_from(fat_sectors).ok()?,
-            root_entries: u32::try_from(self.root_entries).ok()?,
+            // The BPB holds the root's entry count in 16 bits.
+            root_entries: u32::try_from(self.root_entries).ok().filter(|&r| r <= MAX_ROOT_ENTRIES)?,
             total_sectors: u32::try_from(total).ok()?,
             clusters: u32::try_from(clusters).ok()?,
         })
@@ -214,7 +218,7 @@ impl FatTree {
         if let Some(size) = options.cluster_size {
             check_cluster_size(size)?;
         }
-        let (dirs, files) = plan_entries(self, label.is_some());
+        let (dirs, files) = plan_entries(self, label.is_some())?;
         let demand = Demand { dirs: &dirs, files: &files };
         let geometry = match options.size {
             Some(size) => fixed_size_geometry(&demand, options, size)?,
@@ -383,11 +387,27 @@ fn check_cluster_size(size: u32) -> Result<()> {
 }
 
 /// Flattens the tree in pre-order and names every entry.
-fn plan_entries(tree: &FatTree, has_label: bool) -> (Vec<DirPlan<'_>>, Vec<FilePlan<'_>>) {
+fn plan_entries(tree: &FatTree, has_label: bool) -> Result<(Vec<DirPlan<'_>>, Vec<FilePlan<'_>>)> {
     let mut dirs = Vec::new();
     let mut files = Vec::new();
     plan_dir(&tree.root, None, has_label, &mut dirs, &mut files);
-    (dirs, files)
+    if let Some(index) = dirs.iter().position(|d| d.slots > MAX_DIR_SLOTS) {
+        return Err(Error::TooManyEntries { dir: dir_path(&dirs, index), slots: dirs[index].slots });
+    }
+    Ok((dirs, files))
+}
+
+/// The `/`-separated path of directory `index`, for error messages.
+fn dir_path(dirs: &[DirPlan<'_>], index: usize) -> String {
+    let mut parts = Vec::new();
+    let mut at = index;
+    while let Some(parent) = dirs[at].parent {
+        let name = dirs[parent].entries.iter().find(|e| matches!(e.target, EntryTarget::Dir(d) if d == at));
+        parts.push(name.map_or("?", |e| e.name));
+        at = parent;
+    }
+    parts.reverse();
+    format!("/{}", parts.join("/"))
 }
 
 fn plan_dir<'t>(
@@ -399,12 +419,15 @@ fn plan_dir<'t>(
 ) {
     let index = dirs.len();
     // Exact 8.3 names keep their name; generated ones must avoid them all.
-    let mut taken: HashSet<[u8; 11]> = dir.children.keys().filter_map(|n| names::exact_short_name(n)).collect();
+    let mut shorts = names::ShortNames::default();
+    for short in dir.children.keys().filter_map(|n| names::exact_short_name(n)) {
+        shorts.reserve(short);
+    }
     let mut entries = Vec::with_capacity(dir.children.len());
     let mut slots = if parent.is_none() { u64::from(has_label) } else { 2 };
     for name in dir.children.keys() {
         let exact = names::exact_short_name(name);
-        let short = exact.unwrap_or_else(|| names::generate_short_name(name, &mut taken));
+        let short = exact.unwrap_or_else(|| shorts.generate(name));
         let needs_long_name = exact.is_none();
         slots += 1 + if needs_long_name { names::lfn_entry_count(name) as u64 } else { 0 };
         entries.push(EntryPlan { name, short, needs_long_name, target: EntryTarget::File(0) });
@@ -683,6 +706,32 @@ mod tests {
             |_| {},
             opts(None, Some(1000)),
             expect!["error: Invalid image size 1000: it must be a multiple of 512 bytes"],
+        );
+    }
+
+    #[test]
+    fn directory_slot_limits() {
+        // Names of 37 characters take 4 slots each (3 long + 1 short).
+        let many_long = |t: &mut FatTree| {
+            for i in 0..17_000 {
+                t.add_file_from_bytes(&format!("big/a rather long file name number {i:06}"), Vec::new()).unwrap();
+            }
+        };
+        check(
+            many_long,
+            opts(None, None),
+            expect![[r#"error: Directory "/big" needs 68002 entries (long names take several); FAT allows at most 65536"#]],
+        );
+        // 65,528 root slots: more than a FAT12/16 BPB can state, so FAT32.
+        let full_root = |t: &mut FatTree| {
+            for i in 0..65_528 {
+                t.add_file_from_bytes(&format!("F{i:06}"), Vec::new()).unwrap();
+            }
+        };
+        check(
+            full_root,
+            opts(None, None),
+            expect!["FAT32 cluster=4096 reserved=36 fat=514 root=0 total=526336 clusters=65659 used=512"],
         );
     }
 

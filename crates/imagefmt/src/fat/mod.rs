@@ -62,13 +62,15 @@ impl FromStr for FatType {
 /// How to lay out the volume. Every field has a sensible automatic default.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct FatOptions {
-    /// Volume label: at most 11 bytes of the 8.3 character set, upper-cased.
+    /// Volume label: at most 11 bytes of the 8.3 character set or spaces
+    /// (not leading), upper-cased as Windows does.
     pub label: Option<String>,
     /// Volume serial number; by default derived from the label, the epoch
     /// and the tree, so that the same inputs give the same image.
     pub volume_id: Option<u32>,
-    /// Seconds since the Unix epoch, stamped on every entry. FAT counts from
-    /// 1980, so earlier times (such as the default 0) become 1980-01-01.
+    /// Seconds since the Unix epoch (read as UTC), stamped on every entry.
+    /// FAT stores 1980-01-01 to 2107-12-31 in two-second steps: earlier times
+    /// (such as the default 0) become 1980-01-01, later ones 2107-12-31 23:59:58.
     pub epoch: i64,
     /// Force a FAT type; an error if the size makes it impossible.
     pub fat_type: Option<FatType>,

@@ -1,7 +1,7 @@
 //! FAT names: long-name validation, 8.3 short names with `~N` tails, and
 //! the VFAT long-name entries that carry the real name.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 
 /// Longest long name, in UTF-16 code units.
 const MAX_LFN_UNITS: usize = 255;
@@ -107,28 +107,49 @@ fn to_short_chars(part: &str, lossy: &mut bool) -> Vec<u8> {
     out
 }
 
-/// Picks a short name for long name `name`, unique among `taken`, and
-/// records it there. Mirrors Windows: the plain basis when only case
-/// differs, otherwise the first free `BASE~N.EXT`.
-pub(crate) fn generate_short_name(name: &str, taken: &mut HashSet<[u8; 11]>) -> [u8; 11] {
-    let (base, ext, lossy) = basis(name);
-    if !lossy {
-        let plain = pad11(&base, &ext);
-        if taken.insert(plain) {
-            return plain;
-        }
+/// The short names of one directory, and where each basis' `~N` search
+/// left off, so that thousands of similar names stay linear.
+#[derive(Debug, Default)]
+pub(crate) struct ShortNames {
+    taken: HashSet<[u8; 11]>,
+    next_tail: HashMap<([u8; 8], [u8; 3]), u32>,
+}
+
+impl ShortNames {
+    /// Reserves a name that is already exact 8.3; false if it was taken.
+    pub(crate) fn reserve(&mut self, short: [u8; 11]) -> bool {
+        self.taken.insert(short)
     }
-    for n in 1u32.. {
-        let tail = format!("~{n}");
-        let keep = base.len().min(8 - tail.len());
-        let mut candidate = base[..keep].to_vec();
-        candidate.extend_from_slice(tail.as_bytes());
-        let short = pad11(&candidate, &ext);
-        if taken.insert(short) {
-            return short;
+
+    /// Picks a short name for long name `name`, unique in this directory.
+    /// Mirrors Windows: the plain basis when only case differs, otherwise
+    /// the first free `BASE~N.EXT`.
+    pub(crate) fn generate(&mut self, name: &str) -> [u8; 11] {
+        let (base, ext, lossy) = basis(name);
+        if !lossy {
+            let plain = pad11(&base, &ext);
+            if self.taken.insert(plain) {
+                return plain;
+            }
         }
+        let key_short = pad11(&base[..base.len().min(8)], &ext);
+        let mut key = ([b' '; 8], [b' '; 3]);
+        key.0.copy_from_slice(&key_short[..8]);
+        key.1.copy_from_slice(&key_short[8..]);
+        let start = self.next_tail.get(&key).copied().unwrap_or(1);
+        for n in start.. {
+            let tail = format!("~{n}");
+            let keep = base.len().min(8 - tail.len());
+            let mut candidate = base[..keep].to_vec();
+            candidate.extend_from_slice(tail.as_bytes());
+            let short = pad11(&candidate, &ext);
+            if self.taken.insert(short) {
+                self.next_tail.insert(key, n + 1);
+                return short;
+            }
+        }
+        unreachable!("a directory holds fewer than 2^32 entries")
     }
-    unreachable!("a directory holds fewer than 2^32 entries")
 }
 
 /// The checksum of a short name that ties its long-name entries to it.
@@ -174,13 +195,15 @@ mod tests {
     use expect_test::{Expect, expect};
 
     fn check_short(names: &[&str], expect: Expect) {
-        let mut taken = HashSet::new();
+        let mut shorts = ShortNames::default();
         let mut out = Vec::new();
-        for name in names.iter().filter(|n| exact_short_name(n).is_some()) {
-            taken.insert(exact_short_name(name).unwrap_or_default());
+        for name in names {
+            if let Some(short) = exact_short_name(name) {
+                shorts.reserve(short);
+            }
         }
         for name in names {
-            let short = exact_short_name(name).unwrap_or_else(|| generate_short_name(name, &mut taken));
+            let short = exact_short_name(name).unwrap_or_else(|| shorts.generate(name));
             out.push(format!("{name} -> {}", String::from_utf8_lossy(&short)));
         }
         expect.assert_eq(&out.join("\n"));
@@ -223,9 +246,8 @@ mod tests {
 
     #[test]
     fn many_collisions_stay_unique() {
-        let mut taken = HashSet::new();
-        let shorts: HashSet<_> =
-            (0..2000).map(|i| generate_short_name(&format!("same prefix {i}.txt"), &mut taken)).collect();
+        let mut names = ShortNames::default();
+        let shorts: HashSet<_> = (0..2000).map(|i| names.generate(&format!("same prefix {i}.txt"))).collect();
         assert_eq!(shorts.len(), 2000);
         assert!(shorts.contains(b"SAMEP~10TXT") && shorts.contains(b"SAME~100TXT"));
     }

@@ -1,0 +1,12 @@
+//! kiln-imagefmt's integration tests: every image is read back by tools
+//! that share no code with the writer (`fsck.fat`, mtools, the `fatfs`
+//! crate). See docs/TESTING.md.
+#![allow(clippy::unwrap_used)]
+
+mod errors;
+mod harness;
+mod interop;
+mod output;
+mod props;
+mod spec;
+mod support;
