@@ -89,9 +89,7 @@ impl Error {
             Error::FileTooLarge { .. }
             | Error::DoesNotFit { .. }
             | Error::FatTypeImpossible { .. }
-            | Error::TooManyEntries { .. } => {
-                ErrorKind::DoesNotFit
-            }
+            | Error::TooManyEntries { .. } => ErrorKind::DoesNotFit,
             Error::SourceChanged { .. } => ErrorKind::SourceChanged,
         }
     }

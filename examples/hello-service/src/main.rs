@@ -15,25 +15,18 @@ use std::process::ExitCode;
 const DEFAULT_KEYSTORE: &str = "/srv/keystore";
 
 fn main() -> ExitCode {
-    let args: Vec<String> = env::args_os()
-        .skip(1)
-        .map(|arg| arg.to_string_lossy().into_owned())
-        .collect();
+    let args: Vec<String> = env::args_os().skip(1).map(|arg| arg.to_string_lossy().into_owned()).collect();
     println!("hello from kiln: args {args:?}");
     match env::var_os("GREETING_STYLE") {
         Some(style) => println!("GREETING_STYLE={}", style.to_string_lossy()),
         None => println!("GREETING_STYLE is not set"),
     }
-    let keystore =
-        env::var_os("KEYSTORE_DIR").map_or_else(|| PathBuf::from(DEFAULT_KEYSTORE), PathBuf::from);
+    let keystore = env::var_os("KEYSTORE_DIR").map_or_else(|| PathBuf::from(DEFAULT_KEYSTORE), PathBuf::from);
     match list_files(&keystore) {
         Ok(files) => {
             println!("keystore {}: {} files", keystore.display(), files.len());
             for (path, len) in files {
-                println!(
-                    "  {} {len} bytes",
-                    path.strip_prefix(&keystore).unwrap_or(&path).display()
-                );
+                println!("  {} {len} bytes", path.strip_prefix(&keystore).unwrap_or(&path).display());
             }
             ExitCode::SUCCESS
         }

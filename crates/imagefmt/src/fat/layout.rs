@@ -720,7 +720,9 @@ mod tests {
         check(
             many_long,
             opts(None, None),
-            expect![[r#"error: Directory "/big" needs 68002 entries (long names take several); FAT allows at most 65536"#]],
+            expect![[
+                r#"error: Directory "/big" needs 68002 entries (long names take several); FAT allows at most 65536"#
+            ]],
         );
         // 65,528 root slots: more than a FAT12/16 BPB can state, so FAT32.
         let full_root = |t: &mut FatTree| {

@@ -1,0 +1,419 @@
+//! `cargo xtask bench [AREA...]`: kiln against its peers, one run, medians
+//! and ratios, plus a Markdown snippet for BENCHMARKS.md.
+//!
+//! Adding an area is one module here and one entry in [`AREAS`]. This module
+//! holds what areas share: spawning a peer and measuring its wall time and
+//! peak memory, statistics, tables, the machine description, and a seeded
+//! PRNG for workloads.
+
+mod fat;
+
+use std::fs;
+use std::io::{self, Read};
+use std::os::unix::process::{CommandExt, ExitStatusExt};
+use std::path::Path;
+use std::process::{Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use anyhow::{Context, Result, bail};
+
+use crate::{announce, flag_value, show_command};
+
+/// Every benchmark area, in the order `cargo xtask bench` runs them.
+const AREAS: &[(&str, Area)] = &[("fat", fat::run)];
+
+type Area = fn(&Options) -> Result<()>;
+
+const DEFAULT_RUNS: usize = 7;
+
+/// Options shared by all areas.
+#[derive(Debug)]
+struct Options {
+    /// Measured runs per peer, after one warm-up run each.
+    runs: usize,
+    /// Also measure kiln alone on a much larger input, to show memory stays flat.
+    big: bool,
+}
+
+pub(crate) fn run(args: &[String]) -> Result<()> {
+    let mut options = Options { runs: DEFAULT_RUNS, big: true };
+    let mut areas = Vec::new();
+    let mut index = 0;
+    while index < args.len() {
+        if let Some(value) = flag_value(args, &mut index, "--runs")? {
+            options.runs = value.parse().with_context(|| format!("--runs wants a count, got `{value}`"))?;
+            if options.runs == 0 {
+                bail!("--runs must be at least 1");
+            }
+        } else {
+            match args[index].as_str() {
+                "--no-big" => options.big = false,
+                flag if flag.starts_with('-') => {
+                    bail!("unknown option `{flag}`\nusage: cargo xtask bench [AREA...] [--runs N] [--no-big]")
+                }
+                name => match AREAS.iter().find(|(area, _)| *area == name) {
+                    Some(area) => areas.push(*area),
+                    None => bail!("unknown bench area `{name}`; areas: {}", area_names()),
+                },
+            }
+        }
+        index += 1;
+    }
+    if areas.is_empty() {
+        areas.extend_from_slice(AREAS);
+    }
+    for (name, bench) in areas {
+        announce(&format!("bench {name}"));
+        bench(&options).with_context(|| format!("bench {name}"))?;
+    }
+    Ok(())
+}
+
+fn area_names() -> String {
+    AREAS.iter().map(|(name, _)| *name).collect::<Vec<_>>().join(", ")
+}
+
+/// One timed execution of a peer: its commands run one after the other.
+#[derive(Debug)]
+struct Sample {
+    elapsed: Duration,
+    /// The largest peak resident set of any of the commands.
+    peak_rss_kib: u64,
+    /// The last command's stdout, when it was captured.
+    stdout: String,
+}
+
+/// Runs `commands` in order, each to completion, and measures them as one:
+/// total wall time (spawn to reap) and the largest peak RSS.
+/// The last command's stdout is captured; the others' is discarded. All
+/// stderr goes to `log` (not the terminal, so progress bars cost nothing)
+/// and is shown if a command fails.
+fn measure(commands: &mut [Command], log: &Path) -> Result<Sample> {
+    let log_file = fs::File::create(log).with_context(|| format!("cannot create {}", log.display()))?;
+    let mut sample = Sample { elapsed: Duration::ZERO, peak_rss_kib: 0, stdout: String::new() };
+    let count = commands.len();
+    for (index, command) in commands.iter_mut().enumerate() {
+        let capture = index + 1 == count;
+        let shown = show_command(command);
+        let stderr = log_file.try_clone().with_context(|| format!("cannot share {}", log.display()))?;
+        command.stdin(Stdio::null()).stdout(if capture { Stdio::piped() } else { Stdio::null() }).stderr(stderr);
+        // SAFETY: the hook does nothing, so it is trivially async-signal-safe.
+        // Its presence makes std fork+exec instead of posix_spawn: a vfork'd
+        // child execs from *our* address space, and Linux then reports
+        // xtask's own lifetime peak RSS as the child's ru_maxrss floor.
+        unsafe { command.pre_exec(|| Ok(())) };
+        let started = Instant::now();
+        let mut child = command.spawn().with_context(|| format!("cannot run `{shown}`"))?;
+        let mut stdout = String::new();
+        if let Some(mut pipe) = child.stdout.take() {
+            pipe.read_to_string(&mut stdout).with_context(|| format!("cannot read the output of `{shown}`"))?;
+        }
+        let (status, peak_rss_kib) = reap(child.id())?;
+        sample.elapsed += started.elapsed();
+        if !status.success() {
+            let errors = fs::read_to_string(log).unwrap_or_default();
+            bail!("`{shown}` failed ({status}):\n{}", errors.trim_end());
+        }
+        sample.peak_rss_kib = sample.peak_rss_kib.max(peak_rss_kib);
+        sample.stdout = stdout;
+    }
+    Ok(sample)
+}
+
+/// Waits for child `pid` with `wait4`, which (unlike `Child::wait`) reports
+/// the child's own resource usage: returns its exit status and peak RSS in KiB.
+fn reap(pid: u32) -> Result<(ExitStatus, u64)> {
+    let pid = libc::pid_t::try_from(pid).context("child pid out of range")?;
+    let mut status: libc::c_int = 0;
+    // SAFETY: rusage is plain integers and timevals, for which all-zero is valid.
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    loop {
+        // SAFETY: `pid` is our own child, not yet reaped (std never waited for
+        // it); `status` and `usage` are live locals wait4 may write.
+        let reaped = unsafe { libc::wait4(pid, &mut status, 0, &mut usage) };
+        if reaped == pid {
+            break;
+        }
+        let err = io::Error::last_os_error();
+        if err.kind() != io::ErrorKind::Interrupted {
+            return Err(err).context("wait4 failed");
+        }
+    }
+    // Linux reports ru_maxrss in KiB.
+    Ok((ExitStatus::from_raw(status), u64::try_from(usage.ru_maxrss).unwrap_or(0)))
+}
+
+/// Flushes dirty pages (outside any timing) so one peer's writeback does not
+/// land in the next peer's measurement.
+fn sync_filesystems() {
+    // SAFETY: sync takes no arguments and cannot fail.
+    unsafe { libc::sync() };
+}
+
+/// Removes a file or directory tree if it exists.
+fn remove_path(path: &Path) -> Result<()> {
+    let result = match fs::symlink_metadata(path) {
+        Ok(metadata) if metadata.is_dir() => fs::remove_dir_all(path),
+        Ok(_) => fs::remove_file(path),
+        Err(err) if err.kind() == io::ErrorKind::NotFound => Ok(()),
+        Err(err) => Err(err),
+    };
+    result.with_context(|| format!("cannot remove {}", path.display()))
+}
+
+/// The measured runs of one peer.
+#[derive(Debug)]
+struct PeerRuns {
+    name: String,
+    times: Vec<Duration>,
+    peak_rss_kib: u64,
+}
+
+impl PeerRuns {
+    fn new(name: impl Into<String>) -> Self {
+        PeerRuns { name: name.into(), times: Vec::new(), peak_rss_kib: 0 }
+    }
+
+    fn record(&mut self, sample: &Sample) {
+        self.times.push(sample.elapsed);
+        self.peak_rss_kib = self.peak_rss_kib.max(sample.peak_rss_kib);
+    }
+
+    fn median_ms(&self) -> f64 {
+        let mut times: Vec<f64> = self.times.iter().map(|time| time.as_secs_f64() * 1000.0).collect();
+        times.sort_by(f64::total_cmp);
+        match times.len() {
+            0 => f64::NAN,
+            len if len % 2 == 1 => times[len / 2],
+            len => (times[len / 2 - 1] + times[len / 2]) / 2.0,
+        }
+    }
+
+    fn min_ms(&self) -> f64 {
+        self.times.iter().map(|time| time.as_secs_f64() * 1000.0).fold(f64::NAN, f64::min)
+    }
+
+    fn peak_rss_mib(&self) -> f64 {
+        kib_to_mib(self.peak_rss_kib)
+    }
+}
+
+fn kib_to_mib(kib: u64) -> f64 {
+    kib as f64 / 1024.0
+}
+
+/// Renders rows as a column-aligned table; `markdown` adds the pipes and the
+/// header rule (numbers right-aligned), so the same table pastes into docs.
+fn render_table(header: &[&str], rows: &[Vec<String>], markdown: bool) -> String {
+    let mut widths: Vec<usize> = header.iter().map(|cell| cell.chars().count()).collect();
+    for row in rows {
+        for (width, cell) in widths.iter_mut().zip(row) {
+            *width = (*width).max(cell.chars().count());
+        }
+    }
+    let line = |cells: Vec<String>| {
+        let padded: Vec<String> = cells
+            .iter()
+            .zip(&widths)
+            .enumerate()
+            .map(
+                |(column, (cell, &width))| {
+                    if column == 0 { format!("{cell:<width$}") } else { format!("{cell:>width$}") }
+                },
+            )
+            .collect();
+        if markdown { format!("| {} |", padded.join(" | ")) } else { padded.join("  ").trim_end().to_owned() }
+    };
+    let mut lines = vec![line(header.iter().map(|cell| cell.to_string()).collect())];
+    if markdown {
+        let rule: Vec<String> = widths
+            .iter()
+            .enumerate()
+            .map(|(column, &width)| if column == 0 { "-".repeat(width) } else { format!("{}:", "-".repeat(width - 1)) })
+            .collect();
+        lines.push(format!("| {} |", rule.join(" | ")));
+    }
+    lines.extend(rows.iter().map(|row| line(row.clone())));
+    lines.join("\n") + "\n"
+}
+
+/// A target from an issue, checked against a measured value.
+#[derive(Debug)]
+struct Target {
+    description: String,
+    met: bool,
+    actual: String,
+}
+
+impl Target {
+    fn line(&self) -> String {
+        format!("{} {} (measured: {})", if self.met { "PASS" } else { "MISS" }, self.description, self.actual)
+    }
+}
+
+/// The machine a benchmark ran on, for the record.
+#[derive(Debug)]
+struct Machine {
+    cpu: String,
+    cores: usize,
+    memory_gib: f64,
+    kernel: String,
+    filesystem: String,
+}
+
+impl Machine {
+    /// Describes this machine; `dir` is where the benchmark writes.
+    fn detect(dir: &Path) -> Machine {
+        let cpuinfo = fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+        let cpu = cpuinfo
+            .lines()
+            .find_map(|line| line.strip_prefix("model name")?.split_once(':').map(|(_, name)| name.trim().to_owned()))
+            .unwrap_or_else(|| "unknown CPU".into());
+        let meminfo = fs::read_to_string("/proc/meminfo").unwrap_or_default();
+        let memory_kib: u64 = meminfo
+            .lines()
+            .find_map(|line| line.strip_prefix("MemTotal:")?.split_whitespace().next()?.parse().ok())
+            .unwrap_or(0);
+        let kernel = fs::read_to_string("/proc/sys/kernel/osrelease").map(|text| text.trim().to_owned());
+        let filesystem = Command::new("stat")
+            .args(["-f", "-c", "%T"])
+            .arg(dir)
+            .output()
+            .ok()
+            .filter(|output| output.status.success())
+            .map(|output| String::from_utf8_lossy(&output.stdout).trim().to_owned());
+        Machine {
+            cpu,
+            cores: std::thread::available_parallelism().map_or(0, usize::from),
+            memory_gib: memory_kib as f64 / (1024.0 * 1024.0),
+            kernel: kernel.unwrap_or_else(|_| "unknown".into()),
+            filesystem: filesystem.unwrap_or_else(|| "unknown".into()),
+        }
+    }
+
+    fn describe(&self) -> String {
+        format!(
+            "{}, {} cores, {:.1} GiB RAM, Linux {}, output on {}",
+            self.cpu, self.cores, self.memory_gib, self.kernel, self.filesystem
+        )
+    }
+}
+
+/// The checked-out commit, `+dirty` when the work tree has changes, so
+/// recorded figures say which code they measured.
+fn revision() -> String {
+    let git = |args: &[&str]| {
+        let output = Command::new("git").args(args).stderr(Stdio::null()).output().ok()?;
+        output.status.success().then(|| String::from_utf8_lossy(&output.stdout).trim().to_owned())
+    };
+    match (git(&["rev-parse", "--short", "HEAD"]), git(&["status", "--porcelain", "--untracked-files=no"])) {
+        (Some(commit), Some(changes)) if !changes.is_empty() => format!("{commit}+dirty"),
+        (Some(commit), _) => commit,
+        (None, _) => "unknown".into(),
+    }
+}
+
+/// Today's UTC date as YYYY-MM-DD.
+fn today() -> String {
+    utc_date(SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |since| since.as_secs()))
+}
+
+/// The UTC date of a Unix time (Howard Hinnant's days-to-civil).
+fn utc_date(seconds: u64) -> String {
+    let days = (seconds / 86_400) as i64 + 719_468;
+    let era = days.div_euclid(146_097);
+    let day_of_era = days.rem_euclid(146_097);
+    let year_of_era = (day_of_era - day_of_era / 1460 + day_of_era / 36_524 - day_of_era / 146_096) / 365;
+    let day_of_year = day_of_era - (365 * year_of_era + year_of_era / 4 - year_of_era / 100);
+    let month_index = (5 * day_of_year + 2) / 153;
+    let day = day_of_year - (153 * month_index + 2) / 5 + 1;
+    let month = if month_index < 10 { month_index + 3 } else { month_index - 9 };
+    let year = year_of_era + era * 400 + i64::from(month <= 2);
+    format!("{year:04}-{month:02}-{day:02}")
+}
+
+/// xorshift64*: deterministic, fast, and incompressible enough that no
+/// filesystem or tool can treat the workload as sparse.
+#[derive(Debug)]
+struct XorShift(u64);
+
+impl XorShift {
+    fn new(seed: u64) -> Self {
+        XorShift(seed | 1)
+    }
+
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
+    }
+
+    fn fill(&mut self, buffer: &mut [u8]) {
+        for chunk in buffer.chunks_mut(8) {
+            let word = self.next().to_le_bytes();
+            chunk.copy_from_slice(&word[..chunk.len()]);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dates() {
+        assert_eq!(utc_date(0), "1970-01-01");
+        assert_eq!(utc_date(951_782_400), "2000-02-29");
+        assert_eq!(utc_date(1_763_942_399), "2025-11-23");
+    }
+
+    #[test]
+    fn median_and_min() {
+        let mut peer = PeerRuns::new("p");
+        for ms in [30, 10, 20, 40] {
+            peer.times.push(Duration::from_millis(ms));
+        }
+        assert_eq!(peer.median_ms(), 25.0);
+        assert_eq!(peer.min_ms(), 10.0);
+        peer.times.push(Duration::from_millis(5));
+        assert_eq!(peer.median_ms(), 20.0);
+    }
+
+    #[test]
+    fn xorshift_is_deterministic_and_not_zero() {
+        let (mut a, mut b) = (XorShift::new(7), XorShift::new(7));
+        let (mut left, mut right) = (vec![0u8; 4099], vec![0u8; 4099]);
+        a.fill(&mut left);
+        b.fill(&mut right);
+        assert_eq!(left, right);
+        assert!(left.iter().filter(|&&byte| byte == 0).count() < 100);
+    }
+
+    #[test]
+    fn markdown_table_is_aligned() {
+        let rows = vec![vec!["kiln".into(), "1.5".into()], vec!["cp -r".into(), "10.25".into()]];
+        let table = render_table(&["Peer", "ms"], &rows, true);
+        assert_eq!(table, "| Peer  |    ms |\n| ----- | ----: |\n| kiln  |   1.5 |\n| cp -r | 10.25 |\n");
+    }
+
+    #[test]
+    fn measure_reports_failure_and_rss() {
+        let log = std::env::temp_dir().join(format!("xtask-measure-{}.log", std::process::id()));
+        let sample = measure(&mut [Command::new("true"), Command::new("echo")], &log).expect("true and echo run");
+        assert!(sample.peak_rss_kib > 0);
+        assert_eq!(sample.stdout, "\n");
+        let mut failing = Command::new("sh");
+        failing.args(["-c", "echo broken >&2; exit 3"]);
+        let err = measure(&mut [failing], &log).expect_err("exit 3 is a failure");
+        assert!(format!("{err:#}").contains("broken"), "{err:#}");
+
+        // Our own peak must not leak into the child's figure (see `measure`).
+        let ballast = vec![1u8; 64 << 20];
+        std::hint::black_box(&ballast);
+        drop(ballast);
+        let sample = measure(&mut [Command::new("true")], &log).expect("true runs");
+        assert!(sample.peak_rss_kib < 16 << 10, "`true` peaked at {} KiB", sample.peak_rss_kib);
+        fs::remove_file(&log).expect("log was written");
+    }
+}
