@@ -75,7 +75,7 @@ fn is_installed(package: &str) -> Result<bool> {
     Ok(output.status.success() && output.stdout == b"install ok installed")
 }
 
-fn is_root() -> bool {
+pub(crate) fn is_root() -> bool {
     // SAFETY: geteuid has no preconditions and cannot fail.
     unsafe { libc::geteuid() == 0 }
 }

@@ -76,11 +76,32 @@ pub(super) fn run(options: &Options) -> Result<()> {
     run_command(cargo().args(["build", "--release", "-p", "kiln", "--bin", "kiln"]))?;
     run_command(cargo().args(["build", "--release", "-p", "kiln-imagefmt", "--example", "fatfs_reference"]))?;
     let release = target_dir().join("release");
-    let kiln = release.join("kiln");
-    let fatfs_reference = release.join("examples").join("fatfs_reference");
+    let tools = Tools { kiln: release.join("kiln"), fatfs_reference: release.join("examples").join("fatfs_reference") };
 
-    let bench_dir = target_dir().join("bench").join("fat");
-    remove_path(&bench_dir)?;
+    let bench_root = target_dir().join("bench");
+    run_suite(&tools, &bench_root.join("fat"), options, options.big)?;
+    if !options.xfs {
+        return Ok(());
+    }
+    if !debian::is_root() {
+        println!("\nskipping the XFS run: a loop mount needs root (or pass --no-xfs)");
+        return Ok(());
+    }
+    // On a filesystem with reflinks, copy_file_range shares kiln's
+    // block-aligned file data instead of copying it.
+    debian::ensure_installed(&[&["xfsprogs"]])?;
+    let mount = XfsLoopMount::create(&bench_root.join("xfs"))?;
+    run_suite(&tools, &mount.dir.join("fat"), options, false)
+}
+
+struct Tools {
+    kiln: PathBuf,
+    fatfs_reference: PathBuf,
+}
+
+/// One full run of every peer in `bench_dir`, and its report.
+fn run_suite(tools: &Tools, bench_dir: &Path, options: &Options, big: bool) -> Result<()> {
+    remove_path(bench_dir)?;
     let work = bench_dir.join("work");
     let out = bench_dir.join("out");
     fs::create_dir_all(&out).with_context(|| format!("cannot create {}", out.display()))?;
@@ -88,9 +109,9 @@ pub(super) fn run(options: &Options) -> Result<()> {
     let data_bytes = generate_workload(&work)?;
     sync_filesystems();
 
-    let mut peers = vec![kiln_peer(kiln.clone(), work.clone(), out.join("kiln.img"))];
+    let mut peers = vec![kiln_peer(tools.kiln.clone(), work.clone(), out.join("kiln.img"))];
     // kiln's warm-up run also sizes the other peers' images.
-    let warm_up = peers[0].warm_up(&bench_dir)?;
+    let warm_up = peers[0].warm_up(bench_dir)?;
     let summary = Json::parse(warm_up.stdout.trim()).context("cannot read kiln's --json summary")?;
     let image_bytes = summary.u64_field("image_bytes")?;
     let image = format!(
@@ -99,25 +120,61 @@ pub(super) fn run(options: &Options) -> Result<()> {
         summary.text_field("fat_type")?,
         summary.u64_field("cluster_size")?
     );
-    peers.extend(reference_peers(fatfs_reference, &work, &out, image_bytes));
+    peers.extend(reference_peers(tools.fatfs_reference.clone(), &work, &out, image_bytes));
     for peer in &mut peers[1..] {
-        peer.warm_up(&bench_dir)?;
+        peer.warm_up(bench_dir)?;
     }
 
     announce(&format!("{} measured runs of each peer, interleaved", options.runs));
     for round in 1..=options.runs {
         for peer in &mut peers {
             sync_filesystems();
-            let sample = peer.run_once(&bench_dir)?;
+            let sample = peer.run_once(bench_dir)?;
             peer.runs.record(&sample);
         }
         println!("round {round}/{}: {}", options.runs, round_line(&peers));
     }
 
-    let big = if options.big { Some(big_run(&kiln, &bench_dir)?) } else { None };
-    remove_path(&bench_dir)?;
-    Report { peers: &peers, data_bytes, image, runs: options.runs, big: big.as_ref() }.print();
+    let big = if big { Some(big_run(&tools.kiln, bench_dir)?) } else { None };
+    let machine = Machine::detect(bench_dir);
+    remove_path(bench_dir)?;
+    Report { peers: &peers, data_bytes, image, runs: options.runs, big: big.as_ref(), machine }.print();
     Ok(())
+}
+
+/// A sparse file formatted as XFS with reflinks and loop-mounted; unmounted
+/// and removed on drop, whatever happened in between.
+struct XfsLoopMount {
+    image: PathBuf,
+    dir: PathBuf,
+}
+
+impl XfsLoopMount {
+    const SIZE: u64 = 4 << 30;
+
+    fn create(root: &Path) -> Result<XfsLoopMount> {
+        let image = root.with_extension("img");
+        let dir = root.to_path_buf();
+        // A mount left by an interrupted run would make mkfs fail; clear it.
+        let _ = Command::new("umount").arg(&dir).output();
+        remove_path(&image)?;
+        fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
+        File::create(&image)
+            .and_then(|file| file.set_len(Self::SIZE))
+            .with_context(|| format!("cannot create {}", image.display()))?;
+        announce(&format!("formatting {} as XFS with reflink=1 and loop-mounting it", image.display()));
+        run_command(Command::new("mkfs.xfs").args(["-q", "-f", "-m", "reflink=1"]).arg(&image))?;
+        run_command(Command::new("mount").args(["-o", "loop"]).arg(&image).arg(&dir))?;
+        Ok(XfsLoopMount { image, dir })
+    }
+}
+
+impl Drop for XfsLoopMount {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(&self.dir).status();
+        let _ = fs::remove_dir(&self.dir);
+        let _ = fs::remove_file(&self.image);
+    }
 }
 
 fn kiln_peer(kiln: PathBuf, work: PathBuf, output: PathBuf) -> Peer {
@@ -256,6 +313,7 @@ struct Report<'a> {
     image: String,
     runs: usize,
     big: Option<&'a Sample>,
+    machine: Machine,
 }
 
 impl Report<'_> {
@@ -360,7 +418,7 @@ impl Report<'_> {
     }
 
     fn print(&self) {
-        let machine = Machine::detect(&target_dir());
+        let machine = &self.machine;
         let method =
             format!("median of {} runs per peer after one warm-up each, page cache warm, runs interleaved", self.runs);
         let targets = self.targets();
@@ -389,7 +447,12 @@ impl Report<'_> {
 
         println!();
         println!("--- Markdown for BENCHMARKS.md ---");
-        println!("### FAT builder: `cargo xtask bench fat` ({}, commit {})", today(), revision());
+        println!(
+            "### FAT builder on {}: `cargo xtask bench fat` ({}, commit {})",
+            machine.filesystem,
+            today(),
+            revision()
+        );
         println!();
         println!("Machine: {}.", machine.describe());
         println!("Workload: {}; {method}.", self.workload());

@@ -33,10 +33,12 @@ struct Options {
     runs: usize,
     /// Also measure kiln alone on a much larger input, to show memory stays flat.
     big: bool,
+    /// As root, also run on a loop-mounted XFS with reflinks.
+    xfs: bool,
 }
 
 pub(crate) fn run(args: &[String]) -> Result<()> {
-    let mut options = Options { runs: DEFAULT_RUNS, big: true };
+    let mut options = Options { runs: DEFAULT_RUNS, big: true, xfs: true };
     let mut areas = Vec::new();
     let mut index = 0;
     while index < args.len() {
@@ -48,8 +50,11 @@ pub(crate) fn run(args: &[String]) -> Result<()> {
         } else {
             match args[index].as_str() {
                 "--no-big" => options.big = false,
+                "--no-xfs" => options.xfs = false,
                 flag if flag.starts_with('-') => {
-                    bail!("unknown option `{flag}`\nusage: cargo xtask bench [AREA...] [--runs N] [--no-big]")
+                    bail!(
+                        "unknown option `{flag}`\nusage: cargo xtask bench [AREA...] [--runs N] [--no-big] [--no-xfs]"
+                    )
                 }
                 name => match AREAS.iter().find(|(area, _)| *area == name) {
                     Some(area) => areas.push(*area),

@@ -2,6 +2,7 @@
 //! in ascending offset order, skipping everything that is zero.
 
 use std::fs::File;
+use std::io::Read;
 
 use super::FatType;
 use super::layout::{DirPlan, EntryTarget, FatLayout, Geometry, SECTOR};
@@ -17,6 +18,12 @@ const ATTR_ARCHIVE: u8 = 0x20;
 const MEDIA_FIXED_DISK: u8 = 0xF8;
 /// FAT entries generated per chunk: bounds memory on huge volumes.
 const FAT_CHUNK_ENTRIES: u32 = 1 << 16;
+/// Files up to this size are read and written in batches: one
+/// `copy_file_range` per 2 KiB key file was measured at ~64 µs, which
+/// dominated a 200-file keystore.
+const SMALL_FILE: u64 = 64 << 10;
+/// Largest batch of small files held in memory.
+const BATCH_BYTES: usize = 1 << 20;
 /// FAT32's backup boot sector and the FSInfo sector.
 const FSINFO_SECTOR: u16 = 1;
 const BACKUP_BOOT_SECTOR: u16 = 6;
@@ -45,11 +52,38 @@ impl FatLayout<'_> {
         sink.finish(g.image_bytes()).map_err(Error::Write)
     }
 
+    /// Copies file data in cluster order. Small files are read into one
+    /// batch and written together (their clusters are adjacent); large ones
+    /// go through the sink's `copy_file_at` (`copy_file_range` for files).
     fn write_file_data(&self, sink: &mut dyn Sink, progress: &mut dyn FnMut(u64)) -> Result<()> {
+        let cluster = self.geometry.cluster_bytes() as usize;
         let mut done = 0u64;
+        let mut batch = Batch { offset: 0, bytes: Vec::with_capacity(BATCH_BYTES) };
         for file in self.files.iter().filter(|f| f.first_cluster != 0) {
             let offset = self.geometry.cluster_offset(file.first_cluster);
             let expected = file.node.size;
+            if expected <= SMALL_FILE {
+                let adjacent = batch.offset + batch.bytes.len() as u64 == offset;
+                if !batch.bytes.is_empty() && (!adjacent || batch.bytes.len() + expected as usize > BATCH_BYTES) {
+                    batch.flush(sink)?;
+                    progress(done);
+                }
+                if batch.bytes.is_empty() {
+                    batch.offset = offset;
+                }
+                match &file.node.source {
+                    Source::Bytes(bytes) => batch.bytes.extend_from_slice(bytes),
+                    Source::Host(path) => read_exactly(path, expected, &mut batch.bytes)?,
+                }
+                // Slack up to the cluster end, so the next file stays adjacent.
+                batch.bytes.resize(batch.bytes.len().next_multiple_of(cluster), 0);
+                done += expected;
+                continue;
+            }
+            if !batch.bytes.is_empty() {
+                batch.flush(sink)?;
+                progress(done);
+            }
             match &file.node.source {
                 Source::Bytes(bytes) => {
                     write_nonzero(sink, offset, bytes).map_err(Error::Write)?;
@@ -77,6 +111,8 @@ impl FatLayout<'_> {
                 }
             }
         }
+        batch.flush(sink)?;
+        progress(done);
         Ok(())
     }
 
@@ -203,6 +239,32 @@ impl FatLayout<'_> {
         put32(&mut s, 508, 0xAA55_0000);
         s
     }
+}
+
+/// Small files staged for one write: `bytes` land at `offset`.
+struct Batch {
+    offset: u64,
+    bytes: Vec<u8>,
+}
+
+impl Batch {
+    fn flush(&mut self, sink: &mut dyn Sink) -> Result<()> {
+        write_nonzero(sink, self.offset, &self.bytes).map_err(Error::Write)?;
+        self.bytes.clear();
+        Ok(())
+    }
+}
+
+/// Appends exactly `expected` bytes of `path` to `out`, or fails with
+/// `SourceChanged` if the file is now shorter or longer.
+fn read_exactly(path: &std::path::Path, expected: u64, out: &mut Vec<u8>) -> Result<()> {
+    let read_error = |source| Error::ReadSource { path: path.to_path_buf(), source };
+    let before = out.len();
+    File::open(path).and_then(|f| f.take(expected + 1).read_to_end(out)).map_err(read_error)?;
+    if (out.len() - before) as u64 != expected {
+        return Err(Error::SourceChanged { path: path.to_path_buf(), expected });
+    }
+    Ok(())
 }
 
 fn copy_error(path: &std::path::Path, source: std::io::Error) -> Error {
