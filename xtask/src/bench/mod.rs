@@ -7,11 +7,12 @@
 //! PRNG for workloads.
 
 mod fat;
+mod qcow2;
 
 use std::fs;
 use std::io::{self, Read};
 use std::os::unix::process::{CommandExt, ExitStatusExt};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -20,7 +21,7 @@ use anyhow::{Context, Result, bail};
 use crate::{announce, flag_value, show_command};
 
 /// Every benchmark area, in the order `cargo xtask bench` runs them.
-const AREAS: &[(&str, Area)] = &[("fat", fat::run)];
+const AREAS: &[(&str, Area)] = &[("fat", fat::run), ("qcow2", qcow2::run)];
 
 type Area = fn(&Options) -> Result<()>;
 
@@ -280,13 +281,7 @@ impl Machine {
             .find_map(|line| line.strip_prefix("MemTotal:")?.split_whitespace().next()?.parse().ok())
             .unwrap_or(0);
         let kernel = fs::read_to_string("/proc/sys/kernel/osrelease").map(|text| text.trim().to_owned());
-        let filesystem = Command::new("stat")
-            .args(["-f", "-c", "%T"])
-            .arg(dir)
-            .output()
-            .ok()
-            .filter(|output| output.status.success())
-            .map(|output| String::from_utf8_lossy(&output.stdout).trim().to_owned());
+        let filesystem = mount_type(dir);
         Machine {
             cpu,
             cores: std::thread::available_parallelism().map_or(0, usize::from),
@@ -302,6 +297,24 @@ impl Machine {
             self.cpu, self.cores, self.memory_gib, self.kernel, self.filesystem
         )
     }
+}
+
+/// The type of the filesystem holding `dir`, from the longest matching
+/// mount point in /proc/self/mounts (`stat -f` cannot tell ext4 from ext2).
+fn mount_type(dir: &Path) -> Option<String> {
+    let dir = fs::canonicalize(dir).ok()?;
+    let mounts = fs::read_to_string("/proc/self/mounts").ok()?;
+    mounts
+        .lines()
+        .filter_map(|line| {
+            let mut fields = line.split_whitespace();
+            let (_, point, kind) = (fields.next()?, fields.next()?, fields.next()?);
+            // Mount points escape spaces as \040.
+            let point = PathBuf::from(point.replace("\\040", " "));
+            dir.starts_with(&point).then(|| (point.as_os_str().len(), kind.to_owned()))
+        })
+        .max_by_key(|(len, _)| *len)
+        .map(|(_, kind)| kind)
 }
 
 /// The checked-out commit, `+dirty` when the work tree has changes, so
