@@ -374,6 +374,10 @@ fn parse_label(label: &str) -> Result<[u8; 11]> {
     if upper.starts_with(' ') {
         return Err(invalid("it starts with a space"));
     }
+    // Labels are space-padded: a trailing space could not be read back.
+    if upper.ends_with(' ') {
+        return Err(invalid("it ends with a space, which FAT cannot tell from its padding"));
+    }
     let mut out = [b' '; 11];
     out[..upper.len()].copy_from_slice(upper.as_bytes());
     Ok(out)
@@ -748,6 +752,9 @@ mod tests {
         };
         check_label("servicedisk", expect![[r#""SERVICEDISK""#]]);
         check_label("CIDATA", expect![[r#""CIDATA     ""#]]);
+        check_label("MY DISK", expect![[r#""MY DISK    ""#]]);
+        // Found by fuzzing: "x " was stored as "X" plus padding.
+        check_label("x ", expect![[r#"Invalid volume label "x ": it ends with a space, which FAT cannot tell from its padding"#]]);
         check_label(
             "TWELVE CHARS",
             expect![[r#"Invalid volume label "TWELVE CHARS": 12 bytes; a FAT label holds at most 11"#]],

@@ -63,7 +63,7 @@ impl FromStr for FatType {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct FatOptions {
     /// Volume label: at most 11 bytes of the 8.3 character set or spaces
-    /// (not leading), upper-cased as Windows does.
+    /// (neither leading nor trailing), upper-cased as Windows does.
     pub label: Option<String>,
     /// Volume serial number; by default derived from the label, the epoch
     /// and the tree, so that the same inputs give the same image.
