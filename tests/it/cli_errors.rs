@@ -685,3 +685,63 @@ fn info_is_fast_on_an_l1_table_of_repeated_l2_pointers() {
         std::thread::sleep(std::time::Duration::from_millis(50));
     }
 }
+
+/// A disk that fills up mid-conversion: one clear error, no leftover, and no
+/// hang. Regression: the reader thread once waited for ever for a buffer
+/// when the writer failed while the reader was ahead. Runs `kiln` in a
+/// private mount namespace over a 6 MiB tmpfs, so nothing touches the host.
+#[test]
+fn convert_fails_cleanly_when_the_disk_fills() {
+    let test = "cli_errors::convert_fails_cleanly_when_the_disk_fills";
+    if !kiln_testkit::is_root() {
+        kiln_testkit::report_skip(&format!("{test}: needs root to mount a tmpfs in a private namespace"));
+        return;
+    }
+    let Some(unshare) = kiln_testkit::require_tool(test, "unshare") else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let raw = dir.path().join("mixed.raw");
+    let mount_point = dir.path().join("small");
+    fs::create_dir(&mount_point).unwrap();
+    // 32 MiB of 4 MiB stripes, data then zeros: the reader runs ahead while
+    // the writer fills the 6 MiB disk.
+    let mut bytes = vec![0u8; 32 << 20];
+    let mut state = 0x9e37_79b9_7f4a_7c15u64;
+    for stripe in bytes.chunks_mut(4 << 20).step_by(2) {
+        for byte in stripe.iter_mut() {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            *byte = state as u8;
+        }
+    }
+    fs::write(&raw, &bytes).unwrap();
+    let script = r#"mount -t tmpfs -o size=6m tmpfs "$1" || exit 99
+"$2" image qcow2 convert "$3" "$1/x.qcow2"
+rc=$?
+echo "left behind: [$(ls -A "$1")]"
+exit $rc"#;
+    let mut child = Command::new(unshare)
+        .args(["-m", "sh", "-c", script, "sh"])
+        .arg(&mount_point)
+        .arg(env!("CARGO_BIN_EXE_kiln"))
+        .arg(&raw)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while child.try_wait().unwrap().is_none() {
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("kiln image qcow2 convert hung on a full disk");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let output = child.wait_with_output().unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_ne!(output.status.code(), Some(99), "could not mount the tmpfs: {stderr}");
+    assert_eq!(output.status.code(), Some(1), "stdout: {stdout}\nstderr: {stderr}");
+    assert!(stderr.contains("x.qcow2") && stderr.contains("No space left"), "{stderr}");
+    assert!(stdout.contains("left behind: []"), "{stdout}");
+}

@@ -70,6 +70,10 @@ impl AlignedBuffer {
         AlignedBuffer { storage, start, len }
     }
 
+    pub(crate) fn as_slice(&self) -> &[u8] {
+        &self.storage[self.start..self.start + self.len]
+    }
+
     pub(crate) fn as_mut_slice(&mut self) -> &mut [u8] {
         &mut self.storage[self.start..self.start + self.len]
     }

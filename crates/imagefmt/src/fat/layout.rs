@@ -754,7 +754,10 @@ mod tests {
         check_label("CIDATA", expect![[r#""CIDATA     ""#]]);
         check_label("MY DISK", expect![[r#""MY DISK    ""#]]);
         // Found by fuzzing: "x " was stored as "X" plus padding.
-        check_label("x ", expect![[r#"Invalid volume label "x ": it ends with a space, which FAT cannot tell from its padding"#]]);
+        check_label(
+            "x ",
+            expect![[r#"Invalid volume label "x ": it ends with a space, which FAT cannot tell from its padding"#]],
+        );
         check_label(
             "TWELVE CHARS",
             expect![[r#"Invalid volume label "TWELVE CHARS": 12 bytes; a FAT label holds at most 11"#]],
