@@ -16,8 +16,8 @@ use std::process::Command;
 use anyhow::{Context, Result};
 
 use super::{
-    Machine, Options, PeerRuns, Sample, Target, XorShift, kib_to_mib, measure, remove_path, render_table, revision,
-    sync_filesystems, today,
+    Machine, Options, PeerRuns, Sample, Target, XorShift, kib_to_mib, measure, print_targets_and_markdown_heading,
+    remove_path, render_table, sync_filesystems,
 };
 use crate::json::Json;
 use crate::{announce, cargo, debian, format_bytes, run_command, target_dir};
@@ -440,22 +440,13 @@ impl Report<'_> {
         if let Some(line) = self.big_line() {
             println!("{line}");
         }
-        println!();
-        for target in &targets {
-            println!("{}", target.line());
-        }
-
-        println!();
-        println!("--- Markdown for BENCHMARKS.md ---");
-        println!(
-            "### FAT builder on {}: `cargo xtask bench fat` ({}, commit {})",
-            machine.filesystem,
-            today(),
-            revision()
+        print_targets_and_markdown_heading(
+            &targets,
+            &format!("FAT builder on {}: `cargo xtask bench fat`", machine.filesystem),
+            machine,
+            &self.workload(),
+            &method,
         );
-        println!();
-        println!("Machine: {}.", machine.describe());
-        println!("Workload: {}; {method}.", self.workload());
         println!();
         print!("{}", self.table(true));
         println!();

@@ -299,6 +299,27 @@ impl Machine {
     }
 }
 
+/// Prints each target's PASS/MISS line, then opens the Markdown block for
+/// BENCHMARKS.md with its heading, machine, workload and method.
+fn print_targets_and_markdown_heading(
+    targets: &[Target],
+    title: &str,
+    machine: &Machine,
+    workload: &str,
+    method: &str,
+) {
+    println!();
+    for target in targets {
+        println!("{}", target.line());
+    }
+    println!();
+    println!("--- Markdown for BENCHMARKS.md ---");
+    println!("### {title} ({}, commit {})", today(), revision());
+    println!();
+    println!("Machine: {}.", machine.describe());
+    println!("Workload: {workload}; {method}.");
+}
+
 /// The type of the filesystem holding `dir`, from the longest matching
 /// mount point in /proc/self/mounts (`stat -f` cannot tell ext4 from ext2).
 fn mount_type(dir: &Path) -> Option<String> {

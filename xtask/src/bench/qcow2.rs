@@ -22,8 +22,8 @@ use std::time::Duration;
 use anyhow::{Context, Result, bail};
 
 use super::{
-    Machine, Options, PeerRuns, Sample, Target, XorShift, measure, remove_path, render_table, revision,
-    sync_filesystems, today,
+    Machine, Options, PeerRuns, Sample, Target, XorShift, measure, print_targets_and_markdown_heading, remove_path,
+    render_table, sync_filesystems,
 };
 use crate::json::Json;
 use crate::{announce, cargo, debian, format_bytes, run_command, target_dir};
@@ -536,22 +536,13 @@ impl Report {
         for line in self.lines() {
             println!("{line}");
         }
-        println!();
-        for target in &targets {
-            println!("{}", target.line());
-        }
-
-        println!();
-        println!("--- Markdown for BENCHMARKS.md ---");
-        println!(
-            "### qcow2 writer on {}: `cargo xtask bench qcow2` ({}, commit {})",
-            machine.filesystem,
-            today(),
-            revision()
+        print_targets_and_markdown_heading(
+            &targets,
+            &format!("qcow2 writer on {}: `cargo xtask bench qcow2`", machine.filesystem),
+            machine,
+            &self.workload(),
+            &method,
         );
-        println!();
-        println!("Machine: {}.", machine.describe());
-        println!("Workload: {}; {method}.", self.workload());
         for suite in self.suites() {
             println!();
             println!("{}:", suite.title);
