@@ -20,6 +20,10 @@ pub(crate) const TEST_PACKAGES: &[&[&str]] = &[
     &["qemu-utils"],
     // libFuzzer (built by libfuzzer-sys for `cargo fuzz`) is C++.
     &["g++"],
+    // nft: kiln-net's firewall rules, applied inside test namespaces.
+    &["nftables"],
+    // ip netns / ip link (veth pairs): kiln-net's namespace tests.
+    &["iproute2"],
 ];
 
 /// Makes sure every package in `groups` is installed. As root, installs the

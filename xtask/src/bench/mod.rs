@@ -7,6 +7,7 @@
 //! PRNG for workloads.
 
 mod fat;
+mod net;
 mod qcow2;
 
 use std::fs;
@@ -21,7 +22,7 @@ use anyhow::{Context, Result, bail};
 use crate::{announce, flag_value, show_command};
 
 /// Every benchmark area, in the order `cargo xtask bench` runs them.
-const AREAS: &[(&str, Area)] = &[("fat", fat::run), ("qcow2", qcow2::run)];
+const AREAS: &[(&str, Area)] = &[("fat", fat::run), ("qcow2", qcow2::run), ("net", net::run)];
 
 type Area = fn(&Options) -> Result<()>;
 

@@ -1,0 +1,19 @@
+//! kiln-net: host networking for kiln's microVMs. It hands out
+//! point-to-point subnets from a configured CIDR (in memory, and through a
+//! crash-safe ledger shared by launcher processes), and writes each VM's
+//! nftables rules into kiln's own table, atomically, tagged per VM.
+//!
+//! It is the only kiln crate that touches nftables or netlink. It never
+//! touches tables other than kiln's own, and it never spawns a VMM.
+
+mod error;
+mod firewall;
+mod lease;
+mod ledger;
+mod nft;
+
+pub use error::{Error, Result};
+pub use firewall::{Firewall, HostPort, Protocol, PublishedPort};
+pub use lease::{DEFAULT_LEASE_PREFIX, Lease, LeasePool};
+pub use ledger::{LeaseRecord, Ledger, pid_is_alive};
+pub use nft::{Nft, TABLE as NFT_TABLE, TAG_PREFIX as NFT_TAG_PREFIX, VmRules, removal_batch, validate_vm_id};

@@ -1,0 +1,5 @@
+//! kiln-net's integration tests, one module per part of the crate.
+#![allow(clippy::unwrap_used)]
+
+mod lease;
+mod nft;
