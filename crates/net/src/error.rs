@@ -56,4 +56,22 @@ pub enum Error {
     /// `nft` printed something kiln cannot read, or a batch cannot be encoded.
     #[error("Unexpected nft data: {0}")]
     NftOutput(String),
+    /// `/dev/net/tun` does not exist.
+    #[error("`/dev/net/tun` does not exist; load the `tun` kernel module (`modprobe tun`)")]
+    TunMissing,
+    /// Creating or deleting a tap needs CAP_NET_ADMIN.
+    #[error("Not permitted to create or delete tap `{name}`; it needs CAP_NET_ADMIN (run as root)")]
+    TapNotPermitted { name: String },
+    /// The tap exists already, or is held open by another process.
+    #[error("Tap `{name}` already exists or is in use")]
+    TapBusy { name: String },
+    /// A device of that name exists and is not a tap kiln can manage.
+    #[error("Interface `{name}` exists and is not a tap device")]
+    TapNotTap { name: String },
+    /// Another tap ioctl failed.
+    #[error("Failed to {action} tap `{name}`")]
+    TapIo { name: String, action: &'static str, source: std::io::Error },
+    /// The tap did not appear before the deadline.
+    #[error("Tap `{name}` did not appear within {waited:?}")]
+    TapWaitTimeout { name: String, waited: std::time::Duration },
 }

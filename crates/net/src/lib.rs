@@ -11,9 +11,11 @@ mod firewall;
 mod lease;
 mod ledger;
 mod nft;
+mod tap;
 
 pub use error::{Error, Result};
 pub use firewall::{Firewall, HostPort, Protocol, PublishedPort};
 pub use lease::{DEFAULT_LEASE_PREFIX, Lease, LeasePool};
 pub use ledger::{LeaseRecord, Ledger, pid_is_alive};
 pub use nft::{Nft, TABLE as NFT_TABLE, TAG_PREFIX as NFT_TAG_PREFIX, VmRules, removal_batch, validate_vm_id};
+pub use tap::{Tap, tap_name};

@@ -2,4 +2,6 @@
 #![allow(clippy::unwrap_used)]
 
 mod lease;
+mod netns;
 mod nft;
+mod tap;

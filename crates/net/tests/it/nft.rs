@@ -3,14 +3,13 @@
 
 use std::collections::BTreeSet;
 use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
-use std::os::fd::AsFd;
-use std::process::Command;
-use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
 use expect_test::{Expect, expect};
 use kiln_net::{Error, Firewall, HostPort, Nft, Protocol, PublishedPort, VmRules, removal_batch};
 use serde_json::{Value, json};
+
+use crate::netns::{Netns, ip, root_tools_ready};
 
 fn vm(id: &str, tap: &str, firewall: Firewall) -> VmRules {
     VmRules {
@@ -239,62 +238,6 @@ fn removal_batch_deletes_tagged_rules_by_handle_and_vm_chains() {
 
 // ---- root-only: rules and traffic inside throwaway namespaces ----
 
-static NAMESPACE_SEQ: AtomicU32 = AtomicU32::new(0);
-
-/// A network namespace `kiln-test-<pid>-<n><suffix>`, deleted on drop.
-#[derive(Debug)]
-struct Netns {
-    name: String,
-}
-
-impl Netns {
-    fn new() -> Netns {
-        let name = format!("kiln-test-{}-{}", std::process::id(), NAMESPACE_SEQ.fetch_add(1, Ordering::Relaxed));
-        ip(&["netns", "add", &name]);
-        let ns = Netns { name };
-        ns.exec(&["ip", "link", "set", "lo", "up"]);
-        ns
-    }
-
-    fn exec(&self, argv: &[&str]) {
-        run(Command::new("ip").args(["netns", "exec", &self.name]).args(argv));
-    }
-
-    /// Runs `f` on a thread that has entered this namespace; sockets it
-    /// creates stay in the namespace.
-    fn within<T: Send>(&self, f: impl FnOnce() -> T + Send) -> T {
-        std::thread::scope(|scope| {
-            scope
-                .spawn(|| {
-                    let file = std::fs::File::open(format!("/run/netns/{}", self.name)).unwrap();
-                    rustix::thread::move_into_link_name_space(
-                        file.as_fd(),
-                        Some(rustix::thread::LinkNameSpaceType::Network),
-                    )
-                    .unwrap();
-                    f()
-                })
-                .join()
-                .unwrap()
-        })
-    }
-}
-
-impl Drop for Netns {
-    fn drop(&mut self) {
-        let _ = Command::new("ip").args(["netns", "del", &self.name]).status();
-    }
-}
-
-fn run(command: &mut Command) {
-    let output = command.output().unwrap();
-    assert!(output.status.success(), "{command:?}: {}", String::from_utf8_lossy(&output.stderr));
-}
-
-fn ip(args: &[&str]) {
-    run(Command::new("ip").args(args));
-}
-
 /// A "VM": namespace `guest` whose `eth0` is paired with `tap` in `host`.
 fn link_guest(host: &Netns, guest: &Netns, tap: &str, host_addr: &str, guest_addr: &str) {
     ip(&["-n", &host.name, "link", "add", tap, "type", "veth", "peer", "name", "eth0", "netns", &guest.name]);
@@ -303,14 +246,6 @@ fn link_guest(host: &Netns, guest: &Netns, tap: &str, host_addr: &str, guest_add
     ip(&["-n", &guest.name, "addr", "add", &format!("{guest_addr}/30"), "dev", "eth0"]);
     ip(&["-n", &guest.name, "link", "set", "eth0", "up"]);
     ip(&["-n", &guest.name, "route", "add", "default", "via", host_addr]);
-}
-
-fn root_tools_ready() -> bool {
-    if !kiln_testkit::is_root() {
-        kiln_testkit::report_skip(&format!("{}: needs root for network namespaces", kiln_testkit::current_test_name()));
-        return false;
-    }
-    kiln_testkit::require_tools(&kiln_testkit::current_test_name(), &["nft", "ip"]).is_some()
 }
 
 fn listing_text(nft: &Nft) -> String {
@@ -338,7 +273,7 @@ fn listen(ns: &Netns, addr: &str) -> TcpListener {
 
 #[test]
 fn namespace_rules_are_tagged_removed_and_reconciled() {
-    if !root_tools_ready() {
+    if !root_tools_ready(&["nft", "ip"]) {
         return;
     }
     let host = Netns::new();
@@ -389,7 +324,7 @@ fn namespace_rules_are_tagged_removed_and_reconciled() {
 
 #[test]
 fn namespace_traffic_allow_list_and_vm_isolation() {
-    if !root_tools_ready() {
+    if !root_tools_ready(&["nft", "ip"]) {
         return;
     }
     let host = Netns::new();
@@ -443,7 +378,7 @@ fn nft_failure_names_the_command() {
 
 #[test]
 fn namespace_traffic_egress_masquerade_and_published_port() {
-    if !root_tools_ready() {
+    if !root_tools_ready(&["nft", "ip"]) {
         return;
     }
     let host = Netns::new();

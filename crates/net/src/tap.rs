@@ -1,0 +1,167 @@
+//! Persistent tap devices made through `/dev/net/tun`, the way
+//! `ip tuntap add mode tap user <uid>` makes them: `IFF_TAP | IFF_NO_PI`,
+//! owned by the VMM's uid and persistent, so an unprivileged VMM can open
+//! the tap later with its own flags (cloud-hypervisor adds `IFF_VNET_HDR`
+//! itself when it attaches). Creation adds `IFF_TUN_EXCL` so an existing
+//! device is reported instead of silently reused.
+
+use std::fs::{File, OpenOptions};
+use std::io::ErrorKind;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use rustix::ioctl::{IntegerSetter, Updater, ioctl, opcode};
+
+use crate::{Error, Result};
+
+/// Longest interface name Linux accepts (IFNAMSIZ - 1).
+const IFNAME_MAX: usize = 15;
+/// Prefix of every kiln tap name.
+const TAP_PREFIX: &str = "kt-";
+const TUN_DEVICE: &str = "/dev/net/tun";
+
+const IFF_TAP: u16 = 0x0002;
+const IFF_NO_PI: u16 = 0x1000;
+/// Fail with EBUSY instead of attaching when the device already exists.
+const IFF_TUN_EXCL: u16 = 0x8000;
+const TUNSETIFF: rustix::ioctl::Opcode = opcode::write::<rustix::ffi::c_int>(b'T', 202);
+const TUNSETPERSIST: rustix::ioctl::Opcode = opcode::write::<rustix::ffi::c_int>(b'T', 203);
+const TUNSETOWNER: rustix::ioctl::Opcode = opcode::write::<rustix::ffi::c_int>(b'T', 204);
+
+const _: () = assert!(std::mem::size_of::<IfReq>() == 40);
+
+/// The kernel's `struct ifreq` as TUNSETIFF reads it: a NUL-terminated name
+/// and the flags, padded to the size of the union (24 bytes).
+#[repr(C)]
+struct IfReq {
+    name: [u8; 16],
+    flags: u16,
+    padding: [u8; 22],
+}
+
+/// The tap name for VM `vm_id`: `kt-<vm_id>` when that fits in 15 bytes,
+/// otherwise `kt-<first 3 bytes>-<FNV-1a 32-bit hash of the whole id>`,
+/// so long ids sharing a prefix still get different names. The hash is
+/// upper-case hex and VM ids are lower-case, so a hashed name never equals
+/// the direct name of a short id.
+pub fn tap_name(vm_id: &str) -> Result<String> {
+    crate::validate_vm_id(vm_id)?;
+    let direct = format!("{TAP_PREFIX}{vm_id}");
+    let name = if direct.len() <= IFNAME_MAX {
+        direct
+    } else {
+        // vm ids are ASCII (validated above), so byte slicing is safe.
+        format!("{TAP_PREFIX}{}-{:08X}", &vm_id[..3], fnv1a32(vm_id.as_bytes()))
+    };
+    validate_tap_name(&name)?;
+    Ok(name)
+}
+
+fn fnv1a32(bytes: &[u8]) -> u32 {
+    bytes.iter().fold(0x811c_9dc5_u32, |hash, &b| (hash ^ u32::from(b)).wrapping_mul(0x0100_0193))
+}
+
+/// Checks `name` can name a tap: 1..=15 bytes of ASCII letters, digits,
+/// `-` and `_`.
+fn validate_tap_name(name: &str) -> Result<()> {
+    let invalid = |reason: &str| Err(Error::InvalidInterfaceName { name: name.to_owned(), reason: reason.to_owned() });
+    if name.is_empty() {
+        return invalid("it is empty");
+    }
+    if name.len() > IFNAME_MAX {
+        return invalid("it is longer than 15 bytes (IFNAMSIZ)");
+    }
+    if !name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_') {
+        return invalid("only ASCII letters, digits, `-` and `_` are allowed");
+    }
+    Ok(())
+}
+
+/// Persistent tap devices in the calling thread's network namespace.
+#[derive(Debug)]
+pub struct Tap;
+
+impl Tap {
+    /// Creates the persistent tap `name`, owned by `owner_uid` if given
+    /// (so a VMM running as that uid can open it without CAP_NET_ADMIN).
+    /// Needs CAP_NET_ADMIN. An existing device of that name is an error.
+    pub fn create(name: &str, owner_uid: Option<u32>) -> Result<()> {
+        validate_tap_name(name)?;
+        let tun = open_tun(name)?;
+        attach(&tun, name, "create", IFF_TUN_EXCL)?;
+        if let Some(uid) = owner_uid {
+            // SAFETY: TUNSETOWNER takes the uid as the integer argument itself.
+            let set_owner = unsafe { IntegerSetter::<TUNSETOWNER>::new_usize(uid as usize) };
+            // SAFETY: `set_owner` matches TUNSETOWNER's argument type (above).
+            unsafe { ioctl(&tun, set_owner) }.map_err(|errno| tap_error(name, "set the owner of", errno))?;
+        }
+        set_persist(&tun, name, true, "create")
+    }
+
+    /// Deletes the tap `name`. Deleting a tap that does not exist succeeds
+    /// (idempotent: cleanup after a crash may race with another cleanup);
+    /// a non-tap device of that name is an error.
+    pub fn delete(name: &str) -> Result<()> {
+        validate_tap_name(name)?;
+        let tun = open_tun(name)?;
+        // Attaching to a missing name makes a transient tap that vanishes
+        // when `tun` closes, so a missing tap ends up deleted too.
+        attach(&tun, name, "delete", 0)?;
+        set_persist(&tun, name, false, "delete")
+    }
+
+    /// Polls `/sys/class/net/<name>` until it exists or `deadline` passes.
+    /// sysfs shows the namespace that mounted it, so call this from a
+    /// process whose /sys belongs to the tap's namespace.
+    pub fn wait_until_exists(name: &str, deadline: Instant) -> Result<()> {
+        validate_tap_name(name)?;
+        let started = Instant::now();
+        let path = Path::new("/sys/class/net").join(name);
+        loop {
+            if path.exists() {
+                return Ok(());
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return Err(Error::TapWaitTimeout { name: name.to_owned(), waited: now - started });
+            }
+            std::thread::sleep(Duration::from_millis(5).min(deadline - now));
+        }
+    }
+}
+
+fn open_tun(name: &str) -> Result<File> {
+    OpenOptions::new().read(true).write(true).open(TUN_DEVICE).map_err(|source| match source.kind() {
+        ErrorKind::NotFound => Error::TunMissing,
+        ErrorKind::PermissionDenied => Error::TapNotPermitted { name: name.to_owned() },
+        _ => Error::TapIo { name: name.to_owned(), action: "open /dev/net/tun for", source },
+    })
+}
+
+fn attach(tun: &File, name: &str, action: &'static str, extra_flags: u16) -> Result<()> {
+    let mut request = IfReq { name: [0; 16], flags: IFF_TAP | IFF_NO_PI | extra_flags, padding: [0; 22] };
+    // validate_tap_name bounds the name to 15 bytes, leaving the NUL.
+    request.name[..name.len()].copy_from_slice(name.as_bytes());
+    // SAFETY: TUNSETIFF reads and writes a `struct ifreq`; IfReq has its
+    // layout (16-byte name, flags, padding to the 40-byte union size).
+    let set_iff = unsafe { Updater::<TUNSETIFF, IfReq>::new(&mut request) };
+    // SAFETY: `set_iff` points at a live, correctly sized ifreq (above).
+    unsafe { ioctl(tun, set_iff) }.map_err(|errno| tap_error(name, action, errno))
+}
+
+fn set_persist(tun: &File, name: &str, persist: bool, action: &'static str) -> Result<()> {
+    // SAFETY: TUNSETPERSIST takes 0 or 1 as the integer argument itself.
+    let set_persist = unsafe { IntegerSetter::<TUNSETPERSIST>::new_usize(usize::from(persist)) };
+    // SAFETY: `set_persist` matches TUNSETPERSIST's argument type (above).
+    unsafe { ioctl(tun, set_persist) }.map_err(|errno| tap_error(name, action, errno))
+}
+
+fn tap_error(name: &str, action: &'static str, errno: rustix::io::Errno) -> Error {
+    let name = name.to_owned();
+    match errno {
+        rustix::io::Errno::PERM | rustix::io::Errno::ACCESS => Error::TapNotPermitted { name },
+        rustix::io::Errno::BUSY | rustix::io::Errno::EXIST => Error::TapBusy { name },
+        rustix::io::Errno::INVAL => Error::TapNotTap { name },
+        _ => Error::TapIo { name, action, source: errno.into() },
+    }
+}
