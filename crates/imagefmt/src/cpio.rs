@@ -271,19 +271,17 @@ impl CpioArchive {
     /// Writes the archive to `path` atomically (temporary file, then
     /// rename; mode 0644), compressed as asked.
     pub fn write_file(&self, path: &Path, compression: Compression, epoch: i64) -> Result<CpioSummary> {
-        let mut archive_bytes = 0;
-        write_atomically(path, 0o644, |sink| {
+        let archive_bytes = write_atomically(path, 0o644, |sink| {
             let file = BufWriter::with_capacity(1 << 20, sink.file());
-            archive_bytes = match compression {
-                Compression::None => self.write_to(file, epoch)?,
+            match compression {
+                Compression::None => self.write_to(file, epoch),
                 Compression::Gzip => {
                     let mut encoder = flate2::GzBuilder::new().mtime(0).write(file, flate2::Compression::default());
                     let written = self.write_to(&mut encoder, epoch)?;
                     encoder.try_finish().map_err(Error::Write)?;
-                    written
+                    Ok(written)
                 }
-            };
-            Ok(())
+            }
         })?;
         let file_bytes =
             fs::metadata(path).map_err(|source| Error::WriteImage { path: path.to_path_buf(), source })?.len();

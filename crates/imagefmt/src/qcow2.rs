@@ -71,14 +71,11 @@ pub struct Qcow2Summary {
 
 /// Creates an empty qcow2 image of `virtual_size` bytes at `path`, atomically.
 pub fn create_qcow2(path: &Path, virtual_size: u64, options: &Qcow2Options) -> Result<Qcow2Summary> {
-    let mut summary = None;
     write_atomically(path, 0o644, |sink| {
         let mut writer = Qcow2Writer::new(sink.file(), virtual_size, options)?;
         writer.finish_image().map_err(Error::Write)?;
-        summary = Some(writer.summary());
-        Ok(())
-    })?;
-    summary.ok_or_else(|| Error::Write(io::Error::other("qcow2 writer produced no summary")))
+        Ok(writer.summary())
+    })
 }
 
 /// Streams the raw image `source` (its whole length is the virtual size)
@@ -87,7 +84,6 @@ pub fn convert_to_qcow2(source: &Path, path: &Path, options: &Qcow2Options) -> R
     let read_error = |source_err| Error::ReadSource { path: source.to_path_buf(), source: source_err };
     let input = File::open(source).map_err(read_error)?;
     let virtual_size = input.metadata().map_err(read_error)?.len();
-    let mut summary = None;
     write_atomically(path, 0o644, |sink| {
         let mut writer = Qcow2Writer::new(sink.file(), virtual_size, options)?;
         writer.copy_raw(&input, virtual_size).map_err(|e| match e {
@@ -95,10 +91,8 @@ pub fn convert_to_qcow2(source: &Path, path: &Path, options: &Qcow2Options) -> R
             CopyError::Write(e) => Error::Write(e),
         })?;
         writer.finish_image().map_err(Error::Write)?;
-        summary = Some(writer.summary());
-        Ok(())
-    })?;
-    summary.ok_or_else(|| Error::Write(io::Error::other("qcow2 writer produced no summary")))
+        Ok(writer.summary())
+    })
 }
 
 pub(crate) enum CopyError {

@@ -167,11 +167,12 @@ impl Sink for FileSink<'_> {
 /// from the start, so secrets are never readable by others), sets `mode`,
 /// and renames it over `path`. On any error the temporary file is removed
 /// and `path` is untouched. Atomic, not durable: no fsync, like `cp`.
-pub(crate) fn write_atomically(
+/// Returns what `write` returned.
+pub(crate) fn write_atomically<T>(
     path: &Path,
     mode: u32,
-    write: impl FnOnce(&mut FileSink<'_>) -> Result<()>,
-) -> Result<()> {
+    write: impl FnOnce(&mut FileSink<'_>) -> Result<T>,
+) -> Result<T> {
     let write_error = |source: io::Error| Error::WriteImage { path: path.to_path_buf(), source };
     let dir = match path.parent() {
         Some(parent) if !parent.as_os_str().is_empty() => parent,
@@ -185,7 +186,7 @@ pub(crate) fn write_atomically(
         .tempfile_in(dir)
         .map_err(write_error)?;
     let mut sink = FileSink::new(temp.as_file());
-    write(&mut sink).map_err(|e| match e {
+    let written = write(&mut sink).map_err(|e| match e {
         Error::Write(source) => write_error(source),
         other => other,
     })?;
@@ -193,7 +194,7 @@ pub(crate) fn write_atomically(
         temp.as_file().set_permissions(Permissions::from_mode(mode)).map_err(write_error)?;
     }
     temp.persist(path).map_err(|e| write_error(e.error))?;
-    Ok(())
+    Ok(written)
 }
 
 /// Any `Write + Seek`: seeks and writes. At the end the last byte is
