@@ -84,3 +84,59 @@ pub fn is_root() -> bool {
         })
         .unwrap_or(false)
 }
+
+/// The environment variable naming the directory `cargo xtask guest` wrote
+/// (`cargo xtask test` sets it to the absolute path of `target/guest`).
+pub const GUEST_DIR_ENV: &str = "KILN_GUEST_DIR";
+
+/// The guest files `cargo xtask guest` writes, for tests that boot a VM.
+#[derive(Debug, Clone)]
+pub struct GuestAssets {
+    /// The directory holding them.
+    pub dir: PathBuf,
+    /// The kernel as a bzImage, for QEMU's `-kernel`.
+    pub bzimage: PathBuf,
+    /// The uncompressed ELF kernel, for cloud-hypervisor's PVH boot.
+    pub vmlinux: PathBuf,
+    /// kiln's initramfs: `kiln-init` and the modules the guest loads.
+    pub initramfs: PathBuf,
+}
+
+/// The guest files for test `test`, or `None` after printing `SKIPPED: ...`
+/// when [`GUEST_DIR_ENV`] is unset and tools are not required. Only the
+/// files a test asks for in `needs` (`"bzimage"`, `"vmlinux"`,
+/// `"initramfs"`) must exist.
+///
+/// # Panics
+/// When the directory or a needed file is missing and [`tools_required`] is true.
+pub fn guest_assets(test: &str, needs: &[&str]) -> Option<GuestAssets> {
+    let missing = |what: String| {
+        assert!(
+            !tools_required(),
+            "{test}: {what} ({REQUIRE_TOOLS_ENV} is set; `cargo xtask test` builds the guest and sets {GUEST_DIR_ENV})"
+        );
+        report_skip(&format!("{test}: {what}; run `cargo xtask guest` and set {GUEST_DIR_ENV}"));
+        None
+    };
+    let Some(dir) = env::var_os(GUEST_DIR_ENV).map(PathBuf::from) else {
+        return missing(format!("{GUEST_DIR_ENV} is not set"));
+    };
+    let assets = GuestAssets {
+        bzimage: dir.join("vmlinuz"),
+        vmlinux: dir.join("vmlinux"),
+        initramfs: dir.join("initramfs.cpio.gz"),
+        dir,
+    };
+    for need in needs {
+        let path = match *need {
+            "bzimage" => &assets.bzimage,
+            "vmlinux" => &assets.vmlinux,
+            "initramfs" => &assets.initramfs,
+            other => panic!("{test}: unknown guest asset `{other}`"),
+        };
+        if !path.is_file() {
+            return missing(format!("guest file {} does not exist", path.display()));
+        }
+    }
+    Some(assets)
+}
