@@ -38,6 +38,9 @@ pub enum Error {
     /// A firewall spec that contradicts itself.
     #[error("Firewall spec is invalid: {0}")]
     InvalidFirewall(String),
+    /// Another VM holds a tap or host port this VM's rules need.
+    #[error("VM `{vm_id}` cannot use {claim}: VM `{holder}` holds it")]
+    NftConflict { vm_id: String, holder: String, claim: String },
     /// `nft` is not installed.
     #[error("`nft` was not found; install the Debian package `nftables`")]
     NftMissing,
@@ -71,6 +74,9 @@ pub enum Error {
     /// Another tap ioctl failed.
     #[error("Failed to {action} tap `{name}`")]
     TapIo { name: String, action: &'static str, source: std::io::Error },
+    /// A tap configuration the kernel would refuse.
+    #[error("Tap configuration is invalid: {0}")]
+    InvalidTapConfig(String),
     /// The tap did not appear before the deadline.
     #[error("Tap `{name}` did not appear within {waited:?}")]
     TapWaitTimeout { name: String, waited: std::time::Duration },

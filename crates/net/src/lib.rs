@@ -10,6 +10,7 @@ mod error;
 mod firewall;
 mod lease;
 mod ledger;
+mod netlink;
 mod nft;
 mod tap;
 
@@ -17,5 +18,7 @@ pub use error::{Error, Result};
 pub use firewall::{Firewall, HostPort, Protocol, PublishedPort};
 pub use lease::{DEFAULT_LEASE_PREFIX, Lease, LeasePool};
 pub use ledger::{LeaseRecord, Ledger, pid_is_alive};
-pub use nft::{Nft, TABLE as NFT_TABLE, TAG_PREFIX as NFT_TAG_PREFIX, VmRules, removal_batch, validate_vm_id};
-pub use tap::{Tap, tap_name};
+pub use nft::{
+    Nft, TABLE as NFT_TABLE, TAG_PREFIX as NFT_TAG_PREFIX, VmRules, removal_batch, setup_batch, validate_vm_id,
+};
+pub use tap::{Tap, TapConfig, tap_name};

@@ -7,12 +7,13 @@
 
 use std::fs::{File, OpenOptions};
 use std::io::ErrorKind;
+use std::net::Ipv4Addr;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
 use rustix::ioctl::{IntegerSetter, Updater, ioctl, opcode};
 
-use crate::{Error, Result};
+use crate::{Error, Result, netlink};
 
 /// Longest interface name Linux accepts (IFNAMSIZ - 1).
 const IFNAME_MAX: usize = 15;
@@ -81,6 +82,21 @@ fn validate_tap_name(name: &str) -> Result<()> {
 #[derive(Debug)]
 pub struct Tap;
 
+/// The host side of a VM's link, set by [`Tap::configure`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TapConfig {
+    /// The host's address on the tap (a lease's host address).
+    pub host_addr: Ipv4Addr,
+    /// The prefix length of the VM's subnet (30 or 31 for kiln's leases).
+    pub prefix_len: u8,
+    /// The MTU, or `None` to keep the kernel's default (1500).
+    pub mtu: Option<u32>,
+    /// Sets `route_localnet` on the tap, so the host's own connections to
+    /// `127.0.0.1:<published port>` can be DNATed to the guest (kiln's
+    /// nftables rules masquerade them to the tap address).
+    pub route_localnet: bool,
+}
+
 impl Tap {
     /// Creates the persistent tap `name`, owned by `owner_uid` if given
     /// (so a VMM running as that uid can open it without CAP_NET_ADMIN).
@@ -108,6 +124,41 @@ impl Tap {
         // when `tun` closes, so a missing tap ends up deleted too.
         attach(&tun, name, "delete", 0)?;
         set_persist(&tun, name, false, "delete")
+    }
+
+    /// Sets the host address, MTU and `route_localnet` of the tap `name` and
+    /// brings it up, over rtnetlink (the address is replaced if it exists,
+    /// so configuring twice is harmless). Needs CAP_NET_ADMIN.
+    pub fn configure(name: &str, config: &TapConfig) -> Result<()> {
+        validate_tap_name(name)?;
+        if config.prefix_len > 32 {
+            return Err(Error::InvalidTapConfig(format!("prefix length /{} is not an IPv4 prefix", config.prefix_len)));
+        }
+        if let Some(mtu) = config.mtu {
+            if !(68..=65535).contains(&mtu) {
+                return Err(Error::InvalidTapConfig(format!("MTU {mtu} is outside 68..=65535")));
+            }
+        }
+        let io = |action: &'static str| {
+            move |source: std::io::Error| match source.raw_os_error() {
+                Some(code) if code == rustix::io::Errno::PERM.raw_os_error() => {
+                    Error::TapNotPermitted { name: name.to_owned() }
+                }
+                _ => Error::TapIo { name: name.to_owned(), action, source },
+            }
+        };
+        let mut rtnetlink = netlink::Rtnetlink::open().map_err(io("open a netlink socket for"))?;
+        let ifindex = rustix::net::netdevice::name_to_index(rtnetlink.fd(), name)
+            .map_err(|errno| io("find")(std::io::Error::from(errno)))?;
+        if config.route_localnet {
+            let path = format!("/proc/sys/net/ipv4/conf/{name}/route_localnet");
+            std::fs::write(&path, "1").map_err(io("set route_localnet on"))?;
+        }
+        let seq = rtnetlink.next_seq();
+        let message = netlink::address_message(seq, ifindex, config.host_addr, config.prefix_len);
+        rtnetlink.request(seq, &message).map_err(io("set the address of"))?;
+        let seq = rtnetlink.next_seq();
+        rtnetlink.request(seq, &netlink::link_up_message(seq, ifindex, config.mtu)).map_err(io("bring up"))
     }
 
     /// Polls `/sys/class/net/<name>` until it exists or `deadline` passes.

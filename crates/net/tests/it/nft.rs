@@ -2,11 +2,11 @@
 //! rules applied inside throwaway network namespaces with real TCP traffic.
 
 use std::collections::BTreeSet;
-use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
+use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream, UdpSocket};
 use std::time::Duration;
 
 use expect_test::{Expect, expect};
-use kiln_net::{Error, Firewall, HostPort, Nft, Protocol, PublishedPort, VmRules, removal_batch};
+use kiln_net::{Error, Firewall, HostPort, Nft, Protocol, PublishedPort, VmRules, removal_batch, setup_batch};
 use serde_json::{Value, json};
 
 use crate::netns::{Netns, ip, root_tools_ready};
@@ -39,28 +39,16 @@ fn tcp(port: u16) -> HostPort {
     HostPort { protocol: Protocol::Tcp, port }
 }
 
+fn udp(port: u16) -> HostPort {
+    HostPort { protocol: Protocol::Udp, port }
+}
+
 #[test]
 fn batch_deny_all() {
     check(
         vm("a", "tap-a", Firewall::default()),
         expect![[r#"
-            {"add":{"table":{"family":"inet","name":"kiln"}}}
-            {"add":{"chain":{"family":"inet","hook":"input","name":"input","policy":"accept","prio":0,"table":"kiln","type":"filter"}}}
-            {"add":{"chain":{"family":"inet","hook":"forward","name":"forward","policy":"accept","prio":0,"table":"kiln","type":"filter"}}}
-            {"add":{"chain":{"family":"inet","hook":"prerouting","name":"prerouting","policy":"accept","prio":-100,"table":"kiln","type":"nat"}}}
-            {"add":{"chain":{"family":"inet","hook":"postrouting","name":"postrouting","policy":"accept","prio":100,"table":"kiln","type":"nat"}}}
-            {"add":{"chain":{"family":"inet","name":"vm-a-host","table":"kiln"}}}
-            {"add":{"chain":{"family":"inet","name":"vm-a-egress","table":"kiln"}}}
-            {"add":{"chain":{"family":"inet","name":"vm-a-ingress","table":"kiln"}}}
-            {"add":{"rule":{"chain":"vm-a-host","expr":[{"match":{"left":{"ct":{"key":"state"}},"op":"in","right":["established","related"]}},{"accept":null}],"family":"inet","table":"kiln"}}}
-            {"add":{"rule":{"chain":"vm-a-host","expr":[{"drop":null}],"family":"inet","table":"kiln"}}}
-            {"add":{"rule":{"chain":"vm-a-egress","expr":[{"match":{"left":{"ct":{"key":"state"}},"op":"in","right":["established","related"]}},{"accept":null}],"family":"inet","table":"kiln"}}}
-            {"add":{"rule":{"chain":"vm-a-egress","expr":[{"drop":null}],"family":"inet","table":"kiln"}}}
-            {"add":{"rule":{"chain":"vm-a-ingress","expr":[{"match":{"left":{"ct":{"key":"state"}},"op":"in","right":["established","related"]}},{"accept":null}],"family":"inet","table":"kiln"}}}
-            {"add":{"rule":{"chain":"vm-a-ingress","expr":[{"drop":null}],"family":"inet","table":"kiln"}}}
-            {"add":{"rule":{"chain":"input","comment":"kiln-vm:a","expr":[{"match":{"left":{"meta":{"key":"iifname"}},"op":"==","right":"tap-a"}},{"jump":{"target":"vm-a-host"}}],"family":"inet","table":"kiln"}}}
-            {"add":{"rule":{"chain":"forward","comment":"kiln-vm:a","expr":[{"match":{"left":{"meta":{"key":"iifname"}},"op":"==","right":"tap-a"}},{"jump":{"target":"vm-a-egress"}}],"family":"inet","table":"kiln"}}}
-            {"insert":{"rule":{"chain":"forward","comment":"kiln-vm:a","expr":[{"match":{"left":{"meta":{"key":"oifname"}},"op":"==","right":"tap-a"}},{"jump":{"target":"vm-a-ingress"}}],"family":"inet","table":"kiln"}}}
+            {"create":{"element":{"elem":[{"elem":{"comment":"kiln-vm:a","val":"tap-a"}}],"family":"inet","name":"vm_taps","table":"kiln"}}}
         "#]],
     );
 }
@@ -75,27 +63,10 @@ fn batch_host_ports_and_egress() {
     check(
         vm("web-1", "tap-web1", firewall),
         expect![[r#"
-            {"add":{"table":{"family":"inet","name":"kiln"}}}
-            {"add":{"chain":{"family":"inet","hook":"input","name":"input","policy":"accept","prio":0,"table":"kiln","type":"filter"}}}
-            {"add":{"chain":{"family":"inet","hook":"forward","name":"forward","policy":"accept","prio":0,"table":"kiln","type":"filter"}}}
-            {"add":{"chain":{"family":"inet","hook":"prerouting","name":"prerouting","policy":"accept","prio":-100,"table":"kiln","type":"nat"}}}
-            {"add":{"chain":{"family":"inet","hook":"postrouting","name":"postrouting","policy":"accept","prio":100,"table":"kiln","type":"nat"}}}
-            {"add":{"chain":{"family":"inet","name":"vm-web-1-host","table":"kiln"}}}
-            {"add":{"chain":{"family":"inet","name":"vm-web-1-egress","table":"kiln"}}}
-            {"add":{"chain":{"family":"inet","name":"vm-web-1-ingress","table":"kiln"}}}
-            {"add":{"rule":{"chain":"vm-web-1-host","expr":[{"match":{"left":{"ct":{"key":"state"}},"op":"in","right":["established","related"]}},{"accept":null}],"family":"inet","table":"kiln"}}}
-            {"add":{"rule":{"chain":"vm-web-1-host","expr":[{"match":{"left":{"payload":{"field":"daddr","protocol":"ip"}},"op":"==","right":"10.99.0.1"}},{"match":{"left":{"payload":{"field":"dport","protocol":"tcp"}},"op":"==","right":7000}},{"accept":null}],"family":"inet","table":"kiln"}}}
-            {"add":{"rule":{"chain":"vm-web-1-host","expr":[{"match":{"left":{"payload":{"field":"daddr","protocol":"ip"}},"op":"==","right":"10.99.0.1"}},{"match":{"left":{"payload":{"field":"dport","protocol":"udp"}},"op":"==","right":53}},{"accept":null}],"family":"inet","table":"kiln"}}}
-            {"add":{"rule":{"chain":"vm-web-1-host","expr":[{"drop":null}],"family":"inet","table":"kiln"}}}
-            {"add":{"rule":{"chain":"vm-web-1-egress","expr":[{"match":{"left":{"ct":{"key":"state"}},"op":"in","right":["established","related"]}},{"accept":null}],"family":"inet","table":"kiln"}}}
-            {"add":{"rule":{"chain":"vm-web-1-egress","expr":[{"match":{"left":{"meta":{"key":"oifname"}},"op":"==","right":"eth0"}},{"accept":null}],"family":"inet","table":"kiln"}}}
-            {"add":{"rule":{"chain":"vm-web-1-egress","expr":[{"drop":null}],"family":"inet","table":"kiln"}}}
-            {"add":{"rule":{"chain":"vm-web-1-ingress","expr":[{"match":{"left":{"ct":{"key":"state"}},"op":"in","right":["established","related"]}},{"accept":null}],"family":"inet","table":"kiln"}}}
-            {"add":{"rule":{"chain":"vm-web-1-ingress","expr":[{"drop":null}],"family":"inet","table":"kiln"}}}
-            {"add":{"rule":{"chain":"input","comment":"kiln-vm:web-1","expr":[{"match":{"left":{"meta":{"key":"iifname"}},"op":"==","right":"tap-web1"}},{"jump":{"target":"vm-web-1-host"}}],"family":"inet","table":"kiln"}}}
-            {"add":{"rule":{"chain":"forward","comment":"kiln-vm:web-1","expr":[{"match":{"left":{"meta":{"key":"iifname"}},"op":"==","right":"tap-web1"}},{"jump":{"target":"vm-web-1-egress"}}],"family":"inet","table":"kiln"}}}
-            {"insert":{"rule":{"chain":"forward","comment":"kiln-vm:web-1","expr":[{"match":{"left":{"meta":{"key":"oifname"}},"op":"==","right":"tap-web1"}},{"jump":{"target":"vm-web-1-ingress"}}],"family":"inet","table":"kiln"}}}
-            {"add":{"rule":{"chain":"postrouting","comment":"kiln-vm:web-1","expr":[{"match":{"left":{"meta":{"key":"iifname"}},"op":"==","right":"tap-web1"}},{"match":{"left":{"meta":{"key":"oifname"}},"op":"==","right":"eth0"}},{"masquerade":null}],"family":"inet","table":"kiln"}}}
+            {"create":{"element":{"elem":[{"elem":{"comment":"kiln-vm:web-1","val":"tap-web1"}}],"family":"inet","name":"vm_taps","table":"kiln"}}}
+            {"create":{"element":{"elem":[{"elem":{"comment":"kiln-vm:web-1","val":{"concat":["tap-web1","10.99.0.1","tcp",7000]}}}],"family":"inet","name":"host_ports","table":"kiln"}}}
+            {"create":{"element":{"elem":[{"elem":{"comment":"kiln-vm:web-1","val":{"concat":["tap-web1","10.99.0.1","udp",53]}}}],"family":"inet","name":"host_ports","table":"kiln"}}}
+            {"create":{"element":{"elem":[{"elem":{"comment":"kiln-vm:web-1","val":{"concat":["tap-web1","eth0"]}}}],"family":"inet","name":"egress_via","table":"kiln"}}}
         "#]],
     );
 }
@@ -110,27 +81,11 @@ fn batch_published_port_egress_without_uplink() {
     check(
         VmRules { uplink: None, ..vm("db", "tap-db", firewall) },
         expect![[r#"
-            {"add":{"table":{"family":"inet","name":"kiln"}}}
-            {"add":{"chain":{"family":"inet","hook":"input","name":"input","policy":"accept","prio":0,"table":"kiln","type":"filter"}}}
-            {"add":{"chain":{"family":"inet","hook":"forward","name":"forward","policy":"accept","prio":0,"table":"kiln","type":"filter"}}}
-            {"add":{"chain":{"family":"inet","hook":"prerouting","name":"prerouting","policy":"accept","prio":-100,"table":"kiln","type":"nat"}}}
-            {"add":{"chain":{"family":"inet","hook":"postrouting","name":"postrouting","policy":"accept","prio":100,"table":"kiln","type":"nat"}}}
-            {"add":{"chain":{"family":"inet","name":"vm-db-host","table":"kiln"}}}
-            {"add":{"chain":{"family":"inet","name":"vm-db-egress","table":"kiln"}}}
-            {"add":{"chain":{"family":"inet","name":"vm-db-ingress","table":"kiln"}}}
-            {"add":{"rule":{"chain":"vm-db-host","expr":[{"match":{"left":{"ct":{"key":"state"}},"op":"in","right":["established","related"]}},{"accept":null}],"family":"inet","table":"kiln"}}}
-            {"add":{"rule":{"chain":"vm-db-host","expr":[{"drop":null}],"family":"inet","table":"kiln"}}}
-            {"add":{"rule":{"chain":"vm-db-egress","expr":[{"match":{"left":{"ct":{"key":"state"}},"op":"in","right":["established","related"]}},{"accept":null}],"family":"inet","table":"kiln"}}}
-            {"add":{"rule":{"chain":"vm-db-egress","expr":[{"accept":null}],"family":"inet","table":"kiln"}}}
-            {"add":{"rule":{"chain":"vm-db-egress","expr":[{"drop":null}],"family":"inet","table":"kiln"}}}
-            {"add":{"rule":{"chain":"vm-db-ingress","expr":[{"match":{"left":{"ct":{"key":"state"}},"op":"in","right":["established","related"]}},{"accept":null}],"family":"inet","table":"kiln"}}}
-            {"add":{"rule":{"chain":"vm-db-ingress","expr":[{"match":{"left":{"payload":{"field":"daddr","protocol":"ip"}},"op":"==","right":"10.99.0.2"}},{"match":{"left":{"payload":{"field":"dport","protocol":"tcp"}},"op":"==","right":80}},{"match":{"left":{"ct":{"key":"status"}},"op":"in","right":"dnat"}},{"accept":null}],"family":"inet","table":"kiln"}}}
-            {"add":{"rule":{"chain":"vm-db-ingress","expr":[{"drop":null}],"family":"inet","table":"kiln"}}}
-            {"add":{"rule":{"chain":"input","comment":"kiln-vm:db","expr":[{"match":{"left":{"meta":{"key":"iifname"}},"op":"==","right":"tap-db"}},{"jump":{"target":"vm-db-host"}}],"family":"inet","table":"kiln"}}}
-            {"add":{"rule":{"chain":"forward","comment":"kiln-vm:db","expr":[{"match":{"left":{"meta":{"key":"iifname"}},"op":"==","right":"tap-db"}},{"jump":{"target":"vm-db-egress"}}],"family":"inet","table":"kiln"}}}
-            {"insert":{"rule":{"chain":"forward","comment":"kiln-vm:db","expr":[{"match":{"left":{"meta":{"key":"oifname"}},"op":"==","right":"tap-db"}},{"jump":{"target":"vm-db-ingress"}}],"family":"inet","table":"kiln"}}}
-            {"add":{"rule":{"chain":"prerouting","comment":"kiln-vm:db","expr":[{"match":{"left":{"meta":{"key":"nfproto"}},"op":"==","right":"ipv4"}},{"match":{"left":{"fib":{"flags":["daddr"],"result":"type"}},"op":"==","right":"local"}},{"match":{"left":{"payload":{"field":"dport","protocol":"tcp"}},"op":"==","right":8080}},{"dnat":{"addr":"10.99.0.2","family":"ip","port":80}}],"family":"inet","table":"kiln"}}}
-            {"add":{"rule":{"chain":"postrouting","comment":"kiln-vm:db","expr":[{"match":{"left":{"meta":{"key":"iifname"}},"op":"==","right":"tap-db"}},{"masquerade":null}],"family":"inet","table":"kiln"}}}
+            {"create":{"element":{"elem":[{"elem":{"comment":"kiln-vm:db","val":"tap-db"}}],"family":"inet","name":"vm_taps","table":"kiln"}}}
+            {"create":{"element":{"elem":[{"elem":{"comment":"kiln-vm:db","val":"tap-db"}}],"family":"inet","name":"egress_any","table":"kiln"}}}
+            {"create":{"element":{"elem":[{"elem":{"comment":"kiln-vm:db","val":{"concat":["tap-db","10.99.0.2","tcp",80]}}}],"family":"inet","name":"published","table":"kiln"}}}
+            {"create":{"element":{"elem":[[{"elem":{"comment":"kiln-vm:db","val":{"concat":["tcp",8080]}}},"10.99.0.2"]],"family":"inet","name":"dnat_addr","table":"kiln"}}}
+            {"create":{"element":{"elem":[[{"elem":{"comment":"kiln-vm:db","val":{"concat":["tcp",8080]}}},80]],"family":"inet","name":"dnat_port","table":"kiln"}}}
         "#]],
     );
 }
@@ -205,35 +160,114 @@ fn firewall_spec_round_trips_and_rejects_unknown_fields() {
 }
 
 #[test]
-fn removal_batch_deletes_tagged_rules_by_handle_and_vm_chains() {
-    // Shaped like `nft -j list table inet kiln` output.
+fn setup_batch_writes_the_fixed_rules() {
+    expect![[r#"
+        {"add":{"table":{"family":"inet","name":"kiln"}}}
+        {"add":{"chain":{"family":"inet","hook":"input","name":"input","policy":"accept","prio":0,"table":"kiln","type":"filter"}}}
+        {"add":{"chain":{"family":"inet","hook":"forward","name":"forward","policy":"accept","prio":0,"table":"kiln","type":"filter"}}}
+        {"add":{"chain":{"family":"inet","hook":"prerouting","name":"prerouting","policy":"accept","prio":-100,"table":"kiln","type":"nat"}}}
+        {"add":{"chain":{"family":"inet","hook":"output","name":"output","policy":"accept","prio":-100,"table":"kiln","type":"nat"}}}
+        {"add":{"chain":{"family":"inet","hook":"postrouting","name":"postrouting","policy":"accept","prio":100,"table":"kiln","type":"nat"}}}
+        {"add":{"chain":{"family":"inet","name":"from_vm_to_host","table":"kiln"}}}
+        {"add":{"chain":{"family":"inet","name":"from_vm","table":"kiln"}}}
+        {"add":{"chain":{"family":"inet","name":"to_vm","table":"kiln"}}}
+        {"add":{"set":{"family":"inet","name":"vm_taps","table":"kiln","type":"ifname"}}}
+        {"add":{"set":{"family":"inet","name":"host_ports","table":"kiln","type":["ifname","ipv4_addr","inet_proto","inet_service"]}}}
+        {"add":{"set":{"family":"inet","name":"egress_any","table":"kiln","type":"ifname"}}}
+        {"add":{"set":{"family":"inet","name":"egress_via","table":"kiln","type":["ifname","ifname"]}}}
+        {"add":{"set":{"family":"inet","name":"published","table":"kiln","type":["ifname","ipv4_addr","inet_proto","inet_service"]}}}
+        {"add":{"map":{"family":"inet","map":"ipv4_addr","name":"dnat_addr","table":"kiln","type":["inet_proto","inet_service"]}}}
+        {"add":{"map":{"family":"inet","map":"inet_service","name":"dnat_port","table":"kiln","type":["inet_proto","inet_service"]}}}
+        {"flush":{"chain":{"family":"inet","hook":"input","name":"input","policy":"accept","prio":0,"table":"kiln","type":"filter"}}}
+        {"flush":{"chain":{"family":"inet","hook":"forward","name":"forward","policy":"accept","prio":0,"table":"kiln","type":"filter"}}}
+        {"flush":{"chain":{"family":"inet","hook":"prerouting","name":"prerouting","policy":"accept","prio":-100,"table":"kiln","type":"nat"}}}
+        {"flush":{"chain":{"family":"inet","hook":"output","name":"output","policy":"accept","prio":-100,"table":"kiln","type":"nat"}}}
+        {"flush":{"chain":{"family":"inet","hook":"postrouting","name":"postrouting","policy":"accept","prio":100,"table":"kiln","type":"nat"}}}
+        {"flush":{"chain":{"family":"inet","name":"from_vm_to_host","table":"kiln"}}}
+        {"flush":{"chain":{"family":"inet","name":"from_vm","table":"kiln"}}}
+        {"flush":{"chain":{"family":"inet","name":"to_vm","table":"kiln"}}}
+        {"add":{"rule":{"chain":"input","expr":[{"match":{"left":{"meta":{"key":"iifname"}},"op":"==","right":"@vm_taps"}},{"jump":{"target":"from_vm_to_host"}}],"family":"inet","table":"kiln"}}}
+        {"add":{"rule":{"chain":"from_vm_to_host","expr":[{"match":{"left":{"ct":{"key":"state"}},"op":"in","right":["established","related"]}},{"accept":null}],"family":"inet","table":"kiln"}}}
+        {"add":{"rule":{"chain":"from_vm_to_host","expr":[{"match":{"left":{"concat":[{"meta":{"key":"iifname"}},{"payload":{"field":"daddr","protocol":"ip"}},{"meta":{"key":"l4proto"}},{"payload":{"field":"dport","protocol":"th"}}]},"op":"==","right":"@host_ports"}},{"accept":null}],"family":"inet","table":"kiln"}}}
+        {"add":{"rule":{"chain":"from_vm_to_host","expr":[{"drop":null}],"family":"inet","table":"kiln"}}}
+        {"add":{"rule":{"chain":"forward","expr":[{"match":{"left":{"meta":{"key":"oifname"}},"op":"==","right":"@vm_taps"}},{"jump":{"target":"to_vm"}}],"family":"inet","table":"kiln"}}}
+        {"add":{"rule":{"chain":"forward","expr":[{"match":{"left":{"meta":{"key":"iifname"}},"op":"==","right":"@vm_taps"}},{"jump":{"target":"from_vm"}}],"family":"inet","table":"kiln"}}}
+        {"add":{"rule":{"chain":"to_vm","expr":[{"match":{"left":{"ct":{"key":"state"}},"op":"in","right":["established","related"]}},{"accept":null}],"family":"inet","table":"kiln"}}}
+        {"add":{"rule":{"chain":"to_vm","expr":[{"match":{"left":{"ct":{"key":"status"}},"op":"in","right":"dnat"}},{"match":{"left":{"concat":[{"meta":{"key":"oifname"}},{"payload":{"field":"daddr","protocol":"ip"}},{"meta":{"key":"l4proto"}},{"payload":{"field":"dport","protocol":"th"}}]},"op":"==","right":"@published"}},{"accept":null}],"family":"inet","table":"kiln"}}}
+        {"add":{"rule":{"chain":"to_vm","expr":[{"drop":null}],"family":"inet","table":"kiln"}}}
+        {"add":{"rule":{"chain":"from_vm","expr":[{"match":{"left":{"ct":{"key":"state"}},"op":"in","right":["established","related"]}},{"accept":null}],"family":"inet","table":"kiln"}}}
+        {"add":{"rule":{"chain":"from_vm","expr":[{"match":{"left":{"meta":{"key":"iifname"}},"op":"==","right":"@egress_any"}},{"accept":null}],"family":"inet","table":"kiln"}}}
+        {"add":{"rule":{"chain":"from_vm","expr":[{"match":{"left":{"concat":[{"meta":{"key":"iifname"}},{"meta":{"key":"oifname"}}]},"op":"==","right":"@egress_via"}},{"accept":null}],"family":"inet","table":"kiln"}}}
+        {"add":{"rule":{"chain":"from_vm","expr":[{"drop":null}],"family":"inet","table":"kiln"}}}
+        {"add":{"rule":{"chain":"prerouting","expr":[{"match":{"left":{"meta":{"key":"nfproto"}},"op":"==","right":"ipv4"}},{"match":{"left":{"fib":{"flags":["daddr"],"result":"type"}},"op":"==","right":"local"}},{"dnat":{"addr":{"map":{"data":"@dnat_addr","key":{"concat":[{"meta":{"key":"l4proto"}},{"payload":{"field":"dport","protocol":"th"}}]}}},"family":"ip","port":{"map":{"data":"@dnat_port","key":{"concat":[{"meta":{"key":"l4proto"}},{"payload":{"field":"dport","protocol":"th"}}]}}}}}],"family":"inet","table":"kiln"}}}
+        {"add":{"rule":{"chain":"output","expr":[{"match":{"left":{"meta":{"key":"nfproto"}},"op":"==","right":"ipv4"}},{"match":{"left":{"fib":{"flags":["daddr"],"result":"type"}},"op":"==","right":"local"}},{"dnat":{"addr":{"map":{"data":"@dnat_addr","key":{"concat":[{"meta":{"key":"l4proto"}},{"payload":{"field":"dport","protocol":"th"}}]}}},"family":"ip","port":{"map":{"data":"@dnat_port","key":{"concat":[{"meta":{"key":"l4proto"}},{"payload":{"field":"dport","protocol":"th"}}]}}}}}],"family":"inet","table":"kiln"}}}
+        {"add":{"rule":{"chain":"postrouting","expr":[{"match":{"left":{"meta":{"key":"iifname"}},"op":"==","right":"@egress_any"}},{"masquerade":null}],"family":"inet","table":"kiln"}}}
+        {"add":{"rule":{"chain":"postrouting","expr":[{"match":{"left":{"concat":[{"meta":{"key":"iifname"}},{"meta":{"key":"oifname"}}]},"op":"==","right":"@egress_via"}},{"masquerade":null}],"family":"inet","table":"kiln"}}}
+        {"add":{"rule":{"chain":"postrouting","expr":[{"match":{"left":{"meta":{"key":"oifname"}},"op":"==","right":"@vm_taps"}},{"match":{"left":{"payload":{"field":"saddr","protocol":"ip"}},"op":"==","right":{"prefix":{"addr":"127.0.0.0","len":8}}}},{"masquerade":null}],"family":"inet","table":"kiln"}}}
+    "#]].assert_eq(&render(&setup_batch().unwrap()));
+}
+
+#[test]
+fn remove_batch_deletes_exactly_the_added_elements() {
+    let firewall = Firewall {
+        egress: true,
+        host_ports: vec![tcp(7000)],
+        published_ports: vec![PublishedPort { protocol: Protocol::Udp, host_port: 5353, guest_port: 53 }],
+    };
+    let rules = vm("a", "tap-a", firewall);
+    let added = rules.add_batch().unwrap();
+    let removed = rules.remove_batch().unwrap();
+    let keys = |batch: &Value, verb: &str| -> Vec<(String, Value)> {
+        batch["nftables"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|cmd| {
+                let element = &cmd[verb]["element"];
+                let elem = &element["elem"][0];
+                // A map element is `[{"elem": ...}, data]`; a set element is `{"elem": ...}`.
+                let key = if elem.is_array() { &elem[0]["elem"]["val"] } else { &elem["elem"]["val"] };
+                let key = if verb == "delete" { elem.clone() } else { key.clone() };
+                (element["name"].as_str().unwrap().to_owned(), key)
+            })
+            .collect()
+    };
+    assert_eq!(keys(&added, "create"), keys(&removed, "delete"));
+    assert_eq!(removed["nftables"].as_array().unwrap().len(), 6, "{removed}");
+}
+
+#[test]
+fn removal_batch_finds_elements_by_tag() {
+    // Shaped like `nft -j list table inet kiln` output (nft 1.0.6).
     let listing = json!({"nftables": [
         {"metainfo": {"version": "1.0.6", "json_schema_version": 1}},
         {"table": {"family": "inet", "name": "kiln", "handle": 1}},
+        {"set": {"family": "inet", "name": "vm_taps", "table": "kiln", "type": "ifname", "handle": 8, "elem": [
+            {"elem": {"val": "tap-a", "comment": "kiln-vm:a"}},
+            {"elem": {"val": "tap-b", "comment": "kiln-vm:b-c"}},
+            "not-ours",
+        ]}},
+        {"set": {"family": "inet", "name": "host_ports", "table": "kiln", "type": ["ifname", "ipv4_addr", "inet_proto", "inet_service"], "handle": 9, "elem": [
+            {"elem": {"val": {"concat": ["tap-a", "10.0.0.1", "tcp", 22]}, "comment": "kiln-vm:a"}},
+        ]}},
+        {"set": {"family": "inet", "name": "someone_elses", "table": "kiln", "type": "ifname", "handle": 10, "elem": [
+            {"elem": {"val": "tap-a", "comment": "kiln-vm:a"}},
+        ]}},
+        {"map": {"family": "inet", "name": "dnat_port", "table": "kiln", "type": ["inet_proto", "inet_service"], "handle": 14, "map": "inet_service", "elem": [
+            [{"elem": {"val": {"concat": ["tcp", 8080]}, "comment": "kiln-vm:a"}}, 80],
+        ]}},
         {"chain": {"family": "inet", "table": "kiln", "name": "forward", "handle": 2}},
-        {"chain": {"family": "inet", "table": "kiln", "name": "vm-a-egress", "handle": 3}},
-        {"chain": {"family": "inet", "table": "kiln", "name": "vm-a-ingress", "handle": 4}},
-        {"chain": {"family": "inet", "table": "kiln", "name": "vm-b-c-host", "handle": 5}},
-        {"chain": {"family": "inet", "table": "kiln", "name": "vm-Not_Ours", "handle": 6}},
-        {"rule": {"family": "inet", "table": "kiln", "chain": "forward", "handle": 10, "comment": "kiln-vm:a", "expr": []}},
-        {"rule": {"family": "inet", "table": "kiln", "chain": "forward", "handle": 11, "comment": "kiln-vm:b-c", "expr": []}},
-        {"rule": {"family": "inet", "table": "kiln", "chain": "forward", "handle": 12, "comment": "someone else", "expr": []}},
-        {"rule": {"family": "inet", "table": "kiln", "chain": "vm-a-egress", "handle": 13, "expr": []}},
     ]});
     let (batch, removed) = removal_batch(&listing, |id| id == "a").unwrap();
     assert_eq!(removed, ["a"]);
     expect![[r#"
-        {"delete":{"rule":{"chain":"forward","expr":[],"family":"inet","handle":10,"table":"kiln"}}}
-        {"flush":{"chain":{"family":"inet","name":"vm-a-egress","table":"kiln"}}}
-        {"flush":{"chain":{"family":"inet","name":"vm-a-ingress","table":"kiln"}}}
-        {"delete":{"chain":{"family":"inet","name":"vm-a-egress","table":"kiln"}}}
-        {"delete":{"chain":{"family":"inet","name":"vm-a-ingress","table":"kiln"}}}
-    "#]]
-    .assert_eq(&render(&batch));
+        {"delete":{"element":{"elem":["tap-a"],"family":"inet","name":"vm_taps","table":"kiln"}}}
+        {"delete":{"element":{"elem":[{"concat":["tap-a","10.0.0.1","tcp",22]}],"family":"inet","name":"host_ports","table":"kiln"}}}
+        {"delete":{"element":{"elem":[{"concat":["tcp",8080]}],"family":"inet","name":"dnat_port","table":"kiln"}}}
+    "#]].assert_eq(&render(&batch));
     let (batch, removed) = removal_batch(&listing, |_| true).unwrap();
     assert_eq!(removed, ["a", "b-c"]);
-    // a: 1 rule, 2 flushes, 2 chain deletes; b-c: 1 rule, 1 flush, 1 chain delete.
-    assert_eq!(batch["nftables"].as_array().unwrap().len(), 5 + 3);
+    assert_eq!(batch["nftables"].as_array().unwrap().len(), 4);
 }
 
 // ---- root-only: rules and traffic inside throwaway namespaces ----
@@ -302,23 +336,30 @@ fn namespace_rules_are_tagged_removed_and_reconciled() {
     nft.apply(&a).unwrap();
     assert_eq!(nft.list_vms().unwrap(), BTreeSet::from(["a".to_owned(), "b".to_owned()]));
     let listing = listing_text(&nft);
-    for needle in ["\"comment\":\"kiln-vm:a\"", "\"comment\":\"kiln-vm:b\"", "vm-a-host", "vm-b-ingress"] {
-        assert!(listing.contains(needle), "{needle} missing from {listing}");
-    }
-    let tagged_a = listing.matches("\"comment\":\"kiln-vm:a\"").count();
-    assert_eq!(tagged_a, 3, "input jump, forward egress jump, forward ingress jump: {listing}");
+    let tagged = |listing: &str, id: &str| listing.matches(&format!("\"comment\":\"kiln-vm:{id}\"")).count();
+    assert_eq!(tagged(&listing, "a"), 2, "tap, one host port: {listing}");
+    // b: tap, egress, published (guest side), DNAT address, DNAT port.
+    assert_eq!(tagged(&listing, "b"), 5, "{listing}");
 
-    nft.remove("a").unwrap();
+    // Replacing with another firewall leaves nothing of the old one.
+    let a_udp = VmRules { firewall: Firewall { host_ports: vec![udp(53)], ..Firewall::default() }, ..a.clone() };
+    nft.apply(&a_udp).unwrap();
     let listing = listing_text(&nft);
-    assert!(!listing.contains("kiln-vm:a\"") && !listing.contains("vm-a-"), "VM a left behind: {listing}");
-    assert!(listing.contains("kiln-vm:b\""), "VM b lost: {listing}");
-    nft.remove("a").unwrap();
+    assert_eq!(tagged(&listing, "a"), 2, "{listing}");
+    assert!(!listing.contains("7000") && listing.contains("\"udp\",53"), "{listing}");
+
+    nft.remove(&a_udp).unwrap();
+    let listing = listing_text(&nft);
+    assert_eq!((tagged(&listing, "a"), tagged(&listing, "b")), (0, 5), "{listing}");
+    // Removing again, by rules or by id, is a no-op.
+    nft.remove(&a_udp).unwrap();
+    nft.remove_vm("a").unwrap();
 
     nft.apply(&a).unwrap();
     assert_eq!(nft.reconcile(["b"]).unwrap(), ["a"]);
     assert_eq!(nft.reconcile(Vec::<String>::new()).unwrap(), ["b"]);
     let listing = listing_text(&nft);
-    assert!(!listing.contains("kiln-vm:") && !listing.contains("\"vm-"), "VM rules left: {listing}");
+    assert!(!listing.contains("kiln-vm:") && !listing.contains("tap-"), "VM elements left: {listing}");
     assert_eq!(nft.list_vms().unwrap(), BTreeSet::new());
 }
 
@@ -360,7 +401,7 @@ fn namespace_traffic_allow_list_and_vm_isolation() {
     assert!(blocked(&guest_a, b_service), "VM a reached VM b");
     assert!(blocked(&guest_b, allowed), "VM b reached a host port only VM a may use");
 
-    nft.remove("a").unwrap();
+    nft.remove(&a).unwrap();
     assert!(connects(&guest_a, other), "rules of VM a still active after remove");
 }
 
@@ -426,4 +467,128 @@ fn namespace_traffic_egress_masquerade_and_published_port() {
     // The guest port itself is not reachable without the DNAT.
     ip(&["-n", &wan.name, "route", "add", "10.99.0.0/16", "via", "10.98.0.1"]);
     assert!(blocked(&wan, "10.99.0.6:80".parse().unwrap()), "guest port reachable without publishing");
+}
+
+#[test]
+fn namespace_conflicts_name_the_holder_and_change_nothing() {
+    if !root_tools_ready(&["nft", "ip"]) {
+        return;
+    }
+    let host = Netns::new();
+    let nft = Nft::in_namespace(&host.name);
+    let published = |host_port| Firewall {
+        published_ports: vec![PublishedPort { protocol: Protocol::Tcp, host_port, guest_port: 80 }],
+        ..Firewall::default()
+    };
+    let a = vm("a", "tap-a", published(8080));
+    nft.apply(&a).unwrap();
+    let before = listing_text(&nft);
+
+    let same_tap = vm("b", "tap-a", Firewall::default());
+    let err = nft.apply(&same_tap).unwrap_err();
+    assert!(matches!(err, Error::NftConflict { .. }), "{err:?}");
+    assert_eq!(err.to_string(), "VM `b` cannot use tap `tap-a`: VM `a` holds it");
+
+    let same_port = vm("c", "tap-c", published(8080));
+    let err = nft.apply(&same_port).unwrap_err();
+    assert_eq!(err.to_string(), "VM `c` cannot use host port tcp/8080: VM `a` holds it");
+    assert_eq!(listing_text(&nft), before, "a refused apply changed the table");
+
+    // Once a is gone, the port is free.
+    nft.remove(&a).unwrap();
+    nft.apply(&same_port).unwrap();
+    assert_eq!(nft.list_vms().unwrap(), BTreeSet::from(["c".to_owned()]));
+}
+
+#[test]
+fn namespace_traffic_udp_host_port() {
+    if !root_tools_ready(&["nft", "ip"]) {
+        return;
+    }
+    let host = Netns::new();
+    let guest = Netns::new();
+    link_guest(&host, &guest, "tap-a", "10.99.0.1", "10.99.0.2");
+    let bind = |addr: &str| {
+        host.within(|| {
+            let socket = UdpSocket::bind(addr).unwrap();
+            socket.set_read_timeout(Some(Duration::from_millis(500))).unwrap();
+            socket
+        })
+    };
+    let (allowed, other) = (bind("10.99.0.1:5353"), bind("10.99.0.1:5354"));
+    let send = |to: &str| guest.within(|| UdpSocket::bind("10.99.0.2:0").unwrap().send_to(b"ping", to).unwrap());
+    let received = |socket: &UdpSocket| socket.recv(&mut [0; 16]).is_ok();
+    // Control: without rules both arrive.
+    send("10.99.0.1:5353");
+    send("10.99.0.1:5354");
+    assert!(received(&allowed) && received(&other));
+
+    let nft = Nft::in_namespace(&host.name);
+    nft.apply(&vm("a", "tap-a", Firewall { host_ports: vec![udp(5353)], ..Firewall::default() })).unwrap();
+    send("10.99.0.1:5353");
+    send("10.99.0.1:5354");
+    assert!(received(&allowed), "allowed UDP host port dropped");
+    assert!(!received(&other), "UDP host port not on the allow-list reached");
+}
+
+#[test]
+fn namespace_published_port_from_the_host_itself() {
+    if !root_tools_ready(&["nft", "ip"]) {
+        return;
+    }
+    let (host, guest, lan) = (Netns::new(), Netns::new(), Netns::new());
+    link_guest(&host, &guest, "tap-a", "10.99.0.1", "10.99.0.2");
+    // A second host address, standing in for the host's LAN address.
+    ip(&["-n", &host.name, "link", "add", "uplink0", "type", "veth", "peer", "name", "eth0", "netns", &lan.name]);
+    ip(&["-n", &host.name, "addr", "add", "10.98.0.1/24", "dev", "uplink0"]);
+    ip(&["-n", &host.name, "link", "set", "uplink0", "up"]);
+    host.exec(&["sysctl", "-q", "-w", "net.ipv4.ip_forward=1"]);
+    let service = listen(&guest, "10.99.0.2:80");
+    let nft = Nft::in_namespace(&host.name);
+    let published = PublishedPort { protocol: Protocol::Tcp, host_port: 8080, guest_port: 80 };
+    nft.apply(&vm("a", "tap-a", Firewall { published_ports: vec![published], ..Firewall::default() })).unwrap();
+
+    assert!(connects(&host, "10.98.0.1:8080".parse().unwrap()), "host to its own address:8080 not forwarded");
+    let (_, seen_from) = service.accept().unwrap();
+    assert_eq!(seen_from.ip().to_string(), "10.98.0.1");
+
+    // Loopback needs route_localnet on the tap; the guest then sees the tap address.
+    host.exec(&["sysctl", "-q", "-w", "net.ipv4.conf.tap-a.route_localnet=1"]);
+    assert!(connects(&host, "127.0.0.1:8080".parse().unwrap()), "host to 127.0.0.1:8080 not forwarded");
+    let (_, seen_from) = service.accept().unwrap();
+    assert_eq!(seen_from.ip().to_string(), "10.99.0.1");
+}
+
+#[test]
+fn nft_missing_names_the_package() {
+    let err = Nft::with_command(["nft-kiln-test-absent"]).list_vms().unwrap_err();
+    assert!(matches!(err, Error::NftMissing), "{err:?}");
+    assert_eq!(err.to_string(), "`nft` was not found; install the Debian package `nftables`");
+}
+
+#[test]
+fn nft_without_cap_net_admin_is_not_permitted() {
+    if !root_tools_ready(&["nft", "ip", "setpriv"]) {
+        return;
+    }
+    let host = Netns::new();
+    // nobody, with no capabilities, inside a throwaway namespace.
+    let nft = Nft::with_command([
+        "ip",
+        "netns",
+        "exec",
+        &host.name,
+        "setpriv",
+        "--reuid=65534",
+        "--regid=65534",
+        "--clear-groups",
+        "--inh-caps=-all",
+        "--bounding-set=-all",
+        "nft",
+    ]);
+    // Listing, not applying: nft reads a batch from /dev/stdin, which
+    // nobody may not reopen, so `apply` would fail before reaching netlink.
+    let err = nft.list_vms().unwrap_err();
+    assert!(matches!(err, Error::NftNotPermitted { .. }), "{err:?}");
+    assert!(err.to_string().contains("needs CAP_NET_ADMIN"), "{err}");
 }

@@ -1,11 +1,13 @@
 //! Tap devices: deterministic names (pure, expect-tests) and, as root,
 //! persistent taps created and deleted inside a throwaway namespace.
 
+use std::net::Ipv4Addr;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
 use expect_test::{Expect, expect};
-use kiln_net::{Error, Tap, tap_name};
+use kiln_net::{Error, Tap, TapConfig, tap_name};
+use serde_json::Value;
 
 use crate::netns::{Netns, root_tools_ready};
 
@@ -120,4 +122,45 @@ fn namespace_tap_delete_refuses_a_non_tap() {
     let err = ns.within(|| Tap::delete("kt-veth")).unwrap_err();
     assert!(matches!(&err, Error::TapNotTap { name } if name == "kt-veth"), "{err}");
     assert!(ns.link("kt-veth").is_some());
+}
+
+#[test]
+fn namespace_tap_configure_address_mtu_up_route_localnet() {
+    if !root_tools_ready(&["ip"]) {
+        return;
+    }
+    let ns = Netns::new();
+    let name = tap_name("cfg").unwrap();
+    ns.within(|| Tap::create(&name, None)).unwrap();
+    let config =
+        TapConfig { host_addr: Ipv4Addr::new(10, 77, 0, 1), prefix_len: 30, mtu: Some(1400), route_localnet: true };
+    ns.within(|| Tap::configure(&name, &config)).unwrap();
+    // Twice is harmless: the address is replaced, not duplicated.
+    ns.within(|| Tap::configure(&name, &config)).unwrap();
+
+    let link = ns.link(&name).unwrap();
+    assert_eq!(link["mtu"], 1400, "{link}");
+    let flags: Vec<&str> = link["flags"].as_array().unwrap().iter().map(|f| f.as_str().unwrap()).collect();
+    assert!(flags.contains(&"UP"), "{link}");
+    let output = Command::new("ip").args(["-n", &ns.name, "-j", "addr", "show", "dev", &name]).output().unwrap();
+    let addrs: Value = serde_json::from_slice(&output.stdout).unwrap();
+    let inet: Vec<String> = addrs[0]["addr_info"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|a| a["family"] == "inet")
+        .map(|a| format!("{}/{}", a["local"].as_str().unwrap(), a["prefixlen"]))
+        .collect();
+    assert_eq!(inet, ["10.77.0.1/30"], "{addrs}");
+    let sysctl = format!("/proc/sys/net/ipv4/conf/{name}/route_localnet");
+    assert_eq!(ns.within(|| std::fs::read_to_string(&sysctl).unwrap()).trim(), "1");
+    // The route to the VM's subnet goes through the tap.
+    let output = Command::new("ip").args(["-n", &ns.name, "route", "get", "10.77.0.2"]).output().unwrap();
+    assert!(String::from_utf8_lossy(&output.stdout).contains(&format!("dev {name}")), "{output:?}");
+
+    let bad = TapConfig { prefix_len: 33, ..config.clone() };
+    let err = ns.within(|| Tap::configure(&name, &bad)).unwrap_err();
+    assert_eq!(err.to_string(), "Tap configuration is invalid: prefix length /33 is not an IPv4 prefix");
+    let err = ns.within(|| Tap::configure("kt-absent", &config)).unwrap_err();
+    assert!(err.to_string().starts_with("Failed to find tap `kt-absent`"), "{err}");
 }
