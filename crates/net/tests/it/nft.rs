@@ -592,3 +592,49 @@ fn nft_without_cap_net_admin_is_not_permitted() {
     assert!(matches!(err, Error::NftNotPermitted { .. }), "{err:?}");
     assert!(err.to_string().contains("needs CAP_NET_ADMIN"), "{err}");
 }
+
+#[test]
+fn namespace_vm_lifecycle_with_a_real_tap_leaves_nothing() {
+    if !root_tools_ready(&["nft", "ip"]) {
+        return;
+    }
+    let host = Netns::new();
+    let nft = Nft::in_namespace(&host.name);
+    let pool = kiln_net::LeasePool::new("10.97.0.0/24".parse().unwrap(), 30).unwrap();
+    let lease = pool.allocate("life").unwrap();
+    let tap = kiln_net::tap_name("life").unwrap();
+    host.within(|| {
+        kiln_net::Tap::create(&tap, Some(4242))?;
+        let config = kiln_net::TapConfig {
+            host_addr: lease.host_addr(),
+            prefix_len: lease.subnet().prefix_len(),
+            mtu: None,
+            route_localnet: true,
+        };
+        kiln_net::Tap::configure(&tap, &config)
+    })
+    .unwrap();
+    let rules = VmRules {
+        vm_id: "life".to_owned(),
+        tap: tap.clone(),
+        uplink: None,
+        host_addr: lease.host_addr(),
+        guest_addr: lease.guest_addr(),
+        firewall: Firewall {
+            egress: true,
+            host_ports: vec![tcp(7000)],
+            published_ports: vec![PublishedPort { protocol: Protocol::Tcp, host_port: 8443, guest_port: 443 }],
+        },
+    };
+    nft.apply(&rules).unwrap();
+    assert!(listing_text(&nft).contains(&format!("\"{tap}\"")));
+
+    // Crash recovery: nothing is alive any more.
+    assert_eq!(nft.reconcile(Vec::<String>::new()).unwrap(), ["life"]);
+    host.within(|| kiln_net::Tap::delete(&tap)).unwrap();
+    drop(lease);
+    let listing = listing_text(&nft);
+    assert!(!listing.contains("kiln-vm:") && !listing.contains(&tap), "{listing}");
+    assert!(host.link(&tap).is_none(), "tap {tap} still exists");
+    assert_eq!(pool.leased(), 0);
+}
