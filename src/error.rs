@@ -22,6 +22,10 @@ pub enum Error {
     DuplicateTree { name: String },
     #[error("Service disk tree {name:?} must be a directory, but {} is not", source_path.display())]
     TreeNotADirectory { name: String, source_path: std::path::PathBuf },
+    #[error("Spec {}: {message}", path.display())]
+    Spec { path: std::path::PathBuf, message: String },
+    #[error("Cannot read spec {}", path.display())]
+    SpecRead { path: std::path::PathBuf, source: std::io::Error },
     #[error(transparent)]
     Image(#[from] kiln_imagefmt::Error),
 }

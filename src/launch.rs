@@ -81,7 +81,7 @@ impl LaunchScript {
     }
 }
 
-fn validate_env_name(name: &str) -> Result<()> {
+pub(crate) fn validate_env_name(name: &str) -> Result<()> {
     let invalid = |reason| Err(Error::InvalidEnvName { name: name.to_owned(), reason });
     let mut chars = name.chars();
     match chars.next() {

@@ -1,7 +1,8 @@
 //! kiln: the launcher library behind the `kiln` binary. It turns a service
 //! (a binary, its arguments, environment and data trees) into the disk images
 //! a microVM boots with: the service disk (label `SERVICEDISK`) with its
-//! generated `launch` script, plus the helpers specs share, such as size parsing.
+//! generated `launch` script, plus the spec (`kiln.toml`, see `docs/spec.md`)
+//! and the helpers specs share, such as size parsing.
 //!
 //! It is not the image writer: bytes on disk are `kiln-imagefmt`'s job, and
 //! nothing here mounts, needs root or spawns a process. Booting VMs,
@@ -11,8 +12,13 @@ mod error;
 mod launch;
 mod service_disk;
 mod size;
+mod spec;
 
 pub use error::{Error, Result};
 pub use launch::LaunchScript;
 pub use service_disk::{DiskTree, ServiceDisk};
 pub use size::parse_size;
+pub use spec::{
+    Backend, ByteSize, Confidentiality, FileTree, Gpu, GpuPolicy, Guest, Kubernetes, Name, Network, PciAddress,
+    PortSpec, PublishSpec, Resources, Service, Spec, Toleration, VmSettings, rewrite_loopback_urls,
+};

@@ -83,7 +83,7 @@ impl ServiceDisk {
 
 /// A tree name is one path component that does not shadow `service` or
 /// `launch`; FAT's own rules (characters, length) are checked when it is added.
-fn validate_tree_name(name: &str) -> Result<()> {
+pub(crate) fn validate_tree_name(name: &str) -> Result<()> {
     let invalid = |reason| Err(Error::InvalidTreeName { name: name.to_owned(), reason });
     if name.is_empty() {
         return invalid("it is empty");
