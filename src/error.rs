@@ -26,6 +26,22 @@ pub enum Error {
     Spec { path: std::path::PathBuf, message: String },
     #[error("Cannot read spec {}", path.display())]
     SpecRead { path: std::path::PathBuf, source: std::io::Error },
+    #[error("Cannot tell where kiln's state lives: set KILN_STATE_DIR or HOME")]
+    StateDirUnknown,
+    #[error("State I/O failed on {}", path.display())]
+    StateIo { path: std::path::PathBuf, source: std::io::Error },
+    #[error("State file {} is corrupt: {reason}", path.display())]
+    StateCorrupt { path: std::path::PathBuf, reason: String },
+    #[error("VM `{name}` is already running{}", pid.map(|p| format!(" (kiln run pid {p})")).unwrap_or_default())]
+    VmBusy { name: String, pid: Option<u32> },
+    #[error("VM `{name}` was not stopped cleanly; run `kiln gc` to release what it held")]
+    VmNeedsGc { name: String },
     #[error(transparent)]
     Image(#[from] kiln_imagefmt::Error),
+}
+
+impl Error {
+    pub(crate) fn state_io(path: &std::path::Path, source: std::io::Error) -> Error {
+        Error::StateIo { path: path.to_path_buf(), source }
+    }
 }

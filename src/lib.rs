@@ -13,6 +13,7 @@ mod launch;
 mod service_disk;
 mod size;
 mod spec;
+mod state;
 
 pub use error::{Error, Result};
 pub use launch::LaunchScript;
@@ -22,3 +23,4 @@ pub use spec::{
     Backend, ByteSize, Confidentiality, FileTree, Gpu, GpuPolicy, Guest, Kubernetes, Name, Network, PciAddress,
     PortSpec, PublishSpec, Resources, Service, Spec, Toleration, VmSettings, rewrite_loopback_urls,
 };
+pub use state::{ExitInfo, LeaseInfo, Phase, STATE_DIR_ENV, StateDir, VmClaim, VmEntry, VmRecord, VmmInfo};

@@ -1,0 +1,378 @@
+//! kiln's host state: one directory holding a record per VM, so that
+//! `kiln ps`, `kiln stop` and `kiln gc` know every VM and every host
+//! resource it holds, even after `kiln run` was SIGKILLed.
+//!
+//! Layout (the directory and everything in it is 0700/0600):
+//!
+//! ```text
+//! <state>/leases/            the kiln-net lease ledger
+//! <state>/data/<name>.img    data disks, kept across runs (and by gc)
+//! <state>/vms/<name>/lock    flock held by the `kiln run` of that VM
+//! <state>/vms/<name>/record.json
+//! <state>/vms/<name>/...     images, console log, VMM sockets and log
+//! ```
+//!
+//! The rule that makes crash recovery work: a resource's name is written
+//! into the record *before* the resource is created (tap, rules, lease,
+//! VMM), with temp file + rename, so at any SIGKILL the record names a
+//! superset of what exists. Whether a VM's launcher still runs is decided
+//! by its `lock`: `kiln run` holds an exclusive `flock` on it for the VM's
+//! whole life, and the kernel drops it when the process dies, so there is
+//! no pid reuse to get wrong.
+
+use std::fs::{self, DirBuilder, File, OpenOptions};
+use std::io::{self, Write};
+use std::net::Ipv4Addr;
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+
+use rustix::fs::{FlockOperation, flock};
+use serde::{Deserialize, Serialize};
+
+use crate::{Error, Result};
+
+/// Overrides where the state lives (tests, several independent kilns).
+pub const STATE_DIR_ENV: &str = "KILN_STATE_DIR";
+
+const RECORD_FILE: &str = "record.json";
+const LOCK_FILE: &str = "lock";
+
+/// What a VM holds on the host, as far as its launcher got.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VmRecord {
+    pub name: String,
+    /// The spec file it was started from.
+    pub spec: PathBuf,
+    /// The `kiln run` process.
+    pub launcher_pid: u32,
+    /// Seconds since the Unix epoch.
+    pub started: u64,
+    /// The last step the launcher began (for `kiln ps` and post-mortems).
+    pub phase: Phase,
+    /// The lease's host and guest addresses and prefix, once leased.
+    pub lease: Option<LeaseInfo>,
+    /// The tap, named before it is created.
+    pub tap: Option<String>,
+    /// Set before the firewall rules are applied.
+    pub firewall: bool,
+    /// The VMM, set right after it is spawned.
+    pub vmm: Option<VmmInfo>,
+    /// The guest's serial console log.
+    pub console_log: Option<PathBuf>,
+    /// How the service ended, once it did.
+    pub exit: Option<ExitInfo>,
+}
+
+/// The launcher's steps, in order.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Phase {
+    #[default]
+    Images,
+    Lease,
+    Tap,
+    Firewall,
+    Vmm,
+    Booting,
+    Running,
+    Stopping,
+    Stopped,
+}
+
+/// A lease as the record keeps it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LeaseInfo {
+    pub host: Ipv4Addr,
+    pub guest: Ipv4Addr,
+    pub prefix_len: u8,
+}
+
+/// The VMM as the record keeps it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VmmInfo {
+    /// `cloud-hypervisor` or `qemu`.
+    pub backend: String,
+    /// Its pid, which is also its process group.
+    pub pid: u32,
+    /// Its run directory (sockets, log); its command line names it, which is
+    /// how gc tells it from an unrelated process that reused the pid.
+    pub run_dir: PathBuf,
+}
+
+/// How the service ended.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExitInfo {
+    /// The service's exit code as the guest reported it, if it did.
+    pub code: Option<i32>,
+    /// What happened, in words ("service exited", "VMM crashed: ...").
+    pub how: String,
+}
+
+/// The state directory.
+#[derive(Debug, Clone)]
+pub struct StateDir {
+    root: PathBuf,
+}
+
+/// A VM's state directory, claimed by this process: it holds the VM's lock
+/// until dropped.
+#[derive(Debug)]
+pub struct VmClaim {
+    dir: PathBuf,
+    _lock: File,
+    /// The record; [`VmClaim::save`] writes it.
+    pub record: VmRecord,
+}
+
+/// One VM found in the state directory.
+#[derive(Debug, Clone)]
+pub struct VmEntry {
+    pub record: VmRecord,
+    /// Whether its launcher still holds the lock.
+    pub alive: bool,
+    pub dir: PathBuf,
+}
+
+impl StateDir {
+    /// The state directory: `$KILN_STATE_DIR`, else `/var/lib/kiln` as root,
+    /// else `$XDG_STATE_HOME/kiln` or `~/.local/state/kiln`.
+    pub fn default_root() -> Result<PathBuf> {
+        if let Some(dir) = std::env::var_os(STATE_DIR_ENV).filter(|d| !d.is_empty()) {
+            return Ok(PathBuf::from(dir));
+        }
+        if rustix::process::geteuid().is_root() {
+            return Ok(PathBuf::from("/var/lib/kiln"));
+        }
+        if let Some(dir) = std::env::var_os("XDG_STATE_HOME").filter(|d| !d.is_empty()) {
+            return Ok(PathBuf::from(dir).join("kiln"));
+        }
+        match std::env::var_os("HOME").filter(|d| !d.is_empty()) {
+            Some(home) => Ok(PathBuf::from(home).join(".local/state/kiln")),
+            None => Err(Error::StateDirUnknown),
+        }
+    }
+
+    /// Opens (creating, 0700) the state directory at `root`.
+    pub fn open(root: impl Into<PathBuf>) -> Result<StateDir> {
+        let root = root.into();
+        for dir in [root.clone(), root.join("vms"), root.join("data")] {
+            make_private_dir(&dir)?;
+        }
+        Ok(StateDir { root })
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// The lease ledger's directory.
+    pub fn ledger_dir(&self) -> PathBuf {
+        self.root.join("leases")
+    }
+
+    /// The data disk of VM `name`, which outlives its runs.
+    pub fn data_disk(&self, name: &str) -> PathBuf {
+        self.root.join("data").join(format!("{name}.img"))
+    }
+
+    /// The directory of VM `name`.
+    pub fn vm_dir(&self, name: &str) -> PathBuf {
+        self.root.join("vms").join(name)
+    }
+
+    /// Claims VM `name` for this process. Fails with [`Error::VmBusy`] if
+    /// another launcher holds it. A record left by a dead launcher is
+    /// returned in the error [`Error::VmNeedsGc`] so nothing it held leaks.
+    pub fn claim(&self, name: &str, record: VmRecord) -> Result<VmClaim> {
+        let dir = self.vm_dir(name);
+        make_private_dir(&dir)?;
+        let lock = open_lock(&dir)?;
+        if !try_lock(&lock, &dir)? {
+            let pid = read_record(&dir).ok().flatten().map(|r| r.launcher_pid);
+            return Err(Error::VmBusy { name: name.to_owned(), pid });
+        }
+        if read_record(&dir)?.is_some_and(|old| old.phase != Phase::Stopped) {
+            return Err(Error::VmNeedsGc { name: name.to_owned() });
+        }
+        let mut claim = VmClaim { dir, _lock: lock, record };
+        claim.save()?;
+        Ok(claim)
+    }
+
+    /// Every VM with a record, sorted by name.
+    pub fn list(&self) -> Result<Vec<VmEntry>> {
+        let vms = self.root.join("vms");
+        let mut entries = Vec::new();
+        for entry in fs::read_dir(&vms).map_err(|e| Error::state_io(&vms, e))? {
+            let dir = entry.map_err(|e| Error::state_io(&vms, e))?.path();
+            let Some(record) = read_record(&dir)? else { continue };
+            let alive = is_locked(&dir)?;
+            entries.push(VmEntry { record, alive, dir });
+        }
+        entries.sort_by(|a, b| a.record.name.cmp(&b.record.name));
+        Ok(entries)
+    }
+
+    /// Takes the lock of a VM whose launcher is gone, for gc; `None` if a
+    /// launcher holds it.
+    pub fn claim_dead(&self, name: &str) -> Result<Option<VmClaim>> {
+        let dir = self.vm_dir(name);
+        let lock = open_lock(&dir)?;
+        if !try_lock(&lock, &dir)? {
+            return Ok(None);
+        }
+        let Some(record) = read_record(&dir)? else { return Ok(None) };
+        Ok(Some(VmClaim { dir, _lock: lock, record }))
+    }
+}
+
+impl VmClaim {
+    /// The VM's directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Writes the record (temp file + rename, 0600).
+    pub fn save(&mut self) -> Result<()> {
+        let bytes = serde_json::to_vec_pretty(&self.record).map_err(|e| Error::StateCorrupt {
+            path: self.dir.join(RECORD_FILE),
+            reason: format!("cannot encode the record: {e}"),
+        })?;
+        write_private_atomically(&self.dir.join(RECORD_FILE), &bytes)
+    }
+
+    /// Removes the VM's directory (record, images, sockets, logs): the last
+    /// step of a clean stop or a gc. The lock goes with it.
+    pub fn remove(self) -> Result<()> {
+        fs::remove_dir_all(&self.dir).map_err(|e| Error::state_io(&self.dir, e))
+    }
+}
+
+fn make_private_dir(dir: &Path) -> Result<()> {
+    DirBuilder::new().recursive(true).mode(0o700).create(dir).map_err(|e| Error::state_io(dir, e))
+}
+
+fn open_lock(dir: &Path) -> Result<File> {
+    let path = dir.join(LOCK_FILE);
+    OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(0o600)
+        .open(&path)
+        .map_err(|e| Error::state_io(&path, e))
+}
+
+fn try_lock(lock: &File, dir: &Path) -> Result<bool> {
+    match flock(lock, FlockOperation::NonBlockingLockExclusive) {
+        Ok(()) => Ok(true),
+        Err(rustix::io::Errno::WOULDBLOCK) => Ok(false),
+        Err(errno) => Err(Error::state_io(&dir.join(LOCK_FILE), errno.into())),
+    }
+}
+
+/// Whether a launcher holds `dir`'s lock (probed with a shared try-lock on
+/// a fresh open file, released at once).
+fn is_locked(dir: &Path) -> Result<bool> {
+    let path = dir.join(LOCK_FILE);
+    let file = match File::open(&path) {
+        Ok(file) => file,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(false),
+        Err(e) => return Err(Error::state_io(&path, e)),
+    };
+    match flock(&file, FlockOperation::NonBlockingLockShared) {
+        Ok(()) => Ok(false),
+        Err(rustix::io::Errno::WOULDBLOCK) => Ok(true),
+        Err(errno) => Err(Error::state_io(&path, errno.into())),
+    }
+}
+
+fn read_record(dir: &Path) -> Result<Option<VmRecord>> {
+    let path = dir.join(RECORD_FILE);
+    let bytes = match fs::read(&path) {
+        Ok(bytes) => bytes,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(Error::state_io(&path, e)),
+    };
+    serde_json::from_slice(&bytes).map(Some).map_err(|e| Error::StateCorrupt { path, reason: e.to_string() })
+}
+
+/// Writes `bytes` to `path` through a 0600 temp file in the same directory
+/// and a rename, so readers see the old or the new file, never a part.
+pub(crate) fn write_private_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let mut temp = tempfile::Builder::new()
+        .prefix(".tmp-")
+        .permissions(std::os::unix::fs::PermissionsExt::from_mode(0o600))
+        .tempfile_in(dir)
+        .map_err(|e| Error::state_io(dir, e))?;
+    temp.write_all(bytes).map_err(|e| Error::state_io(path, e))?;
+    temp.persist(path).map_err(|e| Error::state_io(path, e.error))?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(name: &str) -> VmRecord {
+        VmRecord { name: name.to_owned(), launcher_pid: std::process::id(), ..VmRecord::default() }
+    }
+
+    #[test]
+    fn claim_is_exclusive_and_listed_as_alive() {
+        let root = tempfile::tempdir().unwrap();
+        let state = StateDir::open(root.path()).unwrap();
+        let mut claim = state.claim("web", record("web")).unwrap();
+        let err = state.claim("web", record("web")).unwrap_err();
+        assert!(matches!(&err, Error::VmBusy { name, pid: Some(_) } if name == "web"), "{err}");
+        claim.record.phase = Phase::Running;
+        claim.save().unwrap();
+        let listed = state.list().unwrap();
+        assert_eq!(listed.len(), 1);
+        assert!(listed[0].alive);
+        assert_eq!(listed[0].record.phase, Phase::Running);
+        assert!(state.claim_dead("web").unwrap().is_none(), "a live VM is not gc's");
+
+        drop(claim);
+        let listed = state.list().unwrap();
+        assert!(!listed[0].alive, "the lock goes with the claim");
+        // Not stopped cleanly: a new run must wait for gc.
+        let err = state.claim("web", record("web")).unwrap_err();
+        assert!(matches!(err, Error::VmNeedsGc { .. }), "{err}");
+        let dead = state.claim_dead("web").unwrap().unwrap();
+        assert_eq!(dead.record.phase, Phase::Running);
+        dead.remove().unwrap();
+        assert!(state.list().unwrap().is_empty());
+        state.claim("web", record("web")).unwrap();
+    }
+
+    #[test]
+    fn files_are_private() {
+        use std::os::unix::fs::PermissionsExt;
+        let root = tempfile::tempdir().unwrap();
+        let state = StateDir::open(root.path().join("state")).unwrap();
+        let claim = state.claim("a", record("a")).unwrap();
+        let mode = |p: &Path| fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode(state.root()), 0o700);
+        assert_eq!(mode(claim.dir()), 0o700);
+        assert_eq!(mode(&claim.dir().join(RECORD_FILE)), 0o600);
+        assert_eq!(mode(&claim.dir().join(LOCK_FILE)), 0o600);
+    }
+
+    #[test]
+    fn a_corrupt_record_is_named() {
+        let root = tempfile::tempdir().unwrap();
+        let state = StateDir::open(root.path()).unwrap();
+        let dir = state.vm_dir("x");
+        fs::create_dir_all(&dir).unwrap();
+        fs::write(dir.join(RECORD_FILE), b"{\"name\": 1}").unwrap();
+        let err = state.list().unwrap_err().to_string();
+        assert!(err.contains("record.json") && err.contains("invalid type"), "{err}");
+    }
+}
