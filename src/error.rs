@@ -36,6 +36,10 @@ pub enum Error {
     VmBusy { name: String, pid: Option<u32> },
     #[error("VM `{name}` was not stopped cleanly; run `kiln gc` to release what it held")]
     VmNeedsGc { name: String },
+    #[error("Host networking: {0}")]
+    HostNet(String),
+    #[error(transparent)]
+    Net(#[from] kiln_net::Error),
     #[error(transparent)]
     Image(#[from] kiln_imagefmt::Error),
 }

@@ -9,6 +9,8 @@
 //! networking and Kubernetes are not part of it yet.
 
 mod error;
+mod gc;
+mod hostnet;
 mod launch;
 mod service_disk;
 mod size;
@@ -16,6 +18,8 @@ mod spec;
 mod state;
 
 pub use error::{Error, Result};
+pub use gc::{GcAction, HostHandles, collect_garbage, release_vm};
+pub use hostnet::{CIDR_ENV, DEFAULT_CIDR, HostNet, UPLINK_ENV};
 pub use launch::LaunchScript;
 pub use service_disk::{DiskTree, ServiceDisk};
 pub use size::parse_size;

@@ -3,6 +3,7 @@
 //! 2 for a usage error (clap's own).
 
 mod image;
+mod vms;
 
 use std::process::ExitCode;
 
@@ -20,15 +21,22 @@ enum Command {
     /// Build and inspect disk images.
     #[command(subcommand)]
     Image(image::ImageCommand),
+    /// List the VMs kiln knows, running or not.
+    Ps(vms::PsArgs),
+    /// Release what VMs whose launcher died still hold: VMM processes,
+    /// taps, firewall elements, leases, state.
+    Gc(vms::GcArgs),
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Image(command) => image::run(command),
+        Command::Image(command) => image::run(command).map(|()| ExitCode::SUCCESS),
+        Command::Ps(args) => vms::ps(&args),
+        Command::Gc(args) => vms::gc(&args),
     };
     match result {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(code) => code,
         Err(err) => {
             eprintln!("error: {err}");
             for cause in err.chain().skip(1) {
