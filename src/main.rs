@@ -26,6 +26,10 @@ enum Command {
     /// Release what VMs whose launcher died still hold: VMM processes,
     /// taps, firewall elements, leases, state.
     Gc(vms::GcArgs),
+    /// Stop a running VM: SIGTERM to the service, then power-off.
+    Stop(vms::StopArgs),
+    /// Print a VM's console output.
+    Logs(vms::LogsArgs),
 }
 
 fn main() -> ExitCode {
@@ -34,6 +38,8 @@ fn main() -> ExitCode {
         Command::Image(command) => image::run(command).map(|()| ExitCode::SUCCESS),
         Command::Ps(args) => vms::ps(&args),
         Command::Gc(args) => vms::gc(&args),
+        Command::Stop(args) => vms::stop(&args),
+        Command::Logs(args) => vms::logs(&args),
     };
     match result {
         Ok(code) => code,

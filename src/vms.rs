@@ -1,8 +1,10 @@
 //! `kiln ps`, `kiln gc`: the VMs in the state directory and their cleanup.
 
+use std::io::Write;
 use std::process::ExitCode;
+use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result};
+use anyhow::{Context, Result, bail};
 use clap::Args;
 use kiln::{HostHandles, HostNet, StateDir, VmEntry};
 
@@ -78,4 +80,80 @@ pub(crate) fn gc(args: &GcArgs) -> Result<ExitCode> {
         println!("kiln gc: {verb} {action}");
     }
     Ok(ExitCode::SUCCESS)
+}
+
+#[derive(Debug, Args)]
+pub(crate) struct StopArgs {
+    /// The VM's name (its spec's `name`).
+    name: String,
+    /// Seconds the service gets after SIGTERM before the VM is powered off.
+    #[arg(long, default_value_t = 10)]
+    timeout: u64,
+}
+
+#[derive(Debug, Args)]
+pub(crate) struct LogsArgs {
+    /// The VM's name (its spec's `name`).
+    name: String,
+    /// Keep printing new output until the VM stops.
+    #[arg(short, long)]
+    follow: bool,
+}
+
+fn find(state: &StateDir, name: &str) -> Result<VmEntry> {
+    state
+        .list()?
+        .into_iter()
+        .find(|entry| entry.record.name == name)
+        .with_context(|| format!("no VM named `{name}` (see `kiln ps`)"))
+}
+
+/// Asks the VM's launcher to stop (SIGTERM: it powers the VM down, giving
+/// the service its SIGTERM and the grace period), and waits for it.
+pub(crate) fn stop(args: &StopArgs) -> Result<ExitCode> {
+    let state = state()?;
+    let entry = find(&state, &args.name)?;
+    if !entry.alive {
+        println!("kiln stop: VM `{}` is not running", args.name);
+        return Ok(ExitCode::SUCCESS);
+    }
+    let pid = rustix::process::Pid::from_raw(i32::try_from(entry.record.launcher_pid).unwrap_or(0))
+        .context("the record holds no launcher pid")?;
+    // The launcher reads the grace period from this file before shutting down.
+    std::fs::write(entry.dir.join("stop-timeout"), args.timeout.to_string())
+        .with_context(|| format!("cannot write to {}", entry.dir.display()))?;
+    rustix::process::kill_process(pid, rustix::process::Signal::TERM)
+        .with_context(|| format!("cannot signal kiln run (pid {pid:?})"))?;
+    let deadline = Instant::now() + Duration::from_secs(args.timeout + 15);
+    while Instant::now() < deadline {
+        if !find(&state, &args.name).map(|e| e.alive).unwrap_or(false) {
+            println!("kiln stop: VM `{}` stopped", args.name);
+            return Ok(ExitCode::SUCCESS);
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // The launcher is stuck: kill it. Its VMM dies with it (PDEATHSIG) and gc releases the rest.
+    let _ = rustix::process::kill_process(pid, rustix::process::Signal::KILL);
+    bail!("kiln run of `{}` did not stop in time and was killed; run `kiln gc` to release what it held", args.name)
+}
+
+/// Prints the VM's console log; with `--follow`, keeps printing until the
+/// VM's launcher exits.
+pub(crate) fn logs(args: &LogsArgs) -> Result<ExitCode> {
+    let state = state()?;
+    let entry = find(&state, &args.name)?;
+    let path =
+        entry.record.console_log.clone().with_context(|| format!("VM `{}` has no console log yet", args.name))?;
+    let mut file = std::fs::File::open(&path).with_context(|| format!("cannot open {}", path.display()))?;
+    let mut stdout = std::io::stdout().lock();
+    loop {
+        std::io::copy(&mut file, &mut stdout)?;
+        stdout.flush()?;
+        if !args.follow || !find(&state, &args.name).map(|e| e.alive).unwrap_or(false) {
+            // One last read: the launcher may have written after our copy.
+            std::io::copy(&mut file, &mut stdout)?;
+            return Ok(ExitCode::SUCCESS);
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
 }
