@@ -35,8 +35,11 @@ pub(crate) fn parse_connect_reply(line: &[u8]) -> std::result::Result<u32, Strin
 pub fn vsock_connect(socket: &Path, port: u32, timeout: Duration) -> Result<UnixStream> {
     check_socket_path("vsock.socket", socket)?;
     let what = format!("vsock CONNECT {port}");
+    let closed = || Error::protocol(&what, "connection closed: is the guest listening on that port?");
     let io_error = |err: io::Error| {
-        if matches!(err.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) {
+        if matches!(err.kind(), io::ErrorKind::BrokenPipe | io::ErrorKind::ConnectionReset) {
+            closed()
+        } else if matches!(err.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) {
             Error::Timeout { what: what.clone(), deadline: timeout }
         } else {
             Error::io(what.clone(), socket, err)
@@ -55,7 +58,7 @@ pub fn vsock_connect(socket: &Path, port: u32, timeout: Duration) -> Result<Unix
         }
         match stream.read(&mut byte).map_err(io_error)? {
             // cloud-hypervisor closes the connection when nothing listens on the port.
-            0 => return Err(Error::protocol(&what, "connection closed: is the guest listening on that port?")),
+            0 => return Err(closed()),
             _ => line.push(byte[0]),
         }
     }
