@@ -211,22 +211,28 @@ impl Vmm for ChVm {
         if let Some(status) = self.exited()? {
             return Ok(status);
         }
-        // Refused when the VM is not running (never booted, already off): fine.
-        let _ = self.call("PUT", "vm.power-button", None);
-        let deadline = Instant::now() + grace;
-        let mut gone = self.guest_gone()?;
-        while !gone && Instant::now() < deadline {
-            std::thread::sleep(POWER_OFF_POLL.min(deadline.saturating_duration_since(Instant::now())));
+        // Only a running guest can react to the power button: a created or
+        // paused VM goes straight to `vmm.shutdown` instead of waiting out `grace`.
+        let mut gone = false;
+        let status = self.status();
+        if matches!(status, Ok(Status::ShutDown(ShutdownHow::Guest))) {
+            gone = true;
+        } else if matches!(status, Ok(Status::Running)) {
+            // The VMM may refuse (the guest just went off): poll anyway.
+            let _ = self.call("PUT", "vm.power-button", None);
+            let deadline = Instant::now() + grace;
             gone = self.guest_gone()?;
+            while !gone && Instant::now() < deadline {
+                std::thread::sleep(POWER_OFF_POLL.min(deadline.saturating_duration_since(Instant::now())));
+                gone = self.guest_gone()?;
+            }
         }
         if let Some(status) = self.exited()? {
             return Ok(status);
         }
         let how = if gone { ShutdownHow::Guest } else { ShutdownHow::VmmQuit };
-        {
-            // The VMM may exit before it answers.
-            let _ = self.call("PUT", "vmm.shutdown", None);
-        }
+        // The VMM may exit before it answers.
+        let _ = self.call("PUT", "vmm.shutdown", None);
         if self.process.wait_exit(self.request_timeout)?.is_some() {
             return Ok(self.finish(Status::ShutDown(how)));
         }

@@ -10,6 +10,21 @@
 //! its own process group, dies with the thread that started it
 //! (`PR_SET_PDEATHSIG`), and is killed and reaped when its handle drops.
 //! Every wait has a deadline. No async runtime.
+//!
+//! ```no_run
+//! use std::time::Duration;
+//! use kiln_vmm::{Backend, Console, LaunchOptions, Status, VmPlan, launch};
+//!
+//! let mut plan = VmPlan::new("web-1", "/var/lib/kiln/vmlinuz", "console=ttyS0 panic=-1");
+//! plan.initramfs = Some("/var/lib/kiln/initramfs.cpio.gz".into());
+//! plan.serial = Console::File("/run/kiln/web-1/serial.log".into());
+//! let mut vm = launch(Backend::Qemu, &plan, &LaunchOptions::new("/run/kiln/web-1"))?;
+//! vm.boot()?;
+//! println!("{}", vm.status()?); // running
+//! // Power button; after 30 s without a power-off, quit; then SIGKILL.
+//! let stopped: Status = vm.shutdown(Duration::from_secs(30))?;
+//! # Ok::<(), kiln_vmm::Error>(())
+//! ```
 
 mod ch;
 mod ch_config;

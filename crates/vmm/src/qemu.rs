@@ -219,10 +219,17 @@ impl Vmm for QemuVm {
         if let Some(status) = self.exited()? {
             return Ok(status);
         }
-        // Errors are expected here: QEMU may exit while answering.
-        let _ = self.qmp.execute("system_powerdown", None, self.request_timeout);
-        if self.process.wait_exit(grace)?.is_some() {
-            return Ok(self.exited()?.unwrap_or(Status::ShutDown(ShutdownHow::Guest)));
+        // Only a running guest can react to the power button: a created or
+        // paused VM goes straight to `quit` instead of waiting out `grace`.
+        if matches!(self.status(), Ok(Status::Running)) {
+            // Errors are expected here: QEMU may exit while answering.
+            let _ = self.qmp.execute("system_powerdown", None, self.request_timeout);
+            if self.process.wait_exit(grace)?.is_some() {
+                return Ok(self.exited()?.unwrap_or(Status::ShutDown(ShutdownHow::Guest)));
+            }
+        }
+        if let Some(status) = self.exited()? {
+            return Ok(status);
         }
         let _ = self.qmp.execute("quit", None, self.request_timeout);
         if self.process.wait_exit(self.request_timeout)?.is_some() {

@@ -251,6 +251,7 @@ fn fake_ch_lifecycle_sends_the_expected_requests() {
         GET vm.info
         PUT vm.resume
         GET vm.info
+        GET vm.info
         PUT vm.power-button
         GET vm.info
         PUT vmm.shutdown"#]]
@@ -355,6 +356,19 @@ fn fake_ch_vmm_ignoring_shutdown_is_killed() {
     let pid = vm.pid();
     assert_eq!(vm.shutdown(Duration::from_millis(200)).expect("shutdown"), Status::ShutDown(ShutdownHow::Killed));
     assert!(!process_exists(pid), "fake VMM {pid} was not reaped");
+}
+
+#[test]
+fn fake_ch_unbooted_vm_is_quit_without_the_power_button() {
+    let fake = FakeCh::start(stateful("Shutdown", true));
+    let mut vm = launch(Backend::CloudHypervisor, &plan(), &fake.options()).expect("launch");
+    // A long grace: it must not be waited out for a VM that never booted.
+    assert_eq!(vm.shutdown(Duration::from_secs(600)).expect("shutdown"), Status::ShutDown(ShutdownHow::VmmQuit));
+    expect![[r#"
+        GET vmm.ping
+        PUT vm.create
+        GET vm.info
+        PUT vmm.shutdown"#]].assert_eq(&fake.requests());
 }
 
 #[test]
