@@ -47,7 +47,7 @@ impl VmmProcess {
                 rustix::process::set_parent_process_death_signal(Some(Signal::KILL))?;
                 // The parent may have died before prctl took effect.
                 if rustix::process::getppid() != Some(parent) {
-                    return Err(io::Error::from_raw_os_error(libc_esrch()));
+                    return Err(io::Error::from_raw_os_error(esrch()));
                 }
                 Ok(())
             })
@@ -154,7 +154,7 @@ pub(crate) fn log_tail(path: &Path, lines: usize) -> String {
 }
 
 /// ESRCH without a libc dependency: rustix's errno carries the raw value.
-fn libc_esrch() -> i32 {
+fn esrch() -> i32 {
     rustix::io::Errno::SRCH.raw_os_error()
 }
 

@@ -368,7 +368,8 @@ fn fake_ch_unbooted_vm_is_quit_without_the_power_button() {
         GET vmm.ping
         PUT vm.create
         GET vm.info
-        PUT vmm.shutdown"#]].assert_eq(&fake.requests());
+        PUT vmm.shutdown"#]]
+    .assert_eq(&fake.requests());
 }
 
 #[test]

@@ -83,6 +83,10 @@ fn qemu_shutdown_escalates_when_the_guest_ignores_the_power_button() {
     guest.vm.boot().expect("boot");
     guest.wait_for_marker();
     assert_eq!(guest.vm.status().expect("status"), Status::Running);
+    guest.vm.pause().expect("pause");
+    assert_eq!(guest.vm.status().expect("status"), Status::Paused);
+    guest.vm.resume().expect("resume");
+    assert_eq!(guest.vm.status().expect("status"), Status::Running);
     let pid = guest.vm.pid();
     let status = guest.vm.shutdown(Duration::from_secs(2)).expect("shutdown");
     assert_eq!(status, Status::ShutDown(ShutdownHow::VmmQuit));
@@ -115,6 +119,25 @@ fn qemu_killed_from_outside_is_reported_as_crashed() {
     }
     assert!(!process_exists(pid), "QEMU {pid} was not reaped");
     assert_eq!(guest.vm.shutdown(Duration::from_secs(1)).expect("shutdown of a crashed VM"), status);
+}
+
+#[test]
+fn qemu_serial_pty_is_reported() {
+    let test = current_test_name();
+    let Some(tools) = require_tools(&test, &["qemu-system-x86_64"]) else { return };
+    let Some(assets) = guest_assets(&test, &["bzimage"]) else { return };
+    let dir = run_dir();
+    let mut plan = VmPlan::new("it", &assets.bzimage, "console=ttyS0");
+    plan.serial = Console::Pty;
+    let mut options = LaunchOptions::new(dir.path().join("run"));
+    options.accel = AccelChoice::Tcg;
+    options.binary = Some(tools[0].clone());
+    // Created, never booted: QEMU has allocated the pty already.
+    let mut vm = launch(Backend::Qemu, &plan, &options).expect("launch");
+    let pty = vm.serial_pty().expect("query-chardev").expect("a pty");
+    assert!(pty.starts_with("/dev/pts/") && pty.exists(), "{}", pty.display());
+    // Not running: no power button, straight to quit.
+    assert_eq!(vm.shutdown(Duration::from_secs(600)).expect("shutdown"), Status::ShutDown(ShutdownHow::VmmQuit));
 }
 
 #[test]

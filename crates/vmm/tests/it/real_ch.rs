@@ -38,6 +38,10 @@ fn real_ch_api_lifecycle_when_installed() {
     vm.boot().expect("boot");
     // Under nested virtualisation the guest gets nowhere, but the VMM says Running.
     assert_eq!(vm.status().expect("status"), Status::Running);
+    vm.pause().expect("pause");
+    assert_eq!(vm.status().expect("status"), Status::Paused);
+    vm.resume().expect("resume");
+    assert_eq!(vm.status().expect("status"), Status::Running);
     let pid = vm.pid();
     let status = vm.shutdown(Duration::from_secs(2)).expect("shutdown");
     assert!(matches!(status, Status::ShutDown(_)), "{status:?}");
@@ -50,4 +54,21 @@ fn real_ch_api_lifecycle_when_installed() {
     assert_eq!(vm.info().expect("vm.info")["state"], "Running");
     vm.kill().expect("kill");
     assert!(matches!(vm.status().expect("status"), Status::ShutDown(kiln_vmm::ShutdownHow::Killed)));
+}
+
+#[test]
+fn real_ch_error_bodies_are_surfaced_verbatim_when_installed() {
+    let Some(binary) = cloud_hypervisor() else { return };
+    let dir = run_dir();
+    let plan = VmPlan::new("real-ch", dir.path().join("no-such-vmlinux"), "console=ttyS0");
+    let mut options = LaunchOptions::new(dir.path().join("run"));
+    options.binary = Some(binary);
+    let err = match launch(Backend::CloudHypervisor, &plan, &options) {
+        Ok(mut vm) => vm.boot().expect_err("no kernel to boot"),
+        Err(err) => err,
+    };
+    assert_eq!(err.kind(), kiln_vmm::ErrorKind::Api, "{err}");
+    let message = err.to_string();
+    assert!(message.contains("(HTTP 500): [\"Error from API\""), "{message}");
+    println!("{message}");
 }
