@@ -69,8 +69,9 @@ pub(super) fn run(options: &Options) -> Result<()> {
         });
     }
     let workload = format!(
-        "1 vCPU, 256 MiB, the Debian cloud kernel ({}), no disks; QEMU under TCG, started paused",
-        bzimage.display()
+        "1 vCPU, 256 MiB, no disks, the Debian cloud kernel from {}: `vmlinuz` for QEMU (TCG, started paused){}",
+        guest_dir.display(),
+        if with_ch { ", `vmlinux` for cloud-hypervisor (KVM)" } else { "" }
     );
     let method = format!(
         "median of {} interleaved rounds after one warm-up each, timed inside `vmm_bench` from spawn to the boot \
