@@ -46,7 +46,7 @@ pub use plan::{
 };
 pub use qemu::{QEMU_ACCEL_ENV, QemuVm, probe_accel};
 pub use qemu_args::{Accel, qemu_args};
-pub use vm::{AccelChoice, Backend, LaunchOptions, ShutdownHow, Status, Vmm, launch};
+pub use vm::{AccelChoice, Backend, LaunchOptions, ShutdownHow, Status, Vmm, default_backend, launch};
 pub use vsock::{VsockListener, vsock_connect};
 
 /// Parsers of untrusted VMM output, for the fuzz targets only.

@@ -153,3 +153,34 @@ pub fn launch(backend: Backend, plan: &VmPlan, options: &LaunchOptions) -> Resul
         Backend::CloudHypervisor => Box::new(crate::ch::ChVm::launch(plan, options)?),
     })
 }
+
+/// The backend to use when the caller has no preference: cloud-hypervisor
+/// when a `cloud-hypervisor` binary is on `PATH` and KVM can be trusted
+/// ([`crate::probe_accel`] with [`AccelChoice::Auto`] picks KVM), QEMU
+/// otherwise: QEMU's TCG runs a stock kernel anywhere.
+pub fn default_backend() -> Result<Backend> {
+    let accel = crate::probe_accel(AccelChoice::Auto)?;
+    let on_path = std::env::var_os("PATH")
+        .is_some_and(|path| std::env::split_paths(&path).any(|dir| dir.join("cloud-hypervisor").is_file()));
+    Ok(pick_backend(on_path, accel))
+}
+
+fn pick_backend(cloud_hypervisor_on_path: bool, accel: crate::Accel) -> Backend {
+    match (cloud_hypervisor_on_path, accel) {
+        (true, crate::Accel::Kvm) => Backend::CloudHypervisor,
+        _ => Backend::Qemu,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::Accel;
+
+    #[test]
+    fn cloud_hypervisor_only_with_trusted_kvm() {
+        assert_eq!(pick_backend(true, Accel::Kvm), Backend::CloudHypervisor);
+        assert_eq!(pick_backend(true, Accel::Tcg), Backend::Qemu);
+        assert_eq!(pick_backend(false, Accel::Kvm), Backend::Qemu);
+    }
+}
