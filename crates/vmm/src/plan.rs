@@ -245,6 +245,10 @@ fn check_file_path(field: &str, path: &Path) -> Result<()> {
     if bytes.contains(&0) || bytes.contains(&b'\n') {
         return Err(Error::invalid(field, format!("`{}` contains a NUL or newline", path.display())));
     }
+    // cloud-hypervisor's API is JSON, which cannot carry other bytes.
+    if path.to_str().is_none() {
+        return Err(Error::invalid(field, format!("`{}` is not valid UTF-8", path.display())));
+    }
     Ok(())
 }
 

@@ -97,8 +97,7 @@ fn chardev(id: &str, console: &Console) -> Option<OsString> {
     }
 }
 
-/// `prefix` + `path` with QEMU's option escaping (`,` doubled) + `suffix`,
-/// byte for byte, so non-UTF-8 paths survive.
+/// `prefix` + `path` with QEMU's option escaping (`,` doubled) + `suffix`.
 fn option(prefix: &str, path: &Path, suffix: &str) -> OsString {
     let mut bytes = prefix.as_bytes().to_vec();
     for &byte in path.as_os_str().as_bytes() {

@@ -4,6 +4,7 @@
 //! and hybrid vsock against a fake peer.
 
 mod fake_ch;
+mod props;
 mod qemu;
 mod real_ch;
 mod support;
