@@ -18,9 +18,21 @@ const MAX_LINE: u64 = 1 << 20;
 #[derive(Debug, Clone, PartialEq)]
 pub(crate) enum QmpMessage {
     Greeting,
-    Return(Value),
-    Error { class: String, desc: String },
-    Event { name: String, data: Value },
+    /// A reply; `id` echoes the request's, so a late reply to a command
+    /// that timed out is never taken for the answer to the next one.
+    Return {
+        value: Value,
+        id: Option<u64>,
+    },
+    Error {
+        class: String,
+        desc: String,
+        id: Option<u64>,
+    },
+    Event {
+        name: String,
+        data: Value,
+    },
 }
 
 /// Parses one QMP line. Pure, and fuzzed: QEMU's output is not trusted.
@@ -31,12 +43,13 @@ pub(crate) fn parse_qmp_line(line: &str) -> Result<QmpMessage> {
     if object.contains_key("QMP") {
         return Ok(QmpMessage::Greeting);
     }
+    let id = object.get("id").and_then(Value::as_u64);
     if let Some(value) = object.get("return") {
-        return Ok(QmpMessage::Return(value.clone()));
+        return Ok(QmpMessage::Return { value: value.clone(), id });
     }
     if let Some(error) = object.get("error") {
         let text = |key: &str| error.get(key).and_then(Value::as_str).unwrap_or("").to_owned();
-        return Ok(QmpMessage::Error { class: text("class"), desc: text("desc") });
+        return Ok(QmpMessage::Error { class: text("class"), desc: text("desc"), id });
     }
     if let Some(Value::String(name)) = object.get("event") {
         let data = object.get("data").cloned().unwrap_or(Value::Null);
@@ -52,6 +65,8 @@ pub(crate) struct Qmp {
     path: PathBuf,
     /// Events seen while waiting for replies, oldest first.
     pub(crate) events: Vec<(String, Value)>,
+    /// The id of the last request sent.
+    last_id: u64,
 }
 
 impl Qmp {
@@ -77,7 +92,8 @@ impl Qmp {
             }
         };
         let writer = stream.try_clone().map_err(|err| Error::io("Cloning the QMP socket", path, err))?;
-        let mut qmp = Qmp { reader: BufReader::new(stream), writer, path: path.to_owned(), events: Vec::new() };
+        let mut qmp =
+            Qmp { reader: BufReader::new(stream), writer, path: path.to_owned(), events: Vec::new(), last_id: 0 };
         let remaining = deadline.saturating_duration_since(Instant::now()).max(Duration::from_millis(1));
         match qmp.read_message("the QMP greeting", remaining)? {
             QmpMessage::Greeting => {}
@@ -91,7 +107,9 @@ impl Qmp {
     /// Runs `command` and returns its `return` value.
     pub(crate) fn execute(&mut self, command: &str, arguments: Option<Value>, timeout: Duration) -> Result<Value> {
         let deadline = Instant::now() + timeout;
-        let mut request = json!({ "execute": command });
+        self.last_id += 1;
+        let id = self.last_id;
+        let mut request = json!({ "execute": command, "id": id });
         if let Some(arguments) = arguments {
             request["arguments"] = arguments;
         }
@@ -105,8 +123,12 @@ impl Qmp {
                 return Err(Error::Timeout { what: format!("QMP `{command}`"), deadline: timeout });
             }
             match self.read_message(command, remaining)? {
-                QmpMessage::Return(value) => return Ok(value),
-                QmpMessage::Error { class, desc } => return Err(Error::Qmp { command: command.into(), class, desc }),
+                QmpMessage::Return { value, id: Some(reply) } if reply == id => return Ok(value),
+                QmpMessage::Error { class, desc, id: Some(reply) } if reply == id => {
+                    return Err(Error::Qmp { command: command.into(), class, desc });
+                }
+                // A late reply to an earlier request that timed out.
+                QmpMessage::Return { .. } | QmpMessage::Error { .. } => {}
                 QmpMessage::Event { name, data } => self.events.push((name, data)),
                 QmpMessage::Greeting => return Err(Error::protocol(format!("QMP `{command}`"), "a second greeting")),
             }
@@ -172,16 +194,17 @@ mod tests {
             r#"{"QMP": {"version": {"qemu": {"micro": 22, "minor": 2, "major": 7}}, "capabilities": ["oob"]}}"#,
             expect!["Greeting"],
         );
-        check(r#"{"return": {}}"#, expect!["Return(Object {})"]);
+        check(r#"{"return": {}}"#, expect!["Return { value: Object {}, id: None }"]);
+        check(r#"{"return": {}, "id": 7}"#, expect!["Return { value: Object {}, id: Some(7) }"]);
         check(
             r#"{"return": {"status": "prelaunch", "singlestep": false, "running": false}}"#,
             expect![[
-                r#"Return(Object {"running": Bool(false), "singlestep": Bool(false), "status": String("prelaunch")})"#
+                r#"Return { value: Object {"running": Bool(false), "singlestep": Bool(false), "status": String("prelaunch")}, id: None }"#
             ]],
         );
         check(
             r#"{"error": {"class": "CommandNotFound", "desc": "The command nope has not been found"}}"#,
-            expect![[r#"Error { class: "CommandNotFound", desc: "The command nope has not been found" }"#]],
+            expect![[r#"Error { class: "CommandNotFound", desc: "The command nope has not been found", id: None }"#]],
         );
         check(
             r#"{"timestamp": {"seconds": 1, "microseconds": 2}, "event": "SHUTDOWN", "data": {"guest": true, "reason": "guest-shutdown"}}"#,

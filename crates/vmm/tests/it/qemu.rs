@@ -141,6 +141,34 @@ fn qemu_serial_pty_is_reported() {
 }
 
 #[test]
+fn qemu_hung_vmm_hits_deadlines_and_is_killed() {
+    let test = current_test_name();
+    let Some(tools) = require_tools(&test, &["qemu-system-x86_64"]) else { return };
+    let Some(assets) = guest_assets(&test, &["bzimage"]) else { return };
+    let dir = run_dir();
+    let plan = VmPlan::new("it", &assets.bzimage, "console=ttyS0");
+    let mut options = LaunchOptions::new(dir.path().join("run"));
+    options.accel = AccelChoice::Tcg;
+    options.binary = Some(tools[0].clone());
+    options.request_timeout = Duration::from_millis(300);
+    let mut vm = launch(Backend::Qemu, &plan, &options).expect("launch");
+    let pid = vm.pid();
+    // A stopped process keeps its sockets open and answers nothing: a hung VMM.
+    let raw = rustix::process::Pid::from_raw(pid as i32).expect("pid");
+    rustix::process::kill_process(raw, rustix::process::Signal::STOP).expect("SIGSTOP QEMU");
+    let err = vm.status().expect_err("a stopped QEMU cannot answer");
+    assert_eq!(err.kind(), ErrorKind::Timeout, "{err}");
+    // Woken up, it answers the stale request first; kiln must skip that reply.
+    rustix::process::kill_process(raw, rustix::process::Signal::CONT).expect("SIGCONT QEMU");
+    // (Taking it for the answer to `cont` would make this status read `{}`.)
+    vm.boot().expect("boot after the hang");
+    assert_eq!(vm.status().expect("status after the hang"), Status::Running);
+    rustix::process::kill_process(raw, rustix::process::Signal::STOP).expect("SIGSTOP QEMU again");
+    assert_eq!(vm.shutdown(Duration::from_secs(600)).expect("shutdown"), Status::ShutDown(ShutdownHow::Killed));
+    assert!(!process_exists(pid), "QEMU {pid} was not reaped");
+}
+
+#[test]
 fn qemu_exiting_at_start_up_reports_its_log() {
     let test = current_test_name();
     let Some(tools) = require_tools(&test, &["qemu-system-x86_64"]) else { return };
