@@ -3,7 +3,7 @@
 
 use std::ffi::OsString;
 use std::fs::{File, OpenOptions};
-use std::io::{self, Read, Seek, SeekFrom};
+use std::io::{self, Read, Seek, SeekFrom, Write};
 use std::os::unix::fs::OpenOptionsExt;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
@@ -28,7 +28,12 @@ impl VmmProcess {
     /// Starts `binary args`, stdout and stderr appended to `log_path`
     /// (created 0600, truncated), stdin from /dev/null.
     pub(crate) fn spawn(binary: &Path, args: &[OsString], log_path: &Path) -> Result<VmmProcess> {
-        let log = open_log(log_path)?;
+        let mut log = open_log(log_path)?;
+        // The command line heads the log (as libvirt does), so a crash
+        // report always says what ran. The VMM's output follows it: the
+        // child inherits the file offset.
+        let header = format!("kiln: starting {}\n", command_line(binary, args));
+        log.write_all(header.as_bytes()).map_err(|err| Error::io("Writing the VMM log", log_path, err))?;
         let log_err = log.try_clone().map_err(|err| Error::io("Sharing the VMM log", log_path, err))?;
         let mut command = Command::new(binary);
         command.args(args).stdin(Stdio::null()).stdout(log).stderr(log_err);
@@ -153,6 +158,17 @@ pub(crate) fn log_tail(path: &Path, lines: usize) -> String {
     all[all.len().saturating_sub(lines)..].join("\n")
 }
 
+/// `binary args...`, each word single-quoted when it is not plain.
+fn command_line(binary: &Path, args: &[OsString]) -> String {
+    let quote = |word: &std::ffi::OsStr| {
+        let word = word.to_string_lossy();
+        let plain = !word.is_empty()
+            && word.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | '/' | ',' | '=' | ':'));
+        if plain { word.into_owned() } else { format!("'{}'", word.replace('\'', "'\\''")) }
+    };
+    std::iter::once(quote(binary.as_os_str())).chain(args.iter().map(|arg| quote(arg))).collect::<Vec<_>>().join(" ")
+}
+
 /// ESRCH without a libc dependency: rustix's errno carries the raw value.
 fn esrch() -> i32 {
     rustix::io::Errno::SRCH.raw_os_error()
@@ -174,6 +190,13 @@ mod tests {
     }
 
     #[test]
+    fn command_lines_are_quoted() {
+        let args: Vec<OsString> = ["-append", "console=ttyS0 panic=-1", "it's", ""].map(OsString::from).to_vec();
+        expect_test::expect![[r#"/usr/bin/qemu -append 'console=ttyS0 panic=-1' 'it'\''s' ''"#]]
+            .assert_eq(&command_line(Path::new("/usr/bin/qemu"), &args));
+    }
+
+    #[test]
     fn missing_binary_is_named() {
         let dir = tempfile::tempdir().expect("tempdir");
         let err = VmmProcess::spawn(Path::new("/nonexistent/qemu"), &[], &dir.path().join("log"))
@@ -191,7 +214,7 @@ mod tests {
             VmmProcess::spawn(Path::new("/bin/sh"), &["-c".into(), "echo hello; exit 3".into()], &log).expect("sh");
         let status = quick.wait_exit(Duration::from_secs(10)).expect("wait").expect("exits");
         assert_eq!(status.code(), Some(3));
-        assert_eq!(quick.log_tail(), "hello");
+        assert_eq!(quick.log_tail(), "kiln: starting /bin/sh -c 'echo hello; exit 3'\nhello");
         let mut slow =
             VmmProcess::spawn(Path::new("/bin/sh"), &["-c".into(), "sleep 60 & wait".into()], &log).expect("sh");
         assert_eq!(slow.wait_exit(Duration::from_millis(50)).expect("wait"), None);

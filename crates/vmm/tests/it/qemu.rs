@@ -114,6 +114,7 @@ fn qemu_killed_from_outside_is_reported_as_crashed() {
         Status::Crashed { reason, log_tail } => {
             assert!(reason.contains("SIGKILL"), "{reason}");
             assert_eq!(log_tail, log.trim_end(), "the crash report carries the log's tail");
+            assert!(log_tail.starts_with("kiln: starting ") && log_tail.contains(" -accel tcg "), "{log_tail}");
         }
         other => panic!("expected crashed, got {other:?}"),
     }
