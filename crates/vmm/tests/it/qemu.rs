@@ -142,6 +142,40 @@ fn qemu_serial_pty_is_reported() {
 }
 
 #[test]
+fn qemu_accepts_every_mapped_device() {
+    // The argv mapping against the real QEMU: shared memory, raw and qcow2
+    // disks (read-only, O_DIRECT, a comma in a name), serial on a socket,
+    // the virtio console on a pty, entropy. QEMU checks every option when
+    // it starts, so reaching `Created` means it took them all. (Taps need
+    // root and kiln-net; vhost-vsock and VFIO need host devices.)
+    let test = current_test_name();
+    let Some(tools) = require_tools(&test, &["qemu-system-x86_64"]) else { return };
+    let Some(assets) = guest_assets(&test, &["bzimage"]) else { return };
+    let dir = run_dir();
+    let raw = dir.path().join("seed,1.img");
+    std::fs::write(&raw, vec![0u8; 1 << 20]).expect("raw disk");
+    let qcow2 = dir.path().join("data.qcow2");
+    kiln_imagefmt::create_qcow2(&qcow2, 64 << 20, &kiln_imagefmt::Qcow2Options::default()).expect("qcow2 disk");
+    let mut plan = VmPlan::new("it", &assets.bzimage, "console=ttyS0");
+    plan.memory = kiln_vmm::Memory { mib: 128, shared: true, hugepages: false };
+    plan.disks = vec![
+        kiln_vmm::Disk { path: raw, read_only: true, direct: false, format: kiln_vmm::DiskFormat::Raw },
+        kiln_vmm::Disk { path: qcow2, read_only: false, direct: true, format: kiln_vmm::DiskFormat::Qcow2 },
+    ];
+    plan.serial = Console::Socket(dir.path().join("serial.sock"));
+    plan.console = Console::Pty;
+    plan.entropy = true;
+    let mut options = LaunchOptions::new(dir.path().join("run"));
+    options.accel = AccelChoice::Tcg;
+    options.binary = Some(tools[0].clone());
+    let mut vm = launch(Backend::Qemu, &plan, &options).expect("QEMU accepts the arguments");
+    assert_eq!(vm.status().expect("status"), Status::Created);
+    assert!(dir.path().join("serial.sock").exists(), "QEMU listens on the serial socket");
+    vm.kill().expect("kill");
+    assert_eq!(vm.status().expect("status"), Status::ShutDown(ShutdownHow::Killed));
+}
+
+#[test]
 fn qemu_hung_vmm_hits_deadlines_and_is_killed() {
     let test = current_test_name();
     let Some(tools) = require_tools(&test, &["qemu-system-x86_64"]) else { return };
