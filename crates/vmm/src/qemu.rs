@@ -189,7 +189,13 @@ impl Vmm for QemuVm {
         Ok(match state {
             "prelaunch" => Status::Created,
             "running" => Status::Running,
-            "internal-error" | "guest-panicked" | "io-error" | "shutdown" => Status::Crashed {
+            // The guest is off and QEMU (without -no-shutdown) is exiting:
+            // classify the exit, whose events say how it went.
+            "shutdown" => {
+                self.process.wait_exit(EXIT_GRACE)?;
+                self.exited()?.unwrap_or(Status::ShutDown(ShutdownHow::Guest))
+            }
+            "internal-error" | "guest-panicked" | "io-error" => Status::Crashed {
                 reason: format!("QEMU reports the VM as `{state}`"),
                 log_tail: self.process.log_tail(),
             },
