@@ -16,8 +16,12 @@ pub(crate) const TEST_PACKAGES: &[&[&str]] = &[
     &["mtools"],
     // cpio -t / -idm: read initramfs archives back.
     &["cpio"],
-    // qemu-img check / info / compare / convert: the qcow2 interop checks.
-    &["qemu-utils"],
+    // qemu-img check / info / compare / convert: the qcow2 interop checks;
+    // qemu-system-x86_64: kiln-vmm boots the guest kernel under TCG. One
+    // group, so Debian's qemu-system-x86 and qemu-utils stay the same version.
+    &["qemu-system-x86", "qemu-utils"],
+    // A static busybox: /init of the tiny initramfs kiln-vmm's boot tests use.
+    &["busybox-static"],
     // libFuzzer (built by libfuzzer-sys for `cargo fuzz`) is C++.
     &["g++"],
     // nft: kiln-net's firewall rules, applied inside test namespaces.

@@ -9,6 +9,7 @@
 mod fat;
 mod net;
 mod qcow2;
+mod vmm;
 
 use std::fs;
 use std::io::{self, Read};
@@ -22,7 +23,7 @@ use anyhow::{Context, Result, bail};
 use crate::{announce, flag_value, show_command};
 
 /// Every benchmark area, in the order `cargo xtask bench` runs them.
-const AREAS: &[(&str, Area)] = &[("fat", fat::run), ("qcow2", qcow2::run), ("net", net::run)];
+const AREAS: &[(&str, Area)] = &[("fat", fat::run), ("qcow2", qcow2::run), ("net", net::run), ("vmm", vmm::run)];
 
 type Area = fn(&Options) -> Result<()>;
 
