@@ -41,7 +41,7 @@ pub(crate) fn ensure_installed(groups: &[&[&str]]) -> Result<()> {
     let list = missing.join(" ");
     if !is_root() {
         bail!(
-            "missing Debian packages: {list}\ninstall them with:\n    sudo apt-get install -y --no-install-recommends {list}"
+            "missing Debian packages: {list}\ninstall them with:\n    sudo apt-get install -y --no-install-recommends --allow-downgrades {list}"
         );
     }
     println!("missing: {list}; installing");
@@ -49,7 +49,7 @@ pub(crate) fn ensure_installed(groups: &[&[&str]]) -> Result<()> {
     crate::run_command(
         Command::new("apt-get")
             .env("DEBIAN_FRONTEND", "noninteractive")
-            .args(["install", "-y", "--no-install-recommends"])
+            .args(["install", "-y", "--no-install-recommends", "--allow-downgrades"])
             .args(&missing),
     )?;
     let still_missing = missing_packages(groups)?;
@@ -59,8 +59,13 @@ pub(crate) fn ensure_installed(groups: &[&[&str]]) -> Result<()> {
     Ok(())
 }
 
-/// Every package of every group that has at least one package missing.
+/// Every package of every group that has at least one package missing. The
+/// packages of a group of several are pinned to the distribution's release
+/// (`qemu-utils/bookworm`): a machine may carry a newer, backported
+/// `qemu-utils` that the release's `qemu-system-x86` refuses to sit beside,
+/// and apt keeps the newer one unless told (hence `--allow-downgrades`).
 fn missing_packages(groups: &[&[&str]]) -> Result<Vec<String>> {
+    let codename = release_codename();
     let mut missing = Vec::new();
     for group in groups {
         let mut group_complete = true;
@@ -68,10 +73,22 @@ fn missing_packages(groups: &[&[&str]]) -> Result<Vec<String>> {
             group_complete &= is_installed(package)?;
         }
         if !group_complete {
-            missing.extend(group.iter().map(|package| package.to_string()));
+            missing.extend(group.iter().map(|package| match (&codename, group.len()) {
+                (Some(codename), 2..) => format!("{package}/{codename}"),
+                _ => package.to_string(),
+            }));
         }
     }
     Ok(missing)
+}
+
+/// `VERSION_CODENAME` from /etc/os-release (`bookworm`).
+fn release_codename() -> Option<String> {
+    let text = std::fs::read_to_string("/etc/os-release").ok()?;
+    text.lines()
+        .find_map(|line| line.strip_prefix("VERSION_CODENAME="))
+        .map(|value| value.trim_matches('"').to_owned())
+        .filter(|value| !value.is_empty())
 }
 
 fn is_installed(package: &str) -> Result<bool> {
@@ -97,7 +114,8 @@ mod tests {
         // dpkg is installed on every Debian system; the other name cannot exist.
         let groups: &[&[&str]] = &[&["dpkg"], &["dpkg", "kiln-no-such-package"]];
         let missing = missing_packages(groups).expect("dpkg-query runs");
-        assert_eq!(missing, ["dpkg", "kiln-no-such-package"]);
+        let pin = super::release_codename().map(|c| format!("/{c}")).unwrap_or_default();
+        assert_eq!(missing, [format!("dpkg{pin}"), format!("kiln-no-such-package{pin}")]);
         assert!(missing_packages(&[&["dpkg"]]).expect("dpkg-query runs").is_empty());
     }
 }
