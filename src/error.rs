@@ -36,6 +36,18 @@ pub enum Error {
     VmBusy { name: String, pid: Option<u32> },
     #[error("VM `{name}` was not stopped cleanly; run `kiln gc` to release what it held")]
     VmNeedsGc { name: String },
+    #[error("The guest {what} {} does not exist; run `cargo xtask guest`, set KILN_GUEST_DIR, or name it in the spec's [guest]", path.display())]
+    GuestFileMissing { what: &'static str, path: std::path::PathBuf },
+    #[error("No VMM: `{binary}` is not on PATH (install qemu-system-x86, or see the README for cloud-hypervisor)")]
+    NoVmm { binary: &'static str },
+    #[error("The spec has no service.binary, which a VM needs")]
+    NoBinary,
+    #[error("The service binary {} does not exist", path.display())]
+    BinaryMissing { path: std::path::PathBuf },
+    #[error("Cannot read or write {}", path.display())]
+    InputIo { path: std::path::PathBuf, source: std::io::Error },
+    #[error(transparent)]
+    Vmm(kiln_vmm::Error),
     #[error("Host networking: {0}")]
     HostNet(String),
     #[error(transparent)]

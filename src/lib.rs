@@ -12,6 +12,7 @@ mod error;
 mod gc;
 mod hostnet;
 mod launch;
+mod run;
 mod service_disk;
 mod size;
 mod spec;
@@ -21,6 +22,10 @@ pub use error::{Error, Result};
 pub use gc::{GcAction, HostHandles, collect_garbage, release_vm};
 pub use hostnet::{CIDR_ENV, DEFAULT_CIDR, HostNet, UPLINK_ENV};
 pub use launch::LaunchScript;
+pub use run::{
+    DATA_DISK_SERIAL, FAILURE_EXIT_CODE, GUEST_DIR_ENV, GUEST_GRACE, GuestFiles, RunObserver, RunOptions, RunOutcome,
+    VmFiles, build_images, choose_backend, exit_from_console, kernel_cmdline, mac_for, run, seed, vm_plan,
+};
 pub use service_disk::{DiskTree, ServiceDisk};
 pub use size::parse_size;
 pub use spec::{

@@ -3,6 +3,7 @@
 //! 2 for a usage error (clap's own).
 
 mod image;
+mod runcmd;
 mod vms;
 
 use std::process::ExitCode;
@@ -12,6 +13,9 @@ use clap::{Parser, Subcommand};
 #[derive(Debug, Parser)]
 #[command(name = "kiln", version, about = "Pack a service into disk images and run it in a microVM")]
 struct Cli {
+    /// More log output on stderr (-v info, -vv debug); RUST_LOG overrides.
+    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
+    verbose: u8,
     #[command(subcommand)]
     command: Command,
 }
@@ -21,6 +25,10 @@ enum Command {
     /// Build and inspect disk images.
     #[command(subcommand)]
     Image(image::ImageCommand),
+    /// Run a spec in a microVM; the exit code is the service's.
+    Run(runcmd::RunArgs),
+    /// Print what a spec becomes, without running anything.
+    Render(runcmd::RenderArgs),
     /// List the VMs kiln knows, running or not.
     Ps(vms::PsArgs),
     /// Release what VMs whose launcher died still hold: VMM processes,
@@ -34,7 +42,10 @@ enum Command {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    init_tracing(cli.verbose);
     let result = match cli.command {
+        Command::Run(args) => runcmd::run(&args),
+        Command::Render(args) => runcmd::render(&args),
         Command::Image(command) => image::run(command).map(|()| ExitCode::SUCCESS),
         Command::Ps(args) => vms::ps(&args),
         Command::Gc(args) => vms::gc(&args),
@@ -51,4 +62,20 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// Logs go to stderr: warnings by default, more with -v, or what RUST_LOG says.
+fn init_tracing(verbose: u8) {
+    let default = match verbose {
+        0 => "warn",
+        1 => "info",
+        _ => "debug",
+    };
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .try_init();
 }

@@ -26,13 +26,17 @@ pub fn ch_vm_config(plan: &VmPlan) -> Value {
             .disks
             .iter()
             .map(|disk| {
-                json!({
+                let mut config = json!({
                     "path": disk.path,
                     "readonly": disk.read_only,
                     "direct": disk.direct,
                     // Stated, never probed (see DiskFormat).
                     "image_type": match disk.format { DiskFormat::Raw => "Raw", DiskFormat::Qcow2 => "Qcow2" },
-                })
+                });
+                if let Some(serial) = &disk.serial {
+                    config["serial"] = json!(serial);
+                }
+                config
             })
             .collect();
     }
@@ -113,7 +117,8 @@ mod tests {
                   "direct": true,
                   "image_type": "Qcow2",
                   "path": "/vms/web-1/root.qcow2",
-                  "readonly": false
+                  "readonly": false,
+                  "serial": "kiln-data"
                 },
                 {
                   "direct": false,

@@ -58,6 +58,9 @@ pub struct Disk {
     /// Open with `O_DIRECT`, bypassing the host page cache.
     pub direct: bool,
     pub format: DiskFormat,
+    /// The virtio-blk serial the guest sees (`/sys/block/vdX/serial`): at
+    /// most 20 bytes of `[A-Za-z0-9._-]`. kiln-init finds its data disk by it.
+    pub serial: Option<String>,
 }
 
 /// The format of a disk image. Always stated, never probed: probing a
@@ -193,6 +196,15 @@ impl VmPlan {
         }
         for (index, disk) in self.disks.iter().enumerate() {
             check_file_path(&format!("disks[{index}].path"), &disk.path)?;
+            if let Some(serial) = &disk.serial {
+                let valid = |c: char| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-');
+                if serial.is_empty() || serial.len() > 20 || !serial.chars().all(valid) {
+                    return Err(Error::invalid(
+                        format!("disks[{index}].serial"),
+                        format!("`{serial}` must be 1-20 characters of [A-Za-z0-9._-]"),
+                    ));
+                }
+            }
         }
         for (index, network) in self.networks.iter().enumerate() {
             check_network(index, network)?;
@@ -332,7 +344,15 @@ mod tests {
             expect!["Invalid VM plan: `cmdline` is 2048 bytes; Linux takes at most 2047"],
         );
         check(
-            |p| p.disks.push(Disk { path: "d.img".into(), read_only: true, direct: false, format: DiskFormat::Raw }),
+            |p| {
+                p.disks.push(Disk {
+                    path: "d.img".into(),
+                    read_only: true,
+                    direct: false,
+                    format: DiskFormat::Raw,
+                    serial: None,
+                })
+            },
             expect!["Invalid VM plan: `disks[0].path` `d.img` must be an absolute path"],
         );
         check(
@@ -406,8 +426,20 @@ pub(crate) mod tests_support {
         plan.memory = Memory { mib: 1024, shared: true, hugepages: true };
         plan.initramfs = Some("/var/lib/kiln/initramfs.cpio.gz".into());
         plan.disks = vec![
-            Disk { path: "/vms/web-1/root.qcow2".into(), read_only: false, direct: true, format: DiskFormat::Qcow2 },
-            Disk { path: "/vms/web-1/seed,1.img".into(), read_only: true, direct: false, format: DiskFormat::Raw },
+            Disk {
+                path: "/vms/web-1/root.qcow2".into(),
+                read_only: false,
+                direct: true,
+                format: DiskFormat::Qcow2,
+                serial: Some("kiln-data".into()),
+            },
+            Disk {
+                path: "/vms/web-1/seed,1.img".into(),
+                read_only: true,
+                direct: false,
+                format: DiskFormat::Raw,
+                serial: None,
+            },
         ];
         plan.networks = vec![Network {
             tap: "kt-web-1".into(),

@@ -69,7 +69,8 @@ pub fn qemu_args(plan: &VmPlan, accel: Accel, qmp_socket: &Path) -> Vec<OsString
             tail.push_str(",cache.direct=on");
         }
         args.push_os("-drive", option("file=", &disk.path, &tail));
-        args.push(["-device".to_owned(), format!("virtio-blk-pci,drive=disk{index}")]);
+        let serial = disk.serial.as_ref().map(|serial| format!(",serial={serial}")).unwrap_or_default();
+        args.push(["-device".to_owned(), format!("virtio-blk-pci,drive=disk{index}{serial}")]);
     }
     for (index, network) in plan.networks.iter().enumerate() {
         args.push(["-netdev".to_owned(), format!("tap,id=net{index},ifname={},script=no,downscript=no", network.tap)]);
@@ -176,37 +177,37 @@ mod tests {
             &full_plan(),
             Accel::Kvm,
             expect![[r#"
-            -name web-1
-            -S
-            -no-user-config
-            -nodefaults
-            -no-reboot
-            -nographic
-            -accel kvm
-            -cpu host
-            -smp 2
-            -m 1024M
-            -object memory-backend-memfd,id=ram0,size=1024M,share=on,hugetlb=on
-            -machine pc,memory-backend=ram0
-            -kernel /var/lib/kiln/vmlinux
-            -initrd /var/lib/kiln/initramfs.cpio.gz
-            -append console=ttyS0 panic=-1 quiet
-            -qmp unix:/run/kiln/vm/qmp.sock,server=on,wait=off
-            -chardev file,id=serial0,path=/run/kiln/web-1/serial.log
-            -serial chardev:serial0
-            -device virtio-serial-pci,id=vser0
-            -chardev pty,id=console0
-            -device virtconsole,chardev=console0
-            -drive file=/vms/web-1/root.qcow2,format=qcow2,if=none,id=disk0,cache.direct=on
-            -device virtio-blk-pci,drive=disk0
-            -drive file=/vms/web-1/seed,,1.img,format=raw,if=none,id=disk1,readonly=on
-            -device virtio-blk-pci,drive=disk1
-            -netdev tap,id=net0,ifname=kt-web-1,script=no,downscript=no
-            -device virtio-net-pci,netdev=net0,mac=52:54:00:12:34:56
-            -device vhost-vsock-pci,guest-cid=7
-            -object rng-random,id=rng0,filename=/dev/urandom
-            -device virtio-rng-pci,rng=rng0
-            -device vfio-pci,host=0000:01:00.0"#]],
+                -name web-1
+                -S
+                -no-user-config
+                -nodefaults
+                -no-reboot
+                -nographic
+                -accel kvm
+                -cpu host
+                -smp 2
+                -m 1024M
+                -object memory-backend-memfd,id=ram0,size=1024M,share=on,hugetlb=on
+                -machine pc,memory-backend=ram0
+                -kernel /var/lib/kiln/vmlinux
+                -initrd /var/lib/kiln/initramfs.cpio.gz
+                -append console=ttyS0 panic=-1 quiet
+                -qmp unix:/run/kiln/vm/qmp.sock,server=on,wait=off
+                -chardev file,id=serial0,path=/run/kiln/web-1/serial.log
+                -serial chardev:serial0
+                -device virtio-serial-pci,id=vser0
+                -chardev pty,id=console0
+                -device virtconsole,chardev=console0
+                -drive file=/vms/web-1/root.qcow2,format=qcow2,if=none,id=disk0,cache.direct=on
+                -device virtio-blk-pci,drive=disk0,serial=kiln-data
+                -drive file=/vms/web-1/seed,,1.img,format=raw,if=none,id=disk1,readonly=on
+                -device virtio-blk-pci,drive=disk1
+                -netdev tap,id=net0,ifname=kt-web-1,script=no,downscript=no
+                -device virtio-net-pci,netdev=net0,mac=52:54:00:12:34:56
+                -device vhost-vsock-pci,guest-cid=7
+                -object rng-random,id=rng0,filename=/dev/urandom
+                -device virtio-rng-pci,rng=rng0
+                -device vfio-pci,host=0000:01:00.0"#]],
         );
     }
 }

@@ -16,12 +16,15 @@ fn path() -> impl Strategy<Value = PathBuf> {
 }
 
 fn disk() -> impl Strategy<Value = Disk> {
-    (path(), any::<bool>(), any::<bool>(), any::<bool>()).prop_map(|(path, read_only, direct, qcow2)| Disk {
-        path,
-        read_only,
-        direct,
-        format: if qcow2 { DiskFormat::Qcow2 } else { DiskFormat::Raw },
-    })
+    (path(), any::<bool>(), any::<bool>(), any::<bool>(), proptest::option::of("[A-Za-z0-9._-]{1,20}")).prop_map(
+        |(path, read_only, direct, qcow2, serial)| Disk {
+            path,
+            read_only,
+            direct,
+            format: if qcow2 { DiskFormat::Qcow2 } else { DiskFormat::Raw },
+            serial,
+        },
+    )
 }
 
 fn plan() -> impl Strategy<Value = VmPlan> {
@@ -95,6 +98,13 @@ proptest! {
             prop_assert_eq!(option(&parts, "format"), Some(format));
             prop_assert_eq!(option(&parts, "readonly").is_some(), disk.read_only);
             prop_assert_eq!(option(&parts, "cache.direct").is_some(), disk.direct);
+        }
+        let blk_devices: Vec<_> =
+            values_of(&args, "-device").into_iter().filter(|d| d.starts_with(b"virtio-blk-pci")).collect();
+        prop_assert_eq!(blk_devices.len(), plan.disks.len());
+        for (device, disk) in blk_devices.iter().zip(&plan.disks) {
+            let parts = qemu_options(device);
+            prop_assert_eq!(option(&parts, "serial"), disk.serial.as_deref().map(str::as_bytes));
         }
         if let Console::File(serial) = &plan.serial {
             let chardev = qemu_options(values_of(&args, "-chardev")[0]);

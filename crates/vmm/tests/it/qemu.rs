@@ -159,8 +159,14 @@ fn qemu_accepts_every_mapped_device() {
     let mut plan = VmPlan::new("it", &assets.bzimage, "console=ttyS0");
     plan.memory = kiln_vmm::Memory { mib: 128, shared: true, hugepages: false };
     plan.disks = vec![
-        kiln_vmm::Disk { path: raw, read_only: true, direct: false, format: kiln_vmm::DiskFormat::Raw },
-        kiln_vmm::Disk { path: qcow2, read_only: false, direct: true, format: kiln_vmm::DiskFormat::Qcow2 },
+        kiln_vmm::Disk { path: raw, read_only: true, direct: false, format: kiln_vmm::DiskFormat::Raw, serial: None },
+        kiln_vmm::Disk {
+            path: qcow2,
+            read_only: false,
+            direct: true,
+            format: kiln_vmm::DiskFormat::Qcow2,
+            serial: None,
+        },
     ];
     plan.serial = Console::Socket(dir.path().join("serial.sock"));
     plan.console = Console::Pty;

@@ -1,0 +1,541 @@
+//! `kiln run`: a spec to a running microVM and back.
+//!
+//! The steps, each recorded in the VM's state record *before* it touches the
+//! host (see [`crate::state`]): build or reuse the images; lease a subnet;
+//! create and configure the tap; apply the firewall; start the VMM; boot;
+//! stream the console until the guest powers off or a stop is asked for;
+//! release everything. Any error on the way releases what was taken; a
+//! SIGKILL leaves a record from which `kiln gc` releases it.
+
+use std::collections::hash_map::DefaultHasher;
+use std::fs;
+use std::hash::{Hash, Hasher};
+use std::io::Read;
+use std::net::Ipv4Addr;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use kiln_imagefmt::{FatOptions, FatTree, NoCloudSeed};
+use kiln_net::{Tap, TapConfig, VmRules, tap_name};
+use kiln_vmm::{Console, Disk, DiskFormat, LaunchOptions, MacAddr, Status, VmPlan, Vmm};
+
+use crate::gc::{HostHandles, release_vm};
+use crate::state::{ExitInfo, LeaseInfo, Phase, StateDir, VmClaim, VmRecord, VmmInfo};
+use crate::{DiskTree, Error, HostNet, LaunchScript, Result, ServiceDisk, Spec};
+
+/// The environment variable naming the guest directory `cargo xtask guest`
+/// wrote (also what the tests use).
+pub const GUEST_DIR_ENV: &str = "KILN_GUEST_DIR";
+/// The grace period the guest gives the service after SIGTERM.
+pub const GUEST_GRACE: Duration = Duration::from_secs(10);
+/// Lines kiln-init writes start with this.
+const INIT_MARKER: &str = "kiln-init: ";
+/// kiln's exit code when the service did not report one (guest failure, crash).
+pub const FAILURE_EXIT_CODE: i32 = 125;
+
+/// How a run goes, beyond the spec.
+#[derive(Debug, Clone)]
+pub struct RunOptions {
+    /// Overrides the spec's `vm.backend`.
+    pub backend: Option<crate::Backend>,
+    /// Set (by a signal handler) to stop the VM gracefully.
+    pub stop: Arc<AtomicBool>,
+    /// Where VM addresses come from and egress goes.
+    pub net: HostNet,
+    /// The guest files when the spec names none.
+    pub guest_dir: Option<PathBuf>,
+}
+
+/// What the caller sees of a run as it goes.
+pub trait RunObserver {
+    /// A step begins.
+    fn phase(&mut self, phase: Phase, detail: &str);
+    /// New bytes on the guest's console.
+    fn console(&mut self, bytes: &[u8]);
+}
+
+/// How a run ended.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RunOutcome {
+    pub exit: ExitInfo,
+    /// The exit code `kiln run` should end with: the service's, or
+    /// [`FAILURE_EXIT_CODE`].
+    pub exit_code: i32,
+    /// Milliseconds from `kiln run` starting to the boot request acknowledged.
+    pub launch_ms: f64,
+    /// Whether the service disk image was reused from a previous run.
+    pub images_reused: bool,
+}
+
+/// The kernel and initramfs a VM boots.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GuestFiles {
+    /// bzImage (QEMU).
+    pub bzimage: PathBuf,
+    /// Uncompressed ELF (cloud-hypervisor), when there is one.
+    pub vmlinux: Option<PathBuf>,
+    pub initramfs: PathBuf,
+}
+
+impl GuestFiles {
+    /// The spec's `guest.kernel`/`guest.initramfs`, else `dir` (or
+    /// `$KILN_GUEST_DIR`, or `./target/guest`) as `cargo xtask guest` writes it.
+    pub fn find(spec: &Spec, dir: Option<&Path>) -> Result<GuestFiles> {
+        let dir = dir
+            .map(Path::to_path_buf)
+            .or_else(|| std::env::var_os(GUEST_DIR_ENV).map(PathBuf::from))
+            .unwrap_or_else(|| PathBuf::from("target/guest"));
+        let dir = std::path::absolute(&dir).unwrap_or(dir);
+        let must_exist = |path: PathBuf, what: &'static str| {
+            if path.is_file() { Ok(path) } else { Err(Error::GuestFileMissing { what, path }) }
+        };
+        let bzimage = must_exist(spec.guest.kernel.clone().unwrap_or_else(|| dir.join("vmlinuz")), "kernel")?;
+        let vmlinux = match &spec.guest.kernel {
+            Some(kernel) => Some(kernel.clone()),
+            None => Some(dir.join("vmlinux")).filter(|path| path.is_file()),
+        };
+        let initramfs =
+            must_exist(spec.guest.initramfs.clone().unwrap_or_else(|| dir.join("initramfs.cpio.gz")), "initramfs")?;
+        Ok(GuestFiles { bzimage, vmlinux, initramfs })
+    }
+}
+
+/// The backend to use: the override, else the spec's, resolved against
+/// what this host can run.
+pub fn choose_backend(spec: &Spec, override_backend: Option<crate::Backend>) -> Result<kiln_vmm::Backend> {
+    let on_path = |binary: &str| {
+        std::env::var_os("PATH").is_some_and(|path| std::env::split_paths(&path).any(|dir| dir.join(binary).is_file()))
+    };
+    let backend = match override_backend.unwrap_or(spec.vm.backend) {
+        crate::Backend::Auto => kiln_vmm::default_backend().map_err(Error::Vmm)?,
+        crate::Backend::CloudHypervisor => kiln_vmm::Backend::CloudHypervisor,
+        crate::Backend::Qemu => kiln_vmm::Backend::Qemu,
+    };
+    let binary = match backend {
+        kiln_vmm::Backend::CloudHypervisor => "cloud-hypervisor",
+        kiln_vmm::Backend::Qemu => "qemu-system-x86_64",
+    };
+    if !on_path(binary) {
+        return Err(Error::NoVmm { binary });
+    }
+    Ok(backend)
+}
+
+/// The kernel command line kiln boots with.
+pub fn kernel_cmdline(spec: &Spec) -> String {
+    let mut cmdline = format!("console=ttyS0 panic=-1 quiet kiln.grace={}", GUEST_GRACE.as_secs());
+    if let Some(extra) = &spec.guest.cmdline {
+        cmdline.push(' ');
+        cmdline.push_str(extra);
+    }
+    cmdline
+}
+
+/// A locally administered, unicast MAC derived from the VM's name.
+pub fn mac_for(name: &str) -> MacAddr {
+    let mut hasher = DefaultHasher::new();
+    name.hash(&mut hasher);
+    let [a, b, c, d, ..] = hasher.finish().to_le_bytes();
+    MacAddr([0x02, 0x6b, a, b, c, d])
+}
+
+/// The paths of one VM's files.
+#[derive(Debug, Clone)]
+pub struct VmFiles {
+    pub service: PathBuf,
+    pub seed: PathBuf,
+    pub data: Option<PathBuf>,
+    pub console_log: PathBuf,
+    pub run_dir: PathBuf,
+}
+
+impl VmFiles {
+    pub fn new(state: &StateDir, spec: &Spec) -> VmFiles {
+        let dir = state.vm_dir(spec.name.as_str());
+        VmFiles {
+            service: dir.join("service.img"),
+            seed: dir.join("seed.img"),
+            data: spec.resources.storage.map(|_| state.data_disk(spec.name.as_str())),
+            console_log: dir.join("console.log"),
+            run_dir: dir.join("run"),
+        }
+    }
+}
+
+/// The VM plan for `spec` with its files, tap and lease.
+pub fn vm_plan(
+    spec: &Spec,
+    guest: &GuestFiles,
+    backend: kiln_vmm::Backend,
+    files: &VmFiles,
+    tap: &str,
+    lease: &LeaseInfo,
+) -> Result<VmPlan> {
+    let kernel = match backend {
+        kiln_vmm::Backend::Qemu => guest.bzimage.clone(),
+        kiln_vmm::Backend::CloudHypervisor => guest.vmlinux.clone().ok_or_else(|| Error::GuestFileMissing {
+            what: "uncompressed kernel (vmlinux) for cloud-hypervisor",
+            path: guest.bzimage.with_file_name("vmlinux"),
+        })?,
+    };
+    let mut plan = VmPlan::new(spec.name.as_str(), kernel, kernel_cmdline(spec));
+    plan.cpus = spec.resources.cpus;
+    plan.memory.mib = spec.resources.memory.0 >> 20;
+    plan.initramfs = Some(guest.initramfs.clone());
+    let raw = |path: &Path, read_only: bool| Disk {
+        path: path.to_path_buf(),
+        read_only,
+        direct: false,
+        format: DiskFormat::Raw,
+        serial: None,
+    };
+    plan.disks.push(raw(&files.service, true));
+    plan.disks.push(raw(&files.seed, true));
+    if let Some(data) = &files.data {
+        plan.disks.push(Disk { serial: Some(DATA_DISK_SERIAL.to_owned()), ..raw(data, false) });
+    }
+    plan.networks.push(kiln_vmm::Network {
+        tap: tap.to_owned(),
+        mac: mac_for(spec.name.as_str()),
+        host: None,
+        guest: Some(lease.guest),
+    });
+    plan.serial = Console::File(files.console_log.clone());
+    plan.entropy = true;
+    plan.vfio = spec.vm.vfio.iter().map(|pci| pci.as_str().to_owned()).collect();
+    plan.validate().map_err(Error::Vmm)?;
+    Ok(plan)
+}
+
+/// The virtio serial kiln-init looks for on a blank data disk it may format.
+pub const DATA_DISK_SERIAL: &str = "kiln-data";
+
+/// Builds (or reuses) the service disk, writes the seed, and creates the
+/// data disk if it does not exist. Returns whether the service disk was reused.
+pub fn build_images(spec: &Spec, files: &VmFiles, lease: &LeaseInfo) -> Result<bool> {
+    let reused = build_service_disk(spec, &files.service, lease)?;
+    let seed = seed(spec, lease);
+    let tree = seed.tree()?;
+    let options = FatOptions { label: Some(NoCloudSeed::LABEL.to_owned()), ..FatOptions::default() };
+    tree.layout(&options)?.write_file(&files.seed, None)?;
+    if let (Some(data), Some(size)) = (&files.data, spec.resources.storage) {
+        if !data.exists() {
+            create_blank_disk(data, size.0)?;
+        }
+    }
+    Ok(reused)
+}
+
+fn service_disk(spec: &Spec, lease: &LeaseInfo) -> Result<ServiceDisk> {
+    let binary = spec.service.binary.clone().ok_or(Error::NoBinary)?;
+    if !binary.is_file() {
+        return Err(Error::BinaryMissing { path: binary });
+    }
+    let launch = LaunchScript {
+        args: spec.service.args.iter().map(|arg| arg.clone().into_bytes()).collect(),
+        env: spec.guest_env(lease.host).into_iter().map(|(k, v)| (k, v.into_bytes())).collect(),
+        ..LaunchScript::default()
+    };
+    let trees = spec
+        .service
+        .files
+        .iter()
+        .map(|(name, tree)| DiskTree { name: name.clone(), source: tree.path.clone(), secret: tree.secret })
+        .collect();
+    Ok(ServiceDisk { binary, launch, trees })
+}
+
+/// Writes the service disk unless the one there was built from the same
+/// inputs (same launch script, and every input file with the same path,
+/// size, mtime and inode): a warm start then costs a few `stat`s.
+fn build_service_disk(spec: &Spec, path: &Path, lease: &LeaseInfo) -> Result<bool> {
+    let disk = service_disk(spec, lease)?;
+    let key = format!("{:016x}", inputs_key(&disk)?);
+    let key_path = path.with_extension("key");
+    if path.is_file() && fs::read_to_string(&key_path).is_ok_and(|old| old == key) {
+        return Ok(true);
+    }
+    let tree: FatTree = disk.tree()?;
+    let options = FatOptions { label: Some(ServiceDisk::LABEL.to_owned()), ..FatOptions::default() };
+    tree.layout(&options)?.write_file(path, None)?;
+    crate::state::write_private_atomically(&key_path, key.as_bytes())?;
+    Ok(false)
+}
+
+fn inputs_key(disk: &ServiceDisk) -> Result<u64> {
+    let mut hasher = DefaultHasher::new();
+    disk.launch.render()?.hash(&mut hasher);
+    let stat = |path: &Path, hasher: &mut DefaultHasher| -> Result<()> {
+        let meta = fs::metadata(path).map_err(|source| Error::InputIo { path: path.to_path_buf(), source })?;
+        (path, meta.len(), meta.mtime(), meta.mtime_nsec(), meta.ino(), meta.mode()).hash(hasher);
+        Ok(())
+    };
+    stat(&disk.binary, &mut hasher)?;
+    for tree in &disk.trees {
+        (&tree.name, tree.secret).hash(&mut hasher);
+        let mut stack = vec![tree.source.clone()];
+        while let Some(dir) = stack.pop() {
+            stat(&dir, &mut hasher)?;
+            let mut entries: Vec<PathBuf> = fs::read_dir(&dir)
+                .map_err(|source| Error::InputIo { path: dir.clone(), source })?
+                .filter_map(|e| e.ok().map(|e| e.path()))
+                .collect();
+            entries.sort();
+            for entry in entries {
+                if entry.is_dir() { stack.push(entry) } else { stat(&entry, &mut hasher)? }
+            }
+        }
+    }
+    Ok(hasher.finish())
+}
+
+/// The NoCloud seed: hostname, and eth0's address and default route.
+pub fn seed(spec: &Spec, lease: &LeaseInfo) -> NoCloudSeed {
+    let network_config = format!(
+        "version: 2\nethernets:\n  eth0:\n    match:\n      macaddress: \"{mac}\"\n    addresses: [\"{guest}/{prefix}\"]\n    routes:\n      - to: default\n        via: \"{host}\"\n",
+        mac = mac_for(spec.name.as_str()),
+        guest = lease.guest,
+        prefix = lease.prefix_len,
+        host = lease.host,
+    );
+    NoCloudSeed {
+        user_data: b"#cloud-config\n".to_vec(),
+        meta_data: NoCloudSeed::meta_data(spec.name.as_str(), spec.name.as_str()),
+        network_config: Some(network_config.into_bytes()),
+        vendor_data: None,
+    }
+}
+
+fn create_blank_disk(path: &Path, size: u64) -> Result<()> {
+    let temp = path.with_extension("img.tmp");
+    let io = |source| Error::InputIo { path: path.to_path_buf(), source };
+    let file = fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(&temp).map_err(io)?;
+    file.set_len(size).map_err(io)?;
+    drop(file);
+    fs::rename(&temp, path).map_err(io)
+}
+
+use std::os::unix::fs::OpenOptionsExt;
+
+/// Reads the exit report kiln-init wrote on the console.
+pub fn exit_from_console(console: &str) -> Option<(Option<i32>, String)> {
+    console.lines().rev().find_map(|line| {
+        let message = line.trim_end_matches('\r').split_once(INIT_MARKER)?.1;
+        if let Some(code) = message.strip_prefix("service exited with status ") {
+            let code: i32 = code.trim().parse().ok()?;
+            return Some((Some(code), format!("service exited with status {code}")));
+        }
+        if let Some(signal) = message.strip_prefix("service killed by signal ") {
+            let signal: i32 = signal.trim().parse().ok()?;
+            return Some((Some(128 + signal), format!("service killed by signal {signal}")));
+        }
+        message.strip_prefix("FAILED: ").map(|reason| (None, format!("guest failed: {reason}")))
+    })
+}
+
+/// Runs `spec` to completion. See the module doc.
+pub fn run(
+    spec: &Spec,
+    spec_path: &Path,
+    state: &StateDir,
+    options: &RunOptions,
+    observer: &mut dyn RunObserver,
+) -> Result<RunOutcome> {
+    let started = Instant::now();
+    // Everything that can fail without touching the host fails here first.
+    let guest = GuestFiles::find(spec, options.guest_dir.as_deref())?;
+    let backend = choose_backend(spec, options.backend)?;
+    service_disk(spec, &LeaseInfo { host: Ipv4Addr::LOCALHOST, guest: Ipv4Addr::LOCALHOST, prefix_len: 30 })?.tree()?;
+    options.net.check_no_collision()?;
+    let host = HostHandles::open(state, &options.net)?;
+
+    let name = spec.name.as_str();
+    let record = VmRecord {
+        name: name.to_owned(),
+        spec: spec_path.to_path_buf(),
+        launcher_pid: std::process::id(),
+        started: SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs()),
+        ..VmRecord::default()
+    };
+    let mut claim = state.claim(name, record)?;
+    let mut vmm: Option<Box<dyn Vmm>> = None;
+    let result = launch_and_wait(spec, &guest, backend, state, options, &host, &mut claim, &mut vmm, observer, started);
+    // Whatever happened: the VMM goes (dropping it kills and reaps it), and
+    // so does everything the record names.
+    drop(vmm);
+    let release = release_vm(&claim.record, &host, false);
+    let exit = match &result {
+        Ok(outcome) => outcome.exit.clone(),
+        Err(err) => ExitInfo { code: None, how: format!("kiln run failed: {err}") },
+    };
+    claim.record.exit = Some(exit);
+    claim.record.phase = Phase::Stopped;
+    claim.save()?;
+    release?;
+    result
+}
+
+#[allow(clippy::too_many_arguments)]
+fn launch_and_wait(
+    spec: &Spec,
+    guest: &GuestFiles,
+    backend: kiln_vmm::Backend,
+    state: &StateDir,
+    options: &RunOptions,
+    host: &HostHandles,
+    claim: &mut VmClaim,
+    vmm_slot: &mut Option<Box<dyn Vmm>>,
+    observer: &mut dyn RunObserver,
+    started: Instant,
+) -> Result<RunOutcome> {
+    let name = spec.name.as_str();
+    let files = VmFiles::new(state, spec);
+
+    step(claim, observer, Phase::Lease, "leasing an address")?;
+    let leased = host.ledger.allocate(name, std::process::id())?;
+    let lease = LeaseInfo { host: leased.host_addr, guest: leased.guest_addr, prefix_len: leased.subnet.prefix_len() };
+    claim.record.lease = Some(lease);
+    claim.save()?;
+
+    step(claim, observer, Phase::Images, "building the images")?;
+    let images_reused = build_images(spec, &files, &lease)?;
+
+    let tap = tap_name(name)?;
+    claim.record.tap = Some(tap.clone());
+    step(claim, observer, Phase::Tap, &format!("creating tap {tap}"))?;
+    Tap::create(&tap, None)?;
+    let publishes = !spec.network.publish.is_empty();
+    Tap::configure(
+        &tap,
+        &TapConfig { host_addr: lease.host, prefix_len: lease.prefix_len, mtu: None, route_localnet: publishes },
+    )?;
+
+    claim.record.firewall = true;
+    step(claim, observer, Phase::Firewall, "applying the firewall")?;
+    let rules = VmRules {
+        vm_id: name.to_owned(),
+        tap: tap.clone(),
+        uplink: options.net.uplink.clone().filter(|uplink| *uplink != tap),
+        host_addr: lease.host,
+        guest_addr: lease.guest,
+        firewall: spec.firewall(),
+    };
+    host.nft.apply(&rules)?;
+
+    let plan = vm_plan(spec, guest, backend, &files, &tap, &lease)?;
+    // The console log starts empty for this run.
+    fs::write(&files.console_log, b"").map_err(|source| Error::InputIo { path: files.console_log.clone(), source })?;
+    claim.record.console_log = Some(files.console_log.clone());
+    claim.record.vmm =
+        Some(VmmInfo { backend: backend_name(backend).to_owned(), pid: 0, run_dir: files.run_dir.clone() });
+    step(claim, observer, Phase::Vmm, &format!("starting {}", backend_name(backend)))?;
+    let vmm =
+        vmm_slot.insert(kiln_vmm::launch(backend, &plan, &LaunchOptions::new(&files.run_dir)).map_err(Error::Vmm)?);
+    if let Some(info) = &mut claim.record.vmm {
+        info.pid = vmm.pid();
+    }
+    step(claim, observer, Phase::Booting, "booting")?;
+    vmm.boot().map_err(Error::Vmm)?;
+    let launch_ms = started.elapsed().as_secs_f64() * 1e3;
+    step(claim, observer, Phase::Running, "running")?;
+
+    let status = follow_console(vmm.as_mut(), &files.console_log, claim, options, observer)?;
+    let console = fs::read(&files.console_log).unwrap_or_default();
+    let reported = exit_from_console(&String::from_utf8_lossy(&console));
+    let (code, how) = match (reported, &status) {
+        (Some((code, how)), _) => (code, how),
+        (None, Status::Crashed { reason, log_tail }) => (None, format!("VMM crashed: {reason}\n{log_tail}")),
+        (None, other) => (None, format!("the VM stopped ({other}) without an exit report from the guest")),
+    };
+    Ok(RunOutcome {
+        exit_code: code.unwrap_or(FAILURE_EXIT_CODE),
+        exit: ExitInfo { code, how },
+        launch_ms,
+        images_reused,
+    })
+}
+
+fn step(claim: &mut VmClaim, observer: &mut dyn RunObserver, phase: Phase, detail: &str) -> Result<()> {
+    claim.record.phase = phase;
+    claim.save()?;
+    observer.phase(phase, detail);
+    Ok(())
+}
+
+fn backend_name(backend: kiln_vmm::Backend) -> &'static str {
+    match backend {
+        kiln_vmm::Backend::CloudHypervisor => "cloud-hypervisor",
+        kiln_vmm::Backend::Qemu => "qemu",
+    }
+}
+
+/// Streams the console until the VM stops; on a stop request, shuts it
+/// down gracefully (power button, grace period, then harder).
+fn follow_console(
+    vmm: &mut dyn Vmm,
+    console_log: &Path,
+    claim: &mut VmClaim,
+    options: &RunOptions,
+    observer: &mut dyn RunObserver,
+) -> Result<Status> {
+    let mut console =
+        fs::File::open(console_log).map_err(|source| Error::InputIo { path: console_log.to_path_buf(), source })?;
+    let mut buffer = vec![0u8; 64 * 1024];
+    let mut pump = |console: &mut fs::File, observer: &mut dyn RunObserver| loop {
+        match console.read(&mut buffer) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => observer.console(&buffer[..n]),
+        }
+    };
+    loop {
+        pump(&mut console, observer);
+        if options.stop.load(Ordering::Relaxed) {
+            claim.record.phase = Phase::Stopping;
+            claim.save()?;
+            observer.phase(Phase::Stopping, "stopping: the service gets SIGTERM");
+            // kiln stop may ask for a longer wait; the guest's own grace comes first.
+            let asked = fs::read_to_string(claim.dir().join("stop-timeout"))
+                .ok()
+                .and_then(|text| text.trim().parse::<u64>().ok())
+                .map_or(GUEST_GRACE, Duration::from_secs);
+            let status = vmm.shutdown(asked.max(GUEST_GRACE) + Duration::from_secs(5)).map_err(Error::Vmm)?;
+            pump(&mut console, observer);
+            return Ok(status);
+        }
+        match vmm.status().map_err(Error::Vmm)? {
+            status @ (Status::ShutDown(_) | Status::Crashed { .. }) => {
+                // Whatever the guest wrote last.
+                pump(&mut console, observer);
+                return Ok(status);
+            }
+            _ => std::thread::sleep(Duration::from_millis(50)),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exit_reports_are_read_from_the_console() {
+        let console = "[    1.0] random kernel line\r\nkiln-init: service started\r\nhello\r\nkiln-init: service exited with status 3\r\nkiln-init: powering off\r\n";
+        assert_eq!(exit_from_console(console), Some((Some(3), "service exited with status 3".to_owned())));
+        let killed = "kiln-init: service killed by signal 15\n";
+        assert_eq!(exit_from_console(killed), Some((Some(143), "service killed by signal 15".to_owned())));
+        let failed = "kiln-init: FAILED: no disk labelled SERVICEDISK\nkiln-init: powering off\n";
+        assert_eq!(exit_from_console(failed), Some((None, "guest failed: no disk labelled SERVICEDISK".to_owned())));
+        assert_eq!(exit_from_console("nothing here\n"), None);
+    }
+
+    #[test]
+    fn macs_are_local_unicast_and_stable() {
+        let mac = mac_for("web");
+        assert_eq!(mac.0[0] & 0b11, 0b10, "locally administered, unicast");
+        assert_eq!(mac, mac_for("web"));
+        assert_ne!(mac, mac_for("web2"));
+    }
+}

@@ -1,0 +1,235 @@
+//! `kiln run` and `kiln render`: the command-line faces of [`kiln::run`].
+
+use std::io::{IsTerminal, Write};
+use std::os::unix::process::CommandExt;
+use std::path::PathBuf;
+use std::process::{Command, ExitCode, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use clap::{Args, ValueEnum};
+use indicatif::{ProgressBar, ProgressStyle};
+use kiln::{
+    Backend, GuestFiles, HostNet, LeaseInfo, Phase, RunObserver, RunOptions, Spec, VmFiles, choose_backend, vm_plan,
+};
+
+use crate::vms::state;
+
+/// Set in the environment of the background `kiln run` that `--detach` starts.
+const DETACHED_ENV: &str = "KILN_DETACHED";
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub(crate) enum VmmChoice {
+    Auto,
+    CloudHypervisor,
+    Qemu,
+}
+
+impl From<VmmChoice> for Backend {
+    fn from(choice: VmmChoice) -> Backend {
+        match choice {
+            VmmChoice::Auto => Backend::Auto,
+            VmmChoice::CloudHypervisor => Backend::CloudHypervisor,
+            VmmChoice::Qemu => Backend::Qemu,
+        }
+    }
+}
+
+#[derive(Debug, Args)]
+pub(crate) struct RunArgs {
+    /// The spec file (see docs/spec.md).
+    spec: PathBuf,
+    /// Which VMM runs the VM (default: the spec's `vm.backend`).
+    #[arg(long, value_enum)]
+    vmm: Option<VmmChoice>,
+    /// Start the VM in the background and return once it runs.
+    #[arg(long)]
+    detach: bool,
+    /// The guest directory (default: $KILN_GUEST_DIR, then ./target/guest).
+    #[arg(long)]
+    guest_dir: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub(crate) enum Target {
+    /// The VMM configuration: cloud-hypervisor's VmConfig JSON or QEMU's argv.
+    Vm,
+}
+
+#[derive(Debug, Args)]
+pub(crate) struct RenderArgs {
+    /// The spec file.
+    spec: PathBuf,
+    /// What to render.
+    #[arg(long, value_enum)]
+    target: Target,
+    /// Which VMM to render for (default: the spec's `vm.backend`, resolved on this host).
+    #[arg(long, value_enum)]
+    vmm: Option<VmmChoice>,
+    /// The guest directory (default: $KILN_GUEST_DIR, then ./target/guest).
+    #[arg(long)]
+    guest_dir: Option<PathBuf>,
+}
+
+pub(crate) fn run(args: &RunArgs) -> Result<ExitCode> {
+    let spec = Spec::load(&args.spec)?;
+    if args.detach && std::env::var_os(DETACHED_ENV).is_none() {
+        return detach(args, &spec);
+    }
+    let stop = Arc::new(AtomicBool::new(false));
+    for signal in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+        signal_hook::flag::register(signal, Arc::clone(&stop)).context("cannot handle SIGINT/SIGTERM")?;
+    }
+    let options = RunOptions {
+        backend: args.vmm.map(Backend::from),
+        stop,
+        net: HostNet::from_env()?,
+        guest_dir: args.guest_dir.clone(),
+    };
+    let mut observer = TerminalObserver::new(std::env::var_os(DETACHED_ENV).is_some());
+    let outcome = kiln::run(&spec, &args.spec, &state()?, &options, &mut observer);
+    observer.finish();
+    let outcome = outcome?;
+    tracing::info!(launch_ms = outcome.launch_ms, reused = outcome.images_reused, "run finished");
+    eprintln!("kiln: {}: {}", spec.name, outcome.exit.how);
+    Ok(ExitCode::from(u8::try_from(outcome.exit_code).unwrap_or(u8::MAX)))
+}
+
+/// Starts `kiln run` again in its own process group, output to the VM's
+/// `launcher.log`, and waits until its VM runs (or it fails).
+fn detach(args: &RunArgs, spec: &Spec) -> Result<ExitCode> {
+    let state = state()?;
+    let dir = state.vm_dir(spec.name.as_str());
+    std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    let log_path = dir.join("launcher.log");
+    let log = std::fs::File::create(&log_path).with_context(|| format!("cannot create {}", log_path.display()))?;
+    let mut command = Command::new(std::env::current_exe().context("cannot find the kiln binary")?);
+    command.arg("run").arg(&args.spec);
+    if let Some(vmm) = args.vmm {
+        command.arg("--vmm").arg(vmm.to_possible_value().map(|v| v.get_name().to_owned()).unwrap_or_default());
+    }
+    if let Some(dir) = &args.guest_dir {
+        command.arg("--guest-dir").arg(dir);
+    }
+    command.env(DETACHED_ENV, "1").stdin(Stdio::null()).stdout(log.try_clone()?).stderr(log).process_group(0);
+    let mut child = command.spawn().context("cannot start the background kiln run")?;
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        if let Some(status) = child.try_wait()? {
+            let log = std::fs::read_to_string(&log_path).unwrap_or_default();
+            bail!("the background kiln run exited ({status}) before its VM ran:\n{}", log.trim_end());
+        }
+        let running = state
+            .list()?
+            .into_iter()
+            .any(|e| e.record.name == spec.name.as_str() && e.alive && e.record.phase >= Phase::Running);
+        if running {
+            println!("kiln: {} runs in the background (kiln run pid {})", spec.name, child.id());
+            println!("      console: kiln logs -f {0}; stop: kiln stop {0}", spec.name);
+            return Ok(ExitCode::SUCCESS);
+        }
+        if Instant::now() > deadline {
+            bail!("the VM did not start within 120 s; see {}", log_path.display());
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Phases on stderr (a spinner on a terminal, plain lines otherwise, none
+/// when detached), console bytes on stdout.
+struct TerminalObserver {
+    spinner: Option<ProgressBar>,
+    quiet: bool,
+    stdout: std::io::Stdout,
+}
+
+impl TerminalObserver {
+    fn new(quiet: bool) -> TerminalObserver {
+        let spinner = (!quiet && std::io::stderr().is_terminal()).then(|| {
+            let bar = ProgressBar::new_spinner();
+            if let Ok(style) = ProgressStyle::with_template("{spinner} {msg} ({elapsed})") {
+                bar.set_style(style);
+            }
+            bar.enable_steady_tick(Duration::from_millis(100));
+            bar
+        });
+        TerminalObserver { spinner, quiet, stdout: std::io::stdout() }
+    }
+
+    fn finish(&mut self) {
+        if let Some(spinner) = self.spinner.take() {
+            spinner.finish_and_clear();
+        }
+    }
+}
+
+impl RunObserver for TerminalObserver {
+    fn phase(&mut self, phase: Phase, detail: &str) {
+        tracing::info!(?phase, "{detail}");
+        if phase >= Phase::Running {
+            // The console takes over the terminal.
+            self.finish();
+            return;
+        }
+        match &self.spinner {
+            Some(spinner) => spinner.set_message(detail.to_owned()),
+            None if !self.quiet => eprintln!("kiln: {detail}"),
+            None => {}
+        }
+    }
+
+    fn console(&mut self, bytes: &[u8]) {
+        let mut out = self.stdout.lock();
+        let _ = out.write_all(bytes);
+        let _ = out.flush();
+    }
+}
+
+pub(crate) fn render(args: &RenderArgs) -> Result<ExitCode> {
+    let spec = Spec::load(&args.spec)?;
+    match args.target {
+        Target::Vm => render_vm(&spec, args),
+    }
+}
+
+/// What `kiln run` would hand the VMM, for the pool's first lease and the
+/// state directory's paths; nothing on the host is touched.
+fn render_vm(spec: &Spec, args: &RenderArgs) -> Result<ExitCode> {
+    let guest = GuestFiles::find(spec, args.guest_dir.as_deref())?;
+    let backend = choose_backend(spec, args.vmm.map(Backend::from))?;
+    let net = HostNet::from_env()?;
+    let root = kiln::StateDir::default_root()?;
+    let files = VmFiles::new(&kiln::StateDir::open(&root)?, spec);
+    let first = net.cidr.network();
+    let lease = LeaseInfo {
+        host: std::net::Ipv4Addr::from(u32::from(first) + 1),
+        guest: std::net::Ipv4Addr::from(u32::from(first) + 2),
+        prefix_len: net.prefix,
+    };
+    let tap = kiln_net::tap_name(spec.name.as_str())?;
+    let plan = vm_plan(spec, &guest, backend, &files, &tap, &lease)?;
+    match backend {
+        kiln_vmm::Backend::CloudHypervisor => {
+            println!("{}", serde_json::to_string_pretty(&kiln_vmm::ch_vm_config(&plan))?);
+        }
+        kiln_vmm::Backend::Qemu => {
+            let accel = kiln_vmm::probe_accel(kiln_vmm::AccelChoice::Auto)?;
+            let qmp = files.run_dir.join("qmp.sock");
+            let argv = kiln_vmm::qemu_args(&plan, accel, &qmp);
+            println!("qemu-system-x86_64 \\");
+            let lines: Vec<String> = argv.iter().map(|arg| shell_quote(&arg.to_string_lossy())).collect();
+            println!("  {}", lines.join(" \\\n  "));
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn shell_quote(word: &str) -> String {
+    if !word.is_empty() && word.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_./=,:@+".contains(&b)) {
+        word.to_owned()
+    } else {
+        format!("'{}'", word.replace('\'', "'\\''"))
+    }
+}
