@@ -16,8 +16,15 @@ pub(crate) const TEST_PACKAGES: &[&[&str]] = &[
     &["mtools"],
     // cpio -t / -idm: read initramfs archives back.
     &["cpio"],
+    // qemu-system-x86_64 boots the guest under TCG (the boot tests);
     // qemu-img check / info / compare / convert: the qcow2 interop checks.
-    &["qemu-utils"],
+    // One group: Debian 12's qemu-system-x86 alone replaces a newer qemu-utils.
+    &["qemu-system-x86", "qemu-utils"],
+    // /bin/busybox in the guest's initramfs: `sh` for /srv/launch, `mke2fs`
+    // for the data disk's first boot (`cargo xtask guest` copies it).
+    &["busybox-static"],
+    // e2fsck -fn: the boot tests check the guest left its data disk clean.
+    &["e2fsprogs"],
     // libFuzzer (built by libfuzzer-sys for `cargo fuzz`) is C++.
     &["g++"],
     // nft: kiln-net's firewall rules, applied inside test namespaces.
