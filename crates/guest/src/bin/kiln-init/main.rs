@@ -119,10 +119,10 @@ fn shut_down() -> ! {
     let deadline = Instant::now() + Duration::from_millis(500);
     while Instant::now() < deadline {
         while sys::reap_one().is_some() {}
-        if sys::kill(-1, 0).is_err() {
-            break; // ESRCH: nothing but us is left.
+        if sys::no_children_left() {
+            break;
         }
-        std::thread::sleep(Duration::from_millis(10));
+        std::thread::sleep(Duration::from_millis(5));
     }
     let _ = sys::kill(-1, libc::SIGKILL);
     while sys::reap_one().is_some() {}

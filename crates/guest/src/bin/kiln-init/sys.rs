@@ -88,6 +88,15 @@ pub(crate) fn reap_one() -> Option<(i32, ExitStatus)> {
     Some((pid, exit))
 }
 
+/// Whether PID 1 has no children left (running or unreaped). Every orphan
+/// is re-parented to PID 1, so this means every process but kiln-init has
+/// ended. (`kill(-1, 0)` cannot tell: kernel threads count as targets.)
+pub(crate) fn no_children_left() -> bool {
+    // SAFETY: a null status pointer is allowed; WNOHANG never blocks.
+    let result = unsafe { libc::waitpid(-1, std::ptr::null_mut(), libc::WNOHANG) };
+    result < 0 && io::Error::last_os_error().raw_os_error() == Some(libc::ECHILD)
+}
+
 /// Seconds on `CLOCK_MONOTONIC`, which in the guest starts at kernel boot.
 pub(crate) fn monotonic_seconds() -> f64 {
     let mut now = libc::timespec { tv_sec: 0, tv_nsec: 0 };
