@@ -228,19 +228,23 @@ fn resolve_kernel_package() -> Result<String> {
     command.args(["depends", KERNEL_METAPACKAGE]);
     let shown = show_command(&command);
     let output = command.output().with_context(|| format!("cannot run `{shown}`: kiln's guest needs Debian's apt"))?;
-    let text = String::from_utf8_lossy(&output.stdout);
-    let package = text
-        .lines()
-        .filter_map(|line| line.trim().strip_prefix("Depends:"))
-        .map(str::trim)
-        .find(|name| name.starts_with("linux-image-") && name.ends_with("-cloud-amd64"));
-    match package {
-        Some(package) => Ok(package.to_owned()),
+    match kernel_package_in(&String::from_utf8_lossy(&output.stdout)) {
+        Some(package) => Ok(package),
         None => bail!(
             "`{shown}` names no linux-image-*-cloud-amd64 ({}); run `apt-get update` first",
             String::from_utf8_lossy(&output.stderr).trim()
         ),
     }
+}
+
+/// The versioned kernel package in `apt-cache depends` output.
+fn kernel_package_in(depends: &str) -> Option<String> {
+    depends
+        .lines()
+        .filter_map(|line| line.trim().strip_prefix("Depends:"))
+        .map(str::trim)
+        .find(|name| name.starts_with("linux-image-") && name.ends_with("-cloud-amd64"))
+        .map(str::to_owned)
 }
 
 fn find_deb(cache: &Path, package: &str) -> Result<Option<PathBuf>> {
@@ -362,4 +366,34 @@ fn write_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
     let temporary = path.with_extension("tmp-xtask");
     fs::write(&temporary, bytes).with_context(|| format!("cannot write {}", temporary.display()))?;
     fs::rename(&temporary, path).with_context(|| format!("cannot rename {} to {}", temporary.display(), path.display()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kernel_package_from_apt_cache_depends() {
+        let output = "linux-image-cloud-amd64\n  Depends: linux-image-6.1.0-56-cloud-amd64\n";
+        assert_eq!(kernel_package_in(output).as_deref(), Some("linux-image-6.1.0-56-cloud-amd64"));
+        // A virtual or unrelated dependency is not the kernel.
+        assert_eq!(kernel_package_in("x\n  Depends: <linux-image>\n  Depends: initramfs-tools\n"), None);
+        assert_eq!(kernel_package_in(""), None);
+    }
+
+    #[test]
+    fn dynamic_binaries_are_refused() {
+        // This test binary is dynamically linked; Debian's busybox-static is not.
+        let me = std::env::current_exe().expect("the test binary's path");
+        let err = require_static(&me).expect_err("a test binary has PT_INTERP");
+        assert!(err.to_string().contains("is dynamically linked"), "{err}");
+        if Path::new(BUSYBOX).is_file() {
+            require_static(Path::new(BUSYBOX)).expect("busybox-static is static");
+        }
+        let not_elf = std::env::temp_dir().join(format!("xtask-not-elf-{}", std::process::id()));
+        fs::write(&not_elf, b"#!/bin/sh\n").expect("a temporary file");
+        let err = require_static(&not_elf).expect_err("a script is not an ELF file");
+        let _ = fs::remove_file(&not_elf);
+        assert!(err.to_string().contains("is not a 64-bit ELF file"), "{err}");
+    }
 }
