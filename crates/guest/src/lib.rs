@@ -17,6 +17,17 @@
 //! It is not a VMM and not an image writer: it never spawns a process and
 //! never touches the host; only the `kiln-init` binary makes system calls,
 //! and only inside the guest.
+//!
+//! ```
+//! use kiln_guest::{GuestConfig, classify_disk, DiskKind};
+//!
+//! let network = "version: 2\nethernets:\n  eth0:\n    addresses: [10.0.2.15/24]\n    gateway4: 10.0.2.2\n";
+//! let config = GuestConfig::parse("local-hostname: web-1\n", Some(network))?;
+//! assert_eq!(config.hostname.as_deref(), Some("web-1"));
+//! assert_eq!(config.ipv4.map(|ip| ip.prefix_len), Some(24));
+//! assert_eq!(classify_disk(&[0; 2048]), DiskKind::Blank);
+//! # Ok::<(), kiln_guest::Error>(())
+//! ```
 
 mod disk;
 mod error;

@@ -143,6 +143,7 @@ fn run(init_start: f64) -> Result<ExitStatus> {
     say(&format!("timing init_start={init_start:.6}"));
     let cmdline = fs::read_to_string("/proc/cmdline").unwrap_or_default();
     let grace = grace_period(&cmdline);
+    let _ = sys::disable_ctrl_alt_del();
     load_modules()?;
     let disks = find_disks()?;
     let Some(service_disk) = disks.iter().find(|d| d.is_fat(SERVICE_DISK_LABEL)) else {

@@ -57,6 +57,14 @@ pub(crate) fn power_off() -> io::Error {
     io::Error::last_os_error()
 }
 
+/// Makes Ctrl-Alt-Del send SIGINT to PID 1 instead of rebooting at once,
+/// so it stops the service like the power button does.
+pub(crate) fn disable_ctrl_alt_del() -> io::Result<()> {
+    // SAFETY: reboot with RB_DISABLE_CAD only changes a kernel flag.
+    check(unsafe { libc::reboot(libc::RB_DISABLE_CAD) })?;
+    Ok(())
+}
+
 /// `kill(2)`; `pid` may be negative for a process group, or -1 for all.
 pub(crate) fn kill(pid: i32, signal: libc::c_int) -> io::Result<()> {
     // SAFETY: kill has no memory-safety preconditions.
