@@ -17,7 +17,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use kiln::{DiskTree, LaunchScript, ServiceDisk};
-use kiln_imagefmt::{FatOptions, NoCloudSeed};
+use kiln_imagefmt::{FatOptions, NoCloudSeed, Qcow2Options, create_qcow2};
 use kiln_testkit::{GuestAssets, guest_assets, require_tools};
 
 /// Generous: TCG on a loaded 2-core CI machine; a good boot takes ~5 s.
@@ -88,11 +88,15 @@ fn boot(test: &str, dir: &Path, spec: &Boot<'_>) -> Console {
     if let Some(data) = spec.data_disk {
         command
             .arg("-drive")
-            .arg(format!("file={},format=raw,if=none,id=data", data.display()))
+            .arg(format!("file={},format={},if=none,id=data", data.display(), image_format(data)))
             .args(["-device", "virtio-blk-pci,drive=data,serial=kiln-data"]);
     }
     for disk in [spec.seed, spec.service_disk].into_iter().flatten() {
-        command.arg("-drive").arg(format!("file={},format=raw,if=virtio,readonly=on", disk.display()));
+        command.arg("-drive").arg(format!(
+            "file={},format={},if=virtio,readonly=on",
+            disk.display(),
+            image_format(disk)
+        ));
     }
     let started = Instant::now();
     let mut qemu = command.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
@@ -118,6 +122,11 @@ fn boot(test: &str, dir: &Path, spec: &Boot<'_>) -> Console {
         }
         std::thread::sleep(Duration::from_millis(50));
     }
+}
+
+/// kiln writes both formats; QEMU is told which by the file name.
+fn image_format(path: &Path) -> &'static str {
+    if path.extension().is_some_and(|ext| ext == "qcow2") { "qcow2" } else { "raw" }
 }
 
 fn read_stderr(child: &mut Child) -> String {
@@ -154,7 +163,7 @@ fn qmp_command(socket: &Path, command: &str) {
 
 /// The tools and files every boot test needs, or `None` after a skip message.
 fn setup(test: &str) -> Option<GuestAssets> {
-    require_tools(test, &[QEMU, "sha256sum", "e2fsck"])?;
+    require_tools(test, &[QEMU, "qemu-img", "sha256sum", "e2fsck"])?;
     guest_assets(test, &["bzimage", "vmlinux", "initramfs"])
 }
 
@@ -172,7 +181,13 @@ fn service_disk(dir: &Path, name: &str, probe: &Path, launch: LaunchScript, keys
     let disk = ServiceDisk { binary: probe.to_path_buf(), launch, trees };
     let path = dir.join(name);
     let options = FatOptions { label: Some(ServiceDisk::LABEL.to_owned()), ..FatOptions::default() };
-    disk.tree().unwrap().layout(&options).unwrap().write_file(&path, None).unwrap();
+    let tree = disk.tree().unwrap();
+    let layout = tree.layout(&options).unwrap();
+    if image_format(&path) == "qcow2" {
+        layout.write_qcow2_file(&path, &Qcow2Options::default(), None).unwrap();
+    } else {
+        layout.write_file(&path, None).unwrap();
+    }
     path
 }
 
@@ -217,8 +232,10 @@ fn guest_runs_the_service_and_keeps_its_data_across_boots() {
     let key: Vec<u8> = (0..2048_u32).map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8).collect();
     fs::write(keystore.join("key.bin"), &key).unwrap();
     let seed = seed(dir.path());
-    let data = dir.path().join("data.img");
-    fs::File::create(&data).unwrap().set_len(64 << 20).unwrap();
+    // The data disk as kiln creates it: an empty qcow2 (kiln's writer),
+    // which the guest sees as blank and formats.
+    let data = dir.path().join("data.qcow2");
+    create_qcow2(&data, 64 << 20, &Qcow2Options::default()).unwrap();
 
     // First boot: everything the service is given reaches it intact, and
     // its exit status comes back on the console.
@@ -270,8 +287,14 @@ fn guest_runs_the_service_and_keeps_its_data_across_boots() {
         first.took.as_secs_f64()
     ));
 
-    // kiln-init unmounted the data disk before powering off: e2fsck finds it clean.
-    let fsck = Command::new("e2fsck").args(["-fn"]).arg(&data).output().unwrap();
+    // QEMU grew kiln's qcow2 consistently, and kiln-init unmounted the data
+    // disk before powering off: e2fsck finds the filesystem clean.
+    let check = Command::new("qemu-img").arg("check").arg(&data).output().unwrap();
+    assert!(check.status.success(), "qemu-img check on the data disk: {}", String::from_utf8_lossy(&check.stdout));
+    let raw = dir.path().join("data.raw");
+    let convert = Command::new("qemu-img").args(["convert", "-O", "raw"]).arg(&data).arg(&raw).output().unwrap();
+    assert!(convert.status.success(), "qemu-img convert: {}", String::from_utf8_lossy(&convert.stderr));
+    let fsck = Command::new("e2fsck").args(["-fn"]).arg(&raw).output().unwrap();
     assert!(fsck.status.success(), "e2fsck -fn on the data disk: {}", String::from_utf8_lossy(&fsck.stdout));
 
     // Second boot: the data survived, and the power button gives the service
@@ -280,7 +303,8 @@ fn guest_runs_the_service_and_keeps_its_data_across_boots() {
         args: ["--read", "/mnt/data/note", "--wait-for-sigterm"].iter().map(|a| a.as_bytes().to_vec()).collect(),
         ..LaunchScript::default()
     };
-    let second_disk = service_disk(dir.path(), "service-2.img", &probe, launch, None);
+    // This time the service disk is qcow2, written by kiln's FAT-into-qcow2 path.
+    let second_disk = service_disk(dir.path(), "service-2.qcow2", &probe, launch, None);
     let spec =
         Boot { service_disk: Some(&second_disk), power_button_after: Some("probe: waiting for SIGTERM"), ..spec };
     let second = boot("second-boot", dir.path(), &spec);
