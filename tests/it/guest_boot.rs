@@ -37,6 +37,8 @@ struct Boot<'a> {
     data_disk: Option<&'a Path>,
     /// Press the ACPI power button (QMP `system_powerdown`) once the console shows this.
     power_button_after: Option<&'a str>,
+    /// kiln-init's grace period between SIGTERM and SIGKILL (`kiln.grace=`).
+    grace_seconds: u32,
 }
 
 /// What a boot left: the serial console and how long it took.
@@ -82,7 +84,8 @@ fn boot(test: &str, dir: &Path, spec: &Boot<'_>) -> Console {
         .arg(kernel)
         .arg("-initrd")
         .arg(&spec.assets.initramfs)
-        .args(["-append", "console=ttyS0 panic=-1 kiln.grace=20"])
+        .arg("-append")
+        .arg(format!("console=ttyS0 panic=-1 kiln.grace={}", spec.grace_seconds))
         .args(["-netdev", "user,id=net0", "-device", "virtio-net-pci,netdev=net0"]);
     // Data disk first: kiln-init must find disks by label, not by order.
     if let Some(data) = spec.data_disk {
@@ -264,6 +267,7 @@ fn guest_runs_the_service_and_keeps_its_data_across_boots() {
         seed: Some(&seed),
         data_disk: Some(&data),
         power_button_after: None,
+        grace_seconds: 20,
     };
     let first = boot("first-boot", dir.path(), &spec);
     for (index, arg) in args.iter().enumerate() {
@@ -331,11 +335,37 @@ fn guest_without_a_service_disk_says_so_and_powers_off() {
         seed: Some(&seed),
         data_disk: None,
         power_button_after: None,
+        grace_seconds: 20,
     };
     let console = boot(test, dir.path(), &spec);
     let failure = console.position("kiln-init: FAILED: service disk not found: no disk labelled SERVICEDISK");
     assert!(failure < console.position("kiln-init: powering off"));
     assert!(!console.log.contains("Kernel panic"), "the kernel panicked:\n{}", console.log);
+}
+
+#[test]
+fn guest_kills_a_service_that_ignores_sigterm_after_the_grace_period() {
+    let test = "guest_grace_period";
+    let Some(assets) = setup(test) else { return };
+    let probe = probe(&assets);
+    let dir = tempfile::tempdir().unwrap();
+    let launch = LaunchScript { args: vec![b"--ignore-sigterm".to_vec()], ..LaunchScript::default() };
+    let disk = service_disk(dir.path(), "service.img", &probe, launch, None);
+    let spec = Boot {
+        assets: &assets,
+        elf_kernel: false,
+        service_disk: Some(&disk),
+        seed: None,
+        data_disk: None,
+        power_button_after: Some("probe: ignoring SIGTERM"),
+        grace_seconds: 1,
+    };
+    let console = boot(test, dir.path(), &spec);
+    let pressed = console.position("kiln-init: power button: sending SIGTERM to the service, grace 1.0s");
+    let killed = console.position("kiln-init: grace period over: sending SIGKILL");
+    let reported = console.position("kiln-init: service killed by signal 9");
+    assert!(pressed < killed && killed < reported, "order: button, SIGKILL, report:\n{}", console.log);
+    console.assert_clean_power_off();
 }
 
 /// A figure for a person reading the test output (not asserted).

@@ -7,7 +7,9 @@
 //! `--env NAME` prints a variable; `--sha256 PATH` a file's digest;
 //! `--write PATH=TEXT` writes a file; `--read PATH` prints one; `--net`
 //! prints the hostname and the IPv4 routing table; `--wait-for-sigterm`
-//! blocks until SIGTERM arrives and says so; `--exit N` sets the exit status.
+//! blocks until SIGTERM arrives and says so; `--ignore-sigterm` blocks
+//! SIGTERM and sleeps forever (only SIGKILL ends it); `--exit N` sets the
+//! exit status.
 
 use std::fmt::Write as _;
 use std::{env, fs, mem, process};
@@ -61,6 +63,7 @@ fn main() {
                 }
             }
             "--wait-for-sigterm" => wait_for_sigterm(),
+            "--ignore-sigterm" => ignore_sigterm(),
             "--exit" => exit = value().parse().unwrap_or_else(|_| die("--exit needs a number")),
             _ => {}
         }
@@ -82,6 +85,21 @@ fn wait_for_sigterm() {
     // SAFETY: `set` is initialised and `signal` is a valid out-pointer.
     unsafe { libc::sigwait(&set, &mut signal) };
     println!("probe: got signal {signal} (SIGTERM is {})", libc::SIGTERM);
+}
+
+fn ignore_sigterm() -> ! {
+    // SAFETY: sigset_t is plain data, initialised by sigemptyset before use.
+    let mut set: libc::sigset_t = unsafe { mem::zeroed() };
+    // SAFETY: `set` is a valid sigset_t; a blocked SIGTERM stays pending forever.
+    unsafe {
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, libc::SIGTERM);
+        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+    }
+    println!("probe: ignoring SIGTERM");
+    loop {
+        std::thread::sleep(std::time::Duration::from_secs(3600));
+    }
 }
 
 fn die(message: &str) -> ! {
