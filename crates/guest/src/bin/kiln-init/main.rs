@@ -32,8 +32,8 @@ const LOAD_ORDER: &str = "/lib/modules/kiln/load-order";
 const MODULE_DIR: &str = "/lib/modules/kiln";
 const SERVICE: &str = "/srv/launch";
 const SEED_MOUNT: &str = "/run/kiln/seed";
-/// How long to look for the service disk before giving up: virtio probing
-/// is synchronous, so this only matters on a slow host.
+/// How long to wait for virtio block devices to get their disks: virtio
+/// probing is synchronous, so this only matters on a slow host.
 const DISK_WAIT: Duration = Duration::from_secs(5);
 /// Default time between SIGTERM and SIGKILL; `kiln.grace=SECONDS` on the
 /// kernel command line overrides it.
@@ -145,6 +145,7 @@ fn run(init_start: f64) -> Result<ExitStatus> {
     let grace = grace_period(&cmdline);
     let _ = sys::disable_ctrl_alt_del();
     load_modules()?;
+    let modules_loaded = sys::monotonic_seconds();
     let disks = find_disks()?;
     let Some(service_disk) = disks.iter().find(|d| d.is_fat(SERVICE_DISK_LABEL)) else {
         return Err(Failure(format!(
@@ -157,6 +158,7 @@ fn run(init_start: f64) -> Result<ExitStatus> {
         apply_seed(&seed.device)?;
     }
     mount_data_disk(&disks)?;
+    let disks_ready = sys::monotonic_seconds();
     let power_buttons = power_buttons();
     let signals = sys::signal_fd().context(|| "cannot block signals".to_owned())?;
     if let Ok(socket) = sys::vsock_connect(VSOCK_STATUS_PORT) {
@@ -166,7 +168,10 @@ fn run(init_start: f64) -> Result<ExitStatus> {
     }
     let service = spawn_service()?;
     let service_start = sys::monotonic_seconds();
-    say(&format!("timing kernel_start=0.000000 init_start={init_start:.6} service_start={service_start:.6}"));
+    say(&format!(
+        "timing kernel_start=0.000000 init_start={init_start:.6} modules_loaded={modules_loaded:.6} \
+         disks_ready={disks_ready:.6} service_start={service_start:.6}"
+    ));
     supervise(service, &signals, &power_buttons, grace)
 }
 
@@ -243,17 +248,28 @@ fn describe(disks: &[Disk]) -> String {
     disks.iter().map(|d| format!("{} {:?}", d.name, d.kind)).collect::<Vec<_>>().join(", ")
 }
 
-/// Every `/sys/block/vd*` disk, classified by its first sectors. Waits up to
-/// [`DISK_WAIT`] for the service disk to appear.
+/// Every `/sys/block/vd*` disk, classified by its first sectors, once every
+/// virtio block device has its disk (at most [`DISK_WAIT`]).
 fn find_disks() -> Result<Vec<Disk>> {
     let started = Instant::now();
-    loop {
-        let disks = scan_disks()?;
-        if disks.iter().any(|d| d.is_fat(SERVICE_DISK_LABEL)) || started.elapsed() > DISK_WAIT {
-            return Ok(disks);
-        }
-        std::thread::sleep(Duration::from_millis(50));
+    while pending_virtio_disks() > 0 && started.elapsed() < DISK_WAIT {
+        std::thread::sleep(Duration::from_millis(10));
     }
+    scan_disks()
+}
+
+/// Virtio block devices (virtio device id 2) whose disk has not appeared
+/// yet. The driver usually probes while its module loads, so this is 0 and
+/// a missing service disk is reported at once, not after a timeout.
+fn pending_virtio_disks() -> usize {
+    let Ok(devices) = fs::read_dir("/sys/bus/virtio/devices") else { return 0 };
+    devices
+        .flatten()
+        .filter(|device| {
+            let id = fs::read_to_string(device.path().join("device")).unwrap_or_default();
+            id.trim() == "0x0002" && !device.path().join("block").is_dir()
+        })
+        .count()
 }
 
 fn scan_disks() -> Result<Vec<Disk>> {
