@@ -79,20 +79,34 @@ pub(super) fn run(options: &Options) -> Result<()> {
     let kiln_service = median_of(&kiln_runs, |r| r.service_start);
     let kiln_init = median_of(&kiln_runs, |r| r.init_start);
     let floor_init = median_of(&floor_runs, |r| r.init_start);
-    let header =
-        ["guest (QEMU TCG, -M pc)", "init start s", "service start s", "init to service s", "QEMU wall s", "vs floor"];
+    let kiln_modules = median_of(&kiln_runs, |r| Some(r.modules_loaded? - r.init_start?));
+    let kiln_disks = median_of(&kiln_runs, |r| Some(r.disks_ready? - r.modules_loaded?));
+    let header = [
+        "guest (QEMU TCG, -M pc)",
+        "init start s",
+        "service start s",
+        "init to service s",
+        "of which modules s",
+        "of which disks s",
+        "QEMU wall s",
+        "vs floor",
+    ];
     let rows = vec![
         vec![
             "kiln (kiln-init + modules, service disk)".to_owned(),
             show(kiln_init),
             show(kiln_service),
             show(kiln_service.zip(kiln_init).map(|(s, i)| s - i)),
+            show(kiln_modules),
+            show(kiln_disks),
             format!("{kiln_wall:.2}"),
             format!("{:.2}x", kiln_wall / floor_wall),
         ],
         vec![
             "floor (busybox /init, poweroff)".to_owned(),
             show(floor_init),
+            "-".to_owned(),
+            "-".to_owned(),
             "-".to_owned(),
             "-".to_owned(),
             format!("{floor_wall:.2}"),
@@ -131,6 +145,8 @@ pub(super) fn run(options: &Options) -> Result<()> {
 struct BootRun {
     wall: f64,
     init_start: Option<f64>,
+    modules_loaded: Option<f64>,
+    disks_ready: Option<f64>,
     service_start: Option<f64>,
 }
 
@@ -180,10 +196,18 @@ fn boot(dir: &Path, kernel: &Path, initramfs: &Path, service_disk: Option<&Path>
         BootRun {
             wall,
             init_start: value("kiln-init: timing kernel_start=0.000000 init_start="),
+            modules_loaded: value("modules_loaded="),
+            disks_ready: value("disks_ready="),
             service_start: value("service_start="),
         }
     } else {
-        BootRun { wall, init_start: value("floor: init_start "), service_start: None }
+        BootRun {
+            wall,
+            init_start: value("floor: init_start "),
+            modules_loaded: None,
+            disks_ready: None,
+            service_start: None,
+        }
     };
     Ok(run)
 }
