@@ -14,6 +14,7 @@
 
 use std::collections::BTreeMap;
 use std::fs;
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Instant;
@@ -95,8 +96,6 @@ fn build(kernel: Option<PathBuf>, modules: Option<PathBuf>, busybox: &Path) -> R
     let parsed = kiln_guest::BzImage::parse(&image).with_context(|| format!("{}", source.bzimage.display()))?;
     let compression = parsed.compression.map_or("unknown", |c| c.name());
     let vmlinux = parsed.decompress(VMLINUX_LIMIT).with_context(|| format!("{}", source.bzimage.display()))?;
-    write_atomically(&out.join("vmlinuz"), &image)?;
-    write_atomically(&out.join("vmlinux"), &vmlinux)?;
     println!(
         "vmlinuz {} ({compression} payload, boot protocol {}.{:02}) -> vmlinux {}",
         format_bytes(image.len() as u64),
@@ -133,7 +132,7 @@ fn build(kernel: Option<PathBuf>, modules: Option<PathBuf>, busybox: &Path) -> R
     for binary in [&init, &probe, &busybox.to_path_buf()] {
         require_static(binary)?;
     }
-    fs::copy(&probe, out.join("service-probe")).context("cannot copy service-probe")?;
+    let probe_bytes = fs::read(&probe).with_context(|| format!("cannot read {}", probe.display()))?;
 
     announce("assembling initramfs.cpio.gz");
     let mut archive = CpioArchive::new();
@@ -156,8 +155,16 @@ fn build(kernel: Option<PathBuf>, modules: Option<PathBuf>, busybox: &Path) -> R
         order.push('\n');
     }
     archive.add_file_from_bytes("lib/modules/kiln/load-order", order, 0o644)?;
+    // Every input has been read and checked; only now is target/guest
+    // touched, so a failed run never pairs a new kernel with old modules.
     let initramfs = out.join("initramfs.cpio.gz");
     let summary = archive.write_file(&initramfs, Compression::Gzip, EPOCH)?;
+    write_atomically(&out.join("vmlinuz"), &image)?;
+    write_atomically(&out.join("vmlinux"), &vmlinux)?;
+    let probe_out = out.join("service-probe");
+    write_atomically(&probe_out, &probe_bytes)?;
+    fs::set_permissions(&probe_out, fs::Permissions::from_mode(0o755))
+        .with_context(|| format!("cannot make {} executable", probe_out.display()))?;
     println!(
         "{}: {} entries, {} ({} uncompressed)",
         initramfs.display(),
