@@ -383,28 +383,46 @@ impl Netlink {
     }
 }
 
-/// Mounts the data disk at `/mnt/data`: an ext filesystem labelled
-/// `KILNDATA`, or a blank disk with virtio serial `kiln-data`, which is
-/// formatted first (busybox `mke2fs`, ext2 served by the built-in ext4
-/// driver). No such disk: no data disk, and `/mnt/data` stays absent.
-fn mount_data_disk(disks: &[Disk]) -> Result<()> {
+/// What to do with the data disk.
+#[derive(Debug)]
+enum DataDisk<'a> {
+    /// No disk is the data disk: `/mnt/data` stays absent.
+    None,
+    Mount(&'a Disk),
+    FormatThenMount(&'a Disk),
+}
+
+/// The data disk is an ext filesystem labelled `KILNDATA`, or else the
+/// disk with virtio serial `kiln-data`, which is formatted only when blank
+/// (its first 2 KiB all zero). Anything else on that disk is refused, never
+/// overwritten.
+fn choose_data_disk(disks: &[Disk]) -> Result<DataDisk<'_>> {
     let labelled = disks.iter().find(|d| matches!(&d.kind, DiskKind::Ext { label: Some(l) } if l == DATA_DISK_LABEL));
-    let disk = match labelled {
-        Some(disk) => disk,
-        None => {
-            let Some(disk) = disks.iter().find(|d| d.serial == DATA_DISK_SERIAL) else {
-                return Ok(());
-            };
-            match &disk.kind {
-                DiskKind::Blank => format_data_disk(disk)?,
-                DiskKind::Ext { .. } => {}
-                other => {
-                    return Err(Failure(format!(
-                        "data disk {} (serial {DATA_DISK_SERIAL}) holds {other:?}, not ext and not blank; refusing to format it",
-                        disk.device
-                    )));
-                }
-            }
+    if let Some(disk) = labelled {
+        return Ok(DataDisk::Mount(disk));
+    }
+    let Some(disk) = disks.iter().find(|d| d.serial == DATA_DISK_SERIAL) else {
+        return Ok(DataDisk::None);
+    };
+    match &disk.kind {
+        DiskKind::Blank => Ok(DataDisk::FormatThenMount(disk)),
+        DiskKind::Ext { .. } => Ok(DataDisk::Mount(disk)),
+        other => Err(Failure(format!(
+            "data disk {} (serial {DATA_DISK_SERIAL}) holds {other:?}, not ext and not blank; refusing to format it",
+            disk.device
+        ))),
+    }
+}
+
+/// Mounts the data disk at `/mnt/data` (see [`choose_data_disk`]), making
+/// the filesystem first when the disk is blank: busybox `mke2fs`, ext2
+/// served by the built-in ext4 driver.
+fn mount_data_disk(disks: &[Disk]) -> Result<()> {
+    let disk = match choose_data_disk(disks)? {
+        DataDisk::None => return Ok(()),
+        DataDisk::Mount(disk) => disk,
+        DataDisk::FormatThenMount(disk) => {
+            format_data_disk(disk)?;
             disk
         }
     };
@@ -563,6 +581,44 @@ mod tests {
         assert_eq!(grace_period("console=ttyS0"), DEFAULT_GRACE);
         assert_eq!(grace_period("kiln.grace=-1"), DEFAULT_GRACE);
         assert_eq!(grace_period("kiln.grace=soon"), DEFAULT_GRACE);
+    }
+
+    fn disk(name: &str, serial: &str, kind: DiskKind) -> Disk {
+        Disk { name: name.to_owned(), device: format!("/dev/{name}"), serial: serial.to_owned(), kind }
+    }
+
+    fn choice(disks: &[Disk]) -> String {
+        match choose_data_disk(disks) {
+            Ok(DataDisk::None) => "none".to_owned(),
+            Ok(DataDisk::Mount(disk)) => format!("mount {}", disk.name),
+            Ok(DataDisk::FormatThenMount(disk)) => format!("format {}", disk.name),
+            Err(err) => format!("error: {err}"),
+        }
+    }
+
+    #[test]
+    fn data_disk_choice() {
+        let ext = |label: &str| DiskKind::Ext { label: Some(label.to_owned()) };
+        let fat = |label: &str| DiskKind::Fat { label: Some(label.to_owned()) };
+        let service = disk("vda", "", fat("SERVICEDISK"));
+        assert_eq!(choice(&[]), "none");
+        assert_eq!(
+            choice(&[disk("vda", "", DiskKind::Blank)]),
+            "none",
+            "a blank disk without the serial is left alone"
+        );
+        assert_eq!(choice(&[disk("vdb", "kiln-data", DiskKind::Blank)]), "format vdb");
+        assert_eq!(choice(&[disk("vdb", "kiln-data", ext("KILNDATA"))]), "mount vdb");
+        assert_eq!(choice(&[disk("vdb", "kiln-data", ext("other"))]), "mount vdb");
+        assert_eq!(choice(&[disk("vdc", "", ext("KILNDATA")), disk("vdb", "kiln-data", DiskKind::Blank)]), "mount vdc");
+        assert_eq!(
+            choice(&[disk("vdb", "kiln-data", fat("SERVICEDISK"))]),
+            "error: data disk /dev/vdb (serial kiln-data) holds Fat { label: Some(\"SERVICEDISK\") }, not ext and not blank; refusing to format it"
+        );
+        assert_eq!(
+            choice(&[service, disk("vdb", "kiln-data", DiskKind::Unknown)]),
+            "error: data disk /dev/vdb (serial kiln-data) holds Unknown, not ext and not blank; refusing to format it"
+        );
     }
 
     #[test]
