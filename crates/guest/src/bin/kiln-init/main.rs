@@ -45,6 +45,8 @@ const KEY_POWER: u16 = 116;
 
 /// The vsock status connection, when there is one; the failure path reports there too.
 static STATUS: Mutex<Option<File>> = Mutex::new(None);
+/// The thread copying the service's output to the console and vsock, if any.
+static TEE: Mutex<Option<std::thread::JoinHandle<()>>> = Mutex::new(None);
 
 fn main() {
     let init_start = sys::monotonic_seconds();
@@ -55,6 +57,7 @@ fn main() {
     }
     match run(init_start) {
         Ok(status) => {
+            drain_service_output(Duration::from_secs(1));
             let line = match status {
                 ExitStatus::Code(code) => format!("service exited with status {code}"),
                 ExitStatus::Signal(signal) => format!("service killed by signal {signal}"),
@@ -504,10 +507,23 @@ fn spawn_service() -> Result<i32> {
     let child = command.spawn().context(|| format!("cannot start {SERVICE}"))?;
     drop(command); // Closes our copies of the pipe's write end.
     if let (Some(reader), Some(log)) = (pipe, log) {
-        std::thread::spawn(move || tee(reader, log));
+        let handle = std::thread::spawn(move || tee(reader, log));
+        if let Ok(mut tee) = TEE.lock() {
+            *tee = Some(handle);
+        }
     }
     // The pid is kept, not the Child: kiln-init reaps every process itself.
     Ok(child.id() as i32)
+}
+
+/// Lets the output copier finish, so the exit line comes after the
+/// service's last words; gives up after `limit` (an orphan may hold the pipe).
+fn drain_service_output(limit: Duration) {
+    let Some(handle) = TEE.lock().ok().and_then(|mut tee| tee.take()) else { return };
+    let deadline = Instant::now() + limit;
+    while !handle.is_finished() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(5));
+    }
 }
 
 /// Copies the service's output to the console and the vsock log until EOF;
