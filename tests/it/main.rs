@@ -9,6 +9,7 @@ mod cli_images;
 mod cli_info;
 mod cli_initramfs;
 mod cli_qcow2;
+mod guest_boot;
 mod launch_sh;
 mod support;
 mod tools;

@@ -16,12 +16,17 @@ pub(crate) const TEST_PACKAGES: &[&[&str]] = &[
     &["mtools"],
     // cpio -t / -idm: read initramfs archives back.
     &["cpio"],
-    // qemu-img check / info / compare / convert: the qcow2 interop checks;
-    // qemu-system-x86_64: kiln-vmm boots the guest kernel under TCG. One
-    // group, so Debian's qemu-system-x86 and qemu-utils stay the same version.
+    // qemu-system-x86_64 boots guests under TCG (kiln-vmm's and the guest's
+    // boot tests); qemu-img check / info / compare / convert: the qcow2
+    // interop checks. One group, installed pinned to the release, so
+    // Debian 12's qemu-system-x86 and qemu-utils stay the same version.
     &["qemu-system-x86", "qemu-utils"],
-    // A static busybox: /init of the tiny initramfs kiln-vmm's boot tests use.
+    // A static busybox: /init of kiln-vmm's tiny test initramfs, and
+    // /bin/busybox in the guest (`sh` for /srv/launch, `mke2fs` for the data
+    // disk's first boot; `cargo xtask guest` copies it).
     &["busybox-static"],
+    // e2fsck -fn: the boot tests check the guest left its data disk clean.
+    &["e2fsprogs"],
     // libFuzzer (built by libfuzzer-sys for `cargo fuzz`) is C++.
     &["g++"],
     // nft: kiln-net's firewall rules, applied inside test namespaces.

@@ -1,13 +1,15 @@
 //! `cargo xtask`: kiln's project tasks (CI, demo, benchmarks, fuzzing) as
 //! plain Rust, so they run the same on a laptop and in CI.
 //!
-//! One module per task; arguments are parsed by hand and the only
-//! dependencies are `anyhow` and `libc`, so it builds and starts fast.
+//! One module per task; arguments are parsed by hand. Dependencies are
+//! `anyhow`, `libc`, and kiln's own pure libraries `kiln-imagefmt` and
+//! `kiln-guest` for `cargo xtask guest` (in-process, no CLI round trip).
 
 mod bench;
 mod debian;
 mod demo;
 mod fuzz;
+mod guest;
 mod json;
 mod test;
 
@@ -29,6 +31,9 @@ commands:
                                     compare kiln with its peers (areas: all by default)
   fuzz [TARGET] [--time SECS] [--smoke] [-- LIBFUZZER_ARGS...]
                                     run cargo-fuzz targets in fuzz/ (all by default, 60 s each)
+  guest [--kernel BZIMAGE [--modules DIR]] [--busybox PATH]
+                                    build the minimal guest into target/guest/: kernel
+                                    (Debian's cloud kernel by default), vmlinux, initramfs
   help                              this text
 ";
 
@@ -52,6 +57,7 @@ fn run() -> Result<()> {
         Some("demo") => demo::run(&rest),
         Some("bench") => bench::run(&rest),
         Some("fuzz") => fuzz::run(&rest),
+        Some("guest") => guest::run(&rest),
         Some("help" | "-h" | "--help") => {
             print!("{USAGE}");
             Ok(())

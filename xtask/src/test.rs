@@ -8,11 +8,13 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Result, bail};
 
-use crate::{announce, cargo, command_succeeds, debian, format_duration, fuzz, run_command};
+use crate::{announce, cargo, command_succeeds, debian, format_duration, fuzz, guest, run_command};
 
 /// Set for the test run so a test whose external tool is missing fails
 /// instead of skipping (see kiln-testkit).
 const REQUIRE_TOOLS_ENV: (&str, &str) = ("KILN_REQUIRE_TOOLS", "1");
+/// The absolute path of `target/guest`, for tests that boot the guest.
+const GUEST_DIR_ENV: &str = "KILN_GUEST_DIR";
 
 type Step = fn() -> Result<()>;
 
@@ -21,10 +23,11 @@ pub(crate) fn run(args: &[String]) -> Result<()> {
         bail!("`cargo xtask test` takes no arguments, got `{arg}`");
     }
     let started = Instant::now();
-    let steps: [(&str, Step); 5] = [
+    let steps: [(&str, Step); 6] = [
         ("Debian packages", packages),
         ("cargo fmt --check", fmt),
         ("clippy -D warnings", clippy),
+        ("guest (cargo xtask guest)", guest_step),
         ("tests", tests),
         ("fuzz smoke", fuzz_smoke),
     ];
@@ -75,10 +78,19 @@ fn clippy() -> Result<()> {
     run_command(cargo().args(["clippy", "--workspace", "--all-targets", "--", "-D", "warnings"]))
 }
 
+/// Builds the guest the boot tests run (kernel, vmlinux, initramfs). Its
+/// failure does not stop the tests: they then fail, naming the missing file.
+fn guest_step() -> Result<()> {
+    guest::run(&[])
+}
+
 fn tests() -> Result<()> {
+    let guest_dir = guest::guest_dir()?;
     let with_tools = || {
         let mut command = cargo();
         command.env(REQUIRE_TOOLS_ENV.0, REQUIRE_TOOLS_ENV.1);
+        // Where the boot tests find `cargo xtask guest`'s output (kiln-testkit's guest_assets).
+        command.env(GUEST_DIR_ENV, &guest_dir);
         command
     };
     if command_succeeds(cargo().args(["nextest", "--version"])) {

@@ -7,6 +7,7 @@
 //! PRNG for workloads.
 
 mod fat;
+mod guest;
 mod net;
 mod qcow2;
 mod vmm;
@@ -23,7 +24,8 @@ use anyhow::{Context, Result, bail};
 use crate::{announce, flag_value, show_command};
 
 /// Every benchmark area, in the order `cargo xtask bench` runs them.
-const AREAS: &[(&str, Area)] = &[("fat", fat::run), ("qcow2", qcow2::run), ("net", net::run), ("vmm", vmm::run)];
+const AREAS: &[(&str, Area)] =
+    &[("fat", fat::run), ("qcow2", qcow2::run), ("net", net::run), ("vmm", vmm::run), ("guest", guest::run)];
 
 type Area = fn(&Options) -> Result<()>;
 

@@ -1,0 +1,217 @@
+//! Thin, safe wrappers over the Linux calls PID 1 needs. Each returns an
+//! `io::Error` carrying errno; callers add what they were doing.
+
+use std::ffi::{CString, OsStr};
+use std::fs::File;
+use std::io;
+use std::mem;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::ffi::OsStrExt;
+use std::path::Path;
+use std::time::Duration;
+
+fn cstring(text: impl AsRef<OsStr>) -> io::Result<CString> {
+    CString::new(text.as_ref().as_bytes()).map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "NUL in a path"))
+}
+
+fn check(result: libc::c_int) -> io::Result<libc::c_int> {
+    if result < 0 { Err(io::Error::last_os_error()) } else { Ok(result) }
+}
+
+/// `mount(2)`.
+pub(crate) fn mount(source: &str, target: &str, fstype: &str, flags: libc::c_ulong, data: &str) -> io::Result<()> {
+    let (source, target, fstype, data) = (cstring(source)?, cstring(target)?, cstring(fstype)?, cstring(data)?);
+    // SAFETY: all four pointers are valid NUL-terminated strings that outlive the call.
+    check(unsafe { libc::mount(source.as_ptr(), target.as_ptr(), fstype.as_ptr(), flags, data.as_ptr().cast()) })?;
+    Ok(())
+}
+
+/// `umount2(2)`.
+pub(crate) fn umount(target: &str) -> io::Result<()> {
+    let target = cstring(target)?;
+    // SAFETY: `target` is a valid NUL-terminated string.
+    check(unsafe { libc::umount2(target.as_ptr(), 0) })?;
+    Ok(())
+}
+
+/// `finit_module(2)` with no parameters.
+pub(crate) fn finit_module(module: &File) -> io::Result<()> {
+    // SAFETY: the fd is open for the duration of the call and the parameter string is a valid empty C string.
+    let result = unsafe { libc::syscall(libc::SYS_finit_module, module.as_raw_fd(), c"".as_ptr(), 0) };
+    if result < 0 { Err(io::Error::last_os_error()) } else { Ok(()) }
+}
+
+/// `sethostname(2)`.
+pub(crate) fn sethostname(name: &str) -> io::Result<()> {
+    // SAFETY: the pointer and length describe `name`'s bytes.
+    check(unsafe { libc::sethostname(name.as_ptr().cast(), name.len()) })?;
+    Ok(())
+}
+
+/// `sync(2)` then `reboot(RB_POWER_OFF)`; returns only if the kernel refused.
+pub(crate) fn power_off() -> io::Error {
+    // SAFETY: sync has no preconditions.
+    unsafe { libc::sync() };
+    // SAFETY: reboot with a valid command; PID 1 holds CAP_SYS_BOOT.
+    unsafe { libc::reboot(libc::RB_POWER_OFF) };
+    io::Error::last_os_error()
+}
+
+/// Makes Ctrl-Alt-Del send SIGINT to PID 1 instead of rebooting at once,
+/// so it stops the service like the power button does.
+pub(crate) fn disable_ctrl_alt_del() -> io::Result<()> {
+    // SAFETY: reboot with RB_DISABLE_CAD only changes a kernel flag.
+    check(unsafe { libc::reboot(libc::RB_DISABLE_CAD) })?;
+    Ok(())
+}
+
+/// `kill(2)`; `pid` may be negative for a process group, or -1 for all.
+pub(crate) fn kill(pid: i32, signal: libc::c_int) -> io::Result<()> {
+    // SAFETY: kill has no memory-safety preconditions.
+    check(unsafe { libc::kill(pid, signal) })?;
+    Ok(())
+}
+
+/// How a child ended, as `waitpid` reports it.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum ExitStatus {
+    Code(i32),
+    Signal(i32),
+}
+
+/// One `waitpid(-1, WNOHANG)`: `Some((pid, status))` for a reaped child,
+/// `None` when no child has ended (or none is left).
+pub(crate) fn reap_one() -> Option<(i32, ExitStatus)> {
+    let mut status = 0;
+    // SAFETY: `status` is a valid out-pointer.
+    let pid = unsafe { libc::waitpid(-1, &mut status, libc::WNOHANG) };
+    if pid <= 0 {
+        return None;
+    }
+    let exit = if libc::WIFEXITED(status) {
+        ExitStatus::Code(libc::WEXITSTATUS(status))
+    } else {
+        ExitStatus::Signal(libc::WTERMSIG(status))
+    };
+    Some((pid, exit))
+}
+
+/// Whether PID 1 has no children left (running or unreaped). Every orphan
+/// is re-parented to PID 1, so this means every process but kiln-init has
+/// ended. (`kill(-1, 0)` cannot tell: kernel threads count as targets.)
+pub(crate) fn no_children_left() -> bool {
+    // SAFETY: a null status pointer is allowed; WNOHANG never blocks.
+    let result = unsafe { libc::waitpid(-1, std::ptr::null_mut(), libc::WNOHANG) };
+    result < 0 && io::Error::last_os_error().raw_os_error() == Some(libc::ECHILD)
+}
+
+/// Seconds on `CLOCK_MONOTONIC`, which in the guest starts at kernel boot.
+pub(crate) fn monotonic_seconds() -> f64 {
+    let mut now = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: `now` is a valid out-pointer; CLOCK_MONOTONIC always exists.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut now) };
+    now.tv_sec as f64 + now.tv_nsec as f64 / 1e9
+}
+
+/// Signals kiln-init handles through a signalfd instead of handlers.
+pub(crate) const HANDLED_SIGNALS: [libc::c_int; 4] = [libc::SIGCHLD, libc::SIGTERM, libc::SIGINT, libc::SIGPWR];
+
+/// Blocks [`HANDLED_SIGNALS`] and returns a signalfd that reports them.
+/// `std::process::Command` clears the mask in children, so the service
+/// starts with every signal unblocked.
+pub(crate) fn signal_fd() -> io::Result<OwnedFd> {
+    // SAFETY: sigset_t is plain data; sigemptyset initialises it.
+    let mut set: libc::sigset_t = unsafe { mem::zeroed() };
+    // SAFETY: `set` is a valid sigset_t for all the calls below.
+    unsafe {
+        libc::sigemptyset(&mut set);
+        for signal in HANDLED_SIGNALS {
+            libc::sigaddset(&mut set, signal);
+        }
+    }
+    // SAFETY: `set` is initialised; the old mask is not wanted.
+    let result = unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) };
+    if result != 0 {
+        return Err(io::Error::from_raw_os_error(result));
+    }
+    // SAFETY: -1 asks for a new fd; `set` is initialised.
+    let fd = check(unsafe { libc::signalfd(-1, &set, libc::SFD_CLOEXEC | libc::SFD_NONBLOCK) })?;
+    // SAFETY: signalfd returned a new fd that nothing else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// Drains a signalfd, returning the signal numbers read.
+pub(crate) fn read_signals(fd: &OwnedFd) -> Vec<u32> {
+    let mut signals = Vec::new();
+    loop {
+        // SAFETY: signalfd_siginfo is plain data.
+        let mut info: libc::signalfd_siginfo = unsafe { mem::zeroed() };
+        let size = mem::size_of::<libc::signalfd_siginfo>();
+        // SAFETY: `info` is a writable buffer of `size` bytes.
+        let read = unsafe { libc::read(fd.as_raw_fd(), (&raw mut info).cast(), size) };
+        if read != size as isize {
+            return signals;
+        }
+        signals.push(info.ssi_signo);
+    }
+}
+
+/// `poll(2)` for readability on `fds`; returns which ones are readable
+/// (or hung up). `None` waits forever.
+pub(crate) fn poll_readable(fds: &[RawFd], timeout: Option<Duration>) -> io::Result<Vec<bool>> {
+    let mut polls: Vec<libc::pollfd> =
+        fds.iter().map(|&fd| libc::pollfd { fd, events: libc::POLLIN, revents: 0 }).collect();
+    let timeout = timeout.map_or(-1, |t| t.as_millis().min(i32::MAX as u128) as libc::c_int);
+    loop {
+        // SAFETY: `polls` is a valid array of `polls.len()` pollfd structs.
+        let result = unsafe { libc::poll(polls.as_mut_ptr(), polls.len() as libc::nfds_t, timeout) };
+        if result >= 0 {
+            return Ok(polls.iter().map(|p| p.revents != 0).collect());
+        }
+        let err = io::Error::last_os_error();
+        if err.kind() != io::ErrorKind::Interrupted {
+            return Err(err);
+        }
+    }
+}
+
+/// A connected stream socket to the host (CID 2) on vsock `port`, or the
+/// reason there is none.
+pub(crate) fn vsock_connect(port: u32) -> io::Result<File> {
+    // SAFETY: socket has no memory-safety preconditions.
+    let fd = check(unsafe { libc::socket(libc::AF_VSOCK, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) })?;
+    // SAFETY: socket returned a new fd that nothing else owns.
+    let socket = unsafe { OwnedFd::from_raw_fd(fd) };
+    // SAFETY: sockaddr_vm is plain data.
+    let mut address: libc::sockaddr_vm = unsafe { mem::zeroed() };
+    address.svm_family = libc::AF_VSOCK as libc::sa_family_t;
+    address.svm_cid = libc::VMADDR_CID_HOST;
+    address.svm_port = port;
+    let len = mem::size_of::<libc::sockaddr_vm>() as libc::socklen_t;
+    // SAFETY: `address` is a valid sockaddr_vm of `len` bytes.
+    check(unsafe { libc::connect(socket.as_raw_fd(), (&raw const address).cast(), len) })?;
+    Ok(File::from(socket))
+}
+
+/// A `NETLINK_ROUTE` socket.
+pub(crate) fn netlink_route() -> io::Result<File> {
+    // SAFETY: socket has no memory-safety preconditions.
+    let fd =
+        check(unsafe { libc::socket(libc::AF_NETLINK, libc::SOCK_RAW | libc::SOCK_CLOEXEC, libc::NETLINK_ROUTE) })?;
+    // SAFETY: socket returned a new fd that nothing else owns.
+    Ok(File::from(unsafe { OwnedFd::from_raw_fd(fd) }))
+}
+
+/// Whether `path` exists (any kind of file).
+pub(crate) fn exists(path: &str) -> bool {
+    Path::new(path).symlink_metadata().is_ok()
+}
+
+/// `pipe2(O_CLOEXEC)`: (read end, write end).
+pub(crate) fn pipe() -> io::Result<(File, File)> {
+    let mut fds = [0; 2];
+    // SAFETY: `fds` is a valid array of two ints for pipe2 to fill.
+    check(unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) })?;
+    // SAFETY: pipe2 returned two new fds that nothing else owns.
+    Ok(unsafe { (File::from_raw_fd(fds[0]), File::from_raw_fd(fds[1])) })
+}

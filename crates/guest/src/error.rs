@@ -1,0 +1,32 @@
+//! The crate's one error type.
+
+/// Everything kiln-guest's readers refuse. Messages name the thing at fault.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    #[error("Not a bzImage kernel: {reason}")]
+    NotBzImage { reason: String },
+    #[error("The kernel payload is compressed with {compression}, which kiln cannot decompress")]
+    UnsupportedCompression { compression: &'static str },
+    #[error("Cannot decompress the kernel payload ({compression}): {reason}")]
+    Decompress { compression: &'static str, reason: String },
+    #[error("The decompressed kernel is not an ELF file (it starts with {start:02x?})")]
+    NotElfKernel { start: Vec<u8> },
+    #[error("The decompressed kernel would exceed {limit} bytes")]
+    TooLarge { limit: u64 },
+    #[error("Not a kernel module: {reason}")]
+    NotModule { reason: String },
+    #[error("Module {module:?} is not among the modules given")]
+    ModuleNotFound { module: String },
+    #[error("Module {module:?} depends on {dependency:?}, which is not among the modules given")]
+    MissingModule { module: String, dependency: String },
+    #[error("Modules depend on each other in a cycle: {cycle}")]
+    ModuleCycle { cycle: String },
+    #[error("Invalid {file}: {reason}")]
+    Seed { file: &'static str, reason: String },
+    #[error("Invalid netlink reply: {reason}")]
+    Netlink { reason: String },
+}
+
+/// `Result` with kiln-guest's [`Error`].
+pub type Result<T, E = Error> = std::result::Result<T, E>;
