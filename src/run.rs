@@ -426,8 +426,15 @@ fn launch_and_wait(
     host.nft.apply(&rules)?;
 
     let plan = vm_plan(spec, guest, backend, &files, &tap, &lease)?;
-    // The console log starts empty for this run.
-    fs::write(&files.console_log, b"").map_err(|source| Error::InputIo { path: files.console_log.clone(), source })?;
+    // The console log starts empty for this run; it holds the service's
+    // output, so only the owner reads it.
+    fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&files.console_log)
+        .map_err(|source| Error::InputIo { path: files.console_log.clone(), source })?;
     claim.record.console_log = Some(files.console_log.clone());
     claim.record.vmm =
         Some(VmmInfo { backend: backend_name(backend).to_owned(), pid: 0, run_dir: files.run_dir.clone() });
@@ -458,11 +465,32 @@ fn launch_and_wait(
     })
 }
 
+/// For crash tests only: `kiln run` stops dead after the step this names
+/// (`lease`, `tap`, `firewall`, `vmm`, `running`...) has *finished* its
+/// record, so a test can SIGKILL it at a known point and check `kiln gc`.
+pub const CRASH_TEST_HOLD_ENV: &str = "KILN_CRASH_TEST_HOLD_AFTER";
+
 fn step(claim: &mut VmClaim, observer: &mut dyn RunObserver, phase: Phase, detail: &str) -> Result<()> {
+    // The previous step is complete when the next begins.
+    hold_if_asked(claim.record.phase);
     claim.record.phase = phase;
     claim.save()?;
     observer.phase(phase, detail);
+    if phase == Phase::Running {
+        hold_if_asked(phase);
+    }
     Ok(())
+}
+
+fn hold_if_asked(finished: Phase) {
+    let Some(wanted) = std::env::var_os(CRASH_TEST_HOLD_ENV) else { return };
+    let name = serde_json::to_value(finished).ok().and_then(|v| v.as_str().map(str::to_owned));
+    if name.as_deref().is_some_and(|name| wanted == name) {
+        eprintln!("kiln: {CRASH_TEST_HOLD_ENV}: holding after {name:?}", name = name.unwrap_or_default());
+        loop {
+            std::thread::sleep(Duration::from_secs(3600));
+        }
+    }
 }
 
 fn backend_name(backend: kiln_vmm::Backend) -> &'static str {

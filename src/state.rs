@@ -68,9 +68,11 @@ pub struct VmRecord {
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum Phase {
+    /// Claimed, nothing taken yet.
     #[default]
-    Images,
+    Starting,
     Lease,
+    Images,
     Tap,
     Firewall,
     Vmm,

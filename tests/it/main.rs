@@ -11,5 +11,6 @@ mod cli_initramfs;
 mod cli_qcow2;
 mod guest_boot;
 mod launch_sh;
+mod run_e2e;
 mod support;
 mod tools;

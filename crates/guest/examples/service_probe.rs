@@ -6,7 +6,9 @@
 //! Options (acted on in order, after every argument is printed):
 //! `--env NAME` prints a variable; `--sha256 PATH` a file's digest;
 //! `--write PATH=TEXT` writes a file; `--read PATH` prints one; `--net`
-//! prints the hostname and the IPv4 routing table; `--wait-for-sigterm`
+//! prints the hostname and the IPv4 routing table; `--http ADDR:PORT`
+//! sends `GET /` and prints whether it got an answer (`reached`, with the
+//! answer's last line) or not (`blocked`) within 3 s; `--wait-for-sigterm`
 //! blocks until SIGTERM arrives and says so; `--ignore-sigterm` blocks
 //! SIGTERM and sleeps forever (only SIGKILL ends it); `--exit N` sets the
 //! exit status.
@@ -62,6 +64,13 @@ fn main() {
                     }
                 }
             }
+            "--http" => {
+                let target = value();
+                match http_get(&target) {
+                    Ok(answer) => println!("probe: http {target} reached {:?}", answer.lines().last().unwrap_or("")),
+                    Err(err) => println!("probe: http {target} blocked ({err})"),
+                }
+            }
             "--wait-for-sigterm" => wait_for_sigterm(),
             "--ignore-sigterm" => ignore_sigterm(),
             "--exit" => exit = value().parse().unwrap_or_else(|_| die("--exit needs a number")),
@@ -69,6 +78,19 @@ fn main() {
         }
     }
     process::exit(exit);
+}
+
+fn http_get(target: &str) -> std::io::Result<String> {
+    use std::io::{Read, Write};
+    let addr: std::net::SocketAddr =
+        target.parse().map_err(|_| std::io::Error::other(format!("{target} is not ADDR:PORT")))?;
+    let timeout = std::time::Duration::from_secs(3);
+    let mut stream = std::net::TcpStream::connect_timeout(&addr, timeout)?;
+    stream.set_read_timeout(Some(timeout))?;
+    stream.write_all(b"GET / HTTP/1.0\r\n\r\n")?;
+    let mut answer = String::new();
+    stream.read_to_string(&mut answer)?;
+    Ok(answer)
 }
 
 fn wait_for_sigterm() {

@@ -22,6 +22,9 @@ pub fn qemu_args(plan: &VmPlan, accel: Accel, qmp_socket: &Path) -> Vec<OsString
     let mut args = Args::default();
     args.push(["-name", &plan.name]);
     args.push(["-S", "-no-user-config", "-nodefaults", "-no-reboot", "-nographic"]);
+    // Keep the firmware off the serial console: SeaBIOS would otherwise
+    // print its banner there and clear the screen of whoever follows it.
+    args.push(["-fw_cfg", "name=etc/sercon-port,string=0"]);
     let mut machine = String::from("pc");
     match accel {
         Accel::Kvm => args.push(["-accel", "kvm", "-cpu", "host"]),
@@ -74,7 +77,7 @@ pub fn qemu_args(plan: &VmPlan, accel: Accel, qmp_socket: &Path) -> Vec<OsString
     }
     for (index, network) in plan.networks.iter().enumerate() {
         args.push(["-netdev".to_owned(), format!("tap,id=net{index},ifname={},script=no,downscript=no", network.tap)]);
-        args.push(["-device".to_owned(), format!("virtio-net-pci,netdev=net{index},mac={}", network.mac)]);
+        args.push(["-device".to_owned(), format!("virtio-net-pci,netdev=net{index},mac={},romfile=", network.mac)]);
     }
     if let Some(vsock) = &plan.vsock {
         // QEMU's vsock is the host kernel's vhost-vsock: only the cid applies.
@@ -155,19 +158,20 @@ mod tests {
             &plan,
             Accel::Tcg,
             expect![[r#"
-            -name vm1
-            -S
-            -no-user-config
-            -nodefaults
-            -no-reboot
-            -nographic
-            -accel tcg
-            -smp 1
-            -m 512M
-            -machine pc
-            -kernel /k/vmlinuz
-            -append console=ttyS0 panic=-1
-            -qmp unix:/run/kiln/vm/qmp.sock,server=on,wait=off"#]],
+                -name vm1
+                -S
+                -no-user-config
+                -nodefaults
+                -no-reboot
+                -nographic
+                -fw_cfg name=etc/sercon-port,string=0
+                -accel tcg
+                -smp 1
+                -m 512M
+                -machine pc
+                -kernel /k/vmlinuz
+                -append console=ttyS0 panic=-1
+                -qmp unix:/run/kiln/vm/qmp.sock,server=on,wait=off"#]],
         );
     }
 
@@ -183,6 +187,7 @@ mod tests {
                 -nodefaults
                 -no-reboot
                 -nographic
+                -fw_cfg name=etc/sercon-port,string=0
                 -accel kvm
                 -cpu host
                 -smp 2
@@ -203,7 +208,7 @@ mod tests {
                 -drive file=/vms/web-1/seed,,1.img,format=raw,if=none,id=disk1,readonly=on
                 -device virtio-blk-pci,drive=disk1
                 -netdev tap,id=net0,ifname=kt-web-1,script=no,downscript=no
-                -device virtio-net-pci,netdev=net0,mac=52:54:00:12:34:56
+                -device virtio-net-pci,netdev=net0,mac=52:54:00:12:34:56,romfile=
                 -device vhost-vsock-pci,guest-cid=7
                 -object rng-random,id=rng0,filename=/dev/urandom
                 -device virtio-rng-pci,rng=rng0
