@@ -9,6 +9,7 @@ mod debian;
 mod demo;
 mod fuzz;
 mod json;
+mod k8s_validate;
 mod test;
 
 use std::env;

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Result, bail};
 
-use crate::{announce, cargo, command_succeeds, debian, format_duration, fuzz, run_command};
+use crate::{announce, cargo, command_succeeds, debian, format_duration, fuzz, k8s_validate, run_command};
 
 /// Set for the test run so a test whose external tool is missing fails
 /// instead of skipping (see kiln-testkit).
@@ -58,7 +58,9 @@ pub(crate) fn run(args: &[String]) -> Result<()> {
 }
 
 fn packages() -> Result<()> {
-    debian::ensure_installed(debian::TEST_PACKAGES)
+    debian::ensure_installed(debian::TEST_PACKAGES)?;
+    // PyPI, not Debian: kiln-k8s's schema checks (Debian has no kubernetes-validate).
+    k8s_validate::ensure_installed()
 }
 
 fn fmt() -> Result<()> {
@@ -76,9 +78,10 @@ fn clippy() -> Result<()> {
 }
 
 fn tests() -> Result<()> {
+    let path = k8s_validate::path_with_bin()?;
     let with_tools = || {
         let mut command = cargo();
-        command.env(REQUIRE_TOOLS_ENV.0, REQUIRE_TOOLS_ENV.1);
+        command.env(REQUIRE_TOOLS_ENV.0, REQUIRE_TOOLS_ENV.1).env("PATH", &path);
         command
     };
     if command_succeeds(cargo().args(["nextest", "--version"])) {
