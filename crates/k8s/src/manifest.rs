@@ -511,7 +511,7 @@ pub fn render(workload: &Workload, target: &Target) -> Result<Manifests> {
     }
     dedup(&mut tolerations);
 
-    let tee_available = target.runtime_classes.iter().any(|class| *class == target.tee_runtime_class);
+    let tee_available = target.runtime_classes.contains(&target.tee_runtime_class);
     let runtime_class_name = match workload.confidentiality {
         Confidentiality::TeeRequired if !tee_available => {
             return Err(Error::NoTeeRuntime {
@@ -781,14 +781,14 @@ fn policy_port(protocol: Protocol, port: u16) -> NetworkPolicyPort {
 
 /// `2`, `1500m`.
 fn cpu_quantity(millicpus: u32) -> Quantity {
-    Quantity(if millicpus % 1000 == 0 { (millicpus / 1000).to_string() } else { format!("{millicpus}m") })
+    Quantity(if millicpus.is_multiple_of(1000) { (millicpus / 1000).to_string() } else { format!("{millicpus}m") })
 }
 
 /// `512Mi`, `2Gi`, or plain bytes.
 fn memory_quantity(bytes: u64) -> Quantity {
     const UNITS: [(u64, &str); 4] = [(1 << 40, "Ti"), (1 << 30, "Gi"), (1 << 20, "Mi"), (1 << 10, "Ki")];
     for (size, suffix) in UNITS {
-        if bytes % size == 0 {
+        if bytes.is_multiple_of(size) {
             return Quantity(format!("{}{suffix}", bytes / size));
         }
     }

@@ -143,20 +143,20 @@ pub fn pod_state(pod: &Pod) -> PodState {
             }
             return state;
         }
-        if let Some(waiting) = current.and_then(|s| s.waiting.as_ref()) {
-            if let Some(reason) = waiting.reason.as_deref().filter(|r| *r != "ContainerCreating") {
-                state.reason = Some(Reason::parse(reason));
-                state.message = waiting.message.clone();
-                // A crash loop caused by the memory limit is reported as what it is.
-                let last = container.last_state.as_ref().and_then(|s| s.terminated.as_ref());
-                if let Some(last) = last {
-                    state.exit_code = Some(last.exit_code);
-                    if last.reason.as_deref() == Some("OOMKilled") {
-                        state.reason = Some(Reason::OomKilled);
-                    }
+        if let Some(waiting) = current.and_then(|s| s.waiting.as_ref())
+            && let Some(reason) = waiting.reason.as_deref().filter(|r| *r != "ContainerCreating")
+        {
+            state.reason = Some(Reason::parse(reason));
+            state.message = waiting.message.clone();
+            // A crash loop caused by the memory limit is reported as what it is.
+            let last = container.last_state.as_ref().and_then(|s| s.terminated.as_ref());
+            if let Some(last) = last {
+                state.exit_code = Some(last.exit_code);
+                if last.reason.as_deref() == Some("OOMKilled") {
+                    state.reason = Some(Reason::OomKilled);
                 }
-                return state;
             }
+            return state;
         }
     }
     let conditions = status.and_then(|s| s.conditions.as_deref()).unwrap_or(&[]);

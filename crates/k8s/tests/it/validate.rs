@@ -66,3 +66,15 @@ fn the_validator_rejects_an_unknown_field() {
     assert!(!output.status.success(), "an unknown field passed strict validation");
     assert!(String::from_utf8_lossy(&output.stdout).contains("'bogus' was unexpected"));
 }
+
+#[test]
+fn assert_valid_fails_on_an_invalid_manifest() {
+    if tool().is_none() {
+        return;
+    }
+    // A Service port must be an integer; the check must panic, not shrug.
+    let invalid = "apiVersion: v1\nkind: Service\nmetadata: {name: x}\nspec:\n  ports: [{port: eighty}]\n";
+    let outcome = std::panic::catch_unwind(|| assert_valid(invalid));
+    assert!(outcome.is_err(), "assert_valid accepted an invalid Service");
+    assert_valid("apiVersion: v1\nkind: Service\nmetadata: {name: x}\nspec:\n  ports: [{port: 80}]\n");
+}
