@@ -237,6 +237,29 @@ impl Cluster {
         api.logs(name, &params).await.map_err(|err| self.not_found_or(err, name, format!("read the log of Pod {name}")))
     }
 
+    /// Follows the service container's log (`kiln k8s logs -f`), writing
+    /// it to `out` as it arrives, until the container ends or the stream
+    /// breaks.
+    pub async fn follow_logs(&self, name: &str, mut out: impl std::io::Write) -> Result<()> {
+        use futures::AsyncReadExt;
+        let api: Api<Pod> = Api::namespaced(self.client.clone(), &self.namespace);
+        let params = LogParams { container: Some(CONTAINER_NAME.to_owned()), follow: true, ..LogParams::default() };
+        let stream = api
+            .log_stream(name, &params)
+            .await
+            .map_err(|err| self.not_found_or(err, name, format!("follow the log of Pod {name}")))?;
+        let mut stream = std::pin::pin!(stream);
+        let mut buffer = vec![0; 16 * 1024];
+        let failed = |source| Error::LogStream { pod: name.to_owned(), source };
+        loop {
+            let read = stream.read(&mut buffer).await.map_err(failed)?;
+            if read == 0 {
+                return Ok(());
+            }
+            out.write_all(&buffer[..read]).and_then(|()| out.flush()).map_err(failed)?;
+        }
+    }
+
     /// Deletes an instance: its Pod (a 404 is fine: already gone), then
     /// every other object carrying its `kiln.dev/instance` label.
     pub async fn delete(&self, name: &str) -> Result<Deleted> {
@@ -350,7 +373,12 @@ fn status_code(err: &kube::Error) -> Option<u16> {
     }
 }
 
+/// Maps kube's error: transport failures (the server was never reached)
+/// apart from the server's own answers.
 fn api_error(action: impl Into<String>) -> impl FnOnce(kube::Error) -> Error {
     let action = action.into();
-    move |source| Error::Api { action, source }
+    move |source| match source {
+        kube::Error::Service(_) | kube::Error::HyperError(_) => Error::Unreachable { action, source },
+        source => Error::Api { action, source },
+    }
 }

@@ -82,6 +82,24 @@ pub enum Error {
         #[source]
         source: kube::Error,
     },
+    /// The API server cannot be reached (connection refused, DNS, TLS, timeout).
+    #[error("cannot reach the Kubernetes API server to {action}")]
+    Unreachable {
+        /// What kiln was doing.
+        action: String,
+        /// kube's reason.
+        #[source]
+        source: kube::Error,
+    },
+    /// Streaming a Pod's log, or writing it out, failed midway.
+    #[error("following the log of Pod `{pod}` failed")]
+    LogStream {
+        /// The Pod's name.
+        pod: String,
+        /// The I/O error.
+        #[source]
+        source: std::io::Error,
+    },
     /// The Pod did not get an IP address in time.
     #[error("Pod `{pod}` has no IP address after {waited:?} (last state: {last_state})")]
     WaitTimedOut {

@@ -326,6 +326,28 @@ async fn fake_apiserver_logs_of_the_service_container() {
 }
 
 #[tokio::test]
+async fn fake_apiserver_follow_logs_streams_until_the_container_ends() {
+    let replies = vec![Reply::Text(200, "line 1\nline 2\n")];
+    let (result, seen) = fake_apiserver(replies, |cluster| async move {
+        let mut out = Vec::new();
+        cluster.follow_logs("web", &mut out).await.map(|()| String::from_utf8(out).expect("UTF-8"))
+    })
+    .await;
+    check(&result, &seen, expect![[r#"
+        GET /api/v1/namespaces/default/pods/web/log?&container=service&follow=true
+        => Ok("line 1\nline 2\n")"#]]);
+}
+
+#[tokio::test]
+async fn fake_apiserver_logs_of_a_missing_pod() {
+    let replies = vec![failure(404, "NotFound", "pods \"web\" not found")];
+    let (result, seen) = fake_apiserver(replies, |cluster| async move { cluster.logs("web", None).await }).await;
+    check(&result, &seen, expect![[r#"
+        GET /api/v1/namespaces/default/pods/web/log?&container=service
+        => Err(Pod `web` does not exist in namespace `default`)"#]]);
+}
+
+#[tokio::test]
 async fn fake_apiserver_delete_removes_the_pod_and_everything_labelled() {
     let replies = vec![
         Reply::Json(200, pod(json!({"phase": "Running"}))),
@@ -496,7 +518,7 @@ async fn unreachable_cluster_is_a_clear_error() {
     let client = Client::try_from(config).expect("client");
     let err = Cluster::from_client(client).status("web").await.expect_err("nothing listens on port 9");
     expect![[r#"
-        get Pod web failed
+        cannot reach the Kubernetes API server to get Pod web
            caused by: ServiceError: client error (Connect)
            caused by: client error (Connect)
            caused by: tcp connect error
