@@ -80,6 +80,22 @@ impl Cluster {
         Ok(Cluster { client, namespace })
     }
 
+    /// Connects with the kubeconfig file at `path` (`--kubeconfig`), using
+    /// `context` if given, else the file's current context.
+    pub async fn connect_with_kubeconfig(path: &std::path::Path, context: Option<&str>) -> Result<Cluster> {
+        let config_error = |source: Box<dyn std::error::Error + Send + Sync>| Error::Config {
+            context: context.map(str::to_owned),
+            source,
+        };
+        let kubeconfig = kube::config::Kubeconfig::read_from(path).map_err(|err| config_error(Box::new(err)))?;
+        let options = KubeConfigOptions { context: context.map(str::to_owned), ..KubeConfigOptions::default() };
+        let config =
+            Config::from_custom_kubeconfig(kubeconfig, &options).await.map_err(|err| config_error(Box::new(err)))?;
+        let namespace = config.default_namespace.clone();
+        let client = Client::try_from(config).map_err(|err| config_error(Box::new(err)))?;
+        Ok(Cluster { client, namespace })
+    }
+
     /// Wraps a ready client (tests, or a caller with its own config); the
     /// namespace is the client's default.
     pub fn from_client(client: Client) -> Cluster {

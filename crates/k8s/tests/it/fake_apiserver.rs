@@ -333,18 +333,26 @@ async fn fake_apiserver_follow_logs_streams_until_the_container_ends() {
         cluster.follow_logs("web", &mut out).await.map(|()| String::from_utf8(out).expect("UTF-8"))
     })
     .await;
-    check(&result, &seen, expect![[r#"
+    check(
+        &result,
+        &seen,
+        expect![[r#"
         GET /api/v1/namespaces/default/pods/web/log?&container=service&follow=true
-        => Ok("line 1\nline 2\n")"#]]);
+        => Ok("line 1\nline 2\n")"#]],
+    );
 }
 
 #[tokio::test]
 async fn fake_apiserver_logs_of_a_missing_pod() {
     let replies = vec![failure(404, "NotFound", "pods \"web\" not found")];
     let (result, seen) = fake_apiserver(replies, |cluster| async move { cluster.logs("web", None).await }).await;
-    check(&result, &seen, expect![[r#"
+    check(
+        &result,
+        &seen,
+        expect![[r#"
         GET /api/v1/namespaces/default/pods/web/log?&container=service
-        => Err(Pod `web` does not exist in namespace `default`)"#]]);
+        => Err(Pod `web` does not exist in namespace `default`)"#]],
+    );
 }
 
 #[tokio::test]
@@ -524,4 +532,28 @@ async fn unreachable_cluster_is_a_clear_error() {
            caused by: tcp connect error
            caused by: Connection refused (os error 111)"#]]
     .assert_eq(&chain(&err));
+}
+
+#[tokio::test]
+async fn kubeconfig_contexts_and_a_clear_error_for_an_unknown_one() {
+    // Only the file is read; no request is sent.
+    let dir = tempfile::tempdir().expect("temp dir");
+    let path = dir.path().join("config");
+    std::fs::write(
+        &path,
+        "apiVersion: v1\nkind: Config\ncurrent-context: dev\n\
+         clusters:\n- name: c\n  cluster: {server: 'https://127.0.0.1:6443'}\n\
+         users:\n- name: u\n  user: {token: not-a-secret}\n\
+         contexts:\n- name: dev\n  context: {cluster: c, user: u}\n\
+         - name: prod\n  context: {cluster: c, user: u, namespace: services}\n",
+    )
+    .expect("write kubeconfig");
+    let dev = Cluster::connect_with_kubeconfig(&path, None).await.expect("current context");
+    let prod = Cluster::connect_with_kubeconfig(&path, Some("prod")).await.expect("named context");
+    let missing = Cluster::connect_with_kubeconfig(&path, Some("staging")).await.expect_err("no such context");
+    expect![[r#"
+        default services
+        cannot load the Kubernetes configuration for context `staging`
+           caused by: failed to load current context: staging"#]]
+    .assert_eq(&format!("{} {}\n{}", dev.namespace(), prod.namespace(), chain(&missing)));
 }
