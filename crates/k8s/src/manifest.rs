@@ -194,6 +194,7 @@ pub fn render(workload: &Workload, target: &Target) -> Result<Manifests> {
         .ok()
         .filter(|label| *label == namespace)
         .ok_or_else(|| invalid(format!("namespace `{namespace}` is not a DNS label")))?;
+    check_options(&options).map_err(invalid)?;
     let mut warnings = Vec::new();
 
     let labels = object_labels(&instance, &options.labels);
@@ -735,6 +736,62 @@ fn object_labels(instance: &str, extra: &BTreeMap<String, String>) -> BTreeMap<S
     labels.insert(MANAGED_BY_LABEL.to_owned(), MANAGER.to_owned());
     labels.insert(INSTANCE_LABEL.to_owned(), instance.to_owned());
     labels
+}
+
+/// Label and annotation keys and values, selector values and object
+/// references, checked here so a bad one is refused before anything is
+/// sent rather than by the API server halfway through an apply.
+fn check_options(options: &KubernetesOptions) -> Result<(), String> {
+    for (key, value) in options.labels.iter().chain(&options.node_selector) {
+        check_qualified_name(key).map_err(|why| format!("label key `{key}` {why}"))?;
+        if !value.is_empty() {
+            check_name_part(value).map_err(|why| format!("label value `{value}` (key `{key}`) {why}"))?;
+        }
+    }
+    for key in options.annotations.keys() {
+        check_qualified_name(key).map_err(|why| format!("annotation key `{key}` {why}"))?;
+    }
+    let references = options.image_pull_secrets.iter().chain(&options.service_account);
+    for name in references {
+        if !is_dns_subdomain(name) {
+            return Err(format!("`{name}` is not a valid Secret or ServiceAccount name (a lower-case DNS subdomain)"));
+        }
+    }
+    Ok(())
+}
+
+/// `[prefix/]name`: prefix a DNS subdomain, name as [`check_name_part`].
+fn check_qualified_name(key: &str) -> Result<(), String> {
+    let name = match key.split_once('/') {
+        Some((prefix, name)) => {
+            if !is_dns_subdomain(prefix) {
+                return Err(format!("has prefix `{prefix}`, which is not a DNS subdomain"));
+            }
+            name
+        }
+        None => key,
+    };
+    check_name_part(name)
+}
+
+/// At most 63 bytes of `[A-Za-z0-9._-]`, starting and ending alphanumeric.
+fn check_name_part(text: &str) -> Result<(), String> {
+    let bytes = text.as_bytes();
+    let ok = !bytes.is_empty()
+        && bytes.len() <= 63
+        && bytes.iter().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+        && bytes[0].is_ascii_alphanumeric()
+        && bytes[bytes.len() - 1].is_ascii_alphanumeric();
+    if ok {
+        Ok(())
+    } else {
+        Err("must be 1-63 letters, digits, `-`, `_` or `.`, starting and ending with a letter or digit".to_owned())
+    }
+}
+
+/// RFC 1123 subdomain: dot-separated labels, at most 253 bytes.
+fn is_dns_subdomain(text: &str) -> bool {
+    text.len() <= 253 && text.split('.').all(crate::names::is_dns_label)
 }
 
 /// An absolute, normalised path: no `..`, `.` or empty components.

@@ -1038,6 +1038,44 @@ fn bad_input_is_refused_before_anything_is_applied() {
         &t,
         expect!["workload `rpc-client`: namespace `Prod` is not a DNS label"],
     );
+    let options = |options: KubernetesOptions| Workload { kubernetes: options, ..workload() };
+    check_error(
+        &options(KubernetesOptions {
+            labels: [("team".to_owned(), "a b".to_owned())].into(),
+            ..KubernetesOptions::default()
+        }),
+        &t,
+        expect![
+            "workload `rpc-client`: label value `a b` (key `team`) must be 1-63 letters, digits, `-`, `_` or `.`, starting and ending with a letter or digit"
+        ],
+    );
+    check_error(
+        &options(KubernetesOptions {
+            node_selector: [("Bad_Prefix/zone".to_owned(), "a".to_owned())].into(),
+            ..KubernetesOptions::default()
+        }),
+        &t,
+        expect![
+            "workload `rpc-client`: label key `Bad_Prefix/zone` has prefix `Bad_Prefix`, which is not a DNS subdomain"
+        ],
+    );
+    check_error(
+        &options(KubernetesOptions {
+            annotations: [("".to_owned(), "x".to_owned())].into(),
+            ..KubernetesOptions::default()
+        }),
+        &t,
+        expect![
+            "workload `rpc-client`: annotation key `` must be 1-63 letters, digits, `-`, `_` or `.`, starting and ending with a letter or digit"
+        ],
+    );
+    check_error(
+        &options(KubernetesOptions { image_pull_secrets: vec!["Registry".to_owned()], ..KubernetesOptions::default() }),
+        &t,
+        expect![
+            "workload `rpc-client`: `Registry` is not a valid Secret or ServiceAccount name (a lower-case DNS subdomain)"
+        ],
+    );
     check_error(
         &Workload { resources: Resources { memory_bytes: Some(0), ..Resources::default() }, ..workload() },
         &t,
