@@ -17,6 +17,7 @@ use serde_json::{Value, json};
 use tower_test::mock;
 
 use crate::chain;
+use crate::validate::assert_valid;
 
 /// One scripted reply: a status code and a JSON body, or `Echo` to send the
 /// request's body back (what server-side apply answers).
@@ -140,6 +141,7 @@ async fn fake_apiserver_apply_creates_the_namespace_then_applies_every_object_po
     };
     let target = Target { host_address: Some(IpAddr::from([10, 0, 0, 1])), ..Target::default() };
     let manifests = render(&workload, &target).expect("renders");
+    assert_valid(&manifests.to_yaml().expect("YAML"));
     let replies = vec![
         failure(404, "NotFound", "namespaces \"default\" not found"),
         Reply::Json(201, json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "default"}})),
@@ -172,6 +174,7 @@ async fn fake_apiserver_apply_creates_the_namespace_then_applies_every_object_po
 #[tokio::test]
 async fn fake_apiserver_apply_treats_a_namespace_conflict_as_created() {
     let manifests = render(&web(), &Target::default()).expect("renders");
+    assert_valid(&manifests.to_yaml().expect("YAML"));
     let replies = vec![
         failure(404, "NotFound", "namespaces \"default\" not found"),
         failure(409, "AlreadyExists", "namespaces \"default\" already exists"),
@@ -194,6 +197,7 @@ async fn fake_apiserver_apply_treats_a_namespace_conflict_as_created() {
 #[tokio::test]
 async fn fake_apiserver_apply_stops_at_a_server_error() {
     let manifests = render(&web(), &Target::default()).expect("renders");
+    assert_valid(&manifests.to_yaml().expect("YAML"));
     let replies = vec![
         Reply::Json(200, json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "default"}})),
         failure(500, "InternalError", "etcdserver: request timed out"),

@@ -1155,13 +1155,20 @@ fn arb_workload() -> impl Strategy<Value = Workload> {
         )
 }
 
-proptest! {
-    #![proptest_config(ProptestConfig::with_cases(64))]
+/// Build → YAML → read back → compare, for random workloads; every name a
+/// DNS label, every object labelled with its instance, rendering
+/// deterministic. All streams rendered are then validated against the
+/// schema in one `kubernetes-validate` run (one run per case would take
+/// a second each).
+#[test]
+fn rendered_manifests_round_trip() {
+    use std::cell::RefCell;
 
-    /// Build → YAML → read back → compare, for any workload that renders;
-    /// and every name a DNS label, every object labelled with its instance.
-    #[test]
-    fn rendered_manifests_round_trip(workload in arb_workload(), kata in any::<bool>()) {
+    use proptest::test_runner::{Config, TestCaseError, TestRunner};
+
+    let rendered = RefCell::new(Vec::new());
+    let mut runner = TestRunner::new(Config { cases: 64, ..Config::default() });
+    let outcome = runner.run(&(arb_workload(), any::<bool>()), |(workload, kata)| {
         let target = Target { runtime_classes: if kata { vec!["kata".to_owned()] } else { Vec::new() }, ..target() };
         let manifests = match render(&workload, &target) {
             Ok(manifests) => manifests,
@@ -1172,7 +1179,7 @@ proptest! {
                 return Ok(());
             }
         };
-        let yaml = manifests.to_yaml().expect("YAML");
+        let yaml = manifests.to_yaml().map_err(|err| TestCaseError::fail(err.to_string()))?;
         assert_round_trip(&manifests, &yaml);
         prop_assert_eq!(render(&workload, &target).expect("renders twice"), manifests.clone());
         for object in manifests.objects() {
@@ -1181,5 +1188,13 @@ proptest! {
             prop_assert!(is_dns_label(name), "{}", described);
         }
         prop_assert!(yaml.matches("kiln.dev/instance: ").count() >= manifests.objects().len());
+        rendered.borrow_mut().push(yaml);
+        Ok(())
+    });
+    if let Err(failure) = outcome {
+        panic!("{failure}");
     }
+    let rendered = rendered.into_inner();
+    assert!(rendered.len() > 16, "only {} of 64 random workloads rendered", rendered.len());
+    assert_valid(&rendered.join("---\n"));
 }
