@@ -525,10 +525,11 @@ async fn fake_apiserver_list_and_reap() {
 
 #[tokio::test]
 async fn unreachable_cluster_is_a_clear_error() {
-    // A real connection attempt to a port nothing listens on (no fake).
-    let config = kiln_k8s::kube::Config::new("http://127.0.0.1:9".parse().expect("URL"));
+    // A real connection attempt (no fake) to a port that was just free.
+    let port = std::net::TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("address").port();
+    let config = kiln_k8s::kube::Config::new(format!("http://127.0.0.1:{port}").parse().expect("URL"));
     let client = Client::try_from(config).expect("client");
-    let err = Cluster::from_client(client).status("web").await.expect_err("nothing listens on port 9");
+    let err = Cluster::from_client(client).status("web").await.expect_err("nothing listens there");
     expect![[r#"
         cannot reach the Kubernetes API server to get Pod web
            caused by: ServiceError: client error (Connect)
