@@ -46,9 +46,10 @@ const GPU_PRESENT_LABEL: &str = "nvidia.com/gpu.present";
 const GPU_MEMORY_LABEL: &str = "nvidia.com/gpu.memory";
 /// Weight of the preferred GPU node affinity (out of 100).
 const GPU_PREFERRED_WEIGHT: i32 = 80;
-/// The longest suffix kiln appends to an instance name (`-keystore` style
-/// suffixes are hashed down by `derived` when needed; `-host` is the
-/// fixed one).
+/// The host Service's suffix. The instance name is kept short enough for
+/// `<instance>-host` to fit 63 bytes uncut, so the two stay recognisably
+/// the same name; other suffixes (`-keystore`) are cut and hashed by
+/// `derived` when needed.
 const HOST_SUFFIX: &str = "host";
 
 /// Every object of one instance, in the order they are applied (the Pod
@@ -181,19 +182,22 @@ impl Manifests {
 /// can be asked to run.
 pub fn render(workload: &Workload, target: &Target) -> Result<Manifests> {
     let invalid = |why: String| Error::InvalidInput { workload: workload.name.clone(), why };
-    // `-host` is the longest fixed suffix; reserving it keeps the Pod and
-    // its host Service recognisably the same name.
     let instance = instance_label(&workload.name, HOST_SUFFIX.len() + 1)?;
     if workload.image.trim().is_empty() {
         return Err(Error::NoImage { workload: workload.name.clone() });
     }
+    if workload.image.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        return Err(invalid(format!(
+            "image `{}` contains whitespace or control characters",
+            workload.image.escape_debug()
+        )));
+    }
     workload.firewall.validate().map_err(|source| Error::Firewall { workload: workload.name.clone(), source })?;
     let options = merge(&target.defaults, &workload.kubernetes);
     let namespace = options.namespace.clone().unwrap_or_else(|| target.fallback_namespace.clone());
-    instance_label(&namespace, 0)
-        .ok()
-        .filter(|label| *label == namespace)
-        .ok_or_else(|| invalid(format!("namespace `{namespace}` is not a DNS label")))?;
+    if !crate::names::is_dns_label(&namespace) {
+        return Err(invalid(format!("namespace `{namespace}` is not a DNS label (lower-case letters, digits, `-`)")));
+    }
     check_options(&options).map_err(invalid)?;
     let mut warnings = Vec::new();
 

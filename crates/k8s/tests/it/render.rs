@@ -933,6 +933,11 @@ fn bad_input_is_refused_before_anything_is_applied() {
     let t = target();
     check_error(&Workload { image: String::new(), ..workload() }, &t, expect!["workload `rpc-client` has no image"]);
     check_error(
+        &Workload { image: "ghcr.io/x:1 --privileged".to_owned(), ..workload() },
+        &t,
+        expect!["workload `rpc-client`: image `ghcr.io/x:1 --privileged` contains whitespace or control characters"],
+    );
+    check_error(
         &with_gpu(GpuPolicy::Required, 0, None),
         &t,
         expect!["workload `rpc-client`: GPU required with count 0; ask for at least one GPU or set the policy to none"],
@@ -1036,7 +1041,7 @@ fn bad_input_is_refused_before_anything_is_applied() {
             ..workload()
         },
         &t,
-        expect!["workload `rpc-client`: namespace `Prod` is not a DNS label"],
+        expect!["workload `rpc-client`: namespace `Prod` is not a DNS label (lower-case letters, digits, `-`)"],
     );
     let options = |options: KubernetesOptions| Workload { kubernetes: options, ..workload() };
     check_error(
