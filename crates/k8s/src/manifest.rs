@@ -893,3 +893,48 @@ pub(crate) fn loopback_url_rewrite(value: &str, host: Option<IpAddr>) -> Option<
     let user = userinfo.map(|u| format!("{u}@")).unwrap_or_default();
     Some(format!("{scheme}://{user}{new_host}{port}{tail}"))
 }
+
+#[cfg(test)]
+mod tests {
+    use expect_test::{Expect, expect};
+
+    use super::*;
+
+    fn check_rewrite(value: &str, expect: Expect) {
+        let v4 = loopback_url_rewrite(value, Some(IpAddr::from([10, 0, 0, 1])));
+        let v6 = loopback_url_rewrite(value, Some("fd00::1".parse().expect("IPv6")));
+        let show = |r: Option<String>| r.unwrap_or_else(|| "unchanged".to_owned());
+        expect.assert_eq(&format!("{} | {}", show(v4), show(v6)));
+    }
+
+    #[test]
+    fn loopback_urls_point_at_the_host() {
+        check_rewrite("http://127.0.0.1:8545", expect!["http://10.0.0.1:8545 | http://[fd00::1]:8545"]);
+        check_rewrite("http://localhost", expect!["http://10.0.0.1 | http://[fd00::1]"]);
+        check_rewrite("HTTP://LocalHost:1/a?b#c", expect!["HTTP://10.0.0.1:1/a?b#c | HTTP://[fd00::1]:1/a?b#c"]);
+        check_rewrite(
+            "https://user:p%40ss@localhost:8443/x",
+            expect!["https://user:p%40ss@10.0.0.1:8443/x | https://user:p%40ss@[fd00::1]:8443/x"],
+        );
+        check_rewrite("ws://[::1]:8546/", expect!["ws://10.0.0.1:8546/ | ws://[fd00::1]:8546/"]);
+        check_rewrite("http://127.8.9.10:80", expect!["http://10.0.0.1:80 | http://[fd00::1]:80"]);
+        check_rewrite("http://localhost.example.com:80", expect!["unchanged | unchanged"]);
+        check_rewrite("http://10.1.2.3:80", expect!["unchanged | unchanged"]);
+        check_rewrite("http://0.0.0.0:80", expect!["unchanged | unchanged"]);
+        check_rewrite("127.0.0.1:8545", expect!["unchanged | unchanged"]);
+        check_rewrite("http://[::1", expect!["unchanged | unchanged"]);
+        check_rewrite("not a url", expect!["unchanged | unchanged"]);
+        check_rewrite("a b://localhost", expect!["unchanged | unchanged"]);
+    }
+
+    #[test]
+    fn quantities() {
+        let cpu: Vec<String> = [1, 250, 1000, 1500, 64_000].into_iter().map(|m| cpu_quantity(m).0).collect();
+        expect![[r#"["1m", "250m", "1", "1500m", "64"]"#]].assert_eq(&format!("{cpu:?}"));
+        let memory: Vec<String> = [1, 1024, 1536, 512 << 20, 3 << 30, 1 << 40, (1 << 30) + 1]
+            .into_iter()
+            .map(|b| memory_quantity(b).0)
+            .collect();
+        expect![[r#"["1", "1Ki", "1536", "512Mi", "3Gi", "1Ti", "1073741825"]"#]].assert_eq(&format!("{memory:?}"));
+    }
+}
