@@ -139,9 +139,8 @@ impl Cluster {
     pub async fn detect(&self, mut base: Target) -> Result<Target> {
         base.runtime_classes = self.runtime_classes().await?;
         base.endpoint_slices = self.endpoint_slices_supported().await?;
-        if base.defaults.namespace.is_none() {
-            base.fallback_namespace = self.namespace.clone();
-        }
+        // The context's (or `--namespace`'s) namespace, unless a workload or the defaults name one.
+        base.fallback_namespace = self.namespace.clone();
         Ok(base)
     }
 
@@ -176,7 +175,9 @@ impl Cluster {
     /// Ensures the namespace, then server-side applies every object (field
     /// manager `kiln`, forced: kiln owns what it made) in order, the Pod
     /// last. Stops at the first failure. Returns the objects applied, as
-    /// `Kind/name`.
+    /// `Kind/name`. The objects go to `manifests.namespace`, which may
+    /// differ from [`Cluster::namespace`]; follow up with
+    /// `with_namespace(&manifests.namespace)` for status, logs and delete.
     pub async fn apply(&self, manifests: &Manifests) -> Result<Vec<String>> {
         self.ensure_namespace(&manifests.namespace).await?;
         let mut applied = Vec::new();
