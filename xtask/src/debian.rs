@@ -33,6 +33,8 @@ pub(crate) const TEST_PACKAGES: &[&[&str]] = &[
     &["nftables"],
     // ip netns / ip link (veth pairs): kiln-net's namespace tests.
     &["iproute2"],
+    // python3 -m venv: the venv xtask pip-installs kubernetes-validate into (kiln-k8s).
+    &["python3-venv"],
 ];
 
 /// Makes sure every package in `groups` is installed. As root, installs the

@@ -11,6 +11,7 @@ mod demo;
 mod fuzz;
 mod guest;
 mod json;
+mod k8s_validate;
 mod test;
 
 use std::env;

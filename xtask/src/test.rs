@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Result, bail};
 
-use crate::{announce, cargo, command_succeeds, debian, format_duration, fuzz, guest, run_command};
+use crate::{announce, cargo, command_succeeds, debian, format_duration, fuzz, guest, k8s_validate, run_command};
 
 /// Set for the test run so a test whose external tool is missing fails
 /// instead of skipping (see kiln-testkit).
@@ -61,7 +61,9 @@ pub(crate) fn run(args: &[String]) -> Result<()> {
 }
 
 fn packages() -> Result<()> {
-    debian::ensure_installed(debian::TEST_PACKAGES)
+    debian::ensure_installed(debian::TEST_PACKAGES)?;
+    // PyPI, not Debian: kiln-k8s's schema checks (Debian has no kubernetes-validate).
+    k8s_validate::ensure_installed()
 }
 
 fn fmt() -> Result<()> {
@@ -86,9 +88,10 @@ fn guest_step() -> Result<()> {
 
 fn tests() -> Result<()> {
     let guest_dir = guest::guest_dir()?;
+    let path = k8s_validate::path_with_bin()?;
     let with_tools = || {
         let mut command = cargo();
-        command.env(REQUIRE_TOOLS_ENV.0, REQUIRE_TOOLS_ENV.1);
+        command.env(REQUIRE_TOOLS_ENV.0, REQUIRE_TOOLS_ENV.1).env("PATH", &path);
         // Where the boot tests find `cargo xtask guest`'s output (kiln-testkit's guest_assets).
         command.env(GUEST_DIR_ENV, &guest_dir);
         command

@@ -1,0 +1,132 @@
+use std::time::Duration;
+
+/// Everything that can go wrong in kiln-k8s.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// The workload has no container image.
+    #[error("workload `{workload}` has no image")]
+    NoImage {
+        /// The workload's name as given.
+        workload: String,
+    },
+    /// A name that cannot be turned into a DNS label (RFC 1123).
+    #[error("`{name}` cannot become a Kubernetes name: {why}")]
+    InvalidName {
+        /// The name as given.
+        name: String,
+        /// What is wrong with it.
+        why: String,
+    },
+    /// A GPU policy that cannot be satisfied as written.
+    #[error("workload `{workload}`: {why}")]
+    InvalidGpu {
+        /// The workload's name as given.
+        workload: String,
+        /// What is wrong.
+        why: String,
+    },
+    /// `tee-required` on a cluster without the TEE runtime class.
+    #[error(
+        "workload `{workload}` requires a TEE, but the cluster has no RuntimeClass `{runtime_class}` (it has: {available})"
+    )]
+    NoTeeRuntime {
+        /// The workload's name as given.
+        workload: String,
+        /// The RuntimeClass kiln looked for.
+        runtime_class: String,
+        /// The RuntimeClasses the cluster has, comma-separated, or `none`.
+        available: String,
+    },
+    /// Any other field of the input that cannot be mapped.
+    #[error("workload `{workload}`: {why}")]
+    InvalidInput {
+        /// The workload's name as given.
+        workload: String,
+        /// What is wrong.
+        why: String,
+    },
+    /// The firewall description itself is invalid.
+    #[error("workload `{workload}`: invalid firewall")]
+    Firewall {
+        /// The workload's name as given.
+        workload: String,
+        /// kiln-net's reason.
+        #[source]
+        source: kiln_net::Error,
+    },
+    /// Rendering manifests as YAML failed.
+    #[error("cannot render {what} as YAML")]
+    Yaml {
+        /// The object being rendered.
+        what: String,
+        /// The serializer's reason.
+        #[source]
+        source: serde_saphyr::SerializeError,
+    },
+    /// No usable cluster configuration (kubeconfig or in-cluster).
+    #[error("cannot load the Kubernetes configuration{}", context.as_ref().map(|c| format!(" for context `{c}`")).unwrap_or_default())]
+    Config {
+        /// The kubeconfig context asked for, if any.
+        context: Option<String>,
+        /// kube's reason.
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    /// A request to the API server failed.
+    #[error("{action} failed")]
+    Api {
+        /// What kiln was doing, e.g. "apply Pod kiln-demo in namespace default".
+        action: String,
+        /// kube's reason (for API errors: the server's status, code and message).
+        #[source]
+        source: kube::Error,
+    },
+    /// The API server cannot be reached (connection refused, DNS, TLS, timeout).
+    #[error("cannot reach the Kubernetes API server to {action}")]
+    Unreachable {
+        /// What kiln was doing.
+        action: String,
+        /// kube's reason.
+        #[source]
+        source: kube::Error,
+    },
+    /// Streaming a Pod's log, or writing it out, failed midway.
+    #[error("following the log of Pod `{pod}` failed")]
+    LogStream {
+        /// The Pod's name.
+        pod: String,
+        /// The I/O error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The Pod did not get an IP address in time.
+    #[error("Pod `{pod}` has no IP address after {waited:?} (last state: {last_state})")]
+    WaitTimedOut {
+        /// The Pod's name.
+        pod: String,
+        /// How long kiln waited.
+        waited: Duration,
+        /// The Pod's last observed state.
+        last_state: String,
+    },
+    /// The Pod ended (or cannot start) before it had an IP address.
+    #[error("Pod `{pod}` will not get an IP address: {state}")]
+    PodFailed {
+        /// The Pod's name.
+        pod: String,
+        /// The Pod's state.
+        state: String,
+    },
+    /// The Pod does not exist.
+    #[error("Pod `{pod}` does not exist in namespace `{namespace}`")]
+    NotFound {
+        /// The Pod's name.
+        pod: String,
+        /// Its namespace.
+        namespace: String,
+    },
+}
+
+/// kiln-k8s's result type.
+pub type Result<T, E = Error> = std::result::Result<T, E>;

@@ -1,0 +1,55 @@
+//! kiln-k8s runs a kiln service as a Kubernetes Pod. Its core is pure:
+//! [`render`] maps a [`Workload`] (what to run: image, environment, files,
+//! resources, GPU and TEE policy, firewall) and a [`Target`] (the
+//! operator's cluster settings and what kiln detected about the cluster)
+//! onto a Pod, Services, EndpointSlice, NetworkPolicy, Secrets and
+//! ConfigMaps, checking everything before anything is sent. Around it sits
+//! a thin client, [`Cluster`]: server-side apply, status, waiting for the
+//! Pod IP, logs, delete and reaping, by kiln's labels.
+//!
+//! It is NOT a controller: nothing watches or reconciles after a call
+//! returns. It never parses kiln's spec file (the `kiln` crate converts the
+//! spec into a [`Workload`]), and it is the only kiln crate that uses
+//! tokio (kube is async); its async functions need a tokio runtime with
+//! the time driver.
+//!
+//! ```
+//! use kiln_k8s::{Target, Workload, render};
+//!
+//! let workload = Workload { name: "hello".into(), image: "ghcr.io/example/hello:1.0".into(), ..Workload::default() };
+//! let manifests = render(&workload, &Target::default())?;
+//! assert_eq!(manifests.pod.metadata.name.as_deref(), Some("hello"));
+//! assert!(manifests.to_yaml()?.contains("restartPolicy: Never"));
+//! # Ok::<(), kiln_k8s::Error>(())
+//! ```
+
+mod client;
+mod error;
+mod input;
+mod manifest;
+mod names;
+mod status;
+
+pub use client::{Cluster, Deleted, Instance};
+pub use error::{Error, Result};
+pub use input::{
+    Confidentiality, Gpu, GpuPolicy, KubernetesOptions, Mount, MountSource, Resources, SecurityRelaxations, Target,
+    Workload,
+};
+pub use manifest::{
+    CONTAINER_NAME, HostEndpoints, INSTANCE_LABEL, MANAGED_BY_LABEL, MANAGER, Manifests, NAME_ANNOTATION, Object,
+    render,
+};
+pub use names::{MAX_NAME_LEN, is_dns_label};
+pub use status::{Phase, PodState, Reason, pod_state};
+
+/// The Kubernetes version kiln-k8s's API types and schema checks target
+/// (k8s-openapi's `v1_37` feature; `kubernetes-validate -k 1.37.0`).
+pub const KUBERNETES_VERSION: &str = "1.37";
+
+/// Re-exported so callers name the same types the manifests hold.
+pub use k8s_openapi;
+/// The firewall description shared with kiln-net.
+pub use kiln_net::{Firewall, HostPort, Protocol, PublishedPort};
+/// Re-exported so callers can build a [`Cluster`] from their own client.
+pub use kube;

@@ -1,0 +1,564 @@
+//! The client against a FAKE API server: kube-rs's `tower_test::mock`
+//! stands in for the cluster (no real API server runs here). Each test
+//! scripts the replies and checks the exact requests kiln sent: verb, path,
+//! query (field manager, selectors), content type and body.
+
+use std::future::Future;
+use std::net::IpAddr;
+use std::pin::pin;
+use std::time::Duration;
+
+use expect_test::{Expect, expect};
+use http::{Request, Response};
+use kiln_k8s::kube::Client;
+use kiln_k8s::kube::client::Body;
+use kiln_k8s::{Cluster, Firewall, HostPort, Protocol, PublishedPort, Target, Workload, render};
+use serde_json::{Value, json};
+use tower_test::mock;
+
+use crate::chain;
+use crate::validate::assert_valid;
+
+/// One scripted reply: a status code and a JSON body, or `Echo` to send the
+/// request's body back (what server-side apply answers).
+enum Reply {
+    Json(u16, Value),
+    Text(u16, &'static str),
+    Echo,
+}
+
+fn failure(code: u16, reason: &str, message: &str) -> Reply {
+    Reply::Json(
+        code,
+        json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
+               "message": message, "reason": reason, "code": code}),
+    )
+}
+
+fn list(kind: &str, items: Vec<Value>) -> Reply {
+    Reply::Json(200, json!({"apiVersion": "v1", "kind": format!("{kind}List"), "metadata": {}, "items": items}))
+}
+
+fn pod(status: Value) -> Value {
+    json!({"apiVersion": "v1", "kind": "Pod",
+           "metadata": {"name": "web", "namespace": "default",
+                        "labels": {"app.kubernetes.io/managed-by": "kiln", "kiln.dev/instance": "web"}},
+           "spec": {"containers": [{"name": "service", "image": "x"}]},
+           "status": status})
+}
+
+fn labelled(kind: &str, api_version: &str, name: &str, instance: &str) -> Value {
+    json!({"apiVersion": api_version, "kind": kind,
+           "metadata": {"name": name, "namespace": "default",
+                        "labels": {"app.kubernetes.io/managed-by": "kiln", "kiln.dev/instance": instance}}})
+}
+
+/// What the fake server saw: one line per request, and the JSON bodies.
+struct Seen {
+    transcript: String,
+    bodies: Vec<Value>,
+}
+
+/// Runs `call` against a fake API server that answers with `replies`, in
+/// order, and records every request. Fails if kiln sent fewer requests
+/// than scripted; a request beyond the script gets no answer (the fake
+/// hangs up), which surfaces as an error of `call`.
+async fn fake_apiserver<T, F, Fut>(replies: Vec<Reply>, call: F) -> (T, Seen)
+where
+    F: FnOnce(Cluster) -> Fut,
+    Fut: Future<Output = T>,
+{
+    let (service, handle) = mock::pair::<Request<Body>, Response<Body>>();
+    let expected = replies.len();
+    let server = tokio::spawn(async move {
+        let mut handle = pin!(handle);
+        let mut lines = Vec::new();
+        let mut bodies = Vec::new();
+        for reply in replies {
+            let Some((request, send)) = handle.next_request().await else { break };
+            let (parts, body) = request.into_parts();
+            let bytes = body.collect_bytes().await.expect("request body");
+            let content_type = parts
+                .headers
+                .get(http::header::CONTENT_TYPE)
+                .map(|v| format!(" [{}]", v.to_str().expect("ASCII header")))
+                .unwrap_or_default();
+            let mut line = format!("{} {}{content_type}", parts.method, parts.uri);
+            if !bytes.is_empty() {
+                let value: Value = serde_json::from_slice(&bytes).expect("request body is JSON");
+                let text = value.to_string();
+                if text.len() <= 160 {
+                    line.push_str(&format!(" {text}"));
+                } else {
+                    line.push_str(&format!(
+                        " <{}/{} body #{}>",
+                        value["kind"].as_str().unwrap_or("?"),
+                        value["metadata"]["name"].as_str().unwrap_or("?"),
+                        bodies.len()
+                    ));
+                }
+                bodies.push(value);
+            }
+            lines.push(line);
+            let response = match reply {
+                Reply::Json(code, value) => {
+                    Response::builder().status(code).body(Body::from(serde_json::to_vec(&value).expect("JSON")))
+                }
+                Reply::Text(code, text) => Response::builder().status(code).body(Body::from(text.as_bytes().to_vec())),
+                Reply::Echo => Response::builder().status(200).body(Body::from(bytes.to_vec())),
+            };
+            send.send_response(response.expect("response"));
+        }
+        (lines, bodies)
+    });
+    let result = call(Cluster::from_client(Client::new(service, "default"))).await;
+    let (lines, bodies) = server.await.expect("fake API server task");
+    assert_eq!(lines.len(), expected, "kiln sent fewer requests than scripted:\n{}", lines.join("\n"));
+    (result, Seen { transcript: lines.join("\n"), bodies })
+}
+
+fn check<T: std::fmt::Debug>(result: &Result<T, kiln_k8s::Error>, seen: &Seen, expect: Expect) {
+    let outcome = match result {
+        Ok(value) => format!("Ok({value:?})"),
+        Err(err) => format!("Err({})", chain(err)),
+    };
+    expect.assert_eq(&format!("{}\n=> {outcome}", seen.transcript));
+}
+
+fn web() -> Workload {
+    Workload { name: "web".to_owned(), image: "registry.example/web:1".to_owned(), ..Workload::default() }
+}
+
+#[tokio::test]
+async fn fake_apiserver_apply_creates_the_namespace_then_applies_every_object_pod_last() {
+    let workload = Workload {
+        firewall: Firewall {
+            host_ports: vec![HostPort { protocol: Protocol::Tcp, port: 8545 }],
+            published_ports: vec![PublishedPort { protocol: Protocol::Tcp, host_port: 8080, guest_port: 80 }],
+            ..Firewall::default()
+        },
+        ..web()
+    };
+    let target = Target { host_address: Some(IpAddr::from([10, 0, 0, 1])), ..Target::default() };
+    let manifests = render(&workload, &target).expect("renders");
+    assert_valid(&manifests.to_yaml().expect("YAML"));
+    let replies = vec![
+        failure(404, "NotFound", "namespaces \"default\" not found"),
+        Reply::Json(201, json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "default"}})),
+        Reply::Echo,
+        Reply::Echo,
+        Reply::Echo,
+        Reply::Echo,
+        Reply::Echo,
+    ];
+    let applied = manifests.clone();
+    let (result, seen) = fake_apiserver(replies, |cluster| async move { cluster.apply(&applied).await }).await;
+    check(
+        &result,
+        &seen,
+        expect![[r#"
+        GET /api/v1/namespaces/default
+        POST /api/v1/namespaces?&fieldManager=kiln [application/json] {"apiVersion":"v1","kind":"Namespace","metadata":{"labels":{"app.kubernetes.io/managed-by":"kiln"},"name":"default"}}
+        PATCH /api/v1/namespaces/default/services/web-host?&force=true&fieldManager=kiln [application/apply-patch+yaml] <Service/web-host body #1>
+        PATCH /apis/discovery.k8s.io/v1/namespaces/default/endpointslices/web-host?&force=true&fieldManager=kiln [application/apply-patch+yaml] <EndpointSlice/web-host body #2>
+        PATCH /api/v1/namespaces/default/services/web?&force=true&fieldManager=kiln [application/apply-patch+yaml] <Service/web body #3>
+        PATCH /apis/networking.k8s.io/v1/namespaces/default/networkpolicies/web?&force=true&fieldManager=kiln [application/apply-patch+yaml] <NetworkPolicy/web body #4>
+        PATCH /api/v1/namespaces/default/pods/web?&force=true&fieldManager=kiln [application/apply-patch+yaml] <Pod/web body #5>
+        => Ok(["Service/web-host", "EndpointSlice/web-host", "Service/web", "NetworkPolicy/web", "Pod/web"])"#]],
+    );
+    // The apply bodies are exactly the rendered objects.
+    let rendered: Vec<Value> = manifests.objects().into_iter().map(kiln_k8s::Object::to_json).collect();
+    assert_eq!(seen.bodies[1..], rendered[..]);
+}
+
+#[tokio::test]
+async fn fake_apiserver_apply_treats_a_namespace_conflict_as_created() {
+    let manifests = render(&web(), &Target::default()).expect("renders");
+    assert_valid(&manifests.to_yaml().expect("YAML"));
+    let replies = vec![
+        failure(404, "NotFound", "namespaces \"default\" not found"),
+        failure(409, "AlreadyExists", "namespaces \"default\" already exists"),
+        Reply::Echo,
+        Reply::Echo,
+    ];
+    let (result, seen) = fake_apiserver(replies, |cluster| async move { cluster.apply(&manifests).await }).await;
+    check(
+        &result,
+        &seen,
+        expect![[r#"
+        GET /api/v1/namespaces/default
+        POST /api/v1/namespaces?&fieldManager=kiln [application/json] {"apiVersion":"v1","kind":"Namespace","metadata":{"labels":{"app.kubernetes.io/managed-by":"kiln"},"name":"default"}}
+        PATCH /apis/networking.k8s.io/v1/namespaces/default/networkpolicies/web?&force=true&fieldManager=kiln [application/apply-patch+yaml] <NetworkPolicy/web body #1>
+        PATCH /api/v1/namespaces/default/pods/web?&force=true&fieldManager=kiln [application/apply-patch+yaml] <Pod/web body #2>
+        => Ok(["NetworkPolicy/web", "Pod/web"])"#]],
+    );
+}
+
+#[tokio::test]
+async fn fake_apiserver_apply_stops_at_a_server_error() {
+    let manifests = render(&web(), &Target::default()).expect("renders");
+    assert_valid(&manifests.to_yaml().expect("YAML"));
+    let replies = vec![
+        Reply::Json(200, json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "default"}})),
+        failure(500, "InternalError", "etcdserver: request timed out"),
+    ];
+    let (result, seen) = fake_apiserver(replies, |cluster| async move { cluster.apply(&manifests).await }).await;
+    check(
+        &result,
+        &seen,
+        expect![[r#"
+        GET /api/v1/namespaces/default
+        PATCH /apis/networking.k8s.io/v1/namespaces/default/networkpolicies/web?&force=true&fieldManager=kiln [application/apply-patch+yaml] <NetworkPolicy/web body #0>
+        => Err(apply NetworkPolicy/web in namespace default failed
+           caused by: ApiError: etcdserver: request timed out: InternalError (Status { status: Some(Failure), code: 500, message: "etcdserver: request timed out", metadata: Some(ListMeta { continue_: None, remaining_item_count: None, resource_version: None, self_link: None, shard_info: None }), reason: "InternalError", details: None })
+           caused by: etcdserver: request timed out: InternalError)"#]],
+    );
+}
+
+#[tokio::test]
+async fn fake_apiserver_status_reads_the_pod() {
+    let replies = vec![Reply::Json(
+        200,
+        pod(json!({"phase": "Pending", "containerStatuses": [{"name": "service", "image": "x", "imageID": "",
+            "ready": false, "restartCount": 0, "state": {"waiting": {"reason": "ImagePullBackOff"}}}]})),
+    )];
+    let (result, seen) = fake_apiserver(replies, |cluster| async move { cluster.status("web").await }).await;
+    check(
+        &result.map(|s| s.to_string()),
+        &seen,
+        expect![[r#"
+        GET /api/v1/namespaces/default/pods/web
+        => Ok("Pending (ImagePullBackOff)")"#]],
+    );
+}
+
+#[tokio::test]
+async fn fake_apiserver_status_of_a_missing_pod() {
+    let replies = vec![failure(404, "NotFound", "pods \"web\" not found")];
+    let (result, seen) = fake_apiserver(replies, |cluster| async move { cluster.status("web").await }).await;
+    check(
+        &result,
+        &seen,
+        expect![[r#"
+        GET /api/v1/namespaces/default/pods/web
+        => Err(Pod `web` does not exist in namespace `default`)"#]],
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn fake_apiserver_wait_polls_until_the_pod_has_an_ip() {
+    let replies = vec![
+        Reply::Json(200, pod(json!({"phase": "Pending"}))),
+        // The sandbox has an address, the image is still being pulled: not yet.
+        Reply::Json(
+            200,
+            pod(json!({"phase": "Pending", "podIP": "10.244.1.7", "containerStatuses": [{"name": "service",
+                "image": "x", "imageID": "", "ready": false, "restartCount": 0,
+                "state": {"waiting": {"reason": "ContainerCreating"}}}]})),
+        ),
+        Reply::Json(200, pod(json!({"phase": "Running", "podIP": "10.244.1.7"}))),
+    ];
+    let (result, seen) =
+        fake_apiserver(replies, |cluster| async move { cluster.wait_for_ip("web", Duration::from_secs(60)).await })
+            .await;
+    check(
+        &result,
+        &seen,
+        expect![[r#"
+        GET /api/v1/namespaces/default/pods/web
+        GET /api/v1/namespaces/default/pods/web
+        GET /api/v1/namespaces/default/pods/web
+        => Ok(10.244.1.7)"#]],
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn fake_apiserver_wait_gives_up_when_the_image_cannot_be_pulled() {
+    let replies = vec![Reply::Json(
+        200,
+        pod(json!({"phase": "Pending", "containerStatuses": [{"name": "service", "image": "x", "imageID": "",
+            "ready": false, "restartCount": 0,
+            "state": {"waiting": {"reason": "ErrImagePull", "message": "manifest unknown"}}}]})),
+    )];
+    let (result, seen) =
+        fake_apiserver(replies, |cluster| async move { cluster.wait_for_ip("web", Duration::from_secs(60)).await })
+            .await;
+    check(
+        &result,
+        &seen,
+        expect![[r#"
+        GET /api/v1/namespaces/default/pods/web
+        => Err(Pod `web` will not get an IP address: Pending (ErrImagePull): manifest unknown)"#]],
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn fake_apiserver_wait_times_out_at_the_deadline() {
+    let unschedulable = || {
+        Reply::Json(
+            200,
+            pod(json!({"phase": "Pending", "conditions": [{"type": "PodScheduled", "status": "False",
+                "reason": "Unschedulable", "message": "0/3 nodes are available"}]})),
+        )
+    };
+    let replies = vec![unschedulable(), unschedulable(), unschedulable()];
+    let (result, seen) =
+        fake_apiserver(replies, |cluster| async move { cluster.wait_for_ip("web", Duration::from_millis(1200)).await })
+            .await;
+    check(
+        &result,
+        &seen,
+        expect![[r#"
+        GET /api/v1/namespaces/default/pods/web
+        GET /api/v1/namespaces/default/pods/web
+        GET /api/v1/namespaces/default/pods/web
+        => Err(Pod `web` has no IP address after 1s (last state: Pending (Unschedulable): 0/3 nodes are available))"#]],
+    );
+}
+
+#[tokio::test]
+async fn fake_apiserver_logs_of_the_service_container() {
+    let replies = vec![Reply::Text(200, "listening on :80\nready\n")];
+    let (result, seen) = fake_apiserver(replies, |cluster| async move { cluster.logs("web", Some(100)).await }).await;
+    check(
+        &result,
+        &seen,
+        expect![[r#"
+        GET /api/v1/namespaces/default/pods/web/log?&container=service&tailLines=100
+        => Ok("listening on :80\nready\n")"#]],
+    );
+}
+
+#[tokio::test]
+async fn fake_apiserver_follow_logs_streams_until_the_container_ends() {
+    let replies = vec![Reply::Text(200, "line 1\nline 2\n")];
+    let (result, seen) = fake_apiserver(replies, |cluster| async move {
+        let mut out = Vec::new();
+        cluster.follow_logs("web", &mut out).await.map(|()| String::from_utf8(out).expect("UTF-8"))
+    })
+    .await;
+    check(
+        &result,
+        &seen,
+        expect![[r#"
+        GET /api/v1/namespaces/default/pods/web/log?&container=service&follow=true
+        => Ok("line 1\nline 2\n")"#]],
+    );
+}
+
+#[tokio::test]
+async fn fake_apiserver_logs_of_a_missing_pod() {
+    let replies = vec![failure(404, "NotFound", "pods \"web\" not found")];
+    let (result, seen) = fake_apiserver(replies, |cluster| async move { cluster.logs("web", None).await }).await;
+    check(
+        &result,
+        &seen,
+        expect![[r#"
+        GET /api/v1/namespaces/default/pods/web/log?&container=service
+        => Err(Pod `web` does not exist in namespace `default`)"#]],
+    );
+}
+
+#[tokio::test]
+async fn fake_apiserver_delete_removes_the_pod_and_everything_labelled() {
+    let replies = vec![
+        Reply::Json(200, pod(json!({"phase": "Running"}))),
+        list("NetworkPolicy", vec![labelled("NetworkPolicy", "networking.k8s.io/v1", "web", "web")]),
+        Reply::Json(200, labelled("NetworkPolicy", "networking.k8s.io/v1", "web", "web")),
+        list("Service", vec![labelled("Service", "v1", "web", "web"), labelled("Service", "v1", "web-host", "web")]),
+        Reply::Json(200, labelled("Service", "v1", "web", "web")),
+        failure(404, "NotFound", "services \"web-host\" not found"),
+        list("EndpointSlice", vec![labelled("EndpointSlice", "discovery.k8s.io/v1", "web-host", "web")]),
+        Reply::Json(200, labelled("EndpointSlice", "discovery.k8s.io/v1", "web-host", "web")),
+        list("Endpoints", vec![]),
+        list("Secret", vec![labelled("Secret", "v1", "web-keystore", "web")]),
+        Reply::Json(200, labelled("Secret", "v1", "web-keystore", "web")),
+        list("ConfigMap", vec![]),
+    ];
+    let (result, seen) = fake_apiserver(replies, |cluster| async move { cluster.delete("web").await }).await;
+    check(
+        &result,
+        &seen,
+        expect![[r#"
+        DELETE /api/v1/namespaces/default/pods/web? [application/json] {}
+        GET /apis/networking.k8s.io/v1/namespaces/default/networkpolicies?&labelSelector=app.kubernetes.io%2Fmanaged-by%3Dkiln%2Ckiln.dev%2Finstance%3Dweb
+        DELETE /apis/networking.k8s.io/v1/namespaces/default/networkpolicies/web? [application/json] {}
+        GET /api/v1/namespaces/default/services?&labelSelector=app.kubernetes.io%2Fmanaged-by%3Dkiln%2Ckiln.dev%2Finstance%3Dweb
+        DELETE /api/v1/namespaces/default/services/web? [application/json] {}
+        DELETE /api/v1/namespaces/default/services/web-host? [application/json] {}
+        GET /apis/discovery.k8s.io/v1/namespaces/default/endpointslices?&labelSelector=app.kubernetes.io%2Fmanaged-by%3Dkiln%2Ckiln.dev%2Finstance%3Dweb
+        DELETE /apis/discovery.k8s.io/v1/namespaces/default/endpointslices/web-host? [application/json] {}
+        GET /api/v1/namespaces/default/endpoints?&labelSelector=app.kubernetes.io%2Fmanaged-by%3Dkiln%2Ckiln.dev%2Finstance%3Dweb
+        GET /api/v1/namespaces/default/secrets?&labelSelector=app.kubernetes.io%2Fmanaged-by%3Dkiln%2Ckiln.dev%2Finstance%3Dweb
+        DELETE /api/v1/namespaces/default/secrets/web-keystore? [application/json] {}
+        GET /api/v1/namespaces/default/configmaps?&labelSelector=app.kubernetes.io%2Fmanaged-by%3Dkiln%2Ckiln.dev%2Finstance%3Dweb
+        => Ok(Deleted { pod: true, others: ["NetworkPolicy/web", "Service/web", "EndpointSlice/web-host", "Secret/web-keystore"] })"#]],
+    );
+}
+
+#[tokio::test]
+async fn fake_apiserver_delete_of_a_missing_instance_is_done() {
+    let replies = vec![
+        failure(404, "NotFound", "pods \"web\" not found"),
+        list("NetworkPolicy", vec![]),
+        list("Service", vec![]),
+        // A cluster without EndpointSlices: the kind itself is not found.
+        failure(404, "NotFound", "the server could not find the requested resource"),
+        list("Endpoints", vec![]),
+        list("Secret", vec![]),
+        list("ConfigMap", vec![]),
+    ];
+    let (result, seen) = fake_apiserver(replies, |cluster| async move { cluster.delete("web").await }).await;
+    check(
+        &result,
+        &seen,
+        expect![[r#"
+        DELETE /api/v1/namespaces/default/pods/web? [application/json] {}
+        GET /apis/networking.k8s.io/v1/namespaces/default/networkpolicies?&labelSelector=app.kubernetes.io%2Fmanaged-by%3Dkiln%2Ckiln.dev%2Finstance%3Dweb
+        GET /api/v1/namespaces/default/services?&labelSelector=app.kubernetes.io%2Fmanaged-by%3Dkiln%2Ckiln.dev%2Finstance%3Dweb
+        GET /apis/discovery.k8s.io/v1/namespaces/default/endpointslices?&labelSelector=app.kubernetes.io%2Fmanaged-by%3Dkiln%2Ckiln.dev%2Finstance%3Dweb
+        GET /api/v1/namespaces/default/endpoints?&labelSelector=app.kubernetes.io%2Fmanaged-by%3Dkiln%2Ckiln.dev%2Finstance%3Dweb
+        GET /api/v1/namespaces/default/secrets?&labelSelector=app.kubernetes.io%2Fmanaged-by%3Dkiln%2Ckiln.dev%2Finstance%3Dweb
+        GET /api/v1/namespaces/default/configmaps?&labelSelector=app.kubernetes.io%2Fmanaged-by%3Dkiln%2Ckiln.dev%2Finstance%3Dweb
+        => Ok(Deleted { pod: false, others: [] })"#]],
+    );
+}
+
+#[tokio::test]
+async fn fake_apiserver_delete_fails_on_a_forbidden_pod() {
+    let replies = vec![failure(403, "Forbidden", "pods \"web\" is forbidden: User \"ci\" cannot delete resource")];
+    let (result, seen) = fake_apiserver(replies, |cluster| async move { cluster.delete("web").await }).await;
+    check(
+        &result,
+        &seen,
+        expect![[r#"
+        DELETE /api/v1/namespaces/default/pods/web? [application/json] {}
+        => Err(delete Pod web failed
+           caused by: ApiError: pods "web" is forbidden: User "ci" cannot delete resource: Forbidden (Status { status: Some(Failure), code: 403, message: "pods \"web\" is forbidden: User \"ci\" cannot delete resource", metadata: Some(ListMeta { continue_: None, remaining_item_count: None, resource_version: None, self_link: None, shard_info: None }), reason: "Forbidden", details: None })
+           caused by: pods "web" is forbidden: User "ci" cannot delete resource: Forbidden)"#]],
+    );
+}
+
+#[tokio::test]
+async fn fake_apiserver_detects_runtime_classes_and_endpoint_slices() {
+    let replies = vec![
+        Reply::Json(
+            200,
+            json!({"apiVersion": "node.k8s.io/v1", "kind": "RuntimeClassList", "metadata": {}, "items": [
+                {"apiVersion": "node.k8s.io/v1", "kind": "RuntimeClass", "metadata": {"name": "kata"}, "handler": "kata"},
+                {"apiVersion": "node.k8s.io/v1", "kind": "RuntimeClass", "metadata": {"name": "gvisor"}, "handler": "runsc"}]}),
+        ),
+        list("EndpointSlice", vec![]),
+    ];
+    let (result, seen) = fake_apiserver(replies, |cluster| async move {
+        cluster.detect(Target::default()).await.map(|t| (t.runtime_classes, t.endpoint_slices, t.fallback_namespace))
+    })
+    .await;
+    check(
+        &result,
+        &seen,
+        expect![[r#"
+        GET /apis/node.k8s.io/v1/runtimeclasses?
+        GET /apis/discovery.k8s.io/v1/namespaces/default/endpointslices?&limit=1
+        => Ok((["gvisor", "kata"], true, "default"))"#]],
+    );
+}
+
+#[tokio::test]
+async fn fake_apiserver_list_and_reap() {
+    let failed = pod(json!({"phase": "Failed"}));
+    let mut running = pod(json!({"phase": "Running", "podIP": "10.244.0.9"}));
+    running["metadata"]["name"] = json!("api");
+    running["metadata"]["labels"]["kiln.dev/instance"] = json!("api");
+    let replies = vec![
+        list("Pod", vec![failed, running]),
+        list("Service", vec![labelled("Service", "v1", "api", "api"), labelled("Service", "v1", "old-host", "old")]),
+        list("NetworkPolicy", vec![]),
+        list("Secret", vec![]),
+        list("ConfigMap", vec![]),
+        // delete("old"): its Pod is long gone.
+        failure(404, "NotFound", "pods \"old\" not found"),
+        list("NetworkPolicy", vec![]),
+        list("Service", vec![labelled("Service", "v1", "old-host", "old")]),
+        Reply::Json(200, labelled("Service", "v1", "old-host", "old")),
+        list("EndpointSlice", vec![]),
+        list("Endpoints", vec![]),
+        list("Secret", vec![]),
+        list("ConfigMap", vec![]),
+        // delete("web"): it failed.
+        Reply::Json(200, pod(json!({"phase": "Failed"}))),
+        list("NetworkPolicy", vec![]),
+        list("Service", vec![]),
+        list("EndpointSlice", vec![]),
+        list("Endpoints", vec![]),
+        list("Secret", vec![]),
+        list("ConfigMap", vec![]),
+    ];
+    let (result, seen) = fake_apiserver(replies, |cluster| async move { cluster.reap().await }).await;
+    check(
+        &result,
+        &seen,
+        expect![[r#"
+        GET /api/v1/namespaces/default/pods?&labelSelector=app.kubernetes.io%2Fmanaged-by%3Dkiln
+        GET /api/v1/namespaces/default/services?&labelSelector=app.kubernetes.io%2Fmanaged-by%3Dkiln
+        GET /apis/networking.k8s.io/v1/namespaces/default/networkpolicies?&labelSelector=app.kubernetes.io%2Fmanaged-by%3Dkiln
+        GET /api/v1/namespaces/default/secrets?&labelSelector=app.kubernetes.io%2Fmanaged-by%3Dkiln
+        GET /api/v1/namespaces/default/configmaps?&labelSelector=app.kubernetes.io%2Fmanaged-by%3Dkiln
+        DELETE /api/v1/namespaces/default/pods/old? [application/json] {}
+        GET /apis/networking.k8s.io/v1/namespaces/default/networkpolicies?&labelSelector=app.kubernetes.io%2Fmanaged-by%3Dkiln%2Ckiln.dev%2Finstance%3Dold
+        GET /api/v1/namespaces/default/services?&labelSelector=app.kubernetes.io%2Fmanaged-by%3Dkiln%2Ckiln.dev%2Finstance%3Dold
+        DELETE /api/v1/namespaces/default/services/old-host? [application/json] {}
+        GET /apis/discovery.k8s.io/v1/namespaces/default/endpointslices?&labelSelector=app.kubernetes.io%2Fmanaged-by%3Dkiln%2Ckiln.dev%2Finstance%3Dold
+        GET /api/v1/namespaces/default/endpoints?&labelSelector=app.kubernetes.io%2Fmanaged-by%3Dkiln%2Ckiln.dev%2Finstance%3Dold
+        GET /api/v1/namespaces/default/secrets?&labelSelector=app.kubernetes.io%2Fmanaged-by%3Dkiln%2Ckiln.dev%2Finstance%3Dold
+        GET /api/v1/namespaces/default/configmaps?&labelSelector=app.kubernetes.io%2Fmanaged-by%3Dkiln%2Ckiln.dev%2Finstance%3Dold
+        DELETE /api/v1/namespaces/default/pods/web? [application/json] {}
+        GET /apis/networking.k8s.io/v1/namespaces/default/networkpolicies?&labelSelector=app.kubernetes.io%2Fmanaged-by%3Dkiln%2Ckiln.dev%2Finstance%3Dweb
+        GET /api/v1/namespaces/default/services?&labelSelector=app.kubernetes.io%2Fmanaged-by%3Dkiln%2Ckiln.dev%2Finstance%3Dweb
+        GET /apis/discovery.k8s.io/v1/namespaces/default/endpointslices?&labelSelector=app.kubernetes.io%2Fmanaged-by%3Dkiln%2Ckiln.dev%2Finstance%3Dweb
+        GET /api/v1/namespaces/default/endpoints?&labelSelector=app.kubernetes.io%2Fmanaged-by%3Dkiln%2Ckiln.dev%2Finstance%3Dweb
+        GET /api/v1/namespaces/default/secrets?&labelSelector=app.kubernetes.io%2Fmanaged-by%3Dkiln%2Ckiln.dev%2Finstance%3Dweb
+        GET /api/v1/namespaces/default/configmaps?&labelSelector=app.kubernetes.io%2Fmanaged-by%3Dkiln%2Ckiln.dev%2Finstance%3Dweb
+        => Ok(["old", "web"])"#]],
+    );
+}
+
+#[tokio::test]
+async fn unreachable_cluster_is_a_clear_error() {
+    // A real connection attempt (no fake) to a port that was just free.
+    let port = std::net::TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("address").port();
+    let config = kiln_k8s::kube::Config::new(format!("http://127.0.0.1:{port}").parse().expect("URL"));
+    let client = Client::try_from(config).expect("client");
+    let err = Cluster::from_client(client).status("web").await.expect_err("nothing listens there");
+    expect![[r#"
+        cannot reach the Kubernetes API server to get Pod web
+           caused by: ServiceError: client error (Connect)
+           caused by: client error (Connect)
+           caused by: tcp connect error
+           caused by: Connection refused (os error 111)"#]]
+    .assert_eq(&chain(&err));
+}
+
+#[tokio::test]
+async fn kubeconfig_contexts_and_a_clear_error_for_an_unknown_one() {
+    // Only the file is read; no request is sent.
+    let dir = tempfile::tempdir().expect("temp dir");
+    let path = dir.path().join("config");
+    std::fs::write(
+        &path,
+        "apiVersion: v1\nkind: Config\ncurrent-context: dev\n\
+         clusters:\n- name: c\n  cluster: {server: 'https://127.0.0.1:6443'}\n\
+         users:\n- name: u\n  user: {token: not-a-secret}\n\
+         contexts:\n- name: dev\n  context: {cluster: c, user: u}\n\
+         - name: prod\n  context: {cluster: c, user: u, namespace: services}\n",
+    )
+    .expect("write kubeconfig");
+    let dev = Cluster::connect_with_kubeconfig(&path, None).await.expect("current context");
+    let prod = Cluster::connect_with_kubeconfig(&path, Some("prod")).await.expect("named context");
+    let missing = Cluster::connect_with_kubeconfig(&path, Some("staging")).await.expect_err("no such context");
+    expect![[r#"
+        default services
+        cannot load the Kubernetes configuration for context `staging`
+           caused by: failed to load current context: staging"#]]
+    .assert_eq(&format!("{} {}\n{}", dev.namespace(), prod.namespace(), chain(&missing)));
+}
