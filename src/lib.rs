@@ -23,8 +23,9 @@ pub use gc::{GcAction, HostHandles, collect_garbage, release_vm};
 pub use hostnet::{CIDR_ENV, DEFAULT_CIDR, HostNet, UPLINK_ENV};
 pub use launch::LaunchScript;
 pub use run::{
-    CRASH_TEST_HOLD_ENV, DATA_DISK_SERIAL, FAILURE_EXIT_CODE, GUEST_DIR_ENV, GUEST_GRACE, GuestFiles, RunObserver, RunOptions, RunOutcome,
-    VmFiles, build_images, choose_backend, exit_from_console, kernel_cmdline, mac_for, run, seed, vm_plan,
+    CRASH_TEST_HOLD_ENV, DATA_DISK_SERIAL, FAILURE_EXIT_CODE, GUEST_DIR_ENV, GUEST_GRACE, GuestFiles, RunObserver,
+    RunOptions, RunOutcome, VmFiles, build_images, choose_backend, exit_from_console, kernel_cmdline, mac_for, run,
+    seed, vm_plan,
 };
 pub use service_disk::{DiskTree, ServiceDisk};
 pub use size::parse_size;

@@ -266,7 +266,12 @@ memory = "256MiB"
         ),
     );
     let output = wait_with_deadline(
-        world.kiln(&["run", "--detach", server.to_str().unwrap()]).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap(),
+        world
+            .kiln(&["run", "--detach", server.to_str().unwrap()])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap(),
         RUN_DEADLINE,
     );
     assert!(output.status.success(), "kiln run --detach: {}", text(&output.stderr));
@@ -390,9 +395,21 @@ egress = true
 fn bad_specs_fail_clearly_and_create_nothing() {
     let Some(world) = World::new("bad") else { return };
     let cases: &[(&str, String, &str)] = &[
-        ("unknown-field", "name = \"x\"\n[service]\nbinary = \"/bin/true\"\nbinnary = 1\n".into(), "unknown field `binnary`"),
-        ("bad-size", "name = \"x\"\n[service]\nbinary = \"/bin/true\"\n[resources]\nmemory = \"12 parsecs\"\n".into(), "unknown unit"),
-        ("missing-binary", "name = \"x\"\n[service]\nbinary = \"/nonexistent/svc\"\n".into(), "/nonexistent/svc does not exist"),
+        (
+            "unknown-field",
+            "name = \"x\"\n[service]\nbinary = \"/bin/true\"\nbinnary = 1\n".into(),
+            "unknown field `binnary`",
+        ),
+        (
+            "bad-size",
+            "name = \"x\"\n[service]\nbinary = \"/bin/true\"\n[resources]\nmemory = \"12 parsecs\"\n".into(),
+            "unknown unit",
+        ),
+        (
+            "missing-binary",
+            "name = \"x\"\n[service]\nbinary = \"/nonexistent/svc\"\n".into(),
+            "/nonexistent/svc does not exist",
+        ),
         (
             "kernel-missing",
             "name = \"x\"\n[service]\nbinary = \"/bin/true\"\n[guest]\nkernel = \"/nonexistent/vmlinuz\"\n".into(),
