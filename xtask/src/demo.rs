@@ -1,181 +1,147 @@
 //! `cargo xtask demo`: kiln's main job, end to end, on the example in
-//! `examples/hello/`: a service disk and a cloud-init seed, built with the
-//! release `kiln` CLI into `target/demo/`.
+//! `examples/hello/`: build the guest (`cargo xtask guest`) and the example
+//! service (static), then `kiln run --detach examples/hello/kiln.toml`,
+//! talk to the service through its published port, stop it, and show its
+//! console.
+//!
+//! The VM runs in a network namespace the demo creates and deletes, so its
+//! tap and nftables rules never touch the host's own network; its state
+//! lives in `target/demo/state`, so a second demo run finds the data disk
+//! of the first (the service counts its runs there).
 
 use std::fs;
-use std::os::unix::fs::PermissionsExt;
-use std::path::Path;
-use std::process::{Command, Stdio};
+use std::io::Read;
+use std::net::TcpStream;
+use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 
-use crate::json::Json;
-use crate::{announce, cargo, format_bytes, run_command, show_command, target_dir};
+use crate::{announce, cargo, debian, guest, run_command, target_dir};
 
-const EXAMPLE_DIR: &str = "examples/hello";
+const SPEC: &str = "examples/hello/kiln.toml";
+const TARGET: &str = "x86_64-unknown-linux-gnu";
+/// The host port the example publishes (see the spec).
+const PUBLISHED_PORT: u16 = 8080;
+/// What the demo needs beyond the build tools.
+const DEMO_PACKAGES: &[&[&str]] =
+    &[&["qemu-system-x86", "qemu-utils"], &["busybox-static"], &["nftables"], &["iproute2"]];
 
 pub(crate) fn run(args: &[String]) -> Result<()> {
     if let Some(arg) = args.first() {
         bail!("`cargo xtask demo` takes no arguments, got `{arg}`");
     }
-    announce("building release kiln and hello-service");
-    run_command(cargo().args(["build", "--release", "-p", "kiln", "-p", "hello-service"]))?;
-    let release = target_dir().join("release");
-    let kiln = release.join("kiln");
-    let service = release.join("hello-service");
-    let out_dir = target_dir().join("demo");
-    fs::create_dir_all(&out_dir).with_context(|| format!("cannot create {}", out_dir.display()))?;
-    let example = Path::new(EXAMPLE_DIR);
-    let service_disk = out_dir.join("service.img");
-    let seed = out_dir.join("seed.img");
-
-    announce("building the service disk");
-    let mut command = Command::new(&kiln);
-    command
-        .args(["image", "service-disk", "-o"])
-        .arg(&service_disk)
-        .arg("--binary")
-        .arg(&service)
-        // `--arg=...` so a value that starts with `--` is never taken for a flag.
-        .args(["--arg=--greeting", "--arg=hello from kiln", "--env", "GREETING_STYLE=warm"])
-        .arg("--secret-tree")
-        .arg(join_dest("keystore", &example.join("keystore")))
-        .arg("--json");
-    let service_summary = build_image(&mut command, &service_disk)?;
-
-    announce("building the cloud-init seed");
-    let cloud_init = example.join("cloud-init");
-    let mut command = Command::new(&kiln);
-    command
-        .args(["image", "cidata", "-o"])
-        .arg(&seed)
-        .arg("--user-data")
-        .arg(cloud_init.join("user-data"))
-        .arg("--meta-data")
-        .arg(cloud_init.join("meta-data"))
-        .arg("--network-config")
-        .arg(cloud_init.join("network-config"))
-        .arg("--json");
-    let seed_summary = build_image(&mut command, &seed)?;
-
-    announce("what it made");
-    for (role, image, summary) in
-        [("service disk", &service_disk, &service_summary), ("cloud-init seed", &seed, &seed_summary)]
-    {
-        describe(role, image, summary)?;
-    }
-    Ok(())
-}
-
-/// `NAME=DIR` for `--tree`/`--secret-tree`.
-fn join_dest(name: &str, dir: &Path) -> String {
-    format!("{name}={}", dir.display())
-}
-
-/// Runs a `kiln image ... --json` command and returns its summary. Any old
-/// image is removed first so what is shown below is what this run made.
-fn build_image(command: &mut Command, image: &Path) -> Result<Json> {
-    match fs::remove_file(image) {
-        Ok(()) => {}
-        Err(err) if err.kind() == std::io::ErrorKind::NotFound => {}
-        Err(err) => {
-            return Err(err).with_context(|| format!("cannot remove old {}", image.display()));
-        }
-    }
-    let shown = show_command(command);
-    println!("$ {shown}");
-    let output = command
-        .stdin(Stdio::null())
-        .stderr(Stdio::inherit())
-        .output()
-        .with_context(|| format!("cannot run `{shown}`"))?;
-    if !output.status.success() {
-        bail!("`{shown}` failed ({})", output.status);
-    }
-    let stdout = String::from_utf8(output.stdout).context("kiln printed non-UTF-8 JSON")?;
-    Json::parse(stdout.trim()).with_context(|| format!("cannot read kiln's --json summary: {stdout}"))
-}
-
-fn describe(role: &str, image: &Path, summary: &Json) -> Result<()> {
-    let metadata =
-        fs::metadata(image).with_context(|| format!("kiln reported success but {} is missing", image.display()))?;
-    let mode = metadata.permissions().mode() & 0o7777;
-    println!("{role}: {}", image.display());
-    println!(
-        "  {} {:04o}  {} bytes ({}), {} with {}-byte clusters",
-        mode_string(mode),
-        mode,
-        metadata.len(),
-        format_bytes(metadata.len()),
-        summary.text_field("fat_type")?,
-        summary.u64_field("cluster_size")?,
-    );
-    println!(
-        "  {} files, {} dirs, {} of file data, built in {} ms",
-        summary.u64_field("files")?,
-        summary.u64_field("dirs")?,
-        format_bytes(summary.u64_field("data_bytes")?),
-        summary.u64_field("elapsed_ms")?,
-    );
-    let reported_mode = summary.text_field("mode")?;
-    if u32::from_str_radix(&reported_mode, 8).ok() != Some(mode) {
-        bail!("kiln reported mode {reported_mode} for {} but the file has {mode:04o}", image.display());
-    }
-    if summary.u64_field("image_bytes")? != metadata.len() {
+    announce("Debian packages");
+    debian::ensure_installed(DEMO_PACKAGES)?;
+    if !debian::is_root() {
         bail!(
-            "kiln reported {} image bytes for {} but the file has {}",
-            summary.u64_field("image_bytes")?,
-            image.display(),
-            metadata.len()
+            "kiln run creates a tap device and nftables rules, which needs root (CAP_NET_ADMIN);\n\
+             run the demo as root: sudo -E cargo xtask demo"
         );
     }
-    list_contents(image);
+    guest::run(&[])?;
+
+    announce("building the example service (static) and release kiln");
+    let demo_dir = absolute(&target_dir().join("demo"))?;
+    fs::create_dir_all(&demo_dir).with_context(|| format!("cannot create {}", demo_dir.display()))?;
+    let build_dir = guest::guest_dir()?.join("build");
+    run_command(
+        cargo()
+            .env("RUSTFLAGS", "-C target-feature=+crt-static")
+            .args(["build", "--release", "--locked", "-p", "hello-service", "--target", TARGET, "--target-dir"])
+            .arg(&build_dir),
+    )?;
+    let service = demo_dir.join("hello-service");
+    fs::copy(build_dir.join(TARGET).join("release").join("hello-service"), &service)
+        .with_context(|| format!("cannot copy the service to {}", service.display()))?;
+    run_command(cargo().args(["build", "--release", "--locked", "-p", "kiln"]))?;
+    let kiln = absolute(&target_dir().join("release").join("kiln"))?;
+
+    let netns = Netns::create(&format!("kiln-demo-{}", std::process::id()))?;
+    let state_dir = demo_dir.join("state");
+    let kiln_in_netns = |args: &[&str]| {
+        let mut command = Command::new("ip");
+        command
+            .args(["netns", "exec", &netns.0])
+            .arg(&kiln)
+            .args(args)
+            .env("KILN_STATE_DIR", &state_dir)
+            .env("KILN_GUEST_DIR", guest::guest_dir().unwrap_or_default());
+        command
+    };
+
+    announce(&format!("kiln run --detach {SPEC}  (in network namespace {})", netns.0));
+    run_command(&mut kiln_in_netns(&["run", "--detach", SPEC]))?;
+
+    announce(&format!("connecting to the service through its published port 127.0.0.1:{PUBLISHED_PORT}"));
+    let greeting = netns.fetch(PUBLISHED_PORT, Duration::from_secs(120))?;
+    println!("the service answered: {}", greeting.trim_end());
+
+    announce("kiln ps");
+    run_command(&mut kiln_in_netns(&["ps"]))?;
+    announce("kiln stop hello  (the service gets SIGTERM, then the VM powers off)");
+    run_command(&mut kiln_in_netns(&["stop", "hello"]))?;
+    announce("kiln logs hello  (the guest's console)");
+    run_command(&mut kiln_in_netns(&["logs", "hello"]))?;
+    println!();
+    println!("demo done: the VM ran, answered on port {PUBLISHED_PORT}, stopped cleanly, and left no tap,");
+    println!("rule or lease behind. Run it again: the data disk remembers the runs.");
     Ok(())
 }
 
-/// Lists the image's files, and shows the service disk's launch script, with
-/// mtools when it is installed; the demo does not require it (`cargo xtask
-/// test` installs it for the interop tests).
-fn list_contents(image: &Path) {
-    let Some(listing) = mtools("mdir", image, &["-/", "-b", "::/"]) else {
-        println!("    (install mtools to list the files: apt-get install mtools)");
-        return;
-    };
-    for line in listing.lines() {
-        println!("    {line}");
+fn absolute(path: &Path) -> Result<PathBuf> {
+    Ok(if path.is_absolute() { path.to_path_buf() } else { std::env::current_dir()?.join(path) })
+}
+
+/// A network namespace with `lo` up, deleted on drop.
+struct Netns(String);
+
+impl Netns {
+    fn create(name: &str) -> Result<Netns> {
+        run_command(Command::new("ip").args(["netns", "add", name]))?;
+        let netns = Netns(name.to_owned());
+        run_command(Command::new("ip").args(["-n", name, "link", "set", "lo", "up"]))?;
+        Ok(netns)
     }
-    if listing.lines().any(|line| line == "::/launch") {
-        if let Some(script) = mtools("mtype", image, &["::/launch"]) {
-            println!("  launch script:");
-            for line in script.lines() {
-                println!("    | {line}");
-            }
-        }
+
+    /// Connects to 127.0.0.1:`port` inside the namespace (retrying while
+    /// the guest boots) and returns what the service says.
+    fn fetch(&self, port: u16, patience: Duration) -> Result<String> {
+        let path = format!("/run/netns/{}", self.0);
+        std::thread::scope(|scope| {
+            scope
+                .spawn(|| -> Result<String> {
+                    let file = fs::File::open(&path).with_context(|| format!("cannot open {path}"))?;
+                    // SAFETY: `file` is an open network-namespace file; setns
+                    // moves only this thread, which ends with the scope.
+                    if unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+                        bail!("cannot enter {path}: {}", std::io::Error::last_os_error());
+                    }
+                    let deadline = Instant::now() + patience;
+                    loop {
+                        let attempt = TcpStream::connect(("127.0.0.1", port)).and_then(|mut stream| {
+                            stream.set_read_timeout(Some(Duration::from_secs(5)))?;
+                            let mut text = String::new();
+                            stream.read_to_string(&mut text)?;
+                            Ok(text)
+                        });
+                        match attempt {
+                            Ok(text) if !text.is_empty() => return Ok(text),
+                            _ if Instant::now() > deadline => bail!("the service did not answer within {patience:?}"),
+                            _ => std::thread::sleep(Duration::from_millis(250)),
+                        }
+                    }
+                })
+                .join()
+                .unwrap_or_else(|_| bail!("the connecting thread panicked"))
+        })
     }
 }
 
-/// Runs an mtools command on `image`; its stdout, or `None` if it failed.
-fn mtools(tool: &str, image: &Path, args: &[&str]) -> Option<String> {
-    let output = Command::new(tool)
-        .arg("-i")
-        .arg(image)
-        .args(args)
-        .env("MTOOLS_SKIP_CHECK", "1")
-        .env("LC_ALL", "C.UTF-8")
-        .stderr(Stdio::null())
-        .output()
-        .ok()?;
-    output.status.success().then(|| String::from_utf8_lossy(&output.stdout).into_owned())
-}
-
-/// `-rw-------` for 0o600: the `ls -l` view, so the secret mode is obvious.
-fn mode_string(mode: u32) -> String {
-    let mut text = String::from("-");
-    for shift in [6, 3, 0] {
-        let bits = (mode >> shift) & 0o7;
-        text.push(if bits & 4 != 0 { 'r' } else { '-' });
-        text.push(if bits & 2 != 0 { 'w' } else { '-' });
-        text.push(if bits & 1 != 0 { 'x' } else { '-' });
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
     }
-    text
 }
