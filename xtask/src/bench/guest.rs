@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 use kiln_imagefmt::{Compression, CpioArchive, FatOptions, FatTree};
 
-use super::{Machine, Options, Target, print_targets_and_markdown_heading, remove_path, render_table};
+use super::{Machine, Options, Target, print_report, remove_path};
 use crate::{announce, guest, target_dir};
 
 const QEMU: &str = "qemu-system-x86_64";
@@ -128,16 +128,7 @@ pub(super) fn run(options: &Options) -> Result<()> {
          monotonic clock (kiln-init's timing line, /proc/uptime for the floor), wall from QEMU spawn to exit",
         options.runs
     );
-    println!();
-    print!("{}", render_table(&header, &rows, false));
-    print_targets_and_markdown_heading(&targets, "Guest boot: `cargo xtask bench guest`", &machine, workload, &method);
-    println!();
-    print!("{}", render_table(&header, &rows, true));
-    println!();
-    for target in &targets {
-        println!("- {}", target.line());
-    }
-    println!("--- end ---");
+    print_report("Guest boot: `cargo xtask bench guest`", &machine, workload, &method, (&header, &rows), &targets);
     Ok(())
 }
 

@@ -303,6 +303,42 @@ impl Machine {
     }
 }
 
+/// Prints a benchmark's result: workload and method, the table, each
+/// target's PASS/MISS line, then the Markdown block for BENCHMARKS.md.
+fn print_report(
+    title: &str,
+    machine: &Machine,
+    workload: &str,
+    method: &str,
+    table: (&[&str], &[Vec<String>]),
+    targets: &[Target],
+) {
+    let (header, rows) = table;
+    println!();
+    println!("workload: {workload}");
+    println!("{method}");
+    println!();
+    print!("{}", render_table(header, rows, false));
+    print_targets_and_markdown_heading(targets, title, machine, workload, method);
+    println!();
+    print!("{}", render_table(header, rows, true));
+    println!();
+    for target in targets {
+        println!("- {}", target.line());
+    }
+    println!("--- end ---");
+}
+
+/// The median of `values` (NaN when empty).
+fn median(mut values: Vec<f64>) -> f64 {
+    values.sort_by(f64::total_cmp);
+    match values.len() {
+        0 => f64::NAN,
+        len if len % 2 == 1 => values[len / 2],
+        len => (values[len / 2 - 1] + values[len / 2]) / 2.0,
+    }
+}
+
 /// Prints each target's PASS/MISS line, then opens the Markdown block for
 /// BENCHMARKS.md with its heading, machine, workload and method.
 fn print_targets_and_markdown_heading(

@@ -19,7 +19,7 @@ use std::process::Command;
 
 use anyhow::{Context, Result, bail};
 
-use super::{Machine, Options, Target, print_targets_and_markdown_heading, remove_path, render_table};
+use super::{Machine, Options, Target, median, print_report, remove_path};
 use crate::{announce, cargo, run_command, target_dir};
 
 /// The issue's target for in-memory allocate+release pairs per second.
@@ -84,19 +84,7 @@ fn leases(options: &Options) -> Result<()> {
          the ledger does no fsync (0 per operation) by design",
         options.runs
     );
-    println!();
-    println!("workload: {workload}");
-    println!("{method}");
-    println!();
-    print!("{}", render_table(&header, &rows, false));
-    print_targets_and_markdown_heading(&targets, "Lease pool: `cargo xtask bench net`", &machine, workload, &method);
-    println!();
-    print!("{}", render_table(&header, &rows, true));
-    println!();
-    for target in &targets {
-        println!("- {}", target.line());
-    }
-    println!("--- end ---");
+    print_report("Lease pool: `cargo xtask bench net`", &machine, workload, &method, (&header, &rows), &targets);
     Ok(())
 }
 
@@ -167,19 +155,7 @@ fn nftables() -> Result<()> {
         "one pass inside a fresh network namespace; \"10th\" and \"1,000th\" are the medians of the {WINDOW} \
          operations around the 10th and of the last {WINDOW}; the peer writes each VM as its own chain plus a jump"
     );
-    println!();
-    println!("workload: {workload}");
-    println!("{method}");
-    println!();
-    print!("{}", render_table(&header, &rows, false));
-    print_targets_and_markdown_heading(&targets, "nftables: `cargo xtask bench net`", &machine, workload, &method);
-    println!();
-    print!("{}", render_table(&header, &rows, true));
-    println!();
-    for target in &targets {
-        println!("- {}", target.line());
-    }
-    println!("--- end ---");
+    print_report("nftables: `cargo xtask bench net`", &machine, workload, &method, (&header, &rows), &targets);
     Ok(())
 }
 
@@ -255,15 +231,6 @@ fn parse_rounds(stdout: &str) -> Result<Vec<Round>> {
             }
         })
         .collect()
-}
-
-fn median(mut values: Vec<f64>) -> f64 {
-    values.sort_by(f64::total_cmp);
-    match values.len() {
-        0 => f64::NAN,
-        len if len % 2 == 1 => values[len / 2],
-        len => (values[len / 2 - 1] + values[len / 2]) / 2.0,
-    }
 }
 
 #[cfg(test)]

@@ -12,7 +12,7 @@ use std::process::Command;
 
 use anyhow::{Context, Result, bail};
 
-use super::{Machine, Options, Target, print_targets_and_markdown_heading, remove_path, render_table};
+use super::{Machine, Options, Target, median, print_report, remove_path};
 use crate::{announce, cargo, run_command, target_dir};
 
 /// The issue's target: kiln within 1.2x of the bare client.
@@ -80,16 +80,7 @@ pub(super) fn run(options: &Options) -> Result<()> {
          process-group, PDEATHSIG, log files, validation and deadlines",
         options.runs
     );
-    println!();
-    print!("{}", render_table(&header, &rows, false));
-    print_targets_and_markdown_heading(&targets, "VMM launch: `cargo xtask bench vmm`", &machine, &workload, &method);
-    println!();
-    print!("{}", render_table(&header, &rows, true));
-    println!();
-    for target in &targets {
-        println!("- {}", target.line());
-    }
-    println!("--- end ---");
+    print_report("VMM launch: `cargo xtask bench vmm`", &machine, &workload, &method, (&header, &rows), &targets);
     Ok(())
 }
 
@@ -120,15 +111,6 @@ fn parse_rounds(stdout: &str) -> Result<Vec<Round>> {
             }
         })
         .collect()
-}
-
-fn median(mut values: Vec<f64>) -> f64 {
-    values.sort_by(f64::total_cmp);
-    match values.len() {
-        0 => f64::NAN,
-        len if len % 2 == 1 => values[len / 2],
-        len => (values[len / 2 - 1] + values[len / 2]) / 2.0,
-    }
 }
 
 #[cfg(test)]
