@@ -64,6 +64,12 @@ pub struct RunOutcome {
     /// The exit code `kiln run` should end with: the service's, or
     /// [`FAILURE_EXIT_CODE`].
     pub exit_code: i32,
+    /// Milliseconds from `kiln run` starting to the VMM being started: kiln's
+    /// own work (checks, lease, images, tap, firewall, state records).
+    pub host_ms: f64,
+    /// Milliseconds from `kiln run` starting to the boot request being sent
+    /// (the VMM's start-up included).
+    pub boot_request_ms: f64,
     /// Milliseconds from `kiln run` starting to the boot request acknowledged.
     pub launch_ms: f64,
     /// Whether the service disk image was reused from a previous run.
@@ -439,12 +445,14 @@ fn launch_and_wait(
     claim.record.vmm =
         Some(VmmInfo { backend: backend_name(backend).to_owned(), pid: 0, run_dir: files.run_dir.clone() });
     step(claim, observer, Phase::Vmm, &format!("starting {}", backend_name(backend)))?;
+    let host_ms = started.elapsed().as_secs_f64() * 1e3;
     let vmm =
         vmm_slot.insert(kiln_vmm::launch(backend, &plan, &LaunchOptions::new(&files.run_dir)).map_err(Error::Vmm)?);
     if let Some(info) = &mut claim.record.vmm {
         info.pid = vmm.pid();
     }
     step(claim, observer, Phase::Booting, "booting")?;
+    let boot_request_ms = started.elapsed().as_secs_f64() * 1e3;
     vmm.boot().map_err(Error::Vmm)?;
     let launch_ms = started.elapsed().as_secs_f64() * 1e3;
     step(claim, observer, Phase::Running, "running")?;
@@ -460,6 +468,8 @@ fn launch_and_wait(
     Ok(RunOutcome {
         exit_code: code.unwrap_or(FAILURE_EXIT_CODE),
         exit: ExitInfo { code, how },
+        host_ms,
+        boot_request_ms,
         launch_ms,
         images_reused,
     })

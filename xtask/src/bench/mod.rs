@@ -8,6 +8,7 @@
 
 mod fat;
 mod guest;
+mod launch;
 mod net;
 mod qcow2;
 mod vmm;
@@ -24,8 +25,14 @@ use anyhow::{Context, Result, bail};
 use crate::{announce, flag_value, show_command};
 
 /// Every benchmark area, in the order `cargo xtask bench` runs them.
-const AREAS: &[(&str, Area)] =
-    &[("fat", fat::run), ("qcow2", qcow2::run), ("net", net::run), ("vmm", vmm::run), ("guest", guest::run)];
+const AREAS: &[(&str, Area)] = &[
+    ("fat", fat::run),
+    ("qcow2", qcow2::run),
+    ("net", net::run),
+    ("vmm", vmm::run),
+    ("guest", guest::run),
+    ("launch", launch::run),
+];
 
 type Area = fn(&Options) -> Result<()>;
 
