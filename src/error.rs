@@ -40,6 +40,8 @@ pub enum Error {
     GuestFileMissing { what: &'static str, path: std::path::PathBuf },
     #[error("No VMM: `{binary}` is not on PATH (install qemu-system-x86, or see the README for cloud-hypervisor)")]
     NoVmm { binary: &'static str },
+    #[error("The spec cannot run as a VM: {0}")]
+    VmPolicy(String),
     #[error("The spec has no service.binary, which a VM needs")]
     NoBinary,
     #[error("The service binary {} does not exist", path.display())]

@@ -130,6 +130,23 @@ pub fn choose_backend(spec: &Spec, override_backend: Option<crate::Backend>) -> 
     Ok(backend)
 }
 
+/// What a spec asks that a kiln VM cannot give.
+fn check_vm_policies(spec: &Spec) -> Result<()> {
+    if spec.resources.gpu.policy == crate::GpuPolicy::Required && spec.vm.vfio.is_empty() {
+        return Err(Error::VmPolicy(
+            "resources.gpu.policy is \"required\" but vm.vfio names no PCI device to pass through".to_owned(),
+        ));
+    }
+    if spec.resources.confidentiality == crate::Confidentiality::TeeRequired {
+        return Err(Error::VmPolicy(
+            "confidentiality is \"tee-required\", but kiln starts no confidential VMs (SEV-SNP, TDX); \
+             run it on Kubernetes with a kata RuntimeClass"
+                .to_owned(),
+        ));
+    }
+    Ok(())
+}
+
 /// The kernel command line kiln boots with.
 pub fn kernel_cmdline(spec: &Spec) -> String {
     let mut cmdline = format!("console=ttyS0 panic=-1 quiet kiln.grace={}", GUEST_GRACE.as_secs());
@@ -352,6 +369,7 @@ pub fn run(
 ) -> Result<RunOutcome> {
     let started = Instant::now();
     // Everything that can fail without touching the host fails here first.
+    check_vm_policies(spec)?;
     let guest = GuestFiles::find(spec, options.guest_dir.as_deref())?;
     let backend = choose_backend(spec, options.backend)?;
     service_disk(spec, &LeaseInfo { host: Ipv4Addr::LOCALHOST, guest: Ipv4Addr::LOCALHOST, prefix_len: 30 })?.tree()?;

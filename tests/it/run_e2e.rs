@@ -411,6 +411,17 @@ fn bad_specs_fail_clearly_and_create_nothing() {
             "/nonexistent/svc does not exist",
         ),
         (
+            "gpu-required",
+            "name = \"x\"\n[service]\nbinary = \"/bin/true\"\n[resources]\ngpu = { count = 1, policy = \"required\" }\n"
+                .into(),
+            "vm.vfio names no PCI device",
+        ),
+        (
+            "tee-required",
+            "name = \"x\"\n[service]\nbinary = \"/bin/true\"\n[resources]\nconfidentiality = \"tee-required\"\n".into(),
+            "starts no confidential VMs",
+        ),
+        (
             "kernel-missing",
             "name = \"x\"\n[service]\nbinary = \"/bin/true\"\n[guest]\nkernel = \"/nonexistent/vmlinuz\"\n".into(),
             "/nonexistent/vmlinuz does not exist",
