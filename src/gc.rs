@@ -53,20 +53,24 @@ pub fn release_vm(record: &VmRecord, host: &HostHandles, dry_run: bool) -> Resul
             Tap::delete(tap)?;
         }
     }
-    if record.firewall || dry_run {
-        let listed = host.nft.list_vms()?;
-        if listed.contains(name.as_str()) {
-            actions.push(format!("remove nftables elements of VM {name}"));
-            if !dry_run {
-                host.nft.remove_vm(name)?;
-            }
-        }
+    // One listing (or one locked ledger read) each: a real run asks the
+    // host to remove and reports what was there. A record that never
+    // reached the firewall (or whose rules were already removed) has none.
+    let has_elements = match (record.firewall, dry_run) {
+        (false, _) => false,
+        (true, true) => host.nft.list_vms()?.contains(name.as_str()),
+        (true, false) => host.nft.remove_vm(name)?,
+    };
+    if has_elements {
+        actions.push(format!("remove nftables elements of VM {name}"));
     }
-    if host.ledger.leases()?.iter().any(|lease| &lease.owner == name) {
+    let had_lease = if dry_run {
+        host.ledger.leases()?.iter().any(|lease| &lease.owner == name)
+    } else {
+        host.ledger.release(name)?
+    };
+    if had_lease {
         actions.push(format!("release the lease of VM {name}"));
-        if !dry_run {
-            host.ledger.release(name)?;
-        }
     }
     Ok(actions)
 }

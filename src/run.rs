@@ -386,10 +386,20 @@ pub fn run(
     };
     let mut claim = state.claim(name, record)?;
     let mut vmm: Option<Box<dyn Vmm>> = None;
-    let result = launch_and_wait(spec, &guest, backend, state, options, &host, &mut claim, &mut vmm, observer, started);
+    let mut applied: Option<VmRules> = None;
+    let mut slots = Slots { vmm: &mut vmm, rules: &mut applied };
+    let result =
+        launch_and_wait(spec, &guest, backend, state, options, &host, &mut claim, &mut slots, observer, started);
     // Whatever happened: the VMM goes (dropping it kills and reaps it), and
-    // so does everything the record names.
+    // so does everything the record names. The firewall elements go by the
+    // rules they were added with (no table listing); gc's path by tag is
+    // the fallback.
     drop(vmm);
+    if let Some(rules) = &applied {
+        if host.nft.remove(rules).is_ok() {
+            claim.record.firewall = false;
+        }
+    }
     let release = release_vm(&claim.record, &host, false);
     let exit = match &result {
         Ok(outcome) => outcome.exit.clone(),
@@ -402,6 +412,12 @@ pub fn run(
     result
 }
 
+/// What a run holds that must be released whether it succeeds or not.
+struct Slots<'a> {
+    vmm: &'a mut Option<Box<dyn Vmm>>,
+    rules: &'a mut Option<VmRules>,
+}
+
 #[allow(clippy::too_many_arguments)]
 fn launch_and_wait(
     spec: &Spec,
@@ -411,7 +427,7 @@ fn launch_and_wait(
     options: &RunOptions,
     host: &HostHandles,
     claim: &mut VmClaim,
-    vmm_slot: &mut Option<Box<dyn Vmm>>,
+    slots: &mut Slots<'_>,
     observer: &mut dyn RunObserver,
     started: Instant,
 ) -> Result<RunOutcome> {
@@ -448,6 +464,7 @@ fn launch_and_wait(
         firewall: spec.firewall(),
     };
     host.nft.apply(&rules)?;
+    *slots.rules = Some(rules);
 
     let plan = vm_plan(spec, guest, backend, &files, &tap, &lease)?;
     // The console log starts empty for this run; it holds the service's
@@ -465,7 +482,7 @@ fn launch_and_wait(
     step(claim, observer, Phase::Vmm, &format!("starting {}", backend_name(backend)))?;
     let host_ms = started.elapsed().as_secs_f64() * 1e3;
     let vmm =
-        vmm_slot.insert(kiln_vmm::launch(backend, &plan, &LaunchOptions::new(&files.run_dir)).map_err(Error::Vmm)?);
+        slots.vmm.insert(kiln_vmm::launch(backend, &plan, &LaunchOptions::new(&files.run_dir)).map_err(Error::Vmm)?);
     if let Some(info) = &mut claim.record.vmm {
         info.pid = vmm.pid();
     }

@@ -594,16 +594,16 @@ impl Nft {
     /// if any element is missing, falls back to [`Nft::remove_vm`].
     pub fn remove(&self, rules: &VmRules) -> Result<()> {
         match self.run_batch(&rules.remove_batch()?) {
-            Err(e) if refusal(&e) == Some(Refusal::Missing) => self.remove_vm(&rules.vm_id),
+            Err(e) if refusal(&e) == Some(Refusal::Missing) => self.remove_vm(&rules.vm_id).map(drop),
             other => other,
         }
     }
 
     /// Removes everything tagged with VM `vm_id`, found in a listing, in one
-    /// transaction. Absent: no-op.
-    pub fn remove_vm(&self, vm_id: &str) -> Result<()> {
+    /// transaction; returns whether there was anything. Absent: no-op.
+    pub fn remove_vm(&self, vm_id: &str) -> Result<bool> {
         validate_vm_id(vm_id)?;
-        self.remove_where(|id| id == vm_id).map(drop)
+        self.remove_where(|id| id == vm_id).map(|removed| !removed.is_empty())
     }
 
     /// Removes everything of every VM not in `alive`, in one transaction;
