@@ -196,15 +196,19 @@ host_ports = [7000]
     assert_eq!(records[0]["alive"], false);
 }
 
+/// Moves the calling thread into network namespace `netns`.
+fn enter_netns(netns: &str) {
+    use std::os::fd::AsFd;
+    let file = std::fs::File::open(format!("/run/netns/{netns}")).unwrap();
+    rustix::thread::move_into_link_name_space(file.as_fd(), Some(rustix::thread::LinkNameSpaceType::Network)).unwrap();
+}
+
 /// A tiny HTTP server in the namespace answering `ok <port>` on each port.
 fn serve_http(world: &World, ports: &[u16]) {
     for &port in ports {
         let netns = world.netns.clone();
         std::thread::spawn(move || {
-            use std::os::fd::AsFd;
-            let file = std::fs::File::open(format!("/run/netns/{netns}")).unwrap();
-            rustix::thread::move_into_link_name_space(file.as_fd(), Some(rustix::thread::LinkNameSpaceType::Network))
-                .unwrap();
+            enter_netns(&netns);
             let listener = TcpListener::bind(("0.0.0.0", port)).unwrap();
             for stream in listener.incoming() {
                 let Ok(mut stream) = stream else { continue };
@@ -222,10 +226,7 @@ fn http_get(world: &World, addr: &str, path: &str) -> Option<String> {
     let netns = world.netns.clone();
     let (addr, path) = (addr.to_owned(), path.to_owned());
     std::thread::spawn(move || {
-        use std::os::fd::AsFd;
-        let file = std::fs::File::open(format!("/run/netns/{netns}")).unwrap();
-        rustix::thread::move_into_link_name_space(file.as_fd(), Some(rustix::thread::LinkNameSpaceType::Network))
-            .unwrap();
+        enter_netns(&netns);
         let mut stream = TcpStream::connect_timeout(&addr.parse().unwrap(), Duration::from_secs(3)).ok()?;
         stream.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
         write!(stream, "GET {path} HTTP/1.0\r\n\r\n").ok()?;
