@@ -12,7 +12,7 @@ use std::fs;
 use std::hash::{Hash, Hasher};
 use std::io::Read;
 use std::net::Ipv4Addr;
-use std::os::unix::fs::MetadataExt;
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -340,8 +340,6 @@ fn create_blank_disk(path: &Path, size: u64) -> Result<()> {
     drop(file);
     fs::rename(&temp, path).map_err(io)
 }
-
-use std::os::unix::fs::OpenOptionsExt;
 
 /// Reads the exit report kiln-init wrote on the console.
 pub fn exit_from_console(console: &str) -> Option<(Option<i32>, String)> {

@@ -8,6 +8,7 @@
 #![no_main]
 
 use arbitrary::{Arbitrary, Unstructured};
+use kiln_guest::fuzzing::fake_module;
 use kiln_guest::{GuestConfig, ModInfo, classify_disk, decompress_module, netlink};
 use libfuzzer_sys::fuzz_target;
 
@@ -19,34 +20,6 @@ enum Shape {
     Seed { split: u16 },
     NetlinkReply { seq: u32 },
     BuiltModule { name: String, depends: Vec<String> },
-}
-
-/// A minimal ELF64 module with `.modinfo` holding `modinfo`.
-fn module(modinfo: &[u8]) -> Vec<u8> {
-    let names = b"\0.modinfo\0.shstrtab\0";
-    let mut elf = vec![0_u8; 64];
-    elf[..4].copy_from_slice(b"\x7fELF");
-    elf[4] = 2;
-    elf[5] = 1;
-    let modinfo_at = elf.len() as u64;
-    elf.extend_from_slice(modinfo);
-    let names_at = elf.len() as u64;
-    elf.extend_from_slice(names);
-    let shoff = elf.len() as u64;
-    elf[0x28..0x30].copy_from_slice(&shoff.to_le_bytes());
-    elf[0x3a..0x3c].copy_from_slice(&64_u16.to_le_bytes());
-    elf[0x3c..0x3e].copy_from_slice(&3_u16.to_le_bytes());
-    elf[0x3e..0x40].copy_from_slice(&2_u16.to_le_bytes());
-    for (name, offset, size) in
-        [(0_u32, 0, 0), (1, modinfo_at, modinfo.len() as u64), (10, names_at, names.len() as u64)]
-    {
-        let mut header = vec![0_u8; 64];
-        header[..4].copy_from_slice(&name.to_le_bytes());
-        header[0x18..0x20].copy_from_slice(&offset.to_le_bytes());
-        header[0x20..0x28].copy_from_slice(&size.to_le_bytes());
-        elf.extend(header);
-    }
-    elf
 }
 
 /// Module names as the kernel writes them: no NUL, `,` or `=`, trimmed.
@@ -61,7 +34,7 @@ fuzz_target!(|data: &[u8]| {
     match shape {
         Shape::Module => {
             let _ = ModInfo::parse(rest);
-            let _ = ModInfo::parse(&module(rest));
+            let _ = ModInfo::parse(&fake_module(rest));
         }
         Shape::CompressedModule => {
             if let Ok(elf) = decompress_module(rest, 1 << 20) {
@@ -87,7 +60,7 @@ fuzz_target!(|data: &[u8]| {
                 return;
             }
             let modinfo = format!("license=GPL\0depends={}\0name={name}\0", depends.join(","));
-            let info = ModInfo::parse(&module(modinfo.as_bytes())).expect("a module built here parses");
+            let info = ModInfo::parse(&fake_module(modinfo.as_bytes())).expect("a module built here parses");
             assert_eq!(info.name.as_deref(), Some(name.as_str()));
             assert_eq!(info.depends, depends);
         }

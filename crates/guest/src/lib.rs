@@ -57,3 +57,9 @@ pub const MARKER_PREFIX: &str = "kiln-init: ";
 pub const VSOCK_LOG_PORT: u32 = 10_240;
 /// vsock port (on the host, CID 2) that receives the one-line exit report.
 pub const VSOCK_STATUS_PORT: u32 = 10_241;
+
+/// Builders the fuzz targets share with the unit tests.
+#[doc(hidden)]
+pub mod fuzzing {
+    pub use crate::modinfo::fake_module;
+}

@@ -201,6 +201,37 @@ fn u64_at(bytes: &[u8], at: usize) -> u64 {
     u64::from_le_bytes(word)
 }
 
+/// A minimal ELF64 LE relocatable with a null section, `.modinfo` and
+/// `.shstrtab`, the shape the kernel's modpost leaves. For the unit tests
+/// and the fuzz target (`kiln_guest::fuzzing`), never for real modules.
+pub fn fake_module(modinfo: &[u8]) -> Vec<u8> {
+    let names = b"\0.modinfo\0.shstrtab\0";
+    let mut elf = vec![0_u8; 64];
+    elf[..4].copy_from_slice(b"\x7fELF");
+    elf[4] = 2;
+    elf[5] = 1;
+    let modinfo_at = elf.len() as u64;
+    elf.extend_from_slice(modinfo);
+    let names_at = elf.len() as u64;
+    elf.extend_from_slice(names);
+    let shoff = elf.len() as u64;
+    elf[0x28..0x30].copy_from_slice(&shoff.to_le_bytes());
+    elf[0x3a..0x3c].copy_from_slice(&64_u16.to_le_bytes());
+    elf[0x3c..0x3e].copy_from_slice(&3_u16.to_le_bytes());
+    elf[0x3e..0x40].copy_from_slice(&2_u16.to_le_bytes());
+    let section = |name: u32, offset: u64, size: u64| {
+        let mut header = vec![0_u8; 64];
+        header[..4].copy_from_slice(&name.to_le_bytes());
+        header[0x18..0x20].copy_from_slice(&offset.to_le_bytes());
+        header[0x20..0x28].copy_from_slice(&size.to_le_bytes());
+        header
+    };
+    elf.extend(section(0, 0, 0));
+    elf.extend(section(1, modinfo_at, modinfo.len() as u64));
+    elf.extend(section(10, names_at, names.len() as u64));
+    elf
+}
+
 #[cfg(test)]
 pub(crate) mod tests {
     #![allow(clippy::unwrap_used)]
@@ -210,36 +241,6 @@ pub(crate) mod tests {
     use expect_test::{Expect, expect};
 
     use super::*;
-
-    /// A minimal ELF64 LE relocatable with a null section, `.modinfo` and
-    /// `.shstrtab`, the shape the kernel's modpost leaves.
-    pub(crate) fn fake_module(modinfo: &[u8]) -> Vec<u8> {
-        let names = b"\0.modinfo\0.shstrtab\0";
-        let mut elf = vec![0_u8; 64];
-        elf[..4].copy_from_slice(b"\x7fELF");
-        elf[4] = 2;
-        elf[5] = 1;
-        let modinfo_at = elf.len() as u64;
-        elf.extend_from_slice(modinfo);
-        let names_at = elf.len() as u64;
-        elf.extend_from_slice(names);
-        let shoff = elf.len() as u64;
-        elf[0x28..0x30].copy_from_slice(&shoff.to_le_bytes());
-        elf[0x3a..0x3c].copy_from_slice(&64_u16.to_le_bytes());
-        elf[0x3c..0x3e].copy_from_slice(&3_u16.to_le_bytes());
-        elf[0x3e..0x40].copy_from_slice(&2_u16.to_le_bytes());
-        let section = |name: u32, offset: u64, size: u64| {
-            let mut header = vec![0_u8; 64];
-            header[..4].copy_from_slice(&name.to_le_bytes());
-            header[0x18..0x20].copy_from_slice(&offset.to_le_bytes());
-            header[0x20..0x28].copy_from_slice(&size.to_le_bytes());
-            header
-        };
-        elf.extend(section(0, 0, 0));
-        elf.extend(section(1, modinfo_at, modinfo.len() as u64));
-        elf.extend(section(10, names_at, names.len() as u64));
-        elf
-    }
 
     fn check_parse(elf: &[u8], expect: Expect) {
         let actual = match ModInfo::parse(elf) {

@@ -39,6 +39,23 @@ fn tcp(port: u16) -> HostPort {
     HostPort { protocol: Protocol::Tcp, port }
 }
 
+/// The second VM of the namespace tests: `tap-b`, 10.99.0.5 / 10.99.0.6.
+fn vm_b(firewall: Firewall) -> VmRules {
+    VmRules {
+        host_addr: Ipv4Addr::new(10, 99, 0, 5),
+        guest_addr: Ipv4Addr::new(10, 99, 0, 6),
+        ..vm("b", "tap-b", firewall)
+    }
+}
+
+fn egress_publishing_8080() -> Firewall {
+    Firewall {
+        egress: true,
+        published_ports: vec![PublishedPort { protocol: Protocol::Tcp, host_port: 8080, guest_port: 80 }],
+        ..Firewall::default()
+    }
+}
+
 fn udp(port: u16) -> HostPort {
     HostPort { protocol: Protocol::Udp, port }
 }
@@ -320,16 +337,7 @@ fn namespace_rules_are_tagged_removed_and_reconciled() {
 
     let a =
         VmRules { uplink: None, ..vm("a", "tap-a", Firewall { host_ports: vec![tcp(7000)], ..Firewall::default() }) };
-    let b = VmRules {
-        host_addr: Ipv4Addr::new(10, 99, 0, 5),
-        guest_addr: Ipv4Addr::new(10, 99, 0, 6),
-        firewall: Firewall {
-            egress: true,
-            published_ports: vec![PublishedPort { protocol: Protocol::Tcp, host_port: 8080, guest_port: 80 }],
-            ..Firewall::default()
-        },
-        ..vm("b", "tap-b", Firewall::default())
-    };
+    let b = vm_b(egress_publishing_8080());
     nft.apply(&a).unwrap();
     nft.apply(&b).unwrap();
     // Applying again replaces, it does not duplicate.
@@ -388,12 +396,7 @@ fn namespace_traffic_allow_list_and_vm_isolation() {
     // guard, which must run before a's egress accept, keeps a out of b.
     let a_firewall = Firewall { egress: true, host_ports: vec![tcp(7000)], ..Firewall::default() };
     let a = VmRules { uplink: None, ..vm("a", "tap-a", a_firewall) };
-    let b = VmRules {
-        host_addr: Ipv4Addr::new(10, 99, 0, 5),
-        guest_addr: Ipv4Addr::new(10, 99, 0, 6),
-        firewall: Firewall { egress: true, ..Firewall::default() },
-        ..vm("b", "tap-b", Firewall::default())
-    };
+    let b = vm_b(Firewall { egress: true, ..Firewall::default() });
     nft.apply(&a).unwrap();
     nft.apply(&b).unwrap();
     assert!(connects(&guest_a, allowed), "allowed host port refused");
@@ -440,17 +443,7 @@ fn namespace_traffic_egress_masquerade_and_published_port() {
     let nft = Nft::in_namespace(&host.name);
     let uplink = Some("uplink0".to_owned());
     let a = VmRules { uplink: uplink.clone(), ..vm("a", "tap-a", Firewall::default()) };
-    let b = VmRules {
-        uplink,
-        host_addr: Ipv4Addr::new(10, 99, 0, 5),
-        guest_addr: Ipv4Addr::new(10, 99, 0, 6),
-        firewall: Firewall {
-            egress: true,
-            published_ports: vec![PublishedPort { protocol: Protocol::Tcp, host_port: 8080, guest_port: 80 }],
-            ..Firewall::default()
-        },
-        ..vm("b", "tap-b", Firewall::default())
-    };
+    let b = VmRules { uplink, ..vm_b(egress_publishing_8080()) };
     nft.apply(&a).unwrap();
     nft.apply(&b).unwrap();
 
