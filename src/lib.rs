@@ -1,12 +1,13 @@
-//! kiln: the launcher library behind the `kiln` binary. It turns a service
-//! (a binary, its arguments, environment and data trees) into the disk images
-//! a microVM boots with: the service disk (label `SERVICEDISK`) with its
-//! generated `launch` script, plus the spec (`kiln.toml`, see `docs/spec.md`)
-//! and the helpers specs share, such as size parsing.
+//! kiln: the launcher library behind the `kiln` binary. It reads the spec
+//! (`kiln.toml`, see `docs/spec.md`), turns the service into the disk images
+//! a microVM boots with (the service disk, label `SERVICEDISK`, with its
+//! generated `launch` script; the seed; the data disk), and runs it: lease,
+//! tap, firewall, VMM, console, release ([`run`]), with a state record per
+//! VM so [`collect_garbage`] can clean up after a crash.
 //!
-//! It is not the image writer: bytes on disk are `kiln-imagefmt`'s job, and
-//! nothing here mounts, needs root or spawns a process. Booting VMs,
-//! networking and Kubernetes are not part of it yet.
+//! It is not the image writer (`kiln-imagefmt`), does not touch nftables or
+//! netlink itself (`kiln-net`) and never spawns a VMM (`kiln-vmm`). The
+//! Kubernetes mapping lives in `kiln-k8s`.
 
 mod error;
 mod gc;
