@@ -44,6 +44,14 @@ pub enum Error {
     VmPolicy(String),
     #[error("The spec has no service.binary, which a VM needs")]
     NoBinary,
+    #[error("The spec has no service.image, which Kubernetes needs (service.binary is for VMs)")]
+    NoImage,
+    #[error("service.files.{tree} cannot go into a Pod: {why}")]
+    K8sFiles { tree: String, why: String },
+    #[error("Kubernetes defaults {}: {message}", path.display())]
+    K8sDefaults { path: std::path::PathBuf, message: String },
+    #[error(transparent)]
+    K8s(#[from] kiln_k8s::Error),
     #[error("The service binary {} does not exist", path.display())]
     BinaryMissing { path: std::path::PathBuf },
     #[error("Cannot read or write {}", path.display())]

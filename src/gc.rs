@@ -37,12 +37,12 @@ pub type GcAction = String;
 pub fn release_vm(record: &VmRecord, host: &HostHandles, dry_run: bool) -> Result<Vec<GcAction>> {
     let name = &record.name;
     let mut actions = Vec::new();
-    if let Some(vmm) = &record.vmm {
-        if vmm_still_runs(vmm.pid, &vmm.run_dir) {
-            actions.push(format!("kill {} (pid {}) of VM {name}", vmm.backend, vmm.pid));
-            if !dry_run {
-                kill_group_and_wait(vmm.pid);
-            }
+    if let Some(vmm) = &record.vmm
+        && vmm_still_runs(vmm.pid, &vmm.run_dir)
+    {
+        actions.push(format!("kill {} (pid {}) of VM {name}", vmm.backend, vmm.pid));
+        if !dry_run {
+            kill_group_and_wait(vmm.pid);
         }
     }
     if let Some(tap) = &record.tap {

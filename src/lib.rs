@@ -6,12 +6,14 @@
 //! VM so [`collect_garbage`] can clean up after a crash.
 //!
 //! It is not the image writer (`kiln-imagefmt`), does not touch nftables or
-//! netlink itself (`kiln-net`) and never spawns a VMM (`kiln-vmm`). The
-//! Kubernetes mapping lives in `kiln-k8s`.
+//! netlink itself (`kiln-net`) and never spawns a VMM (`kiln-vmm`). For
+//! Kubernetes it only converts the spec ([`workload`], [`ClusterDefaults`]);
+//! the mapping onto objects and the cluster client live in `kiln-k8s`.
 
 mod error;
 mod gc;
 mod hostnet;
+mod k8s;
 mod launch;
 mod run;
 mod service_disk;
@@ -22,6 +24,7 @@ mod state;
 pub use error::{Error, Result};
 pub use gc::{GcAction, HostHandles, collect_garbage, release_vm};
 pub use hostnet::{CIDR_ENV, DEFAULT_CIDR, HostNet, UPLINK_ENV};
+pub use k8s::{ClusterDefaults, K8S_DEFAULTS_ENV, K8sWorkload, workload};
 pub use launch::LaunchScript;
 pub use run::{
     CRASH_TEST_HOLD_ENV, DATA_DISK_SERIAL, FAILURE_EXIT_CODE, GUEST_DIR_ENV, GUEST_GRACE, GuestFiles, RunObserver,
@@ -31,7 +34,8 @@ pub use run::{
 pub use service_disk::{DiskTree, ServiceDisk};
 pub use size::parse_size;
 pub use spec::{
-    Backend, ByteSize, Confidentiality, FileTree, Gpu, GpuPolicy, Guest, Kubernetes, Name, Network, PciAddress,
-    PortSpec, PublishSpec, Resources, Service, Spec, Toleration, VmSettings, rewrite_loopback_urls,
+    Backend, ByteSize, Confidentiality, FileSource, FileTree, Gpu, GpuPolicy, Guest, Kubernetes, Name, Network,
+    PciAddress, PodSecurity, PortSpec, PublishSpec, Resources, Service, Spec, Toleration, VmSettings,
+    rewrite_loopback_urls,
 };
 pub use state::{ExitInfo, LeaseInfo, Phase, STATE_DIR_ENV, StateDir, VmClaim, VmEntry, VmRecord, VmmInfo};

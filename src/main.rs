@@ -3,6 +3,7 @@
 //! 2 for a usage error (clap's own).
 
 mod image;
+mod k8scmd;
 mod runcmd;
 mod vms;
 
@@ -11,7 +12,11 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 #[derive(Debug, Parser)]
-#[command(name = "kiln", version, about = "Pack a service into disk images and run it in a microVM")]
+#[command(
+    name = "kiln",
+    version,
+    about = "Pack a service into disk images and run it in a microVM or as a Kubernetes Pod"
+)]
 struct Cli {
     /// More log output on stderr (-v info, -vv debug); RUST_LOG overrides.
     #[arg(short, long, global = true, action = clap::ArgAction::Count)]
@@ -38,6 +43,8 @@ enum Command {
     Stop(vms::StopArgs),
     /// Print a VM's console output.
     Logs(vms::LogsArgs),
+    /// Run a spec as a Kubernetes Pod: apply, status, logs, delete, gc.
+    K8s(k8scmd::K8sArgs),
 }
 
 fn main() -> ExitCode {
@@ -51,6 +58,7 @@ fn main() -> ExitCode {
         Command::Gc(args) => vms::gc(&args),
         Command::Stop(args) => vms::stop(&args),
         Command::Logs(args) => vms::logs(&args),
+        Command::K8s(args) => k8scmd::k8s(&args),
     };
     match result {
         Ok(code) => code,
@@ -67,7 +75,8 @@ fn main() -> ExitCode {
 /// Logs go to stderr: warnings by default, more with -v, or what RUST_LOG says.
 fn init_tracing(verbose: u8) {
     let default = match verbose {
-        0 => "warn",
+        // kube logs failed requests itself; kiln reports them as its one error.
+        0 => "warn,kube_client=off",
         1 => "info",
         _ => "debug",
     };

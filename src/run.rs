@@ -244,10 +244,10 @@ pub fn build_images(spec: &Spec, files: &VmFiles, lease: &LeaseInfo) -> Result<b
     let tree = seed.tree()?;
     let options = FatOptions { label: Some(NoCloudSeed::LABEL.to_owned()), ..FatOptions::default() };
     tree.layout(&options)?.write_file(&files.seed, None)?;
-    if let (Some(data), Some(size)) = (&files.data, spec.resources.storage) {
-        if !data.exists() {
-            create_blank_disk(data, size.0)?;
-        }
+    if let (Some(data), Some(size)) = (&files.data, spec.resources.storage)
+        && !data.exists()
+    {
+        create_blank_disk(data, size.0)?;
     }
     Ok(reused)
 }
@@ -393,10 +393,10 @@ pub fn run(
     // rules they were added with (no table listing); gc's path by tag is
     // the fallback.
     drop(vmm);
-    if let Some(rules) = &applied {
-        if host.nft.remove(rules).is_ok() {
-            claim.record.firewall = false;
-        }
+    if let Some(rules) = &applied
+        && host.nft.remove(rules).is_ok()
+    {
+        claim.record.firewall = false;
     }
     let release = release_vm(&claim.record, &host, false);
     let exit = match &result {

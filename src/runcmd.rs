@@ -56,6 +56,8 @@ pub(crate) struct RunArgs {
 pub(crate) enum Target {
     /// The VMM configuration: cloud-hypervisor's VmConfig JSON or QEMU's argv.
     Vm,
+    /// The Kubernetes objects, as YAML (warnings on stderr).
+    K8s,
 }
 
 #[derive(Debug, Args)]
@@ -71,6 +73,11 @@ pub(crate) struct RenderArgs {
     /// The guest directory (default: $KILN_GUEST_DIR, then ./target/guest).
     #[arg(long)]
     guest_dir: Option<PathBuf>,
+    /// The namespace (k8s; overrides the spec's and the defaults').
+    #[arg(short, long)]
+    namespace: Option<String>,
+    #[command(flatten)]
+    placement: crate::k8scmd::PlacementArgs,
 }
 
 pub(crate) fn run(args: &RunArgs) -> Result<ExitCode> {
@@ -188,9 +195,9 @@ impl RunObserver for TerminalObserver {
 }
 
 pub(crate) fn render(args: &RenderArgs) -> Result<ExitCode> {
-    let spec = Spec::load(&args.spec)?;
     match args.target {
-        Target::Vm => render_vm(&spec, args),
+        Target::Vm => render_vm(&Spec::load(&args.spec)?, args),
+        Target::K8s => crate::k8scmd::render(&args.spec, &args.placement, args.namespace.as_deref()),
     }
 }
 

@@ -399,6 +399,54 @@ pub struct Kubernetes {
     pub annotations: BTreeMap<String, String>,
     /// An image pull secret's name.
     pub pull_secret: Option<String>,
+    /// Extra labels on every object (kiln's own labels win).
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+    /// The service account; none means no API token in the Pod.
+    pub service_account: Option<String>,
+    /// Where `service.files` trees come from in the Pod.
+    #[serde(default)]
+    pub files: FileSource,
+    /// Loosening of the Pod's hardened security context.
+    #[serde(default)]
+    pub security: PodSecurity,
+}
+
+/// Where the Pod finds `service.files` trees.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum FileSource {
+    /// Carried in the manifests: a Secret for secret trees, else a
+    /// ConfigMap (flat directories of at most 1 MiB).
+    #[default]
+    Inline,
+    /// The same path on the node, mounted read-only (`hostPath`).
+    HostPath,
+}
+
+/// What the spec may loosen in the Pod's hardened defaults (non-root, no
+/// privilege escalation, all capabilities dropped, `RuntimeDefault`
+/// seccomp, read-only root filesystem). All off by default.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct PodSecurity {
+    /// Allow the image to run as root.
+    #[serde(default)]
+    pub run_as_root: bool,
+    /// A writable root filesystem.
+    #[serde(default)]
+    pub writable_root_filesystem: bool,
+    /// Allow setuid binaries to gain privileges.
+    #[serde(default)]
+    pub allow_privilege_escalation: bool,
+    /// Capabilities added back after dropping all, such as `NET_BIND_SERVICE`.
+    #[serde(default)]
+    pub add_capabilities: Vec<String>,
+    /// `Unconfined` seccomp instead of `RuntimeDefault`.
+    #[serde(default)]
+    pub unconfined_seccomp: bool,
+    /// The user id to run as.
+    pub run_as_user: Option<i64>,
 }
 
 /// A Kubernetes toleration.
@@ -469,6 +517,18 @@ impl Spec {
         }
         for name in self.service.files.keys() {
             crate::service_disk::validate_tree_name(name).map_err(|e| format!("service.files: {e}"))?;
+        }
+        if let Some(image) = &self.service.image
+            && (image.trim().is_empty() || image.chars().any(|c| c.is_whitespace() || c.is_control()))
+        {
+            return Err(format!("service.image `{}` is empty or holds whitespace", image.escape_debug()));
+        }
+        if let Some(namespace) = &self.kubernetes.namespace
+            && !kiln_k8s::is_dns_label(namespace)
+        {
+            return Err(format!(
+                "kubernetes.namespace `{namespace}` is not a DNS label (lower-case letters, digits and `-`, at most 63 bytes)"
+            ));
         }
         self.firewall().validate().map_err(|e| format!("network: {e}"))
     }

@@ -117,11 +117,11 @@ fn boot(test: &str, dir: &Path, spec: &Boot<'_>) -> Console {
             let log = fs::read_to_string(&log).unwrap_or_default();
             panic!("{test}: the guest did not power off within {BOOT_DEADLINE:?} (hung?); console:\n{log}");
         }
-        if let (Some(marker), false) = (spec.power_button_after, pressed) {
-            if fs::read_to_string(&log).unwrap_or_default().contains(marker) {
-                qmp_command(&qmp, "system_powerdown");
-                pressed = true;
-            }
+        if let (Some(marker), false) = (spec.power_button_after, pressed)
+            && fs::read_to_string(&log).unwrap_or_default().contains(marker)
+        {
+            qmp_command(&qmp, "system_powerdown");
+            pressed = true;
         }
         std::thread::sleep(Duration::from_millis(50));
     }

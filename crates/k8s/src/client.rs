@@ -396,6 +396,12 @@ fn api_error(action: impl Into<String>) -> impl FnOnce(kube::Error) -> Error {
     let action = action.into();
     move |source| match source {
         kube::Error::Service(_) | kube::Error::HyperError(_) => Error::Unreachable { action, source },
+        kube::Error::Api(status) => Error::Rejected {
+            action,
+            code: status.code,
+            reason: status.reason.clone(),
+            message: status.message.clone(),
+        },
         source => Error::Api { action, source },
     }
 }

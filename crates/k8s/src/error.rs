@@ -73,7 +73,8 @@ pub enum Error {
         #[source]
         source: Box<dyn std::error::Error + Send + Sync>,
     },
-    /// A request to the API server failed.
+    /// A request to the API server failed other than by an error status
+    /// (an unreadable answer, a client-side failure).
     #[error("{action} failed")]
     Api {
         /// What kiln was doing, e.g. "apply Pod kiln-demo in namespace default".
@@ -81,6 +82,18 @@ pub enum Error {
         /// kube's reason (for API errors: the server's status, code and message).
         #[source]
         source: kube::Error,
+    },
+    /// The API server answered a request with an error status.
+    #[error("{action} failed: the API server answered {code} {reason}: {message}")]
+    Rejected {
+        /// What kiln was doing.
+        action: String,
+        /// The HTTP status code.
+        code: u16,
+        /// The machine-readable reason, e.g. `Forbidden`, `InternalError`.
+        reason: String,
+        /// The server's message.
+        message: String,
     },
     /// The API server cannot be reached (connection refused, DNS, TLS, timeout).
     #[error("cannot reach the Kubernetes API server to {action}")]

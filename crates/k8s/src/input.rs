@@ -23,6 +23,8 @@ pub struct Workload {
     pub env: Vec<(String, String)>,
     /// File trees mounted read-only into the container (the keystore is one).
     pub mounts: Vec<Mount>,
+    /// A writable scratch directory (the microVM's data disk), if any.
+    pub data_volume: Option<DataVolume>,
     /// CPUs, memory, GPU.
     pub resources: Resources,
     /// Whether the workload must, may or must not run in a TEE.
@@ -60,6 +62,17 @@ pub enum MountSource {
     /// A directory on the node, mounted read-only (the reference
     /// behaviour; ties the Pod to nodes that have the directory).
     HostPath(String),
+}
+
+/// A writable directory that lives as long as the Pod: an `emptyDir`
+/// with a size limit. The microVM's data disk outlives runs; this does not.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DataVolume {
+    /// Where it appears in the container (absolute path).
+    pub mount_path: String,
+    /// The most it may hold, in bytes (`sizeLimit`); the kubelet evicts
+    /// the Pod beyond it.
+    pub size_bytes: u64,
 }
 
 /// Compute resources.

@@ -33,12 +33,13 @@ mod status;
 pub use client::{Cluster, Deleted, Instance};
 pub use error::{Error, Result};
 pub use input::{
-    Confidentiality, Gpu, GpuPolicy, KubernetesOptions, Mount, MountSource, Resources, SecurityRelaxations, Target,
-    Workload,
+    Confidentiality, DataVolume, Gpu, GpuPolicy, KubernetesOptions, Mount, MountSource, Resources, SecurityRelaxations,
+    Target, Workload,
 };
+pub use manifest::instance_name;
 pub use manifest::{
-    CONTAINER_NAME, HostEndpoints, INSTANCE_LABEL, MANAGED_BY_LABEL, MANAGER, Manifests, NAME_ANNOTATION, Object,
-    render,
+    CONTAINER_NAME, HostEndpoints, INSTANCE_LABEL, MANAGED_BY_LABEL, MANAGER, MAX_INLINE_BYTES, Manifests,
+    NAME_ANNOTATION, Object, render,
 };
 pub use names::{MAX_NAME_LEN, is_dns_label};
 pub use status::{Phase, PodState, Reason, pod_state};

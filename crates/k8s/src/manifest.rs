@@ -52,6 +52,10 @@ const GPU_PREFERRED_WEIGHT: i32 = 80;
 /// `derived` when needed.
 const HOST_SUFFIX: &str = "host";
 
+/// The most a Secret or ConfigMap may hold (etcd's object limit); a
+/// larger tree has to come from the node (a host-path mount).
+pub const MAX_INLINE_BYTES: usize = 1 << 20;
+
 /// Every object of one instance, in the order they are applied (the Pod
 /// last, so everything it mounts or reaches exists when it starts).
 #[derive(Debug, Clone, PartialEq)]
@@ -182,7 +186,7 @@ impl Manifests {
 /// can be asked to run.
 pub fn render(workload: &Workload, target: &Target) -> Result<Manifests> {
     let invalid = |why: String| Error::InvalidInput { workload: workload.name.clone(), why };
-    let instance = instance_label(&workload.name, HOST_SUFFIX.len() + 1)?;
+    let instance = instance_name(&workload.name)?;
     if workload.image.trim().is_empty() {
         return Err(Error::NoImage { workload: workload.name.clone() });
     }
@@ -234,6 +238,14 @@ pub fn render(workload: &Workload, target: &Target) -> Result<Manifests> {
                     check_file_key(file)
                         .map_err(|why| invalid(format!("mount `{}`: file `{file}` {why}", mount.name)))?;
                 }
+                let total: usize = files.values().map(Vec::len).sum();
+                if total > MAX_INLINE_BYTES {
+                    return Err(invalid(format!(
+                        "mount `{}` holds {total} bytes, more than the {MAX_INLINE_BYTES} a {} can; mount it from the node instead",
+                        mount.name,
+                        if *secret { "Secret" } else { "ConfigMap" }
+                    )));
+                }
                 if *secret {
                     secrets.push(Secret {
                         metadata: meta(object_name.clone()),
@@ -283,6 +295,33 @@ pub fn render(workload: &Workload, target: &Target) -> Result<Manifests> {
             name: volume_name,
             mount_path: mount.mount_path.clone(),
             read_only: Some(true),
+            ..VolumeMount::default()
+        });
+    }
+    if let Some(data) = &workload.data_volume {
+        check_mount_path(&data.mount_path).map_err(|why| invalid(format!("data volume: {why}")))?;
+        if data.size_bytes == 0 {
+            return Err(invalid("data volume of 0 bytes".to_owned()));
+        }
+        if !mount_names.insert("data".to_owned())
+            || !mount_paths.insert(data.mount_path.trim_end_matches('/').to_owned())
+        {
+            return Err(invalid(format!(
+                "the data volume clashes with a mount named `data` or at `{}`",
+                data.mount_path
+            )));
+        }
+        volumes.push(Volume {
+            name: "data".to_owned(),
+            empty_dir: Some(EmptyDirVolumeSource {
+                size_limit: Some(memory_quantity(data.size_bytes)),
+                ..EmptyDirVolumeSource::default()
+            }),
+            ..Volume::default()
+        });
+        volume_mounts.push(VolumeMount {
+            name: "data".to_owned(),
+            mount_path: data.mount_path.clone(),
             ..VolumeMount::default()
         });
     }
@@ -626,6 +665,15 @@ pub fn render(workload: &Workload, target: &Target) -> Result<Manifests> {
     })
 }
 
+/// The Pod's name (and `kiln.dev/instance` label) for a workload name:
+/// the name itself when it is a DNS label short enough to leave room for
+/// the `-host` Service, else a mapped, hashed form (see `docs/kubernetes.md`).
+/// `kiln k8s status NAME` maps NAME through this, so the spec's name and
+/// the Pod's name both work.
+pub fn instance_name(workload_name: &str) -> Result<String> {
+    instance_label(workload_name, HOST_SUFFIX.len() + 1)
+}
+
 /// The firewall as a NetworkPolicy: ingress only to published ports,
 /// egress to the host's listed ports (and cluster DNS, if allowed), or
 /// anywhere when egress is on.
@@ -754,6 +802,28 @@ fn check_options(options: &KubernetesOptions) -> Result<(), String> {
     }
     for key in options.annotations.keys() {
         check_qualified_name(key).map_err(|why| format!("annotation key `{key}` {why}"))?;
+    }
+    for toleration in &options.tolerations {
+        let key = toleration.key.as_deref().unwrap_or("");
+        if !key.is_empty() {
+            check_qualified_name(key).map_err(|why| format!("toleration key `{key}` {why}"))?;
+        }
+        match toleration.operator.as_deref() {
+            None | Some("Equal") if key.is_empty() => {
+                return Err("a toleration with operator `Equal` needs a key".to_owned());
+            }
+            None | Some("Equal") => {}
+            Some("Exists") if toleration.value.as_deref().is_some_and(|v| !v.is_empty()) => {
+                return Err(format!("toleration `{key}` has operator `Exists` and a value; drop the value"));
+            }
+            Some("Exists") => {}
+            Some(other) => return Err(format!("toleration operator `{other}` is not `Equal` or `Exists`")),
+        }
+        if let Some(effect) = toleration.effect.as_deref().filter(|e| !e.is_empty())
+            && !matches!(effect, "NoSchedule" | "PreferNoSchedule" | "NoExecute")
+        {
+            return Err(format!("toleration effect `{effect}` is not `NoSchedule`, `PreferNoSchedule` or `NoExecute`"));
+        }
     }
     let references = options.image_pull_secrets.iter().chain(&options.service_account);
     for name in references {

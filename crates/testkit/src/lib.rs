@@ -1,7 +1,8 @@
 //! kiln-testkit: test support shared by kiln's crates. It finds the
 //! external tools interop tests need, enforces the suite's rule about them,
 //! and reads FAT images back three independent ways (`fsck.fat`, mtools and
-//! the `fatfs` crate) as trees to compare. It is a dev-dependency only and
+//! the `fatfs` crate) as trees to compare, and checks Kubernetes manifests
+//! against the OpenAPI schema with `kubernetes-validate`. It is a dev-dependency only and
 //! never part of a shipped binary.
 //!
 //! The rule: under `cargo xtask test` (which sets `KILN_REQUIRE_TOOLS=1`) a
@@ -9,12 +10,14 @@
 //! that it skipped and passes.
 
 mod fat;
+mod k8s;
 
 pub use fat::{
     Entry, FatDateTime, FatfsView, Tree, as_mtools_names, fsck_fat_clean, inspect_fat_with_fatfs, mdir_listing,
     mtools_extract, mtools_label, read_fat_file_with_fatfs, read_fat_with_fatfs, read_fat_with_mtools, read_tree,
     tree_diff,
 };
+pub use k8s::{assert_k8s_valid, fake_apiserver, kubernetes_validate};
 
 use std::env;
 use std::path::{Path, PathBuf};

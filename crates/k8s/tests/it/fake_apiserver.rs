@@ -13,44 +13,19 @@ use http::{Request, Response};
 use kiln_k8s::kube::Client;
 use kiln_k8s::kube::client::Body;
 use kiln_k8s::{Cluster, Firewall, HostPort, Protocol, PublishedPort, Target, Workload, render};
+use kiln_testkit::fake_apiserver::{self as fake, Reply, failure, list};
 use serde_json::{Value, json};
 use tower_test::mock;
 
 use crate::chain;
 use crate::validate::assert_valid;
 
-/// One scripted reply: a status code and a JSON body, or `Echo` to send the
-/// request's body back (what server-side apply answers).
-enum Reply {
-    Json(u16, Value),
-    Text(u16, &'static str),
-    Echo,
-}
-
-fn failure(code: u16, reason: &str, message: &str) -> Reply {
-    Reply::Json(
-        code,
-        json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
-               "message": message, "reason": reason, "code": code}),
-    )
-}
-
-fn list(kind: &str, items: Vec<Value>) -> Reply {
-    Reply::Json(200, json!({"apiVersion": "v1", "kind": format!("{kind}List"), "metadata": {}, "items": items}))
-}
-
 fn pod(status: Value) -> Value {
-    json!({"apiVersion": "v1", "kind": "Pod",
-           "metadata": {"name": "web", "namespace": "default",
-                        "labels": {"app.kubernetes.io/managed-by": "kiln", "kiln.dev/instance": "web"}},
-           "spec": {"containers": [{"name": "service", "image": "x"}]},
-           "status": status})
+    fake::pod("web", "default", status)
 }
 
 fn labelled(kind: &str, api_version: &str, name: &str, instance: &str) -> Value {
-    json!({"apiVersion": api_version, "kind": kind,
-           "metadata": {"name": name, "namespace": "default",
-                        "labels": {"app.kubernetes.io/managed-by": "kiln", "kiln.dev/instance": instance}}})
+    fake::labelled(kind, api_version, name, "default", instance)
 }
 
 /// What the fake server saw: one line per request, and the JSON bodies.
@@ -78,35 +53,12 @@ where
             let Some((request, send)) = handle.next_request().await else { break };
             let (parts, body) = request.into_parts();
             let bytes = body.collect_bytes().await.expect("request body");
-            let content_type = parts
-                .headers
-                .get(http::header::CONTENT_TYPE)
-                .map(|v| format!(" [{}]", v.to_str().expect("ASCII header")))
-                .unwrap_or_default();
-            let mut line = format!("{} {}{content_type}", parts.method, parts.uri);
-            if !bytes.is_empty() {
-                let value: Value = serde_json::from_slice(&bytes).expect("request body is JSON");
-                let text = value.to_string();
-                if text.len() <= 160 {
-                    line.push_str(&format!(" {text}"));
-                } else {
-                    line.push_str(&format!(
-                        " <{}/{} body #{}>",
-                        value["kind"].as_str().unwrap_or("?"),
-                        value["metadata"]["name"].as_str().unwrap_or("?"),
-                        bodies.len()
-                    ));
-                }
-                bodies.push(value);
-            }
+            let content_type = parts.headers.get(http::header::CONTENT_TYPE).map(|v| v.to_str().expect("ASCII header"));
+            let line =
+                fake::transcript_line(parts.method.as_str(), &parts.uri.to_string(), content_type, &bytes, &mut bodies);
             lines.push(line);
-            let response = match reply {
-                Reply::Json(code, value) => {
-                    Response::builder().status(code).body(Body::from(serde_json::to_vec(&value).expect("JSON")))
-                }
-                Reply::Text(code, text) => Response::builder().status(code).body(Body::from(text.as_bytes().to_vec())),
-                Reply::Echo => Response::builder().status(200).body(Body::from(bytes.to_vec())),
-            };
+            let (code, _, body) = reply.answer(&bytes);
+            let response = Response::builder().status(code).body(Body::from(body));
             send.send_response(response.expect("response"));
         }
         (lines, bodies)
@@ -207,11 +159,9 @@ async fn fake_apiserver_apply_stops_at_a_server_error() {
         &result,
         &seen,
         expect![[r#"
-        GET /api/v1/namespaces/default
-        PATCH /apis/networking.k8s.io/v1/namespaces/default/networkpolicies/web?&force=true&fieldManager=kiln [application/apply-patch+yaml] <NetworkPolicy/web body #0>
-        => Err(apply NetworkPolicy/web in namespace default failed
-           caused by: ApiError: etcdserver: request timed out: InternalError (Status { status: Some(Failure), code: 500, message: "etcdserver: request timed out", metadata: Some(ListMeta { continue_: None, remaining_item_count: None, resource_version: None, self_link: None, shard_info: None }), reason: "InternalError", details: None })
-           caused by: etcdserver: request timed out: InternalError)"#]],
+            GET /api/v1/namespaces/default
+            PATCH /apis/networking.k8s.io/v1/namespaces/default/networkpolicies/web?&force=true&fieldManager=kiln [application/apply-patch+yaml] <NetworkPolicy/web body #0>
+            => Err(apply NetworkPolicy/web in namespace default failed: the API server answered 500 InternalError: etcdserver: request timed out)"#]],
     );
 }
 
@@ -432,10 +382,8 @@ async fn fake_apiserver_delete_fails_on_a_forbidden_pod() {
         &result,
         &seen,
         expect![[r#"
-        DELETE /api/v1/namespaces/default/pods/web? [application/json] {}
-        => Err(delete Pod web failed
-           caused by: ApiError: pods "web" is forbidden: User "ci" cannot delete resource: Forbidden (Status { status: Some(Failure), code: 403, message: "pods \"web\" is forbidden: User \"ci\" cannot delete resource", metadata: Some(ListMeta { continue_: None, remaining_item_count: None, resource_version: None, self_link: None, shard_info: None }), reason: "Forbidden", details: None })
-           caused by: pods "web" is forbidden: User "ci" cannot delete resource: Forbidden)"#]],
+            DELETE /api/v1/namespaces/default/pods/web? [application/json] {}
+            => Err(delete Pod web failed: the API server answered 403 Forbidden: pods "web" is forbidden: User "ci" cannot delete resource)"#]],
     );
 }
 

@@ -8,8 +8,8 @@ use std::net::IpAddr;
 use expect_test::{Expect, expect};
 use k8s_openapi::api::core::v1::Toleration;
 use kiln_k8s::{
-    Confidentiality, Firewall, Gpu, GpuPolicy, HostPort, KubernetesOptions, Manifests, Mount, MountSource, Protocol,
-    PublishedPort, Resources, SecurityRelaxations, Target, Workload, is_dns_label, render,
+    Confidentiality, DataVolume, Firewall, Gpu, GpuPolicy, HostPort, KubernetesOptions, Manifests, Mount, MountSource,
+    Protocol, PublishedPort, Resources, SecurityRelaxations, Target, Workload, is_dns_label, render,
 };
 use proptest::prelude::*;
 
@@ -1086,6 +1086,63 @@ fn bad_input_is_refused_before_anything_is_applied() {
         &t,
         expect!["workload `rpc-client`: 0 bytes of memory requested"],
     );
+    let big = Mount {
+        name: "keystore".to_owned(),
+        mount_path: "/srv/keystore".to_owned(),
+        source: MountSource::Files {
+            files: [("a".to_owned(), vec![0; 700 << 10]), ("b".to_owned(), vec![0; 400 << 10])].into(),
+            secret: true,
+        },
+    };
+    check_error(
+        &Workload { mounts: vec![big], ..workload() },
+        &t,
+        expect![
+            "workload `rpc-client`: mount `keystore` holds 1126400 bytes, more than the 1048576 a Secret can; mount it from the node instead"
+        ],
+    );
+    let data = |mount_path: &str, size_bytes| Some(DataVolume { mount_path: mount_path.to_owned(), size_bytes });
+    check_error(
+        &Workload { data_volume: data("/mnt/data", 0), ..workload() },
+        &t,
+        expect!["workload `rpc-client`: data volume of 0 bytes"],
+    );
+    check_error(
+        &Workload {
+            data_volume: data("/run/keys", MIB),
+            mounts: vec![mount("keystore", "/run/keys", "k")],
+            ..workload()
+        },
+        &t,
+        expect!["workload `rpc-client`: the data volume clashes with a mount named `data` or at `/run/keys`"],
+    );
+}
+
+/// The microVM's data disk becomes a size-limited, writable emptyDir.
+#[test]
+fn data_volume() {
+    let workload = Workload {
+        data_volume: Some(DataVolume { mount_path: "/mnt/data".to_owned(), size_bytes: 64 * MIB }),
+        ..workload()
+    };
+    let manifests = render_checked(&workload, &target());
+    let spec = serde_json::to_value(&manifests.pod).expect("Pod serializes")["spec"].clone();
+    let picked =
+        serde_json::json!({ "volumes": spec["volumes"], "volumeMounts": spec["containers"][0]["volumeMounts"] });
+    expect![[r#"
+        volumeMounts:
+        - mountPath: /mnt/data
+          name: data
+        - mountPath: /tmp
+          name: tmp
+        volumes:
+        - emptyDir:
+            sizeLimit: 64Mi
+          name: data
+        - emptyDir: {}
+          name: tmp
+    "#]]
+    .assert_eq(&serde_saphyr::to_string(&picked).expect("YAML"));
 }
 
 fn arb_workload() -> impl Strategy<Value = Workload> {
@@ -1111,6 +1168,7 @@ fn arb_workload() -> impl Strategy<Value = Workload> {
             proptest::collection::vec(any::<u8>(), 0..16),
             0..3,
         ),
+        proptest::option::of(1u64..(1 << 40)),
     )
         .prop_map(
             |(
@@ -1123,6 +1181,7 @@ fn arb_workload() -> impl Strategy<Value = Workload> {
                 (cpu, memory),
                 egress,
                 files,
+                data_bytes,
             )| {
                 Workload {
                     name,
@@ -1133,6 +1192,8 @@ fn arb_workload() -> impl Strategy<Value = Workload> {
                         mount_path: "/run/keystore".to_owned(),
                         source: MountSource::Files { files, secret: egress },
                     }],
+                    data_volume: data_bytes
+                        .map(|size_bytes| DataVolume { mount_path: "/mnt/data".to_owned(), size_bytes }),
                     resources: Resources {
                         millicpus: cpu,
                         memory_bytes: memory,

@@ -1,0 +1,283 @@
+//! The spec on Kubernetes: [`workload`] turns a [`Spec`] into kiln-k8s's
+//! [`Workload`] (reading `service.files` trees, the only I/O here), and
+//! [`ClusterDefaults`] is the operator's file of cluster-wide settings that
+//! becomes a [`Target`]. Field by field in `docs/kubernetes.md`.
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::io::Read;
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+
+use kiln_k8s::k8s_openapi::api::core::v1::Toleration as K8sToleration;
+use kiln_k8s::{DataVolume, KubernetesOptions, Mount, MountSource, SecurityRelaxations, Target, Workload};
+use serde::Deserialize;
+
+use crate::spec::{Confidentiality, FileSource, GpuPolicy, Spec, Toleration};
+use crate::{Error, Result};
+
+/// Where the data disk and `service.files` trees appear, as in the guest.
+const DATA_MOUNT_PATH: &str = "/mnt/data";
+const FILES_MOUNT_ROOT: &str = "/srv";
+
+/// The environment variable naming the operator's defaults file, when
+/// `--defaults` is not given.
+pub const K8S_DEFAULTS_ENV: &str = "KILN_K8S_DEFAULTS";
+
+/// A spec as a Kubernetes workload, and what of the spec the Pod cannot
+/// express (for the user to read; `kiln-k8s` adds its own at render time).
+#[derive(Debug, Clone, PartialEq)]
+pub struct K8sWorkload {
+    /// The workload.
+    pub workload: Workload,
+    /// Spec fields that have no Pod equivalent, or a different meaning there.
+    pub warnings: Vec<String>,
+}
+
+/// Converts `spec` into a [`Workload`]. Reads the `service.files` trees
+/// when they are carried inline (Secrets and ConfigMaps); fails when the
+/// spec has no `service.image` or a tree cannot be carried.
+pub fn workload(spec: &Spec) -> Result<K8sWorkload> {
+    let image = spec.service.image.clone().ok_or(Error::NoImage)?;
+    let mut warnings = Vec::new();
+    let resources = &spec.resources;
+    let gpu = (resources.gpu.policy != GpuPolicy::None).then_some(kiln_k8s::Gpu {
+        count: resources.gpu.count,
+        policy: match resources.gpu.policy {
+            GpuPolicy::None => kiln_k8s::GpuPolicy::None,
+            GpuPolicy::Preferred => kiln_k8s::GpuPolicy::Preferred,
+            GpuPolicy::Required => kiln_k8s::GpuPolicy::Required,
+        },
+        min_vram_gib: resources.gpu.min_vram_gb,
+    });
+    let data_volume = resources.storage.map(|size| {
+        warnings.push(format!(
+            "resources.storage: {DATA_MOUNT_PATH} is an emptyDir with that size limit; it lasts as long as the Pod, not across runs like the VM's data disk"
+        ));
+        DataVolume { mount_path: DATA_MOUNT_PATH.to_owned(), size_bytes: size.0 }
+    });
+    let kubernetes = &spec.kubernetes;
+    let mut mounts = Vec::new();
+    for (name, tree) in &spec.service.files {
+        let source = match kubernetes.files {
+            FileSource::Inline => MountSource::Files { files: read_flat_tree(name, &tree.path)?, secret: tree.secret },
+            FileSource::HostPath => MountSource::HostPath(
+                tree.path
+                    .to_str()
+                    .ok_or_else(|| Error::K8sFiles {
+                        tree: name.clone(),
+                        why: format!("{} is not UTF-8, which a hostPath must be", tree.path.display()),
+                    })?
+                    .to_owned(),
+            ),
+        };
+        mounts.push(Mount { name: name.clone(), mount_path: format!("{FILES_MOUNT_ROOT}/{name}"), source });
+    }
+    for port in &spec.network.publish {
+        warnings.push(format!(
+            "network.publish {}: port {} is the Service's port inside the cluster, not a port on a node",
+            String::from(*port),
+            port.0.host_port
+        ));
+    }
+    let ignored = [
+        ("guest.kernel", spec.guest.kernel.is_some()),
+        ("guest.initramfs", spec.guest.initramfs.is_some()),
+        ("guest.cmdline", spec.guest.cmdline.is_some()),
+        ("vm.backend", spec.vm.backend != crate::Backend::Auto),
+        ("vm.vfio", !spec.vm.vfio.is_empty()),
+    ];
+    for (field, set) in ignored {
+        if set {
+            warnings.push(format!("{field} has no Pod equivalent and is ignored"));
+        }
+    }
+    let security = &kubernetes.security;
+    let workload = Workload {
+        name: spec.name.as_str().to_owned(),
+        image,
+        command: Vec::new(),
+        args: spec.service.args.clone(),
+        env: spec.service.env.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
+        mounts,
+        data_volume,
+        resources: kiln_k8s::Resources {
+            millicpus: Some(u32::from(resources.cpus) * 1000),
+            memory_bytes: Some(resources.memory.0),
+            gpu,
+        },
+        confidentiality: match resources.confidentiality {
+            Confidentiality::Any => kiln_k8s::Confidentiality::Any,
+            Confidentiality::StandardRequired => kiln_k8s::Confidentiality::StandardRequired,
+            Confidentiality::TeePreferred => kiln_k8s::Confidentiality::TeePreferred,
+            Confidentiality::TeeRequired => kiln_k8s::Confidentiality::TeeRequired,
+        },
+        firewall: spec.firewall(),
+        kubernetes: KubernetesOptions {
+            namespace: kubernetes.namespace.clone(),
+            node_selector: kubernetes.node_selector.clone(),
+            tolerations: kubernetes.tolerations.iter().map(k8s_toleration).collect(),
+            annotations: kubernetes.annotations.clone(),
+            labels: kubernetes.labels.clone(),
+            image_pull_secrets: kubernetes.pull_secret.iter().cloned().collect(),
+            service_account: kubernetes.service_account.clone(),
+            security: SecurityRelaxations {
+                run_as_root: security.run_as_root,
+                writable_root_filesystem: security.writable_root_filesystem,
+                allow_privilege_escalation: security.allow_privilege_escalation,
+                add_capabilities: security.add_capabilities.clone(),
+                unconfined_seccomp: security.unconfined_seccomp,
+                run_as_user: security.run_as_user,
+            },
+        },
+    };
+    Ok(K8sWorkload { workload, warnings })
+}
+
+fn k8s_toleration(toleration: &Toleration) -> K8sToleration {
+    K8sToleration {
+        key: toleration.key.clone(),
+        operator: toleration.operator.clone(),
+        value: toleration.value.clone(),
+        effect: toleration.effect.clone(),
+        toleration_seconds: None,
+    }
+}
+
+/// The files of a flat directory (symlinks followed, as on the service
+/// disk), by name. A Secret or ConfigMap holds one flat directory of at
+/// most [`kiln_k8s::MAX_INLINE_BYTES`]; sizes are checked before anything
+/// is read.
+fn read_flat_tree(tree: &str, dir: &Path) -> Result<BTreeMap<String, Vec<u8>>> {
+    let io = |path: &Path| {
+        let path = path.to_path_buf();
+        move |source| Error::InputIo { path, source }
+    };
+    let refuse = |why: String| Error::K8sFiles { tree: tree.to_owned(), why };
+    let mut paths: Vec<(String, PathBuf)> = Vec::new();
+    let mut total: u64 = 0;
+    for entry in fs::read_dir(dir).map_err(io(dir))? {
+        let path = entry.map_err(io(dir))?.path();
+        let meta = fs::metadata(&path).map_err(io(&path))?;
+        if meta.is_dir() {
+            return Err(refuse(format!(
+                "{} is a directory; a Secret or ConfigMap holds one flat directory, so set kubernetes.files = \"host-path\"",
+                path.display()
+            )));
+        }
+        // A FIFO or device would block or never end.
+        if !meta.is_file() {
+            return Err(refuse(format!("{} is not a regular file", path.display())));
+        }
+        total += meta.len();
+        if total > kiln_k8s::MAX_INLINE_BYTES as u64 {
+            return Err(refuse(format!(
+                "{} holds more than the {} bytes a Secret or ConfigMap can; set kubernetes.files = \"host-path\"",
+                dir.display(),
+                kiln_k8s::MAX_INLINE_BYTES
+            )));
+        }
+        let name = path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .map(str::to_owned)
+            .ok_or_else(|| refuse(format!("{} has a file name that is not UTF-8", path.display())))?;
+        paths.push((name, path));
+    }
+    let mut files = BTreeMap::new();
+    let mut budget = kiln_k8s::MAX_INLINE_BYTES as u64;
+    for (name, path) in paths {
+        // At most what is left of the budget plus one byte: a file that grew
+        // since it was measured is caught, never read without bound.
+        let mut contents = Vec::new();
+        fs::File::open(&path).and_then(|file| file.take(budget + 1).read_to_end(&mut contents)).map_err(io(&path))?;
+        budget = budget.checked_sub(contents.len() as u64).ok_or_else(|| {
+            refuse(format!(
+                "{} grew past the {} bytes a Secret or ConfigMap can hold",
+                dir.display(),
+                kiln_k8s::MAX_INLINE_BYTES
+            ))
+        })?;
+        files.insert(name, contents);
+    }
+    Ok(files)
+}
+
+/// The operator's cluster-wide settings (`kiln render --target k8s
+/// --defaults FILE`, `kiln k8s --defaults FILE`, or `$KILN_K8S_DEFAULTS`):
+/// a TOML file. Maps merge with the spec's `[kubernetes]` table, the spec
+/// winning on equal keys; lists are joined.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClusterDefaults {
+    /// The namespace when the spec names none (else the context's).
+    pub namespace: Option<String>,
+    /// Node labels every Pod must land on.
+    #[serde(default)]
+    pub node_selector: BTreeMap<String, String>,
+    /// Taints every Pod tolerates.
+    #[serde(default)]
+    pub tolerations: Vec<Toleration>,
+    /// Annotations on every Pod.
+    #[serde(default)]
+    pub annotations: BTreeMap<String, String>,
+    /// Labels on every object.
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+    /// Image pull secrets every Pod gets.
+    #[serde(default)]
+    pub pull_secrets: Vec<String>,
+    /// The service account when the spec names none.
+    pub service_account: Option<String>,
+    /// The host's address as Pods see it: where `network.host_ports` and
+    /// rewritten loopback URLs point.
+    pub host_address: Option<IpAddr>,
+    /// The RuntimeClass that means "TEE" (default `kata`).
+    pub tee_runtime_class: Option<String>,
+    /// Whether Pods without egress may still query the cluster DNS (default true).
+    pub cluster_dns: Option<bool>,
+}
+
+impl ClusterDefaults {
+    /// Reads the defaults file at `path`.
+    pub fn load(path: &Path) -> Result<ClusterDefaults> {
+        let text = fs::read_to_string(path).map_err(|source| Error::SpecRead { path: path.to_path_buf(), source })?;
+        ClusterDefaults::parse(&text, path)
+    }
+
+    /// Parses `text` (the contents of `path`, which only names it in errors).
+    pub fn parse(text: &str, path: &Path) -> Result<ClusterDefaults> {
+        toml::from_str(text)
+            .map_err(|e| Error::K8sDefaults { path: path.to_path_buf(), message: e.to_string().trim_end().to_owned() })
+    }
+
+    /// `explicit` if given, else `$KILN_K8S_DEFAULTS` if set, else none.
+    pub fn find(explicit: Option<&Path>) -> Result<ClusterDefaults> {
+        match explicit.map(Path::to_path_buf).or_else(|| std::env::var_os(K8S_DEFAULTS_ENV).map(PathBuf::from)) {
+            Some(path) => ClusterDefaults::load(&path),
+            None => Ok(ClusterDefaults::default()),
+        }
+    }
+
+    /// The target these defaults describe, before anything is known about
+    /// the cluster (`kiln_k8s::Cluster::detect` fills that in).
+    pub fn target(&self) -> Target {
+        let base = Target::default();
+        Target {
+            defaults: KubernetesOptions {
+                namespace: self.namespace.clone(),
+                node_selector: self.node_selector.clone(),
+                tolerations: self.tolerations.iter().map(k8s_toleration).collect(),
+                annotations: self.annotations.clone(),
+                labels: self.labels.clone(),
+                image_pull_secrets: self.pull_secrets.clone(),
+                service_account: self.service_account.clone(),
+                security: SecurityRelaxations::default(),
+            },
+            host_address: self.host_address,
+            tee_runtime_class: self.tee_runtime_class.clone().unwrap_or(base.tee_runtime_class.clone()),
+            allow_cluster_dns: self.cluster_dns.unwrap_or(base.allow_cluster_dns),
+            ..base
+        }
+    }
+}
