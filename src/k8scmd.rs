@@ -28,6 +28,13 @@ pub(crate) struct PlacementArgs {
     host_address: Option<IpAddr>,
 }
 
+impl PlacementArgs {
+    /// Whether any of these flags was given.
+    pub(crate) fn any(&self) -> bool {
+        self.defaults.is_some() || self.host_address.is_some()
+    }
+}
+
 /// The cluster and namespace `kiln k8s` talks to.
 #[derive(Debug, Args)]
 pub(crate) struct ClusterArgs {

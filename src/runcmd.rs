@@ -196,6 +196,9 @@ impl RunObserver for TerminalObserver {
 
 pub(crate) fn render(args: &RenderArgs) -> Result<ExitCode> {
     match args.target {
+        Target::Vm if args.namespace.is_some() || args.placement.any() => {
+            bail!("--namespace, --defaults and --host-address are for --target k8s")
+        }
         Target::Vm => render_vm(&Spec::load(&args.spec)?, args),
         Target::K8s => crate::k8scmd::render(&args.spec, &args.placement, args.namespace.as_deref()),
     }

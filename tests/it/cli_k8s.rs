@@ -547,6 +547,8 @@ fn render_k8s_refuses_bad_input() {
     std::fs::create_dir_all(dir.path().join("socket/run")).unwrap();
     let _listener = std::os::unix::net::UnixListener::bind(dir.path().join("socket/run/agent.sock")).unwrap();
     assert_error(&render(&socket, &[]), 1, "agent.sock is not a regular file");
+    let vm = kiln(["render", "--target", "vm", plain.to_str().unwrap(), "--host-address", "10.0.0.1"]);
+    assert_error(&vm, 1, "--host-address are for --target k8s");
     let defaults = dir.path().join("bad-defaults.toml");
     std::fs::write(&defaults, "host_adress = \"10.0.0.1\"\n").unwrap();
     assert_error(&render(&plain, &["--defaults", defaults.to_str().unwrap()]), 1, "unknown field `host_adress`");
@@ -642,6 +644,7 @@ fn fake_apiserver_cli_apply_waits_for_the_ip_then_status_logs_delete() {
         "--host-address",
         "10.0.0.1",
     ]));
+    assert_valid(&rendered);
     let rendered: Vec<serde_json::Value> = serde_saphyr::from_multiple(&rendered).unwrap();
     assert_eq!(server.bodies()[1..], rendered[..]);
 
