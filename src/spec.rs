@@ -697,6 +697,10 @@ namespace = "apps"
 node_selector = { pool = "gpu" }
 tolerations = [{ key = "gpu", operator = "Exists", effect = "NoSchedule" }]
 pull_secret = "regcred"
+labels = { tier = "backend" }
+service_account = "runner"
+files = "host-path"
+security = { run_as_root = true, add_capabilities = ["NET_ADMIN"], run_as_user = 0 }
 "#,
             expect![[r#"
                 Spec {
@@ -820,6 +824,25 @@ pull_secret = "regcred"
                         pull_secret: Some(
                             "regcred",
                         ),
+                        labels: {
+                            "tier": "backend",
+                        },
+                        service_account: Some(
+                            "runner",
+                        ),
+                        files: HostPath,
+                        security: PodSecurity {
+                            run_as_root: true,
+                            writable_root_filesystem: false,
+                            allow_privilege_escalation: false,
+                            add_capabilities: [
+                                "NET_ADMIN",
+                            ],
+                            unconfined_seccomp: false,
+                            run_as_user: Some(
+                                0,
+                            ),
+                        },
                     },
                 }"#]],
         );
@@ -876,6 +899,17 @@ pull_secret = "regcred"
                         tolerations: [],
                         annotations: {},
                         pull_secret: None,
+                        labels: {},
+                        service_account: None,
+                        files: Inline,
+                        security: PodSecurity {
+                            run_as_root: false,
+                            writable_root_filesystem: false,
+                            allow_privilege_escalation: false,
+                            add_capabilities: [],
+                            unconfined_seccomp: false,
+                            run_as_user: None,
+                        },
                     },
                 }"#]],
         );

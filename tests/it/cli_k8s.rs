@@ -558,7 +558,8 @@ fn render_k8s_refuses_bad_input() {
 
 fn kiln_k8s(server: &FakeApiServer, args: &[&str]) -> Output {
     let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_kiln"));
-    command.arg("k8s").args(args).arg("--kubeconfig").arg(server.kubeconfig()).env_remove("KUBECONFIG");
+    command.arg("k8s").args(args).arg("--kubeconfig").arg(server.kubeconfig());
+    command.env_remove("KUBECONFIG").env_remove("KILN_K8S_DEFAULTS");
     command.output().unwrap()
 }
 

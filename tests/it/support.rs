@@ -16,7 +16,13 @@ where
     I: IntoIterator<Item = S>,
     S: AsRef<OsStr>,
 {
-    Command::new(env!("CARGO_BIN_EXE_kiln")).args(args).env_remove("SOURCE_DATE_EPOCH").output().unwrap()
+    Command::new(env!("CARGO_BIN_EXE_kiln"))
+        .args(args)
+        .env_remove("SOURCE_DATE_EPOCH")
+        .env_remove("KILN_K8S_DEFAULTS")
+        .env_remove("KUBECONFIG")
+        .output()
+        .unwrap()
 }
 
 /// Asserts that `kiln` failed the way bad input should: the given exit
