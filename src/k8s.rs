@@ -146,16 +146,17 @@ fn k8s_toleration(toleration: &Toleration) -> K8sToleration {
 
 /// The files of a flat directory (symlinks followed, as on the service
 /// disk), by name. A Secret or ConfigMap holds one flat directory of at
-/// most [`kiln_k8s::MAX_INLINE_BYTES`]; sizes are checked before anything
-/// is read.
+/// most [`kiln_k8s::MAX_INLINE_BYTES`]; each file is read only up to what
+/// is left of that budget plus one byte, so a tree that is too big (or a
+/// file that grows while it is read) is refused after at most that much.
 fn read_flat_tree(tree: &str, dir: &Path) -> Result<BTreeMap<String, Vec<u8>>> {
     let io = |path: &Path| {
         let path = path.to_path_buf();
         move |source| Error::InputIo { path, source }
     };
     let refuse = |why: String| Error::K8sFiles { tree: tree.to_owned(), why };
-    let mut paths: Vec<(String, PathBuf)> = Vec::new();
-    let mut total: u64 = 0;
+    let mut files = BTreeMap::new();
+    let mut budget = kiln_k8s::MAX_INLINE_BYTES as u64;
     for entry in fs::read_dir(dir).map_err(io(dir))? {
         let path = entry.map_err(io(dir))?.path();
         let meta = fs::metadata(&path).map_err(io(&path))?;
@@ -169,31 +170,16 @@ fn read_flat_tree(tree: &str, dir: &Path) -> Result<BTreeMap<String, Vec<u8>>> {
         if !meta.is_file() {
             return Err(refuse(format!("{} is not a regular file", path.display())));
         }
-        total += meta.len();
-        if total > kiln_k8s::MAX_INLINE_BYTES as u64 {
-            return Err(refuse(format!(
-                "{} holds more than the {} bytes a Secret or ConfigMap can; set kubernetes.files = \"host-path\"",
-                dir.display(),
-                kiln_k8s::MAX_INLINE_BYTES
-            )));
-        }
         let name = path
             .file_name()
             .and_then(|n| n.to_str())
             .map(str::to_owned)
             .ok_or_else(|| refuse(format!("{} has a file name that is not UTF-8", path.display())))?;
-        paths.push((name, path));
-    }
-    let mut files = BTreeMap::new();
-    let mut budget = kiln_k8s::MAX_INLINE_BYTES as u64;
-    for (name, path) in paths {
-        // At most what is left of the budget plus one byte: a file that grew
-        // since it was measured is caught, never read without bound.
         let mut contents = Vec::new();
         fs::File::open(&path).and_then(|file| file.take(budget + 1).read_to_end(&mut contents)).map_err(io(&path))?;
         budget = budget.checked_sub(contents.len() as u64).ok_or_else(|| {
             refuse(format!(
-                "{} grew past the {} bytes a Secret or ConfigMap can hold",
+                "{} holds more than the {} bytes a Secret or ConfigMap can; set kubernetes.files = \"host-path\"",
                 dir.display(),
                 kiln_k8s::MAX_INLINE_BYTES
             ))
