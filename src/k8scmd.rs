@@ -163,78 +163,94 @@ pub(crate) fn render(spec_path: &Path, placement: &PlacementArgs, namespace: Opt
 }
 
 pub(crate) fn k8s(args: &K8sArgs) -> Result<ExitCode> {
-    // Spec errors come before any connection.
-    let prepared = match &args.command {
-        K8sCommand::Apply(apply) => Some(prepare(&apply.spec, &apply.placement, args.cluster.namespace.as_deref())?),
-        _ => None,
-    };
+    let cluster = &args.cluster;
+    match &args.command {
+        K8sCommand::Apply(apply) => {
+            // Spec errors come before any connection.
+            let prepared = prepare(&apply.spec, &apply.placement, cluster.namespace.as_deref())?;
+            on_cluster(cluster, |c| apply_spec(c, apply, prepared))
+        }
+        K8sCommand::Status { name } => on_cluster(cluster, |c| status(c, name)),
+        K8sCommand::Logs { name, follow, tail } => on_cluster(cluster, |c| logs(c, name, *follow, *tail)),
+        K8sCommand::Delete { name } => on_cluster(cluster, |c| delete(c, name)),
+        K8sCommand::Ps => on_cluster(cluster, ps),
+        K8sCommand::Gc => on_cluster(cluster, gc),
+    }
+}
+
+/// Connects and runs `command` on a current-thread runtime of its own:
+/// kube is async, the rest of kiln is not.
+fn on_cluster<F, Fut>(args: &ClusterArgs, command: F) -> Result<ExitCode>
+where
+    F: FnOnce(Cluster) -> Fut,
+    Fut: Future<Output = Result<ExitCode>>,
+{
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .context("cannot start the async runtime for the Kubernetes client")?;
-    runtime.block_on(async {
-        let cluster = connect(&args.cluster).await?;
-        match (&args.command, prepared) {
-            (K8sCommand::Apply(apply), Some(prepared)) => apply_spec(cluster, apply, prepared).await,
-            (K8sCommand::Status { name }, _) => {
-                let pod = kiln_k8s::instance_name(name)?;
-                let state = cluster.status(&pod).await?;
-                println!("{pod}: {state}");
-                if let Some(ip) = state.pod_ip {
-                    println!("  ip: {ip}");
-                }
-                if let Some(node) = &state.node {
-                    println!("  node: {node}");
-                }
-                Ok(ExitCode::SUCCESS)
-            }
-            (K8sCommand::Logs { name, follow, tail }, _) => {
-                let pod = kiln_k8s::instance_name(name)?;
-                if *follow {
-                    cluster.follow_logs(&pod, std::io::stdout()).await?;
-                } else {
-                    let mut stdout = std::io::stdout().lock();
-                    stdout.write_all(cluster.logs(&pod, *tail).await?.as_bytes())?;
-                    stdout.flush()?;
-                }
-                Ok(ExitCode::SUCCESS)
-            }
-            (K8sCommand::Delete { name }, _) => {
-                let pod = kiln_k8s::instance_name(name)?;
-                let deleted = cluster.delete(&pod).await?;
-                if !deleted.pod && deleted.others.is_empty() {
-                    println!("kiln: nothing named {pod} in namespace {}", cluster.namespace());
-                }
-                if deleted.pod {
-                    println!("kiln: deleted Pod/{pod}");
-                }
-                for other in &deleted.others {
-                    println!("kiln: deleted {other}");
-                }
-                Ok(ExitCode::SUCCESS)
-            }
-            (K8sCommand::Ps, _) => {
-                let instances = cluster.list().await?;
-                println!("{:<40} {:<24} IP", "NAME", "STATE");
-                for instance in instances {
-                    let ip = instance.state.pod_ip.map(|ip| ip.to_string()).unwrap_or_else(|| "-".to_owned());
-                    println!("{:<40} {:<24} {ip}", instance.name, instance.state.to_string());
-                }
-                Ok(ExitCode::SUCCESS)
-            }
-            (K8sCommand::Gc, _) => {
-                let reaped = cluster.reap().await?;
-                if reaped.is_empty() {
-                    println!("kiln: nothing to collect in namespace {}", cluster.namespace());
-                }
-                for name in reaped {
-                    println!("kiln: deleted {name} and its objects");
-                }
-                Ok(ExitCode::SUCCESS)
-            }
-            (K8sCommand::Apply(_), None) => unreachable!("apply is always prepared"),
-        }
-    })
+    runtime.block_on(async { command(connect(args).await?).await })
+}
+
+async fn status(cluster: Cluster, name: &str) -> Result<ExitCode> {
+    let pod = kiln_k8s::instance_name(name)?;
+    let state = cluster.status(&pod).await?;
+    println!("{pod}: {state}");
+    if let Some(ip) = state.pod_ip {
+        println!("  ip: {ip}");
+    }
+    if let Some(node) = &state.node {
+        println!("  node: {node}");
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn logs(cluster: Cluster, name: &str, follow: bool, tail: Option<i64>) -> Result<ExitCode> {
+    let pod = kiln_k8s::instance_name(name)?;
+    if follow {
+        cluster.follow_logs(&pod, std::io::stdout()).await?;
+    } else {
+        let mut stdout = std::io::stdout().lock();
+        stdout.write_all(cluster.logs(&pod, tail).await?.as_bytes())?;
+        stdout.flush()?;
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn delete(cluster: Cluster, name: &str) -> Result<ExitCode> {
+    let pod = kiln_k8s::instance_name(name)?;
+    let deleted = cluster.delete(&pod).await?;
+    if !deleted.pod && deleted.others.is_empty() {
+        println!("kiln: nothing named {pod} in namespace {}", cluster.namespace());
+    }
+    if deleted.pod {
+        println!("kiln: deleted Pod/{pod}");
+    }
+    for other in &deleted.others {
+        println!("kiln: deleted {other}");
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn ps(cluster: Cluster) -> Result<ExitCode> {
+    let instances = cluster.list().await?;
+    println!("{:<40} {:<24} IP", "NAME", "STATE");
+    for instance in instances {
+        let ip = instance.state.pod_ip.map(|ip| ip.to_string()).unwrap_or_else(|| "-".to_owned());
+        println!("{:<40} {:<24} {ip}", instance.name, instance.state.to_string());
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn gc(cluster: Cluster) -> Result<ExitCode> {
+    let reaped = cluster.reap().await?;
+    if reaped.is_empty() {
+        println!("kiln: nothing to collect in namespace {}", cluster.namespace());
+    }
+    for name in reaped {
+        println!("kiln: deleted {name} and its objects");
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 async fn connect(args: &ClusterArgs) -> Result<Cluster> {
