@@ -519,7 +519,7 @@ impl Spec {
             crate::service_disk::validate_tree_name(name).map_err(|e| format!("service.files: {e}"))?;
         }
         if let Some(image) = &self.service.image
-            && (image.trim().is_empty() || image.chars().any(|c| c.is_whitespace() || c.is_control()))
+            && !kiln_k8s::is_image_reference(image)
         {
             return Err(format!("service.image `{}` is empty or holds whitespace", image.escape_debug()));
         }

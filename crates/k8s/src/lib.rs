@@ -36,11 +36,11 @@ pub use input::{
     Confidentiality, DataVolume, Gpu, GpuPolicy, KubernetesOptions, Mount, MountSource, Resources, SecurityRelaxations,
     Target, Workload,
 };
-pub use manifest::instance_name;
 pub use manifest::{
     CONTAINER_NAME, HostEndpoints, INSTANCE_LABEL, MANAGED_BY_LABEL, MANAGER, MAX_INLINE_BYTES, Manifests,
     NAME_ANNOTATION, Object, render,
 };
+pub use manifest::{instance_name, is_image_reference};
 pub use names::{MAX_NAME_LEN, is_dns_label};
 pub use status::{Phase, PodState, Reason, pod_state};
 

@@ -190,7 +190,7 @@ pub fn render(workload: &Workload, target: &Target) -> Result<Manifests> {
     if workload.image.trim().is_empty() {
         return Err(Error::NoImage { workload: workload.name.clone() });
     }
-    if workload.image.chars().any(|c| c.is_whitespace() || c.is_control()) {
+    if !is_image_reference(&workload.image) {
         return Err(invalid(format!(
             "image `{}` contains whitespace or control characters",
             workload.image.escape_debug()
@@ -663,6 +663,13 @@ pub fn render(workload: &Workload, target: &Target) -> Result<Manifests> {
         pod,
         warnings,
     })
+}
+
+/// Whether `image` can be a container image reference as written: not
+/// empty, and no whitespace or control characters (which would smuggle
+/// extra words into a runtime's command line). The registry resolves the rest.
+pub fn is_image_reference(image: &str) -> bool {
+    !image.is_empty() && !image.chars().any(|c| c.is_whitespace() || c.is_control())
 }
 
 /// The Pod's name (and `kiln.dev/instance` label) for a workload name:
