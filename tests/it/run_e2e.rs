@@ -15,19 +15,19 @@ use kiln_testkit::{GuestAssets, guest_assets, is_root, report_skip, require_tool
 use tempfile::TempDir;
 
 /// A run under TCG takes ~5 s; a loaded CI machine may need far more.
-const RUN_DEADLINE: Duration = Duration::from_secs(240);
+pub(crate) const RUN_DEADLINE: Duration = Duration::from_secs(240);
 
 /// One test's world: a namespace, a state directory, the guest.
-struct World {
-    netns: String,
-    dir: TempDir,
-    guest: GuestAssets,
+pub(crate) struct World {
+    pub(crate) netns: String,
+    pub(crate) dir: TempDir,
+    pub(crate) guest: GuestAssets,
 }
 
 impl World {
     /// `None` (after printing SKIPPED, or panicking under KILN_REQUIRE_TOOLS)
     /// when the test cannot run here.
-    fn new(tag: &str) -> Option<World> {
+    pub(crate) fn new(tag: &str) -> Option<World> {
         let test = kiln_testkit::current_test_name();
         if !is_root() {
             report_skip(&format!("{test}: needs root for network namespaces and taps"));
@@ -44,16 +44,16 @@ impl World {
         Some(world)
     }
 
-    fn state_dir(&self) -> PathBuf {
+    pub(crate) fn state_dir(&self) -> PathBuf {
         self.dir.path().join("state")
     }
 
-    fn probe(&self) -> PathBuf {
+    pub(crate) fn probe(&self) -> PathBuf {
         self.guest.dir.join("service-probe")
     }
 
     /// `kiln ARGS` inside the namespace, with this world's state and guest.
-    fn kiln(&self, args: &[&str]) -> Command {
+    pub(crate) fn kiln(&self, args: &[&str]) -> Command {
         // By absolute path: a test runs kiln with an empty PATH.
         let mut command = Command::new(kiln_testkit::find_tool("ip").unwrap_or_else(|| PathBuf::from("/usr/sbin/ip")));
         command
@@ -66,26 +66,26 @@ impl World {
         command
     }
 
-    fn exec(&self, argv: &[&str]) -> Output {
+    pub(crate) fn exec(&self, argv: &[&str]) -> Output {
         let output = Command::new("ip").args(["netns", "exec", &self.netns]).args(argv).output().unwrap();
         assert!(output.status.success(), "{argv:?}: {}", String::from_utf8_lossy(&output.stderr));
         output
     }
 
-    fn spec(&self, name: &str, text: &str) -> PathBuf {
+    pub(crate) fn spec(&self, name: &str, text: &str) -> PathBuf {
         let path = self.dir.path().join(format!("{name}.toml"));
         std::fs::write(&path, text).unwrap();
         path
     }
 
     /// Runs `kiln run SPEC` to the end, with a deadline.
-    fn run(&self, spec: &Path) -> Output {
+    pub(crate) fn run(&self, spec: &Path) -> Output {
         let child = self.kiln(&["run", spec.to_str().unwrap()]).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn();
         wait_with_deadline(child.unwrap(), RUN_DEADLINE)
     }
 
     /// Asserts nothing of VM `name` is left on the host side (others may run).
-    fn assert_vm_left_nothing(&self, name: &str) {
+    pub(crate) fn assert_vm_left_nothing(&self, name: &str) {
         let links = String::from_utf8(self.exec(&["ip", "-o", "link"]).stdout).unwrap();
         assert!(!links.contains(&format!("kt-{name}:")), "the tap of {name} is left:\n{links}");
         let table = Command::new("ip")
@@ -97,7 +97,7 @@ impl World {
     }
 
     /// Asserts nothing of any VM is left on the host side.
-    fn assert_nothing_left(&self) {
+    pub(crate) fn assert_nothing_left(&self) {
         let links = String::from_utf8(self.exec(&["ip", "-o", "link"]).stdout).unwrap();
         assert!(!links.contains("kt-"), "a tap is left:\n{links}");
         let table = Command::new("ip")
@@ -121,7 +121,7 @@ impl Drop for World {
     }
 }
 
-fn wait_with_deadline(mut child: Child, deadline: Duration) -> Output {
+pub(crate) fn wait_with_deadline(mut child: Child, deadline: Duration) -> Output {
     let started = Instant::now();
     while child.try_wait().unwrap().is_none() {
         if started.elapsed() > deadline {
@@ -138,7 +138,7 @@ fn wait_with_deadline(mut child: Child, deadline: Duration) -> Output {
     child.wait_with_output().unwrap()
 }
 
-fn text(bytes: &[u8]) -> String {
+pub(crate) fn text(bytes: &[u8]) -> String {
     String::from_utf8_lossy(bytes).replace('\r', "")
 }
 
@@ -197,14 +197,14 @@ host_ports = [7000]
 }
 
 /// Moves the calling thread into network namespace `netns`.
-fn enter_netns(netns: &str) {
+pub(crate) fn enter_netns(netns: &str) {
     use std::os::fd::AsFd;
     let file = std::fs::File::open(format!("/run/netns/{netns}")).unwrap();
     rustix::thread::move_into_link_name_space(file.as_fd(), Some(rustix::thread::LinkNameSpaceType::Network)).unwrap();
 }
 
 /// A tiny HTTP server in the namespace answering `ok <port>` on each port.
-fn serve_http(world: &World, ports: &[u16]) {
+pub(crate) fn serve_http(world: &World, ports: &[u16]) {
     for &port in ports {
         let netns = world.netns.clone();
         std::thread::spawn(move || {
@@ -222,7 +222,7 @@ fn serve_http(world: &World, ports: &[u16]) {
 }
 
 /// GET http://addr/path from inside the namespace, with a short timeout.
-fn http_get(world: &World, addr: &str, path: &str) -> Option<String> {
+pub(crate) fn http_get(world: &World, addr: &str, path: &str) -> Option<String> {
     let netns = world.netns.clone();
     let (addr, path) = (addr.to_owned(), path.to_owned());
     std::thread::spawn(move || {
