@@ -62,7 +62,8 @@ pub(crate) struct K8sArgs {
 #[derive(Debug, Subcommand)]
 enum K8sCommand {
     /// Apply a spec's objects (server-side apply, the Pod last) and wait
-    /// for the Pod's IP address.
+    /// for the Pod's IP address; refuses objects that exist and are not the
+    /// instance's, unless `--adopt`.
     Apply(ApplyArgs),
     /// Print a Pod's state: phase, the telling reason, exit code, IP, node.
     Status {
@@ -89,7 +90,8 @@ enum K8sCommand {
     },
     /// List kiln's Pods in the namespace.
     Ps,
-    /// Delete kiln's ended Pods and the leftovers of Pods that are gone.
+    /// Delete kiln's ended Pods and the leftovers of Pods that are gone
+    /// (only objects labelled as kiln's).
     Gc,
 }
 
