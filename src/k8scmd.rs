@@ -12,7 +12,7 @@ use std::time::Duration;
 use anyhow::{Context, Result, bail};
 use clap::{Args, Subcommand};
 use kiln::{ClusterDefaults, K8sWorkload, Spec};
-use kiln_k8s::{Cluster, Confidentiality, Target, Workload};
+use kiln_k8s::{Cluster, Confidentiality, ForeignObjects, Target, Workload};
 
 /// Where the objects go and what the operator set for every Pod: shared by
 /// `kiln render --target k8s` and `kiln k8s apply`.
@@ -62,7 +62,8 @@ pub(crate) struct K8sArgs {
 #[derive(Debug, Subcommand)]
 enum K8sCommand {
     /// Apply a spec's objects (server-side apply, the Pod last) and wait
-    /// for the Pod's IP address.
+    /// for the Pod's IP address; refuses objects that exist and are not the
+    /// instance's, unless `--adopt`.
     Apply(ApplyArgs),
     /// Print a Pod's state: phase, the telling reason, exit code, IP, node.
     Status {
@@ -80,14 +81,17 @@ enum K8sCommand {
         #[arg(long, value_name = "N")]
         tail: Option<i64>,
     },
-    /// Delete a Pod and every object kiln made for it (gone already is fine).
+    /// Delete a Pod and every object kiln made for it, found by kiln's
+    /// labels: objects not labelled as the instance's are left alone (gone
+    /// already is fine).
     Delete {
         /// The spec's name or the Pod's.
         name: String,
     },
     /// List kiln's Pods in the namespace.
     Ps,
-    /// Delete kiln's ended Pods and the leftovers of Pods that are gone.
+    /// Delete kiln's ended Pods and the leftovers of Pods that are gone
+    /// (only objects labelled as kiln's).
     Gc,
 }
 
@@ -103,6 +107,10 @@ struct ApplyArgs {
     /// How long to wait for the Pod's IP address, in seconds.
     #[arg(long, value_name = "SECONDS", default_value_t = 180)]
     timeout: u64,
+    /// Take over existing objects with the instance's names that are not
+    /// labelled as its own (by default `apply` refuses and writes nothing).
+    #[arg(long)]
+    adopt: bool,
 }
 
 /// A spec ready to render: the workload, the target before detection, and
@@ -221,7 +229,7 @@ async fn delete(cluster: Cluster, name: &str) -> Result<ExitCode> {
     let pod = kiln_k8s::instance_name(name)?;
     let deleted = cluster.delete(&pod).await?;
     if !deleted.pod && deleted.others.is_empty() {
-        println!("kiln: nothing named {pod} in namespace {}", cluster.namespace());
+        println!("kiln: nothing of kiln's named {pod} in namespace {}", cluster.namespace());
     }
     if deleted.pod {
         println!("kiln: deleted Pod/{pod}");
@@ -269,7 +277,8 @@ async fn apply_spec(cluster: Cluster, args: &ApplyArgs, prepared: Prepared) -> R
     let target = cluster.detect(target).await?;
     let manifests = kiln_k8s::render(&workload, &target)?;
     print_warnings(warnings.iter().chain(&manifests.warnings));
-    for applied in cluster.apply(&manifests).await? {
+    let foreign = if args.adopt { ForeignObjects::Adopt } else { ForeignObjects::Refuse };
+    for applied in cluster.apply(&manifests, foreign).await? {
         eprintln!("kiln: applied {applied}");
     }
     let (pod, namespace) = (&manifests.instance, &manifests.namespace);

@@ -9,7 +9,7 @@ use std::process::Output;
 use expect_test::{Expect, expect};
 use serde_json::json;
 
-use crate::fake_k8s::{FakeApiServer, Reply, failure, labelled, list, namespace, pod, write_kubeconfig};
+use crate::fake_k8s::{FakeApiServer, Reply, failure, labelled, list, namespace, pod, unlabelled, write_kubeconfig};
 use crate::support::{assert_error, assert_success, kiln, repo_root};
 
 fn assert_valid(yaml: &str) {
@@ -609,30 +609,30 @@ fn fake_apiserver_cli_apply_waits_for_the_ip_then_status_logs_delete() {
         &server,
         &output,
         expect![[r#"
-        GET /apis/node.k8s.io/v1/runtimeclasses?
-        GET /apis/discovery.k8s.io/v1/namespaces/kiln-test/endpointslices?&limit=1
-        GET /api/v1/namespaces/kiln-test
-        POST /api/v1/namespaces?&fieldManager=kiln [application/json] {"apiVersion":"v1","kind":"Namespace","metadata":{"labels":{"app.kubernetes.io/managed-by":"kiln"},"name":"kiln-test"}}
-        PATCH /api/v1/namespaces/kiln-test/secrets/hello-keystore?&force=true&fieldManager=kiln [application/apply-patch+yaml] <Secret/hello-keystore body #1>
-        PATCH /api/v1/namespaces/kiln-test/services/hello-host?&force=true&fieldManager=kiln [application/apply-patch+yaml] <Service/hello-host body #2>
-        PATCH /apis/discovery.k8s.io/v1/namespaces/kiln-test/endpointslices/hello-host?&force=true&fieldManager=kiln [application/apply-patch+yaml] <EndpointSlice/hello-host body #3>
-        PATCH /api/v1/namespaces/kiln-test/services/hello?&force=true&fieldManager=kiln [application/apply-patch+yaml] <Service/hello body #4>
-        PATCH /apis/networking.k8s.io/v1/namespaces/kiln-test/networkpolicies/hello?&force=true&fieldManager=kiln [application/apply-patch+yaml] <NetworkPolicy/hello body #5>
-        PATCH /api/v1/namespaces/kiln-test/pods/hello?&force=true&fieldManager=kiln [application/apply-patch+yaml] <Pod/hello body #6>
-        GET /api/v1/namespaces/kiln-test/pods/hello
-        GET /api/v1/namespaces/kiln-test/pods/hello
-        => exit 0
-        kiln: hello runs as Pod hello in namespace kiln-test (IP 10.244.1.7)
-              logs: kiln k8s logs -n kiln-test -f hello; delete: kiln k8s delete -n kiln-test hello
-        warning: resources.storage: /mnt/data is an emptyDir with that size limit; it lasts as long as the Pod, not across runs like the VM's data disk
-        warning: network.publish tcp/8080:8080: port 8080 is the Service's port inside the cluster, not a port on a node
-        kiln: applied Secret/hello-keystore
-        kiln: applied Service/hello-host
-        kiln: applied EndpointSlice/hello-host
-        kiln: applied Service/hello
-        kiln: applied NetworkPolicy/hello
-        kiln: applied Pod/hello
-    "#]],
+            GET /apis/node.k8s.io/v1/runtimeclasses?
+            GET /apis/discovery.k8s.io/v1/namespaces/kiln-test/endpointslices?&limit=1
+            GET /api/v1/namespaces/kiln-test
+            POST /api/v1/namespaces?&fieldManager=kiln [application/json] {"apiVersion":"v1","kind":"Namespace","metadata":{"labels":{"app.kubernetes.io/managed-by":"kiln"},"name":"kiln-test"}}
+            PATCH /api/v1/namespaces/kiln-test/secrets/hello-keystore?&fieldManager=kiln [application/apply-patch+yaml] <Secret/hello-keystore body #1>
+            PATCH /api/v1/namespaces/kiln-test/services/hello-host?&fieldManager=kiln [application/apply-patch+yaml] <Service/hello-host body #2>
+            PATCH /apis/discovery.k8s.io/v1/namespaces/kiln-test/endpointslices/hello-host?&fieldManager=kiln [application/apply-patch+yaml] <EndpointSlice/hello-host body #3>
+            PATCH /api/v1/namespaces/kiln-test/services/hello?&fieldManager=kiln [application/apply-patch+yaml] <Service/hello body #4>
+            PATCH /apis/networking.k8s.io/v1/namespaces/kiln-test/networkpolicies/hello?&fieldManager=kiln [application/apply-patch+yaml] <NetworkPolicy/hello body #5>
+            PATCH /api/v1/namespaces/kiln-test/pods/hello?&fieldManager=kiln [application/apply-patch+yaml] <Pod/hello body #6>
+            GET /api/v1/namespaces/kiln-test/pods/hello
+            GET /api/v1/namespaces/kiln-test/pods/hello
+            => exit 0
+            kiln: hello runs as Pod hello in namespace kiln-test (IP 10.244.1.7)
+                  logs: kiln k8s logs -n kiln-test -f hello; delete: kiln k8s delete -n kiln-test hello
+            warning: resources.storage: /mnt/data is an emptyDir with that size limit; it lasts as long as the Pod, not across runs like the VM's data disk
+            warning: network.publish tcp/8080:8080: port 8080 is the Service's port inside the cluster, not a port on a node
+            kiln: applied Secret/hello-keystore
+            kiln: applied Service/hello-host
+            kiln: applied EndpointSlice/hello-host
+            kiln: applied Service/hello
+            kiln: applied NetworkPolicy/hello
+            kiln: applied Pod/hello
+        "#]],
     );
     // What was applied is what `kiln render` prints.
     let rendered = assert_success(&kiln([
@@ -690,6 +690,7 @@ fn fake_apiserver_cli_apply_waits_for_the_ip_then_status_logs_delete() {
 
     let labelled = |kind: &str, api_version: &str, name: &str| labelled(kind, api_version, name, "kiln-test", "hello");
     let server = FakeApiServer::start(vec![
+        list("Pod", vec![pod("hello", "kiln-test", json!({"phase": "Running"}))]),
         Reply::Json(200, pod("hello", "kiln-test", json!({"phase": "Running"}))),
         list("NetworkPolicy", vec![labelled("NetworkPolicy", "networking.k8s.io/v1", "hello")]),
         Reply::Json(200, labelled("NetworkPolicy", "networking.k8s.io/v1", "hello")),
@@ -707,23 +708,24 @@ fn fake_apiserver_cli_apply_waits_for_the_ip_then_status_logs_delete() {
         &server,
         &output,
         expect![[r#"
-        DELETE /api/v1/namespaces/kiln-test/pods/hello? [application/json] {}
-        GET /apis/networking.k8s.io/v1/namespaces/kiln-test/networkpolicies?&labelSelector=app.kubernetes.io%2Fmanaged-by%3Dkiln%2Ckiln.dev%2Finstance%3Dhello
-        DELETE /apis/networking.k8s.io/v1/namespaces/kiln-test/networkpolicies/hello? [application/json] {}
-        GET /api/v1/namespaces/kiln-test/services?&labelSelector=app.kubernetes.io%2Fmanaged-by%3Dkiln%2Ckiln.dev%2Finstance%3Dhello
-        DELETE /api/v1/namespaces/kiln-test/services/hello? [application/json] {}
-        DELETE /api/v1/namespaces/kiln-test/services/hello-host? [application/json] {}
-        GET /apis/discovery.k8s.io/v1/namespaces/kiln-test/endpointslices?&labelSelector=app.kubernetes.io%2Fmanaged-by%3Dkiln%2Ckiln.dev%2Finstance%3Dhello
-        GET /api/v1/namespaces/kiln-test/endpoints?&labelSelector=app.kubernetes.io%2Fmanaged-by%3Dkiln%2Ckiln.dev%2Finstance%3Dhello
-        GET /api/v1/namespaces/kiln-test/secrets?&labelSelector=app.kubernetes.io%2Fmanaged-by%3Dkiln%2Ckiln.dev%2Finstance%3Dhello
-        DELETE /api/v1/namespaces/kiln-test/secrets/hello-keystore? [application/json] {}
-        GET /api/v1/namespaces/kiln-test/configmaps?&labelSelector=app.kubernetes.io%2Fmanaged-by%3Dkiln%2Ckiln.dev%2Finstance%3Dhello
-        => exit 0
-        kiln: deleted Pod/hello
-        kiln: deleted NetworkPolicy/hello
-        kiln: deleted Service/hello
-        kiln: deleted Secret/hello-keystore
-    "#]],
+            GET /api/v1/namespaces/kiln-test/pods?&labelSelector=app.kubernetes.io%2Fmanaged-by%3Dkiln%2Ckiln.dev%2Finstance%3Dhello
+            DELETE /api/v1/namespaces/kiln-test/pods/hello? [application/json] {"preconditions":{"uid":"uid-pod-hello"}}
+            GET /apis/networking.k8s.io/v1/namespaces/kiln-test/networkpolicies?&labelSelector=app.kubernetes.io%2Fmanaged-by%3Dkiln%2Ckiln.dev%2Finstance%3Dhello
+            DELETE /apis/networking.k8s.io/v1/namespaces/kiln-test/networkpolicies/hello? [application/json] {"preconditions":{"uid":"uid-networkpolicy-hello"}}
+            GET /api/v1/namespaces/kiln-test/services?&labelSelector=app.kubernetes.io%2Fmanaged-by%3Dkiln%2Ckiln.dev%2Finstance%3Dhello
+            DELETE /api/v1/namespaces/kiln-test/services/hello? [application/json] {"preconditions":{"uid":"uid-service-hello"}}
+            DELETE /api/v1/namespaces/kiln-test/services/hello-host? [application/json] {"preconditions":{"uid":"uid-service-hello-host"}}
+            GET /apis/discovery.k8s.io/v1/namespaces/kiln-test/endpointslices?&labelSelector=app.kubernetes.io%2Fmanaged-by%3Dkiln%2Ckiln.dev%2Finstance%3Dhello
+            GET /api/v1/namespaces/kiln-test/endpoints?&labelSelector=app.kubernetes.io%2Fmanaged-by%3Dkiln%2Ckiln.dev%2Finstance%3Dhello
+            GET /api/v1/namespaces/kiln-test/secrets?&labelSelector=app.kubernetes.io%2Fmanaged-by%3Dkiln%2Ckiln.dev%2Finstance%3Dhello
+            DELETE /api/v1/namespaces/kiln-test/secrets/hello-keystore? [application/json] {"preconditions":{"uid":"uid-secret-hello-keystore"}}
+            GET /api/v1/namespaces/kiln-test/configmaps?&labelSelector=app.kubernetes.io%2Fmanaged-by%3Dkiln%2Ckiln.dev%2Finstance%3Dhello
+            => exit 0
+            kiln: deleted Pod/hello
+            kiln: deleted NetworkPolicy/hello
+            kiln: deleted Service/hello
+            kiln: deleted Secret/hello-keystore
+        "#]],
     );
 }
 
@@ -757,8 +759,65 @@ fn fake_apiserver_cli_stops_at_a_server_error() {
         list("RuntimeClass", vec![]),
         list("EndpointSlice", vec![]),
         namespace("kiln-test"),
+        not_found("networkpolicies \"web\""),
+        not_found("pods \"web\""),
         failure(500, "InternalError", "etcdserver: request timed out"),
     ]);
+    let output = kiln_k8s(&server, &["apply", spec.to_str().unwrap(), "--no-wait"]);
+    check_run(
+        &server,
+        &output,
+        expect![[r#"
+            GET /apis/node.k8s.io/v1/runtimeclasses?
+            GET /apis/discovery.k8s.io/v1/namespaces/kiln-test/endpointslices?&limit=1
+            GET /api/v1/namespaces/kiln-test
+            GET /apis/networking.k8s.io/v1/namespaces/kiln-test/networkpolicies/web [application/json]
+            GET /api/v1/namespaces/kiln-test/pods/web [application/json]
+            PATCH /apis/networking.k8s.io/v1/namespaces/kiln-test/networkpolicies/web?&fieldManager=kiln [application/apply-patch+yaml] <NetworkPolicy/web body #0>
+            => exit 1
+            error: apply NetworkPolicy/web in namespace kiln-test failed: the API server answered 500 InternalError: etcdserver: request timed out
+        "#]],
+    );
+}
+
+fn not_found(what: &str) -> Reply {
+    failure(404, "NotFound", &format!("{what} not found"))
+}
+
+/// `web` publishing 8080: Service/web, NetworkPolicy/web, Pod/web.
+fn published_web(dir: &Path) -> PathBuf {
+    spec_file(
+        dir,
+        "name = \"web\"\n[service]\nimage = \"registry.example/web:1\"\n[network]\npublish = [\"8080:80\"]\n",
+    )
+}
+
+/// Someone else's Service named `web`, with a label of theirs.
+fn foreign_service() -> serde_json::Value {
+    let mut service = unlabelled("Service", "v1", "web", "kiln-test");
+    service["metadata"]["labels"] = json!({"app": "legacy"});
+    service["spec"] = json!({"ports": [{"port": 5432}]});
+    service
+}
+
+/// The fake's answers while `apply` checks `web`'s three objects, the
+/// Service being `service`.
+fn checked_with(service: serde_json::Value) -> Vec<Reply> {
+    vec![
+        list("RuntimeClass", vec![]),
+        list("EndpointSlice", vec![]),
+        namespace("kiln-test"),
+        Reply::Json(200, service),
+        not_found("networkpolicies \"web\""),
+        not_found("pods \"web\""),
+    ]
+}
+
+#[test]
+fn fake_apiserver_cli_apply_refuses_a_foreign_service_and_writes_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let spec = published_web(dir.path());
+    let server = FakeApiServer::start(checked_with(foreign_service()));
     let output = kiln_k8s(&server, &["apply", spec.to_str().unwrap(), "--no-wait"]);
     check_run(
         &server,
@@ -767,11 +826,126 @@ fn fake_apiserver_cli_stops_at_a_server_error() {
         GET /apis/node.k8s.io/v1/runtimeclasses?
         GET /apis/discovery.k8s.io/v1/namespaces/kiln-test/endpointslices?&limit=1
         GET /api/v1/namespaces/kiln-test
-        PATCH /apis/networking.k8s.io/v1/namespaces/kiln-test/networkpolicies/web?&force=true&fieldManager=kiln [application/apply-patch+yaml] <NetworkPolicy/web body #0>
+        GET /api/v1/namespaces/kiln-test/services/web [application/json]
+        GET /apis/networking.k8s.io/v1/namespaces/kiln-test/networkpolicies/web [application/json]
+        GET /api/v1/namespaces/kiln-test/pods/web [application/json]
         => exit 1
-        error: apply NetworkPolicy/web in namespace kiln-test failed: the API server answered 500 InternalError: etcdserver: request timed out
+        warning: network.publish tcp/8080:80: port 8080 is the Service's port inside the cluster, not a port on a node
+        error: Service/web (labels: app=legacy) exists in namespace `kiln-test` and does not belong to kiln instance `web`; nothing was applied; `kiln k8s apply --adopt` takes it over
     "#]],
     );
+    assert!(server.bodies().is_empty(), "apply sent a body: {:?}", server.bodies());
+}
+
+#[test]
+fn fake_apiserver_cli_apply_refuses_an_object_of_another_kiln_instance() {
+    // `web`'s host Service is `web-host`, as is the published-port Service
+    // of an instance named `web-host`.
+    let dir = tempfile::tempdir().unwrap();
+    let spec = spec_file(
+        dir.path(),
+        "name = \"web\"\n[service]\nimage = \"registry.example/web:1\"\n[network]\nhost_ports = [7000]\n",
+    );
+    let server = FakeApiServer::start(vec![
+        list("RuntimeClass", vec![]),
+        list("EndpointSlice", vec![]),
+        namespace("kiln-test"),
+        Reply::Json(200, labelled("Service", "v1", "web-host", "kiln-test", "web-host")),
+        not_found("endpointslices \"web-host\""),
+        not_found("networkpolicies \"web\""),
+        not_found("pods \"web\""),
+    ]);
+    let output = kiln_k8s(&server, &["apply", spec.to_str().unwrap(), "--host-address", "10.0.0.1", "--no-wait"]);
+    check_run(
+        &server,
+        &output,
+        expect![[r#"
+        GET /apis/node.k8s.io/v1/runtimeclasses?
+        GET /apis/discovery.k8s.io/v1/namespaces/kiln-test/endpointslices?&limit=1
+        GET /api/v1/namespaces/kiln-test
+        GET /api/v1/namespaces/kiln-test/services/web-host [application/json]
+        GET /apis/discovery.k8s.io/v1/namespaces/kiln-test/endpointslices/web-host [application/json]
+        GET /apis/networking.k8s.io/v1/namespaces/kiln-test/networkpolicies/web [application/json]
+        GET /api/v1/namespaces/kiln-test/pods/web [application/json]
+        => exit 1
+        error: Service/web-host (labelled for kiln instance `web-host`) exists in namespace `kiln-test` and does not belong to kiln instance `web`; nothing was applied; `kiln k8s apply --adopt` takes it over
+    "#]],
+    );
+}
+
+#[test]
+fn fake_apiserver_cli_apply_adopt_takes_over_the_foreign_service() {
+    let dir = tempfile::tempdir().unwrap();
+    let spec = published_web(dir.path());
+    let mut replies = checked_with(foreign_service());
+    replies.extend([Reply::Echo, Reply::Echo, Reply::Echo]);
+    let server = FakeApiServer::start(replies);
+    let output = kiln_k8s(&server, &["apply", spec.to_str().unwrap(), "--no-wait", "--adopt"]);
+    check_run(
+        &server,
+        &output,
+        expect![[r#"
+        GET /apis/node.k8s.io/v1/runtimeclasses?
+        GET /apis/discovery.k8s.io/v1/namespaces/kiln-test/endpointslices?&limit=1
+        GET /api/v1/namespaces/kiln-test
+        GET /api/v1/namespaces/kiln-test/services/web [application/json]
+        GET /apis/networking.k8s.io/v1/namespaces/kiln-test/networkpolicies/web [application/json]
+        GET /api/v1/namespaces/kiln-test/pods/web [application/json]
+        PATCH /api/v1/namespaces/kiln-test/services/web?&force=true&fieldManager=kiln [application/apply-patch+yaml] <Service/web body #0>
+        PATCH /apis/networking.k8s.io/v1/namespaces/kiln-test/networkpolicies/web?&fieldManager=kiln [application/apply-patch+yaml] <NetworkPolicy/web body #1>
+        PATCH /api/v1/namespaces/kiln-test/pods/web?&fieldManager=kiln [application/apply-patch+yaml] <Pod/web body #2>
+        => exit 0
+        kiln: web applied as Pod web in namespace kiln-test
+              logs: kiln k8s logs -n kiln-test -f web; delete: kiln k8s delete -n kiln-test web
+        warning: network.publish tcp/8080:80: port 8080 is the Service's port inside the cluster, not a port on a node
+        kiln: applied Service/web (adopted)
+        kiln: applied NetworkPolicy/web
+        kiln: applied Pod/web
+    "#]],
+    );
+    // The Service is applied as kiln renders it: with kiln's labels, so
+    // `delete` and `gc` find it from now on.
+    let service = &server.bodies()[0];
+    assert_eq!(service["kind"], "Service");
+    let labels = &service["metadata"]["labels"];
+    assert_eq!(
+        (&labels["app.kubernetes.io/managed-by"], &labels["kiln.dev/instance"]),
+        (&json!("kiln"), &json!("web"))
+    );
+}
+
+#[test]
+fn fake_apiserver_cli_delete_leaves_the_foreign_service_and_pod() {
+    // This fake ignores label selectors and lists the foreign Service and a
+    // foreign Pod named `web` anyway: kiln must still send no DELETE.
+    let mut foreign_pod = unlabelled("Pod", "v1", "web", "kiln-test");
+    foreign_pod["spec"] = json!({"containers": [{"name": "main", "image": "x"}]});
+    let server = FakeApiServer::start(vec![
+        list("Pod", vec![foreign_pod]),
+        list("NetworkPolicy", vec![]),
+        list("Service", vec![foreign_service()]),
+        list("EndpointSlice", vec![]),
+        list("Endpoints", vec![]),
+        list("Secret", vec![]),
+        list("ConfigMap", vec![]),
+    ]);
+    let output = kiln_k8s(&server, &["delete", "web"]);
+    check_run(
+        &server,
+        &output,
+        expect![[r#"
+        GET /api/v1/namespaces/kiln-test/pods?&labelSelector=app.kubernetes.io%2Fmanaged-by%3Dkiln%2Ckiln.dev%2Finstance%3Dweb
+        GET /apis/networking.k8s.io/v1/namespaces/kiln-test/networkpolicies?&labelSelector=app.kubernetes.io%2Fmanaged-by%3Dkiln%2Ckiln.dev%2Finstance%3Dweb
+        GET /api/v1/namespaces/kiln-test/services?&labelSelector=app.kubernetes.io%2Fmanaged-by%3Dkiln%2Ckiln.dev%2Finstance%3Dweb
+        GET /apis/discovery.k8s.io/v1/namespaces/kiln-test/endpointslices?&labelSelector=app.kubernetes.io%2Fmanaged-by%3Dkiln%2Ckiln.dev%2Finstance%3Dweb
+        GET /api/v1/namespaces/kiln-test/endpoints?&labelSelector=app.kubernetes.io%2Fmanaged-by%3Dkiln%2Ckiln.dev%2Finstance%3Dweb
+        GET /api/v1/namespaces/kiln-test/secrets?&labelSelector=app.kubernetes.io%2Fmanaged-by%3Dkiln%2Ckiln.dev%2Finstance%3Dweb
+        GET /api/v1/namespaces/kiln-test/configmaps?&labelSelector=app.kubernetes.io%2Fmanaged-by%3Dkiln%2Ckiln.dev%2Finstance%3Dweb
+        => exit 0
+        kiln: nothing of kiln's named web in namespace kiln-test
+    "#]],
+    );
+    assert!(!server.transcript().contains("DELETE"), "a DELETE was sent");
 }
 
 #[test]
@@ -812,6 +986,7 @@ fn fake_apiserver_cli_status_of_a_missing_pod_ps_and_gc() {
         list("NetworkPolicy", vec![]),
         list("Secret", vec![]),
         list("ConfigMap", vec![]),
+        list("Pod", vec![ended.clone()]),
         Reply::Json(200, ended),
         list("NetworkPolicy", vec![]),
         list("Service", vec![]),
@@ -825,21 +1000,22 @@ fn fake_apiserver_cli_status_of_a_missing_pod_ps_and_gc() {
         &server,
         &output,
         expect![[r#"
-        GET /api/v1/namespaces/kiln-test/pods?&labelSelector=app.kubernetes.io%2Fmanaged-by%3Dkiln
-        GET /api/v1/namespaces/kiln-test/services?&labelSelector=app.kubernetes.io%2Fmanaged-by%3Dkiln
-        GET /apis/networking.k8s.io/v1/namespaces/kiln-test/networkpolicies?&labelSelector=app.kubernetes.io%2Fmanaged-by%3Dkiln
-        GET /api/v1/namespaces/kiln-test/secrets?&labelSelector=app.kubernetes.io%2Fmanaged-by%3Dkiln
-        GET /api/v1/namespaces/kiln-test/configmaps?&labelSelector=app.kubernetes.io%2Fmanaged-by%3Dkiln
-        DELETE /api/v1/namespaces/kiln-test/pods/batch? [application/json] {}
-        GET /apis/networking.k8s.io/v1/namespaces/kiln-test/networkpolicies?&labelSelector=app.kubernetes.io%2Fmanaged-by%3Dkiln%2Ckiln.dev%2Finstance%3Dbatch
-        GET /api/v1/namespaces/kiln-test/services?&labelSelector=app.kubernetes.io%2Fmanaged-by%3Dkiln%2Ckiln.dev%2Finstance%3Dbatch
-        GET /apis/discovery.k8s.io/v1/namespaces/kiln-test/endpointslices?&labelSelector=app.kubernetes.io%2Fmanaged-by%3Dkiln%2Ckiln.dev%2Finstance%3Dbatch
-        GET /api/v1/namespaces/kiln-test/endpoints?&labelSelector=app.kubernetes.io%2Fmanaged-by%3Dkiln%2Ckiln.dev%2Finstance%3Dbatch
-        GET /api/v1/namespaces/kiln-test/secrets?&labelSelector=app.kubernetes.io%2Fmanaged-by%3Dkiln%2Ckiln.dev%2Finstance%3Dbatch
-        GET /api/v1/namespaces/kiln-test/configmaps?&labelSelector=app.kubernetes.io%2Fmanaged-by%3Dkiln%2Ckiln.dev%2Finstance%3Dbatch
-        => exit 0
-        kiln: deleted batch and its objects
-    "#]],
+            GET /api/v1/namespaces/kiln-test/pods?&labelSelector=app.kubernetes.io%2Fmanaged-by%3Dkiln
+            GET /api/v1/namespaces/kiln-test/services?&labelSelector=app.kubernetes.io%2Fmanaged-by%3Dkiln
+            GET /apis/networking.k8s.io/v1/namespaces/kiln-test/networkpolicies?&labelSelector=app.kubernetes.io%2Fmanaged-by%3Dkiln
+            GET /api/v1/namespaces/kiln-test/secrets?&labelSelector=app.kubernetes.io%2Fmanaged-by%3Dkiln
+            GET /api/v1/namespaces/kiln-test/configmaps?&labelSelector=app.kubernetes.io%2Fmanaged-by%3Dkiln
+            GET /api/v1/namespaces/kiln-test/pods?&labelSelector=app.kubernetes.io%2Fmanaged-by%3Dkiln%2Ckiln.dev%2Finstance%3Dbatch
+            DELETE /api/v1/namespaces/kiln-test/pods/batch? [application/json] {"preconditions":{"uid":"uid-pod-batch"}}
+            GET /apis/networking.k8s.io/v1/namespaces/kiln-test/networkpolicies?&labelSelector=app.kubernetes.io%2Fmanaged-by%3Dkiln%2Ckiln.dev%2Finstance%3Dbatch
+            GET /api/v1/namespaces/kiln-test/services?&labelSelector=app.kubernetes.io%2Fmanaged-by%3Dkiln%2Ckiln.dev%2Finstance%3Dbatch
+            GET /apis/discovery.k8s.io/v1/namespaces/kiln-test/endpointslices?&labelSelector=app.kubernetes.io%2Fmanaged-by%3Dkiln%2Ckiln.dev%2Finstance%3Dbatch
+            GET /api/v1/namespaces/kiln-test/endpoints?&labelSelector=app.kubernetes.io%2Fmanaged-by%3Dkiln%2Ckiln.dev%2Finstance%3Dbatch
+            GET /api/v1/namespaces/kiln-test/secrets?&labelSelector=app.kubernetes.io%2Fmanaged-by%3Dkiln%2Ckiln.dev%2Finstance%3Dbatch
+            GET /api/v1/namespaces/kiln-test/configmaps?&labelSelector=app.kubernetes.io%2Fmanaged-by%3Dkiln%2Ckiln.dev%2Finstance%3Dbatch
+            => exit 0
+            kiln: deleted batch and its objects
+        "#]],
     );
 }
 

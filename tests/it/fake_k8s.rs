@@ -11,7 +11,7 @@ use std::sync::{Arc, Mutex};
 use kiln_testkit::fake_apiserver::transcript_line;
 use serde_json::{Value, json};
 
-pub(crate) use kiln_testkit::fake_apiserver::{Reply, failure, labelled, list, pod};
+pub(crate) use kiln_testkit::fake_apiserver::{Reply, failure, labelled, list, pod, unlabelled};
 
 pub(crate) fn namespace(name: &str) -> Reply {
     Reply::Json(200, json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name}}))

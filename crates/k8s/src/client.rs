@@ -13,13 +13,14 @@ use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::api::networking::v1::NetworkPolicy;
 use k8s_openapi::api::node::v1::RuntimeClass;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
-use kube::api::{DeleteParams, ListParams, LogParams, Patch, PatchParams, PostParams};
+use kube::api::{DeleteParams, ListParams, LogParams, Patch, PatchParams, PostParams, Preconditions};
 use kube::config::KubeConfigOptions;
 use kube::{Api, Client, Config, Resource};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
 use crate::manifest::{CONTAINER_NAME, INSTANCE_LABEL, MANAGED_BY_LABEL, MANAGER, Manifests, Object};
+use crate::ownership::{Owner, is_instance, is_kilns, owner};
 use crate::status::{Phase, PodState, pod_state};
 use crate::{Error, Result, Target};
 
@@ -42,10 +43,40 @@ impl Debug for Cluster {
 /// What [`Cluster::delete`] removed.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Deleted {
-    /// Whether the Pod existed.
+    /// Whether kiln's Pod of the instance existed and was deleted.
     pub pod: bool,
     /// The other objects deleted, as `Kind/name`.
     pub others: Vec<String>,
+}
+
+/// What [`Cluster::apply`] does with an existing object of the same name
+/// that is not this instance's (not labelled `managed-by=kiln` and
+/// `kiln.dev/instance=<instance>`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum ForeignObjects {
+    /// Refuse the whole apply before writing anything (the default).
+    Refuse,
+    /// Take it over (`kiln k8s apply --adopt`): the forced apply gives it
+    /// kiln's labels, so `delete` and `gc` manage it from then on.
+    Adopt,
+}
+
+/// One object [`Cluster::apply`] applied.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Applied {
+    /// `Kind/name`.
+    pub object: String,
+    /// Whether it existed and was not this instance's before (adopted).
+    pub adopted: bool,
+}
+
+impl std::fmt::Display for Applied {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.object)?;
+        if self.adopted { f.write_str(" (adopted)") } else { Ok(()) }
+    }
 }
 
 /// One of kiln's instances in the namespace, as [`Cluster::list`] sees it.
@@ -147,13 +178,20 @@ impl Cluster {
     /// Creates `namespace` unless it exists. A 409 (created meanwhile by
     /// someone else) is success.
     pub async fn ensure_namespace(&self, namespace: &str) -> Result<()> {
+        if self.namespace_exists(namespace).await? { Ok(()) } else { self.create_namespace(namespace).await }
+    }
+
+    async fn namespace_exists(&self, namespace: &str) -> Result<bool> {
         let api: Api<Namespace> = Api::all(self.client.clone());
-        let action = || format!("get Namespace {namespace}");
         match api.get(namespace).await {
-            Ok(_) => return Ok(()),
-            Err(err) if status_code(&err) == Some(404) => {}
-            Err(err) => return Err(api_error(action())(err)),
+            Ok(_) => Ok(true),
+            Err(err) if status_code(&err) == Some(404) => Ok(false),
+            Err(err) => Err(api_error(format!("get Namespace {namespace}"))(err)),
         }
+    }
+
+    async fn create_namespace(&self, namespace: &str) -> Result<()> {
+        let api: Api<Namespace> = Api::all(self.client.clone());
         let wanted = Namespace {
             metadata: ObjectMeta {
                 name: Some(namespace.to_owned()),
@@ -172,42 +210,112 @@ impl Cluster {
         }
     }
 
-    /// Ensures the namespace, then server-side applies every object (field
-    /// manager `kiln`, forced: kiln owns what it made) in order, the Pod
-    /// last. Stops at the first failure. Returns the objects applied, as
-    /// `Kind/name`. The objects go to `manifests.namespace`, which may
-    /// differ from [`Cluster::namespace`]; follow up with
+    /// Server-side applies every object (field manager `kiln`) in order,
+    /// the Pod last, into `manifests.namespace`, creating it if needed.
+    ///
+    /// First, before writing anything, it reads the metadata of every
+    /// object under its name: an object that exists and is not this
+    /// instance's (not labelled `managed-by=kiln` and
+    /// `kiln.dev/instance=<instance>`) fails the whole apply with
+    /// [`Error::NotOwned`], unless `foreign` is [`ForeignObjects::Adopt`].
+    /// Objects that existed (kiln's own, or adopted) are applied forced:
+    /// kiln's fields win. Objects that were absent are applied unforced, so
+    /// one created by someone else in between conflicts (409) instead of
+    /// being taken over silently.
+    ///
+    /// Stops at the first failure. Returns the objects applied. The
+    /// objects go to `manifests.namespace`, which may differ from
+    /// [`Cluster::namespace`]; follow up with
     /// `with_namespace(&manifests.namespace)` for status, logs and delete.
-    pub async fn apply(&self, manifests: &Manifests) -> Result<Vec<String>> {
-        self.ensure_namespace(&manifests.namespace).await?;
-        let mut applied = Vec::new();
+    pub async fn apply(&self, manifests: &Manifests, foreign: ForeignObjects) -> Result<Vec<Applied>> {
+        let ns = manifests.namespace.as_str();
+        // In a namespace that does not exist yet no object does either.
+        let namespace_exists = self.namespace_exists(ns).await?;
+        let mut owners = Vec::new();
         for object in manifests.objects() {
-            let ns = manifests.namespace.as_str();
+            let existing = if namespace_exists {
+                match object {
+                    Object::Secret(o) => self.existing(ns, o).await?,
+                    Object::ConfigMap(o) => self.existing(ns, o).await?,
+                    Object::Service(o) => self.existing(ns, o).await?,
+                    Object::EndpointSlice(o) => self.existing(ns, o).await?,
+                    Object::Endpoints(o) => self.existing(ns, o).await?,
+                    Object::NetworkPolicy(o) => self.existing(ns, o).await?,
+                    Object::Pod(o) => self.existing(ns, o).await?,
+                }
+            } else {
+                None
+            };
+            owners.push((object, owner(&manifests.instance, existing.as_ref())));
+        }
+        let refused: Vec<String> = owners
+            .iter()
+            .filter_map(|(object, owner)| match owner {
+                Owner::Foreign(what) if foreign == ForeignObjects::Refuse => {
+                    Some(format!("{} ({what})", object.describe()))
+                }
+                _ => None,
+            })
+            .collect();
+        if !refused.is_empty() {
+            return Err(Error::NotOwned {
+                objects: refused,
+                namespace: ns.to_owned(),
+                instance: manifests.instance.clone(),
+            });
+        }
+        if !namespace_exists {
+            self.create_namespace(ns).await?;
+        }
+        let mut applied = Vec::new();
+        for (object, owner) in owners {
+            let force = owner != Owner::Absent;
             match object {
-                Object::Secret(o) => self.apply_one(ns, o).await?,
-                Object::ConfigMap(o) => self.apply_one(ns, o).await?,
-                Object::Service(o) => self.apply_one(ns, o).await?,
-                Object::EndpointSlice(o) => self.apply_one(ns, o).await?,
-                Object::Endpoints(o) => self.apply_one(ns, o).await?,
-                Object::NetworkPolicy(o) => self.apply_one(ns, o).await?,
-                Object::Pod(o) => self.apply_one(ns, o).await?,
+                Object::Secret(o) => self.apply_one(ns, o, force).await?,
+                Object::ConfigMap(o) => self.apply_one(ns, o, force).await?,
+                Object::Service(o) => self.apply_one(ns, o, force).await?,
+                Object::EndpointSlice(o) => self.apply_one(ns, o, force).await?,
+                Object::Endpoints(o) => self.apply_one(ns, o, force).await?,
+                Object::NetworkPolicy(o) => self.apply_one(ns, o, force).await?,
+                Object::Pod(o) => self.apply_one(ns, o, force).await?,
             }
-            applied.push(object.describe());
+            applied.push(Applied { object: object.describe(), adopted: matches!(owner, Owner::Foreign(_)) });
         }
         Ok(applied)
     }
 
-    async fn apply_one<K>(&self, namespace: &str, object: &K) -> Result<()>
+    /// The metadata of the object named like `object`, if one exists.
+    /// Metadata only: a foreign Secret's data is none of kiln's business.
+    async fn existing<K>(&self, namespace: &str, object: &K) -> Result<Option<ObjectMeta>>
+    where
+        K: Resource<Scope = NamespaceResourceScope, DynamicType = ()> + Clone + DeserializeOwned + Debug,
+    {
+        let name = object.meta().name.clone().unwrap_or_default();
+        let api: Api<K> = Api::namespaced(self.client.clone(), namespace);
+        let found = api
+            .get_metadata_opt(&name)
+            .await
+            .map_err(api_error(format!("get {}/{name} in namespace {namespace}", K::kind(&()))))?;
+        Ok(found.map(|partial| partial.metadata))
+    }
+
+    async fn apply_one<K>(&self, namespace: &str, object: &K, force: bool) -> Result<()>
     where
         K: Resource<Scope = NamespaceResourceScope, DynamicType = ()> + Clone + DeserializeOwned + Serialize + Debug,
     {
         let name = object.meta().name.clone().unwrap_or_default();
         let api: Api<K> = Api::namespaced(self.client.clone(), namespace);
-        let params = PatchParams::apply(MANAGER).force();
-        api.patch(&name, &params, &Patch::Apply(object))
-            .await
-            .map_err(api_error(format!("apply {}/{name} in namespace {namespace}", K::kind(&()))))?;
-        Ok(())
+        let params = PatchParams::apply(MANAGER);
+        let params = if force { params.force() } else { params };
+        let action = format!("apply {}/{name} in namespace {namespace}", K::kind(&()));
+        match api.patch(&name, &params, &Patch::Apply(object)).await {
+            Ok(_) => Ok(()),
+            // Unforced, a conflict means another manager's object took the name since kiln checked.
+            Err(err) if !force && status_code(&err) == Some(409) => Err(api_error(format!(
+                "{action} (it did not exist when kiln checked; something else created it since)"
+            ))(err)),
+            Err(err) => Err(api_error(action)(err)),
+        }
     }
 
     /// The Pod's state.
@@ -277,29 +385,31 @@ impl Cluster {
         }
     }
 
-    /// Deletes an instance: its Pod (a 404 is fine: already gone), then
-    /// every other object carrying its `kiln.dev/instance` label.
+    /// Deletes an instance: its Pod, then every other object labelled as
+    /// kiln's for it (`managed-by=kiln`, `kiln.dev/instance=<name>`). Each
+    /// kind is listed by that label selector, the labels are checked again
+    /// on every object listed, and each is deleted with a UID
+    /// precondition, so an object that is not kiln's (even one named like
+    /// the instance, even one that replaced kiln's meanwhile) is never
+    /// deleted. Gone already (404) is fine.
     pub async fn delete(&self, name: &str) -> Result<Deleted> {
-        let pods: Api<Pod> = Api::namespaced(self.client.clone(), &self.namespace);
-        let pod = match pods.delete(name, &DeleteParams::default()).await {
-            Ok(_) => true,
-            Err(err) if status_code(&err) == Some(404) => false,
-            Err(err) => return Err(api_error(format!("delete Pod {name}"))(err)),
-        };
         let selector = format!("{MANAGED_BY_LABEL}={MANAGER},{INSTANCE_LABEL}={name}");
+        let pod = !self.delete_labelled::<Pod>(name, &selector).await?.is_empty();
         let mut others = Vec::new();
-        others.extend(self.delete_labelled::<NetworkPolicy>(&selector).await?);
-        others.extend(self.delete_labelled::<Service>(&selector).await?);
-        others.extend(self.delete_labelled::<EndpointSlice>(&selector).await?);
-        others.extend(self.delete_labelled::<Endpoints>(&selector).await?);
-        others.extend(self.delete_labelled::<Secret>(&selector).await?);
-        others.extend(self.delete_labelled::<ConfigMap>(&selector).await?);
+        others.extend(self.delete_labelled::<NetworkPolicy>(name, &selector).await?);
+        others.extend(self.delete_labelled::<Service>(name, &selector).await?);
+        others.extend(self.delete_labelled::<EndpointSlice>(name, &selector).await?);
+        others.extend(self.delete_labelled::<Endpoints>(name, &selector).await?);
+        others.extend(self.delete_labelled::<Secret>(name, &selector).await?);
+        others.extend(self.delete_labelled::<ConfigMap>(name, &selector).await?);
         Ok(Deleted { pod, others })
     }
 
-    /// Lists objects of kind `K` matching `selector` and deletes each; 404s
-    /// (a kind the cluster does not serve, an object already gone) are fine.
-    async fn delete_labelled<K>(&self, selector: &str) -> Result<Vec<String>>
+    /// Lists objects of kind `K` matching `selector` (kiln's labels for
+    /// `instance`) and deletes each that carries them; 404s (a kind the
+    /// cluster does not serve, an object already gone) and 409s (the UID
+    /// precondition failed: the name now holds another object) are fine.
+    async fn delete_labelled<K>(&self, instance: &str, selector: &str) -> Result<Vec<String>>
     where
         K: Resource<Scope = NamespaceResourceScope, DynamicType = ()> + Clone + DeserializeOwned + Debug,
     {
@@ -312,10 +422,19 @@ impl Cluster {
         };
         let mut deleted = Vec::new();
         for item in list.items {
-            let Some(object_name) = item.meta().name.clone() else { continue };
-            match api.delete(&object_name, &DeleteParams::default()).await {
+            let meta = item.meta();
+            // The server filtered by the selector; kiln does not rely on it.
+            if !is_instance(meta, instance) {
+                continue;
+            }
+            let Some(object_name) = meta.name.clone() else { continue };
+            let params = DeleteParams {
+                preconditions: meta.uid.clone().map(|uid| Preconditions { uid: Some(uid), resource_version: None }),
+                ..DeleteParams::default()
+            };
+            match api.delete(&object_name, &params).await {
                 Ok(_) => deleted.push(format!("{kind}/{object_name}")),
-                Err(err) if status_code(&err) == Some(404) => {}
+                Err(err) if matches!(status_code(&err), Some(404 | 409)) => {}
                 Err(err) => return Err(api_error(format!("delete {kind}/{object_name}"))(err)),
             }
         }
@@ -330,6 +449,7 @@ impl Cluster {
         let mut instances: Vec<Instance> = pods
             .items
             .iter()
+            .filter(|pod| is_kilns(&pod.metadata))
             .filter_map(|pod| Some(Instance { name: pod.metadata.name.clone()?, state: pod_state(pod) }))
             .collect();
         instances.sort_by(|a, b| a.name.cmp(&b.name));
@@ -370,7 +490,12 @@ impl Cluster {
             .list(&ListParams::default().labels(&selector))
             .await
             .map_err(api_error(format!("list kiln's {}s", K::kind(&()))))?;
-        Ok(list.items.iter().filter_map(|item| item.meta().labels.as_ref()?.get(INSTANCE_LABEL).cloned()).collect())
+        Ok(list
+            .items
+            .iter()
+            .filter(|item| is_kilns(item.meta()))
+            .filter_map(|item| item.meta().labels.as_ref()?.get(INSTANCE_LABEL).cloned())
+            .collect())
     }
 
     fn not_found_or(&self, err: kube::Error, pod: &str, action: String) -> Error {

@@ -131,6 +131,18 @@ pub enum Error {
         /// The Pod's state.
         state: String,
     },
+    /// Objects `apply` was about to write exist and are not this
+    /// instance's: not labelled as kiln's, or kiln's for another instance.
+    /// Nothing was written.
+    #[error("{}", not_owned_message(objects, namespace, instance))]
+    NotOwned {
+        /// Each object as `Kind/name (its labels)`.
+        objects: Vec<String>,
+        /// Their namespace.
+        namespace: String,
+        /// The instance kiln was applying.
+        instance: String,
+    },
     /// The Pod does not exist.
     #[error("Pod `{pod}` does not exist in namespace `{namespace}`")]
     NotFound {
@@ -139,6 +151,20 @@ pub enum Error {
         /// Its namespace.
         namespace: String,
     },
+}
+
+fn not_owned_message(objects: &[String], namespace: &str, instance: &str) -> String {
+    let (subject, verbs, them) = match objects {
+        [one] => (one.clone(), "exists in namespace `{ns}` and does not belong", "it"),
+        [many @ .., last] => {
+            (format!("{} and {last}", many.join(", ")), "exist in namespace `{ns}` and do not belong", "them")
+        }
+        [] => (String::from("no object"), "exists in namespace `{ns}` and does not belong", "it"),
+    };
+    format!(
+        "{subject} {} to kiln instance `{instance}`; nothing was applied; `kiln k8s apply --adopt` takes {them} over",
+        verbs.replace("{ns}", namespace)
+    )
 }
 
 /// kiln-k8s's result type.

@@ -4,8 +4,9 @@
 //! operator's cluster settings and what kiln detected about the cluster)
 //! onto a Pod, Services, EndpointSlice, NetworkPolicy, Secrets and
 //! ConfigMaps, checking everything before anything is sent. Around it sits
-//! a thin client, [`Cluster`]: server-side apply, status, waiting for the
-//! Pod IP, logs, delete and reaping, by kiln's labels.
+//! a thin client, [`Cluster`]: server-side apply (refusing to take over
+//! objects that are not the instance's unless told to adopt them), status,
+//! waiting for the Pod IP, logs, delete and reaping, by kiln's labels.
 //!
 //! It is NOT a controller: nothing watches or reconciles after a call
 //! returns. It never parses kiln's spec file (the `kiln` crate converts the
@@ -28,9 +29,10 @@ mod error;
 mod input;
 mod manifest;
 mod names;
+mod ownership;
 mod status;
 
-pub use client::{Cluster, Deleted, Instance};
+pub use client::{Applied, Cluster, Deleted, ForeignObjects, Instance};
 pub use error::{Error, Result};
 pub use input::{
     Confidentiality, DataVolume, Gpu, GpuPolicy, KubernetesOptions, Mount, MountSource, Resources, SecurityRelaxations,

@@ -86,11 +86,25 @@ pub mod fake_apiserver {
         Reply::Json(200, json!({"apiVersion": "v1", "kind": format!("{kind}List"), "metadata": {}, "items": items}))
     }
 
-    /// An object of kiln's (`managed-by=kiln`, `kiln.dev/instance=instance`).
+    /// An object of kiln's (`managed-by=kiln`, `kiln.dev/instance=instance`),
+    /// with the UID [`uid`] gives it.
     pub fn labelled(kind: &str, api_version: &str, name: &str, namespace: &str, instance: &str) -> Value {
+        let mut object = unlabelled(kind, api_version, name, namespace);
+        object["metadata"]["labels"] = json!({"app.kubernetes.io/managed-by": "kiln", "kiln.dev/instance": instance});
+        object
+    }
+
+    /// An object that is not kiln's: no labels at all (add some to
+    /// `["metadata"]["labels"]`), with the UID [`uid`] gives it.
+    pub fn unlabelled(kind: &str, api_version: &str, name: &str, namespace: &str) -> Value {
         json!({"apiVersion": api_version, "kind": kind,
-               "metadata": {"name": name, "namespace": namespace,
-                            "labels": {"app.kubernetes.io/managed-by": "kiln", "kiln.dev/instance": instance}}})
+               "metadata": {"name": name, "namespace": namespace, "uid": uid(kind, name)}})
+    }
+
+    /// The fake's UID of object `kind/name`: fixed, so transcripts can show
+    /// delete preconditions.
+    pub fn uid(kind: &str, name: &str) -> String {
+        format!("uid-{}-{name}", kind.to_ascii_lowercase())
     }
 
     /// kiln's Pod `name` in `namespace`, with `status`.

@@ -12,7 +12,8 @@ use expect_test::{Expect, expect};
 use http::{Request, Response};
 use kiln_k8s::kube::Client;
 use kiln_k8s::kube::client::Body;
-use kiln_k8s::{Cluster, Firewall, HostPort, Protocol, PublishedPort, Target, Workload, render};
+use kiln_k8s::{Cluster, Firewall, ForeignObjects, HostPort, Protocol, PublishedPort, Target, Workload, render};
+use kiln_k8s::{INSTANCE_LABEL, MANAGED_BY_LABEL, MANAGER};
 use kiln_testkit::fake_apiserver::{self as fake, Reply, failure, list};
 use serde_json::{Value, json};
 use tower_test::mock;
@@ -77,6 +78,11 @@ fn check<T: std::fmt::Debug>(result: &Result<T, kiln_k8s::Error>, seen: &Seen, e
     expect.assert_eq(&format!("{}\n=> {outcome}", seen.transcript));
 }
 
+/// What `apply` applied, as the CLI prints it.
+fn names(applied: Vec<kiln_k8s::Applied>) -> Vec<String> {
+    applied.iter().map(ToString::to_string).collect()
+}
+
 fn web() -> Workload {
     Workload { name: "web".to_owned(), image: "registry.example/web:1".to_owned(), ..Workload::default() }
 }
@@ -104,19 +110,24 @@ async fn fake_apiserver_apply_creates_the_namespace_then_applies_every_object_po
         Reply::Echo,
     ];
     let applied = manifests.clone();
-    let (result, seen) = fake_apiserver(replies, |cluster| async move { cluster.apply(&applied).await }).await;
+    let (result, seen) =
+        fake_apiserver(
+            replies,
+            |cluster| async move { cluster.apply(&applied, ForeignObjects::Refuse).await.map(names) },
+        )
+        .await;
     check(
         &result,
         &seen,
         expect![[r#"
-        GET /api/v1/namespaces/default
-        POST /api/v1/namespaces?&fieldManager=kiln [application/json] {"apiVersion":"v1","kind":"Namespace","metadata":{"labels":{"app.kubernetes.io/managed-by":"kiln"},"name":"default"}}
-        PATCH /api/v1/namespaces/default/services/web-host?&force=true&fieldManager=kiln [application/apply-patch+yaml] <Service/web-host body #1>
-        PATCH /apis/discovery.k8s.io/v1/namespaces/default/endpointslices/web-host?&force=true&fieldManager=kiln [application/apply-patch+yaml] <EndpointSlice/web-host body #2>
-        PATCH /api/v1/namespaces/default/services/web?&force=true&fieldManager=kiln [application/apply-patch+yaml] <Service/web body #3>
-        PATCH /apis/networking.k8s.io/v1/namespaces/default/networkpolicies/web?&force=true&fieldManager=kiln [application/apply-patch+yaml] <NetworkPolicy/web body #4>
-        PATCH /api/v1/namespaces/default/pods/web?&force=true&fieldManager=kiln [application/apply-patch+yaml] <Pod/web body #5>
-        => Ok(["Service/web-host", "EndpointSlice/web-host", "Service/web", "NetworkPolicy/web", "Pod/web"])"#]],
+            GET /api/v1/namespaces/default
+            POST /api/v1/namespaces?&fieldManager=kiln [application/json] {"apiVersion":"v1","kind":"Namespace","metadata":{"labels":{"app.kubernetes.io/managed-by":"kiln"},"name":"default"}}
+            PATCH /api/v1/namespaces/default/services/web-host?&fieldManager=kiln [application/apply-patch+yaml] <Service/web-host body #1>
+            PATCH /apis/discovery.k8s.io/v1/namespaces/default/endpointslices/web-host?&fieldManager=kiln [application/apply-patch+yaml] <EndpointSlice/web-host body #2>
+            PATCH /api/v1/namespaces/default/services/web?&fieldManager=kiln [application/apply-patch+yaml] <Service/web body #3>
+            PATCH /apis/networking.k8s.io/v1/namespaces/default/networkpolicies/web?&fieldManager=kiln [application/apply-patch+yaml] <NetworkPolicy/web body #4>
+            PATCH /api/v1/namespaces/default/pods/web?&fieldManager=kiln [application/apply-patch+yaml] <Pod/web body #5>
+            => Ok(["Service/web-host", "EndpointSlice/web-host", "Service/web", "NetworkPolicy/web", "Pod/web"])"#]],
     );
     // The apply bodies are exactly the rendered objects.
     let rendered: Vec<Value> = manifests.objects().into_iter().map(kiln_k8s::Object::to_json).collect();
@@ -133,16 +144,21 @@ async fn fake_apiserver_apply_treats_a_namespace_conflict_as_created() {
         Reply::Echo,
         Reply::Echo,
     ];
-    let (result, seen) = fake_apiserver(replies, |cluster| async move { cluster.apply(&manifests).await }).await;
+    let (result, seen) =
+        fake_apiserver(
+            replies,
+            |cluster| async move { cluster.apply(&manifests, ForeignObjects::Refuse).await.map(names) },
+        )
+        .await;
     check(
         &result,
         &seen,
         expect![[r#"
-        GET /api/v1/namespaces/default
-        POST /api/v1/namespaces?&fieldManager=kiln [application/json] {"apiVersion":"v1","kind":"Namespace","metadata":{"labels":{"app.kubernetes.io/managed-by":"kiln"},"name":"default"}}
-        PATCH /apis/networking.k8s.io/v1/namespaces/default/networkpolicies/web?&force=true&fieldManager=kiln [application/apply-patch+yaml] <NetworkPolicy/web body #1>
-        PATCH /api/v1/namespaces/default/pods/web?&force=true&fieldManager=kiln [application/apply-patch+yaml] <Pod/web body #2>
-        => Ok(["NetworkPolicy/web", "Pod/web"])"#]],
+            GET /api/v1/namespaces/default
+            POST /api/v1/namespaces?&fieldManager=kiln [application/json] {"apiVersion":"v1","kind":"Namespace","metadata":{"labels":{"app.kubernetes.io/managed-by":"kiln"},"name":"default"}}
+            PATCH /apis/networking.k8s.io/v1/namespaces/default/networkpolicies/web?&fieldManager=kiln [application/apply-patch+yaml] <NetworkPolicy/web body #1>
+            PATCH /api/v1/namespaces/default/pods/web?&fieldManager=kiln [application/apply-patch+yaml] <Pod/web body #2>
+            => Ok(["NetworkPolicy/web", "Pod/web"])"#]],
     );
 }
 
@@ -152,16 +168,181 @@ async fn fake_apiserver_apply_stops_at_a_server_error() {
     assert_valid(&manifests.to_yaml().expect("YAML"));
     let replies = vec![
         Reply::Json(200, json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "default"}})),
+        not_found("networkpolicies \"web\""),
+        Reply::Json(200, labelled("Pod", "v1", "web", "web")),
         failure(500, "InternalError", "etcdserver: request timed out"),
     ];
-    let (result, seen) = fake_apiserver(replies, |cluster| async move { cluster.apply(&manifests).await }).await;
+    let (result, seen) =
+        fake_apiserver(
+            replies,
+            |cluster| async move { cluster.apply(&manifests, ForeignObjects::Refuse).await.map(names) },
+        )
+        .await;
     check(
         &result,
         &seen,
         expect![[r#"
             GET /api/v1/namespaces/default
-            PATCH /apis/networking.k8s.io/v1/namespaces/default/networkpolicies/web?&force=true&fieldManager=kiln [application/apply-patch+yaml] <NetworkPolicy/web body #0>
+            GET /apis/networking.k8s.io/v1/namespaces/default/networkpolicies/web [application/json]
+            GET /api/v1/namespaces/default/pods/web [application/json]
+            PATCH /apis/networking.k8s.io/v1/namespaces/default/networkpolicies/web?&fieldManager=kiln [application/apply-patch+yaml] <NetworkPolicy/web body #0>
             => Err(apply NetworkPolicy/web in namespace default failed: the API server answered 500 InternalError: etcdserver: request timed out)"#]],
+    );
+}
+
+/// `web` publishing port 80: Service/web, NetworkPolicy/web, Pod/web.
+fn web_published() -> Workload {
+    Workload {
+        firewall: Firewall {
+            published_ports: vec![PublishedPort { protocol: Protocol::Tcp, host_port: 8080, guest_port: 80 }],
+            ..Firewall::default()
+        },
+        ..web()
+    }
+}
+
+fn unlabelled(kind: &str, api_version: &str, name: &str) -> Value {
+    fake::unlabelled(kind, api_version, name, "default")
+}
+
+fn not_found(what: &str) -> Reply {
+    failure(404, "NotFound", &format!("{what} not found"))
+}
+
+#[tokio::test]
+async fn fake_apiserver_apply_refuses_a_foreign_object_before_writing_anything() {
+    let manifests = render(&web_published(), &Target::default()).expect("renders");
+    let mut foreign = unlabelled("Service", "v1", "web");
+    foreign["metadata"]["labels"] = json!({"app": "legacy"});
+    let replies = vec![
+        Reply::Json(200, json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "default"}})),
+        Reply::Json(200, foreign),
+        not_found("networkpolicies \"web\""),
+        not_found("pods \"web\""),
+    ];
+    let (result, seen) =
+        fake_apiserver(
+            replies,
+            |cluster| async move { cluster.apply(&manifests, ForeignObjects::Refuse).await.map(names) },
+        )
+        .await;
+    check(
+        &result,
+        &seen,
+        expect![[r#"
+            GET /api/v1/namespaces/default
+            GET /api/v1/namespaces/default/services/web [application/json]
+            GET /apis/networking.k8s.io/v1/namespaces/default/networkpolicies/web [application/json]
+            GET /api/v1/namespaces/default/pods/web [application/json]
+            => Err(Service/web (labels: app=legacy) exists in namespace `default` and does not belong to kiln instance `web`; nothing was applied; `kiln k8s apply --adopt` takes it over)"#]],
+    );
+}
+
+#[tokio::test]
+async fn fake_apiserver_apply_refuses_an_object_of_another_kiln_instance() {
+    // Instance `web`'s host Service is `web-host`; so is the published-port
+    // Service of an instance named `web-host`.
+    let workload = Workload {
+        firewall: Firewall {
+            host_ports: vec![HostPort { protocol: Protocol::Tcp, port: 7000 }],
+            ..Firewall::default()
+        },
+        ..web()
+    };
+    let target = Target { host_address: Some(IpAddr::from([10, 0, 0, 1])), ..Target::default() };
+    let manifests = render(&workload, &target).expect("renders");
+    let replies = vec![
+        Reply::Json(200, json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "default"}})),
+        Reply::Json(200, labelled("Service", "v1", "web-host", "web-host")),
+        not_found("endpointslices \"web-host\""),
+        Reply::Json(200, labelled("NetworkPolicy", "networking.k8s.io/v1", "web", "web")),
+        Reply::Json(200, unlabelled("Pod", "v1", "web")),
+    ];
+    let (result, seen) =
+        fake_apiserver(
+            replies,
+            |cluster| async move { cluster.apply(&manifests, ForeignObjects::Refuse).await.map(names) },
+        )
+        .await;
+    check(
+        &result,
+        &seen,
+        expect![[r#"
+            GET /api/v1/namespaces/default
+            GET /api/v1/namespaces/default/services/web-host [application/json]
+            GET /apis/discovery.k8s.io/v1/namespaces/default/endpointslices/web-host [application/json]
+            GET /apis/networking.k8s.io/v1/namespaces/default/networkpolicies/web [application/json]
+            GET /api/v1/namespaces/default/pods/web [application/json]
+            => Err(Service/web-host (labelled for kiln instance `web-host`) and Pod/web (no labels) exist in namespace `default` and do not belong to kiln instance `web`; nothing was applied; `kiln k8s apply --adopt` takes them over)"#]],
+    );
+}
+
+#[tokio::test]
+async fn fake_apiserver_apply_adopt_takes_over_a_foreign_object_and_forces_only_existing_ones() {
+    let manifests = render(&web_published(), &Target::default()).expect("renders");
+    let replies = vec![
+        Reply::Json(200, json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "default"}})),
+        Reply::Json(200, unlabelled("Service", "v1", "web")),
+        Reply::Json(200, labelled("NetworkPolicy", "networking.k8s.io/v1", "web", "web")),
+        not_found("pods \"web\""),
+        Reply::Echo,
+        Reply::Echo,
+        Reply::Echo,
+    ];
+    let applied = manifests.clone();
+    let (result, seen) =
+        fake_apiserver(
+            replies,
+            |cluster| async move { cluster.apply(&applied, ForeignObjects::Adopt).await.map(names) },
+        )
+        .await;
+    check(
+        &result,
+        &seen,
+        expect![[r#"
+            GET /api/v1/namespaces/default
+            GET /api/v1/namespaces/default/services/web [application/json]
+            GET /apis/networking.k8s.io/v1/namespaces/default/networkpolicies/web [application/json]
+            GET /api/v1/namespaces/default/pods/web [application/json]
+            PATCH /api/v1/namespaces/default/services/web?&force=true&fieldManager=kiln [application/apply-patch+yaml] <Service/web body #0>
+            PATCH /apis/networking.k8s.io/v1/namespaces/default/networkpolicies/web?&force=true&fieldManager=kiln [application/apply-patch+yaml] <NetworkPolicy/web body #1>
+            PATCH /api/v1/namespaces/default/pods/web?&fieldManager=kiln [application/apply-patch+yaml] <Pod/web body #2>
+            => Ok(["Service/web (adopted)", "NetworkPolicy/web", "Pod/web"])"#]],
+    );
+    // The adopted Service is applied as rendered: with kiln's labels.
+    let rendered: Vec<Value> = manifests.objects().into_iter().map(kiln_k8s::Object::to_json).collect();
+    assert_eq!(seen.bodies, rendered);
+    let labels = &seen.bodies[0]["metadata"]["labels"];
+    assert_eq!((labels[MANAGED_BY_LABEL].as_str(), labels[INSTANCE_LABEL].as_str()), (Some(MANAGER), Some("web")));
+}
+
+#[tokio::test]
+async fn fake_apiserver_apply_does_not_force_onto_an_object_created_after_the_check() {
+    let manifests = render(&web_published(), &Target::default()).expect("renders");
+    let replies = vec![
+        Reply::Json(200, json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "default"}})),
+        not_found("services \"web\""),
+        not_found("networkpolicies \"web\""),
+        not_found("pods \"web\""),
+        // Someone created Service/web between kiln's GET and its apply.
+        failure(409, "Conflict", "Apply failed with 1 conflict: conflict with \"kubectl-create\": .spec.ports"),
+    ];
+    let (result, seen) =
+        fake_apiserver(
+            replies,
+            |cluster| async move { cluster.apply(&manifests, ForeignObjects::Refuse).await.map(names) },
+        )
+        .await;
+    check(
+        &result,
+        &seen,
+        expect![[r#"
+        GET /api/v1/namespaces/default
+        GET /api/v1/namespaces/default/services/web [application/json]
+        GET /apis/networking.k8s.io/v1/namespaces/default/networkpolicies/web [application/json]
+        GET /api/v1/namespaces/default/pods/web [application/json]
+        PATCH /api/v1/namespaces/default/services/web?&fieldManager=kiln [application/apply-patch+yaml] <Service/web body #0>
+        => Err(apply Service/web in namespace default (it did not exist when kiln checked; something else created it since) failed: the API server answered 409 Conflict: Apply failed with 1 conflict: conflict with "kubectl-create": .spec.ports)"#]],
     );
 }
 
@@ -312,6 +493,7 @@ async fn fake_apiserver_logs_of_a_missing_pod() {
 #[tokio::test]
 async fn fake_apiserver_delete_removes_the_pod_and_everything_labelled() {
     let replies = vec![
+        list("Pod", vec![pod(json!({"phase": "Running"}))]),
         Reply::Json(200, pod(json!({"phase": "Running"}))),
         list("NetworkPolicy", vec![labelled("NetworkPolicy", "networking.k8s.io/v1", "web", "web")]),
         Reply::Json(200, labelled("NetworkPolicy", "networking.k8s.io/v1", "web", "web")),
@@ -330,26 +512,27 @@ async fn fake_apiserver_delete_removes_the_pod_and_everything_labelled() {
         &result,
         &seen,
         expect![[r#"
-        DELETE /api/v1/namespaces/default/pods/web? [application/json] {}
-        GET /apis/networking.k8s.io/v1/namespaces/default/networkpolicies?&labelSelector=app.kubernetes.io%2Fmanaged-by%3Dkiln%2Ckiln.dev%2Finstance%3Dweb
-        DELETE /apis/networking.k8s.io/v1/namespaces/default/networkpolicies/web? [application/json] {}
-        GET /api/v1/namespaces/default/services?&labelSelector=app.kubernetes.io%2Fmanaged-by%3Dkiln%2Ckiln.dev%2Finstance%3Dweb
-        DELETE /api/v1/namespaces/default/services/web? [application/json] {}
-        DELETE /api/v1/namespaces/default/services/web-host? [application/json] {}
-        GET /apis/discovery.k8s.io/v1/namespaces/default/endpointslices?&labelSelector=app.kubernetes.io%2Fmanaged-by%3Dkiln%2Ckiln.dev%2Finstance%3Dweb
-        DELETE /apis/discovery.k8s.io/v1/namespaces/default/endpointslices/web-host? [application/json] {}
-        GET /api/v1/namespaces/default/endpoints?&labelSelector=app.kubernetes.io%2Fmanaged-by%3Dkiln%2Ckiln.dev%2Finstance%3Dweb
-        GET /api/v1/namespaces/default/secrets?&labelSelector=app.kubernetes.io%2Fmanaged-by%3Dkiln%2Ckiln.dev%2Finstance%3Dweb
-        DELETE /api/v1/namespaces/default/secrets/web-keystore? [application/json] {}
-        GET /api/v1/namespaces/default/configmaps?&labelSelector=app.kubernetes.io%2Fmanaged-by%3Dkiln%2Ckiln.dev%2Finstance%3Dweb
-        => Ok(Deleted { pod: true, others: ["NetworkPolicy/web", "Service/web", "EndpointSlice/web-host", "Secret/web-keystore"] })"#]],
+            GET /api/v1/namespaces/default/pods?&labelSelector=app.kubernetes.io%2Fmanaged-by%3Dkiln%2Ckiln.dev%2Finstance%3Dweb
+            DELETE /api/v1/namespaces/default/pods/web? [application/json] {"preconditions":{"uid":"uid-pod-web"}}
+            GET /apis/networking.k8s.io/v1/namespaces/default/networkpolicies?&labelSelector=app.kubernetes.io%2Fmanaged-by%3Dkiln%2Ckiln.dev%2Finstance%3Dweb
+            DELETE /apis/networking.k8s.io/v1/namespaces/default/networkpolicies/web? [application/json] {"preconditions":{"uid":"uid-networkpolicy-web"}}
+            GET /api/v1/namespaces/default/services?&labelSelector=app.kubernetes.io%2Fmanaged-by%3Dkiln%2Ckiln.dev%2Finstance%3Dweb
+            DELETE /api/v1/namespaces/default/services/web? [application/json] {"preconditions":{"uid":"uid-service-web"}}
+            DELETE /api/v1/namespaces/default/services/web-host? [application/json] {"preconditions":{"uid":"uid-service-web-host"}}
+            GET /apis/discovery.k8s.io/v1/namespaces/default/endpointslices?&labelSelector=app.kubernetes.io%2Fmanaged-by%3Dkiln%2Ckiln.dev%2Finstance%3Dweb
+            DELETE /apis/discovery.k8s.io/v1/namespaces/default/endpointslices/web-host? [application/json] {"preconditions":{"uid":"uid-endpointslice-web-host"}}
+            GET /api/v1/namespaces/default/endpoints?&labelSelector=app.kubernetes.io%2Fmanaged-by%3Dkiln%2Ckiln.dev%2Finstance%3Dweb
+            GET /api/v1/namespaces/default/secrets?&labelSelector=app.kubernetes.io%2Fmanaged-by%3Dkiln%2Ckiln.dev%2Finstance%3Dweb
+            DELETE /api/v1/namespaces/default/secrets/web-keystore? [application/json] {"preconditions":{"uid":"uid-secret-web-keystore"}}
+            GET /api/v1/namespaces/default/configmaps?&labelSelector=app.kubernetes.io%2Fmanaged-by%3Dkiln%2Ckiln.dev%2Finstance%3Dweb
+            => Ok(Deleted { pod: true, others: ["NetworkPolicy/web", "Service/web", "EndpointSlice/web-host", "Secret/web-keystore"] })"#]],
     );
 }
 
 #[tokio::test]
 async fn fake_apiserver_delete_of_a_missing_instance_is_done() {
     let replies = vec![
-        failure(404, "NotFound", "pods \"web\" not found"),
+        list("Pod", vec![]),
         list("NetworkPolicy", vec![]),
         list("Service", vec![]),
         // A cluster without EndpointSlices: the kind itself is not found.
@@ -363,27 +546,96 @@ async fn fake_apiserver_delete_of_a_missing_instance_is_done() {
         &result,
         &seen,
         expect![[r#"
-        DELETE /api/v1/namespaces/default/pods/web? [application/json] {}
-        GET /apis/networking.k8s.io/v1/namespaces/default/networkpolicies?&labelSelector=app.kubernetes.io%2Fmanaged-by%3Dkiln%2Ckiln.dev%2Finstance%3Dweb
-        GET /api/v1/namespaces/default/services?&labelSelector=app.kubernetes.io%2Fmanaged-by%3Dkiln%2Ckiln.dev%2Finstance%3Dweb
-        GET /apis/discovery.k8s.io/v1/namespaces/default/endpointslices?&labelSelector=app.kubernetes.io%2Fmanaged-by%3Dkiln%2Ckiln.dev%2Finstance%3Dweb
-        GET /api/v1/namespaces/default/endpoints?&labelSelector=app.kubernetes.io%2Fmanaged-by%3Dkiln%2Ckiln.dev%2Finstance%3Dweb
-        GET /api/v1/namespaces/default/secrets?&labelSelector=app.kubernetes.io%2Fmanaged-by%3Dkiln%2Ckiln.dev%2Finstance%3Dweb
-        GET /api/v1/namespaces/default/configmaps?&labelSelector=app.kubernetes.io%2Fmanaged-by%3Dkiln%2Ckiln.dev%2Finstance%3Dweb
-        => Ok(Deleted { pod: false, others: [] })"#]],
+            GET /api/v1/namespaces/default/pods?&labelSelector=app.kubernetes.io%2Fmanaged-by%3Dkiln%2Ckiln.dev%2Finstance%3Dweb
+            GET /apis/networking.k8s.io/v1/namespaces/default/networkpolicies?&labelSelector=app.kubernetes.io%2Fmanaged-by%3Dkiln%2Ckiln.dev%2Finstance%3Dweb
+            GET /api/v1/namespaces/default/services?&labelSelector=app.kubernetes.io%2Fmanaged-by%3Dkiln%2Ckiln.dev%2Finstance%3Dweb
+            GET /apis/discovery.k8s.io/v1/namespaces/default/endpointslices?&labelSelector=app.kubernetes.io%2Fmanaged-by%3Dkiln%2Ckiln.dev%2Finstance%3Dweb
+            GET /api/v1/namespaces/default/endpoints?&labelSelector=app.kubernetes.io%2Fmanaged-by%3Dkiln%2Ckiln.dev%2Finstance%3Dweb
+            GET /api/v1/namespaces/default/secrets?&labelSelector=app.kubernetes.io%2Fmanaged-by%3Dkiln%2Ckiln.dev%2Finstance%3Dweb
+            GET /api/v1/namespaces/default/configmaps?&labelSelector=app.kubernetes.io%2Fmanaged-by%3Dkiln%2Ckiln.dev%2Finstance%3Dweb
+            => Ok(Deleted { pod: false, others: [] })"#]],
     );
 }
 
 #[tokio::test]
 async fn fake_apiserver_delete_fails_on_a_forbidden_pod() {
-    let replies = vec![failure(403, "Forbidden", "pods \"web\" is forbidden: User \"ci\" cannot delete resource")];
+    let replies = vec![
+        list("Pod", vec![pod(json!({"phase": "Running"}))]),
+        failure(403, "Forbidden", "pods \"web\" is forbidden: User \"ci\" cannot delete resource"),
+    ];
     let (result, seen) = fake_apiserver(replies, |cluster| async move { cluster.delete("web").await }).await;
     check(
         &result,
         &seen,
         expect![[r#"
-            DELETE /api/v1/namespaces/default/pods/web? [application/json] {}
-            => Err(delete Pod web failed: the API server answered 403 Forbidden: pods "web" is forbidden: User "ci" cannot delete resource)"#]],
+            GET /api/v1/namespaces/default/pods?&labelSelector=app.kubernetes.io%2Fmanaged-by%3Dkiln%2Ckiln.dev%2Finstance%3Dweb
+            DELETE /api/v1/namespaces/default/pods/web? [application/json] {"preconditions":{"uid":"uid-pod-web"}}
+            => Err(delete Pod/web failed: the API server answered 403 Forbidden: pods "web" is forbidden: User "ci" cannot delete resource)"#]],
+    );
+}
+
+#[tokio::test]
+async fn fake_apiserver_delete_never_deletes_what_is_not_the_instances() {
+    // This fake ignores label selectors, so kiln's own check is what keeps
+    // the foreign objects alive; a real server would not list them at all.
+    let mut other = labelled("Service", "v1", "web-host", "web-host");
+    other["metadata"]["labels"]["team"] = json!("b");
+    let replies = vec![
+        list("Pod", vec![unlabelled("Pod", "v1", "web")]),
+        list("NetworkPolicy", vec![]),
+        list("Service", vec![unlabelled("Service", "v1", "web"), other, labelled("Service", "v1", "web-old", "web")]),
+        // web-old was replaced since it was listed: the UID precondition fails.
+        failure(
+            409,
+            "Conflict",
+            "Precondition failed: UID in precondition: uid-service-web-old, UID in object meta: 4d2c",
+        ),
+        list("EndpointSlice", vec![]),
+        list("Endpoints", vec![]),
+        list("Secret", vec![]),
+        list("ConfigMap", vec![]),
+    ];
+    let (result, seen) = fake_apiserver(replies, |cluster| async move { cluster.delete("web").await }).await;
+    check(
+        &result,
+        &seen,
+        expect![[r#"
+            GET /api/v1/namespaces/default/pods?&labelSelector=app.kubernetes.io%2Fmanaged-by%3Dkiln%2Ckiln.dev%2Finstance%3Dweb
+            GET /apis/networking.k8s.io/v1/namespaces/default/networkpolicies?&labelSelector=app.kubernetes.io%2Fmanaged-by%3Dkiln%2Ckiln.dev%2Finstance%3Dweb
+            GET /api/v1/namespaces/default/services?&labelSelector=app.kubernetes.io%2Fmanaged-by%3Dkiln%2Ckiln.dev%2Finstance%3Dweb
+            DELETE /api/v1/namespaces/default/services/web-old? [application/json] {"preconditions":{"uid":"uid-service-web-old"}}
+            GET /apis/discovery.k8s.io/v1/namespaces/default/endpointslices?&labelSelector=app.kubernetes.io%2Fmanaged-by%3Dkiln%2Ckiln.dev%2Finstance%3Dweb
+            GET /api/v1/namespaces/default/endpoints?&labelSelector=app.kubernetes.io%2Fmanaged-by%3Dkiln%2Ckiln.dev%2Finstance%3Dweb
+            GET /api/v1/namespaces/default/secrets?&labelSelector=app.kubernetes.io%2Fmanaged-by%3Dkiln%2Ckiln.dev%2Finstance%3Dweb
+            GET /api/v1/namespaces/default/configmaps?&labelSelector=app.kubernetes.io%2Fmanaged-by%3Dkiln%2Ckiln.dev%2Finstance%3Dweb
+            => Ok(Deleted { pod: false, others: [] })"#]],
+    );
+}
+
+#[tokio::test]
+async fn fake_apiserver_reap_leaves_pods_that_are_not_kilns() {
+    // An ended Pod without kiln's labels (the fake ignores the selector).
+    let mut legacy = unlabelled("Pod", "v1", "legacy");
+    legacy["spec"] = json!({"containers": [{"name": "main", "image": "x"}]});
+    legacy["status"] = json!({"phase": "Failed"});
+    let replies = vec![
+        list("Pod", vec![legacy]),
+        list("Service", vec![unlabelled("Service", "v1", "legacy")]),
+        list("NetworkPolicy", vec![]),
+        list("Secret", vec![]),
+        list("ConfigMap", vec![]),
+    ];
+    let (result, seen) = fake_apiserver(replies, |cluster| async move { cluster.reap().await }).await;
+    check(
+        &result,
+        &seen,
+        expect![[r#"
+            GET /api/v1/namespaces/default/pods?&labelSelector=app.kubernetes.io%2Fmanaged-by%3Dkiln
+            GET /api/v1/namespaces/default/services?&labelSelector=app.kubernetes.io%2Fmanaged-by%3Dkiln
+            GET /apis/networking.k8s.io/v1/namespaces/default/networkpolicies?&labelSelector=app.kubernetes.io%2Fmanaged-by%3Dkiln
+            GET /api/v1/namespaces/default/secrets?&labelSelector=app.kubernetes.io%2Fmanaged-by%3Dkiln
+            GET /api/v1/namespaces/default/configmaps?&labelSelector=app.kubernetes.io%2Fmanaged-by%3Dkiln
+            => Ok([])"#]],
     );
 }
 
@@ -425,7 +677,7 @@ async fn fake_apiserver_list_and_reap() {
         list("Secret", vec![]),
         list("ConfigMap", vec![]),
         // delete("old"): its Pod is long gone.
-        failure(404, "NotFound", "pods \"old\" not found"),
+        list("Pod", vec![]),
         list("NetworkPolicy", vec![]),
         list("Service", vec![labelled("Service", "v1", "old-host", "old")]),
         Reply::Json(200, labelled("Service", "v1", "old-host", "old")),
@@ -434,6 +686,7 @@ async fn fake_apiserver_list_and_reap() {
         list("Secret", vec![]),
         list("ConfigMap", vec![]),
         // delete("web"): it failed.
+        list("Pod", vec![pod(json!({"phase": "Failed"}))]),
         Reply::Json(200, pod(json!({"phase": "Failed"}))),
         list("NetworkPolicy", vec![]),
         list("Service", vec![]),
@@ -447,27 +700,28 @@ async fn fake_apiserver_list_and_reap() {
         &result,
         &seen,
         expect![[r#"
-        GET /api/v1/namespaces/default/pods?&labelSelector=app.kubernetes.io%2Fmanaged-by%3Dkiln
-        GET /api/v1/namespaces/default/services?&labelSelector=app.kubernetes.io%2Fmanaged-by%3Dkiln
-        GET /apis/networking.k8s.io/v1/namespaces/default/networkpolicies?&labelSelector=app.kubernetes.io%2Fmanaged-by%3Dkiln
-        GET /api/v1/namespaces/default/secrets?&labelSelector=app.kubernetes.io%2Fmanaged-by%3Dkiln
-        GET /api/v1/namespaces/default/configmaps?&labelSelector=app.kubernetes.io%2Fmanaged-by%3Dkiln
-        DELETE /api/v1/namespaces/default/pods/old? [application/json] {}
-        GET /apis/networking.k8s.io/v1/namespaces/default/networkpolicies?&labelSelector=app.kubernetes.io%2Fmanaged-by%3Dkiln%2Ckiln.dev%2Finstance%3Dold
-        GET /api/v1/namespaces/default/services?&labelSelector=app.kubernetes.io%2Fmanaged-by%3Dkiln%2Ckiln.dev%2Finstance%3Dold
-        DELETE /api/v1/namespaces/default/services/old-host? [application/json] {}
-        GET /apis/discovery.k8s.io/v1/namespaces/default/endpointslices?&labelSelector=app.kubernetes.io%2Fmanaged-by%3Dkiln%2Ckiln.dev%2Finstance%3Dold
-        GET /api/v1/namespaces/default/endpoints?&labelSelector=app.kubernetes.io%2Fmanaged-by%3Dkiln%2Ckiln.dev%2Finstance%3Dold
-        GET /api/v1/namespaces/default/secrets?&labelSelector=app.kubernetes.io%2Fmanaged-by%3Dkiln%2Ckiln.dev%2Finstance%3Dold
-        GET /api/v1/namespaces/default/configmaps?&labelSelector=app.kubernetes.io%2Fmanaged-by%3Dkiln%2Ckiln.dev%2Finstance%3Dold
-        DELETE /api/v1/namespaces/default/pods/web? [application/json] {}
-        GET /apis/networking.k8s.io/v1/namespaces/default/networkpolicies?&labelSelector=app.kubernetes.io%2Fmanaged-by%3Dkiln%2Ckiln.dev%2Finstance%3Dweb
-        GET /api/v1/namespaces/default/services?&labelSelector=app.kubernetes.io%2Fmanaged-by%3Dkiln%2Ckiln.dev%2Finstance%3Dweb
-        GET /apis/discovery.k8s.io/v1/namespaces/default/endpointslices?&labelSelector=app.kubernetes.io%2Fmanaged-by%3Dkiln%2Ckiln.dev%2Finstance%3Dweb
-        GET /api/v1/namespaces/default/endpoints?&labelSelector=app.kubernetes.io%2Fmanaged-by%3Dkiln%2Ckiln.dev%2Finstance%3Dweb
-        GET /api/v1/namespaces/default/secrets?&labelSelector=app.kubernetes.io%2Fmanaged-by%3Dkiln%2Ckiln.dev%2Finstance%3Dweb
-        GET /api/v1/namespaces/default/configmaps?&labelSelector=app.kubernetes.io%2Fmanaged-by%3Dkiln%2Ckiln.dev%2Finstance%3Dweb
-        => Ok(["old", "web"])"#]],
+            GET /api/v1/namespaces/default/pods?&labelSelector=app.kubernetes.io%2Fmanaged-by%3Dkiln
+            GET /api/v1/namespaces/default/services?&labelSelector=app.kubernetes.io%2Fmanaged-by%3Dkiln
+            GET /apis/networking.k8s.io/v1/namespaces/default/networkpolicies?&labelSelector=app.kubernetes.io%2Fmanaged-by%3Dkiln
+            GET /api/v1/namespaces/default/secrets?&labelSelector=app.kubernetes.io%2Fmanaged-by%3Dkiln
+            GET /api/v1/namespaces/default/configmaps?&labelSelector=app.kubernetes.io%2Fmanaged-by%3Dkiln
+            GET /api/v1/namespaces/default/pods?&labelSelector=app.kubernetes.io%2Fmanaged-by%3Dkiln%2Ckiln.dev%2Finstance%3Dold
+            GET /apis/networking.k8s.io/v1/namespaces/default/networkpolicies?&labelSelector=app.kubernetes.io%2Fmanaged-by%3Dkiln%2Ckiln.dev%2Finstance%3Dold
+            GET /api/v1/namespaces/default/services?&labelSelector=app.kubernetes.io%2Fmanaged-by%3Dkiln%2Ckiln.dev%2Finstance%3Dold
+            DELETE /api/v1/namespaces/default/services/old-host? [application/json] {"preconditions":{"uid":"uid-service-old-host"}}
+            GET /apis/discovery.k8s.io/v1/namespaces/default/endpointslices?&labelSelector=app.kubernetes.io%2Fmanaged-by%3Dkiln%2Ckiln.dev%2Finstance%3Dold
+            GET /api/v1/namespaces/default/endpoints?&labelSelector=app.kubernetes.io%2Fmanaged-by%3Dkiln%2Ckiln.dev%2Finstance%3Dold
+            GET /api/v1/namespaces/default/secrets?&labelSelector=app.kubernetes.io%2Fmanaged-by%3Dkiln%2Ckiln.dev%2Finstance%3Dold
+            GET /api/v1/namespaces/default/configmaps?&labelSelector=app.kubernetes.io%2Fmanaged-by%3Dkiln%2Ckiln.dev%2Finstance%3Dold
+            GET /api/v1/namespaces/default/pods?&labelSelector=app.kubernetes.io%2Fmanaged-by%3Dkiln%2Ckiln.dev%2Finstance%3Dweb
+            DELETE /api/v1/namespaces/default/pods/web? [application/json] {"preconditions":{"uid":"uid-pod-web"}}
+            GET /apis/networking.k8s.io/v1/namespaces/default/networkpolicies?&labelSelector=app.kubernetes.io%2Fmanaged-by%3Dkiln%2Ckiln.dev%2Finstance%3Dweb
+            GET /api/v1/namespaces/default/services?&labelSelector=app.kubernetes.io%2Fmanaged-by%3Dkiln%2Ckiln.dev%2Finstance%3Dweb
+            GET /apis/discovery.k8s.io/v1/namespaces/default/endpointslices?&labelSelector=app.kubernetes.io%2Fmanaged-by%3Dkiln%2Ckiln.dev%2Finstance%3Dweb
+            GET /api/v1/namespaces/default/endpoints?&labelSelector=app.kubernetes.io%2Fmanaged-by%3Dkiln%2Ckiln.dev%2Finstance%3Dweb
+            GET /api/v1/namespaces/default/secrets?&labelSelector=app.kubernetes.io%2Fmanaged-by%3Dkiln%2Ckiln.dev%2Finstance%3Dweb
+            GET /api/v1/namespaces/default/configmaps?&labelSelector=app.kubernetes.io%2Fmanaged-by%3Dkiln%2Ckiln.dev%2Finstance%3Dweb
+            => Ok(["old", "web"])"#]],
     );
 }
 
