@@ -118,6 +118,12 @@ impl VmmProcess {
         log_tail(&self.log_path, LOG_TAIL_LINES)
     }
 
+    /// The last error the VMM logged (see [`last_error_line`]), searched in
+    /// the log's last 64 KiB: a backtrace may follow it for many lines.
+    pub(crate) fn last_error_line(&self) -> Option<String> {
+        last_error_line(&String::from_utf8_lossy(&read_end(&self.log_path, 64 << 10)))
+    }
+
     /// An error for a VMM that exited while kiln needed it.
     pub(crate) fn exited_error(&self, during: &str, status: ExitStatus) -> Error {
         Error::VmmExited { during: during.to_owned(), status: status.to_string(), log_tail: self.log_tail() }
@@ -144,18 +150,45 @@ fn open_log(path: &Path) -> Result<File> {
 /// The last `lines` lines of the file at `path` (at most its last 8 KiB),
 /// lossily decoded; empty if it cannot be read.
 pub(crate) fn log_tail(path: &Path, lines: usize) -> String {
-    let read = || -> io::Result<Vec<u8>> {
-        let mut file = File::open(path)?;
-        let len = file.metadata()?.len();
-        file.seek(SeekFrom::Start(len.saturating_sub(8192)))?;
-        let mut bytes = Vec::new();
-        file.read_to_end(&mut bytes)?;
-        Ok(bytes)
-    };
-    let bytes = read().unwrap_or_default();
+    let bytes = read_end(path, 8192);
     let text = String::from_utf8_lossy(&bytes);
     let all: Vec<&str> = text.trim_end().lines().collect();
     all[all.len().saturating_sub(lines)..].join("\n")
+}
+
+/// The last `max` bytes of the file at `path`; empty if it cannot be read.
+fn read_end(path: &Path, max: u64) -> Vec<u8> {
+    let read = || -> io::Result<Vec<u8>> {
+        let mut file = File::open(path)?;
+        let len = file.metadata()?.len();
+        file.seek(SeekFrom::Start(len.saturating_sub(max)))?;
+        let mut bytes = Vec::new();
+        file.take(max).read_to_end(&mut bytes)?;
+        Ok(bytes)
+    };
+    read().unwrap_or_default()
+}
+
+/// The last line of a VMM log that reports an error, without the logger's
+/// prefix: cloud-hypervisor's `cloud-hypervisor: 45.1s: <vcpu0>
+/// ERROR:vmm/src/cpu.rs:1487 -- VCPU generated error: ...` becomes `VCPU
+/// generated error: ...`. Error lines are the logger's `ERROR` level, a Rust
+/// panic, or a line that starts with `error` (QEMU's `qemu-system-x86_64:
+/// ...` lines are not matched: QEMU's exits are classified from QMP).
+/// kiln's own header line never counts. Pure; the log is not trusted, so the
+/// line is cut to 400 characters.
+pub(crate) fn last_error_line(log: &str) -> Option<String> {
+    let line = log.lines().rev().map(str::trim).find(|line| {
+        !line.starts_with("kiln: ")
+            && (line.contains(" ERROR:")
+                || line.contains("panicked at")
+                || line.get(..5).is_some_and(|head| head.eq_ignore_ascii_case("error")))
+    })?;
+    let message = match line.split_once(" ERROR:") {
+        Some((_, rest)) => rest.split_once(" -- ").map_or(rest, |(_, message)| message),
+        None => line,
+    };
+    Some(message.trim().chars().take(400).collect())
 }
 
 /// `binary args...`, each word single-quoted when it is not plain.
@@ -187,6 +220,31 @@ mod tests {
         std::fs::write(&path, (1..=30).map(|n| format!("line {n}\n")).collect::<String>()).expect("write");
         assert_eq!(log_tail(&path, 3), "line 28\nline 29\nline 30");
         assert_eq!(log_tail(&dir.path().join("missing"), 3), "");
+    }
+
+    #[test]
+    fn the_last_error_line_is_found_past_a_backtrace() {
+        let check = |log: &str, expected: expect_test::Expect| {
+            expected.assert_eq(&format!("{:?}", last_error_line(log)));
+        };
+        let vcpu = "kiln: starting cloud-hypervisor --api-socket path=/run/x/api.sock\n\
+            cloud-hypervisor: 0.512s: <vmm> WARN:vmm/src/vm.rs:1 -- something odd\n\
+            cloud-hypervisor: 45.101234s: <vcpu0> ERROR:vmm/src/cpu.rs:1487 -- VCPU generated error: VcpuRun(RunVcpu(Unexpected exit reason on vcpu run: InternalError\n\
+            \n\
+            Stack backtrace:\n   0: anyhow::error::<impl anyhow::Error>::msg\n   1: hypervisor::kvm::KvmVcpu::run))\n";
+        check(
+            vcpu,
+            expect_test::expect![[
+                r#"Some("VCPU generated error: VcpuRun(RunVcpu(Unexpected exit reason on vcpu run: InternalError")"#
+            ]],
+        );
+        check(
+            "thread 'vcpu0' panicked at vmm/src/cpu.rs:10:5:\nboom\nnote: run with `RUST_BACKTRACE=1`\n",
+            expect_test::expect![[r#"Some("thread 'vcpu0' panicked at vmm/src/cpu.rs:10:5:")"#]],
+        );
+        check("Error booting VM: VmBoot(...)\n", expect_test::expect![[r#"Some("Error booting VM: VmBoot(...)")"#]]);
+        check("kiln: starting /bin/error-prone\nfake cloud-hypervisor exiting with 0\n", expect_test::expect!["None"]);
+        check("", expect_test::expect!["None"]);
     }
 
     #[test]
