@@ -311,3 +311,46 @@ impl Drop for ChVm {
         let _ = remove_stale_socket(&self.api_socket);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::process::ExitStatusExt;
+
+    use super::*;
+
+    #[test]
+    fn an_exit_is_a_guest_shutdown_only_after_a_power_off_at_status_0() {
+        let check = |raw_wait_status: i32, powered_off: bool, error: Option<&str>, expected: expect_test::Expect| {
+            let status = classify_exit(
+                ExitStatus::from_raw(raw_wait_status),
+                powered_off,
+                error.map(str::to_owned),
+                "tail".into(),
+            );
+            expected.assert_eq(&status.to_string());
+        };
+        let vcpu =
+            Some("VCPU generated error: VcpuRun(Failed to run vcpu: Unexpected exit reason on vcpu run: InternalError");
+        check(0, true, None, expect_test::expect!["shut down (Guest)"]);
+        check(0, false, None, expect_test::expect!["crashed (exit status: 0 without a guest power-off)"]);
+        check(
+            0,
+            false,
+            vcpu,
+            expect_test::expect![
+                "crashed (VCPU generated error: VcpuRun(Failed to run vcpu: Unexpected exit reason on vcpu run: InternalError (exit status: 0))"
+            ],
+        );
+        // A failing exit is a crash even after the guest powered off.
+        check(1 << 8, true, None, expect_test::expect!["crashed (exit status: 1)"]);
+        check(9, false, None, expect_test::expect!["crashed (signal: 9 (SIGKILL))"]);
+        check(
+            9,
+            true,
+            vcpu,
+            expect_test::expect![
+                "crashed (VCPU generated error: VcpuRun(Failed to run vcpu: Unexpected exit reason on vcpu run: InternalError (signal: 9 (SIGKILL)))"
+            ],
+        );
+    }
+}

@@ -169,26 +169,49 @@ fn read_end(path: &Path, max: u64) -> Vec<u8> {
     read().unwrap_or_default()
 }
 
-/// The last line of a VMM log that reports an error, without the logger's
+/// The last error a VMM log reports, on one line and without the logger's
 /// prefix: cloud-hypervisor's `cloud-hypervisor: 45.1s: <vcpu0>
 /// ERROR:vmm/src/cpu.rs:1487 -- VCPU generated error: ...` becomes `VCPU
-/// generated error: ...`. Error lines are the logger's `ERROR` level, a Rust
-/// panic, or a line that starts with `error` (QEMU's `qemu-system-x86_64:
-/// ...` lines are not matched: QEMU's exits are classified from QMP).
-/// kiln's own header line never counts. Pure; the log is not trusted, so the
-/// line is cut to 400 characters.
+/// generated error: ...`, followed by the causes that anyhow's `{:?}` puts
+/// on the next lines (`Caused by:`, indented), each after `: `; the
+/// backtrace is left out. Error lines are the logger's `ERROR` level, a
+/// Rust panic, or a line that starts with `error`; kiln's own header line
+/// never counts. Pure; the log is not trusted, so the result is cut to 400
+/// characters.
 pub(crate) fn last_error_line(log: &str) -> Option<String> {
-    let line = log.lines().rev().map(str::trim).find(|line| {
+    let lines: Vec<&str> = log.lines().collect();
+    let at = lines.iter().rposition(|line| {
+        let line = line.trim();
         !line.starts_with("kiln: ")
             && (line.contains(" ERROR:")
                 || line.contains("panicked at")
                 || line.get(..5).is_some_and(|head| head.eq_ignore_ascii_case("error")))
     })?;
-    let message = match line.split_once(" ERROR:") {
+    let line = lines[at].trim();
+    let mut message = match line.split_once(" ERROR:") {
         Some((_, rest)) => rest.split_once(" -- ").map_or(rest, |(_, message)| message),
         None => line,
-    };
-    Some(message.trim().chars().take(400).collect())
+    }
+    .trim()
+    .to_owned();
+    let mut in_causes = false;
+    for line in lines[at + 1..].iter().map(|line| line.trim()) {
+        if line.starts_with("cloud-hypervisor: ") || line == "Stack backtrace:" {
+            break;
+        }
+        if line == "Caused by:" {
+            in_causes = true;
+        } else if in_causes && !line.is_empty() {
+            // Several causes are numbered `0: `, `1: `...
+            let cause = match line.split_once(": ") {
+                Some((number, cause)) if number.chars().all(|c| c.is_ascii_digit()) => cause,
+                _ => line,
+            };
+            message.push_str(": ");
+            message.push_str(cause);
+        }
+    }
+    Some(message.chars().take(400).collect())
 }
 
 /// `binary args...`, each word single-quoted when it is not plain.
@@ -227,16 +250,23 @@ mod tests {
         let check = |log: &str, expected: expect_test::Expect| {
             expected.assert_eq(&format!("{:?}", last_error_line(log)));
         };
-        let vcpu = "kiln: starting cloud-hypervisor --api-socket path=/run/x/api.sock\n\
-            cloud-hypervisor: 0.512s: <vmm> WARN:vmm/src/vm.rs:1 -- something odd\n\
-            cloud-hypervisor: 45.101234s: <vcpu0> ERROR:vmm/src/cpu.rs:1487 -- VCPU generated error: VcpuRun(RunVcpu(Unexpected exit reason on vcpu run: InternalError\n\
+        // What cloud-hypervisor v54 wrote on this nested host (FACTS.md).
+        let vcpu = "kiln: starting cloud-hypervisor --api-socket path=/run/x/api.sock --no-shutdown\n\
+            cloud-hypervisor:   0.725354s: <vcpu0> WARN:vmm/src/cpu.rs:278 -- Kernel lacks CONFIG_SCHED_CORE support - no SMT isolation\n\
+            cloud-hypervisor: 100.633141s: <vcpu0> ERROR:vmm/src/cpu.rs:1487 -- VCPU generated error: VcpuRun(Failed to run vcpu\n\
             \n\
-            Stack backtrace:\n   0: anyhow::error::<impl anyhow::Error>::msg\n   1: hypervisor::kvm::KvmVcpu::run))\n";
+            Caused by:\n    Unexpected exit reason on vcpu run: InternalError\n\
+            \n\
+            Stack backtrace:\n   0: <unknown>\n   4: start_thread\n             at ./nptl/pthread_create.c:442:8\n";
         check(
             vcpu,
             expect_test::expect![[
-                r#"Some("VCPU generated error: VcpuRun(RunVcpu(Unexpected exit reason on vcpu run: InternalError")"#
+                r#"Some("VCPU generated error: VcpuRun(Failed to run vcpu: Unexpected exit reason on vcpu run: InternalError")"#
             ]],
+        );
+        check(
+            "cloud-hypervisor: 1.0s: <vmm> ERROR:vmm/src/lib.rs:1 -- outer\nCaused by:\n    0: middle\n    1: inner\ncloud-hypervisor: 2.0s: <vmm> WARN:x -- later\n",
+            expect_test::expect![[r#"Some("outer: middle: inner")"#]],
         );
         check(
             "thread 'vcpu0' panicked at vmm/src/cpu.rs:10:5:\nboom\nnote: run with `RUST_BACKTRACE=1`\n",

@@ -448,12 +448,17 @@ fn fake_ch_missing_binary_is_named() {
 
 /// What cloud-hypervisor v54 printed on this nested host when the guest
 /// kernel died under KVM, then exited with status 0 (FACTS.md).
-const VCPU_ERROR: &str = "cloud-hypervisor: 45.101234s: <vcpu0> ERROR:vmm/src/cpu.rs:1487 -- VCPU generated error: VcpuRun(RunVcpu(Unexpected exit reason on vcpu run: InternalError
+const VCPU_ERROR: &str = "cloud-hypervisor: 100.633141s: <vcpu0> ERROR:vmm/src/cpu.rs:1487 -- VCPU generated error: VcpuRun(Failed to run vcpu
+
+Caused by:
+    Unexpected exit reason on vcpu run: InternalError
 
 Stack backtrace:
-   0: anyhow::error::<impl anyhow::Error>::msg
-   1: hypervisor::kvm::KvmVcpu::run
-   2: vmm::cpu::CpuManager::start_vcpu::{{closure}}))";
+   0: <unknown>
+   4: start_thread
+             at ./nptl/pthread_create.c:442:8
+   5: clone3
+             at ./misc/../sysdeps/unix/sysv/linux/x86_64/clone3.S:81:0)";
 
 /// A fake that answers like a healthy cloud-hypervisor, except that
 /// `special` answers the first request to `endpoint` from `vm.boot` on.
@@ -535,7 +540,7 @@ fn fake_ch_vmm_logging_an_error_and_exiting_0_is_a_crash_with_that_error() {
     });
     assert_crashed(
         status.clone(),
-        "VCPU generated error: VcpuRun(RunVcpu(Unexpected exit reason on vcpu run: InternalError (exit status: 0)",
+        "VCPU generated error: VcpuRun(Failed to run vcpu: Unexpected exit reason on vcpu run: InternalError (exit status: 0)",
         &fake,
     );
     let Status::Crashed { log_tail, .. } = &status else { unreachable!() };
