@@ -121,7 +121,21 @@ impl ChVm {
             return Err(Error::InvalidState { operation: format!("call {endpoint}"), state: status.to_string() });
         }
         match http::request(&self.api_socket, &mut self.process, method, endpoint, body, self.request_timeout) {
-            Ok(response) => check_response(endpoint, response),
+            Ok(response) => match check_response(endpoint, response) {
+                // The API thread outlives the VMM's control loop by a moment
+                // and says so: the VMM is exiting.
+                Err(Error::Api { body, .. }) if control_loop_gone(&body) => {
+                    match self.process.wait_exit(self.request_timeout)? {
+                        Some(status) => Err(self.process.exited_error(endpoint, status)),
+                        None => Err(Error::Api { endpoint: endpoint.to_owned(), status: 500, body }),
+                    }
+                }
+                Err(err) => match self.process.try_exit()? {
+                    Some(status) => Err(self.process.exited_error(endpoint, status)),
+                    None => Err(err),
+                },
+                ok => ok,
+            },
             Err(Failure::Exited(status)) => Err(self.process.exited_error(endpoint, status)),
             // The socket was there at launch and only the VMM removes it or
             // closes its listener: on the way out. Give the exit time to land.
@@ -188,6 +202,16 @@ impl ChVm {
             Err(err) => Err(err),
         }
     }
+}
+
+/// Whether an error body is cloud-hypervisor's API thread saying the VMM
+/// thread no longer takes requests (`ApiError::RequestSend`,
+/// `ResponseRecv`, `EventFdWrite` in v54's vmm/src/api/mod.rs).
+fn control_loop_gone(body: &str) -> bool {
+    let Ok(messages) = serde_json::from_str::<Vec<String>>(body) else { return false };
+    messages.iter().any(|message| {
+        matches!(message.as_str(), "API request send error" | "API response receive error" | "Cannot write to EventFd")
+    })
 }
 
 fn check_response(endpoint: &str, response: Response) -> Result<Response> {

@@ -515,6 +515,17 @@ fn fake_ch_vmm_exiting_mid_reply_is_a_crash() {
 }
 
 #[test]
+fn fake_ch_vmm_whose_control_loop_is_gone_is_a_crash_not_an_api_error() {
+    // What the real v54 answered on this host while it exited after the vCPU error.
+    let gone = r#"["Error from API","API response receive error","receiving on a closed channel"]"#;
+    let fake = FakeCh::start(booted_then("vm.info", Reply::RespondThenExit(500, gone, Exit::late(0))));
+    let mut vm = launch(Backend::CloudHypervisor, &plan(), &fake.options()).expect("launch");
+    vm.boot().expect("boot");
+    let status = vm.status().expect("an exiting VMM's API thread is not an API error");
+    assert_crashed(status, "exit status: 0 without a guest power-off", &fake);
+}
+
+#[test]
 fn fake_ch_vmm_exiting_during_the_power_button_grace_is_a_crash() {
     let fake = FakeCh::start(booted_then("vm.power-button", Reply::RespondThenExit(204, "", Exit::code(0))));
     let mut vm = launch(Backend::CloudHypervisor, &plan(), &fake.options()).expect("launch");
@@ -569,6 +580,7 @@ fn fake_ch_guest_power_off_then_vmm_exit_is_a_guest_shutdown() {
             _ => stateful("Running", true)(method, endpoint),
         }));
         let mut vm = launch(Backend::CloudHypervisor, &plan(), &fake.options()).expect("launch");
+        fake.vmm_pid(); // written after fake.args
         let args = std::fs::read_to_string(fake.run().join("fake.args")).expect("the fake's arguments");
         assert!(args.contains("--no-shutdown"), "a guest power-off must leave the VMM running: {args}");
         vm.boot().expect("boot");
