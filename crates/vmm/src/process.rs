@@ -277,6 +277,16 @@ mod tests {
         check("", expect_test::expect!["None"]);
     }
 
+    proptest::proptest! {
+        // The log is the VMM's (and a guest can make it write): any text is read safely.
+        #[test]
+        fn any_log_gives_at_most_one_short_line(log in "(?s).{0,600}", prefix in "(ERROR:|error|Caused by:\n|  0: |Stack backtrace:\n|\u{e9}){0,3}") {
+            if let Some(line) = last_error_line(&format!("{prefix}{log}")) {
+                proptest::prop_assert!(line.chars().count() <= 400 && !line.contains('\n'));
+            }
+        }
+    }
+
     #[test]
     fn command_lines_are_quoted() {
         let args: Vec<OsString> = ["-append", "console=ttyS0 panic=-1", "it's", ""].map(OsString::from).to_vec();
