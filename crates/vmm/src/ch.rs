@@ -124,10 +124,10 @@ impl ChVm {
             Ok(response) => match check_response(endpoint, response) {
                 // The API thread outlives the VMM's control loop by a moment
                 // and says so: the VMM is exiting.
-                Err(Error::Api { body, .. }) if control_loop_gone(&body) => {
+                Err(err) if matches!(&err, Error::Api { body, .. } if control_loop_gone(body)) => {
                     match self.process.wait_exit(self.request_timeout)? {
                         Some(status) => Err(self.process.exited_error(endpoint, status)),
-                        None => Err(Error::Api { endpoint: endpoint.to_owned(), status: 500, body }),
+                        None => Err(err),
                     }
                 }
                 Err(err) => match self.process.try_exit()? {
