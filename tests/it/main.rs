@@ -13,6 +13,7 @@ mod cli_qcow2;
 mod fake_k8s;
 mod guest_boot;
 mod launch_sh;
+mod run_ch;
 mod run_e2e;
 mod support;
 mod tools;

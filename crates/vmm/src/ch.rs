@@ -1,7 +1,17 @@
 //! The cloud-hypervisor backend: `cloud-hypervisor --api-socket`, driven
 //! over its REST API (see `http`).
+//!
+//! How a VMM exit is told apart from a guest power-off: cloud-hypervisor
+//! runs with `--no-shutdown`, so a guest that powers off leaves the VMM
+//! running with the VM back in `Created` (or `Shutdown`), which kiln's
+//! `vm.info` polls see. Any exit kiln did not ask for is then a crash, even
+//! at exit status 0 (a vCPU error ends v54 that way). The event monitor
+//! cannot tell: v54 emits the same `vm shutdown`, `vm deleted`, `vmm
+//! shutdown` events for a guest power-off and for a vCPU error (both run
+//! `vmm_shutdown`), from a thread that may not write them before the exit.
 
 use std::path::{Path, PathBuf};
+use std::process::ExitStatus;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
@@ -23,8 +33,32 @@ pub struct ChVm {
     process: VmmProcess,
     api_socket: PathBuf,
     request_timeout: Duration,
+    /// `vm.boot` succeeded: from then on a `Created` VM is one the guest powered off.
+    booted: bool,
+    /// A live VMM said the guest had powered off.
+    guest_powered_off: bool,
     /// Set once the VMM has exited (and was reaped).
     outcome: Option<Status>,
+}
+
+/// What a VMM exit kiln did not ask for means: a clean stop only after the
+/// guest powered off and with exit status 0; a crash otherwise, whose reason
+/// is the VMM's last error line (if it logged one) and its exit status.
+pub(crate) fn classify_exit(
+    exit: ExitStatus,
+    guest_powered_off: bool,
+    last_error: Option<String>,
+    log_tail: String,
+) -> Status {
+    if exit.success() && guest_powered_off {
+        return Status::ShutDown(ShutdownHow::Guest);
+    }
+    let reason = match last_error {
+        Some(line) => format!("{line} ({exit})"),
+        None if exit.success() => format!("{exit} without a guest power-off"),
+        None => exit.to_string(),
+    };
+    Status::Crashed { reason, log_tail }
 }
 
 impl ChVm {
@@ -38,8 +72,17 @@ impl ChVm {
         let binary = options.binary.clone().unwrap_or_else(|| "cloud-hypervisor".into());
         let mut api_arg = std::ffi::OsString::from("path=");
         api_arg.push(&api_socket);
-        let process = VmmProcess::spawn(&binary, &["--api-socket".into(), api_arg], &options.run_dir.join("vmm.log"))?;
-        let mut vm = ChVm { process, api_socket, request_timeout: options.request_timeout, outcome: None };
+        // `--no-shutdown`: see the module doc.
+        let args = ["--api-socket".into(), api_arg, "--no-shutdown".into()];
+        let process = VmmProcess::spawn(&binary, &args, &options.run_dir.join("vmm.log"))?;
+        let mut vm = ChVm {
+            process,
+            api_socket,
+            request_timeout: options.request_timeout,
+            booted: false,
+            guest_powered_off: false,
+            outcome: None,
+        };
         // On error `vm` drops: the VMM is killed and reaped, the socket removed.
         vm.wait_for_ping(options.start_timeout)?;
         vm.call("PUT", "vm.create", Some(&config))?;
@@ -68,15 +111,35 @@ impl ChVm {
         }
     }
 
-    /// One API call; a non-2xx answer becomes [`Error::Api`] with the body verbatim.
+    /// One API call; a non-2xx answer becomes [`Error::Api`] with the body
+    /// verbatim. Checks the process first; a connection that fails (socket
+    /// gone, refused, cut short) while the VMM exits is
+    /// [`Error::VmmExited`], never a socket error. Does not classify the exit:
+    /// callers that may see it ([`ChVm::status`]) do, through `exited`.
     fn call(&mut self, method: &str, endpoint: &str, body: Option<&[u8]>) -> Result<Response> {
         if let Some(status) = self.exited()? {
             return Err(Error::InvalidState { operation: format!("call {endpoint}"), state: status.to_string() });
         }
         match http::request(&self.api_socket, &mut self.process, method, endpoint, body, self.request_timeout) {
-            Ok(response) => check_response(endpoint, response),
+            Ok(response) => match check_response(endpoint, response) {
+                // The API thread outlives the VMM's control loop by a moment
+                // and says so: the VMM is exiting.
+                Err(err) if matches!(&err, Error::Api { body, .. } if control_loop_gone(body)) => {
+                    match self.process.wait_exit(self.request_timeout)? {
+                        Some(status) => Err(self.process.exited_error(endpoint, status)),
+                        None => Err(err),
+                    }
+                }
+                Err(err) => match self.process.try_exit()? {
+                    Some(status) => Err(self.process.exited_error(endpoint, status)),
+                    None => Err(err),
+                },
+                ok => ok,
+            },
             Err(Failure::Exited(status)) => Err(self.process.exited_error(endpoint, status)),
-            Err(Failure::NotListening(err)) => match self.process.try_exit()? {
+            // The socket was there at launch and only the VMM removes it or
+            // closes its listener: on the way out. Give the exit time to land.
+            Err(Failure::NotListening(err)) => match self.process.wait_exit(self.request_timeout)? {
                 Some(status) => Err(self.process.exited_error(endpoint, status)),
                 None => Err(Error::io(format!("cloud-hypervisor {endpoint}"), &self.api_socket, err)),
             },
@@ -87,7 +150,10 @@ impl ChVm {
                     None => Err(err),
                 }
             }
-            Err(Failure::Error(err)) => Err(err),
+            Err(Failure::Error(err)) => match self.process.try_exit()? {
+                Some(status) => Err(self.process.exited_error(endpoint, status)),
+                None => Err(err),
+            },
         }
     }
 
@@ -107,17 +173,15 @@ impl ChVm {
         self.call_json("GET", "vm.info")
     }
 
-    /// The final status once the process has exited (reaped and classified once).
+    /// The final status once the process has exited (reaped and classified
+    /// once, by [`classify_exit`]).
     fn exited(&mut self) -> Result<Option<Status>> {
         if let Some(outcome) = &self.outcome {
             return Ok(Some(outcome.clone()));
         }
         let Some(exit) = self.process.try_exit()? else { return Ok(None) };
-        let outcome = if exit.success() {
-            Status::ShutDown(ShutdownHow::Guest)
-        } else {
-            Status::Crashed { reason: exit.to_string(), log_tail: self.process.log_tail() }
-        };
+        let outcome =
+            classify_exit(exit, self.guest_powered_off, self.process.last_error_line(), self.process.log_tail());
         self.finish(outcome.clone());
         Ok(Some(outcome))
     }
@@ -128,19 +192,26 @@ impl ChVm {
         outcome
     }
 
-    /// Whether the guest has gone: the VMM exited, or `vm.info` says
-    /// `Shutdown` or no longer knows the VM.
+    /// Whether the guest has gone: the VMM exited, or a live VMM says the
+    /// guest powered off or no longer knows the VM.
     fn guest_gone(&mut self) -> Result<bool> {
-        if self.process.try_exit()?.is_some() {
-            return Ok(true);
+        match self.status() {
+            Ok(Status::ShutDown(_) | Status::Crashed { .. }) => Ok(true),
+            Ok(_) => Ok(false),
+            Err(err) if err.kind() == ErrorKind::Api => Ok(true),
+            Err(err) => Err(err),
         }
-        Ok(match self.info() {
-            Ok(info) => info.get("state").and_then(Value::as_str) == Some("Shutdown"),
-            Err(err) if err.kind() == ErrorKind::Api => true,
-            Err(err) if err.kind() == ErrorKind::VmmExited => true,
-            Err(err) => return Err(err),
-        })
     }
+}
+
+/// Whether an error body is cloud-hypervisor's API thread saying the VMM
+/// thread no longer takes requests (`ApiError::RequestSend`,
+/// `ResponseRecv`, `EventFdWrite` in v54's vmm/src/api/mod.rs).
+fn control_loop_gone(body: &str) -> bool {
+    let Ok(messages) = serde_json::from_str::<Vec<String>>(body) else { return false };
+    messages.iter().any(|message| {
+        matches!(message.as_str(), "API request send error" | "API response receive error" | "Cannot write to EventFd")
+    })
 }
 
 fn check_response(endpoint: &str, response: Response) -> Result<Response> {
@@ -169,24 +240,33 @@ impl Vmm for ChVm {
     }
 
     fn boot(&mut self) -> Result<()> {
-        self.call("PUT", "vm.boot", None).map(drop)
+        self.call("PUT", "vm.boot", None)?;
+        self.booted = true;
+        Ok(())
     }
 
     fn status(&mut self) -> Result<Status> {
+        // The process first: a dead VMM's socket says nothing true.
         if let Some(status) = self.exited()? {
             return Ok(status);
         }
         let info = match self.info() {
             Ok(info) => info,
-            Err(err) => return self.exited()?.ok_or(err),
+            // `call` has waited for a VMM that was going away.
+            Err(err) if err.kind() == ErrorKind::VmmExited => return self.exited()?.ok_or(err),
+            Err(err) => return Err(err),
         };
         let state = info.get("state").and_then(Value::as_str).unwrap_or("");
         Ok(match state {
-            "Created" => Status::Created,
+            "Created" if !self.booted => Status::Created,
             "Running" => Status::Running,
             "Paused" | "BreakPoint" => Status::Paused,
-            // The guest powered off; the VMM still runs until shutdown().
-            "Shutdown" => Status::ShutDown(ShutdownHow::Guest),
+            // The guest powered off; the VMM still runs (`--no-shutdown`,
+            // which puts the VM back in `Created`) until shutdown().
+            "Shutdown" | "Created" => {
+                self.guest_powered_off = true;
+                Status::ShutDown(ShutdownHow::Guest)
+            }
             other => {
                 return Err(Error::protocol("cloud-hypervisor vm.info", format!("unknown VM state `{other}`")));
             }
@@ -253,5 +333,48 @@ impl Drop for ChVm {
     fn drop(&mut self) {
         let _ = self.process.kill();
         let _ = remove_stale_socket(&self.api_socket);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::process::ExitStatusExt;
+
+    use super::*;
+
+    #[test]
+    fn an_exit_is_a_guest_shutdown_only_after_a_power_off_at_status_0() {
+        let check = |raw_wait_status: i32, powered_off: bool, error: Option<&str>, expected: expect_test::Expect| {
+            let status = classify_exit(
+                ExitStatus::from_raw(raw_wait_status),
+                powered_off,
+                error.map(str::to_owned),
+                "tail".into(),
+            );
+            expected.assert_eq(&status.to_string());
+        };
+        let vcpu =
+            Some("VCPU generated error: VcpuRun(Failed to run vcpu: Unexpected exit reason on vcpu run: InternalError");
+        check(0, true, None, expect_test::expect!["shut down (Guest)"]);
+        check(0, false, None, expect_test::expect!["crashed (exit status: 0 without a guest power-off)"]);
+        check(
+            0,
+            false,
+            vcpu,
+            expect_test::expect![
+                "crashed (VCPU generated error: VcpuRun(Failed to run vcpu: Unexpected exit reason on vcpu run: InternalError (exit status: 0))"
+            ],
+        );
+        // A failing exit is a crash even after the guest powered off.
+        check(1 << 8, true, None, expect_test::expect!["crashed (exit status: 1)"]);
+        check(9, false, None, expect_test::expect!["crashed (signal: 9 (SIGKILL))"]);
+        check(
+            9,
+            true,
+            vcpu,
+            expect_test::expect![
+                "crashed (VCPU generated error: VcpuRun(Failed to run vcpu: Unexpected exit reason on vcpu run: InternalError (signal: 9 (SIGKILL)))"
+            ],
+        );
     }
 }

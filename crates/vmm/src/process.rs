@@ -118,6 +118,12 @@ impl VmmProcess {
         log_tail(&self.log_path, LOG_TAIL_LINES)
     }
 
+    /// The last error the VMM logged (see [`last_error_line`]), searched in
+    /// the log's last 64 KiB: a backtrace may follow it for many lines.
+    pub(crate) fn last_error_line(&self) -> Option<String> {
+        last_error_line(&String::from_utf8_lossy(&read_end(&self.log_path, 64 << 10)))
+    }
+
     /// An error for a VMM that exited while kiln needed it.
     pub(crate) fn exited_error(&self, during: &str, status: ExitStatus) -> Error {
         Error::VmmExited { during: during.to_owned(), status: status.to_string(), log_tail: self.log_tail() }
@@ -144,18 +150,68 @@ fn open_log(path: &Path) -> Result<File> {
 /// The last `lines` lines of the file at `path` (at most its last 8 KiB),
 /// lossily decoded; empty if it cannot be read.
 pub(crate) fn log_tail(path: &Path, lines: usize) -> String {
-    let read = || -> io::Result<Vec<u8>> {
-        let mut file = File::open(path)?;
-        let len = file.metadata()?.len();
-        file.seek(SeekFrom::Start(len.saturating_sub(8192)))?;
-        let mut bytes = Vec::new();
-        file.read_to_end(&mut bytes)?;
-        Ok(bytes)
-    };
-    let bytes = read().unwrap_or_default();
+    let bytes = read_end(path, 8192);
     let text = String::from_utf8_lossy(&bytes);
     let all: Vec<&str> = text.trim_end().lines().collect();
     all[all.len().saturating_sub(lines)..].join("\n")
+}
+
+/// The last `max` bytes of the file at `path`; empty if it cannot be read.
+fn read_end(path: &Path, max: u64) -> Vec<u8> {
+    let read = || -> io::Result<Vec<u8>> {
+        let mut file = File::open(path)?;
+        let len = file.metadata()?.len();
+        file.seek(SeekFrom::Start(len.saturating_sub(max)))?;
+        let mut bytes = Vec::new();
+        file.take(max).read_to_end(&mut bytes)?;
+        Ok(bytes)
+    };
+    read().unwrap_or_default()
+}
+
+/// The last error a VMM log reports, on one line and without the logger's
+/// prefix: cloud-hypervisor's `cloud-hypervisor: 45.1s: <vcpu0>
+/// ERROR:vmm/src/cpu.rs:1487 -- VCPU generated error: ...` becomes `VCPU
+/// generated error: ...`, followed by the causes that anyhow's `{:?}` puts
+/// on the next lines (`Caused by:`, indented), each after `: `; the
+/// backtrace is left out. Error lines are the logger's `ERROR` level, a
+/// Rust panic, or a line that starts with `error`; kiln's own header line
+/// never counts. Pure; the log is not trusted, so the result is cut to 400
+/// characters.
+pub(crate) fn last_error_line(log: &str) -> Option<String> {
+    let lines: Vec<&str> = log.lines().collect();
+    let at = lines.iter().rposition(|line| {
+        let line = line.trim();
+        !line.starts_with("kiln: ")
+            && (line.contains(" ERROR:")
+                || line.contains("panicked at")
+                || line.get(..5).is_some_and(|head| head.eq_ignore_ascii_case("error")))
+    })?;
+    let line = lines[at].trim();
+    let mut message = match line.split_once(" ERROR:") {
+        Some((_, rest)) => rest.split_once(" -- ").map_or(rest, |(_, message)| message),
+        None => line,
+    }
+    .trim()
+    .to_owned();
+    let mut in_causes = false;
+    for line in lines[at + 1..].iter().map(|line| line.trim()) {
+        if line.starts_with("cloud-hypervisor: ") || line == "Stack backtrace:" {
+            break;
+        }
+        if line == "Caused by:" {
+            in_causes = true;
+        } else if in_causes && !line.is_empty() {
+            // Several causes are numbered `0: `, `1: `...
+            let cause = match line.split_once(": ") {
+                Some((number, cause)) if number.chars().all(|c| c.is_ascii_digit()) => cause,
+                _ => line,
+            };
+            message.push_str(": ");
+            message.push_str(cause);
+        }
+    }
+    Some(message.chars().take(400).collect())
 }
 
 /// `binary args...`, each word single-quoted when it is not plain.
@@ -187,6 +243,48 @@ mod tests {
         std::fs::write(&path, (1..=30).map(|n| format!("line {n}\n")).collect::<String>()).expect("write");
         assert_eq!(log_tail(&path, 3), "line 28\nline 29\nline 30");
         assert_eq!(log_tail(&dir.path().join("missing"), 3), "");
+    }
+
+    #[test]
+    fn the_last_error_line_is_found_past_a_backtrace() {
+        let check = |log: &str, expected: expect_test::Expect| {
+            expected.assert_eq(&format!("{:?}", last_error_line(log)));
+        };
+        // What cloud-hypervisor v54 wrote on this nested host (FACTS.md).
+        let vcpu = "kiln: starting cloud-hypervisor --api-socket path=/run/x/api.sock --no-shutdown\n\
+            cloud-hypervisor:   0.725354s: <vcpu0> WARN:vmm/src/cpu.rs:278 -- Kernel lacks CONFIG_SCHED_CORE support - no SMT isolation\n\
+            cloud-hypervisor: 100.633141s: <vcpu0> ERROR:vmm/src/cpu.rs:1487 -- VCPU generated error: VcpuRun(Failed to run vcpu\n\
+            \n\
+            Caused by:\n    Unexpected exit reason on vcpu run: InternalError\n\
+            \n\
+            Stack backtrace:\n   0: <unknown>\n   4: start_thread\n             at ./nptl/pthread_create.c:442:8\n";
+        check(
+            vcpu,
+            expect_test::expect![[
+                r#"Some("VCPU generated error: VcpuRun(Failed to run vcpu: Unexpected exit reason on vcpu run: InternalError")"#
+            ]],
+        );
+        check(
+            "cloud-hypervisor: 1.0s: <vmm> ERROR:vmm/src/lib.rs:1 -- outer\nCaused by:\n    0: middle\n    1: inner\ncloud-hypervisor: 2.0s: <vmm> WARN:x -- later\n",
+            expect_test::expect![[r#"Some("outer: middle: inner")"#]],
+        );
+        check(
+            "thread 'vcpu0' panicked at vmm/src/cpu.rs:10:5:\nboom\nnote: run with `RUST_BACKTRACE=1`\n",
+            expect_test::expect![[r#"Some("thread 'vcpu0' panicked at vmm/src/cpu.rs:10:5:")"#]],
+        );
+        check("Error booting VM: VmBoot(...)\n", expect_test::expect![[r#"Some("Error booting VM: VmBoot(...)")"#]]);
+        check("kiln: starting /bin/error-prone\nfake cloud-hypervisor exiting with 0\n", expect_test::expect!["None"]);
+        check("", expect_test::expect!["None"]);
+    }
+
+    proptest::proptest! {
+        // The log is the VMM's (and a guest can make it write): any text is read safely.
+        #[test]
+        fn any_log_gives_at_most_one_short_line(log in "(?s).{0,600}", prefix in "(ERROR:|error|Caused by:\n|  0: |Stack backtrace:\n|\u{e9}){0,3}") {
+            if let Some(line) = last_error_line(&format!("{prefix}{log}")) {
+                proptest::prop_assert!(line.chars().count() <= 400 && !line.contains('\n'));
+            }
+        }
     }
 
     #[test]

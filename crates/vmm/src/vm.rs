@@ -20,7 +20,9 @@ pub enum Status {
     ShutDown(ShutdownHow),
     /// The VMM exited unexpectedly or the guest died.
     Crashed {
-        /// The exit status (`signal: 9 (SIGKILL)`, `exit status: 1`) or the guest state that says why.
+        /// The exit status (`signal: 9 (SIGKILL)`, `exit status: 1`), after
+        /// the VMM's last logged error when it left one, or the guest state
+        /// that says why.
         reason: String,
         /// The last lines of the VMM's log.
         log_tail: String,

@@ -16,7 +16,7 @@ use std::time::Duration;
 use expect_test::expect;
 use kiln_vmm::{Backend, ErrorKind, LaunchOptions, ShutdownHow, Status, VmPlan, Vmm, ch_vm_config, launch};
 
-use crate::support::{process_exists, run_dir, wait_for};
+use crate::support::{process_exists, process_has_exited, run_dir, wait_for};
 
 /// What the fake server does with one request.
 enum Reply {
@@ -25,6 +25,40 @@ enum Reply {
     Hang,
     /// Make the fake VMM exit with this code, then never answer.
     ExitVmm(i32),
+    /// Answer, then make the fake VMM exit.
+    RespondThenExit(u16, &'static str, Exit),
+    /// Answer, remove the API socket and stop listening (as cloud-hypervisor
+    /// does on its way out), then make the fake VMM exit.
+    RespondThenVanish(u16, &'static str, Exit),
+    /// Send half a `200` response, make the fake VMM exit, close the connection.
+    PartialThenExit(Exit),
+}
+
+/// How the fake VMM exits: its code, a delay before it does (so the API
+/// side is seen broken while the process still runs, the race the real one
+/// shows), and lines it prints to stderr first.
+#[derive(Clone, Copy)]
+struct Exit {
+    code: i32,
+    delay: &'static str,
+    stderr: &'static str,
+}
+
+impl Exit {
+    const fn code(code: i32) -> Exit {
+        Exit { code, delay: "0", stderr: "" }
+    }
+
+    const fn late(code: i32) -> Exit {
+        Exit { code, delay: "0.2", stderr: "" }
+    }
+}
+
+/// Tells the fake VMM in `run` to exit (written whole: the script polls for it).
+fn signal_exit(run: &Path, exit: Exit) {
+    let temp = run.join("exit-now.tmp");
+    std::fs::write(&temp, format!("{}\n{}\n{}", exit.code, exit.delay, exit.stderr)).expect("write exit-now");
+    std::fs::rename(&temp, run.join("exit-now")).expect("signal the fake VMM");
 }
 
 type Handler = Box<dyn FnMut(&str, &str) -> Reply + Send>;
@@ -36,16 +70,20 @@ struct FakeCh {
     thread: Option<JoinHandle<()>>,
 }
 
-/// The fake VMM: records its pid, logs, and exits with the code written to
-/// `exit-now` next to its API socket.
+/// The fake VMM: records its arguments and pid, logs, and exits as
+/// `exit-now` next to its API socket says: its exit code, a delay, then the
+/// lines to print to stderr (see `signal_exit`).
 const FAKE_VMM: &str = r#"#!/bin/sh
 sock=${2#path=}
 dir=$(dirname "$sock")
+echo "$@" > "$dir/fake.args"
 echo $$ > "$dir/fake.pid"
 echo "fake cloud-hypervisor $$ listening on $sock" >&2
 while [ ! -e "$dir/exit-now" ]; do sleep 0.02; done
-code=$(cat "$dir/exit-now")
+sleep "$(sed -n 2p "$dir/exit-now")"
+code=$(head -n 1 "$dir/exit-now")
 echo "fake cloud-hypervisor exiting with $code" >&2
+tail -n +3 "$dir/exit-now" >&2
 exit "$code"
 "#;
 
@@ -131,22 +169,49 @@ fn serve(run: &Path, mut handler: Handler, requests: &Mutex<Vec<(String, String)
         stream.set_nonblocking(false).expect("blocking");
         let Some((method, endpoint, body)) = read_request(&mut stream) else { continue };
         requests.lock().expect("lock").push((format!("{method} {endpoint}"), body));
+        let respond = |stream: &mut UnixStream, status: u16, body: &str| {
+            let response = format!(
+                "HTTP/1.1 {status} X\r\nServer: Cloud Hypervisor API\r\nConnection: keep-alive\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+                body.len()
+            );
+            let _ = stream.write_all(response.as_bytes());
+        };
         match handler(&method, &endpoint) {
             Reply::Respond(status, body) => {
-                let response = format!(
-                    "HTTP/1.1 {status} X\r\nServer: Cloud Hypervisor API\r\nConnection: keep-alive\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
-                    body.len()
-                );
-                let _ = stream.write_all(response.as_bytes());
+                respond(&mut stream, status, body);
                 // micro-http keeps connections open; kiln must not wait for EOF.
                 hung.push(stream);
             }
             Reply::Hang => hung.push(stream),
             Reply::ExitVmm(code) => {
-                std::fs::write(run.join("exit-now"), code.to_string()).expect("signal the fake VMM");
+                signal_exit(run, Exit::code(code));
                 hung.push(stream);
             }
+            Reply::RespondThenExit(status, body, exit) => {
+                respond(&mut stream, status, body);
+                signal_exit(run, exit);
+                hung.push(stream);
+            }
+            Reply::RespondThenVanish(status, body, exit) => {
+                // Gone before kiln has the answer: its next request finds no socket.
+                std::fs::remove_file(run.join("api.sock")).expect("remove the fake API socket");
+                respond(&mut stream, status, body);
+                signal_exit(run, exit);
+                // The listener closes; connections already answered stay.
+                break;
+            }
+            Reply::PartialThenExit(exit) => {
+                let _ = stream.write_all(
+                    b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 400\r\n\r\n{\"config\":{",
+                );
+                signal_exit(run, exit);
+                // The connection closes mid-body.
+            }
         }
+    }
+    drop(listener);
+    while !stop.load(Ordering::Relaxed) {
+        std::thread::sleep(Duration::from_millis(2));
     }
 }
 
@@ -379,4 +444,152 @@ fn fake_ch_missing_binary_is_named() {
     options.binary = Some(dir.path().join("no-cloud-hypervisor"));
     let err = launch(Backend::CloudHypervisor, &plan(), &options).expect_err("missing");
     assert_eq!(err.kind(), ErrorKind::BinaryMissing);
+}
+
+/// What cloud-hypervisor v54 printed on this nested host when the guest
+/// kernel died under KVM, then exited with status 0 (FACTS.md).
+const VCPU_ERROR: &str = "cloud-hypervisor: 100.633141s: <vcpu0> ERROR:vmm/src/cpu.rs:1487 -- VCPU generated error: VcpuRun(Failed to run vcpu
+
+Caused by:
+    Unexpected exit reason on vcpu run: InternalError
+
+Stack backtrace:
+   0: <unknown>
+   4: start_thread
+             at ./nptl/pthread_create.c:442:8
+   5: clone3
+             at ./misc/../sysdeps/unix/sysv/linux/x86_64/clone3.S:81:0)";
+
+/// A fake that answers like a healthy cloud-hypervisor, except that
+/// `special` answers the first request to `endpoint` from `vm.boot` on.
+fn booted_then(endpoint: &'static str, special: Reply) -> Handler {
+    let mut booted = false;
+    let mut special = Some(special);
+    let mut healthy = stateful("Running", true);
+    Box::new(move |method: &str, asked: &str| {
+        booted |= asked == "vm.boot";
+        if booted
+            && asked == endpoint
+            && let Some(reply) = special.take()
+        {
+            return reply;
+        }
+        healthy(method, asked)
+    })
+}
+
+/// Asserts `status` is a crash whose reason is `reason`, and that the VMM
+/// and its socket are gone.
+fn assert_crashed(status: Status, reason: &str, fake: &FakeCh) {
+    match status {
+        Status::Crashed { reason: actual, log_tail } => {
+            assert_eq!(actual, reason, "log tail:\n{log_tail}");
+            assert!(log_tail.contains("fake cloud-hypervisor exiting with"), "{log_tail}");
+        }
+        other => panic!("expected a crash, got {other:?}"),
+    }
+    let pid = fake.vmm_pid();
+    assert!(!process_exists(pid), "fake VMM {pid} was not reaped");
+    assert!(!fake.run().join("api.sock").exists(), "API socket left behind");
+}
+
+#[test]
+fn fake_ch_vmm_vanishing_after_boot_is_a_crash_not_a_socket_error() {
+    // Run 2 of issue 19: the socket is gone a moment before the process exits.
+    let fake = FakeCh::start(booted_then("vm.boot", Reply::RespondThenVanish(204, "", Exit::late(0))));
+    let mut vm = launch(Backend::CloudHypervisor, &plan(), &fake.options()).expect("launch");
+    vm.boot().expect("boot is acknowledged");
+    let status = vm.status().expect("a vanished socket is the VMM exiting, not an error");
+    assert_crashed(status, "exit status: 0 without a guest power-off", &fake);
+    // Classified once: asking again gives the same answer.
+    assert_eq!(vm.status().expect("status"), vm.shutdown(Duration::from_secs(5)).expect("shutdown"));
+}
+
+#[test]
+fn fake_ch_vmm_exiting_mid_reply_is_a_crash() {
+    let fake = FakeCh::start(booted_then("vm.info", Reply::PartialThenExit(Exit::late(0))));
+    let mut vm = launch(Backend::CloudHypervisor, &plan(), &fake.options()).expect("launch");
+    vm.boot().expect("boot");
+    let status = vm.status().expect("a cut reply from an exiting VMM is not a protocol error");
+    assert_crashed(status, "exit status: 0 without a guest power-off", &fake);
+}
+
+#[test]
+fn fake_ch_vmm_whose_control_loop_is_gone_is_a_crash_not_an_api_error() {
+    // What the real v54 answered on this host while it exited after the vCPU error.
+    let gone = r#"["Error from API","API response receive error","receiving on a closed channel"]"#;
+    let fake = FakeCh::start(booted_then("vm.info", Reply::RespondThenExit(500, gone, Exit::late(0))));
+    let mut vm = launch(Backend::CloudHypervisor, &plan(), &fake.options()).expect("launch");
+    vm.boot().expect("boot");
+    let status = vm.status().expect("an exiting VMM's API thread is not an API error");
+    assert_crashed(status, "exit status: 0 without a guest power-off", &fake);
+}
+
+#[test]
+fn fake_ch_vmm_exiting_during_the_power_button_grace_is_a_crash() {
+    let fake = FakeCh::start(booted_then("vm.power-button", Reply::RespondThenExit(204, "", Exit::code(0))));
+    let mut vm = launch(Backend::CloudHypervisor, &plan(), &fake.options()).expect("launch");
+    vm.boot().expect("boot");
+    let started = std::time::Instant::now();
+    let status = vm.shutdown(Duration::from_secs(60)).expect("shutdown");
+    assert!(started.elapsed() < Duration::from_secs(10), "the grace was waited out: {:?}", started.elapsed());
+    assert_crashed(status, "exit status: 0 without a guest power-off", &fake);
+    assert!(!fake.requests().contains("vmm.shutdown"), "{}", fake.requests());
+}
+
+#[test]
+fn fake_ch_vmm_logging_an_error_and_exiting_0_is_a_crash_with_that_error() {
+    // Run 1 of issue 19: the vCPU error, a backtrace, exit status 0.
+    let fake = FakeCh::start(stateful("Running", true));
+    let mut vm = launch(Backend::CloudHypervisor, &plan(), &fake.options()).expect("launch");
+    vm.boot().expect("boot");
+    assert_eq!(vm.status().expect("status"), Status::Running);
+    signal_exit(&fake.run(), Exit { code: 0, delay: "0", stderr: VCPU_ERROR });
+    let status = wait_for("the fake VMM to exit", Duration::from_secs(10), || {
+        let status = vm.status().expect("status");
+        (status != Status::Running).then_some(status)
+    });
+    assert_crashed(
+        status.clone(),
+        "VCPU generated error: VcpuRun(Failed to run vcpu: Unexpected exit reason on vcpu run: InternalError (exit status: 0)",
+        &fake,
+    );
+    let Status::Crashed { log_tail, .. } = &status else { unreachable!() };
+    assert!(log_tail.contains("Stack backtrace:"), "{log_tail}");
+    assert_eq!(vm.shutdown(Duration::from_secs(5)).expect("shutdown"), status, "a crash stays a crash");
+    vm.kill().expect("kill after the exit");
+    assert_eq!(vm.status().expect("status"), status);
+}
+
+#[test]
+fn fake_ch_guest_power_off_then_vmm_exit_is_a_guest_shutdown() {
+    // cloud-hypervisor v54 with `--no-shutdown` puts a VM whose guest powered
+    // off back in `Created`; an older answer is `Shutdown`. Either, seen from
+    // a live VMM, makes a later exit at status 0 a clean stop.
+    for state_after_power_off in ["Created", "Shutdown"] {
+        let mut booted = false;
+        let fake = FakeCh::start(Box::new(move |method: &str, endpoint: &str| match endpoint {
+            "vm.boot" => {
+                booted = true;
+                Reply::Respond(204, "")
+            }
+            "vm.info" if booted => Reply::Respond(
+                200,
+                if state_after_power_off == "Created" { r#"{"state":"Created"}"# } else { r#"{"state":"Shutdown"}"# },
+            ),
+            _ => stateful("Running", true)(method, endpoint),
+        }));
+        let mut vm = launch(Backend::CloudHypervisor, &plan(), &fake.options()).expect("launch");
+        fake.vmm_pid(); // written after fake.args
+        let args = std::fs::read_to_string(fake.run().join("fake.args")).expect("the fake's arguments");
+        assert!(args.contains("--no-shutdown"), "a guest power-off must leave the VMM running: {args}");
+        vm.boot().expect("boot");
+        assert_eq!(vm.status().expect("status"), Status::ShutDown(ShutdownHow::Guest), "{state_after_power_off}");
+        let pid = vm.pid();
+        assert!(process_exists(pid), "the fake VMM is still running");
+        signal_exit(&fake.run(), Exit::code(0));
+        wait_for("the fake VMM to exit", Duration::from_secs(10), || process_has_exited(pid).then_some(()));
+        assert_eq!(vm.status().expect("status"), Status::ShutDown(ShutdownHow::Guest), "{state_after_power_off}");
+        assert!(!fake.run().join("api.sock").exists(), "API socket left behind");
+    }
 }

@@ -41,3 +41,12 @@ pub(crate) fn wait_for<T>(what: &str, timeout: Duration, mut done: impl FnMut() 
 pub(crate) fn process_exists(pid: u32) -> bool {
     Path::new(&format!("/proc/{pid}")).exists()
 }
+
+/// Whether process `pid` has exited: gone, or a zombie not yet reaped.
+pub(crate) fn process_has_exited(pid: u32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        // The state follows the command name, which is in parentheses.
+        Ok(stat) => stat.rsplit_once(')').is_some_and(|(_, rest)| rest.trim_start().starts_with('Z')),
+        Err(_) => true,
+    }
+}
