@@ -81,6 +81,8 @@ pub(crate) struct RenderArgs {
 }
 
 pub(crate) fn run(args: &RunArgs) -> Result<ExitCode> {
+    // Everything kiln run (and the VMM it starts) creates is the owner's only.
+    rustix::process::umask(rustix::fs::Mode::from_raw_mode(0o077));
     let spec = Spec::load(&args.spec)?;
     if args.detach && std::env::var_os(DETACHED_ENV).is_none() {
         return detach(args, &spec);
@@ -109,9 +111,17 @@ pub(crate) fn run(args: &RunArgs) -> Result<ExitCode> {
 fn detach(args: &RunArgs, spec: &Spec) -> Result<ExitCode> {
     let state = state()?;
     let dir = state.vm_dir(spec.name.as_str());
-    std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    std::os::unix::fs::DirBuilderExt::mode(std::fs::DirBuilder::new().recursive(true), 0o700)
+        .create(&dir)
+        .with_context(|| format!("cannot create {}", dir.display()))?;
+    // It may hold what the service prints: the owner's only, like the console log.
     let log_path = dir.join("launcher.log");
-    let log = std::fs::File::create(&log_path).with_context(|| format!("cannot create {}", log_path.display()))?;
+    let log = std::os::unix::fs::OpenOptionsExt::mode(
+        std::fs::OpenOptions::new().write(true).create(true).truncate(true),
+        0o600,
+    )
+    .open(&log_path)
+    .with_context(|| format!("cannot create {}", log_path.display()))?;
     let mut command = Command::new(std::env::current_exe().context("cannot find the kiln binary")?);
     command.arg("run").arg(&args.spec);
     if let Some(vmm) = args.vmm {
