@@ -110,6 +110,9 @@ pub(crate) fn run(args: &RunArgs) -> Result<ExitCode> {
 /// `launcher.log`, and waits until its VM runs (or it fails).
 fn detach(args: &RunArgs, spec: &Spec) -> Result<ExitCode> {
     let state = state()?;
+    // No gc pass may remove the VM's directory (and this log with it, if an
+    // old stopped record is there) until the background run has claimed it.
+    let mut gc_held_off = Some(state.hold_off_gc()?);
     let dir = state.vm_dir(spec.name.as_str());
     std::os::unix::fs::DirBuilderExt::mode(std::fs::DirBuilder::new().recursive(true), 0o700)
         .create(&dir)
@@ -138,10 +141,15 @@ fn detach(args: &RunArgs, spec: &Spec) -> Result<ExitCode> {
             let log = std::fs::read_to_string(&log_path).unwrap_or_default();
             bail!("the background kiln run exited ({status}) before its VM ran:\n{}", log.trim_end());
         }
-        let running = state
+        let ours: Vec<_> = state
             .list()?
             .into_iter()
-            .any(|e| e.record.name == spec.name.as_str() && e.alive && e.record.phase >= Phase::Running);
+            .filter(|e| e.record.name == spec.name.as_str() && e.alive && e.record.launcher_pid == child.id())
+            .collect();
+        if !ours.is_empty() {
+            drop(gc_held_off.take());
+        }
+        let running = ours.iter().any(|e| e.record.phase >= Phase::Running);
         if running {
             println!("kiln: {} runs in the background (kiln run pid {})", spec.name, child.id());
             println!("      console: kiln logs -f {0}; stop: kiln stop {0}", spec.name);

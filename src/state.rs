@@ -218,6 +218,13 @@ impl StateDir {
         self.lock_state(FlockOperation::NonBlockingLockExclusive)
     }
 
+    /// Takes `<state>/gc.lock` shared: no gc pass starts until it drops
+    /// (claims go on). `kiln run --detach` holds it from creating the VM's
+    /// directory until its background run has claimed the VM.
+    pub fn hold_off_gc(&self) -> Result<StateLock> {
+        self.lock_state(FlockOperation::NonBlockingLockShared)
+    }
+
     fn lock_state(&self, operation: FlockOperation) -> Result<StateLock> {
         let path = self.root.join(GC_LOCK_FILE);
         let file = open_private(&path)?;
@@ -263,7 +270,7 @@ impl StateDir {
     /// It holds `<state>/gc.lock` shared meanwhile (see the module doc), so
     /// it waits for a gc pass under way.
     pub fn claim(&self, name: &str, record: VmRecord) -> Result<VmClaim> {
-        let _no_gc_meanwhile = self.lock_state(FlockOperation::NonBlockingLockShared)?;
+        let _no_gc_meanwhile = self.hold_off_gc()?;
         let dir = self.vm_dir(name);
         make_private_dir(&dir)?;
         let lock = open_lock(&dir)?;

@@ -113,7 +113,8 @@ fn leftovers(netns: &str, state_dir: &Path) -> Result<Vec<String>> {
         }
     }
     // No table at all (nft fails) holds no elements either.
-    let (_, table) = output(Command::new("ip").args(["netns", "exec", netns, "nft", "-j", "list", "table", "inet", "kiln"]))?;
+    let (_, table) =
+        output(Command::new("ip").args(["netns", "exec", netns, "nft", "-j", "list", "table", "inet", "kiln"]))?;
     let mut tags: Vec<&str> = table.match_indices("kiln-vm:").map(|(at, _)| &table[at..]).collect();
     tags.iter_mut().for_each(|tag| *tag = tag.split('"').next().unwrap_or(tag));
     tags.sort_unstable();
