@@ -212,3 +212,45 @@ impl Drop for Netns {
         let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
     }
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use std::process::Stdio;
+
+    use super::*;
+
+    /// The demo's closing claim can fail: each kind of leftover is named.
+    #[test]
+    fn demo_leftovers_names_a_tap_elements_a_lease_and_a_process() {
+        if !debian::is_root() {
+            let required = std::env::var_os("KILN_REQUIRE_TOOLS").is_some_and(|v| !v.is_empty() && v != "0");
+            assert!(!required, "needs root for a network namespace (KILN_REQUIRE_TOOLS is set)");
+            eprintln!("SKIPPED: demo_leftovers_names_a_tap_elements_a_lease_and_a_process: needs root");
+            return;
+        }
+        let netns = Netns::create(&format!("kiln-demo-test-{}", std::process::id())).unwrap();
+        let state = std::env::temp_dir().join(format!("kiln-demo-test-{}", std::process::id()));
+        fs::create_dir_all(state.join("leases")).unwrap();
+        assert_eq!(leftovers(&netns.0, &state).unwrap(), Vec::<String>::new(), "a clean namespace");
+
+        run_command(Command::new("ip").args(["-n", &netns.0, "tuntap", "add", "kt-demo", "mode", "tap"])).unwrap();
+        let nft = |rule: &str| run_command(Command::new("ip").args(["netns", "exec", &netns.0, "nft", rule])).unwrap();
+        nft("add table inet kiln");
+        nft("add set inet kiln vm_taps { type ifname; }");
+        nft(r#"add element inet kiln vm_taps { "kt-demo" comment "kiln-vm:demo" }"#);
+        fs::write(state.join("leases/leases.json"), r#"{"leases":{"demo":{"index":0,"pid":1,"created":0}}}"#).unwrap();
+        let mut process =
+            Command::new("sh").args(["-c", "read -r line", "sh"]).arg(&state).stdin(Stdio::piped()).spawn().unwrap();
+        let left = leftovers(&netns.0, &state).unwrap();
+        process.kill().unwrap();
+        process.wait().unwrap();
+        fs::remove_dir_all(&state).unwrap();
+        assert_eq!(left.len(), 4, "{left:#?}");
+        assert_eq!(left[0], "tap kt-demo");
+        assert_eq!(left[1], "nftables elements tagged kiln-vm:demo");
+        assert!(left[2].starts_with("a lease in "), "{}", left[2]);
+        assert!(left[3].starts_with(&format!("process {}: sh -c read -r line sh ", process.id())), "{}", left[3]);
+    }
+}
