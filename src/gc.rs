@@ -93,7 +93,8 @@ pub fn collect_garbage(state: &StateDir, host: &HostHandles, dry_run: bool) -> R
             actions.push(format!("remove the state of VM {}", entry.record.name));
             continue;
         }
-        // Between list and claim a launcher may have taken it: then it is not ours.
+        // No launcher claims it while gc holds its lock; the VM lock is taken
+        // all the same, so a launcher that was alive after all is never robbed.
         let Some(claim) = state.claim_dead(&gc_lock, &entry.record.name)? else { continue };
         actions.extend(release_vm(&claim.record, host, false)?);
         actions.push(format!("remove the state of VM {}", claim.record.name));
