@@ -32,6 +32,13 @@ pub enum Error {
     StateIo { path: std::path::PathBuf, source: std::io::Error },
     #[error("State file {} is corrupt: {reason}", path.display())]
     StateCorrupt { path: std::path::PathBuf, reason: String },
+    #[error("Waited {seconds} s for {}, which another kiln gc or kiln run holds; is a kiln process stuck?", path.display())]
+    StateLockTimeout { path: std::path::PathBuf, seconds: u64 },
+    #[error(
+        "Data disk {} is {} but resources.storage asks for {}; kiln does not resize data disks: set storage back, or move the disk away to start with a blank one",
+        path.display(), crate::error::show_bytes(*disk), crate::error::show_bytes(*storage)
+    )]
+    DataDiskSizeChanged { path: std::path::PathBuf, disk: u64, storage: u64 },
     #[error("VM `{name}` is already running{}", pid.map(|p| format!(" (kiln run pid {p})")).unwrap_or_default())]
     VmBusy { name: String, pid: Option<u32> },
     #[error("VM `{name}` was not stopped cleanly; run `kiln gc` to release what it held")]
@@ -64,6 +71,15 @@ pub enum Error {
     Net(#[from] kiln_net::Error),
     #[error(transparent)]
     Image(#[from] kiln_imagefmt::Error),
+}
+
+/// `16777216 bytes (16 MiB)`: exact, and readable.
+pub(crate) fn show_bytes(bytes: u64) -> String {
+    match bytes {
+        b if b >= 1 << 30 && b % (1 << 30) == 0 => format!("{b} bytes ({} GiB)", b >> 30),
+        b if b >= 1 << 20 && b % (1 << 20) == 0 => format!("{b} bytes ({} MiB)", b >> 20),
+        b => format!("{b} bytes"),
+    }
 }
 
 impl Error {

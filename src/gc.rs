@@ -4,13 +4,17 @@
 //! Every step is idempotent and tolerates the resource never having been
 //! created (the record names a resource *before* it exists), so the same
 //! code serves a clean stop, a crash mid-launch and a second gc.
+//!
+//! A gc pass holds the state directory's `gc.lock` exclusively from its
+//! listing to its last orphan (see [`crate::state`] for the protocol), so
+//! no VM is claimed in between and two passes never overlap.
 
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use kiln_net::{Ledger, Nft, Tap};
+use kiln_net::{Ledger, Nft, Tap, tap_name};
 
-use crate::state::{StateDir, VmRecord};
+use crate::state::{StateDir, VmRecord, VmmInfo};
 use crate::{HostNet, Result};
 
 /// The host handles cleanup needs.
@@ -32,13 +36,13 @@ impl HostHandles {
 pub type GcAction = String;
 
 /// Releases everything `record` names: kills its VMM (only if that pid is
-/// still the VMM: its command line names the VM's run directory), deletes
+/// still the VMM: see [`is_recorded_vmm`]), deletes
 /// its tap, its firewall elements and its lease. Returns what it did.
 pub fn release_vm(record: &VmRecord, host: &HostHandles, dry_run: bool) -> Result<Vec<GcAction>> {
     let name = &record.name;
     let mut actions = Vec::new();
     if let Some(vmm) = &record.vmm
-        && vmm_still_runs(vmm.pid, &vmm.run_dir)
+        && is_recorded_vmm(vmm)
     {
         actions.push(format!("kill {} (pid {}) of VM {name}", vmm.backend, vmm.pid));
         if !dry_run {
@@ -79,6 +83,8 @@ pub fn release_vm(record: &VmRecord, host: &HostHandles, dry_run: bool) -> Resul
 /// holds that no live VM claims (rules, leases, `kt-` taps).
 pub fn collect_garbage(state: &StateDir, host: &HostHandles, dry_run: bool) -> Result<Vec<GcAction>> {
     let mut actions = Vec::new();
+    // Held to the end: no claim and no other gc until the orphans are done.
+    let gc_lock = state.lock_for_gc()?;
     let entries = state.list()?;
     let alive: Vec<&VmRecord> = entries.iter().filter(|e| e.alive).map(|e| &e.record).collect();
     for entry in entries.iter().filter(|e| !e.alive) {
@@ -87,13 +93,17 @@ pub fn collect_garbage(state: &StateDir, host: &HostHandles, dry_run: bool) -> R
             actions.push(format!("remove the state of VM {}", entry.record.name));
             continue;
         }
-        // Between list and claim a launcher may have taken it: then it is not ours.
-        let Some(claim) = state.claim_dead(&entry.record.name)? else { continue };
+        // No launcher claims it while gc holds its lock; the VM lock is taken
+        // all the same, so a launcher that was alive after all is never robbed.
+        let Some(claim) = state.claim_dead(&gc_lock, &entry.record.name)? else { continue };
         actions.extend(release_vm(&claim.record, host, false)?);
         actions.push(format!("remove the state of VM {}", claim.record.name));
         claim.remove()?;
     }
 
+    pause_if_asked();
+    // By name, not by what the records name yet: a VM listed while still
+    // starting may take its lease, tap and elements during this pass.
     let alive_names: Vec<&str> = alive.iter().map(|r| r.name.as_str()).collect();
     let orphans: Vec<String> =
         host.nft.list_vms()?.into_iter().filter(|id| !alive_names.contains(&id.as_str())).collect();
@@ -111,16 +121,29 @@ pub fn collect_garbage(state: &StateDir, host: &HostHandles, dry_run: bool) -> R
             }
         }
     }
-    let alive_taps: Vec<&str> = alive.iter().filter_map(|r| r.tap.as_deref()).collect();
+    let alive_taps: Vec<String> =
+        alive.iter().flat_map(|r| r.tap.clone().into_iter().chain(tap_name(&r.name).ok())).collect();
     for tap in kiln_taps() {
-        if !alive_taps.contains(&tap.as_str()) {
+        if !alive_taps.contains(&tap) {
             actions.push(format!("delete orphaned tap {tap}"));
             if !dry_run {
                 Tap::delete(&tap)?;
             }
         }
     }
+    drop(gc_lock);
     Ok(actions)
+}
+
+/// For race tests only: `kiln gc` pauses this many milliseconds between
+/// its listing and its orphan pass, the window in which a VM that starts
+/// would look like an orphan if launchers did not wait for gc.
+pub(crate) const GC_TEST_PAUSE_ENV: &str = "KILN_GC_TEST_PAUSE_MS";
+
+fn pause_if_asked() {
+    let Some(ms) = std::env::var(GC_TEST_PAUSE_ENV).ok().and_then(|v| v.parse::<u64>().ok()) else { return };
+    eprintln!("kiln gc: {GC_TEST_PAUSE_ENV}: pausing {ms} ms after listing");
+    std::thread::sleep(Duration::from_millis(ms));
 }
 
 /// kiln's taps (`kt-*`) in this network namespace.
@@ -132,12 +155,31 @@ fn kiln_taps() -> Vec<String> {
     taps
 }
 
-/// Whether `pid` runs and its command line mentions `run_dir` (so a reused
-/// pid is never killed).
-fn vmm_still_runs(pid: u32, run_dir: &Path) -> bool {
-    let Ok(cmdline) = std::fs::read(format!("/proc/{pid}/cmdline")) else { return false };
-    let needle = run_dir.as_os_str().as_encoded_bytes();
-    !needle.is_empty() && cmdline.windows(needle.len()).any(|w| w == needle)
+/// The command line of process `pid`, split at NULs, as a VMM record keeps
+/// it; `None` if it cannot be read or is not UTF-8.
+pub(crate) fn process_argv(pid: u32) -> Option<Vec<String>> {
+    let bytes = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+    let bytes = bytes.strip_suffix(b"\0")?;
+    bytes.split(|&b| b == 0).map(|arg| String::from_utf8(arg.to_vec()).ok()).collect()
+}
+
+/// Whether `vmm.pid` is still the VMM the record names: its
+/// `/proc/<pid>/cmdline` is the recorded argv byte for byte, and it leads
+/// its own process group (kiln-vmm starts it so). A pid reused by any other
+/// process, even one whose command line mentions the VM's files, fails.
+fn is_recorded_vmm(vmm: &VmmInfo) -> bool {
+    if vmm.pid == 0 || vmm.argv.is_empty() {
+        return false;
+    }
+    let expected: Vec<u8> = vmm.argv.iter().flat_map(|arg| arg.bytes().chain([0])).collect();
+    let Ok(cmdline) = std::fs::read(format!("/proc/{}/cmdline", vmm.pid)) else { return false };
+    cmdline == expected && process_group(vmm.pid) == Some(vmm.pid)
+}
+
+/// Field 5 of `/proc/<pid>/stat` (after the parenthesised command name).
+fn process_group(pid: u32) -> Option<u32> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    stat.rsplit_once(')')?.1.split_whitespace().nth(2)?.parse().ok()
 }
 
 /// SIGKILLs the process group `pid` leads and waits (up to 5 s) for `pid`
@@ -156,5 +198,76 @@ fn kill_group_and_wait(pid: u32) {
             Ok(_) => std::thread::sleep(Duration::from_millis(10)),
             Err(_) => return,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::process::CommandExt;
+    use std::process::{Child, Command, Stdio};
+
+    use super::*;
+
+    /// A `sh` (blocked in its builtin `read`, so no child of its own)
+    /// whose command line names the run directory.
+    fn vmm_info(child: &Child, run_dir: &Path) -> VmmInfo {
+        // Until the exec is done /proc shows the forked test binary.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let argv = loop {
+            match process_argv(child.id()) {
+                Some(argv) if argv.first().is_some_and(|a| a == "sh") => break argv,
+                _ if Instant::now() > deadline => panic!("sh never started"),
+                _ => std::thread::sleep(Duration::from_millis(5)),
+            }
+        };
+        VmmInfo { backend: "qemu".into(), pid: child.id(), run_dir: run_dir.to_path_buf(), argv }
+    }
+
+    #[test]
+    fn gc_kills_only_the_recorded_vmm_by_exact_argv_and_process_group() {
+        let run_dir = tempfile::tempdir().unwrap();
+        let mention = run_dir.path().join("qmp.sock");
+        // A process whose command line mentions the run directory but is
+        // not the recorded VMM (the old check matched it).
+        let mut bystander = Command::new("sh")
+            .args(["-c", "read -r line", "sh"])
+            .arg(&mention)
+            .stdin(Stdio::piped())
+            .process_group(0)
+            .spawn()
+            .unwrap();
+        let mut recorded = vmm_info(&bystander, run_dir.path());
+        recorded.argv = vec!["qemu-system-x86_64".into(), "-qmp".into(), mention.display().to_string()];
+        assert!(!is_recorded_vmm(&recorded), "a process merely mentioning the run dir matched");
+        let ledger_dir = tempfile::tempdir().unwrap();
+        let host = HostHandles {
+            nft: Nft::new(),
+            ledger: Ledger::open(ledger_dir.path(), "10.213.0.0/16".parse().unwrap(), 30).unwrap(),
+        };
+        let record = VmRecord { name: "web".into(), vmm: Some(recorded), ..VmRecord::default() };
+        let actions = release_vm(&record, &host, false).unwrap();
+        assert!(actions.is_empty(), "{actions:?}");
+        assert!(bystander.try_wait().unwrap().is_none(), "gc killed a bystander");
+
+        // The exact argv, but not its own process group leader.
+        let mut not_leader =
+            Command::new("sh").args(["-c", "read -r line", "sh"]).arg(&mention).stdin(Stdio::piped()).spawn().unwrap();
+        let info = vmm_info(&not_leader, run_dir.path());
+        assert_eq!(process_group(not_leader.id()), process_group(std::process::id()));
+        assert!(!is_recorded_vmm(&info), "a process outside its own group matched");
+
+        // The recorded VMM itself: exact argv, its own group; gc kills it.
+        let info = vmm_info(&bystander, run_dir.path());
+        assert!(is_recorded_vmm(&info));
+        let record = VmRecord { name: "web".into(), vmm: Some(info.clone()), ..VmRecord::default() };
+        let actions = release_vm(&record, &host, false).unwrap();
+        assert_eq!(actions.len(), 1, "{actions:?}");
+        let status = bystander.wait().unwrap();
+        assert_eq!(std::os::unix::process::ExitStatusExt::signal(&status), Some(9));
+        // The pid left behind by a dead VMM matches nothing.
+        assert!(!is_recorded_vmm(&info));
+        assert!(!is_recorded_vmm(&VmmInfo { argv: Vec::new(), ..info }), "no recorded argv, no kill");
+        not_leader.kill().unwrap();
+        not_leader.wait().unwrap();
     }
 }

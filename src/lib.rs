@@ -38,4 +38,4 @@ pub use spec::{
     PciAddress, PodSecurity, PortSpec, PublishSpec, Resources, Service, Spec, Toleration, VmSettings,
     rewrite_loopback_urls,
 };
-pub use state::{ExitInfo, LeaseInfo, Phase, STATE_DIR_ENV, StateDir, VmClaim, VmEntry, VmRecord, VmmInfo};
+pub use state::{ExitInfo, LeaseInfo, Phase, STATE_DIR_ENV, StateDir, StateLock, VmClaim, VmEntry, VmRecord, VmmInfo};

@@ -237,19 +237,46 @@ pub fn vm_plan(
 pub const DATA_DISK_SERIAL: &str = "kiln-data";
 
 /// Builds (or reuses) the service disk, writes the seed, and creates the
-/// data disk if it does not exist. Returns whether the service disk was reused.
+/// data disk if it does not exist; an existing data disk of another size
+/// than `resources.storage` is refused ([`Error::DataDiskSizeChanged`]).
+/// Returns whether the service disk was reused.
 pub fn build_images(spec: &Spec, files: &VmFiles, lease: &LeaseInfo) -> Result<bool> {
+    if let (Some(data), Some(size)) = (&files.data, spec.resources.storage) {
+        check_data_disk(data, size.0)?;
+    }
     let reused = build_service_disk(spec, &files.service, lease)?;
     let seed = seed(spec, lease);
     let tree = seed.tree()?;
     let options = FatOptions { label: Some(NoCloudSeed::LABEL.to_owned()), ..FatOptions::default() };
     tree.layout(&options)?.write_file(&files.seed, None)?;
+    make_private(&files.seed)?;
     if let (Some(data), Some(size)) = (&files.data, spec.resources.storage)
         && !data.exists()
     {
         create_blank_disk(data, size.0)?;
     }
     Ok(reused)
+}
+
+/// An existing data disk must have the size the spec asks for: growing it
+/// needs `resize2fs` in the guest (busybox has none), and shrinking loses data.
+fn check_data_disk(path: &Path, storage: u64) -> Result<()> {
+    match fs::metadata(path) {
+        Ok(meta) if meta.len() != storage => {
+            Err(Error::DataDiskSizeChanged { path: path.to_path_buf(), disk: meta.len(), storage })
+        }
+        Ok(_) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(source) => Err(Error::InputIo { path: path.to_path_buf(), source }),
+    }
+}
+
+/// Images in the VM's directory are the owner's only, secret or not (the
+/// image writer makes a non-secret image 0644).
+fn make_private(path: &Path) -> Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    fs::set_permissions(path, fs::Permissions::from_mode(0o600))
+        .map_err(|source| Error::InputIo { path: path.to_path_buf(), source })
 }
 
 fn service_disk(spec: &Spec, lease: &LeaseInfo) -> Result<ServiceDisk> {
@@ -272,24 +299,31 @@ fn service_disk(spec: &Spec, lease: &LeaseInfo) -> Result<ServiceDisk> {
 }
 
 /// Writes the service disk unless the one there was built from the same
-/// inputs (same launch script, and every input file with the same path,
-/// size, mtime and inode): a warm start then costs a few `stat`s.
+/// inputs (same kiln, same image options and epoch, same launch script, and
+/// every input file with the same path, size, mtime, inode and mode): a
+/// warm start then costs a few `stat`s.
 fn build_service_disk(spec: &Spec, path: &Path, lease: &LeaseInfo) -> Result<bool> {
     let disk = service_disk(spec, lease)?;
-    let key = format!("{:016x}", inputs_key(&disk)?);
+    let options = FatOptions { label: Some(ServiceDisk::LABEL.to_owned()), ..FatOptions::default() };
+    let key = format!("{:016x}", inputs_key(&disk, &options, env!("CARGO_PKG_VERSION"))?);
     let key_path = path.with_extension("key");
     if path.is_file() && fs::read_to_string(&key_path).is_ok_and(|old| old == key) {
         return Ok(true);
     }
     let tree: FatTree = disk.tree()?;
-    let options = FatOptions { label: Some(ServiceDisk::LABEL.to_owned()), ..FatOptions::default() };
     tree.layout(&options)?.write_file(path, None)?;
+    make_private(path)?;
     crate::state::write_private_atomically(&key_path, key.as_bytes())?;
     Ok(false)
 }
 
-fn inputs_key(disk: &ServiceDisk) -> Result<u64> {
+/// The warm cache key: everything the service disk's bytes depend on.
+fn inputs_key(disk: &ServiceDisk, options: &FatOptions, kiln_version: &str) -> Result<u64> {
     let mut hasher = DefaultHasher::new();
+    // The writer's version, then every layout option (label, epoch from
+    // SOURCE_DATE_EPOCH, volume id, type, size, cluster size) as it stands.
+    kiln_version.hash(&mut hasher);
+    format!("{options:?}").hash(&mut hasher);
     disk.launch.render()?.hash(&mut hasher);
     let stat = |path: &Path, hasher: &mut DefaultHasher| -> Result<()> {
         let meta = fs::metadata(path).map_err(|source| Error::InputIo { path: path.to_path_buf(), source })?;
@@ -475,14 +509,20 @@ fn launch_and_wait(
         .open(&files.console_log)
         .map_err(|source| Error::InputIo { path: files.console_log.clone(), source })?;
     claim.record.console_log = Some(files.console_log.clone());
-    claim.record.vmm =
-        Some(VmmInfo { backend: backend_name(backend).to_owned(), pid: 0, run_dir: files.run_dir.clone() });
+    claim.record.vmm = Some(VmmInfo {
+        backend: backend_name(backend).to_owned(),
+        pid: 0,
+        run_dir: files.run_dir.clone(),
+        argv: Vec::new(),
+    });
     step(claim, observer, Phase::Vmm, &format!("starting {}", backend_name(backend)))?;
     let host_ms = started.elapsed().as_secs_f64() * 1e3;
     let vmm =
         slots.vmm.insert(kiln_vmm::launch(backend, &plan, &LaunchOptions::new(&files.run_dir)).map_err(Error::Vmm)?);
     if let Some(info) = &mut claim.record.vmm {
         info.pid = vmm.pid();
+        // Its exact command line, which gc matches before it kills that pid.
+        info.argv = crate::gc::process_argv(info.pid).unwrap_or_default();
     }
     step(claim, observer, Phase::Booting, "booting")?;
     let boot_request_ms = started.elapsed().as_secs_f64() * 1e3;
@@ -600,6 +640,52 @@ mod tests {
         let failed = "kiln-init: FAILED: no disk labelled SERVICEDISK\nkiln-init: powering off\n";
         assert_eq!(exit_from_console(failed), Some((None, "guest failed: no disk labelled SERVICEDISK".to_owned())));
         assert_eq!(exit_from_console("nothing here\n"), None);
+    }
+
+    #[test]
+    fn run_cache_key_covers_kiln_version_epoch_label_and_every_fat_option() {
+        let dir = tempfile::tempdir().unwrap();
+        let binary = dir.path().join("service");
+        fs::write(&binary, b"#!/bin/sh\n").unwrap();
+        let disk = ServiceDisk { binary, launch: LaunchScript::default(), trees: Vec::new() };
+        let base = FatOptions { label: Some(ServiceDisk::LABEL.to_owned()), epoch: 0, ..FatOptions::default() };
+        let key = |options: &FatOptions, version: &str| inputs_key(&disk, options, version).unwrap();
+        let reference = key(&base, "0.1.0");
+        assert_eq!(reference, key(&base.clone(), "0.1.0"), "the key is stable");
+        let changed: Vec<(&str, u64)> = vec![
+            ("kiln version", key(&base, "0.1.1")),
+            ("epoch (SOURCE_DATE_EPOCH)", key(&FatOptions { epoch: 1_700_000_000, ..base.clone() }, "0.1.0")),
+            ("label", key(&FatOptions { label: Some("OTHER".into()), ..base.clone() }, "0.1.0")),
+            ("volume id", key(&FatOptions { volume_id: Some(7), ..base.clone() }, "0.1.0")),
+            ("FAT type", key(&FatOptions { fat_type: Some(kiln_imagefmt::FatType::Fat32), ..base.clone() }, "0.1.0")),
+            ("size", key(&FatOptions { size: Some(64 << 20), ..base.clone() }, "0.1.0")),
+            ("cluster size", key(&FatOptions { cluster_size: Some(512), ..base.clone() }, "0.1.0")),
+        ];
+        for (what, changed) in changed {
+            assert_ne!(changed, reference, "changing the {what} kept the cached service disk");
+        }
+        // And the epoch the writer uses is SOURCE_DATE_EPOCH's: the key sees it.
+        assert_eq!(
+            FatOptions::default().epoch,
+            std::env::var("SOURCE_DATE_EPOCH").ok().and_then(|v| v.trim().parse().ok()).unwrap_or(0)
+        );
+    }
+
+    #[test]
+    fn run_refuses_a_data_disk_whose_size_differs_from_storage() {
+        let dir = tempfile::tempdir().unwrap();
+        let disk = dir.path().join("web.img");
+        check_data_disk(&disk, 16 << 20).unwrap();
+        create_blank_disk(&disk, 16 << 20).unwrap();
+        check_data_disk(&disk, 16 << 20).unwrap();
+        let err = check_data_disk(&disk, 32 << 20).unwrap_err().to_string();
+        assert!(
+            err.contains(&disk.display().to_string())
+                && err.contains("16777216 bytes (16 MiB)")
+                && err.contains("33554432 bytes (32 MiB)"),
+            "{err}"
+        );
+        assert_eq!(fs::metadata(&disk).unwrap().len(), 16 << 20, "the disk is left as it was");
     }
 
     #[test]

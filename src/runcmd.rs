@@ -81,6 +81,8 @@ pub(crate) struct RenderArgs {
 }
 
 pub(crate) fn run(args: &RunArgs) -> Result<ExitCode> {
+    // Everything kiln run (and the VMM it starts) creates is the owner's only.
+    rustix::process::umask(rustix::fs::Mode::from_raw_mode(0o077));
     let spec = Spec::load(&args.spec)?;
     if args.detach && std::env::var_os(DETACHED_ENV).is_none() {
         return detach(args, &spec);
@@ -108,10 +110,21 @@ pub(crate) fn run(args: &RunArgs) -> Result<ExitCode> {
 /// `launcher.log`, and waits until its VM runs (or it fails).
 fn detach(args: &RunArgs, spec: &Spec) -> Result<ExitCode> {
     let state = state()?;
+    // No gc pass may remove the VM's directory (and this log with it, if an
+    // old stopped record is there) until the background run has claimed it.
+    let mut gc_held_off = Some(state.hold_off_gc()?);
     let dir = state.vm_dir(spec.name.as_str());
-    std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    std::os::unix::fs::DirBuilderExt::mode(std::fs::DirBuilder::new().recursive(true), 0o700)
+        .create(&dir)
+        .with_context(|| format!("cannot create {}", dir.display()))?;
+    // It may hold what the service prints: the owner's only, like the console log.
     let log_path = dir.join("launcher.log");
-    let log = std::fs::File::create(&log_path).with_context(|| format!("cannot create {}", log_path.display()))?;
+    let log = std::os::unix::fs::OpenOptionsExt::mode(
+        std::fs::OpenOptions::new().write(true).create(true).truncate(true),
+        0o600,
+    )
+    .open(&log_path)
+    .with_context(|| format!("cannot create {}", log_path.display()))?;
     let mut command = Command::new(std::env::current_exe().context("cannot find the kiln binary")?);
     command.arg("run").arg(&args.spec);
     if let Some(vmm) = args.vmm {
@@ -128,10 +141,15 @@ fn detach(args: &RunArgs, spec: &Spec) -> Result<ExitCode> {
             let log = std::fs::read_to_string(&log_path).unwrap_or_default();
             bail!("the background kiln run exited ({status}) before its VM ran:\n{}", log.trim_end());
         }
-        let running = state
+        let ours: Vec<_> = state
             .list()?
             .into_iter()
-            .any(|e| e.record.name == spec.name.as_str() && e.alive && e.record.phase >= Phase::Running);
+            .filter(|e| e.record.name == spec.name.as_str() && e.alive && e.record.launcher_pid == child.id())
+            .collect();
+        if !ours.is_empty() {
+            drop(gc_held_off.take());
+        }
+        let running = ours.iter().any(|e| e.record.phase >= Phase::Running);
         if running {
             println!("kiln: {} runs in the background (kiln run pid {})", spec.name, child.id());
             println!("      console: kiln logs -f {0}; stop: kiln stop {0}", spec.name);

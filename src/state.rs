@@ -2,9 +2,12 @@
 //! `kiln ps`, `kiln stop` and `kiln gc` know every VM and every host
 //! resource it holds, even after `kiln run` was SIGKILLed.
 //!
-//! Layout (the directory and everything in it is 0700/0600):
+//! Layout (every directory 0700, every file and socket 0600 or tighter:
+//! `kiln run` also sets umask 077, so what a tool it spawns creates is
+//! private too):
 //!
 //! ```text
+//! <state>/gc.lock            flock: gc exclusive per pass, launchers shared per claim
 //! <state>/leases/            the kiln-net lease ledger
 //! <state>/data/<name>.img    data disks, kept across runs (and by gc)
 //! <state>/vms/<name>/lock    flock held by the `kiln run` of that VM
@@ -19,12 +22,34 @@
 //! by its `lock`: `kiln run` holds an exclusive `flock` on it for the VM's
 //! whole life, and the kernel drops it when the process dies, so there is
 //! no pid reuse to get wrong.
+//!
+//! The lock protocol between launchers and gc. gc's orphan pass releases
+//! every tap, firewall element and lease whose VM name no *alive* record
+//! claims, so a launcher must never hold a resource that gc's listing did
+//! not see as alive. Hence:
+//!
+//! - `kiln gc` holds `<state>/gc.lock` exclusively for its whole pass
+//!   (listing, dead VMs, orphans): two gc runs serialize.
+//! - [`StateDir::claim`] holds it shared while it takes the VM's lock and
+//!   writes the first record. A claim thus lies wholly before a gc pass
+//!   (the listing sees the VM alive) or wholly after it; a launcher creates
+//!   nothing before its claim, and only under its VM's name afterwards.
+//! - gc's orphan pass decides by *name* (the alive VMs' names and the taps
+//!   [`kiln_net::tap_name`] derives from them), not by what the record
+//!   already names, so a VM that gc listed while it was still starting
+//!   keeps the lease, tap and elements it takes during the pass.
+//! - A launcher releasing its own VM needs no lock: gc sees it alive until
+//!   the launcher exits, and each release step is idempotent.
+//!
+//! Both sides wait (polling, at most [`STATE_LOCK_WAIT`]): a gc pass and a
+//! claim are short, so `kiln run` is never refused because gc runs.
 
 use std::fs::{self, DirBuilder, File, OpenOptions};
 use std::io::{self, Write};
 use std::net::Ipv4Addr;
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
 
 use rustix::fs::{FlockOperation, flock};
 use serde::{Deserialize, Serialize};
@@ -36,6 +61,11 @@ pub const STATE_DIR_ENV: &str = "KILN_STATE_DIR";
 
 const RECORD_FILE: &str = "record.json";
 const LOCK_FILE: &str = "lock";
+const GC_LOCK_FILE: &str = "gc.lock";
+
+/// The longest a launcher waits for a gc pass to end, or gc for another
+/// gc pass or a claim; more means a kiln process is stuck.
+pub(crate) const STATE_LOCK_WAIT: Duration = Duration::from_secs(60);
 
 /// What a VM holds on the host, as far as its launcher got.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -99,9 +129,14 @@ pub struct VmmInfo {
     pub backend: String,
     /// Its pid, which is also its process group.
     pub pid: u32,
-    /// Its run directory (sockets, log); its command line names it, which is
-    /// how gc tells it from an unrelated process that reused the pid.
+    /// Its run directory (sockets, log).
     pub run_dir: PathBuf,
+    /// Its exact command line, read from `/proc/<pid>/cmdline` right after
+    /// it started: gc kills `pid` only if that still matches byte for byte
+    /// and `pid` still leads its own process group. Empty if unreadable
+    /// (then gc never kills it; the VMM dies with its launcher anyway).
+    #[serde(default)]
+    pub argv: Vec<String>,
 }
 
 /// How the service ended.
@@ -128,6 +163,12 @@ pub struct VmClaim {
     _lock: File,
     /// The record; [`VmClaim::save`] writes it.
     pub record: VmRecord,
+}
+
+/// `<state>/gc.lock`, held (shared or exclusive) until dropped.
+#[derive(Debug)]
+pub struct StateLock {
+    _file: File,
 }
 
 /// One VM found in the state directory.
@@ -158,13 +199,49 @@ impl StateDir {
         }
     }
 
-    /// Opens (creating, 0700) the state directory at `root`.
+    /// Opens (creating) the state directory at `root`; it and its `vms`
+    /// and `data` directories are made 0700 even if they existed.
     pub fn open(root: impl Into<PathBuf>) -> Result<StateDir> {
+        use std::os::unix::fs::PermissionsExt;
         let root = root.into();
         for dir in [root.clone(), root.join("vms"), root.join("data")] {
             make_private_dir(&dir)?;
+            fs::set_permissions(&dir, fs::Permissions::from_mode(0o700)).map_err(|e| Error::state_io(&dir, e))?;
         }
         Ok(StateDir { root })
+    }
+
+    /// Takes `<state>/gc.lock` exclusively, for one whole gc pass: no
+    /// launcher claims a VM and no other gc runs until it drops. Waits (at
+    /// most [`STATE_LOCK_WAIT`]) for claims and gc passes under way.
+    pub fn lock_for_gc(&self) -> Result<StateLock> {
+        self.lock_state(FlockOperation::NonBlockingLockExclusive)
+    }
+
+    /// Takes `<state>/gc.lock` shared: no gc pass starts until it drops
+    /// (claims go on). `kiln run --detach` holds it from creating the VM's
+    /// directory until its background run has claimed the VM.
+    pub fn hold_off_gc(&self) -> Result<StateLock> {
+        self.lock_state(FlockOperation::NonBlockingLockShared)
+    }
+
+    fn lock_state(&self, operation: FlockOperation) -> Result<StateLock> {
+        let path = self.root.join(GC_LOCK_FILE);
+        let file = open_private(&path)?;
+        let deadline = Instant::now() + STATE_LOCK_WAIT;
+        loop {
+            match flock(&file, operation) {
+                Ok(()) => return Ok(StateLock { _file: file }),
+                Err(rustix::io::Errno::WOULDBLOCK) if Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+                Err(rustix::io::Errno::WOULDBLOCK) => {
+                    return Err(Error::StateLockTimeout { path, seconds: STATE_LOCK_WAIT.as_secs() });
+                }
+                Err(rustix::io::Errno::INTR) => {}
+                Err(errno) => return Err(Error::state_io(&path, errno.into())),
+            }
+        }
     }
 
     pub fn root(&self) -> &Path {
@@ -189,7 +266,11 @@ impl StateDir {
     /// Claims VM `name` for this process. Fails with [`Error::VmBusy`] if
     /// another launcher holds it. A record left by a dead launcher is
     /// returned in the error [`Error::VmNeedsGc`] so nothing it held leaks.
+    ///
+    /// It holds `<state>/gc.lock` shared meanwhile (see the module doc), so
+    /// it waits for a gc pass under way.
     pub fn claim(&self, name: &str, record: VmRecord) -> Result<VmClaim> {
+        let _no_gc_meanwhile = self.hold_off_gc()?;
         let dir = self.vm_dir(name);
         make_private_dir(&dir)?;
         let lock = open_lock(&dir)?;
@@ -219,9 +300,9 @@ impl StateDir {
         Ok(entries)
     }
 
-    /// Takes the lock of a VM whose launcher is gone, for gc; `None` if a
-    /// launcher holds it.
-    pub fn claim_dead(&self, name: &str) -> Result<Option<VmClaim>> {
+    /// Takes the lock of a VM whose launcher is gone, for gc (which holds
+    /// [`StateDir::lock_for_gc`]); `None` if a launcher holds it.
+    pub fn claim_dead(&self, _gc: &StateLock, name: &str) -> Result<Option<VmClaim>> {
         let dir = self.vm_dir(name);
         let lock = open_lock(&dir)?;
         if !try_lock(&lock, &dir)? {
@@ -259,15 +340,18 @@ fn make_private_dir(dir: &Path) -> Result<()> {
 }
 
 fn open_lock(dir: &Path) -> Result<File> {
-    let path = dir.join(LOCK_FILE);
+    open_private(&dir.join(LOCK_FILE))
+}
+
+fn open_private(path: &Path) -> Result<File> {
     OpenOptions::new()
         .read(true)
         .write(true)
         .create(true)
         .truncate(false)
         .mode(0o600)
-        .open(&path)
-        .map_err(|e| Error::state_io(&path, e))
+        .open(path)
+        .map_err(|e| Error::state_io(path, e))
 }
 
 fn try_lock(lock: &File, dir: &Path) -> Result<bool> {
@@ -339,7 +423,9 @@ mod tests {
         assert_eq!(listed.len(), 1);
         assert!(listed[0].alive);
         assert_eq!(listed[0].record.phase, Phase::Running);
-        assert!(state.claim_dead("web").unwrap().is_none(), "a live VM is not gc's");
+        let gc = state.lock_for_gc().unwrap();
+        assert!(state.claim_dead(&gc, "web").unwrap().is_none(), "a live VM is not gc's");
+        drop(gc);
 
         drop(claim);
         let listed = state.list().unwrap();
@@ -347,11 +433,44 @@ mod tests {
         // Not stopped cleanly: a new run must wait for gc.
         let err = state.claim("web", record("web")).unwrap_err();
         assert!(matches!(err, Error::VmNeedsGc { .. }), "{err}");
-        let dead = state.claim_dead("web").unwrap().unwrap();
+        let gc = state.lock_for_gc().unwrap();
+        let dead = state.claim_dead(&gc, "web").unwrap().unwrap();
         assert_eq!(dead.record.phase, Phase::Running);
         dead.remove().unwrap();
+        drop(gc);
         assert!(state.list().unwrap().is_empty());
         state.claim("web", record("web")).unwrap();
+    }
+
+    #[test]
+    fn state_claim_waits_for_a_gc_pass_and_gc_passes_serialize() {
+        let root = tempfile::tempdir().unwrap();
+        let state = StateDir::open(root.path()).unwrap();
+        let hold = Duration::from_millis(400);
+        let gc = state.lock_for_gc().unwrap();
+        let (state2, released) = (state.clone(), std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false)));
+        let released2 = std::sync::Arc::clone(&released);
+        let claimer = std::thread::spawn(move || {
+            let claim = state2.claim("web", record("web")).unwrap();
+            // The claim went through only once the gc pass was over.
+            assert!(released2.load(std::sync::atomic::Ordering::SeqCst), "claimed during a gc pass");
+            drop(claim);
+        });
+        let other_gc = {
+            let state3 = state.clone();
+            let released3 = std::sync::Arc::clone(&released);
+            std::thread::spawn(move || {
+                let _second = state3.lock_for_gc().unwrap();
+                assert!(released3.load(std::sync::atomic::Ordering::SeqCst), "two gc passes at once");
+            })
+        };
+        std::thread::sleep(hold);
+        assert!(state.list().unwrap().is_empty(), "nothing claimed while gc holds its lock");
+        released.store(true, std::sync::atomic::Ordering::SeqCst);
+        drop(gc);
+        claimer.join().unwrap();
+        other_gc.join().unwrap();
+        assert_eq!(state.list().unwrap().len(), 1);
     }
 
     #[test]
@@ -365,6 +484,11 @@ mod tests {
         assert_eq!(mode(claim.dir()), 0o700);
         assert_eq!(mode(&claim.dir().join(RECORD_FILE)), 0o600);
         assert_eq!(mode(&claim.dir().join(LOCK_FILE)), 0o600);
+        assert_eq!(mode(&state.root().join(GC_LOCK_FILE)), 0o600);
+        // A state directory made loose by hand is tightened on open.
+        fs::set_permissions(state.root().join("data"), fs::Permissions::from_mode(0o755)).unwrap();
+        let state = StateDir::open(state.root()).unwrap();
+        assert_eq!(mode(&state.root().join("data")), 0o700);
     }
 
     #[test]

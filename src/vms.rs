@@ -120,7 +120,9 @@ pub(crate) fn stop(args: &StopArgs) -> Result<ExitCode> {
     let pid = rustix::process::Pid::from_raw(i32::try_from(entry.record.launcher_pid).unwrap_or(0))
         .context("the record holds no launcher pid")?;
     // The launcher reads the grace period from this file before shutting down.
-    std::fs::write(entry.dir.join("stop-timeout"), args.timeout.to_string())
+    std::os::unix::fs::OpenOptionsExt::mode(std::fs::OpenOptions::new().write(true).create(true).truncate(true), 0o600)
+        .open(entry.dir.join("stop-timeout"))
+        .and_then(|mut file| file.write_all(args.timeout.to_string().as_bytes()))
         .with_context(|| format!("cannot write to {}", entry.dir.display()))?;
     rustix::process::kill_process(pid, rustix::process::Signal::TERM)
         .with_context(|| format!("cannot signal kiln run (pid {pid:?})"))?;

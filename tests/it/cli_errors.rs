@@ -693,8 +693,7 @@ fn info_is_fast_on_an_l1_table_of_repeated_l2_pointers() {
 #[test]
 fn convert_fails_cleanly_when_the_disk_fills() {
     let test = "cli_errors::convert_fails_cleanly_when_the_disk_fills";
-    if !kiln_testkit::is_root() {
-        kiln_testkit::report_skip(&format!("{test}: needs root to mount a tmpfs in a private namespace"));
+    if !kiln_testkit::require_root(test, "mounting a tmpfs in a private namespace") {
         return;
     }
     let Some(unshare) = kiln_testkit::require_tool(test, "unshare") else { return };

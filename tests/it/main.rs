@@ -15,5 +15,6 @@ mod guest_boot;
 mod launch_sh;
 mod run_ch;
 mod run_e2e;
+mod run_gc;
 mod support;
 mod tools;

@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use kiln_testkit::{GuestAssets, guest_assets, is_root, report_skip, require_tools};
+use kiln_testkit::{GuestAssets, guest_assets, require_tools};
 use tempfile::TempDir;
 
 /// A run under TCG takes ~5 s; a loaded CI machine may need far more.
@@ -29,8 +29,7 @@ impl World {
     /// when the test cannot run here.
     pub(crate) fn new(tag: &str) -> Option<World> {
         let test = kiln_testkit::current_test_name();
-        if !is_root() {
-            report_skip(&format!("{test}: needs root for network namespaces and taps"));
+        if !kiln_testkit::require_root(&test, "network namespaces and taps") {
             return None;
         }
         require_tools(&test, &["ip", "nft", "qemu-system-x86_64"])?;

@@ -75,7 +75,43 @@ pub fn require_tools(test: &str, tools: &[&str]) -> Option<Vec<PathBuf>> {
     tools.iter().map(|tool| require_tool(test, tool)).collect()
 }
 
-/// Whether the test runs as root, for tests that need it (namespaces, loop devices).
+/// Whether root-only test `test` may run: `true` as root. Otherwise it
+/// prints `SKIPPED: <test>: needs root for <why>` and returns `false`.
+///
+/// # Panics
+/// When not root and [`tools_required`] is true: under `cargo xtask test`
+/// a test that cannot run fails, like a missing tool.
+pub fn require_root(test: &str, why: &str) -> bool {
+    match root_verdict(is_root(), tools_required()) {
+        RootVerdict::Run => true,
+        RootVerdict::Fail => panic!(
+            "{test}: needs root for {why} ({REQUIRE_TOOLS_ENV} is set; run the suite as root, as `cargo xtask test` expects)"
+        ),
+        RootVerdict::Skip => {
+            report_skip(&format!("{test}: needs root for {why}"));
+            false
+        }
+    }
+}
+
+/// What [`require_root`] does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum RootVerdict {
+    Run,
+    Skip,
+    Fail,
+}
+
+fn root_verdict(root: bool, required: bool) -> RootVerdict {
+    match (root, required) {
+        (true, _) => RootVerdict::Run,
+        (false, true) => RootVerdict::Fail,
+        (false, false) => RootVerdict::Skip,
+    }
+}
+
+/// Whether the test runs as root, for tests that need it (namespaces,
+/// loop devices). Tests call [`require_root`], which enforces the rule.
 pub fn is_root() -> bool {
     // /proc/self/status avoids a libc dependency: "Uid:\t<real>\t<effective>...".
     std::fs::read_to_string("/proc/self/status")
@@ -142,4 +178,68 @@ pub fn guest_assets(test: &str, needs: &[&str]) -> Option<GuestAssets> {
         }
     }
     Some(assets)
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+
+    #[test]
+    fn require_root_fails_when_required_skips_otherwise() {
+        assert_eq!(root_verdict(true, true), RootVerdict::Run);
+        assert_eq!(root_verdict(true, false), RootVerdict::Run);
+        assert_eq!(root_verdict(false, true), RootVerdict::Fail);
+        assert_eq!(root_verdict(false, false), RootVerdict::Skip);
+    }
+
+    /// Only does something when the test below starts it as `nobody`.
+    #[test]
+    fn require_root_child_probe() {
+        if env::var_os("KILN_TESTKIT_ROOT_PROBE").is_some() {
+            assert!(!is_root(), "the probe runs unprivileged");
+            assert!(!require_root("probe", "a namespace"), "skipped, not run");
+            println!("probe: went on after SKIPPED");
+        }
+    }
+
+    /// The real thing, not just the decision: this test binary, re-run as
+    /// `nobody` via `setpriv`, fails under KILN_REQUIRE_TOOLS=1 and skips
+    /// without it.
+    #[test]
+    fn require_root_fails_unprivileged_under_require_tools() {
+        let test = current_test_name();
+        if !require_root(&test, "setpriv to drop to nobody") {
+            return;
+        }
+        let Some(setpriv) = require_tool(&test, "setpriv") else { return };
+        // A copy nobody can reach: the build directory may be private.
+        let dir = tempfile::tempdir().unwrap();
+        let binary = dir.path().join("testkit-tests");
+        std::fs::copy(env::current_exe().unwrap(), &binary).unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+        let run = |required: &str| {
+            std::process::Command::new(&setpriv)
+                .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+                .arg(&binary)
+                .args(["--exact", "tests::require_root_child_probe", "--nocapture", "--test-threads=1"])
+                .env("KILN_TESTKIT_ROOT_PROBE", "1")
+                .env(REQUIRE_TOOLS_ENV, required)
+                .output()
+                .unwrap()
+        };
+        let required = run("1");
+        let stderr = String::from_utf8_lossy(&required.stderr);
+        let stdout = String::from_utf8_lossy(&required.stdout);
+        assert!(!required.status.success(), "passed unprivileged under {REQUIRE_TOOLS_ENV}=1:\n{stdout}\n{stderr}");
+        assert!(stderr.contains("probe: needs root for a namespace"), "{stderr}");
+        let relaxed = run("");
+        let stderr = String::from_utf8_lossy(&relaxed.stderr);
+        let stdout = String::from_utf8_lossy(&relaxed.stdout);
+        assert!(relaxed.status.success(), "{stdout}\n{stderr}");
+        assert!(stderr.contains("SKIPPED: probe: needs root for a namespace"), "{stderr}");
+        assert!(stdout.contains("probe: went on after SKIPPED"), "{stdout}");
+    }
 }

@@ -81,8 +81,7 @@ pub(crate) fn ip(args: &[&str]) {
 /// `SKIPPED` (or fails under `KILN_REQUIRE_TOOLS`) otherwise.
 pub(crate) fn root_tools_ready(tools: &[&str]) -> bool {
     let test = kiln_testkit::current_test_name();
-    if !kiln_testkit::is_root() {
-        kiln_testkit::report_skip(&format!("{test}: needs root for network namespaces"));
+    if !kiln_testkit::require_root(&test, "network namespaces") {
         return false;
     }
     kiln_testkit::require_tools(&test, tools).is_some()

@@ -410,8 +410,7 @@ fn namespace_traffic_allow_list_and_vm_isolation() {
 
 #[test]
 fn nft_failure_names_the_command() {
-    if !kiln_testkit::is_root() || kiln_testkit::find_tool("ip").is_none() {
-        kiln_testkit::report_skip("nft_failure_names_the_command: needs root and `ip`");
+    if !root_tools_ready(&["ip"]) {
         return;
     }
     let host = Netns::new();
