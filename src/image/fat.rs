@@ -102,8 +102,17 @@ pub(super) fn image_fat(args: FatArgs, started: Instant) -> anyhow::Result<()> {
 }
 
 pub(super) fn image_cidata(args: CidataArgs, started: Instant) -> anyhow::Result<()> {
-    let read =
-        |flag: &str, path: &Path| fs::read(path).with_context(|| format!("Cannot read {flag} file {}", path.display()));
+    // user-data often holds passwords or keys: a private input file makes the seed private.
+    let secret = std::cell::Cell::new(false);
+    let read = |flag: &str, path: &Path| {
+        let context = || format!("Cannot read {flag} file {}", path.display());
+        let mut file = fs::File::open(path).with_context(context)?;
+        let mode = file.metadata().with_context(context)?.permissions().mode();
+        secret.set(secret.get() || mode & 0o044 != 0o044);
+        let mut bytes = Vec::new();
+        io::Read::read_to_end(&mut file, &mut bytes).with_context(context)?;
+        anyhow::Ok(bytes)
+    };
     let optional = |flag: &str, path: &Option<PathBuf>| path.as_deref().map(|path| read(flag, path)).transpose();
     let seed = NoCloudSeed {
         user_data: read("--user-data", &args.user_data)?,
@@ -111,7 +120,10 @@ pub(super) fn image_cidata(args: CidataArgs, started: Instant) -> anyhow::Result
         network_config: optional("--network-config", &args.network_config)?,
         vendor_data: optional("--vendor-data", &args.vendor_data)?,
     };
-    let tree = seed.tree()?;
+    let mut tree = seed.tree()?;
+    if secret.get() {
+        tree.mark_secret();
+    }
     let options = fat_options(&args.output.output, Some(NoCloudSeed::LABEL.to_owned()), None, None);
     build(&tree, &options, &args.output, started)
 }

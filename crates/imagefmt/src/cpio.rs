@@ -3,12 +3,12 @@
 
 use std::collections::BTreeMap;
 use std::fs::{self, File};
-use std::io::{self, BufWriter, Read, Write};
+use std::io::{self, Read, Write};
 use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use crate::sink::write_atomically;
+use crate::sink::{image_mode, is_private, write_atomically};
 use crate::{Error, Result};
 
 const MAGIC: &[u8; 6] = b"070701";
@@ -39,6 +39,8 @@ pub enum Compression {
 #[derive(Debug, Clone, Default)]
 pub struct CpioArchive {
     entries: BTreeMap<String, Entry>,
+    /// Set by [`CpioArchive::mark_secret`] or a private host file.
+    secret: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -104,8 +106,22 @@ impl CpioArchive {
             return Err(Error::UnsupportedFileType { path: src.to_path_buf(), kind: "not a regular file" });
         }
         check_size(src, meta.len())?;
+        self.secret |= is_private(&meta);
         let source = FileSource::Host(src.to_path_buf());
         self.insert(path, Entry::File { mode: mode & 0o7777, source, size: meta.len() })
+    }
+
+    /// Marks the archive as holding secrets: [`CpioArchive::write_file`]
+    /// then writes it mode 0600.
+    pub fn mark_secret(&mut self) {
+        self.secret = true;
+    }
+
+    /// Whether the archive is secret: marked so, or holding a host file that
+    /// its group or others cannot read (an image is never more readable than
+    /// what went into it).
+    pub fn is_secret(&self) -> bool {
+        self.secret
     }
 
     /// Adds a symbolic link at `path` pointing to `target`, stored as given.
@@ -269,18 +285,18 @@ impl CpioArchive {
     }
 
     /// Writes the archive to `path` atomically (temporary file, then
-    /// rename; mode 0644), compressed as asked.
+    /// rename), compressed as asked. The file is mode 0600 if the archive
+    /// is secret (see [`CpioArchive::is_secret`]), else 0644, less the umask.
     pub fn write_file(&self, path: &Path, compression: Compression, epoch: i64) -> Result<CpioSummary> {
-        let archive_bytes = write_atomically(path, 0o644, |sink| {
-            let file = BufWriter::with_capacity(1 << 20, sink.file());
-            match compression {
-                Compression::None => self.write_to(file, epoch),
-                Compression::Gzip => {
-                    let mut encoder = flate2::GzBuilder::new().mtime(0).write(file, flate2::Compression::default());
-                    let written = self.write_to(&mut encoder, epoch)?;
-                    encoder.try_finish().map_err(Error::Write)?;
-                    Ok(written)
-                }
+        let archive_bytes = write_atomically(path, image_mode(self.secret), |sink| match compression {
+            Compression::None => self.write_to(sink, epoch),
+            Compression::Gzip => {
+                let mut encoder = flate2::GzBuilder::new().mtime(0).write(sink, flate2::Compression::default());
+                let written = self.write_to(&mut encoder, epoch)?;
+                // The trailer goes into the sink's buffer, which
+                // write_atomically flushes and checks before the rename.
+                encoder.finish().map_err(Error::Write)?;
+                Ok(written)
             }
         })?;
         let file_bytes =

@@ -16,6 +16,8 @@ const ZERO_BLOCK: usize = 4096;
 const COPY_BUFFER: usize = 1 << 20;
 /// Bytes per `copy_file_range` call, so progress moves on large files.
 const COPY_CHUNK: u64 = 16 << 20;
+/// Buffer for sequential writes through [`FileSink`]'s `Write`.
+const STREAM_BUFFER: usize = 1 << 20;
 
 /// A destination for image bytes that reads as zeros until written.
 pub(crate) trait Sink {
@@ -107,22 +109,68 @@ fn copy_through_buffer<S: Sink + ?Sized>(
 
 /// A plain file: positioned writes, `copy_file_range` for file data (the
 /// kernel moves the bytes, or shares them on reflink filesystems), and
-/// `set_len` at the end so untouched regions stay holes.
+/// `set_len` at the end so untouched regions stay holes. It is also a
+/// buffered sequential [`Write`] for streaming formats (cpio, gzip); a
+/// writer uses one way or the other, not both. The buffer belongs to the
+/// sink, so [`write_atomically`] flushes it and sees the error: no writer
+/// can leave its last bytes to a `Drop` that ignores failures.
 #[derive(Debug)]
 pub(crate) struct FileSink<'f> {
     file: &'f File,
     /// Cleared after the first `copy_file_range` refusal, to stop retrying.
     copy_file_range_works: bool,
+    /// Sequential bytes not yet written, and where they go.
+    pending: Vec<u8>,
+    stream_offset: u64,
 }
 
 impl<'f> FileSink<'f> {
     pub(crate) fn new(file: &'f File) -> FileSink<'f> {
-        FileSink { file, copy_file_range_works: true }
+        FileSink { file, copy_file_range_works: true, pending: Vec::new(), stream_offset: 0 }
     }
 
     /// The file underneath, for writers that lay out their own format.
     pub(crate) fn file(&self) -> &'f File {
         self.file
+    }
+
+    fn write_pending(&mut self) -> io::Result<()> {
+        if !self.pending.is_empty() {
+            self.file.write_all_at(&self.pending, self.stream_offset)?;
+            self.stream_offset += self.pending.len() as u64;
+            self.pending.clear();
+        }
+        Ok(())
+    }
+
+    /// Everything written reaches the file and its storage: buffered bytes
+    /// out (the error checked), then `fdatasync`, which reports what the
+    /// kernel could not write back (ENOSPC, EIO on network or thin storage).
+    fn commit(&mut self) -> io::Result<()> {
+        self.write_pending()?;
+        self.file.sync_data()
+    }
+}
+
+impl Write for FileSink<'_> {
+    fn write(&mut self, data: &[u8]) -> io::Result<usize> {
+        if self.pending.capacity() == 0 {
+            self.pending.reserve_exact(STREAM_BUFFER);
+        }
+        if self.pending.len() + data.len() > STREAM_BUFFER {
+            self.write_pending()?;
+        }
+        if data.len() >= STREAM_BUFFER {
+            self.file.write_all_at(data, self.stream_offset)?;
+            self.stream_offset += data.len() as u64;
+        } else {
+            self.pending.extend_from_slice(data);
+        }
+        Ok(data.len())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.write_pending()
     }
 }
 
@@ -163,10 +211,24 @@ impl Sink for FileSink<'_> {
     }
 }
 
-/// Runs `write` against a new temporary file next to `path` (mode 0600
-/// from the start, so secrets are never readable by others), sets `mode`,
-/// and renames it over `path`. On any error the temporary file is removed
-/// and `path` is untouched. Atomic, not durable: no fsync, like `cp`.
+/// The mode of an image file: 0600 if any input is secret, else 0644.
+/// Either way the caller's umask applies, as for any file a tool creates.
+pub(crate) fn image_mode(secret: bool) -> u32 {
+    if secret { 0o600 } else { 0o644 }
+}
+
+/// Whether a host file is private: its group or others cannot read it.
+/// An image holding its bytes is then kept private too.
+pub(crate) fn is_private(meta: &std::fs::Metadata) -> bool {
+    meta.permissions().mode() & 0o044 != 0o044
+}
+
+/// Runs `write` against a new temporary file next to `path`, created with
+/// `mode` (less the umask) from the start, so a secret image is never
+/// readable by others, not even half-written. Then every byte is committed
+/// (buffer flushed, `fdatasync`, each error checked) and only then is the
+/// file renamed over `path`. On any error the temporary file is removed and
+/// `path` is untouched: a full disk gives an error, never a truncated image.
 /// Returns what `write` returned.
 pub(crate) fn write_atomically<T>(
     path: &Path,
@@ -182,7 +244,7 @@ pub(crate) fn write_atomically<T>(
     let temp = tempfile::Builder::new()
         .prefix(&format!(".{name}."))
         .suffix(".kiln-tmp")
-        .permissions(Permissions::from_mode(0o600))
+        .permissions(Permissions::from_mode(mode))
         .tempfile_in(dir)
         .map_err(write_error)?;
     let mut sink = FileSink::new(temp.as_file());
@@ -190,9 +252,7 @@ pub(crate) fn write_atomically<T>(
         Error::Write(source) => write_error(source),
         other => other,
     })?;
-    if mode != 0o600 {
-        temp.as_file().set_permissions(Permissions::from_mode(mode)).map_err(write_error)?;
-    }
+    sink.commit().map_err(write_error)?;
     temp.persist(path).map_err(|e| write_error(e.error))?;
     Ok(written)
 }
@@ -243,5 +303,36 @@ mod tests {
         sink.finish(512 + data.len() as u64).unwrap();
         let image = out.into_inner();
         assert_eq!(&image[512..], &data[..]);
+    }
+
+    #[test]
+    fn streamed_bytes_reach_the_file_without_a_flush_by_the_writer() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("stream");
+        let data: Vec<u8> = (0..3 * STREAM_BUFFER + 123).map(|i| (i % 251) as u8).collect();
+        write_atomically(&path, 0o644, |sink| {
+            // Small writes, a large one, then small again: the last stay buffered.
+            sink.write_all(&data[..10]).map_err(Error::Write)?;
+            sink.write_all(&data[10..2 * STREAM_BUFFER + 10]).map_err(Error::Write)?;
+            for chunk in data[2 * STREAM_BUFFER + 10..].chunks(1000) {
+                sink.write_all(chunk).map_err(Error::Write)?;
+            }
+            Ok(())
+        })
+        .unwrap();
+        assert!(std::fs::read(&path).unwrap() == data);
+    }
+
+    #[test]
+    fn a_buffered_write_that_fails_is_an_error_at_commit() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("read-only");
+        std::fs::write(&path, b"").unwrap();
+        let file = File::open(&path).unwrap();
+        let mut sink = FileSink::new(&file);
+        // Buffered, so nothing fails yet; the write happens at commit.
+        sink.write_all(b"tail bytes").unwrap();
+        let err = sink.commit().unwrap_err();
+        assert_eq!(err.raw_os_error(), Some(Errno::BADF.raw_os_error()), "{err}");
     }
 }
