@@ -20,6 +20,8 @@ const S_IFLNK: u32 = 0o120_000;
 const S_IFCHR: u32 = 0o020_000;
 const S_IFBLK: u32 = 0o060_000;
 const S_IFIFO: u32 = 0o010_000;
+/// Read buffer for host files copied into an archive.
+const COPY_BUFFER: usize = 64 << 10;
 /// Longest path the kernel's unpacker accepts.
 const MAX_PATH: usize = 4095;
 
@@ -318,8 +320,20 @@ fn check_size(path: &Path, size: u64) -> Result<()> {
 
 fn copy_exact(src: &Path, size: u64, out: &mut impl Write) -> Result<()> {
     let read_error = |source| Error::ReadSource { path: src.to_path_buf(), source };
-    let file = File::open(src).map_err(read_error)?;
-    let copied = io::copy(&mut file.take(size), out).map_err(read_error)?;
+    let mut file = File::open(src).map_err(read_error)?.take(size);
+    // Not io::copy: it would blame the source for the image's ENOSPC.
+    let mut buffer = vec![0u8; COPY_BUFFER.min(size as usize)];
+    let mut copied = 0u64;
+    loop {
+        let got = match file.read(&mut buffer) {
+            Ok(0) => break,
+            Ok(got) => got,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(read_error(e)),
+        };
+        out.write_all(&buffer[..got]).map_err(Error::Write)?;
+        copied += got as u64;
+    }
     if copied != size {
         return Err(Error::SourceChanged { path: src.to_path_buf(), expected: size });
     }

@@ -21,7 +21,7 @@ use std::path::Path;
 use std::sync::mpsc;
 use std::thread;
 
-use crate::sink::{AlignedBuffer, Sink, image_mode, is_private, write_atomically};
+use crate::sink::{AlignedBuffer, CopyError, Sink, image_mode, is_private, write_atomically};
 use crate::{Error, Result};
 
 const MAGIC: u32 = 0x5146_49fb; // "QFI\xfb"
@@ -119,11 +119,6 @@ pub(crate) enum Unwritten {
     ReadsThrough,
     /// Zeros, even over a backing file: the writer defines the whole content.
     ReadsAsZero,
-}
-
-pub(crate) enum CopyError {
-    Read(io::Error),
-    Write(io::Error),
 }
 
 /// Validates options and size, returning the cluster bits.

@@ -27,12 +27,26 @@ pub(crate) trait Sink {
     /// Copies the first `len` bytes of `src` to `offset`, calling
     /// `progress` with each run of bytes copied. Returns the bytes copied,
     /// fewer than `len` only if `src` is shorter.
-    fn copy_file_at(&mut self, offset: u64, src: &File, len: u64, progress: &mut dyn FnMut(u64)) -> io::Result<u64> {
+    fn copy_file_at(
+        &mut self,
+        offset: u64,
+        src: &File,
+        len: u64,
+        progress: &mut dyn FnMut(u64),
+    ) -> Result<u64, CopyError> {
         copy_through_buffer(self, offset, src, 0, len, progress)
     }
 
     /// Sets the final image length.
     fn finish(&mut self, len: u64) -> io::Result<()>;
+}
+
+/// A copy failed reading the source or writing the image: the caller names
+/// the source for the one and the image for the other.
+#[derive(Debug)]
+pub(crate) enum CopyError {
+    Read(io::Error),
+    Write(io::Error),
 }
 
 /// Writes `data` at `offset`, skipping blocks that are all zeros.
@@ -88,7 +102,7 @@ fn copy_through_buffer<S: Sink + ?Sized>(
     src_offset: u64,
     len: u64,
     progress: &mut dyn FnMut(u64),
-) -> io::Result<u64> {
+) -> Result<u64, CopyError> {
     let mut storage = AlignedBuffer::new(COPY_BUFFER.min(len as usize));
     let buffer = storage.as_mut_slice();
     let mut done = 0;
@@ -98,9 +112,9 @@ fn copy_through_buffer<S: Sink + ?Sized>(
             Ok(0) => break,
             Ok(got) => got,
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-            Err(e) => return Err(e),
+            Err(e) => return Err(CopyError::Read(e)),
         };
-        write_nonzero(sink, offset + done, &buffer[..got])?;
+        write_nonzero(sink, offset + done, &buffer[..got]).map_err(CopyError::Write)?;
         done += got as u64;
         progress(got as u64);
     }
@@ -179,7 +193,13 @@ impl Sink for FileSink<'_> {
         self.file.write_all_at(data, offset)
     }
 
-    fn copy_file_at(&mut self, offset: u64, src: &File, len: u64, progress: &mut dyn FnMut(u64)) -> io::Result<u64> {
+    fn copy_file_at(
+        &mut self,
+        offset: u64,
+        src: &File,
+        len: u64,
+        progress: &mut dyn FnMut(u64),
+    ) -> Result<u64, CopyError> {
         let mut done = 0;
         while done < len && self.copy_file_range_works {
             let mut src_offset = done;
@@ -192,12 +212,17 @@ impl Sink for FileSink<'_> {
                     progress(copied as u64);
                 }
                 Err(Errno::INTR) => {}
-                // Not supported for this pair of files (other filesystem,
-                // old kernel, special file): fall back to read and write.
-                Err(Errno::XDEV | Errno::NOSYS | Errno::OPNOTSUPP | Errno::INVAL) if done == 0 => {
-                    self.copy_file_range_works = false;
+                Err(e) => {
+                    // Not supported for this pair of files (other filesystem,
+                    // old kernel, special file): stop asking.
+                    if matches!(e, Errno::XDEV | Errno::NOSYS | Errno::OPNOTSUPP | Errno::INVAL) {
+                        self.copy_file_range_works = false;
+                    }
+                    // Either way the rest goes through read and write, so a
+                    // real failure shows which side it is on: ENOSPC is the
+                    // image's, not the source's.
+                    break;
                 }
-                Err(e) => return Err(e.into()),
             }
         }
         if done < len {
