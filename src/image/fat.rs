@@ -102,16 +102,20 @@ pub(super) fn image_fat(args: FatArgs, started: Instant) -> anyhow::Result<()> {
 }
 
 pub(super) fn image_cidata(args: CidataArgs, started: Instant) -> anyhow::Result<()> {
-    let read =
-        |flag: &str, path: &Path| fs::read(path).with_context(|| format!("Cannot read {flag} file {}", path.display()));
-    let optional = |flag: &str, path: &Option<PathBuf>| path.as_deref().map(|path| read(flag, path)).transpose();
-    let seed = NoCloudSeed {
-        user_data: read("--user-data", &args.user_data)?,
-        meta_data: read("--meta-data", &args.meta_data)?,
-        network_config: optional("--network-config", &args.network_config)?,
-        vendor_data: optional("--vendor-data", &args.vendor_data)?,
+    // user-data often holds passwords or keys: a private seed file makes the image private.
+    let mut secret = false;
+    let user_data = read_seed_file("--user-data", &args.user_data, &mut secret)?;
+    let meta_data = read_seed_file("--meta-data", &args.meta_data, &mut secret)?;
+    let mut optional = |flag: &str, path: &Option<PathBuf>| {
+        path.as_deref().map(|path| read_seed_file(flag, path, &mut secret)).transpose()
     };
-    let tree = seed.tree()?;
+    let network_config = optional("--network-config", &args.network_config)?;
+    let vendor_data = optional("--vendor-data", &args.vendor_data)?;
+    let seed = NoCloudSeed { user_data, meta_data, network_config, vendor_data };
+    let mut tree = seed.tree()?;
+    if secret {
+        tree.mark_secret();
+    }
     let options = fat_options(&args.output.output, Some(NoCloudSeed::LABEL.to_owned()), None, None);
     build(&tree, &options, &args.output, started)
 }
@@ -128,6 +132,18 @@ pub(super) fn image_service_disk(args: ServiceDiskArgs, started: Instant) -> any
     let tree = disk.tree()?;
     let options = fat_options(&args.output.output, Some(ServiceDisk::LABEL.to_owned()), args.size, None);
     build(&tree, &options, &args.output, started)
+}
+
+/// Reads a cidata seed file, setting `secret` if its group or others cannot
+/// read it (the rule kiln-imagefmt applies to every host file it adds).
+fn read_seed_file(flag: &str, path: &Path, secret: &mut bool) -> anyhow::Result<Vec<u8>> {
+    let context = || format!("Cannot read {flag} file {}", path.display());
+    let mut file = fs::File::open(path).with_context(context)?;
+    let mode = file.metadata().with_context(context)?.permissions().mode();
+    *secret |= mode & 0o044 != 0o044;
+    let mut bytes = Vec::new();
+    io::Read::read_to_end(&mut file, &mut bytes).with_context(context)?;
+    Ok(bytes)
 }
 
 fn fat_options(output: &OutputArgs, label: Option<String>, size: Option<u64>, fat_type: Option<FatType>) -> FatOptions {

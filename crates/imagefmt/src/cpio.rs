@@ -3,12 +3,12 @@
 
 use std::collections::BTreeMap;
 use std::fs::{self, File};
-use std::io::{self, BufWriter, Read, Write};
+use std::io::{self, Read, Write};
 use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use crate::sink::write_atomically;
+use crate::sink::{image_mode, is_private, write_atomically};
 use crate::{Error, Result};
 
 const MAGIC: &[u8; 6] = b"070701";
@@ -20,6 +20,8 @@ const S_IFLNK: u32 = 0o120_000;
 const S_IFCHR: u32 = 0o020_000;
 const S_IFBLK: u32 = 0o060_000;
 const S_IFIFO: u32 = 0o010_000;
+/// Read buffer for host files copied into an archive.
+const COPY_BUFFER: usize = 64 << 10;
 /// Longest path the kernel's unpacker accepts.
 const MAX_PATH: usize = 4095;
 
@@ -39,6 +41,8 @@ pub enum Compression {
 #[derive(Debug, Clone, Default)]
 pub struct CpioArchive {
     entries: BTreeMap<String, Entry>,
+    /// Set by [`CpioArchive::mark_secret`] or a private host file.
+    secret: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -104,8 +108,22 @@ impl CpioArchive {
             return Err(Error::UnsupportedFileType { path: src.to_path_buf(), kind: "not a regular file" });
         }
         check_size(src, meta.len())?;
+        self.secret |= is_private(&meta);
         let source = FileSource::Host(src.to_path_buf());
         self.insert(path, Entry::File { mode: mode & 0o7777, source, size: meta.len() })
+    }
+
+    /// Marks the archive as holding secrets: [`CpioArchive::write_file`]
+    /// then writes it mode 0600.
+    pub fn mark_secret(&mut self) {
+        self.secret = true;
+    }
+
+    /// Whether the archive is secret: marked so, or holding a host file that
+    /// its group or others cannot read (an image is never more readable than
+    /// what went into it).
+    pub fn is_secret(&self) -> bool {
+        self.secret
     }
 
     /// Adds a symbolic link at `path` pointing to `target`, stored as given.
@@ -269,18 +287,18 @@ impl CpioArchive {
     }
 
     /// Writes the archive to `path` atomically (temporary file, then
-    /// rename; mode 0644), compressed as asked.
+    /// rename), compressed as asked. The file is mode 0600 if the archive
+    /// is secret (see [`CpioArchive::is_secret`]), else 0644, less the umask.
     pub fn write_file(&self, path: &Path, compression: Compression, epoch: i64) -> Result<CpioSummary> {
-        let archive_bytes = write_atomically(path, 0o644, |sink| {
-            let file = BufWriter::with_capacity(1 << 20, sink.file());
-            match compression {
-                Compression::None => self.write_to(file, epoch),
-                Compression::Gzip => {
-                    let mut encoder = flate2::GzBuilder::new().mtime(0).write(file, flate2::Compression::default());
-                    let written = self.write_to(&mut encoder, epoch)?;
-                    encoder.try_finish().map_err(Error::Write)?;
-                    Ok(written)
-                }
+        let archive_bytes = write_atomically(path, image_mode(self.secret), |sink| match compression {
+            Compression::None => self.write_to(sink, epoch),
+            Compression::Gzip => {
+                let mut encoder = flate2::GzBuilder::new().mtime(0).write(sink, flate2::Compression::default());
+                let written = self.write_to(&mut encoder, epoch)?;
+                // The trailer goes into the sink's buffer, which
+                // write_atomically flushes and checks before the rename.
+                encoder.finish().map_err(Error::Write)?;
+                Ok(written)
             }
         })?;
         let file_bytes =
@@ -302,8 +320,20 @@ fn check_size(path: &Path, size: u64) -> Result<()> {
 
 fn copy_exact(src: &Path, size: u64, out: &mut impl Write) -> Result<()> {
     let read_error = |source| Error::ReadSource { path: src.to_path_buf(), source };
-    let file = File::open(src).map_err(read_error)?;
-    let copied = io::copy(&mut file.take(size), out).map_err(read_error)?;
+    let mut file = File::open(src).map_err(read_error)?.take(size);
+    // Not io::copy: it would blame the source for the image's ENOSPC.
+    let mut buffer = vec![0u8; COPY_BUFFER.min(size as usize)];
+    let mut copied = 0u64;
+    loop {
+        let got = match file.read(&mut buffer) {
+            Ok(0) => break,
+            Ok(got) => got,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(read_error(e)),
+        };
+        out.write_all(&buffer[..got]).map_err(Error::Write)?;
+        copied += got as u64;
+    }
     if copied != size {
         return Err(Error::SourceChanged { path: src.to_path_buf(), expected: size });
     }

@@ -6,6 +6,13 @@
 //! written once, at the end, when every allocation is known; the header and
 //! L1 table sit in the first clusters. Every cluster has refcount 1, so every
 //! L1/L2 entry carries the COPIED flag, as `qemu-img check` expects.
+//!
+//! Over a backing file, a cluster left unallocated reads from the backing
+//! file. So when the writer holds the whole content (a conversion, a FAT
+//! volume), every guest cluster without data gets the v3 zero flag (bit 0
+//! of its L2 entry, no host cluster): it reads as zeros, as in the source,
+//! and the image stays as small as without a backing file. (qcow2 v2 has
+//! no zero flag; this writer only writes v3.)
 
 use std::fs::File;
 use std::io;
@@ -14,7 +21,7 @@ use std::path::Path;
 use std::sync::mpsc;
 use std::thread;
 
-use crate::sink::{AlignedBuffer, Sink, write_atomically};
+use crate::sink::{AlignedBuffer, CopyError, Sink, image_mode, is_private, write_atomically};
 use crate::{Error, Result};
 
 const MAGIC: u32 = 0x5146_49fb; // "QFI\xfb"
@@ -24,6 +31,9 @@ const HEADER_LENGTH: u32 = 104;
 const REFCOUNT_ORDER: u32 = 4;
 const REFCOUNT_BYTES: u64 = 2;
 const COPIED: u64 = 1 << 63;
+/// Standard cluster descriptor bit 0 (v3): the cluster reads as zeros,
+/// never from the backing file.
+const ZERO: u64 = 1;
 pub(crate) const OFFSET_MASK: u64 = 0x00ff_ffff_ffff_fe00;
 /// Header extension: the backing file's format name.
 const EXT_BACKING_FORMAT: u32 = 0xe279_2aca;
@@ -69,10 +79,12 @@ pub struct Qcow2Summary {
     pub file_bytes: u64,
 }
 
-/// Creates an empty qcow2 image of `virtual_size` bytes at `path`, atomically.
+/// Creates an empty qcow2 image of `virtual_size` bytes at `path`,
+/// atomically, mode 0644 less the umask. With a backing file it is a thin
+/// layer: every cluster reads from the backing file.
 pub fn create_qcow2(path: &Path, virtual_size: u64, options: &Qcow2Options) -> Result<Qcow2Summary> {
-    write_atomically(path, 0o644, |sink| {
-        let mut writer = Qcow2Writer::new(sink.file(), virtual_size, options)?;
+    write_atomically(path, image_mode(false), |sink| {
+        let mut writer = Qcow2Writer::new(sink.file(), virtual_size, options, Unwritten::ReadsThrough)?;
         writer.finish_image().map_err(Error::Write)?;
         Ok(writer.summary())
     })
@@ -80,12 +92,17 @@ pub fn create_qcow2(path: &Path, virtual_size: u64, options: &Qcow2Options) -> R
 
 /// Streams the raw image `source` (its whole length is the virtual size)
 /// into a new qcow2 image at `path`, allocating only non-zero clusters.
+/// With a backing file in `options` the zero clusters are written as such,
+/// so the image still reads exactly as `source`. The image is mode 0600 if
+/// `source` is private (its group or others cannot read it), else 0644,
+/// less the umask either way.
 pub fn convert_to_qcow2(source: &Path, path: &Path, options: &Qcow2Options) -> Result<Qcow2Summary> {
     let read_error = |source_err| Error::ReadSource { path: source.to_path_buf(), source: source_err };
     let input = File::open(source).map_err(read_error)?;
-    let virtual_size = input.metadata().map_err(read_error)?.len();
-    write_atomically(path, 0o644, |sink| {
-        let mut writer = Qcow2Writer::new(sink.file(), virtual_size, options)?;
+    let meta = input.metadata().map_err(read_error)?;
+    let virtual_size = meta.len();
+    write_atomically(path, image_mode(is_private(&meta)), |sink| {
+        let mut writer = Qcow2Writer::new(sink.file(), virtual_size, options, Unwritten::ReadsAsZero)?;
         writer.copy_raw(&input, virtual_size).map_err(|e| match e {
             CopyError::Read(e) => read_error(e),
             CopyError::Write(e) => Error::Write(e),
@@ -95,9 +112,13 @@ pub fn convert_to_qcow2(source: &Path, path: &Path, options: &Qcow2Options) -> R
     })
 }
 
-pub(crate) enum CopyError {
-    Read(io::Error),
-    Write(io::Error),
+/// What a guest cluster the writer never wrote reads as.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Unwritten {
+    /// Whatever the backing file holds there (zeros without one): a thin layer.
+    ReadsThrough,
+    /// Zeros, even over a backing file: the writer defines the whole content.
+    ReadsAsZero,
 }
 
 /// Validates options and size, returning the cluster bits.
@@ -170,6 +191,8 @@ pub(crate) struct Qcow2Writer<'f> {
     next_host: u64,
     data_clusters: u64,
     backing: Option<(String, String)>,
+    /// Whether unwritten clusters get the zero flag (only with a backing file).
+    zero_unwritten: bool,
     finished: bool,
 }
 
@@ -184,7 +207,12 @@ impl std::fmt::Debug for Qcow2Writer<'_> {
 }
 
 impl<'f> Qcow2Writer<'f> {
-    pub(crate) fn new(file: &'f File, virtual_size: u64, options: &Qcow2Options) -> Result<Qcow2Writer<'f>> {
+    pub(crate) fn new(
+        file: &'f File,
+        virtual_size: u64,
+        options: &Qcow2Options,
+        unwritten: Unwritten,
+    ) -> Result<Qcow2Writer<'f>> {
         let cluster_bits = check(virtual_size, options)?;
         let cluster = 1u64 << cluster_bits;
         let l2_entries = cluster / 8;
@@ -193,6 +221,8 @@ impl<'f> Qcow2Writer<'f> {
         let l1_offset = cluster;
         let next_host = l1_offset + l1_bytes.div_ceil(cluster).max(1) * cluster;
         let backing = options.backing_file.clone().zip(options.backing_format.clone());
+        // Without a backing file an unallocated cluster already reads as zeros.
+        let zero_unwritten = backing.is_some() && unwritten == Unwritten::ReadsAsZero;
         Ok(Qcow2Writer {
             file,
             cluster_bits,
@@ -202,6 +232,7 @@ impl<'f> Qcow2Writer<'f> {
             next_host,
             data_clusters: 0,
             backing,
+            zero_unwritten,
             finished: false,
         })
     }
@@ -329,12 +360,25 @@ impl<'f> Qcow2Writer<'f> {
             return Ok(());
         }
         let cluster = self.cluster_size();
+        let per_l2 = cluster / 8;
+        let guest_clusters = self.virtual_size.div_ceil(cluster);
         let mut l1 = vec![0u8; self.l2_tables.len() * 8];
         let mut table_bytes = vec![0u8; cluster as usize];
         for (index, table) in self.l2_tables.iter().enumerate() {
-            let Some(table) = table else { continue };
-            for (slot, &host) in table.iter().enumerate() {
-                let entry = if host == 0 { 0 } else { host | COPIED };
+            if table.is_none() && !self.zero_unwritten {
+                continue;
+            }
+            // Slots past the end of the disk stay 0 (unallocated).
+            let first_guest = index as u64 * per_l2;
+            let slots = (guest_clusters - first_guest).min(per_l2) as usize;
+            table_bytes.fill(0);
+            for slot in 0..slots {
+                let host = table.as_ref().map_or(0, |t| t[slot]);
+                let entry = match host {
+                    0 if self.zero_unwritten => ZERO,
+                    0 => 0,
+                    host => host | COPIED,
+                };
                 table_bytes[slot * 8..slot * 8 + 8].copy_from_slice(&entry.to_be_bytes());
             }
             let at = self.next_host;

@@ -16,6 +16,8 @@ const ZERO_BLOCK: usize = 4096;
 const COPY_BUFFER: usize = 1 << 20;
 /// Bytes per `copy_file_range` call, so progress moves on large files.
 const COPY_CHUNK: u64 = 16 << 20;
+/// Buffer for sequential writes through [`FileSink`]'s `Write`.
+const STREAM_BUFFER: usize = 1 << 20;
 
 /// A destination for image bytes that reads as zeros until written.
 pub(crate) trait Sink {
@@ -25,12 +27,26 @@ pub(crate) trait Sink {
     /// Copies the first `len` bytes of `src` to `offset`, calling
     /// `progress` with each run of bytes copied. Returns the bytes copied,
     /// fewer than `len` only if `src` is shorter.
-    fn copy_file_at(&mut self, offset: u64, src: &File, len: u64, progress: &mut dyn FnMut(u64)) -> io::Result<u64> {
+    fn copy_file_at(
+        &mut self,
+        offset: u64,
+        src: &File,
+        len: u64,
+        progress: &mut dyn FnMut(u64),
+    ) -> Result<u64, CopyError> {
         copy_through_buffer(self, offset, src, 0, len, progress)
     }
 
     /// Sets the final image length.
     fn finish(&mut self, len: u64) -> io::Result<()>;
+}
+
+/// A copy failed reading the source or writing the image: the caller names
+/// the source for the one and the image for the other.
+#[derive(Debug)]
+pub(crate) enum CopyError {
+    Read(io::Error),
+    Write(io::Error),
 }
 
 /// Writes `data` at `offset`, skipping blocks that are all zeros.
@@ -86,7 +102,7 @@ fn copy_through_buffer<S: Sink + ?Sized>(
     src_offset: u64,
     len: u64,
     progress: &mut dyn FnMut(u64),
-) -> io::Result<u64> {
+) -> Result<u64, CopyError> {
     let mut storage = AlignedBuffer::new(COPY_BUFFER.min(len as usize));
     let buffer = storage.as_mut_slice();
     let mut done = 0;
@@ -96,9 +112,9 @@ fn copy_through_buffer<S: Sink + ?Sized>(
             Ok(0) => break,
             Ok(got) => got,
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-            Err(e) => return Err(e),
+            Err(e) => return Err(CopyError::Read(e)),
         };
-        write_nonzero(sink, offset + done, &buffer[..got])?;
+        write_nonzero(sink, offset + done, &buffer[..got]).map_err(CopyError::Write)?;
         done += got as u64;
         progress(got as u64);
     }
@@ -107,22 +123,68 @@ fn copy_through_buffer<S: Sink + ?Sized>(
 
 /// A plain file: positioned writes, `copy_file_range` for file data (the
 /// kernel moves the bytes, or shares them on reflink filesystems), and
-/// `set_len` at the end so untouched regions stay holes.
+/// `set_len` at the end so untouched regions stay holes. It is also a
+/// buffered sequential [`Write`] for streaming formats (cpio, gzip); a
+/// writer uses one way or the other, not both. The buffer belongs to the
+/// sink, so [`write_atomically`] flushes it and sees the error: no writer
+/// can leave its last bytes to a `Drop` that ignores failures.
 #[derive(Debug)]
 pub(crate) struct FileSink<'f> {
     file: &'f File,
     /// Cleared after the first `copy_file_range` refusal, to stop retrying.
     copy_file_range_works: bool,
+    /// Sequential bytes not yet written, and where they go.
+    pending: Vec<u8>,
+    stream_offset: u64,
 }
 
 impl<'f> FileSink<'f> {
     pub(crate) fn new(file: &'f File) -> FileSink<'f> {
-        FileSink { file, copy_file_range_works: true }
+        FileSink { file, copy_file_range_works: true, pending: Vec::new(), stream_offset: 0 }
     }
 
     /// The file underneath, for writers that lay out their own format.
     pub(crate) fn file(&self) -> &'f File {
         self.file
+    }
+
+    fn write_pending(&mut self) -> io::Result<()> {
+        if !self.pending.is_empty() {
+            self.file.write_all_at(&self.pending, self.stream_offset)?;
+            self.stream_offset += self.pending.len() as u64;
+            self.pending.clear();
+        }
+        Ok(())
+    }
+
+    /// Everything written reaches the file and its storage: buffered bytes
+    /// out (the error checked), then `fdatasync`, which reports what the
+    /// kernel could not write back (ENOSPC, EIO on network or thin storage).
+    fn commit(&mut self) -> io::Result<()> {
+        self.write_pending()?;
+        self.file.sync_data()
+    }
+}
+
+impl Write for FileSink<'_> {
+    fn write(&mut self, data: &[u8]) -> io::Result<usize> {
+        if self.pending.capacity() == 0 {
+            self.pending.reserve_exact(STREAM_BUFFER);
+        }
+        if self.pending.len() + data.len() > STREAM_BUFFER {
+            self.write_pending()?;
+        }
+        if data.len() >= STREAM_BUFFER {
+            self.file.write_all_at(data, self.stream_offset)?;
+            self.stream_offset += data.len() as u64;
+        } else {
+            self.pending.extend_from_slice(data);
+        }
+        Ok(data.len())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.write_pending()
     }
 }
 
@@ -131,7 +193,13 @@ impl Sink for FileSink<'_> {
         self.file.write_all_at(data, offset)
     }
 
-    fn copy_file_at(&mut self, offset: u64, src: &File, len: u64, progress: &mut dyn FnMut(u64)) -> io::Result<u64> {
+    fn copy_file_at(
+        &mut self,
+        offset: u64,
+        src: &File,
+        len: u64,
+        progress: &mut dyn FnMut(u64),
+    ) -> Result<u64, CopyError> {
         let mut done = 0;
         while done < len && self.copy_file_range_works {
             let mut src_offset = done;
@@ -144,12 +212,17 @@ impl Sink for FileSink<'_> {
                     progress(copied as u64);
                 }
                 Err(Errno::INTR) => {}
-                // Not supported for this pair of files (other filesystem,
-                // old kernel, special file): fall back to read and write.
-                Err(Errno::XDEV | Errno::NOSYS | Errno::OPNOTSUPP | Errno::INVAL) if done == 0 => {
-                    self.copy_file_range_works = false;
+                Err(e) => {
+                    // Not supported for this pair of files (other filesystem,
+                    // old kernel, special file): stop asking.
+                    if matches!(e, Errno::XDEV | Errno::NOSYS | Errno::OPNOTSUPP | Errno::INVAL) {
+                        self.copy_file_range_works = false;
+                    }
+                    // Either way the rest goes through read and write, so a
+                    // real failure shows which side it is on: ENOSPC is the
+                    // image's, not the source's.
+                    break;
                 }
-                Err(e) => return Err(e.into()),
             }
         }
         if done < len {
@@ -163,10 +236,24 @@ impl Sink for FileSink<'_> {
     }
 }
 
-/// Runs `write` against a new temporary file next to `path` (mode 0600
-/// from the start, so secrets are never readable by others), sets `mode`,
-/// and renames it over `path`. On any error the temporary file is removed
-/// and `path` is untouched. Atomic, not durable: no fsync, like `cp`.
+/// The mode of an image file: 0600 if any input is secret, else 0644.
+/// Either way the caller's umask applies, as for any file a tool creates.
+pub(crate) fn image_mode(secret: bool) -> u32 {
+    if secret { 0o600 } else { 0o644 }
+}
+
+/// Whether a host file is private: its group or others cannot read it.
+/// An image holding its bytes is then kept private too.
+pub(crate) fn is_private(meta: &std::fs::Metadata) -> bool {
+    meta.permissions().mode() & 0o044 != 0o044
+}
+
+/// Runs `write` against a new temporary file next to `path`, created with
+/// `mode` (less the umask) from the start, so a secret image is never
+/// readable by others, not even half-written. Then every byte is committed
+/// (buffer flushed, `fdatasync`, each error checked) and only then is the
+/// file renamed over `path`. On any error the temporary file is removed and
+/// `path` is untouched: a full disk gives an error, never a truncated image.
 /// Returns what `write` returned.
 pub(crate) fn write_atomically<T>(
     path: &Path,
@@ -182,7 +269,7 @@ pub(crate) fn write_atomically<T>(
     let temp = tempfile::Builder::new()
         .prefix(&format!(".{name}."))
         .suffix(".kiln-tmp")
-        .permissions(Permissions::from_mode(0o600))
+        .permissions(Permissions::from_mode(mode))
         .tempfile_in(dir)
         .map_err(write_error)?;
     let mut sink = FileSink::new(temp.as_file());
@@ -190,9 +277,7 @@ pub(crate) fn write_atomically<T>(
         Error::Write(source) => write_error(source),
         other => other,
     })?;
-    if mode != 0o600 {
-        temp.as_file().set_permissions(Permissions::from_mode(mode)).map_err(write_error)?;
-    }
+    sink.commit().map_err(write_error)?;
     temp.persist(path).map_err(|e| write_error(e.error))?;
     Ok(written)
 }
@@ -243,5 +328,36 @@ mod tests {
         sink.finish(512 + data.len() as u64).unwrap();
         let image = out.into_inner();
         assert_eq!(&image[512..], &data[..]);
+    }
+
+    #[test]
+    fn streamed_bytes_reach_the_file_without_a_flush_by_the_writer() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("stream");
+        let data: Vec<u8> = (0..3 * STREAM_BUFFER + 123).map(|i| (i % 251) as u8).collect();
+        write_atomically(&path, 0o644, |sink| {
+            // Small writes, a large one, then small again: the last stay buffered.
+            sink.write_all(&data[..10]).map_err(Error::Write)?;
+            sink.write_all(&data[10..2 * STREAM_BUFFER + 10]).map_err(Error::Write)?;
+            for chunk in data[2 * STREAM_BUFFER + 10..].chunks(1000) {
+                sink.write_all(chunk).map_err(Error::Write)?;
+            }
+            Ok(())
+        })
+        .unwrap();
+        assert!(std::fs::read(&path).unwrap() == data);
+    }
+
+    #[test]
+    fn a_buffered_write_that_fails_is_an_error_at_commit() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("read-only");
+        std::fs::write(&path, b"").unwrap();
+        let file = File::open(&path).unwrap();
+        let mut sink = FileSink::new(&file);
+        // Buffered, so nothing fails yet; the write happens at commit.
+        sink.write_all(b"tail bytes").unwrap();
+        let err = sink.commit().unwrap_err();
+        assert_eq!(err.raw_os_error(), Some(Errno::BADF.raw_os_error()), "{err}");
     }
 }

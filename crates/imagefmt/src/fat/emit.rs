@@ -9,7 +9,7 @@ use super::layout::{DirPlan, EntryTarget, FatLayout, Geometry, SECTOR};
 use super::names;
 use super::time::DosTime;
 use super::tree::Source;
-use crate::sink::{Sink, write_nonzero};
+use crate::sink::{CopyError, Sink, write_nonzero};
 use crate::{Error, Result};
 
 const ATTR_VOLUME_ID: u8 = 0x08;
@@ -267,9 +267,12 @@ fn read_exactly(path: &std::path::Path, expected: u64, out: &mut Vec<u8>) -> Res
     Ok(())
 }
 
-fn copy_error(path: &std::path::Path, source: std::io::Error) -> Error {
-    // The sink reports both sides' errors; a read error names the source.
-    Error::ReadSource { path: path.to_path_buf(), source }
+fn copy_error(path: &std::path::Path, error: CopyError) -> Error {
+    match error {
+        CopyError::Read(source) => Error::ReadSource { path: path.to_path_buf(), source },
+        // The image's side: write_atomically names the image.
+        CopyError::Write(source) => Error::Write(source),
+    }
 }
 
 fn end_of_chain(fat_type: FatType) -> u32 {

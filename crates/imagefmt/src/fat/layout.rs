@@ -8,6 +8,7 @@ use super::names;
 use super::time::DosTime;
 use super::tree::{Dir, FileNode, Node};
 use super::{FatOptions, FatSummary, FatTree, FatType};
+use crate::qcow2::Unwritten;
 use crate::{Error, Result};
 
 pub(crate) const SECTOR: u32 = 512;
@@ -265,19 +266,23 @@ impl FatLayout<'_> {
     }
 
     /// Writes the image to `path` atomically: into a temporary file in the
-    /// same directory (mode 0600), renamed over `path` once complete. Mode
-    /// 0600 stays for secret trees; others get 0644. File data moves with
-    /// `copy_file_range`, and `progress` sees the data bytes written so far.
+    /// same directory, committed (flushed, `fdatasync`) and renamed over
+    /// `path` once complete. Secret trees ([`FatTree::is_secret`]) get mode
+    /// 0600 from the start, others 0644, less the umask. File data moves
+    /// with `copy_file_range`, and `progress` sees the data bytes written so far.
     pub fn write_file(&self, path: &Path, progress: Option<&mut dyn FnMut(u64)>) -> Result<FatSummary> {
         let mut ignore = |_| {};
         let progress = progress.unwrap_or(&mut ignore);
-        let mode = if self.tree.is_secret() { 0o600 } else { 0o644 };
+        let mode = crate::sink::image_mode(self.tree.is_secret());
         crate::sink::write_atomically(path, mode, |sink| self.emit(sink, progress))?;
         Ok(self.summary())
     }
 
-    /// Writes the image as qcow2 to `path`, atomically, with no raw
-    /// intermediate: only clusters holding non-zero bytes are allocated.
+    /// Writes the image as qcow2 to `path`, atomically and with the same
+    /// mode as [`FatLayout::write_file`], with no raw intermediate: only
+    /// clusters holding non-zero bytes are allocated. With a backing file in
+    /// `options`, the rest are written as zero clusters, so the image reads
+    /// as this volume and nothing of the backing file shows through.
     pub fn write_qcow2_file(
         &self,
         path: &Path,
@@ -286,9 +291,10 @@ impl FatLayout<'_> {
     ) -> Result<FatSummary> {
         let mut ignore = |_| {};
         let progress = progress.unwrap_or(&mut ignore);
-        let mode = if self.tree.is_secret() { 0o600 } else { 0o644 };
+        let mode = crate::sink::image_mode(self.tree.is_secret());
         crate::sink::write_atomically(path, mode, |sink| {
-            let mut qcow2 = crate::qcow2::Qcow2Writer::new(sink.file(), self.geometry.image_bytes(), options)?;
+            let size = self.geometry.image_bytes();
+            let mut qcow2 = crate::qcow2::Qcow2Writer::new(sink.file(), size, options, Unwritten::ReadsAsZero)?;
             self.emit(&mut qcow2, progress)
         })?;
         Ok(self.summary())

@@ -86,7 +86,9 @@ impl FatTree {
             });
         }
         let node = host_file(src, &meta)?;
-        self.insert_file(dest, node)
+        self.insert_file(dest, node)?;
+        self.secret |= crate::sink::is_private(&meta);
+        Ok(())
     }
 
     /// Adds host path `src` at `dest`: a file becomes the file `dest`, a
@@ -97,7 +99,9 @@ impl FatTree {
         let meta = stat(src)?;
         if !meta.is_dir() {
             let node = host_file(src, &meta)?;
-            return self.insert_file(dest, node);
+            self.insert_file(dest, node)?;
+            self.secret |= crate::sink::is_private(&meta);
+            return Ok(());
         }
         let components = split_dest(dest)?;
         let mut ancestors = HashSet::new();
@@ -110,6 +114,7 @@ impl FatTree {
         staged.files += counts.files;
         staged.dirs += counts.dirs;
         staged.data_bytes += counts.data_bytes;
+        staged.secret |= counts.private_files;
         *self = staged;
         Ok(())
     }
@@ -120,7 +125,9 @@ impl FatTree {
         self.secret = true;
     }
 
-    /// Whether [`FatTree::mark_secret`] was called.
+    /// Whether the tree is secret: [`FatTree::mark_secret`] was called, or a
+    /// host file in it is one its group or others cannot read (FAT keeps no
+    /// modes, so the image is never more readable than what went into it).
     pub fn is_secret(&self) -> bool {
         self.secret
     }
@@ -219,6 +226,8 @@ struct Counts {
     files: u64,
     dirs: u64,
     data_bytes: u64,
+    /// Whether a file that group or others cannot read was seen.
+    private_files: bool,
 }
 
 fn stat(path: &Path) -> Result<fs::Metadata> {
@@ -289,6 +298,7 @@ fn walk_host_dir(dir: &mut Dir, src: &Path, ancestors: &mut HashSet<(u64, u64)>,
             let node = host_file(&path, &meta)?;
             counts.files += 1;
             counts.data_bytes += node.size;
+            counts.private_files |= crate::sink::is_private(&meta);
             dir.insert(&name, Node::File(node), &host_path)?;
         }
     }

@@ -8,5 +8,6 @@ mod harness;
 mod interop;
 mod output;
 mod props;
+mod qcow2;
 mod spec;
 mod support;
