@@ -266,7 +266,7 @@ impl FatLayout<'_> {
     }
 
     /// Writes the image to `path` atomically: into a temporary file in the
-    /// same directory, committed (flushed, `fdatasync`) and renamed over
+    /// same directory, committed (the buffer flushed, errors checked) and renamed over
     /// `path` once complete. Secret trees ([`FatTree::is_secret`]) get mode
     /// 0600 from the start, others 0644, less the umask. File data moves
     /// with `copy_file_range`, and `progress` sees the data bytes written so far.
