@@ -215,3 +215,37 @@ pub(crate) fn pipe() -> io::Result<(File, File)> {
     // SAFETY: pipe2 returned two new fds that nothing else owns.
     Ok(unsafe { (File::from_raw_fd(fds[0]), File::from_raw_fd(fds[1])) })
 }
+
+/// Writes all of `bytes` to `file` (blocking or not), giving up after
+/// `limit`: a host that never reads must not keep PID 1 from powering off.
+pub(crate) fn write_all_within(file: &mut File, mut bytes: &[u8], limit: Duration) -> io::Result<()> {
+    use std::io::Write;
+    let deadline = std::time::Instant::now() + limit;
+    while !bytes.is_empty() {
+        match file.write(bytes) {
+            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+            Ok(written) => bytes = &bytes[written..],
+            Err(err) if err.kind() == io::ErrorKind::Interrupted => {}
+            Err(err) if err.kind() == io::ErrorKind::WouldBlock => {
+                let left = deadline.saturating_duration_since(std::time::Instant::now());
+                if left.is_zero() {
+                    return Err(io::Error::new(io::ErrorKind::TimedOut, "the host did not take the report in time"));
+                }
+                let mut poll = libc::pollfd { fd: file.as_raw_fd(), events: libc::POLLOUT, revents: 0 };
+                let timeout = left.as_millis().clamp(1, i32::MAX as u128) as libc::c_int;
+                // SAFETY: `poll` is one valid pollfd struct.
+                if unsafe { libc::poll(&mut poll, 1, timeout) } < 0 {
+                    let err = io::Error::last_os_error();
+                    if err.kind() != io::ErrorKind::Interrupted {
+                        return Err(err);
+                    }
+                } else if poll.revents & libc::POLLOUT == 0 && poll.revents & (libc::POLLHUP | libc::POLLERR) != 0 {
+                    // A virtio port whose host end is not connected.
+                    return Err(io::Error::new(io::ErrorKind::BrokenPipe, "the host end is not connected"));
+                }
+            }
+            Err(err) => return Err(err),
+        }
+    }
+    Ok(())
+}
