@@ -60,7 +60,8 @@ impl GuestReport {
     /// Parses one line (without its newline).
     pub fn parse(line: &str) -> Result<GuestReport> {
         let bad = |reason: &str| Error::Control { line: line.to_owned(), reason: reason.to_owned() };
-        let (word, rest) = line.split_once(' ').ok_or_else(|| bad("expected `exit N`, `signal N` or `failed REASON`"))?;
+        let (word, rest) =
+            line.split_once(' ').ok_or_else(|| bad("expected `exit N`, `signal N` or `failed REASON`"))?;
         let number = |limit: u8| {
             decimal(rest).filter(|n| *n <= u64::from(limit)).map(|n| n as u8).ok_or_else(|| bad("bad number"))
         };
@@ -191,7 +192,9 @@ mod tests {
         check_report("signal 9", expect![[r#"Killed(9) code=Some(137) line="signal 9\n""#]]);
         check_report(
             "failed no disk labelled SERVICEDISK",
-            expect![[r#"Failed("no disk labelled SERVICEDISK") code=None line="failed no disk labelled SERVICEDISK\n""#]],
+            expect![[
+                r#"Failed("no disk labelled SERVICEDISK") code=None line="failed no disk labelled SERVICEDISK\n""#
+            ]],
         );
         check_report("exit 256", expect!["error: Invalid control line \"exit 256\": bad number"]);
         check_report("exit -1", expect![[r#"error: Invalid control line "exit -1": bad number"#]]);

@@ -200,7 +200,9 @@ fn open_control_channel() -> Option<File> {
         None => match sys::vsock_connect(VSOCK_STATUS_PORT) {
             Ok(socket) => (socket, format!("vsock port {VSOCK_STATUS_PORT}")),
             Err(err) => {
-                say(&format!("no control channel (no {CONTROL_PORT_NAME} port; vsock: {err}): the exit is only on the console"));
+                say(&format!(
+                    "no control channel (no {CONTROL_PORT_NAME} port; vsock: {err}): the exit is only on the console"
+                ));
                 return None;
             }
         },
@@ -221,9 +223,7 @@ fn open_control_port() -> Option<(File, String)> {
     let started = Instant::now();
     loop {
         if let Some(device) = named_virtio_port(CONTROL_PORT_NAME) {
-            let open = || {
-                fs::OpenOptions::new().read(true).write(true).custom_flags(libc::O_NONBLOCK).open(&device)
-            };
+            let open = || fs::OpenOptions::new().read(true).write(true).custom_flags(libc::O_NONBLOCK).open(&device);
             match open() {
                 Ok(port) => {
                     let second = match open() {
