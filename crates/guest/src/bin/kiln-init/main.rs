@@ -582,6 +582,12 @@ fn spawn_service() -> Result<i32> {
         .current_dir("/")
         .stdin(Stdio::null())
         .process_group(0);
+    // SAFETY: the hook only calls `pthread_sigmask`, which is async-signal-safe
+    // and does not allocate. Without it the service would start with
+    // SIGTERM blocked (kiln-init's signalfd mask), deaf to its stop.
+    unsafe {
+        command.pre_exec(sys::unblock_signals);
+    }
     // With a vsock log port on the host, output goes to the console and there.
     let log = sys::vsock_connect(VSOCK_LOG_PORT).ok();
     let pipe = if log.is_some() {

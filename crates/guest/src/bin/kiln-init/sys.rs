@@ -117,8 +117,8 @@ pub(crate) fn monotonic_seconds() -> f64 {
 pub(crate) const HANDLED_SIGNALS: [libc::c_int; 4] = [libc::SIGCHLD, libc::SIGTERM, libc::SIGINT, libc::SIGPWR];
 
 /// Blocks [`HANDLED_SIGNALS`] and returns a signalfd that reports them.
-/// `std::process::Command` clears the mask in children, so the service
-/// starts with every signal unblocked.
+/// Children inherit the mask (measured: `std::process::Command` does not
+/// clear it), so the service is started through [`unblock_signals`].
 pub(crate) fn signal_fd() -> io::Result<OwnedFd> {
     // SAFETY: sigset_t is plain data; sigemptyset initialises it.
     let mut set: libc::sigset_t = unsafe { mem::zeroed() };
@@ -138,6 +138,19 @@ pub(crate) fn signal_fd() -> io::Result<OwnedFd> {
     let fd = check(unsafe { libc::signalfd(-1, &set, libc::SFD_CLOEXEC | libc::SFD_NONBLOCK) })?;
     // SAFETY: signalfd returned a new fd that nothing else owns.
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// Clears the calling thread's signal mask. For a `pre_exec` hook: between
+/// fork and exec only async-signal-safe calls are allowed, and
+/// `pthread_sigmask` is one; nothing here allocates.
+pub(crate) fn unblock_signals() -> io::Result<()> {
+    // SAFETY: sigset_t is plain data; sigemptyset initialises it.
+    let mut set: libc::sigset_t = unsafe { mem::zeroed() };
+    // SAFETY: `set` is a valid sigset_t.
+    unsafe { libc::sigemptyset(&mut set) };
+    // SAFETY: `set` is initialised; the old mask is not wanted.
+    let result = unsafe { libc::pthread_sigmask(libc::SIG_SETMASK, &set, std::ptr::null_mut()) };
+    if result != 0 { Err(io::Error::from_raw_os_error(result)) } else { Ok(()) }
 }
 
 /// Drains a signalfd, returning the signal numbers read.
