@@ -174,6 +174,7 @@ impl LineBuffer {
 #[cfg(test)]
 mod tests {
     use expect_test::{Expect, expect};
+    use proptest::prelude::*;
 
     use super::*;
 
@@ -258,6 +259,36 @@ mod tests {
             ]],
         );
         check_command("halt", expect![[r#"error: Invalid control line "halt": expected `stop SECONDS`"#]]);
+    }
+
+    fn any_report() -> impl Strategy<Value = GuestReport> {
+        prop_oneof![
+            any::<u8>().prop_map(GuestReport::Exited),
+            (1u8..=64).prop_map(GuestReport::Killed),
+            "[ -~]{1,200}".prop_map(GuestReport::Failed),
+        ]
+    }
+
+    proptest! {
+        #[test]
+        fn reports_and_commands_round_trip_through_any_split(
+            reports in proptest::collection::vec(any_report(), 1..4),
+            grace in 0..=MAX_GRACE_SECONDS,
+            split in any::<usize>(),
+        ) {
+            let mut bytes: Vec<u8> = reports.iter().flat_map(|r| r.to_line().into_bytes()).collect();
+            let stop = HostCommand::Stop { grace_seconds: grace };
+            bytes.extend_from_slice(stop.to_line().as_bytes());
+            let at = split % (bytes.len() + 1);
+            let mut buffer = LineBuffer::new();
+            let mut lines = buffer.push(&bytes[..at]);
+            lines.extend(buffer.push(&bytes[at..]));
+            prop_assert_eq!(lines.len(), reports.len() + 1);
+            for (line, report) in lines.iter().zip(&reports) {
+                prop_assert_eq!(&GuestReport::parse(line)?, report);
+            }
+            prop_assert_eq!(HostCommand::parse(&lines[reports.len()])?, stop);
+        }
     }
 
     #[test]
