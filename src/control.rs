@@ -109,10 +109,8 @@ impl ControlChannel {
         self.poll();
         let End::Connected(stream) = &mut self.end else { return false };
         // A few bytes into an empty socket buffer: a non-blocking write takes them whole.
-        match stream.write(command.to_line().as_bytes()) {
-            Ok(written) if written == command.to_line().len() => true,
-            _ => false,
-        }
+        let line = command.to_line();
+        stream.write(line.as_bytes()).is_ok_and(|written| written == line.len())
     }
 }
 

@@ -756,6 +756,29 @@ mod tests {
     }
 
     #[test]
+    fn the_control_channel_is_a_serial_port_on_qemu_and_vsock_on_cloud_hypervisor() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = StateDir::open(dir.path()).unwrap();
+        let spec = spec_with_cmdline(None);
+        let files = VmFiles::new(&state, &spec);
+        let guest = GuestFiles {
+            bzimage: "/g/vmlinuz".into(),
+            vmlinux: Some("/g/vmlinux".into()),
+            initramfs: "/g/initramfs.cpio.gz".into(),
+        };
+        let lease = LeaseInfo { host: Ipv4Addr::new(10, 0, 0, 1), guest: Ipv4Addr::new(10, 0, 0, 2), prefix_len: 30 };
+        let qemu = vm_plan(&spec, &guest, kiln_vmm::Backend::Qemu, &files, "kt-g", &lease).unwrap();
+        let port = qemu.control.expect("QEMU gets the control port");
+        assert_eq!((port.name.as_str(), port.socket), (CONTROL_PORT_NAME, files.run_dir.join("control.sock")));
+        assert_eq!(qemu.vsock, None, "no vhost-vsock here");
+        let ch = vm_plan(&spec, &guest, kiln_vmm::Backend::CloudHypervisor, &files, "kt-g", &lease).unwrap();
+        assert_eq!(ch.control, None);
+        assert_eq!(kiln_vmm::ch_vm_config(&ch)["vsock"]["socket"], files.vsock_socket.to_str().unwrap());
+        let vsock = ch.vsock.expect("cloud-hypervisor gets vsock");
+        assert_eq!((vsock.cid, vsock.socket), (GUEST_CID, files.run_dir.join("vsock.sock")));
+    }
+
+    #[test]
     fn macs_are_local_unicast_and_stable() {
         let mac = mac_for("web");
         assert_eq!(mac.0[0] & 0b11, 0b10, "locally administered, unicast");
