@@ -164,6 +164,10 @@ fn run(init_start: f64) -> Result<ExitStatus> {
     let _ = sys::disable_ctrl_alt_del();
     load_modules()?;
     let modules_loaded = sys::monotonic_seconds();
+    // As soon as its driver is loaded: long before the service exists (it
+    // must never get hold of the channel), and early enough that a failure
+    // finding the disks is reported on it too.
+    let commands = open_control_channel();
     let disks = find_disks()?;
     let Some(service_disk) = disks.iter().find(|d| d.is_fat(SERVICE_DISK_LABEL)) else {
         return Err(Failure(format!(
@@ -179,8 +183,6 @@ fn run(init_start: f64) -> Result<ExitStatus> {
     let disks_ready = sys::monotonic_seconds();
     let power_buttons = power_buttons();
     let signals = sys::signal_fd().context(|| "cannot block signals".to_owned())?;
-    // Before the service exists: it must never get hold of the channel.
-    let commands = open_control_channel();
     let service = spawn_service()?;
     let service_start = sys::monotonic_seconds();
     say(&format!(
