@@ -43,6 +43,10 @@ pub const STOP_MARGIN: Duration = Duration::from_secs(10);
 /// The file in the VM's directory where `kiln stop --timeout` leaves its
 /// grace period (whole seconds) for the launcher to read.
 pub const STOP_TIMEOUT_FILE: &str = "stop-timeout";
+/// The file in the VM's directory where the launcher leaves the grace
+/// period a stop without `--timeout` gets (the spec's, else the default),
+/// so `kiln stop` knows how long the launcher may take.
+pub const GRACE_FILE: &str = "grace";
 /// kiln's exit code when there is no exit status of the service's: the VMM
 /// saw a crash, panic or reset, the VM stopped without a report, kiln-init
 /// reported a failure, or kiln run itself failed after the VM started.
@@ -469,6 +473,8 @@ fn launch_and_wait(
     let files = VmFiles::new(state, spec);
     // A grace period left by a `kiln stop` of an earlier run is not this run's.
     let _ = fs::remove_file(claim.dir().join(STOP_TIMEOUT_FILE));
+    let grace = resolve_grace(None, spec).as_secs().to_string();
+    crate::state::write_private_atomically(&claim.dir().join(GRACE_FILE), grace.as_bytes())?;
 
     step(claim, observer, Phase::Lease, "leasing an address")?;
     let leased = host.ledger.allocate(name, std::process::id())?;

@@ -141,13 +141,14 @@ pub(crate) fn stop(args: &StopArgs) -> Result<ExitCode> {
             _ => {}
         },
     }
-    // How long the launcher may take: the grace period it will use, its
-    // margin, and the VMM's quit; past that it is stuck.
-    let spec = kiln::Spec::load(&entry.record.spec).ok();
-    let grace = match &spec {
-        Some(spec) => kiln::resolve_grace(args.timeout, spec),
-        None => args.timeout.map_or(kiln::DEFAULT_GRACE, Duration::from_secs),
-    };
+    // How long the launcher may take: the grace period it will use (the
+    // launcher left the spec's in GRACE_FILE), its margin, and the VMM's
+    // quit; past that it is stuck.
+    let spec_grace = std::fs::read_to_string(entry.dir.join(kiln::GRACE_FILE)).ok();
+    let grace = args
+        .timeout
+        .or_else(|| spec_grace.as_deref().and_then(kiln::parse_stop_timeout))
+        .map_or(kiln::DEFAULT_GRACE, Duration::from_secs);
     rustix::process::kill_process(pid, rustix::process::Signal::TERM)
         .with_context(|| format!("cannot signal kiln run (pid {pid:?})"))?;
     let deadline = Instant::now() + grace + kiln::STOP_MARGIN + Duration::from_secs(20);
