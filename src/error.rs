@@ -65,6 +65,8 @@ pub enum Error {
     InputIo { path: std::path::PathBuf, source: std::io::Error },
     #[error(transparent)]
     Vmm(kiln_vmm::Error),
+    #[error("Cannot open the control channel to kiln-init at {}", path.display())]
+    ControlChannel { path: std::path::PathBuf, source: std::io::Error },
     #[error("Host networking: {0}")]
     HostNet(String),
     #[error(transparent)]

@@ -10,6 +10,7 @@
 //! Kubernetes it only converts the spec ([`workload`], [`ClusterDefaults`]);
 //! the mapping onto objects and the cluster client live in `kiln-k8s`.
 
+mod control;
 mod error;
 mod gc;
 mod hostnet;
@@ -27,15 +28,17 @@ pub use hostnet::{CIDR_ENV, DEFAULT_CIDR, HostNet, UPLINK_ENV};
 pub use k8s::{ClusterDefaults, K8S_DEFAULTS_ENV, K8sWorkload, workload};
 pub use launch::LaunchScript;
 pub use run::{
-    CRASH_TEST_HOLD_ENV, DATA_DISK_SERIAL, FAILURE_EXIT_CODE, GUEST_DIR_ENV, GUEST_GRACE, GuestFiles, RunObserver,
-    RunOptions, RunOutcome, VmFiles, build_images, choose_backend, exit_from_console, kernel_cmdline, mac_for, run,
-    seed, vm_plan,
+    CRASH_TEST_HOLD_ENV, DATA_DISK_SERIAL, DEFAULT_GRACE, FAILURE_EXIT_CODE, GRACE_FILE, GUEST_DIR_ENV, GuestFiles,
+    RunObserver, RunOptions, RunOutcome, STOP_MARGIN, STOP_TIMEOUT_FILE, VmFiles, build_images, choose_backend,
+    kernel_cmdline, mac_for, parse_stop_timeout, resolve_grace, run, seed, vm_plan,
 };
 pub use service_disk::{DiskTree, ServiceDisk};
 pub use size::parse_size;
 pub use spec::{
-    Backend, ByteSize, Confidentiality, FileSource, FileTree, Gpu, GpuPolicy, Guest, Kubernetes, Name, Network,
-    PciAddress, PodSecurity, PortSpec, PublishSpec, Resources, Service, Spec, Toleration, VmSettings,
+    Backend, ByteSize, Confidentiality, FileSource, FileTree, GRACE_PARAMETER, Gpu, GpuPolicy, Guest, Kubernetes, Name,
+    Network, PciAddress, PodSecurity, PortSpec, PublishSpec, Resources, Service, Spec, Toleration, VmSettings,
     rewrite_loopback_urls,
 };
-pub use state::{ExitInfo, LeaseInfo, Phase, STATE_DIR_ENV, StateDir, StateLock, VmClaim, VmEntry, VmRecord, VmmInfo};
+pub use state::{
+    ExitInfo, ExitSource, LeaseInfo, Phase, STATE_DIR_ENV, StateDir, StateLock, VmClaim, VmEntry, VmRecord, VmmInfo,
+};

@@ -2,9 +2,12 @@
 //!
 //! The steps, each recorded in the VM's state record *before* it touches the
 //! host (see [`crate::state`]): build or reuse the images; lease a subnet;
-//! create and configure the tap; apply the firewall; start the VMM; boot;
+//! create and configure the tap; apply the firewall; start the VMM and
+//! open the control channel to kiln-init ([`crate::control`]); boot;
 //! stream the console until the guest powers off or a stop is asked for;
-//! release everything. Any error on the way releases what was taken; a
+//! release everything. The outcome never comes from the console, which the
+//! service writes too: a crash the VMM saw wins, else kiln-init's report on
+//! the control channel, else "no report". Any error on the way releases what was taken; a
 //! SIGKILL leaves a record from which `kiln gc` releases it.
 
 use std::collections::hash_map::DefaultHasher;
@@ -18,23 +21,38 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use kiln_guest::{CONTROL_PORT_NAME, GuestReport, HostCommand, MAX_GRACE_SECONDS, VSOCK_STATUS_PORT};
 use kiln_imagefmt::{FatOptions, FatTree, NoCloudSeed};
 use kiln_net::{Tap, TapConfig, VmRules, tap_name};
-use kiln_vmm::{Console, Disk, DiskFormat, LaunchOptions, MacAddr, Status, VmPlan, Vmm};
+use kiln_vmm::{Console, Disk, DiskFormat, LaunchOptions, MacAddr, SerialPort, Status, VmPlan, Vmm, VsockListener};
 
+use crate::control::ControlChannel;
 use crate::gc::{HostHandles, release_vm};
-use crate::state::{ExitInfo, LeaseInfo, Phase, StateDir, VmClaim, VmRecord, VmmInfo};
+use crate::state::{ExitInfo, ExitSource, LeaseInfo, Phase, StateDir, VmClaim, VmRecord, VmmInfo};
 use crate::{DiskTree, Error, HostNet, LaunchScript, Result, ServiceDisk, Spec};
 
 /// The environment variable naming the guest directory `cargo xtask guest`
 /// wrote (also what the tests use).
 pub const GUEST_DIR_ENV: &str = "KILN_GUEST_DIR";
-/// The grace period the guest gives the service after SIGTERM.
-pub const GUEST_GRACE: Duration = Duration::from_secs(10);
-/// Lines kiln-init writes start with this.
-const INIT_MARKER: &str = "kiln-init: ";
-/// kiln's exit code when the service did not report one (guest failure, crash).
+/// The grace period between SIGTERM and SIGKILL when neither `kiln stop
+/// --timeout` nor the spec's `kiln.grace=` gives one.
+pub const DEFAULT_GRACE: Duration = Duration::from_secs(10);
+/// How long past the grace period a stopping guest may take to power off
+/// (SIGKILL, unmount, report) before the VMM is asked to quit.
+pub const STOP_MARGIN: Duration = Duration::from_secs(10);
+/// The file in the VM's directory where `kiln stop --timeout` leaves its
+/// grace period (whole seconds) for the launcher to read.
+pub const STOP_TIMEOUT_FILE: &str = "stop-timeout";
+/// The file in the VM's directory where the launcher leaves the grace
+/// period a stop without `--timeout` gets (the spec's, else the default),
+/// so `kiln stop` knows how long the launcher may take.
+pub const GRACE_FILE: &str = "grace";
+/// kiln's exit code when there is no exit status of the service's: the VMM
+/// saw a crash, panic or reset, the VM stopped without a report, kiln-init
+/// reported a failure, or kiln run itself failed after the VM started.
 pub const FAILURE_EXIT_CODE: i32 = 125;
+/// The guest's vsock context id (cloud-hypervisor; one VM per VMM).
+const GUEST_CID: u32 = 3;
 
 /// How a run goes, beyond the spec.
 #[derive(Debug, Clone)]
@@ -147,14 +165,35 @@ fn check_vm_policies(spec: &Spec) -> Result<()> {
     Ok(())
 }
 
-/// The kernel command line kiln boots with.
+/// The kernel command line kiln boots with. It carries exactly one
+/// `kiln.grace=`: the spec's if its `guest.cmdline` has one, else the
+/// default's. kiln-init uses it when a stop comes without a grace period
+/// (the power button); `stop <grace>` on the control channel overrides it.
 pub fn kernel_cmdline(spec: &Spec) -> String {
-    let mut cmdline = format!("console=ttyS0 panic=-1 quiet kiln.grace={}", GUEST_GRACE.as_secs());
+    let mut cmdline = String::from("console=ttyS0 panic=-1 quiet");
     if let Some(extra) = &spec.guest.cmdline {
         cmdline.push(' ');
         cmdline.push_str(extra);
     }
+    if spec.guest.grace_seconds().is_none() {
+        cmdline.push_str(&format!(" {}{}", crate::GRACE_PARAMETER, DEFAULT_GRACE.as_secs()));
+    }
     cmdline
+}
+
+/// The one grace period of a stop: `kiln stop --timeout` if it gave one,
+/// else the spec's `kiln.grace=`, else [`DEFAULT_GRACE`].
+pub fn resolve_grace(stop_timeout: Option<u64>, spec: &Spec) -> Duration {
+    stop_timeout.or(spec.guest.grace_seconds()).map_or(DEFAULT_GRACE, Duration::from_secs)
+}
+
+/// The seconds in a [`STOP_TIMEOUT_FILE`]: whole seconds, 0 to one day.
+pub fn parse_stop_timeout(text: &str) -> Option<u64> {
+    let text = text.trim();
+    if text.is_empty() || !text.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    text.parse().ok().filter(|seconds| *seconds <= MAX_GRACE_SECONDS)
 }
 
 /// A locally administered, unicast MAC derived from the VM's name.
@@ -173,6 +212,11 @@ pub struct VmFiles {
     pub data: Option<PathBuf>,
     pub console_log: PathBuf,
     pub run_dir: PathBuf,
+    /// QEMU: the host end of the control port (QEMU listens).
+    pub control_socket: PathBuf,
+    /// cloud-hypervisor: the hybrid vsock socket; the launcher listens on
+    /// `<it>_<VSOCK_STATUS_PORT>` for kiln-init.
+    pub vsock_socket: PathBuf,
 }
 
 impl VmFiles {
@@ -184,6 +228,8 @@ impl VmFiles {
             data: spec.resources.storage.map(|_| state.data_disk(spec.name.as_str())),
             console_log: dir.join("console.log"),
             run_dir: dir.join("run"),
+            control_socket: dir.join("run").join("control.sock"),
+            vsock_socket: dir.join("run").join("vsock.sock"),
         }
     }
 }
@@ -227,6 +273,16 @@ pub fn vm_plan(
         guest: Some(lease.guest),
     });
     plan.serial = Console::File(files.console_log.clone());
+    // The control channel to kiln-init (see crate::control).
+    match backend {
+        kiln_vmm::Backend::Qemu => {
+            plan.control =
+                Some(SerialPort { name: CONTROL_PORT_NAME.to_owned(), socket: files.control_socket.clone() });
+        }
+        kiln_vmm::Backend::CloudHypervisor => {
+            plan.vsock = Some(kiln_vmm::Vsock { cid: GUEST_CID, socket: files.vsock_socket.clone() });
+        }
+    }
     plan.entropy = true;
     plan.vfio = spec.vm.vfio.iter().map(|pci| pci.as_str().to_owned()).collect();
     plan.validate().map_err(Error::Vmm)?;
@@ -375,22 +431,6 @@ fn create_blank_disk(path: &Path, size: u64) -> Result<()> {
     fs::rename(&temp, path).map_err(io)
 }
 
-/// Reads the exit report kiln-init wrote on the console.
-pub fn exit_from_console(console: &str) -> Option<(Option<i32>, String)> {
-    console.lines().rev().find_map(|line| {
-        let message = line.trim_end_matches('\r').split_once(INIT_MARKER)?.1;
-        if let Some(code) = message.strip_prefix("service exited with status ") {
-            let code: i32 = code.trim().parse().ok()?;
-            return Some((Some(code), format!("service exited with status {code}")));
-        }
-        if let Some(signal) = message.strip_prefix("service killed by signal ") {
-            let signal: i32 = signal.trim().parse().ok()?;
-            return Some((Some(128 + signal), format!("service killed by signal {signal}")));
-        }
-        message.strip_prefix("FAILED: ").map(|reason| (None, format!("guest failed: {reason}")))
-    })
-}
-
 /// Runs `spec` to completion. See the module doc.
 pub fn run(
     spec: &Spec,
@@ -435,7 +475,7 @@ pub fn run(
     let release = release_vm(&claim.record, &host, false);
     let exit = match &result {
         Ok(outcome) => outcome.exit.clone(),
-        Err(err) => ExitInfo { code: None, how: format!("kiln run failed: {err}") },
+        Err(err) => ExitInfo { code: None, how: format!("kiln run failed: {err}"), source: Some(ExitSource::Launcher) },
     };
     claim.record.exit = Some(exit);
     claim.record.phase = Phase::Stopped;
@@ -465,6 +505,10 @@ fn launch_and_wait(
 ) -> Result<RunOutcome> {
     let name = spec.name.as_str();
     let files = VmFiles::new(state, spec);
+    // A grace period left by a `kiln stop` of an earlier run is not this run's.
+    let _ = fs::remove_file(claim.dir().join(STOP_TIMEOUT_FILE));
+    let grace = resolve_grace(None, spec).as_secs().to_string();
+    crate::state::write_private_atomically(&claim.dir().join(GRACE_FILE), grace.as_bytes())?;
 
     step(claim, observer, Phase::Lease, "leasing an address")?;
     let leased = host.ledger.allocate(name, std::process::id())?;
@@ -524,28 +568,54 @@ fn launch_and_wait(
         // Its exact command line, which gc matches before it kills that pid.
         info.argv = crate::gc::process_argv(info.pid).unwrap_or_default();
     }
+    // Before boot, so the channel is there before kiln-init looks for it.
+    let mut control = match backend {
+        kiln_vmm::Backend::Qemu => ControlChannel::connect(&files.control_socket, Duration::from_secs(5))?,
+        kiln_vmm::Backend::CloudHypervisor => {
+            ControlChannel::listen(VsockListener::bind(&files.vsock_socket, VSOCK_STATUS_PORT).map_err(Error::Vmm)?)
+        }
+    };
     step(claim, observer, Phase::Booting, "booting")?;
     let boot_request_ms = started.elapsed().as_secs_f64() * 1e3;
     vmm.boot().map_err(Error::Vmm)?;
     let launch_ms = started.elapsed().as_secs_f64() * 1e3;
     step(claim, observer, Phase::Running, "running")?;
 
-    let status = follow_console(vmm.as_mut(), &files.console_log, claim, options, observer)?;
-    let console = fs::read(&files.console_log).unwrap_or_default();
-    let reported = exit_from_console(&String::from_utf8_lossy(&console));
-    let (code, how) = match (reported, &status) {
-        (Some((code, how)), _) => (code, how),
-        (None, Status::Crashed { reason, log_tail }) => (None, format!("VMM crashed: {reason}\n{log_tail}")),
-        (None, other) => (None, format!("the VM stopped ({other}) without an exit report from the guest")),
-    };
+    let status = follow_console(vmm.as_mut(), &files.console_log, claim, spec, options, observer, &mut control)?;
+    let exit = outcome(&status, control.report());
     Ok(RunOutcome {
-        exit_code: code.unwrap_or(FAILURE_EXIT_CODE),
-        exit: ExitInfo { code, how },
+        exit_code: exit.code.unwrap_or(FAILURE_EXIT_CODE),
+        exit,
         host_ms,
         boot_request_ms,
         launch_ms,
         images_reused,
     })
+}
+
+/// How the run ended: a crash the VMM saw wins over any report (a service
+/// could have forged one before crashing the guest); else kiln-init's
+/// report; else the VMM's word that the VM stopped without one. The
+/// console is never read for this.
+pub(crate) fn outcome(status: &Status, report: Option<&GuestReport>) -> ExitInfo {
+    let from_vmm = |how: String| ExitInfo { code: None, how, source: Some(ExitSource::Vmm) };
+    match (status, report) {
+        (Status::Crashed { reason, log_tail }, report) => {
+            let mut how = format!("VMM crashed: {reason}");
+            if let Some(report) = report {
+                how.push_str(&format!(" (after kiln-init reported: {report})"));
+            }
+            if !log_tail.trim().is_empty() {
+                how.push('\n');
+                how.push_str(log_tail.trim_end());
+            }
+            from_vmm(how)
+        }
+        (_, Some(report)) => {
+            ExitInfo { code: report.exit_code(), how: report.to_string(), source: Some(ExitSource::KilnInit) }
+        }
+        (status, None) => from_vmm(format!("the VM stopped ({status}) without an exit report from kiln-init")),
+    }
 }
 
 /// For crash tests only: `kiln run` stops dead after the step this names
@@ -583,43 +653,63 @@ fn backend_name(backend: kiln_vmm::Backend) -> &'static str {
     }
 }
 
-/// Streams the console until the VM stops; on a stop request, shuts it
-/// down gracefully (power button, grace period, then harder).
+/// Streams the console and reads the control channel until the VM stops.
+/// On a stop request: sends `stop <grace>` to kiln-init (the power button
+/// when there is no channel), waits the grace period plus [`STOP_MARGIN`]
+/// for the guest to power off, then has the VMM quit.
+#[allow(clippy::too_many_arguments)]
 fn follow_console(
     vmm: &mut dyn Vmm,
     console_log: &Path,
     claim: &mut VmClaim,
+    spec: &Spec,
     options: &RunOptions,
     observer: &mut dyn RunObserver,
+    control: &mut ControlChannel,
 ) -> Result<Status> {
     let mut console =
         fs::File::open(console_log).map_err(|source| Error::InputIo { path: console_log.to_path_buf(), source })?;
     let mut buffer = vec![0u8; 64 * 1024];
-    let mut pump = |console: &mut fs::File, observer: &mut dyn RunObserver| loop {
-        match console.read(&mut buffer) {
-            Ok(0) | Err(_) => break,
-            Ok(n) => observer.console(&buffer[..n]),
+    let mut pump = |console: &mut fs::File, observer: &mut dyn RunObserver, control: &mut ControlChannel| {
+        control.poll();
+        loop {
+            match console.read(&mut buffer) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => observer.console(&buffer[..n]),
+            }
         }
     };
+    let mut stop_deadline: Option<Instant> = None;
     loop {
-        pump(&mut console, observer);
-        if options.stop.load(Ordering::Relaxed) {
+        pump(&mut console, observer, control);
+        if stop_deadline.is_none() && options.stop.load(Ordering::Relaxed) {
             claim.record.phase = Phase::Stopping;
             claim.save()?;
-            observer.phase(Phase::Stopping, "stopping: the service gets SIGTERM");
-            // kiln stop may ask for a longer wait; the guest's own grace comes first.
-            let asked = fs::read_to_string(claim.dir().join("stop-timeout"))
-                .ok()
-                .and_then(|text| text.trim().parse::<u64>().ok())
-                .map_or(GUEST_GRACE, Duration::from_secs);
-            let status = vmm.shutdown(asked.max(GUEST_GRACE) + Duration::from_secs(5)).map_err(Error::Vmm)?;
-            pump(&mut console, observer);
-            return Ok(status);
+            let asked = fs::read_to_string(claim.dir().join(STOP_TIMEOUT_FILE)).ok();
+            let grace = resolve_grace(asked.as_deref().and_then(parse_stop_timeout), spec);
+            let sent = control.send(HostCommand::Stop { grace_seconds: grace.as_secs() });
+            let how = if sent { "asked on the control channel" } else { "power button" };
+            observer.phase(
+                Phase::Stopping,
+                &format!("stopping ({how}): the service gets SIGTERM, then SIGKILL after {}s", grace.as_secs()),
+            );
+            if !sent {
+                let status = vmm.shutdown(grace + STOP_MARGIN).map_err(Error::Vmm)?;
+                pump(&mut console, observer, control);
+                return Ok(status);
+            }
+            stop_deadline = Some(Instant::now() + grace + STOP_MARGIN);
         }
         match vmm.status().map_err(Error::Vmm)? {
             status @ (Status::ShutDown(_) | Status::Crashed { .. }) => {
                 // Whatever the guest wrote last.
-                pump(&mut console, observer);
+                pump(&mut console, observer, control);
+                return Ok(status);
+            }
+            _ if stop_deadline.is_some_and(|deadline| Instant::now() >= deadline) => {
+                // The guest did not power off in time: the VMM quits (or is killed).
+                let status = vmm.shutdown(Duration::ZERO).map_err(Error::Vmm)?;
+                pump(&mut console, observer, control);
                 return Ok(status);
             }
             _ => std::thread::sleep(Duration::from_millis(50)),
@@ -631,15 +721,107 @@ fn follow_console(
 mod tests {
     use super::*;
 
+    use expect_test::{Expect, expect};
+    use kiln_vmm::ShutdownHow;
+
+    fn check_outcome(status: Status, report: Option<GuestReport>, expected: Expect) {
+        let exit = outcome(&status, report.as_ref());
+        let source = exit.source.map(|s| s.to_string()).unwrap_or_default();
+        expected.assert_eq(&format!("code={:?} ({source}) {}", exit.code, exit.how));
+    }
+
     #[test]
-    fn exit_reports_are_read_from_the_console() {
-        let console = "[    1.0] random kernel line\r\nkiln-init: service started\r\nhello\r\nkiln-init: service exited with status 3\r\nkiln-init: powering off\r\n";
-        assert_eq!(exit_from_console(console), Some((Some(3), "service exited with status 3".to_owned())));
-        let killed = "kiln-init: service killed by signal 15\n";
-        assert_eq!(exit_from_console(killed), Some((Some(143), "service killed by signal 15".to_owned())));
-        let failed = "kiln-init: FAILED: no disk labelled SERVICEDISK\nkiln-init: powering off\n";
-        assert_eq!(exit_from_console(failed), Some((None, "guest failed: no disk labelled SERVICEDISK".to_owned())));
-        assert_eq!(exit_from_console("nothing here\n"), None);
+    fn a_crash_the_vmm_saw_wins_over_any_report() {
+        let reset = || Status::Crashed { reason: "the guest reset (reboot or panic)".into(), log_tail: String::new() };
+        check_outcome(
+            reset(),
+            Some(GuestReport::Exited(0)),
+            expect![
+                "code=None (seen by the VMM) VMM crashed: the guest reset (reboot or panic) (after kiln-init reported: service exited with status 0)"
+            ],
+        );
+        check_outcome(
+            reset(),
+            None,
+            expect!["code=None (seen by the VMM) VMM crashed: the guest reset (reboot or panic)"],
+        );
+        check_outcome(
+            Status::Crashed { reason: "signal: 9 (SIGKILL)".into(), log_tail: "qemu: line 1\nqemu: line 2\n".into() },
+            None,
+            expect![[r#"
+                code=None (seen by the VMM) VMM crashed: signal: 9 (SIGKILL)
+                qemu: line 1
+                qemu: line 2"#]],
+        );
+        check_outcome(
+            Status::ShutDown(ShutdownHow::Guest),
+            Some(GuestReport::Exited(3)),
+            expect!["code=Some(3) (reported by kiln-init) service exited with status 3"],
+        );
+        check_outcome(
+            Status::ShutDown(ShutdownHow::Guest),
+            Some(GuestReport::Killed(9)),
+            expect!["code=Some(137) (reported by kiln-init) service killed by signal 9"],
+        );
+        check_outcome(
+            Status::ShutDown(ShutdownHow::Guest),
+            Some(GuestReport::Failed("no disk labelled SERVICEDISK".into())),
+            expect!["code=None (reported by kiln-init) guest failed: no disk labelled SERVICEDISK"],
+        );
+        check_outcome(
+            Status::ShutDown(ShutdownHow::VmmQuit),
+            None,
+            expect![
+                "code=None (seen by the VMM) the VM stopped (shut down (VmmQuit)) without an exit report from kiln-init"
+            ],
+        );
+    }
+
+    fn spec_with_cmdline(cmdline: Option<&str>) -> Spec {
+        let guest = cmdline.map(|c| format!("[guest]\ncmdline = \"{c}\"\n")).unwrap_or_default();
+        Spec::parse(&format!("name = \"g\"\n[service]\nbinary = \"/bin/true\"\n{guest}"), Path::new("/s/g.toml"))
+            .expect("a valid spec")
+    }
+
+    #[test]
+    fn one_grace_period_from_stop_then_spec_then_default() {
+        let plain = spec_with_cmdline(None);
+        let sixty = spec_with_cmdline(Some("quiet kiln.grace=60"));
+        assert_eq!(resolve_grace(None, &plain), DEFAULT_GRACE);
+        assert_eq!(resolve_grace(None, &sixty), Duration::from_secs(60));
+        assert_eq!(resolve_grace(Some(2), &sixty), Duration::from_secs(2));
+        assert_eq!(resolve_grace(Some(0), &plain), Duration::ZERO);
+        // The command line carries exactly one kiln.grace: the spec's, or the default.
+        expect!["console=ttyS0 panic=-1 quiet kiln.grace=10"].assert_eq(&kernel_cmdline(&plain));
+        expect!["console=ttyS0 panic=-1 quiet quiet kiln.grace=60"].assert_eq(&kernel_cmdline(&sixty));
+        assert_eq!(parse_stop_timeout("30\n"), Some(30));
+        assert_eq!(parse_stop_timeout("86400"), Some(86_400));
+        for bad in ["", "-1", "2.5", "86401", "ten", "99999999999999999999999"] {
+            assert_eq!(parse_stop_timeout(bad), None, "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn the_control_channel_is_a_serial_port_on_qemu_and_vsock_on_cloud_hypervisor() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = StateDir::open(dir.path()).unwrap();
+        let spec = spec_with_cmdline(None);
+        let files = VmFiles::new(&state, &spec);
+        let guest = GuestFiles {
+            bzimage: "/g/vmlinuz".into(),
+            vmlinux: Some("/g/vmlinux".into()),
+            initramfs: "/g/initramfs.cpio.gz".into(),
+        };
+        let lease = LeaseInfo { host: Ipv4Addr::new(10, 0, 0, 1), guest: Ipv4Addr::new(10, 0, 0, 2), prefix_len: 30 };
+        let qemu = vm_plan(&spec, &guest, kiln_vmm::Backend::Qemu, &files, "kt-g", &lease).unwrap();
+        let port = qemu.control.expect("QEMU gets the control port");
+        assert_eq!((port.name.as_str(), port.socket), (CONTROL_PORT_NAME, files.run_dir.join("control.sock")));
+        assert_eq!(qemu.vsock, None, "no vhost-vsock here");
+        let ch = vm_plan(&spec, &guest, kiln_vmm::Backend::CloudHypervisor, &files, "kt-g", &lease).unwrap();
+        assert_eq!(ch.control, None);
+        assert_eq!(kiln_vmm::ch_vm_config(&ch)["vsock"]["socket"], files.vsock_socket.to_str().unwrap());
+        let vsock = ch.vsock.expect("cloud-hypervisor gets vsock");
+        assert_eq!((vsock.cid, vsock.socket), (GUEST_CID, files.run_dir.join("vsock.sock")));
     }
 
     #[test]

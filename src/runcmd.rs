@@ -102,7 +102,13 @@ pub(crate) fn run(args: &RunArgs) -> Result<ExitCode> {
     observer.finish();
     let outcome = outcome?;
     tracing::info!(launch_ms = outcome.launch_ms, reused = outcome.images_reused, "run finished");
-    eprintln!("kiln: {}: {}", spec.name, outcome.exit.how);
+    // One line saying what ended the run and who says so; details (the VMM's log) after it.
+    let (summary, details) = outcome.exit.how.split_once('\n').unwrap_or((&outcome.exit.how, ""));
+    let source = outcome.exit.source.map(|source| format!(" ({source})")).unwrap_or_default();
+    eprintln!("kiln: {}: {summary}{source}", spec.name);
+    if !details.is_empty() {
+        eprintln!("{details}");
+    }
     Ok(ExitCode::from(u8::try_from(outcome.exit_code).unwrap_or(u8::MAX)))
 }
 

@@ -325,8 +325,45 @@ pub struct Guest {
     pub kernel: Option<PathBuf>,
     /// The initramfs (default: kiln's, with `kiln-init`).
     pub initramfs: Option<PathBuf>,
-    /// Extra kernel command-line arguments, appended to kiln's.
+    /// Extra kernel command-line arguments, appended to kiln's. At most one
+    /// `kiln.grace=SECONDS` (whole seconds, 0 to 86400): the service's grace
+    /// period between SIGTERM and SIGKILL (see [`Guest::grace_seconds`]).
+    #[serde(default, deserialize_with = "deserialize_cmdline")]
     pub cmdline: Option<String>,
+}
+
+/// The kernel command-line word that sets the service's grace period.
+pub const GRACE_PARAMETER: &str = "kiln.grace=";
+
+impl Guest {
+    /// The spec's grace period in seconds: `kiln.grace=` in `cmdline`, if
+    /// there (checked while parsing).
+    pub fn grace_seconds(&self) -> Option<u64> {
+        self.cmdline.as_deref().and_then(|cmdline| cmdline_grace(cmdline).ok().flatten())
+    }
+}
+
+/// The `kiln.grace=` of a command line: none, or exactly one valid value.
+fn cmdline_grace(cmdline: &str) -> std::result::Result<Option<u64>, String> {
+    let mut values = cmdline.split_whitespace().filter_map(|word| word.strip_prefix(GRACE_PARAMETER));
+    let Some(value) = values.next() else { return Ok(None) };
+    if values.next().is_some() {
+        return Err(format!("`{GRACE_PARAMETER}` appears more than once; give the grace period once"));
+    }
+    let valid = !value.is_empty() && value.bytes().all(|b| b.is_ascii_digit()) && value.len() <= 5;
+    match value.parse::<u64>() {
+        Ok(seconds) if valid && seconds <= kiln_guest::MAX_GRACE_SECONDS => Ok(Some(seconds)),
+        _ => Err(format!(
+            "`{GRACE_PARAMETER}{value}` is not a grace period: use whole seconds from 0 to {}",
+            kiln_guest::MAX_GRACE_SECONDS
+        )),
+    }
+}
+
+fn deserialize_cmdline<'de, D: Deserializer<'de>>(deserializer: D) -> std::result::Result<Option<String>, D::Error> {
+    let cmdline = String::deserialize(deserializer)?;
+    cmdline_grace(&cmdline).map_err(de::Error::custom)?;
+    Ok(Some(cmdline))
 }
 
 /// How the VM runs.
@@ -932,6 +969,9 @@ security = { run_as_root = true, add_capabilities = ["NET_ADMIN"], run_as_user =
             "name = \"a\"\n[service]\n[vm]\nbackend = \"firecracker\"\n",
             "name = \"a\"\n",
             "name = \"a\"\n[service]\nenv = { U = \"http://localhost:7001/x\" }\n[network]\nhost_ports = [7000]\n",
+            "name = \"a\"\n[service]\n[guest]\ncmdline = \"quiet kiln.grace=soon\"\n",
+            "name = \"a\"\n[service]\n[guest]\ncmdline = \"kiln.grace=1 kiln.grace=2\"\n",
+            "name = \"a\"\n[service]\n[guest]\ncmdline = \"kiln.grace=86401\"\n",
         ];
         let actual: String = cases
             .iter()
@@ -1004,6 +1044,24 @@ security = { run_as_root = true, add_capabilities = ["NET_ADMIN"], run_as_user =
             missing field `service`
             ---
             Spec app.toml: service.env.U points at host port 7001, which network.host_ports does not allow
+            ---
+            Spec app.toml: TOML parse error at line 4, column 11
+              |
+            4 | cmdline = "quiet kiln.grace=soon"
+              |           ^^^^^^^^^^^^^^^^^^^^^^^
+            `kiln.grace=soon` is not a grace period: use whole seconds from 0 to 86400
+            ---
+            Spec app.toml: TOML parse error at line 4, column 11
+              |
+            4 | cmdline = "kiln.grace=1 kiln.grace=2"
+              |           ^^^^^^^^^^^^^^^^^^^^^^^^^^^
+            `kiln.grace=` appears more than once; give the grace period once
+            ---
+            Spec app.toml: TOML parse error at line 4, column 11
+              |
+            4 | cmdline = "kiln.grace=86401"
+              |           ^^^^^^^^^^^^^^^^^^
+            `kiln.grace=86401` is not a grace period: use whole seconds from 0 to 86400
             ---
         "#]]
         .assert_eq(&actual);

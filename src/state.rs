@@ -147,6 +147,32 @@ pub struct ExitInfo {
     pub code: Option<i32>,
     /// What happened, in words ("service exited", "VMM crashed: ...").
     pub how: String,
+    /// Who said so; `None` in records written before kiln kept it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source: Option<ExitSource>,
+}
+
+/// Where an [`ExitInfo`] comes from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ExitSource {
+    /// kiln-init's report on the control channel (never the console).
+    KilnInit,
+    /// The VMM: a crash, panic or reset it saw (which wins over any report),
+    /// or a VM that stopped without a report.
+    Vmm,
+    /// kiln run failed before the VM ended.
+    Launcher,
+}
+
+impl std::fmt::Display for ExitSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            ExitSource::KilnInit => "reported by kiln-init",
+            ExitSource::Vmm => "seen by the VMM",
+            ExitSource::Launcher => "kiln run failed",
+        })
+    }
 }
 
 /// The state directory.

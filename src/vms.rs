@@ -45,7 +45,7 @@ pub(crate) fn ps(args: &PsArgs) -> Result<ExitCode> {
     for entry in &entries {
         let record = &entry.record;
         let guest = record.lease.map(|l| l.guest.to_string()).unwrap_or_else(|| "-".into());
-        let exit = record.exit.as_ref().map(|e| e.how.clone()).unwrap_or_else(|| "-".into());
+        let exit = record.exit.as_ref().map_or_else(|| "-".to_owned(), exit_summary);
         println!(
             "{:<24} {:<10} {:<10} {:<16} {:<16} {exit}",
             record.name,
@@ -56,6 +56,15 @@ pub(crate) fn ps(args: &PsArgs) -> Result<ExitCode> {
         );
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// The first line of how the VM ended, and who says so.
+fn exit_summary(exit: &kiln::ExitInfo) -> String {
+    let summary = exit.how.lines().next().unwrap_or_default();
+    match exit.source {
+        Some(source) => format!("{summary} ({source})"),
+        None => summary.to_owned(),
+    }
 }
 
 fn state_word(entry: &VmEntry) -> &'static str {
@@ -86,9 +95,10 @@ pub(crate) fn gc(args: &GcArgs) -> Result<ExitCode> {
 pub(crate) struct StopArgs {
     /// The VM's name (its spec's `name`).
     name: String,
-    /// Seconds the service gets after SIGTERM before the VM is powered off.
-    #[arg(long, default_value_t = 10)]
-    timeout: u64,
+    /// Seconds the service gets after SIGTERM before it is killed (0 to
+    /// 86400; default: the spec's `kiln.grace=`, else 10).
+    #[arg(long, value_parser = clap::value_parser!(u64).range(0..=kiln_guest::MAX_GRACE_SECONDS))]
+    timeout: Option<u64>,
 }
 
 #[derive(Debug, Args)]
@@ -119,14 +129,29 @@ pub(crate) fn stop(args: &StopArgs) -> Result<ExitCode> {
     }
     let pid = rustix::process::Pid::from_raw(i32::try_from(entry.record.launcher_pid).unwrap_or(0))
         .context("the record holds no launcher pid")?;
-    // The launcher reads the grace period from this file before shutting down.
-    std::os::unix::fs::OpenOptionsExt::mode(std::fs::OpenOptions::new().write(true).create(true).truncate(true), 0o600)
-        .open(entry.dir.join("stop-timeout"))
-        .and_then(|mut file| file.write_all(args.timeout.to_string().as_bytes()))
-        .with_context(|| format!("cannot write to {}", entry.dir.display()))?;
+    // The launcher reads the grace period from this file when it stops the
+    // VM; without --timeout it uses the spec's.
+    let file = entry.dir.join(kiln::STOP_TIMEOUT_FILE);
+    match args.timeout {
+        Some(seconds) => write_atomically(&file, &seconds.to_string())?,
+        None => match std::fs::remove_file(&file) {
+            Err(err) if err.kind() != std::io::ErrorKind::NotFound => {
+                return Err(err).with_context(|| format!("cannot remove {}", file.display()));
+            }
+            _ => {}
+        },
+    }
+    // How long the launcher may take: the grace period it will use (the
+    // launcher left the spec's in GRACE_FILE), its margin, and the VMM's
+    // quit; past that it is stuck.
+    let spec_grace = std::fs::read_to_string(entry.dir.join(kiln::GRACE_FILE)).ok();
+    let grace = args
+        .timeout
+        .or_else(|| spec_grace.as_deref().and_then(kiln::parse_stop_timeout))
+        .map_or(kiln::DEFAULT_GRACE, Duration::from_secs);
     rustix::process::kill_process(pid, rustix::process::Signal::TERM)
         .with_context(|| format!("cannot signal kiln run (pid {pid:?})"))?;
-    let deadline = Instant::now() + Duration::from_secs(args.timeout + 15);
+    let deadline = Instant::now() + grace + kiln::STOP_MARGIN + Duration::from_secs(20);
     while Instant::now() < deadline {
         if !find(&state, &args.name).map(|e| e.alive).unwrap_or(false) {
             println!("kiln stop: VM `{}` stopped", args.name);
@@ -137,6 +162,21 @@ pub(crate) fn stop(args: &StopArgs) -> Result<ExitCode> {
     // The launcher is stuck: kill it. Its VMM dies with it (PDEATHSIG) and gc releases the rest.
     let _ = rustix::process::kill_process(pid, rustix::process::Signal::KILL);
     bail!("kiln run of `{}` did not stop in time and was killed; run `kiln gc` to release what it held", args.name)
+}
+
+/// Writes `text` to `path` through a 0600 temporary file and a rename.
+fn write_atomically(path: &std::path::Path, text: &str) -> Result<()> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let temporary = path.with_extension("tmp");
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&temporary)
+        .with_context(|| format!("cannot create {}", temporary.display()))?;
+    file.write_all(text.as_bytes()).with_context(|| format!("cannot write {}", temporary.display()))?;
+    std::fs::rename(&temporary, path).with_context(|| format!("cannot rename {} into place", temporary.display()))
 }
 
 /// Prints the VM's console log; with `--follow`, keeps printing until the

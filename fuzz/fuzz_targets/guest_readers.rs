@@ -1,7 +1,7 @@
 //! Hostile bytes into the readers kiln-init and `cargo xtask guest` trust
 //! least: a module's `.modinfo` (and compressed modules), a disk's first
-//! sectors, the seed's `meta-data`/`network-config`, netlink replies. Each
-//! must answer, never panic.
+//! sectors, the seed's `meta-data`/`network-config`, netlink replies, the
+//! control channel's lines (both ways). Each must answer, never panic.
 //!
 //! Round trip: a module ELF built here from arbitrary `name`/`depends`
 //! reads back the same name and dependencies.
@@ -9,7 +9,7 @@
 
 use arbitrary::{Arbitrary, Unstructured};
 use kiln_guest::fuzzing::fake_module;
-use kiln_guest::{GuestConfig, ModInfo, classify_disk, decompress_module, netlink};
+use kiln_guest::{GuestConfig, GuestReport, HostCommand, LineBuffer, MAX_LINE, ModInfo, classify_disk, decompress_module, netlink};
 use libfuzzer_sys::fuzz_target;
 
 #[derive(Arbitrary, Debug)]
@@ -19,6 +19,7 @@ enum Shape {
     Disk,
     Seed { split: u16 },
     NetlinkReply { seq: u32 },
+    ControlLines,
     BuiltModule { name: String, depends: Vec<String> },
 }
 
@@ -52,6 +53,18 @@ fuzz_target!(|data: &[u8]| {
         }
         Shape::NetlinkReply { seq } => {
             let _ = netlink::parse_ack(rest, seq);
+        }
+        Shape::ControlLines => {
+            // Whatever arrives, lines come out bounded, and what parses prints back the same.
+            for line in LineBuffer::new().push(rest) {
+                assert!(line.chars().count() < MAX_LINE); // (lossy UTF-8 may add bytes, never characters)
+                if let Ok(report) = GuestReport::parse(&line) {
+                    assert_eq!(GuestReport::parse(report.to_line().trim_end_matches('\n')).ok(), Some(report));
+                }
+                if let Ok(command) = HostCommand::parse(&line) {
+                    assert_eq!(command.to_line(), format!("{line}\n"));
+                }
+            }
         }
         Shape::BuiltModule { name, depends } => {
             let name = clean(&name);

@@ -331,7 +331,7 @@ host_ports = [7000]
     assert!(stop.status.success(), "kiln stop: {}", text(&stop.stderr));
     let logs = world.kiln(&["logs", "a"]).output().unwrap();
     let console = text(&logs.stdout);
-    assert!(console.contains("kiln-init: power button"), "no power button on a's console:\n{console}");
+    assert!(console.contains("kiln-init: stop asked on the control channel"), "no stop on a's console:\n{console}");
     assert!(console.contains("kiln-init: powering off"), "{console}");
     world.assert_nothing_left();
 }

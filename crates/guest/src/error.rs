@@ -26,6 +26,8 @@ pub enum Error {
     Seed { file: &'static str, reason: String },
     #[error("Invalid netlink reply: {reason}")]
     Netlink { reason: String },
+    #[error("Invalid control line {line:?}: {reason}")]
+    Control { line: String, reason: String },
 }
 
 /// `Result` with kiln-guest's [`Error`].

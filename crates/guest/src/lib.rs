@@ -12,7 +12,11 @@
 //!   label such as `SERVICEDISK`/`CIDATA`, an ext label, or nothing);
 //! - [`GuestConfig`]: hostname, eth0 address and default route from the
 //!   NoCloud seed's `meta-data` and `network-config`;
-//! - [`netlink`]: the rtnetlink messages that set that address and route.
+//! - [`netlink`]: the rtnetlink messages that set that address and route;
+//! - [`GuestReport`], [`HostCommand`] and [`LineBuffer`]: the line protocol
+//!   of the control channel between kiln's launcher and kiln-init (the exit
+//!   report one way, `stop <grace>` the other), which the service's output
+//!   never reaches.
 //!
 //! It is not a VMM and not an image writer: it never spawns a process and
 //! never touches the host; only the `kiln-init` binary makes system calls,
@@ -29,6 +33,7 @@
 //! # Ok::<(), kiln_guest::Error>(())
 //! ```
 
+mod control;
 mod disk;
 mod error;
 mod kernel;
@@ -36,6 +41,7 @@ mod modinfo;
 pub mod netlink;
 mod seed;
 
+pub use control::{CONTROL_PORT_NAME, GuestReport, HostCommand, LineBuffer, MAX_GRACE_SECONDS, MAX_LINE};
 pub use disk::{CLASSIFY_BYTES, DiskKind, classify_disk};
 pub use error::{Error, Result};
 pub use kernel::{BzImage, KernelCompression, extract_vmlinux};
@@ -55,7 +61,8 @@ pub const DATA_DISK_SERIAL: &str = "kiln-data";
 pub const MARKER_PREFIX: &str = "kiln-init: ";
 /// vsock port (on the host, CID 2) that receives the service's output.
 pub const VSOCK_LOG_PORT: u32 = 10_240;
-/// vsock port (on the host, CID 2) that receives the one-line exit report.
+/// vsock port (on the host, CID 2) of the control channel (cloud-hypervisor;
+/// QEMU uses the virtio-serial port [`CONTROL_PORT_NAME`]).
 pub const VSOCK_STATUS_PORT: u32 = 10_241;
 
 /// Builders the fuzz targets share with the unit tests.

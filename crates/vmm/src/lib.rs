@@ -5,7 +5,8 @@
 //! to each VMM by pure functions ([`ch_vm_config`], [`qemu_args`]).
 //!
 //! It is *not* a VMM, and it does not build images (kiln-imagefmt), create
-//! taps or firewall rules (kiln-net) or talk to the guest beyond vsock.
+//! taps or firewall rules (kiln-net) or talk to the guest beyond giving it
+//! channels (vsock, a named virtio-serial port) whose host ends the caller uses.
 //! It is the only kiln crate that spawns a VMM. Every VMM it starts runs in
 //! its own process group, dies with the thread that started it
 //! (`PR_SET_PDEATHSIG`), and is killed and reaped when its handle drops.
@@ -42,7 +43,8 @@ pub use ch::ChVm;
 pub use ch_config::ch_vm_config;
 pub use error::{Error, ErrorKind, Result};
 pub use plan::{
-    CMDLINE_MAX, Console, Disk, DiskFormat, MacAddr, Memory, Network, SUN_PATH_MAX, VmPlan, Vsock, check_socket_path,
+    CMDLINE_MAX, Console, Disk, DiskFormat, MacAddr, Memory, Network, SUN_PATH_MAX, SerialPort, VmPlan, Vsock,
+    check_socket_path,
 };
 pub use qemu::{QEMU_ACCEL_ENV, QemuVm, probe_accel};
 pub use qemu_args::{Accel, qemu_args};

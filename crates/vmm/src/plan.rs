@@ -30,6 +30,11 @@ pub struct VmPlan {
     pub disks: Vec<Disk>,
     pub networks: Vec<Network>,
     pub vsock: Option<Vsock>,
+    /// A named virtio-serial port whose host end is a unix socket the VMM
+    /// listens on: kiln's control channel to kiln-init. QEMU only;
+    /// cloud-hypervisor has no named ports (kiln uses `vsock` there) and
+    /// ignores it.
+    pub control: Option<SerialPort>,
     /// The legacy serial port (`ttyS0`).
     pub serial: Console,
     /// The virtio console (`hvc0`).
@@ -95,6 +100,16 @@ pub struct Vsock {
     pub socket: PathBuf,
 }
 
+/// A named virtio-serial port (`/sys/class/virtio-ports/vportNpM/name` in
+/// the guest) backed by a unix socket on the host.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SerialPort {
+    /// 1-64 characters of `[A-Za-z0-9._-]`, such as `org.kiln.control`.
+    pub name: String,
+    /// The VMM listens here (server, no wait); the launcher connects.
+    pub socket: PathBuf,
+}
+
 /// Where a serial port or console goes.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Console {
@@ -152,6 +167,7 @@ impl VmPlan {
             disks: Vec::new(),
             networks: Vec::new(),
             vsock: None,
+            control: None,
             serial: Console::Off,
             console: Console::Off,
             entropy: false,
@@ -217,6 +233,15 @@ impl VmPlan {
                 ));
             }
             check_socket_path("vsock.socket", &vsock.socket)?;
+        }
+        if let Some(port) = &self.control {
+            if port.name.is_empty() || port.name.len() > 64 || !port.name.chars().all(name_ok) {
+                return Err(Error::invalid(
+                    "control.name",
+                    format!("`{}` must be 1-64 characters of [A-Za-z0-9._-]", port.name),
+                ));
+            }
+            check_socket_path("control.socket", &port.socket)?;
         }
         check_console("serial", &self.serial)?;
         check_console("console", &self.console)?;
@@ -402,6 +427,14 @@ mod tests {
             expect!["Invalid VM plan: `vfio[0]` `01:00.0` is not a PCI address like 0000:01:00.0"],
         );
         check(|p| p.vfio.push("0000:01:00.0".into()), expect!["ok"]);
+        check(
+            |p| p.control = Some(SerialPort { name: "org,kiln".into(), socket: "/run/c.sock".into() }),
+            expect!["Invalid VM plan: `control.name` `org,kiln` must be 1-64 characters of [A-Za-z0-9._-]"],
+        );
+        check(
+            |p| p.control = Some(SerialPort { name: "org.kiln.control".into(), socket: "c.sock".into() }),
+            expect!["Invalid VM plan: `control.socket` `c.sock` must be an absolute path"],
+        );
     }
 
     #[test]
@@ -448,6 +481,8 @@ pub(crate) mod tests_support {
             guest: Some(Ipv4Addr::new(10, 0, 0, 2)),
         }];
         plan.vsock = Some(Vsock { cid: 7, socket: "/run/kiln/web-1/vsock".into() });
+        plan.control =
+            Some(SerialPort { name: "org.kiln.control".into(), socket: "/run/kiln/web-1/control.sock".into() });
         plan.serial = Console::File("/run/kiln/web-1/serial.log".into());
         plan.console = Console::Pty;
         plan.entropy = true;

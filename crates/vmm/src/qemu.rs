@@ -57,6 +57,8 @@ pub struct QemuVm {
     process: VmmProcess,
     qmp: Qmp,
     qmp_path: PathBuf,
+    /// The control port's socket, removed with the QMP socket.
+    control_path: Option<PathBuf>,
     accel: Accel,
     request_timeout: Duration,
     booted: bool,
@@ -70,6 +72,10 @@ impl QemuVm {
         plan.validate()?;
         let accel = probe_accel(options.accel)?;
         let qmp_path = options.prepare("qmp.sock")?;
+        let control_path = plan.control.as_ref().map(|port| port.socket.clone());
+        if let Some(path) = &control_path {
+            remove_stale_socket(path)?;
+        }
         let binary = options.binary.clone().unwrap_or_else(|| "qemu-system-x86_64".into());
         let args = qemu_args(plan, accel, &qmp_path);
         let mut process = VmmProcess::spawn(&binary, &args, &options.run_dir.join("vmm.log"))?;
@@ -85,7 +91,9 @@ impl QemuVm {
                     _ => err,
                 };
                 drop(process);
-                let _ = remove_stale_socket(&qmp_path);
+                for path in std::iter::once(&qmp_path).chain(&control_path) {
+                    let _ = remove_stale_socket(path);
+                }
                 return Err(err);
             }
         };
@@ -93,6 +101,7 @@ impl QemuVm {
             process,
             qmp,
             qmp_path,
+            control_path,
             accel,
             request_timeout: options.request_timeout,
             booted: false,
@@ -145,8 +154,14 @@ impl QemuVm {
 
     fn stopped_by_kiln(&mut self, how: ShutdownHow) -> Status {
         self.outcome = Some(Status::ShutDown(how));
-        let _ = remove_stale_socket(&self.qmp_path);
+        self.remove_sockets();
         Status::ShutDown(how)
+    }
+
+    fn remove_sockets(&self) {
+        for path in std::iter::once(&self.qmp_path).chain(&self.control_path) {
+            let _ = remove_stale_socket(path);
+        }
     }
 }
 
@@ -257,7 +272,7 @@ impl Vmm for QemuVm {
 impl Drop for QemuVm {
     fn drop(&mut self) {
         let _ = self.process.kill();
-        let _ = remove_stale_socket(&self.qmp_path);
+        self.remove_sockets();
     }
 }
 

@@ -54,10 +54,18 @@ pub fn qemu_args(plan: &VmPlan, accel: Accel, qmp_socket: &Path) -> Vec<OsString
         args.push_os("-chardev", chardev);
         args.push(["-serial", "chardev:serial0"]);
     }
-    if let Some(chardev) = chardev("console0", &plan.console) {
+    let console = chardev("console0", &plan.console);
+    if console.is_some() || plan.control.is_some() {
+        // One virtio-serial device carries the console and the named ports.
         args.push(["-device", "virtio-serial-pci,id=vser0"]);
+    }
+    if let Some(chardev) = console {
         args.push_os("-chardev", chardev);
         args.push(["-device", "virtconsole,chardev=console0"]);
+    }
+    if let Some(port) = &plan.control {
+        args.push_os("-chardev", option("socket,id=control0,path=", &port.socket, ",server=on,wait=off"));
+        args.push(["-device".to_owned(), format!("virtserialport,bus=vser0.0,chardev=control0,name={}", port.name)]);
     }
     for (index, disk) in plan.disks.iter().enumerate() {
         let format = match disk.format {
@@ -176,6 +184,26 @@ mod tests {
     }
 
     #[test]
+    fn control_port_alone_gets_its_own_virtio_serial_device() {
+        let mut plan = VmPlan::new("vm1", "/k/vmlinuz", "console=ttyS0");
+        plan.control =
+            Some(crate::SerialPort { name: "org.kiln.control".into(), socket: "/run/kiln/vm,1/control.sock".into() });
+        let args = qemu_args(&plan, Accel::Tcg, Path::new("/run/kiln/vm/qmp.sock"));
+        let tail: Vec<String> = args.iter().rev().take(6).rev().map(|a| a.to_string_lossy().into_owned()).collect();
+        expect![[r#"
+            [
+                "-device",
+                "virtio-serial-pci,id=vser0",
+                "-chardev",
+                "socket,id=control0,path=/run/kiln/vm,,1/control.sock,server=on,wait=off",
+                "-device",
+                "virtserialport,bus=vser0.0,chardev=control0,name=org.kiln.control",
+            ]
+        "#]]
+        .assert_debug_eq(&tail);
+    }
+
+    #[test]
     fn full_plan_under_kvm() {
         check(
             &full_plan(),
@@ -203,6 +231,8 @@ mod tests {
                 -device virtio-serial-pci,id=vser0
                 -chardev pty,id=console0
                 -device virtconsole,chardev=console0
+                -chardev socket,id=control0,path=/run/kiln/web-1/control.sock,server=on,wait=off
+                -device virtserialport,bus=vser0.0,chardev=control0,name=org.kiln.control
                 -drive file=/vms/web-1/root.qcow2,format=qcow2,if=none,id=disk0,cache.direct=on
                 -device virtio-blk-pci,drive=disk0,serial=kiln-data
                 -drive file=/vms/web-1/seed,,1.img,format=raw,if=none,id=disk1,readonly=on

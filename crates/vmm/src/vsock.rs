@@ -95,6 +95,23 @@ impl VsockListener {
         &self.path
     }
 
+    /// The guest's next connection if one is waiting, without blocking.
+    /// The stream returned blocks as usual.
+    pub fn try_accept(&self) -> Result<Option<UnixStream>> {
+        let failed = |err| Error::io("Accepting a vsock connection", &self.path, err);
+        self.listener.set_nonblocking(true).map_err(failed)?;
+        let accepted = self.listener.accept();
+        self.listener.set_nonblocking(false).map_err(failed)?;
+        match accepted {
+            Ok((stream, _)) => {
+                stream.set_nonblocking(false).map_err(failed)?;
+                Ok(Some(stream))
+            }
+            Err(err) if err.kind() == io::ErrorKind::WouldBlock => Ok(None),
+            Err(err) => Err(failed(err)),
+        }
+    }
+
     /// Waits for the guest's next connection.
     pub fn accept(&self) -> Result<UnixStream> {
         self.listener

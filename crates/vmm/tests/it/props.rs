@@ -6,7 +6,7 @@ use std::ffi::OsString;
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 
-use kiln_vmm::{Accel, Console, Disk, DiskFormat, Memory, VmPlan, ch_vm_config, qemu_args};
+use kiln_vmm::{Accel, Console, Disk, DiskFormat, Memory, SerialPort, VmPlan, ch_vm_config, qemu_args};
 use proptest::prelude::*;
 
 fn path() -> impl Strategy<Value = PathBuf> {
@@ -37,14 +37,16 @@ fn plan() -> impl Strategy<Value = VmPlan> {
         "[ -~]{0,100}",
         proptest::collection::vec(disk(), 0..4),
         proptest::option::of(path()),
+        proptest::option::of(("[A-Za-z0-9._-]{1,64}", path())),
     )
-        .prop_map(|(name, cpus, (mib, shared, hugepages), kernel, initramfs, cmdline, disks, serial)| {
+        .prop_map(|(name, cpus, (mib, shared, hugepages), kernel, initramfs, cmdline, disks, serial, control)| {
             let mut plan = VmPlan::new(name, kernel, cmdline);
             plan.cpus = cpus;
             plan.memory = Memory { mib: if hugepages { mib & !1 } else { mib }, shared, hugepages };
             plan.initramfs = initramfs;
             plan.disks = disks;
             plan.serial = serial.map_or(Console::Off, Console::File);
+            plan.control = control.map(|(name, socket)| SerialPort { name, socket });
             plan
         })
 }
@@ -109,6 +111,19 @@ proptest! {
         if let Console::File(serial) = &plan.serial {
             let chardev = qemu_options(values_of(&args, "-chardev")[0]);
             prop_assert_eq!(option(&chardev, "path"), Some(serial.as_os_str().as_bytes()));
+        }
+        let control_chardevs: Vec<Vec<Vec<u8>>> = values_of(&args, "-chardev")
+            .into_iter()
+            .map(qemu_options)
+            .filter(|parts| option(parts, "id") == Some(b"control0"))
+            .collect();
+        let ports: Vec<Vec<Vec<u8>>> =
+            values_of(&args, "-device").into_iter().filter(|d| d.starts_with(b"virtserialport")).map(qemu_options).collect();
+        prop_assert_eq!(control_chardevs.len(), usize::from(plan.control.is_some()));
+        prop_assert_eq!(ports.len(), usize::from(plan.control.is_some()));
+        if let Some(control) = &plan.control {
+            prop_assert_eq!(option(&control_chardevs[0], "path"), Some(control.socket.as_os_str().as_bytes()));
+            prop_assert_eq!(option(&ports[0], "name"), Some(control.name.as_bytes()));
         }
 
         let config = ch_vm_config(&plan);

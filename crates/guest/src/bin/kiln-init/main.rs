@@ -4,10 +4,13 @@
 //! `/lib/modules/kiln/load-order`, finds the service disk (`SERVICEDISK`),
 //! the seed (`CIDATA`) and the data disk by what they hold, never by order,
 //! sets the hostname, eth0's address and default route from the seed, runs
-//! `/srv/launch`, reaps orphans, turns the ACPI power button into SIGTERM
-//! for the service, and powers off when the service ends. Every outcome is
-//! one console line starting `kiln-init: `; a failure never panics the
-//! kernel without saying why. See ARCHITECTURE.md (`crates/guest`).
+//! `/srv/launch`, reaps orphans, turns the ACPI power button (or `stop` on
+//! the control channel) into SIGTERM for the service, and powers off when
+//! the service ends. Every outcome is one console line starting
+//! `kiln-init: ` for people, and one report on the control channel for the
+//! launcher (the console is the service's too, so it proves nothing). A
+//! failure never panics the kernel without saying why. See ARCHITECTURE.md
+//! (`crates/guest`).
 
 mod sys;
 
@@ -15,14 +18,15 @@ use std::fmt;
 use std::fs::{self, File};
 use std::io::{self, Read, Write};
 use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::unix::fs::OpenOptionsExt;
 use std::os::unix::process::CommandExt;
 use std::process::{Command, Stdio};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use kiln_guest::{
-    DATA_DISK_LABEL, DATA_DISK_SERIAL, DiskKind, GuestConfig, MARKER_PREFIX, SEED_LABEL, SERVICE_DISK_LABEL,
-    VSOCK_LOG_PORT, VSOCK_STATUS_PORT, classify_disk, netlink,
+    CONTROL_PORT_NAME, DATA_DISK_LABEL, DATA_DISK_SERIAL, DiskKind, GuestConfig, GuestReport, HostCommand, LineBuffer,
+    MARKER_PREFIX, SEED_LABEL, SERVICE_DISK_LABEL, VSOCK_LOG_PORT, VSOCK_STATUS_PORT, classify_disk, netlink,
 };
 
 use sys::ExitStatus;
@@ -36,15 +40,25 @@ const SEED_MOUNT: &str = "/run/kiln/seed";
 /// probing is synchronous, so this only matters on a slow host.
 const DISK_WAIT: Duration = Duration::from_secs(5);
 /// Default time between SIGTERM and SIGKILL; `kiln.grace=SECONDS` on the
-/// kernel command line overrides it.
+/// kernel command line overrides it, and `stop SECONDS` on the control
+/// channel overrides both.
 const DEFAULT_GRACE: Duration = Duration::from_secs(10);
+/// How long to wait for the virtio-serial control port to appear once a
+/// virtio console device exists (ports are announced after the driver probes).
+const CONTROL_WAIT: Duration = Duration::from_secs(5);
+/// How long the exit report may wait for the host to take it.
+const REPORT_WAIT: Duration = Duration::from_secs(2);
+/// The virtio device id of a console (virtio-serial) device.
+const VIRTIO_ID_CONSOLE: &str = "0x0003";
 /// Linux input: `struct input_event` is 24 bytes on x86_64; EV_KEY, KEY_POWER.
 const INPUT_EVENT_LEN: usize = 24;
 const EV_KEY: u16 = 1;
 const KEY_POWER: u16 = 116;
 
-/// The vsock status connection, when there is one; the failure path reports there too.
-static STATUS: Mutex<Option<File>> = Mutex::new(None);
+/// kiln-init's end of the control channel, when there is one: opened before
+/// the service starts and held until power-off (close-on-exec, so the
+/// service never inherits it). The failure path reports there too.
+static CONTROL: Mutex<Option<File>> = Mutex::new(None);
 /// The thread copying the service's output to the console and vsock, if any.
 static TEE: Mutex<Option<std::thread::JoinHandle<()>>> = Mutex::new(None);
 
@@ -58,12 +72,12 @@ fn main() {
     match run(init_start) {
         Ok(status) => {
             drain_service_output(Duration::from_secs(1));
-            let line = match status {
-                ExitStatus::Code(code) => format!("service exited with status {code}"),
-                ExitStatus::Signal(signal) => format!("service killed by signal {signal}"),
+            let report = match status {
+                ExitStatus::Code(code) => GuestReport::Exited(u8::try_from(code).unwrap_or(u8::MAX)),
+                ExitStatus::Signal(signal) => GuestReport::Killed(u8::try_from(signal).unwrap_or(u8::MAX)),
             };
-            say(&line);
-            report_status(&line);
+            say(&report.to_string());
+            report_to_host(&report);
             shut_down();
         }
         Err(err) => fail(&err.to_string()),
@@ -100,19 +114,20 @@ fn say(message: &str) {
     let _ = stdout.flush();
 }
 
-fn report_status(line: &str) {
-    if let Ok(mut status) = STATUS.lock() {
-        if let Some(socket) = status.as_mut() {
-            let _ = writeln!(socket, "{line}");
-        }
+/// Sends the exit report on the control channel, waiting at most
+/// [`REPORT_WAIT`] for the host to take it (power-off must not hang on it).
+fn report_to_host(report: &GuestReport) {
+    let Ok(mut control) = CONTROL.lock() else { return };
+    let Some(channel) = control.as_mut() else { return };
+    if let Err(err) = sys::write_all_within(channel, report.to_line().as_bytes(), REPORT_WAIT) {
+        say(&format!("cannot send the exit report on the control channel: {err}"));
     }
 }
 
 /// Reports a failure the same way as an exit, then powers off.
 fn fail(reason: &str) -> ! {
-    let line = format!("FAILED: {reason}");
-    say(&line);
-    report_status(&line);
+    say(&format!("FAILED: {reason}"));
+    report_to_host(&GuestReport::Failed(reason.to_owned()));
     shut_down()
 }
 
@@ -149,6 +164,10 @@ fn run(init_start: f64) -> Result<ExitStatus> {
     let _ = sys::disable_ctrl_alt_del();
     load_modules()?;
     let modules_loaded = sys::monotonic_seconds();
+    // As soon as its driver is loaded: long before the service exists (it
+    // must never get hold of the channel), and early enough that a failure
+    // finding the disks is reported on it too.
+    let commands = open_control_channel();
     let disks = find_disks()?;
     let Some(service_disk) = disks.iter().find(|d| d.is_fat(SERVICE_DISK_LABEL)) else {
         return Err(Failure(format!(
@@ -164,18 +183,86 @@ fn run(init_start: f64) -> Result<ExitStatus> {
     let disks_ready = sys::monotonic_seconds();
     let power_buttons = power_buttons();
     let signals = sys::signal_fd().context(|| "cannot block signals".to_owned())?;
-    if let Ok(socket) = sys::vsock_connect(VSOCK_STATUS_PORT) {
-        if let Ok(mut status) = STATUS.lock() {
-            *status = Some(socket);
-        }
-    }
     let service = spawn_service()?;
     let service_start = sys::monotonic_seconds();
     say(&format!(
         "timing kernel_start=0.000000 init_start={init_start:.6} modules_loaded={modules_loaded:.6} \
          disks_ready={disks_ready:.6} service_start={service_start:.6}"
     ));
-    supervise(service, &signals, &power_buttons, grace)
+    supervise(service, &signals, &power_buttons, commands, grace)
+}
+
+/// Opens the control channel: the virtio-serial port [`CONTROL_PORT_NAME`]
+/// (QEMU), else vsock port [`VSOCK_STATUS_PORT`] on the host
+/// (cloud-hypervisor). Keeps the writing end in [`CONTROL`] and returns a
+/// duplicate to read the host's commands from.
+fn open_control_channel() -> Option<File> {
+    let (channel, what) = match open_control_port() {
+        Some(found) => found,
+        None => match sys::vsock_connect(VSOCK_STATUS_PORT) {
+            Ok(socket) => (socket, format!("vsock port {VSOCK_STATUS_PORT}")),
+            Err(err) => {
+                say(&format!(
+                    "no control channel (no {CONTROL_PORT_NAME} port; vsock: {err}): the exit is only on the console"
+                ));
+                return None;
+            }
+        },
+    };
+    say(&format!("control channel: {what}"));
+    let reader = channel.try_clone().ok();
+    if let Ok(mut control) = CONTROL.lock() {
+        *control = Some(channel);
+    }
+    reader
+}
+
+/// Opens `/dev/vportNpM` whose name is [`CONTROL_PORT_NAME`], waiting up to
+/// [`CONTROL_WAIT`] for it when a virtio console device exists. A
+/// virtio-serial port admits one opener at a time, which is checked: a
+/// second open must fail with EBUSY.
+fn open_control_port() -> Option<(File, String)> {
+    let started = Instant::now();
+    loop {
+        if let Some(device) = named_virtio_port(CONTROL_PORT_NAME) {
+            let open = || fs::OpenOptions::new().read(true).write(true).custom_flags(libc::O_NONBLOCK).open(&device);
+            match open() {
+                Ok(port) => {
+                    let second = match open() {
+                        Err(err) if err.raw_os_error() == Some(libc::EBUSY) => "a second open gets EBUSY".to_owned(),
+                        Err(err) => format!("WARNING: a second open failed otherwise: {err}"),
+                        Ok(_) => "WARNING: a second open succeeded; the service could write here".to_owned(),
+                    };
+                    return Some((port, format!("{device} ({CONTROL_PORT_NAME}), held; {second}")));
+                }
+                // devtmpfs may not have made the node yet.
+                Err(err) if err.kind() == io::ErrorKind::NotFound && started.elapsed() < CONTROL_WAIT => {}
+                Err(err) => {
+                    say(&format!("cannot open the control port {device}: {err}"));
+                    return None;
+                }
+            }
+        }
+        if started.elapsed() >= CONTROL_WAIT || !virtio_device_present(VIRTIO_ID_CONSOLE) {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// `/dev/vportNpM` for the virtio-serial port called `name`, once the host
+/// has announced its name (there is no udev to make `/dev/virtio-ports/`).
+fn named_virtio_port(name: &str) -> Option<String> {
+    let ports = fs::read_dir("/sys/class/virtio-ports").ok()?;
+    ports.flatten().find_map(|port| {
+        let found = fs::read_to_string(port.path().join("name")).ok()?;
+        (found.trim_end() == name).then(|| format!("/dev/{}", port.file_name().to_string_lossy()))
+    })
+}
+
+fn virtio_device_present(id: &str) -> bool {
+    let Ok(devices) = fs::read_dir("/sys/bus/virtio/devices") else { return false };
+    devices.flatten().any(|device| fs::read_to_string(device.path().join("device")).is_ok_and(|d| d.trim() == id))
 }
 
 fn mount_basics() -> Result<()> {
@@ -198,10 +285,12 @@ fn mount_basics() -> Result<()> {
     Ok(())
 }
 
-/// `kiln.grace=SECONDS` from the kernel command line.
+/// `kiln.grace=SECONDS` from the kernel command line (the last one, should
+/// there be several: kiln writes exactly one, the spec's).
 fn grace_period(cmdline: &str) -> Duration {
     cmdline
         .split_whitespace()
+        .rev()
         .find_map(|word| word.strip_prefix("kiln.grace="))
         .and_then(|value| value.parse::<f64>().ok())
         .filter(|seconds| seconds.is_finite() && *seconds >= 0.0)
@@ -495,6 +584,12 @@ fn spawn_service() -> Result<i32> {
         .current_dir("/")
         .stdin(Stdio::null())
         .process_group(0);
+    // SAFETY: the hook only calls `pthread_sigmask`, which is async-signal-safe
+    // and does not allocate. Without it the service would start with
+    // SIGTERM blocked (kiln-init's signalfd mask), deaf to its stop.
+    unsafe {
+        command.pre_exec(sys::unblock_signals);
+    }
     // With a vsock log port on the host, output goes to the console and there.
     let log = sys::vsock_connect(VSOCK_LOG_PORT).ok();
     let pipe = if log.is_some() {
@@ -547,12 +642,21 @@ fn tee(mut reader: File, log: File) {
 
 /// Waits for the service to end, reaping every child, turning the power
 /// button (or SIGTERM/SIGINT/SIGPWR to PID 1) into SIGTERM for the service
-/// and SIGKILL for its process group after `grace`.
-fn supervise(service: i32, signals: &OwnedFd, buttons: &[File], grace: Duration) -> Result<ExitStatus> {
-    let mut fds = vec![signals.as_raw_fd()];
-    fds.extend(buttons.iter().map(|b| b.as_raw_fd()));
+/// and SIGKILL for its process group after `grace`; `stop SECONDS` from the
+/// control channel does the same with its own grace.
+fn supervise(
+    service: i32,
+    signals: &OwnedFd,
+    buttons: &[File],
+    mut commands: Option<File>,
+    grace: Duration,
+) -> Result<ExitStatus> {
     let mut kill_at: Option<Instant> = None;
+    let mut lines = LineBuffer::new();
     loop {
+        let mut fds = vec![signals.as_raw_fd()];
+        fds.extend(buttons.iter().map(|b| b.as_raw_fd()));
+        fds.extend(commands.as_ref().map(|c| c.as_raw_fd()));
         // A child may have ended before the signalfd existed; reap first.
         while let Some((pid, status)) = sys::reap_one() {
             if pid == service {
@@ -574,10 +678,41 @@ fn supervise(service: i32, signals: &OwnedFd, buttons: &[File], grace: Duration)
                 stop |= power_pressed(&events[..len]);
             }
         }
-        if stop && kill_at.is_none() {
-            say(&format!("power button: sending SIGTERM to the service, grace {:.1}s", grace.as_secs_f64()));
-            let _ = sys::kill(service, libc::SIGTERM);
-            kill_at = Some(Instant::now() + grace);
+        let mut asked: Option<Duration> = None;
+        if let (Some(channel), Some(true)) = (&commands, ready.get(1 + buttons.len())) {
+            let mut bytes = [0; 512];
+            match (&*channel).read(&mut bytes) {
+                Ok(0) => {
+                    // The host hung up: stop listening (a virtio port would
+                    // poll as readable forever), but keep the port held.
+                    say("control channel: the host closed its end");
+                    commands = None;
+                }
+                Ok(len) => {
+                    for line in lines.push(&bytes[..len]) {
+                        match HostCommand::parse(&line) {
+                            Ok(HostCommand::Stop { grace_seconds }) => asked = Some(Duration::from_secs(grace_seconds)),
+                            Err(err) => say(&format!("control channel: ignored: {err}")),
+                        }
+                    }
+                }
+                Err(err) if err.kind() == io::ErrorKind::WouldBlock || err.kind() == io::ErrorKind::Interrupted => {}
+                Err(err) => {
+                    say(&format!("control channel: cannot read: {err}"));
+                    commands = None;
+                }
+            }
+        }
+        if kill_at.is_none() {
+            let start = match asked {
+                Some(asked) => Some(("stop asked on the control channel", asked)),
+                None => stop.then_some(("power button", grace)),
+            };
+            if let Some((why, grace)) = start {
+                say(&format!("{why}: sending SIGTERM to the service, grace {:.1}s", grace.as_secs_f64()));
+                let _ = sys::kill(service, libc::SIGTERM);
+                kill_at = Some(Instant::now() + grace);
+            }
         }
         if kill_at.is_some_and(|at| Instant::now() >= at) {
             say("grace period over: sending SIGKILL to the service's process group");
@@ -594,6 +729,7 @@ mod tests {
     #[test]
     fn grace_from_the_command_line() {
         assert_eq!(grace_period("console=ttyS0 kiln.grace=2.5 panic=-1"), Duration::from_millis(2500));
+        assert_eq!(grace_period("kiln.grace=10 kiln.grace=60"), Duration::from_secs(60), "the last one counts");
         assert_eq!(grace_period("console=ttyS0"), DEFAULT_GRACE);
         assert_eq!(grace_period("kiln.grace=-1"), DEFAULT_GRACE);
         assert_eq!(grace_period("kiln.grace=soon"), DEFAULT_GRACE);

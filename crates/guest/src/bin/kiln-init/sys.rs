@@ -117,8 +117,8 @@ pub(crate) fn monotonic_seconds() -> f64 {
 pub(crate) const HANDLED_SIGNALS: [libc::c_int; 4] = [libc::SIGCHLD, libc::SIGTERM, libc::SIGINT, libc::SIGPWR];
 
 /// Blocks [`HANDLED_SIGNALS`] and returns a signalfd that reports them.
-/// `std::process::Command` clears the mask in children, so the service
-/// starts with every signal unblocked.
+/// Children inherit the mask (measured: `std::process::Command` does not
+/// clear it), so the service is started through [`unblock_signals`].
 pub(crate) fn signal_fd() -> io::Result<OwnedFd> {
     // SAFETY: sigset_t is plain data; sigemptyset initialises it.
     let mut set: libc::sigset_t = unsafe { mem::zeroed() };
@@ -138,6 +138,19 @@ pub(crate) fn signal_fd() -> io::Result<OwnedFd> {
     let fd = check(unsafe { libc::signalfd(-1, &set, libc::SFD_CLOEXEC | libc::SFD_NONBLOCK) })?;
     // SAFETY: signalfd returned a new fd that nothing else owns.
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// Clears the calling thread's signal mask. For a `pre_exec` hook: between
+/// fork and exec only async-signal-safe calls are allowed, and
+/// `pthread_sigmask` is one; nothing here allocates.
+pub(crate) fn unblock_signals() -> io::Result<()> {
+    // SAFETY: sigset_t is plain data; sigemptyset initialises it.
+    let mut set: libc::sigset_t = unsafe { mem::zeroed() };
+    // SAFETY: `set` is a valid sigset_t.
+    unsafe { libc::sigemptyset(&mut set) };
+    // SAFETY: `set` is initialised; the old mask is not wanted.
+    let result = unsafe { libc::pthread_sigmask(libc::SIG_SETMASK, &set, std::ptr::null_mut()) };
+    if result != 0 { Err(io::Error::from_raw_os_error(result)) } else { Ok(()) }
 }
 
 /// Drains a signalfd, returning the signal numbers read.
@@ -214,4 +227,38 @@ pub(crate) fn pipe() -> io::Result<(File, File)> {
     check(unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) })?;
     // SAFETY: pipe2 returned two new fds that nothing else owns.
     Ok(unsafe { (File::from_raw_fd(fds[0]), File::from_raw_fd(fds[1])) })
+}
+
+/// Writes all of `bytes` to `file` (blocking or not), giving up after
+/// `limit`: a host that never reads must not keep PID 1 from powering off.
+pub(crate) fn write_all_within(file: &mut File, mut bytes: &[u8], limit: Duration) -> io::Result<()> {
+    use std::io::Write;
+    let deadline = std::time::Instant::now() + limit;
+    while !bytes.is_empty() {
+        match file.write(bytes) {
+            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+            Ok(written) => bytes = &bytes[written..],
+            Err(err) if err.kind() == io::ErrorKind::Interrupted => {}
+            Err(err) if err.kind() == io::ErrorKind::WouldBlock => {
+                let left = deadline.saturating_duration_since(std::time::Instant::now());
+                if left.is_zero() {
+                    return Err(io::Error::new(io::ErrorKind::TimedOut, "the host did not take the report in time"));
+                }
+                let mut poll = libc::pollfd { fd: file.as_raw_fd(), events: libc::POLLOUT, revents: 0 };
+                let timeout = left.as_millis().clamp(1, i32::MAX as u128) as libc::c_int;
+                // SAFETY: `poll` is one valid pollfd struct.
+                if unsafe { libc::poll(&mut poll, 1, timeout) } < 0 {
+                    let err = io::Error::last_os_error();
+                    if err.kind() != io::ErrorKind::Interrupted {
+                        return Err(err);
+                    }
+                } else if poll.revents & libc::POLLOUT == 0 && poll.revents & (libc::POLLHUP | libc::POLLERR) != 0 {
+                    // A virtio port whose host end is not connected.
+                    return Err(io::Error::new(io::ErrorKind::BrokenPipe, "the host end is not connected"));
+                }
+            }
+            Err(err) => return Err(err),
+        }
+    }
+    Ok(())
 }
