@@ -8,6 +8,7 @@
 
 mod error;
 mod firewall;
+mod forwarding;
 mod lease;
 mod ledger;
 mod netlink;
