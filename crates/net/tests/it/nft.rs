@@ -721,3 +721,220 @@ fn namespace_vm_lifecycle_with_a_real_tap_leaves_nothing() {
     assert_eq!(forwarding(&host, "uplink0"), "0", "reconcile left the uplink forwarding");
     assert_eq!(pool.leased(), 0);
 }
+
+#[test]
+fn nft_runs_in_the_c_locale() {
+    // A fake nft that reports its locale as a listing: kiln parses nft's
+    // error text, so the caller's LANG (C.UTF-8 or any other) must not reach it.
+    let script = r#"printf '{"nftables": [{"set": {"table": "kiln", "name": "%s|%s|%s"}}]}' "${LC_ALL-unset}" "${LANG-unset}" "${LANGUAGE-unset}""#;
+    let listing = Nft::with_command(["sh", "-c", script, "fake-nft"]).list_table().unwrap().unwrap();
+    assert_eq!(listing["nftables"][0]["set"]["name"], "C|unset|unset", "{listing}");
+}
+
+/// An egress VM and a published-only VM on `uplink0`, taps `tap-a`, `tap-b`.
+fn uplink_vms() -> (VmRules, VmRules) {
+    let uplink = Some("uplink0".to_owned());
+    let a = VmRules { uplink: uplink.clone(), ..vm("a", "tap-a", Firewall { egress: true, ..Firewall::default() }) };
+    let published = PublishedPort { protocol: Protocol::Tcp, host_port: 8080, guest_port: 80 };
+    let b = VmRules { uplink, ..vm_b(Firewall { published_ports: vec![published], ..Firewall::default() }) };
+    (a, b)
+}
+
+#[test]
+fn namespace_uplink_forwarding_is_restored_when_its_last_vm_goes() {
+    if !root_tools_ready(&["nft", "ip"]) {
+        return;
+    }
+    let host = Netns::new();
+    for link in ["tap-a", "tap-b", "tap-c", "uplink0"] {
+        dummy(&host, link);
+    }
+    let nft = Nft::in_namespace(&host.name);
+    let (a, b) = uplink_vms();
+    let flags = || ["all", "uplink0", "tap-a", "tap-b"].map(|ifname| forwarding(&host, ifname));
+
+    // A VM that forwards nothing turns nothing on.
+    let c = VmRules { uplink: Some("uplink0".to_owned()), ..vm("c", "tap-c", Firewall::default()) };
+    nft.apply(&c).unwrap();
+    assert_eq!(flags(), ["0", "0", "0", "0"]);
+
+    // remove: the uplink stays on while b needs it, then goes back to 0.
+    nft.apply(&a).unwrap();
+    nft.apply(&b).unwrap();
+    assert_eq!(flags(), ["0", "1", "1", "1"]);
+    nft.remove(&a).unwrap();
+    assert_eq!(forwarding(&host, "uplink0"), "1", "removing a turned off the forwarding b needs");
+    nft.remove(&b).unwrap();
+    assert_eq!(forwarding(&host, "uplink0"), "0", "remove of the last VM left the uplink forwarding");
+
+    // remove_vm (kiln gc after a SIGKILLed launcher), the same.
+    nft.apply(&a).unwrap();
+    nft.apply(&b).unwrap();
+    assert!(nft.remove_vm("b").unwrap());
+    assert_eq!(forwarding(&host, "uplink0"), "1", "remove_vm of b turned off the forwarding a needs");
+    assert!(nft.remove_vm("a").unwrap());
+    assert_eq!(forwarding(&host, "uplink0"), "0", "remove_vm of the last VM left the uplink forwarding");
+
+    // reconcile: kept for the living, restored once none needs it.
+    nft.apply(&a).unwrap();
+    nft.apply(&b).unwrap();
+    assert_eq!(nft.reconcile(["b", "c"]).unwrap(), ["a"]);
+    assert_eq!(forwarding(&host, "uplink0"), "1", "reconcile turned off the forwarding b needs");
+    assert_eq!(nft.reconcile(["c"]).unwrap(), ["b"]);
+    assert_eq!(forwarding(&host, "uplink0"), "0", "reconcile left the uplink forwarding");
+    // Nothing records forwarding any more, and ip_forward was never touched.
+    let listing = listing_text(&nft);
+    assert!(!listing.contains("uplink0"), "{listing}");
+    assert_eq!(forwarding(&host, "all"), "0");
+}
+
+#[test]
+fn namespace_uplink_forwarding_kiln_turned_on_serves_vms_only_and_the_admins_is_left_on() {
+    if !root_tools_ready(&["nft", "ip"]) {
+        return;
+    }
+    let (host, wan, lan) = (Netns::new(), Netns::new(), Netns::new());
+    link_wan(&host, &wan);
+    // A second network behind the host, which the admin routes from.
+    ip(&["-n", &host.name, "link", "add", "lan0", "type", "veth", "peer", "name", "eth0", "netns", &lan.name]);
+    ip(&["-n", &host.name, "addr", "add", "10.97.0.1/24", "dev", "lan0"]);
+    ip(&["-n", &host.name, "link", "set", "lan0", "up"]);
+    ip(&["-n", &lan.name, "addr", "add", "10.97.0.2/24", "dev", "eth0"]);
+    ip(&["-n", &lan.name, "link", "set", "eth0", "up"]);
+    ip(&["-n", &lan.name, "route", "add", "default", "via", "10.97.0.1"]);
+    ip(&["-n", &wan.name, "route", "add", "10.97.0.0/24", "via", "10.98.0.1"]);
+    host.exec(&["sysctl", "-q", "-w", "net.ipv4.conf.lan0.forwarding=1"]);
+    dummy(&host, "tap-a");
+    let _server = listen(&lan, "10.97.0.2:9000");
+    let lan_server: SocketAddr = "10.97.0.2:9000".parse().unwrap();
+    let nft = Nft::in_namespace(&host.name);
+    let (a, _) = uplink_vms();
+    let a = VmRules { host_addr: Ipv4Addr::new(10, 99, 0, 1), ..a };
+
+    // kiln turns uplink0's forwarding on for VM a, not for the host's other networks.
+    nft.apply(&a).unwrap();
+    assert_eq!(forwarding(&host, "uplink0"), "1");
+    assert!(blocked(&wan, lan_server), "the uplink routes for its neighbours since kiln turned forwarding on");
+    nft.remove(&a).unwrap();
+    assert_eq!(forwarding(&host, "uplink0"), "0");
+
+    // The admin's forwarding: kiln neither filters it nor turns it off.
+    host.exec(&["sysctl", "-q", "-w", "net.ipv4.conf.uplink0.forwarding=1"]);
+    assert!(connects(&wan, lan_server), "control: the admin's routing does not work");
+    nft.apply(&a).unwrap();
+    assert!(connects(&wan, lan_server), "kiln filtered routing the admin had turned on");
+    nft.remove(&a).unwrap();
+    assert_eq!(forwarding(&host, "uplink0"), "1", "remove turned off the admin's forwarding");
+    nft.apply(&a).unwrap();
+    assert!(nft.remove_vm("a").unwrap());
+    nft.apply(&a).unwrap();
+    assert_eq!(nft.reconcile(Vec::<String>::new()).unwrap(), ["a"]);
+    assert_eq!(forwarding(&host, "uplink0"), "1", "remove_vm or reconcile turned off the admin's forwarding");
+}
+
+#[test]
+fn namespace_release_by_key_never_deletes_another_vms_element() {
+    if !root_tools_ready(&["nft", "ip"]) {
+        return;
+    }
+    let host = Netns::new();
+    for link in ["tap-a", "tap-b", "eth0"] {
+        dummy(&host, link);
+    }
+    let nft = Nft::in_namespace(&host.name);
+    let listing_of = |id: &str| {
+        let listing = listing_text(&nft);
+        listing.matches(&format!("\"comment\":\"kiln-vm:{id}\"")).count()
+    };
+    let publishing = |host_port| Firewall {
+        published_ports: vec![PublishedPort { protocol: Protocol::Tcp, host_port, guest_port: 80 }],
+        ..Firewall::default()
+    };
+
+    // a's record goes stale: gc removed a, then b took every one of its keys
+    // (its tap name, guest address and host port) under another id.
+    let a = vm("a", "tap-a", publishing(8080));
+    nft.apply(&a).unwrap();
+    assert!(nft.remove_vm("a").unwrap());
+    let b = VmRules { vm_id: "b".to_owned(), ..a.clone() };
+    nft.apply(&b).unwrap();
+    let b_elements = listing_of("b");
+    nft.remove(&a).unwrap();
+    assert_eq!(listing_of("b"), b_elements, "a's stale removal deleted b's elements");
+    nft.remove(&b).unwrap();
+
+    // a was replaced (it now publishes 9090), and b took a's old host port
+    // 8080: a's removal with its first rules must not delete b's DNAT.
+    nft.apply(&a).unwrap();
+    let a_now = vm("a", "tap-a", publishing(9090));
+    nft.apply(&a_now).unwrap();
+    let b = vm_b(publishing(8080));
+    nft.apply(&b).unwrap();
+    let b_elements = listing_of("b");
+    nft.remove(&a).unwrap();
+    assert_eq!(listing_of("b"), b_elements, "a's removal with stale rules deleted b's elements");
+    assert_eq!(nft.list_vms().unwrap(), BTreeSet::from(["b".to_owned()]), "a's elements are left");
+}
+
+#[test]
+fn namespace_apply_needs_the_interfaces_it_forwards_on_and_changes_nothing_without_them() {
+    if !root_tools_ready(&["nft", "ip"]) {
+        return;
+    }
+    let host = Netns::new();
+    dummy(&host, "tap-a");
+    let nft = Nft::in_namespace(&host.name);
+    let (a, _) = uplink_vms();
+    let err = nft.apply(&a).unwrap_err();
+    assert!(matches!(err, Error::InterfaceMissing { .. }), "{err:?}");
+    assert_eq!(
+        err.to_string(),
+        "Interface `uplink0` (the uplink of VM `a`) does not exist, so kiln cannot enable IPv4 forwarding on it"
+    );
+    let err = nft.apply(&VmRules { tap: "tap-x".to_owned(), ..a.clone() }).unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "Interface `tap-x` (the tap of VM `a`) does not exist, so kiln cannot enable IPv4 forwarding on it"
+    );
+    let err = nft.apply(&VmRules { uplink: None, ..a }).unwrap_err();
+    assert!(matches!(err, Error::EgressWithoutUplink { .. }), "{err:?}");
+    assert_eq!(nft.list_vms().unwrap(), BTreeSet::new());
+    assert_eq!(forwarding(&host, "tap-a"), "0");
+}
+
+#[test]
+fn namespace_concurrent_applies_and_removes_keep_forwarding_for_live_vms() {
+    if !root_tools_ready(&["nft", "ip"]) {
+        return;
+    }
+    let host = Netns::new();
+    dummy(&host, "uplink0");
+    let taps: Vec<String> = (0..4).map(|n| format!("tap-{n}")).collect();
+    for tap in &taps {
+        dummy(&host, tap);
+    }
+    // Each thread stands for a launcher: apply, check its egress is
+    // forwarded, remove. Without the lock one thread's release sees no other
+    // user and turns the uplink off under another thread's fresh VM.
+    std::thread::scope(|scope| {
+        for (n, tap) in taps.iter().enumerate() {
+            let host = &host;
+            scope.spawn(move || {
+                let nft = Nft::in_namespace(&host.name);
+                let firewall = Firewall { egress: true, ..Firewall::default() };
+                let rules = VmRules {
+                    uplink: Some("uplink0".to_owned()),
+                    host_addr: Ipv4Addr::new(10, 99, n as u8, 1),
+                    guest_addr: Ipv4Addr::new(10, 99, n as u8, 2),
+                    ..vm(&format!("vm{n}"), tap, firewall)
+                };
+                for round in 0..6 {
+                    nft.apply(&rules).unwrap();
+                    assert_eq!(forwarding(host, "uplink0"), "1", "vm{n} round {round}: its uplink does not forward");
+                    nft.remove(&rules).unwrap();
+                }
+            });
+        }
+    });
+    assert_eq!(forwarding(&host, "uplink0"), "0");
+}
