@@ -14,5 +14,6 @@ mod fake_k8s;
 mod guest_boot;
 mod launch_sh;
 mod run_e2e;
+mod run_egress;
 mod support;
 mod tools;

@@ -75,7 +75,14 @@ impl Netns {
             Err(e) if e.kind() != ErrorKind::AlreadyExists => return Err(io(e)),
             _ => {}
         }
-        let file = OpenOptions::new().read(true).write(true).create(true).mode(0o600).open(&path).map_err(io)?;
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .mode(0o600)
+            .open(&path)
+            .map_err(io)?;
         flock(&file, FlockOperation::LockExclusive).map_err(|errno| io(errno.into()))?;
         Ok(NetLock { _file: file })
     }
