@@ -642,11 +642,12 @@ fn refusal(error: &Error) -> Option<Refusal> {
     }
 }
 
-/// The forwarding flags one apply turns on (those that were off).
+/// The forwarding flags one apply turns on (those that were off), each
+/// with what it is to the VM, for an error.
 #[derive(Debug, Default)]
 struct FlagsToSet {
-    tap: Option<String>,
-    uplink: Option<String>,
+    tap: Option<(String, String)>,
+    uplink: Option<(String, String)>,
 }
 
 impl Nft {
@@ -682,7 +683,7 @@ impl Nft {
         // Recorded in the same transaction as the VM, before the flag is
         // written: a crash in between leaves a record of a flag that is
         // still 0, which restoring to 0 later cannot harm.
-        let record = flags.uplink.as_deref().map(|uplink| {
+        let record = flags.uplink.as_ref().map(|(uplink, _)| {
             json!({"add": {"element": {"family": "inet", "table": TABLE, "name": FORWARDING_BY_KILN,
                 "elem": [{"elem": {"val": uplink, "comment": FORWARDING_COMMENT}}]}}})
         });
@@ -751,10 +752,10 @@ impl Nft {
         self.netns.run(|| {
             let missing = |name: &str, what: &str| Error::InterfaceMissing { name: name.to_owned(), role: role(what) };
             let tap_on = forwarding::read_flag(&rules.tap)?.ok_or_else(|| missing(&rules.tap, "tap"))?;
-            let mut flags = FlagsToSet { tap: (!tap_on).then(|| rules.tap.clone()), uplink: None };
+            let mut flags = FlagsToSet { tap: (!tap_on).then(|| (rules.tap.clone(), role("tap"))), uplink: None };
             if let Some(uplink) = rules.forwarded_uplink() {
                 let uplink_on = forwarding::read_flag(uplink)?.ok_or_else(|| missing(uplink, "uplink"))?;
-                flags.uplink = (!uplink_on).then(|| uplink.to_owned());
+                flags.uplink = (!uplink_on).then(|| (uplink.to_owned(), role("uplink")));
             }
             Ok(flags)
         })
@@ -765,9 +766,9 @@ impl Nft {
             return Ok(());
         }
         self.netns.run(|| {
-            for ifname in flags.tap.iter().chain(&flags.uplink) {
+            for (ifname, role) in flags.tap.iter().chain(&flags.uplink) {
                 if !forwarding::write_flag(ifname, true)? {
-                    return Err(Error::InterfaceMissing { name: ifname.clone(), role: "gone meanwhile".to_owned() });
+                    return Err(Error::InterfaceMissing { name: ifname.clone(), role: role.clone() });
                 }
             }
             Ok(())
