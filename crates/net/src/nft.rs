@@ -114,6 +114,9 @@ const FINGERPRINTS: &str = "vm_fingerprints";
 /// The sets and maps a VM's elements live in, in the order they are added.
 const VM_SETS: [&str; 8] =
     [VM_TAPS, HOST_PORTS, EGRESS_VIA, PUBLISHED, DNAT_ADDR, DNAT_PORT, UPLINK_USERS, FINGERPRINTS];
+/// Sets of earlier layouts that may still hold a running VM's elements
+/// after an upgrade: removal by tag still finds and deletes them.
+const RETIRED_VM_SETS: [&str; 1] = ["egress_any"];
 /// The uplinks whose forwarding kiln turned on (untagged: no VM owns them).
 const FORWARDING_BY_KILN: &str = "forwarding_by_kiln";
 const FORWARDING_COMMENT: &str = "kiln turned IPv4 forwarding on; it restores 0 when no VM needs it";
@@ -549,8 +552,8 @@ fn elements_by_vm(listing: &Value) -> Result<BTreeMap<String, Vec<Element>>> {
         if set.get("table").and_then(Value::as_str) != Some(TABLE) {
             continue;
         }
-        let Some(name) = set.get("name").and_then(Value::as_str).and_then(|n| VM_SETS.into_iter().find(|s| *s == n))
-        else {
+        let name = set.get("name").and_then(Value::as_str);
+        let Some(name) = name.and_then(|n| VM_SETS.into_iter().chain(RETIRED_VM_SETS).find(|s| *s == n)) else {
             continue;
         };
         for entry in set.get("elem").and_then(Value::as_array).into_iter().flatten() {

@@ -310,6 +310,10 @@ fn removal_batch_finds_elements_by_tag() {
         {"set": {"family": "inet", "name": "host_ports", "table": "kiln", "type": ["ifname", "ipv4_addr", "inet_proto", "inet_service"], "handle": 9, "elem": [
             {"elem": {"val": {"concat": ["tap-a", "10.0.0.1", "tcp", 22]}, "comment": "kiln-vm:a"}},
         ]}},
+        // A set of the layout before kiln managed forwarding.
+        {"set": {"family": "inet", "name": "egress_any", "table": "kiln", "type": "ifname", "handle": 11, "elem": [
+            {"elem": {"val": "tap-a", "comment": "kiln-vm:a"}},
+        ]}},
         {"set": {"family": "inet", "name": "someone_elses", "table": "kiln", "type": "ifname", "handle": 10, "elem": [
             {"elem": {"val": "tap-a", "comment": "kiln-vm:a"}},
         ]}},
@@ -323,11 +327,12 @@ fn removal_batch_finds_elements_by_tag() {
     expect![[r#"
         {"delete":{"element":{"elem":["tap-a"],"family":"inet","name":"vm_taps","table":"kiln"}}}
         {"delete":{"element":{"elem":[{"concat":["tap-a","10.0.0.1","tcp",22]}],"family":"inet","name":"host_ports","table":"kiln"}}}
+        {"delete":{"element":{"elem":["tap-a"],"family":"inet","name":"egress_any","table":"kiln"}}}
         {"delete":{"element":{"elem":[{"concat":["tcp",8080]}],"family":"inet","name":"dnat_port","table":"kiln"}}}
     "#]].assert_eq(&render(&batch));
     let (batch, removed) = removal_batch(&listing, |_| true).unwrap();
     assert_eq!(removed, ["a", "b-c"]);
-    assert_eq!(batch["nftables"].as_array().unwrap().len(), 4);
+    assert_eq!(batch["nftables"].as_array().unwrap().len(), 5);
 }
 
 // ---- root-only: rules and traffic inside throwaway namespaces ----
