@@ -25,7 +25,7 @@ pub struct HostNet {
     pub cidr: Ipv4Net,
     /// Lease subnets' prefix length (30).
     pub prefix: u8,
-    /// The egress interface; `None` lets egress leave through any interface.
+    /// The egress interface; `None` (no default route) refuses egress.
     pub uplink: Option<String>,
 }
 

@@ -16,6 +16,7 @@ mod guest_boot;
 mod launch_sh;
 mod run_ch;
 mod run_e2e;
+mod run_egress;
 mod run_exit;
 mod run_gc;
 mod support;

@@ -339,6 +339,10 @@ host_ports = [7000]
 #[test]
 fn sigkill_at_any_step_then_gc_leaves_nothing() {
     let Some(world) = World::new("crash") else { return };
+    // Egress needs an uplink: a default route through a link of its own.
+    world.exec(&["ip", "tuntap", "add", "dev", "up0", "mode", "tap"]);
+    world.exec(&["ip", "link", "set", "up0", "up"]);
+    world.exec(&["ip", "route", "add", "default", "dev", "up0"]);
     let spec = world.spec(
         "crash",
         &format!(

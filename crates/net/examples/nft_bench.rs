@@ -5,7 +5,9 @@
 //! ```
 //!
 //! Enters the network namespace NETNS (which the caller created, so the
-//! host's ruleset is never touched) and, one VM at a time:
+//! host's ruleset is never touched), creates the VMs' taps and the uplink
+//! `eth0` there (untimed: kiln sets IPv4 forwarding on them) and, one VM at
+//! a time:
 //! - `kiln add`: [`Nft::apply`] for VMS VMs, each with a host port, egress
 //!   through an uplink and a published port;
 //! - `kiln remove`: [`Nft::remove`] for each of them, in the same order;
@@ -51,6 +53,8 @@ fn run() -> Result<(), Box<dyn Error>> {
 
     let nft = Nft::new();
     let all: Vec<VmRules> = (0..vms).map(vm).collect();
+    let links: String = all.iter().map(|rules| format!("tuntap add dev {} mode tap\n", rules.tap)).collect();
+    ip_batch(&format!("tuntap add dev eth0 mode tap\n{links}"))?;
     let mut add = Vec::new();
     for rules in &all {
         let started = Instant::now();
@@ -124,6 +128,16 @@ fn per_vm_rules(rules: &VmRules) -> String {
          add rule inet kiln_bench_rules forward iifname {tap} jump vm-{id}\n",
         host = rules.host_addr,
     )
+}
+
+fn ip_batch(script: &str) -> Result<(), Box<dyn Error>> {
+    let mut child = Command::new("ip").args(["-batch", "-"]).stdin(Stdio::piped()).stderr(Stdio::piped()).spawn()?;
+    child.stdin.take().ok_or("no stdin")?.write_all(script.as_bytes())?;
+    let output = child.wait_with_output()?;
+    if !output.status.success() {
+        return Err(format!("ip -batch failed: {}", String::from_utf8_lossy(&output.stderr).trim()).into());
+    }
+    Ok(())
 }
 
 fn nft_script(script: &str) -> Result<(), Box<dyn Error>> {

@@ -41,6 +41,24 @@ pub enum Error {
     /// Another VM holds a tap or host port this VM's rules need.
     #[error("VM `{vm_id}` cannot use {claim}: VM `{holder}` holds it")]
     NftConflict { vm_id: String, holder: String, claim: String },
+    /// A VM with egress, but no uplink for it to leave through.
+    #[error(
+        "VM `{vm_id}` has egress on, but no uplink is known for its traffic to leave through \
+         (the host has no default route)"
+    )]
+    EgressWithoutUplink { vm_id: String },
+    /// An interface whose IPv4 forwarding a VM needs does not exist.
+    #[error("Interface `{name}` ({role}) does not exist, so kiln cannot enable IPv4 forwarding on it")]
+    InterfaceMissing { name: String, role: String },
+    /// Reading or writing an IPv4 forwarding flag failed.
+    #[error("Cannot access the sysctl {}", path.display())]
+    Sysctl { path: std::path::PathBuf, source: std::io::Error },
+    /// Taking kiln's per-namespace network lock failed.
+    #[error("Cannot lock {}", path.display())]
+    NetLock { path: std::path::PathBuf, source: std::io::Error },
+    /// A network namespace kiln-net was pointed at cannot be entered.
+    #[error("Cannot enter the network namespace {}", path.display())]
+    Netns { path: std::path::PathBuf, source: std::io::Error },
     /// `nft` is not installed.
     #[error("`nft` was not found; install the Debian package `nftables`")]
     NftMissing,

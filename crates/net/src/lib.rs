@@ -3,11 +3,13 @@
 //! crash-safe ledger shared by launcher processes), and writes each VM's
 //! nftables rules into kiln's own table, atomically, tagged per VM.
 //!
-//! It is the only kiln crate that touches nftables or netlink. It never
-//! touches tables other than kiln's own, and it never spawns a VMM.
+//! It is the only kiln crate that touches nftables, netlink or the host's
+//! IPv4 forwarding sysctls. It never touches tables other than kiln's own,
+//! never writes `net.ipv4.ip_forward`, and never spawns a VMM.
 
 mod error;
 mod firewall;
+mod forwarding;
 mod lease;
 mod ledger;
 mod netlink;

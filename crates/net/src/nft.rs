@@ -19,9 +19,9 @@
 //!   allows, and drops the rest.
 //! - `host_ports` (tap . host address . protocol . port): what a guest may
 //!   reach on the host, on its own tap address only.
-//! - `egress_any` (tap) and `egress_via` (tap . uplink): whose traffic may
-//!   leave, to anywhere or through one uplink; the same sets select what
-//!   `postrouting` masquerades.
+//! - `egress_via` (tap . uplink): whose traffic may leave, through which
+//!   uplink; the same set selects what `postrouting` masquerades. Egress
+//!   needs a known uplink (see IPv4 forwarding below).
 //! - `published` (tap . guest address . protocol . guest port) lets DNATed
 //!   connections into a guest; `dnat_addr` and `dnat_port` (protocol . host
 //!   port -> guest address / guest port) do the DNAT in `prerouting` (from
@@ -38,13 +38,37 @@
 //! VM's egress accept, whatever order VMs were added in, so VM-to-VM traffic
 //! is denied.
 //!
+//! - `uplink_users` (uplink . tap): the VMs that need forwarding on an
+//!   uplink; `vm_fingerprints`: one digest per applied VM (see
+//!   [`VmRules::remove_batch`]). No rule reads them.
+//! - `forwarding_by_kiln` (ifname, untagged): the uplinks whose IPv4
+//!   forwarding kiln turned on. `forward` drops what arrives on them and
+//!   is neither to nor from a VM tap: the host did not route for its
+//!   neighbours before kiln came, and does not now.
+//!
 //! Adding a VM is one transaction that *creates* its elements: the fast path
 //! needs no listing. If an element exists (the VM is being replaced, or
 //! another VM holds the tap or host port), kiln lists the table, and either
 //! names the conflicting VM or deletes the old elements and creates the new
 //! ones in one transaction. Removal deletes the elements a [`VmRules`] names,
-//! again without a listing; removal by id and [`Nft::reconcile`] find the
-//! elements by their comment in a listing.
+//! again without a listing, guarded by the VM's fingerprint so that it never
+//! deletes another VM's element; removal by id and [`Nft::reconcile`] find
+//! the elements by their comment in a listing.
+//!
+//! IPv4 forwarding: Linux forwards a packet only if the interface it arrived
+//! on has `net.ipv4.conf.<if>.forwarding` on, and a stock host has it off
+//! everywhere. A VM with egress or published ports needs it on its tap
+//! (guest to outside) and, with egress or published ports reached from
+//! another host, on the uplink (replies and incoming connections). `apply`
+//! turns both on if they are off; a tap's flag dies with the tap. The
+//! uplink's is restored to 0 by whichever release (`remove`, `remove_vm`,
+//! `reconcile`) removes its last user, if kiln turned it on (recorded in
+//! `forwarding_by_kiln`, which lives exactly as long as the namespace and
+//! its flags do); a flag that was on already is never touched. kiln never
+//! writes `net.ipv4.ip_forward` (that rewrites every interface's flag).
+//! Every apply and release holds kiln's lock of the network namespace (see
+//! `forwarding.rs`), so concurrent launchers and `kiln gc` cannot interleave
+//! their read-decide-write of the flags.
 //!
 //! The layout version is in the set names: a future layout uses new names,
 //! finds them missing and writes its own rules.
@@ -53,6 +77,7 @@ use std::borrow::Cow;
 use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::io::Write;
 use std::net::Ipv4Addr;
+use std::path::Path;
 use std::process::{Command, Stdio};
 
 use nftables::batch::Batch;
@@ -64,6 +89,7 @@ use nftables::stmt::{JumpTarget, Match, NAT, NATFamily, Operator, Statement};
 use nftables::types::{NfChainPolicy, NfChainType, NfFamily, NfHook};
 use serde_json::{Value, json};
 
+use crate::forwarding::{self, Netns};
 use crate::{Error, Firewall, Result};
 
 /// The nftables table kiln owns (family `inet`). kiln touches no other.
@@ -76,13 +102,24 @@ const IFNAMSIZ_MAX: usize = 15;
 
 const VM_TAPS: &str = "vm_taps";
 const HOST_PORTS: &str = "host_ports";
-const EGRESS_ANY: &str = "egress_any";
 const EGRESS_VIA: &str = "egress_via";
 const PUBLISHED: &str = "published";
 const DNAT_ADDR: &str = "dnat_addr";
 const DNAT_PORT: &str = "dnat_port";
+/// (uplink . tap): the VMs that need IPv4 forwarding on an uplink.
+const UPLINK_USERS: &str = "uplink_users";
+/// One element per applied VM: a digest of its id and elements (see
+/// [`VmRules::remove_batch`]).
+const FINGERPRINTS: &str = "vm_fingerprints";
 /// The sets and maps a VM's elements live in, in the order they are added.
-const VM_SETS: [&str; 7] = [VM_TAPS, HOST_PORTS, EGRESS_ANY, EGRESS_VIA, PUBLISHED, DNAT_ADDR, DNAT_PORT];
+const VM_SETS: [&str; 8] =
+    [VM_TAPS, HOST_PORTS, EGRESS_VIA, PUBLISHED, DNAT_ADDR, DNAT_PORT, UPLINK_USERS, FINGERPRINTS];
+/// Sets of earlier layouts that may still hold a running VM's elements
+/// after an upgrade: removal by tag still finds and deletes them.
+const RETIRED_VM_SETS: [&str; 1] = ["egress_any"];
+/// The uplinks whose forwarding kiln turned on (untagged: no VM owns them).
+const FORWARDING_BY_KILN: &str = "forwarding_by_kiln";
+const FORWARDING_COMMENT: &str = "kiln turned IPv4 forwarding on; it restores 0 when no VM needs it";
 
 const FROM_VM_TO_HOST: &str = "from_vm_to_host";
 const FROM_VM: &str = "from_vm";
@@ -96,8 +133,10 @@ pub struct VmRules {
     pub vm_id: String,
     /// The host side of the VM's link (a tap).
     pub tap: String,
-    /// The interface egress leaves through; `None` allows any interface
-    /// (other VMs' taps stay denied either way).
+    /// The interface egress leaves through and published ports are reached
+    /// on from other hosts; kiln turns IPv4 forwarding on for it while a VM
+    /// needs it. `None` (the host has no default route) refuses egress, and
+    /// published ports are then reachable from the host itself only.
     pub uplink: Option<String>,
     /// The host's address on the tap: host ports are allowed on it only.
     pub host_addr: Ipv4Addr,
@@ -175,6 +214,12 @@ impl Element {
         json!({"delete": {"element": {"family": "inet", "table": TABLE, "name": self.set, "elem": [self.key]}}})
     }
 
+    /// The uplink of an `uplink_users` element.
+    fn uplink_of_user(&self) -> Option<String> {
+        let parts = self.key.get("concat").and_then(Value::as_array).filter(|_| self.set == UPLINK_USERS)?;
+        parts.first().and_then(Value::as_str).map(str::to_owned)
+    }
+
     /// What this element claims, for a conflict message.
     fn claim(&self) -> String {
         let parts = self.key.get("concat").and_then(Value::as_array);
@@ -205,8 +250,22 @@ impl VmRules {
                     reason: format!("it is both the tap and the uplink of VM `{}`", self.vm_id),
                 });
             }
+        } else if self.firewall.egress {
+            return Err(Error::EgressWithoutUplink { vm_id: self.vm_id.clone() });
         }
         self.firewall.validate()
+    }
+
+    /// Whether the VM's traffic is forwarded at all: egress, or replies
+    /// from a published port to another host. Then its tap needs IPv4
+    /// forwarding on, and so does the uplink, if known.
+    fn needs_forwarding(&self) -> bool {
+        self.firewall.egress || !self.firewall.published_ports.is_empty()
+    }
+
+    /// The uplink whose forwarding this VM needs.
+    fn forwarded_uplink(&self) -> Option<&str> {
+        self.uplink.as_deref().filter(|_| self.needs_forwarding())
     }
 
     /// The VM's set elements: everything kiln writes for it.
@@ -219,11 +278,10 @@ impl VmRules {
             let key = concat(vec![tap.clone(), host.clone(), json!(port.protocol.as_str()), json!(port.port)]);
             elements.push(Element::set(HOST_PORTS, key));
         }
-        if fw.egress {
-            elements.push(match &self.uplink {
-                Some(uplink) => Element::set(EGRESS_VIA, concat(vec![tap.clone(), json!(uplink)])),
-                None => Element::set(EGRESS_ANY, tap.clone()),
-            });
+        if fw.egress
+            && let Some(uplink) = &self.uplink
+        {
+            elements.push(Element::set(EGRESS_VIA, concat(vec![tap.clone(), json!(uplink)])));
         }
         for published in &fw.published_ports {
             let proto = json!(published.protocol.as_str());
@@ -234,6 +292,11 @@ impl VmRules {
             elements.push(Element { set: DNAT_ADDR, key: host_port.clone(), data: Some(guest.clone()) });
             elements.push(Element { set: DNAT_PORT, key: host_port, data: Some(guest_port) });
         }
+        if let Some(uplink) = self.forwarded_uplink() {
+            elements.push(Element::set(UPLINK_USERS, concat(vec![json!(uplink), tap.clone()])));
+        }
+        let fingerprint = fingerprint(&self.vm_id, &elements);
+        elements.push(Element::set(FINGERPRINTS, json!(fingerprint)));
         elements
     }
 
@@ -248,6 +311,14 @@ impl VmRules {
     }
 
     /// The batch that deletes this VM's elements (without a listing).
+    ///
+    /// It deletes by key, and a key (a host port, say) may belong to another
+    /// VM by now, if this VM's elements were removed behind its back (by
+    /// `kiln gc`) or replaced. The batch therefore also deletes the VM's
+    /// fingerprint, a digest of its id and of exactly these elements, which
+    /// was created in the same transaction as they were and is only ever
+    /// deleted with them: if it is there, every key here is this VM's; if
+    /// not, the whole transaction fails with ENOENT and nothing is deleted.
     pub fn remove_batch(&self) -> Result<Value> {
         self.validate()?;
         Ok(batch(self.elements().iter().map(Element::delete_command).collect()))
@@ -256,6 +327,19 @@ impl VmRules {
 
 fn batch(commands: Vec<Value>) -> Value {
     json!({"nftables": commands})
+}
+
+/// 15 hex digits (60 bits; an `ifname` key holds 15 bytes) of a digest of
+/// the VM id and its elements. Only compared within one build: the
+/// launcher's own apply and remove. Removal by tag never needs it.
+fn fingerprint(vm_id: &str, elements: &[Element]) -> String {
+    use std::hash::{Hash, Hasher};
+    let mut hasher = std::hash::DefaultHasher::new();
+    vm_id.hash(&mut hasher);
+    for element in elements {
+        (element.set, element.key.to_string(), element.data.as_ref().map(Value::to_string)).hash(&mut hasher);
+    }
+    format!("{:015x}", hasher.finish() >> 4)
 }
 
 // ---- the fixed part: table, chains, sets, rules ----
@@ -386,9 +470,11 @@ pub fn setup_batch() -> Result<Value> {
     for set in [
         set(VM_TAPS, &[Ifname]),
         set(HOST_PORTS, &port_key),
-        set(EGRESS_ANY, &[Ifname]),
         set(EGRESS_VIA, &[Ifname, Ifname]),
         set(PUBLISHED, &port_key),
+        set(UPLINK_USERS, &[Ifname, Ifname]),
+        set(FINGERPRINTS, &[Ifname]),
+        set(FORWARDING_BY_KILN, &[Ifname]),
     ] {
         batch.add(NfListObject::Set(Box::new(set)));
     }
@@ -415,17 +501,18 @@ pub fn setup_batch() -> Result<Value> {
         // To a VM first: its guard runs before any VM's egress accept.
         rule("forward", vec![in_set(oif(), VM_TAPS), jump(TO_VM)]),
         rule("forward", vec![in_set(iif(), VM_TAPS), jump(FROM_VM)]),
+        // Where kiln turned forwarding on, the host forwards for its VMs
+        // only: it did not route between its other networks before.
+        rule("forward", vec![in_set(iif(), FORWARDING_BY_KILN), Statement::Drop(None)]),
         rule(TO_VM, vec![established(), accept()]),
         rule(TO_VM, vec![ct_is("status", &["dnat"]), in_set(port_of(oif(), "daddr"), PUBLISHED), accept()]),
         rule(TO_VM, vec![Statement::Drop(None)]),
         rule(FROM_VM, vec![established(), accept()]),
-        rule(FROM_VM, vec![in_set(iif(), EGRESS_ANY), accept()]),
         rule(FROM_VM, vec![in_set(concat_expr(vec![iif(), oif()]), EGRESS_VIA), accept()]),
         rule(FROM_VM, vec![Statement::Drop(None)]),
         rule("prerouting", dnat_published()),
         // The host's own connections to a published port.
         rule("output", dnat_published()),
-        rule("postrouting", vec![in_set(iif(), EGRESS_ANY), Statement::Masquerade(None)]),
         rule("postrouting", vec![in_set(concat_expr(vec![iif(), oif()]), EGRESS_VIA), Statement::Masquerade(None)]),
         // A host connection to 127.0.0.1:<published> leaves through the tap
         // (with `route_localnet` on it) from the tap address instead.
@@ -465,8 +552,8 @@ fn elements_by_vm(listing: &Value) -> Result<BTreeMap<String, Vec<Element>>> {
         if set.get("table").and_then(Value::as_str) != Some(TABLE) {
             continue;
         }
-        let Some(name) = set.get("name").and_then(Value::as_str).and_then(|n| VM_SETS.into_iter().find(|s| *s == n))
-        else {
+        let name = set.get("name").and_then(Value::as_str);
+        let Some(name) = name.and_then(|n| VM_SETS.into_iter().chain(RETIRED_VM_SETS).find(|s| *s == n)) else {
             continue;
         };
         for entry in set.get("elem").and_then(Value::as_array).into_iter().flatten() {
@@ -502,11 +589,32 @@ pub fn removal_batch(listing: &Value, doomed: impl Fn(&str) -> bool) -> Result<(
     Ok((batch(commands), removed))
 }
 
-/// Runs `nft`, optionally inside a network namespace. The only place kiln
+/// The uplinks `listing` records kiln turned forwarding on for that no VM
+/// except those `doomed` selects needs: the ones to restore to 0.
+fn unused_forwarding(listing: &Value, doomed: impl Fn(&str) -> bool) -> Result<Vec<String>> {
+    let needed: BTreeSet<String> = elements_by_vm(listing)?
+        .iter()
+        .filter(|(id, _)| !doomed(id))
+        .flat_map(|(_, elements)| elements.iter().filter_map(Element::uplink_of_user))
+        .collect();
+    let objects = listing["nftables"].as_array().into_iter().flatten();
+    let recorded = objects
+        .filter_map(|object| object.get("set"))
+        .filter(|set| set["table"] == TABLE && set["name"] == FORWARDING_BY_KILN)
+        .flat_map(|set| set["elem"].as_array().into_iter().flatten())
+        // An element with a comment is `{"elem": {"val": ..}}`, one without the value.
+        .filter_map(|entry| entry.pointer("/elem/val").unwrap_or(entry).as_str());
+    Ok(recorded.filter(|uplink| !needed.contains(*uplink)).map(str::to_owned).collect())
+}
+
+/// Runs `nft`, optionally inside a network namespace, and sets the IPv4
+/// forwarding flags VMs need in the same namespace. The only place kiln
 /// spawns `nft`.
 #[derive(Debug, Clone)]
 pub struct Nft {
     argv: Vec<String>,
+    /// Where the forwarding flags and kiln's lock are.
+    netns: Netns,
 }
 
 impl Default for Nft {
@@ -537,37 +645,84 @@ fn refusal(error: &Error) -> Option<Refusal> {
     }
 }
 
+/// The forwarding flags one apply turns on (those that were off), each
+/// with what it is to the VM, for an error.
+#[derive(Debug, Default)]
+struct FlagsToSet {
+    tap: Option<(String, String)>,
+    uplink: Option<(String, String)>,
+}
+
 impl Nft {
     /// `nft` from `PATH`, in the caller's network namespace.
     pub fn new() -> Self {
-        Nft { argv: vec!["nft".to_owned()] }
+        Nft { argv: vec!["nft".to_owned()], netns: Netns::Current }
     }
 
-    /// `ip netns exec <namespace> nft`: rules go into that namespace only.
+    /// `ip netns exec <namespace> nft`: rules and forwarding flags go into
+    /// that namespace only.
     pub fn in_namespace(namespace: &str) -> Self {
-        Nft { argv: ["ip", "netns", "exec", namespace, "nft"].map(str::to_owned).to_vec() }
+        Nft {
+            argv: ["ip", "netns", "exec", namespace, "nft"].map(str::to_owned).to_vec(),
+            netns: Netns::At(Path::new("/run/netns").join(namespace)),
+        }
     }
 
     /// Any command line that ends in running nft (`sudo nft`, `setpriv ... nft`).
+    /// Forwarding flags and kiln's lock are those of the caller's namespace.
     pub fn with_command<S: Into<String>>(argv: impl IntoIterator<Item = S>) -> Self {
-        Nft { argv: argv.into_iter().map(Into::into).collect() }
+        Nft { argv: argv.into_iter().map(Into::into).collect(), netns: Netns::Current }
     }
 
     /// Adds `rules`' VM, replacing whatever exists for its id, in one
-    /// transaction. Fails, changing nothing, if another VM holds its tap or
-    /// one of its published host ports.
+    /// transaction, and turns IPv4 forwarding on where the VM needs it (its
+    /// tap and uplink; see the module doc). Fails, changing nothing, if
+    /// another VM holds its tap or one of its published host ports, or if
+    /// an interface it needs forwarding on does not exist.
     pub fn apply(&self, rules: &VmRules) -> Result<()> {
         let add = rules.add_batch()?;
-        match self.run_batch(&add) {
-            Ok(()) => return Ok(()),
-            Err(e) => match refusal(&e) {
-                Some(Refusal::Missing) => self.run_batch(&setup_batch()?)?,
-                Some(Refusal::Exists) => {}
-                None => return Err(e),
-            },
+        let _lock = self.netns.lock()?;
+        let flags = self.flags_to_set(rules)?;
+        // Recorded in the same transaction as the VM, before the flag is
+        // written: a crash in between leaves a record of a flag that is
+        // still 0, which restoring to 0 later cannot harm.
+        let record = flags.uplink.as_ref().map(|(uplink, _)| {
+            json!({"add": {"element": {"family": "inet", "table": TABLE, "name": FORWARDING_BY_KILN,
+                "elem": [{"elem": {"val": uplink, "comment": FORWARDING_COMMENT}}]}}})
+        });
+        let with_record = |mut batch: Value| {
+            if let (Some(record), Some(commands)) = (&record, batch["nftables"].as_array_mut()) {
+                commands.push(record.clone());
+            }
+            batch
+        };
+        let mut replaced_uplinks = Vec::new();
+        match self.run_batch(&with_record(add)) {
+            Ok(()) => {}
+            Err(e) => {
+                match refusal(&e) {
+                    Some(Refusal::Missing) => self.run_batch(&setup_batch()?)?,
+                    Some(Refusal::Exists) => {}
+                    None => return Err(e),
+                }
+                replaced_uplinks = self.replace(rules, &with_record)?;
+            }
         }
-        // Slow path: the table was new, or something of the VM (or of
-        // another VM) is in the way.
+        if let Err(e) = self.set_flags(&flags) {
+            // Undo the VM rather than leave it without the forwarding it needs.
+            let _ = self.remove_where_locked(|id| id == rules.vm_id);
+            return Err(e);
+        }
+        if replaced_uplinks.iter().any(|old| Some(old.as_str()) != rules.forwarded_uplink()) {
+            self.restore_unused_forwarding()?;
+        }
+        Ok(())
+    }
+
+    /// The slow path of [`Nft::apply`]: the table was new, or something of
+    /// the VM (or of another VM) is in the way. Returns the uplinks the
+    /// VM's old elements used.
+    fn replace(&self, rules: &VmRules, with_record: &dyn Fn(Value) -> Value) -> Result<Vec<String>> {
         let listing = self.list_table()?.unwrap_or_else(|| batch(Vec::new()));
         let owned = elements_by_vm(&listing)?;
         let elements = rules.elements();
@@ -584,33 +739,81 @@ impl Nft {
             }
         }
         let tag = tag(&rules.vm_id);
-        let old = owned.get(&rules.vm_id).into_iter().flatten().map(Element::delete_command);
+        let old_elements = owned.get(&rules.vm_id).map(Vec::as_slice).unwrap_or_default();
+        let old = old_elements.iter().map(Element::delete_command);
         let new = elements.iter().map(|e| e.command("create", &tag));
-        self.run_batch(&batch(old.chain(new).collect()))
+        self.run_batch(&with_record(batch(old.chain(new).collect())))?;
+        Ok(old_elements.iter().filter_map(Element::uplink_of_user).collect())
+    }
+
+    /// Reads the flags `rules` needs; fails if an interface is missing.
+    fn flags_to_set(&self, rules: &VmRules) -> Result<FlagsToSet> {
+        if !rules.needs_forwarding() {
+            return Ok(FlagsToSet::default());
+        }
+        let role = |what: &str| format!("the {what} of VM `{}`", rules.vm_id);
+        self.netns.run(|| {
+            let missing = |name: &str, what: &str| Error::InterfaceMissing { name: name.to_owned(), role: role(what) };
+            let tap_on = forwarding::read_flag(&rules.tap)?.ok_or_else(|| missing(&rules.tap, "tap"))?;
+            let mut flags = FlagsToSet { tap: (!tap_on).then(|| (rules.tap.clone(), role("tap"))), uplink: None };
+            if let Some(uplink) = rules.forwarded_uplink() {
+                let uplink_on = forwarding::read_flag(uplink)?.ok_or_else(|| missing(uplink, "uplink"))?;
+                flags.uplink = (!uplink_on).then(|| (uplink.to_owned(), role("uplink")));
+            }
+            Ok(flags)
+        })
+    }
+
+    fn set_flags(&self, flags: &FlagsToSet) -> Result<()> {
+        if flags.tap.is_none() && flags.uplink.is_none() {
+            return Ok(());
+        }
+        self.netns.run(|| {
+            for (ifname, role) in flags.tap.iter().chain(&flags.uplink) {
+                if !forwarding::write_flag(ifname, true)? {
+                    return Err(Error::InterfaceMissing { name: ifname.clone(), role: role.clone() });
+                }
+            }
+            Ok(())
+        })
     }
 
     /// Removes what [`Nft::apply`] added for `rules`, in one transaction and
-    /// without a listing. `rules` must be the ones the VM was applied with;
-    /// if any element is missing, falls back to [`Nft::remove_vm`].
+    /// without a listing, then restores the uplink's forwarding flag if kiln
+    /// turned it on and no VM needs it any more. `rules` should be the ones
+    /// the VM was applied with; if the VM's elements are not exactly those
+    /// (it was removed or replaced meanwhile: its fingerprint is missing),
+    /// nothing is deleted by key and [`Nft::remove_vm`]'s removal by tag
+    /// runs instead, so another VM's element is never deleted.
     pub fn remove(&self, rules: &VmRules) -> Result<()> {
-        match self.run_batch(&rules.remove_batch()?) {
-            Err(e) if refusal(&e) == Some(Refusal::Missing) => self.remove_vm(&rules.vm_id).map(drop),
-            other => other,
+        let remove = rules.remove_batch()?;
+        let _lock = self.netns.lock()?;
+        match self.run_batch(&remove) {
+            Err(e) if refusal(&e) == Some(Refusal::Missing) => {
+                self.remove_where_locked(|id| id == rules.vm_id).map(drop)
+            }
+            Err(e) => Err(e),
+            Ok(()) if rules.forwarded_uplink().is_some() => self.restore_unused_forwarding(),
+            Ok(()) => Ok(()),
         }
     }
 
     /// Removes everything tagged with VM `vm_id`, found in a listing, in one
     /// transaction; returns whether there was anything. Absent: no-op.
+    /// Restores forwarding flags as [`Nft::remove`] does.
     pub fn remove_vm(&self, vm_id: &str) -> Result<bool> {
         validate_vm_id(vm_id)?;
-        self.remove_where(|id| id == vm_id).map(|removed| !removed.is_empty())
+        let _lock = self.netns.lock()?;
+        self.remove_where_locked(|id| id == vm_id).map(|removed| !removed.is_empty())
     }
 
     /// Removes everything of every VM not in `alive`, in one transaction;
-    /// returns the removed ids, sorted.
+    /// returns the removed ids, sorted. Restores every forwarding flag kiln
+    /// turned on that no VM in `alive` needs.
     pub fn reconcile<S: AsRef<str>>(&self, alive: impl IntoIterator<Item = S>) -> Result<Vec<String>> {
         let alive: BTreeSet<String> = alive.into_iter().map(|s| s.as_ref().to_owned()).collect();
-        self.remove_where(|id| !alive.contains(id))
+        let _lock = self.netns.lock()?;
+        self.remove_where_locked(|id| !alive.contains(id))
     }
 
     /// The ids of the VMs that have elements in kiln's table.
@@ -623,7 +826,13 @@ impl Nft {
 
     /// `nft -j list table inet kiln`, or `None` if the table does not exist.
     pub fn list_table(&self) -> Result<Option<Value>> {
-        let args = ["-j", "list", "table", "inet", TABLE];
+        self.list(&["table", "inet", TABLE])
+    }
+
+    /// `nft -j list <object...>`, or `None` if it does not exist.
+    fn list(&self, object: &[&str]) -> Result<Option<Value>> {
+        let mut args = vec!["-j", "list"];
+        args.extend(object);
         let output = self.run(&args, None)?;
         if !output.status.success() {
             let stderr = String::from_utf8_lossy(&output.stderr);
@@ -636,18 +845,53 @@ impl Nft {
         }
         serde_json::from_slice(&output.stdout)
             .map(Some)
-            .map_err(|e| Error::NftOutput(format!("`nft -j list table` printed invalid JSON: {e}")))
+            .map_err(|e| Error::NftOutput(format!("`nft -j list {}` printed invalid JSON: {e}", object.join(" "))))
     }
 
-    fn remove_where(&self, doomed: impl Fn(&str) -> bool) -> Result<Vec<String>> {
+    /// With kiln's lock held: removes the VMs `doomed` selects, then
+    /// restores the forwarding no remaining VM needs.
+    fn remove_where_locked(&self, doomed: impl Fn(&str) -> bool) -> Result<Vec<String>> {
         let Some(listing) = self.list_table()? else {
             return Ok(Vec::new());
         };
-        let (batch, removed) = removal_batch(&listing, doomed)?;
+        let (batch, removed) = removal_batch(&listing, &doomed)?;
         if !removed.is_empty() {
             self.run_batch(&batch)?;
         }
+        self.restore_forwarding(&unused_forwarding(&listing, &doomed)?)?;
         Ok(removed)
+    }
+
+    /// After a removal by key: lists the (small) sets that say where kiln
+    /// turned forwarding on and who needs it, and restores the unused.
+    fn restore_unused_forwarding(&self) -> Result<()> {
+        let set = |name| self.list(&["set", "inet", TABLE, name]);
+        let objects = |listing: Value| listing["nftables"].as_array().cloned().unwrap_or_default();
+        let Some(recorded) = set(FORWARDING_BY_KILN)? else { return Ok(()) };
+        // nft lists an empty set without `elem`.
+        if !objects(recorded.clone()).iter().any(|object| object["set"]["elem"].is_array()) {
+            return Ok(());
+        }
+        let mut listing = objects(recorded);
+        listing.extend(set(UPLINK_USERS)?.map(objects).unwrap_or_default());
+        self.restore_forwarding(&unused_forwarding(&batch(listing), |_| false)?)
+    }
+
+    /// Writes 0 to each uplink's flag, then drops the records, in one
+    /// transaction (a crash in between leaves a record of a flag already
+    /// 0, which the next release drops).
+    fn restore_forwarding(&self, uplinks: &[String]) -> Result<()> {
+        if uplinks.is_empty() {
+            return Ok(());
+        }
+        self.netns.run(|| {
+            // An uplink that is gone took its flag with it.
+            uplinks.iter().try_for_each(|uplink| forwarding::write_flag(uplink, false).map(drop))
+        })?;
+        let delete = uplinks.iter().map(|uplink| {
+            json!({"delete": {"element": {"family": "inet", "table": TABLE, "name": FORWARDING_BY_KILN, "elem": [uplink]}}})
+        });
+        self.run_batch(&batch(delete.collect()))
     }
 
     fn run_batch(&self, batch: &Value) -> Result<()> {
@@ -657,10 +901,19 @@ impl Nft {
         if output.status.success() { Ok(()) } else { Err(self.failure(&args, &output)) }
     }
 
-    fn run(&self, args: &[&str], stdin: Option<&[u8]>) -> Result<std::process::Output> {
+    /// The command that runs nft with `args`. kiln reads nft's error text,
+    /// so nft runs in the C locale whatever the caller's.
+    fn command(&self, args: &[&str]) -> Result<Command> {
         let (program, prefix) = self.argv.split_first().ok_or(Error::NftMissing)?;
         let mut command = Command::new(program);
-        command.args(prefix).args(args).stdout(Stdio::piped()).stderr(Stdio::piped());
+        command.args(prefix).args(args).env("LC_ALL", "C").env_remove("LANG").env_remove("LANGUAGE");
+        Ok(command)
+    }
+
+    fn run(&self, args: &[&str], stdin: Option<&[u8]>) -> Result<std::process::Output> {
+        let mut command = self.command(args)?;
+        let program = &self.argv[0];
+        command.stdout(Stdio::piped()).stderr(Stdio::piped());
         command.stdin(if stdin.is_some() { Stdio::piped() } else { Stdio::null() });
         let mut child = command.spawn().map_err(|source| {
             if source.kind() == std::io::ErrorKind::NotFound {
