@@ -39,3 +39,8 @@ pub use spec::{
     rewrite_loopback_urls,
 };
 pub use state::{ExitInfo, LeaseInfo, Phase, STATE_DIR_ENV, StateDir, VmClaim, VmEntry, VmRecord, VmmInfo};
+
+/// The root README's Rust snippets, compiled (and run, unless `no_run`) as doctests.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+struct ReadmeDoctests;
