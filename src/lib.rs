@@ -42,3 +42,8 @@ pub use spec::{
 pub use state::{
     ExitInfo, ExitSource, LeaseInfo, Phase, STATE_DIR_ENV, StateDir, StateLock, VmClaim, VmEntry, VmRecord, VmmInfo,
 };
+
+/// The root README's Rust snippets, compiled (and run, unless `no_run`) as doctests.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+struct ReadmeDoctests;

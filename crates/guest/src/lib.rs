@@ -70,3 +70,8 @@ pub const VSOCK_STATUS_PORT: u32 = 10_241;
 pub mod fuzzing {
     pub use crate::modinfo::fake_module;
 }
+
+/// The README's example, compiled and run as a doctest.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+struct ReadmeDoctests;

@@ -35,3 +35,8 @@ pub use error::{Error, ErrorKind, Result};
 pub use fat::{FatLayout, FatOptions, FatSummary, FatTree, FatType};
 pub use inspect::{CpioInfo, FatInfo, ImageInfo, Qcow2Info, inspect};
 pub use qcow2::{Qcow2Options, Qcow2Summary, convert_to_qcow2, create_qcow2};
+
+/// The README's example, compiled and run as a doctest.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+struct ReadmeDoctests;

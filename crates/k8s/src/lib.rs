@@ -56,3 +56,8 @@ pub use k8s_openapi;
 pub use kiln_net::{Firewall, HostPort, Protocol, PublishedPort};
 /// Re-exported so callers can build a [`Cluster`] from their own client.
 pub use kube;
+
+/// The README's example, compiled and run as a doctest.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+struct ReadmeDoctests;

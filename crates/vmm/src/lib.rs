@@ -70,3 +70,8 @@ pub mod fuzzing {
         crate::vsock::parse_connect_reply(line)
     }
 }
+
+/// The README's example, compiled and run as a doctest.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+struct ReadmeDoctests;
