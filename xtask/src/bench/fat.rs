@@ -15,6 +15,7 @@ use std::process::Command;
 
 use anyhow::{Context, Result};
 
+use super::chart::BarChart;
 use super::{
     Machine, Options, PeerRuns, Sample, Target, XorShift, kib_to_mib, measure, print_targets_and_markdown_heading,
     remove_path, render_table, sync_filesystems,
@@ -138,7 +139,9 @@ fn run_suite(tools: &Tools, bench_dir: &Path, options: &Options, big: bool) -> R
     let big = if big { Some(big_run(&tools.kiln, bench_dir)?) } else { None };
     let machine = Machine::detect(bench_dir);
     remove_path(bench_dir)?;
-    Report { peers: &peers, data_bytes, image, runs: options.runs, big: big.as_ref(), machine }.print();
+    let report = Report { peers: &peers, data_bytes, image, runs: options.runs, big: big.as_ref(), machine };
+    report.print();
+    report.chart().write(&format!("fat-{}", report.machine.filesystem))?;
     Ok(())
 }
 
@@ -415,6 +418,18 @@ impl Report<'_> {
             format_bytes(self.data_bytes),
             self.kiln().peak_rss_mib(),
         ))
+    }
+
+    fn chart(&self) -> BarChart {
+        BarChart::peers(
+            format!(
+                "FAT builder on {}: {} of data into a FAT image (lower is better)",
+                self.machine.filesystem,
+                format_bytes(self.data_bytes)
+            ),
+            format!("median ms of {} runs", self.runs),
+            self.peers.iter().map(|peer| (peer.runs.name.clone(), peer.runs.median_ms())).collect(),
+        )
     }
 
     fn print(&self) {

@@ -16,6 +16,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 use kiln_imagefmt::{Compression, CpioArchive, FatOptions, FatTree};
 
+use super::chart::{Bar, BarChart};
 use super::{Machine, Options, Target, print_report, remove_path};
 use crate::{announce, guest, target_dir};
 
@@ -129,6 +130,25 @@ pub(super) fn run(options: &Options) -> Result<()> {
         options.runs
     );
     print_report("Guest boot: `cargo xtask bench guest`", &machine, workload, &method, (&header, &rows), &targets);
+    let phase = |value: Option<f64>| value.unwrap_or(f64::NAN);
+    BarChart {
+        title: "Guest boot under QEMU TCG: where the time goes".to_owned(),
+        axis: format!("seconds since kernel start, median of {} boots", options.runs),
+        segments: vec!["kernel to /init".into(), "modules".into(), "disks".into(), "to the service".into()],
+        bars: vec![
+            Bar::new(
+                "kiln (kiln-init, service disk)",
+                vec![
+                    phase(kiln_init),
+                    phase(kiln_modules),
+                    phase(kiln_disks),
+                    phase(median_of(&kiln_runs, |r| Some(r.service_start? - r.disks_ready?))),
+                ],
+            ),
+            Bar::new("floor (busybox /init)", vec![phase(floor_init), 0.0, 0.0, 0.0]),
+        ],
+    }
+    .write("guest")?;
     Ok(())
 }
 

@@ -16,6 +16,7 @@ use std::process::Command;
 
 use anyhow::{Context, Result, bail};
 
+use super::chart::{Bar, BarChart};
 use super::{Machine, Options, Target, XorShift, median, print_report, remove_path};
 use crate::{announce, cargo, guest, run_command, target_dir};
 
@@ -120,5 +121,15 @@ pub(super) fn run(options: &Options) -> Result<()> {
         options.runs, options.runs
     );
     print_report("Launch: `cargo xtask bench launch`", &machine, workload, &method, (&header, &rows), &targets);
+    BarChart {
+        title: "kiln run: host-side work, then QEMU's start, to the boot request".to_owned(),
+        axis: format!("median ms of {} runs", options.runs),
+        segments: vec!["kiln's own work".into(), "QEMU start-up".into()],
+        bars: [("cold (images built)", &cold), ("warm (images reused)", &warm)]
+            .into_iter()
+            .map(|(label, runs)| Bar::new(label, vec![host(runs), boot(runs) - host(runs)]))
+            .collect(),
+    }
+    .write("launch")?;
     Ok(())
 }

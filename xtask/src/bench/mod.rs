@@ -6,6 +6,7 @@
 //! peak memory, statistics, tables, the machine description, and a seeded
 //! PRNG for workloads.
 
+mod chart;
 mod fat;
 mod guest;
 mod launch;

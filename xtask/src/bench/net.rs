@@ -19,6 +19,7 @@ use std::process::Command;
 
 use anyhow::{Context, Result, bail};
 
+use super::chart::LineChart;
 use super::{Machine, Options, Target, median, print_report, remove_path};
 use crate::{announce, cargo, run_command, target_dir};
 
@@ -156,6 +157,17 @@ fn nftables() -> Result<()> {
          operations around the 10th and of the last {WINDOW}; the peer writes each VM as its own chain plus a jump"
     );
     print_report("nftables: `cargo xtask bench net`", &machine, workload, &method, (&header, &rows), &targets);
+    LineChart {
+        title: format!("nftables: one VM's change against the VMs already there ({NFT_VMS} VMs)"),
+        x_axis: "VMs in the table".to_owned(),
+        y_axis: format!("ms, rolling median of {WINDOW}"),
+        series: vec![
+            ("kiln add (set elements)".to_owned(), rolling_median(add)),
+            ("kiln remove".to_owned(), rolling_median(remove)),
+            ("peer add (per-VM chain and rules)".to_owned(), rolling_median(rules_add)),
+        ],
+    }
+    .write("net-nft")?;
     Ok(())
 }
 
@@ -193,6 +205,19 @@ impl Growth {
     fn ratio(&self) -> f64 {
         self.late / self.early
     }
+}
+
+/// `(n, median of the WINDOW values around the n-th)`, n counted from 1: the
+/// curve without single scheduler hiccups. Removals run from the full
+/// table down, so their n-th value is plotted against the VMs left.
+fn rolling_median(values: &[f64]) -> Vec<(f64, f64)> {
+    (0..values.len())
+        .map(|index| {
+            let start = index.saturating_sub(WINDOW / 2).min(values.len().saturating_sub(WINDOW));
+            let end = (start + WINDOW).min(values.len());
+            ((index + 1) as f64, median(values[start..end].to_vec()))
+        })
+        .collect()
 }
 
 /// Parses `NAME v1 v2 ...` lines.

@@ -21,6 +21,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 
+use super::chart::BarChart;
 use super::{
     Machine, Options, PeerRuns, Sample, Target, XorShift, measure, print_targets_and_markdown_heading, remove_path,
     render_table, sync_filesystems,
@@ -140,6 +141,15 @@ pub(super) fn run(options: &Options) -> Result<()> {
     remove_path(&bench_dir)?;
     let report = Report { create, convert, runs: options.runs, qemu_img, machine };
     report.print();
+    for (name, suite) in [("qcow2-create", &report.create), ("qcow2-convert", &report.convert)] {
+        let peers = suite.peers.iter().map(|peer| (peer.runs.name.clone(), peer.runs.median_ms())).collect();
+        BarChart::peers(
+            format!("{} (lower is better)", suite.title),
+            format!("median ms of {} runs", report.runs),
+            peers,
+        )
+        .write(name)?;
+    }
     let failed: Vec<&str> = report.suites().flat_map(|suite| suite.failed_checks()).collect();
     if !failed.is_empty() {
         bail!("qemu-img rejected the output of: {}", failed.join(", "));

@@ -12,6 +12,7 @@ use std::process::Command;
 
 use anyhow::{Context, Result, bail};
 
+use super::chart::BarChart;
 use super::{Machine, Options, Target, median, print_report, remove_path};
 use crate::{announce, cargo, run_command, target_dir};
 
@@ -52,6 +53,7 @@ pub(super) fn run(options: &Options) -> Result<()> {
 
     let header = ["backend", "bare client median ms", "kiln median ms", "kiln / bare"];
     let mut rows = Vec::new();
+    let mut bars = Vec::new();
     let mut targets = Vec::new();
     for backend in ["qemu", "cloud-hypervisor"] {
         let mine: Vec<&Round> = rounds.iter().filter(|round| round.backend == backend).collect();
@@ -62,6 +64,7 @@ pub(super) fn run(options: &Options) -> Result<()> {
         let kiln = median(mine.iter().map(|round| round.kiln_ms).collect());
         let ratio = kiln / floor;
         rows.push(vec![backend.to_owned(), format!("{floor:.1}"), format!("{kiln:.1}"), format!("{ratio:.2}x")]);
+        bars.extend([(format!("{backend} bare client"), floor), (format!("{backend} through kiln-vmm"), kiln)]);
         targets.push(Target {
             description: format!("{backend}: kiln within {TARGET_RATIO}x of the bare client"),
             met: ratio <= TARGET_RATIO,
@@ -81,6 +84,12 @@ pub(super) fn run(options: &Options) -> Result<()> {
         options.runs
     );
     print_report("VMM launch: `cargo xtask bench vmm`", &machine, &workload, &method, (&header, &rows), &targets);
+    BarChart::peers(
+        "VMM start: spawn to the boot request acknowledged",
+        format!("median ms of {} rounds", options.runs),
+        bars,
+    )
+    .write("vmm")?;
     Ok(())
 }
 
