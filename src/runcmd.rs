@@ -169,7 +169,8 @@ fn detach(args: &RunArgs, spec: &Spec) -> Result<ExitCode> {
 }
 
 /// Phases on stderr (a spinner on a terminal, plain lines otherwise, none
-/// when detached), console bytes on stdout.
+/// when detached), console bytes on stdout (not when detached: the console
+/// is in the VM's console.log, and launcher.log keeps only kiln's own words).
 struct TerminalObserver {
     spinner: Option<ProgressBar>,
     quiet: bool,
@@ -212,6 +213,9 @@ impl RunObserver for TerminalObserver {
     }
 
     fn console(&mut self, bytes: &[u8]) {
+        if self.quiet {
+            return;
+        }
         let mut out = self.stdout.lock();
         let _ = out.write_all(bytes);
         let _ = out.flush();

@@ -129,26 +129,9 @@ pub(crate) fn stop(args: &StopArgs) -> Result<ExitCode> {
     }
     let pid = rustix::process::Pid::from_raw(i32::try_from(entry.record.launcher_pid).unwrap_or(0))
         .context("the record holds no launcher pid")?;
-    // The launcher reads the grace period from this file when it stops the
-    // VM; without --timeout it uses the spec's.
-    let file = entry.dir.join(kiln::STOP_TIMEOUT_FILE);
-    match args.timeout {
-        Some(seconds) => write_atomically(&file, &seconds.to_string())?,
-        None => match std::fs::remove_file(&file) {
-            Err(err) if err.kind() != std::io::ErrorKind::NotFound => {
-                return Err(err).with_context(|| format!("cannot remove {}", file.display()));
-            }
-            _ => {}
-        },
-    }
-    // How long the launcher may take: the grace period it will use (the
-    // launcher left the spec's in GRACE_FILE), its margin, and the VMM's
-    // quit; past that it is stuck.
-    let spec_grace = std::fs::read_to_string(entry.dir.join(kiln::GRACE_FILE)).ok();
-    let grace = args
-        .timeout
-        .or_else(|| spec_grace.as_deref().and_then(kiln::parse_stop_timeout))
-        .map_or(kiln::DEFAULT_GRACE, Duration::from_secs);
+    // How long the launcher may take: the grace period it will use, its
+    // margin, and the VMM's quit; past that it is stuck.
+    let grace = kiln::request_stop(&entry.dir, args.timeout)?;
     rustix::process::kill_process(pid, rustix::process::Signal::TERM)
         .with_context(|| format!("cannot signal kiln run (pid {pid:?})"))?;
     let deadline = Instant::now() + grace + kiln::STOP_MARGIN + Duration::from_secs(20);
@@ -162,21 +145,6 @@ pub(crate) fn stop(args: &StopArgs) -> Result<ExitCode> {
     // The launcher is stuck: kill it. Its VMM dies with it (PDEATHSIG) and gc releases the rest.
     let _ = rustix::process::kill_process(pid, rustix::process::Signal::KILL);
     bail!("kiln run of `{}` did not stop in time and was killed; run `kiln gc` to release what it held", args.name)
-}
-
-/// Writes `text` to `path` through a 0600 temporary file and a rename.
-fn write_atomically(path: &std::path::Path, text: &str) -> Result<()> {
-    use std::os::unix::fs::OpenOptionsExt;
-    let temporary = path.with_extension("tmp");
-    let mut file = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(&temporary)
-        .with_context(|| format!("cannot create {}", temporary.display()))?;
-    file.write_all(text.as_bytes()).with_context(|| format!("cannot write {}", temporary.display()))?;
-    std::fs::rename(&temporary, path).with_context(|| format!("cannot rename {} into place", temporary.display()))
 }
 
 /// Prints the VM's console log; with `--follow`, keeps printing until the

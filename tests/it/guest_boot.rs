@@ -85,7 +85,7 @@ fn boot(test: &str, dir: &Path, spec: &Boot<'_>) -> Console {
         .arg("-initrd")
         .arg(&spec.assets.initramfs)
         .arg("-append")
-        .arg(format!("console=ttyS0 panic=-1 kiln.grace={}", spec.grace_seconds))
+        .arg(format!("console=ttyS0 panic=-1 no_timer_check kiln.grace={}", spec.grace_seconds))
         .args(["-netdev", "user,id=net0", "-device", "virtio-net-pci,netdev=net0"]);
     // Data disk first: kiln-init must find disks by label, not by order.
     if let Some(data) = spec.data_disk {

@@ -270,5 +270,12 @@ fn run_state_directory_is_private_while_a_vm_runs_and_after() {
     assert!(stop.status.success(), "kiln stop: {}", text(&stop.stderr));
     let seen = assert_private(&world.state_dir(), "after the VM stopped");
     assert!(seen["file"].iter().any(|p| p.ends_with("data/private.img")), "the data disk is kept: {seen:?}");
+    // The console (the service's output) is in console.log only; the
+    // detached launcher's log is kiln's own words.
+    let vm_dir = world.state_dir().join("vms/private");
+    let console = std::fs::read_to_string(vm_dir.join("console.log")).unwrap();
+    let launcher = std::fs::read_to_string(vm_dir.join("launcher.log")).unwrap();
+    assert!(console.contains("kiln-init: "), "{console}");
+    assert!(!launcher.contains("kiln-init: "), "launcher.log duplicates the console:\n{launcher}");
     world.assert_nothing_left();
 }

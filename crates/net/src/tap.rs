@@ -19,6 +19,8 @@ use crate::{Error, Result, netlink};
 const IFNAME_MAX: usize = 15;
 /// Prefix of every kiln tap name.
 const TAP_PREFIX: &str = "kt-";
+/// How long [`Tap::delete`] waits for another holder of the tap to close it.
+const DELETE_WAIT: Duration = Duration::from_secs(3);
 const TUN_DEVICE: &str = "/dev/net/tun";
 
 const IFF_TAP: u16 = 0x0002;
@@ -116,14 +118,27 @@ impl Tap {
 
     /// Deletes the tap `name`. Deleting a tap that does not exist succeeds
     /// (idempotent: cleanup after a crash may race with another cleanup);
-    /// a non-tap device of that name is an error.
+    /// a non-tap device of that name is an error. A tap another process
+    /// holds open is [`Error::TapBusy`] once that process has had 3 s to
+    /// let go: a VMM that was just killed may still be closing its files.
     pub fn delete(name: &str) -> Result<()> {
         validate_tap_name(name)?;
-        let tun = open_tun(name)?;
-        // Attaching to a missing name makes a transient tap that vanishes
-        // when `tun` closes, so a missing tap ends up deleted too.
-        attach(&tun, name, "delete", 0)?;
-        set_persist(&tun, name, false, "delete")
+        let deadline = Instant::now() + DELETE_WAIT;
+        loop {
+            let tun = open_tun(name)?;
+            // Attaching to a missing name makes a transient tap that vanishes
+            // when `tun` closes, so a missing tap ends up deleted too.
+            match attach(&tun, name, "delete", 0) {
+                Err(Error::TapBusy { .. }) if Instant::now() < deadline => {
+                    drop(tun);
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                attached => {
+                    attached?;
+                    return set_persist(&tun, name, false, "delete");
+                }
+            }
+        }
     }
 
     /// Sets the host address, MTU and `route_localnet` of the tap `name` and

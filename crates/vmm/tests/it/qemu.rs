@@ -28,7 +28,7 @@ fn launch_guest(then: &str) -> Option<Guest> {
     let script = format!("echo {marker}\n{then}\n");
     let initramfs = busybox_initramfs(&tools[1], dir.path(), &script);
     let serial = dir.path().join("serial.log");
-    let mut plan = VmPlan::new("it", &assets.bzimage, "console=ttyS0 panic=-1 quiet");
+    let mut plan = VmPlan::new("it", &assets.bzimage, "console=ttyS0 panic=-1 quiet no_timer_check");
     plan.memory.mib = 256;
     plan.initramfs = Some(initramfs);
     plan.serial = Console::File(serial.clone());
