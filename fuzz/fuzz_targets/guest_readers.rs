@@ -9,7 +9,9 @@
 
 use arbitrary::{Arbitrary, Unstructured};
 use kiln_guest::fuzzing::fake_module;
-use kiln_guest::{GuestConfig, GuestReport, HostCommand, LineBuffer, MAX_LINE, ModInfo, classify_disk, decompress_module, netlink};
+use kiln_guest::{
+    GuestConfig, GuestReport, HostCommand, LineBuffer, MAX_LINE, ModInfo, classify_disk, decompress_module, netlink,
+};
 use libfuzzer_sys::fuzz_target;
 
 #[derive(Arbitrary, Debug)]
