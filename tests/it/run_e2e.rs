@@ -220,10 +220,14 @@ pub(crate) fn serve_http(world: &World, ports: &[u16]) {
     }
 }
 
-/// GET http://addr/path from inside the namespace, with a short timeout.
+/// GET http://addr/path from inside the world's namespace, with a short timeout.
 pub(crate) fn http_get(world: &World, addr: &str, path: &str) -> Option<String> {
-    let netns = world.netns.clone();
-    let (addr, path) = (addr.to_owned(), path.to_owned());
+    http_get_in(&world.netns, addr, path)
+}
+
+/// GET http://addr/path from inside network namespace `netns`, with a short timeout.
+pub(crate) fn http_get_in(netns: &str, addr: &str, path: &str) -> Option<String> {
+    let (netns, addr, path) = (netns.to_owned(), addr.to_owned(), path.to_owned());
     std::thread::spawn(move || {
         enter_netns(&netns);
         let mut stream = TcpStream::connect_timeout(&addr.parse().unwrap(), Duration::from_secs(3)).ok()?;

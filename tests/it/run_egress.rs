@@ -5,12 +5,12 @@
 //! itself must turn forwarding on where its VMs need it, and back off.
 
 use std::io::{Read, Write};
-use std::net::{TcpListener, TcpStream};
+use std::net::TcpListener;
 use std::process::{Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use crate::run_e2e::{RUN_DEADLINE, World, enter_netns, text, wait_with_deadline};
+use crate::run_e2e::{RUN_DEADLINE, World, enter_netns, http_get_in, text, wait_with_deadline};
 
 const SERVER: &str = "10.96.0.2:9000";
 
@@ -63,22 +63,6 @@ fn wan_behind_the_default_route(world: &World) -> (Wan, mpsc::Receiver<String>) 
 fn forwarding(world: &World, ifname: &str) -> String {
     let path = format!("/proc/sys/net/ipv4/conf/{ifname}/forwarding");
     text(&world.exec(&["cat", &path]).stdout).trim().to_owned()
-}
-
-/// GET http://addr/path from the second namespace.
-fn get_from_wan(wan: &Wan, addr: &str, path: &str) -> Option<String> {
-    let (netns, addr, path) = (wan.0.clone(), addr.to_owned(), path.to_owned());
-    std::thread::spawn(move || {
-        enter_netns(&netns);
-        let mut stream = TcpStream::connect_timeout(&addr.parse().unwrap(), Duration::from_secs(3)).ok()?;
-        stream.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-        write!(stream, "GET {path} HTTP/1.0\r\n\r\n").ok()?;
-        let mut response = String::new();
-        stream.read_to_string(&mut response).ok()?;
-        Some(response)
-    })
-    .join()
-    .unwrap()
 }
 
 fn script(world: &World, name: &str, body: &str) -> String {
@@ -147,7 +131,7 @@ publish = ["8080:80"]
     // The published port, from the other host (httpd needs a moment).
     let deadline = Instant::now() + Duration::from_secs(60);
     let page = loop {
-        if let Some(page) = get_from_wan(&wan, "10.96.0.1:8080", "/index.html").filter(|p| p.contains("200")) {
+        if let Some(page) = http_get_in(&wan.0, "10.96.0.1:8080", "/index.html").filter(|p| p.contains("200")) {
             break page;
         }
         assert!(Instant::now() < deadline, "the second namespace cannot reach VM out's published port 8080");

@@ -157,13 +157,7 @@ impl BarChart {
             });
             chart.draw_series(totals).map_err(draw_error)?;
             if self.segments.len() > 1 {
-                chart
-                    .configure_series_labels()
-                    .position(SeriesLabelPosition::LowerRight)
-                    .background_style(WHITE.mix(0.9))
-                    .border_style(BLACK)
-                    .draw()
-                    .map_err(draw_error)?;
+                draw_legend(&mut chart, SeriesLabelPosition::LowerRight)?;
             }
             root.present().map_err(draw_error)?;
         }
@@ -218,13 +212,7 @@ impl LineChart {
                     .label(name)
                     .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 18, y)], colour.stroke_width(2)));
             }
-            chart
-                .configure_series_labels()
-                .position(SeriesLabelPosition::UpperLeft)
-                .background_style(WHITE.mix(0.9))
-                .border_style(BLACK)
-                .draw()
-                .map_err(draw_error)?;
+            draw_legend(&mut chart, SeriesLabelPosition::UpperLeft)?;
             root.present().map_err(draw_error)?;
         }
         Ok(svg)
@@ -251,6 +239,20 @@ fn figure(value: f64) -> String {
         v if v >= 1.0 => format!("{value:.2}"),
         _ => format!("{value:.3}"),
     }
+}
+
+/// The series' names and marks in a framed box at `position`.
+fn draw_legend<'a, 'b: 'a, CT: plotters::coord::CoordTranslate>(
+    chart: &mut ChartContext<'a, SVGBackend<'b>, CT>,
+    position: SeriesLabelPosition,
+) -> Result<()> {
+    chart
+        .configure_series_labels()
+        .position(position)
+        .background_style(WHITE.mix(0.9))
+        .border_style(BLACK)
+        .draw()
+        .map_err(draw_error)
 }
 
 /// An axis tick: as many decimals as the axis' scale needs, no more.
