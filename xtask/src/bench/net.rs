@@ -162,9 +162,9 @@ fn nftables() -> Result<()> {
         x_axis: "VMs in the table".to_owned(),
         y_axis: format!("ms, rolling median of {WINDOW}"),
         series: vec![
-            ("kiln add (set elements)".to_owned(), rolling_median(add)),
-            ("kiln remove".to_owned(), rolling_median(remove)),
-            ("peer add (per-VM chain and rules)".to_owned(), rolling_median(rules_add)),
+            ("kiln add (set elements)".to_owned(), rolling_median(add, VmCount::Growing)),
+            ("kiln remove".to_owned(), rolling_median(remove, VmCount::Shrinking)),
+            ("peer add (per-VM chain and rules)".to_owned(), rolling_median(rules_add, VmCount::Growing)),
         ],
     }
     .write("net-nft")?;
@@ -207,15 +207,27 @@ impl Growth {
     }
 }
 
-/// `(n, median of the WINDOW values around the n-th)`, n counted from 1: the
-/// curve without single scheduler hiccups. Removals run from the full
-/// table down, so their n-th value is plotted against the VMs left.
-fn rolling_median(values: &[f64]) -> Vec<(f64, f64)> {
+/// How the table's size moves over a series: adds grow it, removals
+/// (from the full table down) shrink it.
+#[derive(Debug, Clone, Copy)]
+enum VmCount {
+    Growing,
+    Shrinking,
+}
+
+/// `(VMs in the table, median of the WINDOW values around that operation)`:
+/// the curve without single scheduler hiccups. The n-th add (from 1) finds
+/// n VMs once it is done; the n-th removal starts from `len - n + 1`.
+fn rolling_median(values: &[f64], count: VmCount) -> Vec<(f64, f64)> {
     (0..values.len())
         .map(|index| {
             let start = index.saturating_sub(WINDOW / 2).min(values.len().saturating_sub(WINDOW));
             let end = (start + WINDOW).min(values.len());
-            ((index + 1) as f64, median(values[start..end].to_vec()))
+            let vms = match count {
+                VmCount::Growing => index + 1,
+                VmCount::Shrinking => values.len() - index,
+            };
+            (vms as f64, median(values[start..end].to_vec()))
         })
         .collect()
 }
@@ -270,6 +282,17 @@ mod tests {
         assert!(parse_rounds("hello").is_err());
         assert_eq!(median(vec![3.0, 1.0, 2.0]), 2.0);
         assert_eq!(median(vec![4.0, 1.0, 2.0, 3.0]), 2.5);
+    }
+
+    #[test]
+    fn rolling_medians_are_plotted_against_the_vms_in_the_table() {
+        let values: Vec<f64> = (1..=100).map(f64::from).collect();
+        let adds = rolling_median(&values, VmCount::Growing);
+        assert_eq!(adds.first(), Some(&(1.0, 10.0)), "the first window is the first {WINDOW} values");
+        assert_eq!(adds[49], (50.0, 50.0));
+        let removals = rolling_median(&values, VmCount::Shrinking);
+        assert_eq!(removals.first().map(|p| p.0), Some(100.0), "the first removal starts from the full table");
+        assert_eq!(removals.last(), Some(&(1.0, 91.0)));
     }
 
     #[test]

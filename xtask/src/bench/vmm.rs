@@ -20,7 +20,11 @@ use crate::{announce, cargo, run_command, target_dir};
 const TARGET_RATIO: f64 = 1.2;
 
 pub(super) fn run(options: &Options) -> Result<()> {
-    let guest_dir = std::env::var_os("KILN_GUEST_DIR").map_or_else(|| target_dir().join("guest"), PathBuf::from);
+    // kiln-vmm takes absolute paths only (a VMM's working directory is not ours).
+    let guest_dir = match std::env::var_os("KILN_GUEST_DIR") {
+        Some(dir) => std::path::absolute(PathBuf::from(dir)).context("cannot make KILN_GUEST_DIR absolute")?,
+        None => crate::guest::guest_dir()?,
+    };
     let bzimage = guest_dir.join("vmlinuz");
     if !bzimage.is_file() {
         bail!("{} does not exist: run `cargo xtask guest` or set KILN_GUEST_DIR", bzimage.display());
