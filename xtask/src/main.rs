@@ -2,8 +2,9 @@
 //! plain Rust, so they run the same on a laptop and in CI.
 //!
 //! One module per task; arguments are parsed by hand. Dependencies are
-//! `anyhow`, `libc`, and kiln's own pure libraries `kiln-imagefmt` and
-//! `kiln-guest` for `cargo xtask guest` (in-process, no CLI round trip).
+//! `anyhow`, `libc`, `plotters` (the benchmark charts, SVG only), and kiln's
+//! own pure libraries `kiln-imagefmt` and `kiln-guest` for `cargo xtask
+//! guest` (in-process, no CLI round trip).
 
 mod bench;
 mod debian;
