@@ -110,7 +110,9 @@ pub fn collect_garbage(state: &StateDir, host: &HostHandles, dry_run: bool) -> R
     for id in &orphans {
         actions.push(format!("remove orphaned nftables elements of {id}"));
     }
-    if !dry_run && !orphans.is_empty() {
+    // Even with no orphaned elements: a launcher killed between removing its
+    // elements and restoring its uplink's forwarding left only that record.
+    if !dry_run {
         host.nft.reconcile(&alive_names)?;
     }
     for lease in host.ledger.leases()? {

@@ -733,8 +733,10 @@ fn follow_console(
                 return Ok(status);
             }
             _ if stop_deadline.is_some_and(|deadline| Instant::now() >= deadline) => {
-                // The guest did not power off in time: the VMM quits (or is killed).
-                let status = vmm.shutdown(Duration::ZERO).map_err(Error::Vmm)?;
+                // The guest did not power off in time (or nobody read the
+                // stop: QEMU keeps bytes for a port no one holds): the power
+                // button, one more margin, then the VMM quits (or is killed).
+                let status = vmm.shutdown(STOP_MARGIN).map_err(Error::Vmm)?;
                 pump(&mut console, observer, control);
                 return Ok(status);
             }

@@ -380,13 +380,27 @@ fn open_private(path: &Path) -> Result<File> {
         .map_err(|e| Error::state_io(path, e))
 }
 
+/// Takes the VM's lock, or says a launcher holds it. `kiln ps` and gc probe
+/// the lock with a shared try-lock that lasts microseconds, while a launcher
+/// holds it for its whole life; so a refusal is only believed after
+/// [`PROBE_WAIT`], never on one attempt that met a probe.
 fn try_lock(lock: &File, dir: &Path) -> Result<bool> {
-    match flock(lock, FlockOperation::NonBlockingLockExclusive) {
-        Ok(()) => Ok(true),
-        Err(rustix::io::Errno::WOULDBLOCK) => Ok(false),
-        Err(errno) => Err(Error::state_io(&dir.join(LOCK_FILE), errno.into())),
+    let deadline = Instant::now() + PROBE_WAIT;
+    loop {
+        match flock(lock, FlockOperation::NonBlockingLockExclusive) {
+            Ok(()) => return Ok(true),
+            Err(rustix::io::Errno::WOULDBLOCK) if Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(2));
+            }
+            Err(rustix::io::Errno::WOULDBLOCK) => return Ok(false),
+            Err(rustix::io::Errno::INTR) => {}
+            Err(errno) => return Err(Error::state_io(&dir.join(LOCK_FILE), errno.into())),
+        }
     }
 }
+
+/// How long [`try_lock`] keeps trying past a lock probe.
+const PROBE_WAIT: Duration = Duration::from_millis(200);
 
 /// Whether a launcher holds `dir`'s lock (probed with a shared try-lock on
 /// a fresh open file, released at once).

@@ -176,6 +176,11 @@ fn validate_ifname(name: &str) -> Result<()> {
     if name == "." || name == ".." {
         return invalid("`.` and `..` are not interface names");
     }
+    // Their /proc/sys/net/ipv4/conf entries would set every interface's
+    // forwarding at once, which kiln promises never to do.
+    if name == "all" || name == "default" {
+        return invalid("`all` and `default` name sysctl groups, not interfaces");
+    }
     // `*` and `\` mean wildcard/escape to nft; kiln never needs them.
     if !name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.') {
         return invalid("only ASCII letters, digits, `-`, `_` and `.` are allowed");

@@ -187,6 +187,12 @@ fn batch_rejects_bad_input() {
     "#]],
     );
     check(
+        VmRules { uplink: Some("all".into()), ..vm("a", "tap-a", Firewall::default()) },
+        expect![[r#"
+        error: Interface name `all` is invalid: `all` and `default` name sysctl groups, not interfaces
+    "#]],
+    );
+    check(
         VmRules { uplink: Some("tap-a".into()), ..vm("a", "tap-a", Firewall::default()) },
         expect![[r#"
         error: Interface name `tap-a` is invalid: it is both the tap and the uplink of VM `a`
