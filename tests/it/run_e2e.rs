@@ -77,9 +77,27 @@ impl World {
         path
     }
 
+    /// A `#!/bin/sh` service (run by the guest's busybox) in the world's directory.
+    pub(crate) fn script(&self, name: &str, body: &str) -> PathBuf {
+        let path = self.dir.path().join(name);
+        std::fs::write(&path, format!("#!/bin/sh\n{body}\n")).unwrap();
+        path
+    }
+
     /// Runs `kiln run SPEC` to the end, with a deadline.
     pub(crate) fn run(&self, spec: &Path) -> Output {
-        let child = self.kiln(&["run", spec.to_str().unwrap()]).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn();
+        self.run_with(&["run"], spec)
+    }
+
+    /// Runs `kiln run --detach SPEC` until it returns (the VM runs), with a deadline.
+    pub(crate) fn run_detached(&self, spec: &Path) -> Output {
+        self.run_with(&["run", "--detach"], spec)
+    }
+
+    fn run_with(&self, args: &[&str], spec: &Path) -> Output {
+        let mut args = args.to_vec();
+        args.push(spec.to_str().unwrap());
+        let child = self.kiln(&args).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn();
         wait_with_deadline(child.unwrap(), RUN_DEADLINE)
     }
 
@@ -245,11 +263,7 @@ pub(crate) fn http_get_in(netns: &str, addr: &str, path: &str) -> Option<String>
 fn run_network_host_ports_isolation_detach_and_stop() {
     let Some(world) = World::new("net") else { return };
     // The services are shell scripts run by the guest's busybox `sh`.
-    let script = |name: &str, body: &str| {
-        let path = world.dir.path().join(name);
-        std::fs::write(&path, format!("#!/bin/sh\n{body}\n")).unwrap();
-        path
-    };
+    let script = |name: &str, body: &str| world.script(name, body);
     let server_sh = script("server.sh", "exec httpd -f -p 8080 -h /srv/www");
     serve_http(&world, &[7000, 7001]);
     std::fs::create_dir(world.dir.path().join("www")).unwrap();
@@ -269,15 +283,7 @@ memory = "256MiB"
             server = server_sh.display()
         ),
     );
-    let output = wait_with_deadline(
-        world
-            .kiln(&["run", "--detach", server.to_str().unwrap()])
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap(),
-        RUN_DEADLINE,
-    );
+    let output = world.run_detached(&server);
     assert!(output.status.success(), "kiln run --detach: {}", text(&output.stderr));
     let ps = world.kiln(&["ps", "--json"]).output().unwrap();
     let records: serde_json::Value = serde_json::from_slice(&ps.stdout).unwrap();

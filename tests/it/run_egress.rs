@@ -10,7 +10,7 @@ use std::process::{Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use crate::run_e2e::{RUN_DEADLINE, World, enter_netns, http_get_in, text, wait_with_deadline};
+use crate::run_e2e::{RUN_DEADLINE, World, enter_netns, http_get_in, text};
 
 const SERVER: &str = "10.96.0.2:9000";
 
@@ -65,12 +65,6 @@ fn forwarding(world: &World, ifname: &str) -> String {
     text(&world.exec(&["cat", &path]).stdout).trim().to_owned()
 }
 
-fn script(world: &World, name: &str, body: &str) -> String {
-    let path = world.dir.path().join(name);
-    std::fs::write(&path, format!("#!/bin/sh\n{body}\n")).unwrap();
-    path.display().to_string()
-}
-
 #[test]
 fn run_egress_and_published_ports_work_on_a_stock_host_and_forwarding_is_restored() {
     let Some(world) = World::new("egress") else { return };
@@ -83,8 +77,10 @@ fn run_egress_and_published_ports_work_on_a_stock_host_and_forwarding_is_restore
 
     // VM `out`: egress on, port 80 published as 8080. It probes the server
     // once, then serves HTTP; detached.
-    let out_sh =
-        script(&world, "out.sh", &format!("/srv/tools/probe --http {SERVER}\nexec httpd -f -p 80 -h /srv/www"));
+    let out_sh = world
+        .script("out.sh", &format!("/srv/tools/probe --http {SERVER}\nexec httpd -f -p 80 -h /srv/www"))
+        .display()
+        .to_string();
     let out = world.spec(
         "out",
         &format!(
@@ -100,15 +96,7 @@ publish = ["8080:80"]
 "#
         ),
     );
-    let started = wait_with_deadline(
-        world
-            .kiln(&["run", "--detach", out.to_str().unwrap()])
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap(),
-        RUN_DEADLINE,
-    );
+    let started = world.run_detached(&out);
     assert!(started.status.success(), "kiln run --detach: {}", text(&started.stderr));
     let deadline = Instant::now() + RUN_DEADLINE;
     let probe_line = loop {
@@ -140,7 +128,7 @@ publish = ["8080:80"]
     assert!(page.contains("served by vm out"), "{page}");
 
     // VM `closed`: no egress, the same probe is blocked.
-    let closed_sh = script(&world, "closed.sh", &format!("exec /srv/tools/probe --http {SERVER}"));
+    let closed_sh = world.script("closed.sh", &format!("exec /srv/tools/probe --http {SERVER}")).display().to_string();
     let closed = world.spec(
         "closed",
         &format!(

@@ -11,13 +11,6 @@ use std::time::{Duration, Instant};
 
 use crate::run_e2e::{RUN_DEADLINE, World, text, wait_with_deadline};
 
-/// A `#!/bin/sh` service (run by the guest's busybox) in the world's directory.
-fn script(world: &World, name: &str, body: &str) -> PathBuf {
-    let path = world.dir.path().join(name);
-    std::fs::write(&path, format!("#!/bin/sh\n{body}\n")).unwrap();
-    path
-}
-
 fn spec(world: &World, name: &str, service: &Path, cmdline: Option<&str>) -> PathBuf {
     let guest = cmdline.map(|c| format!("[guest]\ncmdline = \"{c}\"\n")).unwrap_or_default();
     world.spec(
@@ -55,8 +48,8 @@ done"#;
 #[test]
 fn run_exit_status_comes_from_kiln_init_and_a_crash_beats_a_forged_one() {
     let Some(world) = World::new("exit") else { return };
-    let crash = script(&world, "crash.sh", &format!("{FORGE}\necho c > /proc/sysrq-trigger\nsleep 60"));
-    let three = script(&world, "three.sh", &format!("{FORGE}\nexit 3"));
+    let crash = world.script("crash.sh", &format!("{FORGE}\necho c > /proc/sysrq-trigger\nsleep 60"));
+    let three = world.script("three.sh", &format!("{FORGE}\nexit 3"));
     let crash_spec = spec(&world, "crash", &crash, None);
     let three_spec = spec(&world, "three", &three, None);
     // Both guests boot at once: one wait instead of two.
@@ -107,7 +100,7 @@ while :; do sleep 1; done"#;
 #[test]
 fn run_stop_grace_is_stop_timeout_else_the_spec_and_reaches_kiln_init() {
     let Some(world) = World::new("grace") else { return };
-    let patient = script(&world, "patient.sh", PATIENT);
+    let patient = world.script("patient.sh", PATIENT);
     // (VM name, the spec's kiln.grace, kiln stop --timeout, the grace kiln-init must use, exit code)
     let cases: [(&str, &str, Option<&str>, &str, i64); 3] = [
         ("outlasts", "kiln.grace=1", Some("30"), "30.0", 0),
@@ -119,9 +112,7 @@ fn run_stop_grace_is_stop_timeout_else_the_spec_and_reaches_kiln_init() {
     // trap is set: a SIGTERM before that would end the shell at once.
     for (name, cmdline, ..) in cases {
         let spec = spec(&world, name, &patient, Some(cmdline));
-        let mut command = world.kiln(&["run", "--detach", spec.to_str().unwrap()]);
-        let output =
-            wait_with_deadline(command.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap(), RUN_DEADLINE);
+        let output = world.run_detached(&spec);
         assert!(output.status.success(), "kiln run --detach {name}: {}", text(&output.stderr));
         let deadline = Instant::now() + RUN_DEADLINE;
         while !console(&world, name).contains("probe: ready") {

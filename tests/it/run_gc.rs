@@ -11,14 +11,14 @@ use std::fs;
 use std::io::{BufRead, BufReader};
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::path::{Path, PathBuf};
-use std::process::{Output, Stdio};
+use std::process::Stdio;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, mpsc};
 use std::time::{Duration, Instant};
 
 use kiln::{Phase, StateDir};
 
-use crate::run_e2e::{RUN_DEADLINE, World, text, wait_with_deadline};
+use crate::run_e2e::{RUN_DEADLINE, World, text};
 
 const VMS: usize = 4;
 /// How long each `kiln gc` pass pauses after listing: longer than a
@@ -37,16 +37,6 @@ fn waiting_spec(world: &World, name: &str, service: &str, resources: &str) -> Pa
             probe.display()
         ),
     )
-}
-
-fn detach(world: &World, spec: &Path) -> Output {
-    let child = world
-        .kiln(&["run", "--detach", spec.to_str().unwrap()])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    wait_with_deadline(child, RUN_DEADLINE)
 }
 
 /// What one look at the host found wrong, if anything.
@@ -163,7 +153,7 @@ fn run_gc_in_a_loop_never_takes_what_a_starting_or_running_vm_holds() {
         .map(|spec| {
             next_pause();
             let (world, spec) = (Arc::clone(&world), spec.clone());
-            std::thread::spawn(move || detach(&world, &spec))
+            std::thread::spawn(move || world.run_detached(&spec))
         })
         .collect();
     for (i, start) in starts.into_iter().enumerate() {
@@ -251,7 +241,7 @@ fn run_state_directory_is_private_while_a_vm_runs_and_after() {
         "storage = \"16MiB\"",
     );
 
-    let output = detach(&world, &spec);
+    let output = world.run_detached(&spec);
     assert!(output.status.success(), "kiln run --detach: {}", text(&output.stderr));
     // `kiln ps` and `kiln gc` while it runs create their own files too.
     assert!(world.kiln(&["ps"]).output().unwrap().status.success());
