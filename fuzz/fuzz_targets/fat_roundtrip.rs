@@ -129,14 +129,13 @@ fuzz_target!(|input: Input| {
         }
         Label::Raw(raw) => Some(raw.clone()),
     };
-    let options = FatOptions {
-        label: label.clone(),
-        volume_id: input.volume_id,
-        epoch: input.epoch,
-        fat_type: input.fat_type.map(|t| [FatType::Fat12, FatType::Fat16, FatType::Fat32][usize::from(t) % 3]),
-        size: input.size_sectors.map(|s| (u64::from(s) % (MAX_FIXED_SIZE / 512) + 1) * 512),
-        cluster_size: input.cluster_shift.map(|shift| 512u32 << (shift % 8)),
-    };
+    let mut options = FatOptions::default()
+        .with_volume_id(input.volume_id)
+        .with_epoch(input.epoch)
+        .with_fat_type(input.fat_type.map(|t| [FatType::Fat12, FatType::Fat16, FatType::Fat32][usize::from(t) % 3]))
+        .with_size(input.size_sectors.map(|s| (u64::from(s) % (MAX_FIXED_SIZE / 512) + 1) * 512))
+        .with_cluster_size(input.cluster_shift.map(|shift| 512u32 << (shift % 8)));
+    options.label = label.clone();
     let layout = match tree.layout(&options) {
         Ok(layout) => layout,
         Err(err) => {

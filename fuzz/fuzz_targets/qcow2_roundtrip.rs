@@ -26,11 +26,11 @@ struct Input {
 fuzz_target!(|input: Input| {
     let virtual_size = u64::from(input.sectors) * 512 % (MAX_VIRTUAL + 512);
     let cluster_size = 1u32 << (input.cluster_shift % 14 + 8); // 256 B .. 2 MiB: 256 B is invalid
-    let (backing_file, backing_format) = match &input.backing {
-        Some((name, qcow2)) => (Some(name.clone()), Some(if *qcow2 { "qcow2" } else { "raw" }.to_owned())),
-        None => (None, None),
-    };
-    let options = Qcow2Options { cluster_size, backing_file, backing_format };
+    let options = match &input.backing {
+        Some((name, qcow2)) => Qcow2Options::default().with_backing(name.clone(), if *qcow2 { "qcow2" } else { "raw" }),
+        None => Qcow2Options::default(),
+    }
+    .with_cluster_size(cluster_size);
 
     let dir = tempfile::tempdir_in("/dev/shm").or_else(|_| tempfile::tempdir()).expect("a temporary directory");
     let raw_path = dir.path().join("raw");

@@ -13,7 +13,7 @@
 //! let mut tree = FatTree::new();
 //! tree.add_file_from_bytes("hello.txt", b"hello\n".to_vec())?;
 //! tree.add_file_from_bytes("etc/motd", b"kiln\n".to_vec())?;
-//! let options = FatOptions { label: Some("DEMO".into()), epoch: 0, ..FatOptions::default() };
+//! let options = FatOptions::default().with_label("DEMO").with_epoch(0);
 //! let layout = tree.layout(&options)?;
 //! let mut image = std::io::Cursor::new(Vec::new());
 //! layout.write_to(&mut image)?;

@@ -68,6 +68,23 @@ impl Default for Qcow2Options {
     }
 }
 
+/// Builders, so that options can gain fields without breaking callers
+/// (the struct is `#[non_exhaustive]`).
+impl Qcow2Options {
+    /// Sets [`cluster_size`](Self::cluster_size).
+    pub fn with_cluster_size(mut self, cluster_size: u32) -> Self {
+        self.cluster_size = cluster_size;
+        self
+    }
+
+    /// Sets [`backing_file`](Self::backing_file) and [`backing_format`](Self::backing_format).
+    pub fn with_backing(mut self, file: impl Into<String>, format: impl Into<String>) -> Self {
+        self.backing_file = Some(file.into());
+        self.backing_format = Some(format.into());
+        self
+    }
+}
+
 /// What a qcow2 write produced.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Qcow2Summary {

@@ -19,6 +19,9 @@ const COPY_CHUNK: u64 = 16 << 20;
 /// Buffer for sequential writes through [`FileSink`]'s `Write`.
 const STREAM_BUFFER: usize = 1 << 20;
 
+/// Called with each run of bytes copied.
+pub(crate) type Progress<'a> = &'a mut dyn FnMut(u64);
+
 /// A destination for image bytes that reads as zeros until written.
 pub(crate) trait Sink {
     /// Writes `data` at `offset`.
@@ -27,13 +30,7 @@ pub(crate) trait Sink {
     /// Copies the first `len` bytes of `src` to `offset`, calling
     /// `progress` with each run of bytes copied. Returns the bytes copied,
     /// fewer than `len` only if `src` is shorter.
-    fn copy_file_at(
-        &mut self,
-        offset: u64,
-        src: &File,
-        len: u64,
-        progress: &mut dyn FnMut(u64),
-    ) -> Result<u64, CopyError> {
+    fn copy_file_at(&mut self, offset: u64, src: &File, len: u64, progress: Progress<'_>) -> Result<u64, CopyError> {
         copy_through_buffer(self, offset, src, 0, len, progress)
     }
 
@@ -195,13 +192,7 @@ impl Sink for FileSink<'_> {
         self.file.write_all_at(data, offset)
     }
 
-    fn copy_file_at(
-        &mut self,
-        offset: u64,
-        src: &File,
-        len: u64,
-        progress: &mut dyn FnMut(u64),
-    ) -> Result<u64, CopyError> {
+    fn copy_file_at(&mut self, offset: u64, src: &File, len: u64, progress: Progress<'_>) -> Result<u64, CopyError> {
         let mut done = 0;
         while done < len && self.copy_file_range_works {
             let mut src_offset = done;

@@ -4,6 +4,8 @@
 use std::io::{Seek, Write};
 use std::path::Path;
 
+use kiln_types::hash::Fnv1a64;
+
 use super::names;
 use super::time::DosTime;
 use super::tree::{Dir, FileNode, Node};
@@ -329,7 +331,7 @@ impl FatLayout<'_> {
 
     /// A serial number that changes with the content but not between runs.
     fn derived_volume_id(&self, epoch: i64) -> u32 {
-        let mut hash = Fnv::default();
+        let mut hash = Fnv1a64::new();
         hash.feed(&self.label.unwrap_or(*b"NO NAME    "));
         hash.feed(&epoch.to_le_bytes());
         for dir in &self.dirs {
@@ -340,24 +342,8 @@ impl FatLayout<'_> {
                 }
             }
         }
-        (hash.0 ^ (hash.0 >> 32)) as u32
-    }
-}
-
-#[derive(Debug)]
-struct Fnv(u64);
-
-impl Default for Fnv {
-    fn default() -> Fnv {
-        Fnv(0xcbf2_9ce4_8422_2325)
-    }
-}
-
-impl Fnv {
-    fn feed(&mut self, bytes: &[u8]) {
-        for &b in bytes {
-            self.0 = (self.0 ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3);
-        }
+        let hash = hash.finish();
+        (hash ^ (hash >> 32)) as u32
     }
 }
 

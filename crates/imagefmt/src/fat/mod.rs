@@ -90,6 +90,46 @@ impl Default for FatOptions {
     }
 }
 
+/// Builders, so that options can gain fields without breaking callers
+/// (the struct is `#[non_exhaustive]`): `FatOptions::default().with_label("BOOT")`.
+impl FatOptions {
+    /// Sets [`label`](Self::label).
+    pub fn with_label(mut self, label: impl Into<String>) -> Self {
+        self.label = Some(label.into());
+        self
+    }
+
+    /// Sets [`volume_id`](Self::volume_id).
+    pub fn with_volume_id(mut self, volume_id: impl Into<Option<u32>>) -> Self {
+        self.volume_id = volume_id.into();
+        self
+    }
+
+    /// Sets [`epoch`](Self::epoch).
+    pub fn with_epoch(mut self, epoch: i64) -> Self {
+        self.epoch = epoch;
+        self
+    }
+
+    /// Sets [`fat_type`](Self::fat_type).
+    pub fn with_fat_type(mut self, fat_type: impl Into<Option<FatType>>) -> Self {
+        self.fat_type = fat_type.into();
+        self
+    }
+
+    /// Sets [`size`](Self::size).
+    pub fn with_size(mut self, size: impl Into<Option<u64>>) -> Self {
+        self.size = size.into();
+        self
+    }
+
+    /// Sets [`cluster_size`](Self::cluster_size).
+    pub fn with_cluster_size(mut self, cluster_size: impl Into<Option<u32>>) -> Self {
+        self.cluster_size = cluster_size.into();
+        self
+    }
+}
+
 /// What a layout holds, for reports and `--json` summaries.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct FatSummary {

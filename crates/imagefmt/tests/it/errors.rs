@@ -16,7 +16,7 @@ fn layout_error(tree: &FatTree, options: &FatOptions) -> kiln_imagefmt::Error {
 fn forced_type_impossible_at_size() {
     let tree = Case::new().file("f", *b"x").tree;
     for (fat_type, size) in [(FatType::Fat16, 1u64 << 20), (FatType::Fat32, 16 << 20), (FatType::Fat12, 1 << 30)] {
-        let err = layout_error(&tree, &FatOptions { fat_type: Some(fat_type), size: Some(size), ..options() });
+        let err = layout_error(&tree, &options().with_fat_type(fat_type).with_size(size));
         assert_eq!(err.kind(), ErrorKind::DoesNotFit, "{fat_type} at {size}: {err}");
         assert!(err.to_string().contains(&fat_type.to_string()), "message names the type: {err}");
     }
@@ -27,7 +27,7 @@ fn forced_cluster_size_can_make_a_type_impossible() {
     let tree = Case::new().file("f", *b"x").tree;
     // FAT32 with 32 KiB clusters needs 2 GiB; FAT16 with 32 KiB clusters 128 MiB.
     for (fat_type, size) in [(FatType::Fat32, 1u64 << 30), (FatType::Fat16, 64 << 20)] {
-        let opts = FatOptions { fat_type: Some(fat_type), size: Some(size), cluster_size: Some(32768), ..options() };
+        let opts = options().with_fat_type(fat_type).with_size(size).with_cluster_size(32768);
         assert_eq!(layout_error(&tree, &opts).kind(), ErrorKind::DoesNotFit);
     }
 }
@@ -35,14 +35,14 @@ fn forced_cluster_size_can_make_a_type_impossible() {
 #[test]
 fn content_larger_than_size() {
     let tree = Case::new().file("big", pattern(2 << 20, 1)).tree;
-    let err = layout_error(&tree, &FatOptions { size: Some(1 << 20), ..options() });
+    let err = layout_error(&tree, &options().with_size(1 << 20));
     assert_eq!(err.kind(), ErrorKind::DoesNotFit, "{err}");
     assert!(err.to_string().contains(&(1u64 << 20).to_string()), "message gives the size: {err}");
 }
 
 #[test]
 fn content_exactly_filling_a_fixed_size_fits_and_one_more_cluster_does_not() {
-    let sized = FatOptions { size: Some(2 << 20), cluster_size: Some(1024), ..options() };
+    let sized = options().with_size(2 << 20).with_cluster_size(1024);
     let free = Case::new().tree.layout(&sized).unwrap().summary().free_clusters as usize;
     let fits = Case::new().file("f", pattern(free * 1024, 2));
     crate::support::check(&fits, &sized);
@@ -54,14 +54,14 @@ fn content_exactly_filling_a_fixed_size_fits_and_one_more_cluster_does_not() {
 fn invalid_options() {
     let tree = Case::new().file("f", *b"x").tree;
     let cases = [
-        FatOptions { label: Some("TWELVE CHARS".into()), ..options() },
-        FatOptions { label: Some("BAD*LABEL".into()), ..options() },
-        FatOptions { label: Some("ÜMLAUT".into()), ..options() },
-        FatOptions { size: Some(1_000_000 + 1), ..options() },
-        FatOptions { size: Some(0), ..options() },
-        FatOptions { cluster_size: Some(3000), ..options() },
-        FatOptions { cluster_size: Some(256), ..options() },
-        FatOptions { cluster_size: Some(65536 * 2), ..options() },
+        options().with_label("TWELVE CHARS"),
+        options().with_label("BAD*LABEL"),
+        options().with_label("ÜMLAUT"),
+        options().with_size(1_000_000 + 1),
+        options().with_size(0),
+        options().with_cluster_size(3000),
+        options().with_cluster_size(256),
+        options().with_cluster_size(65536 * 2),
     ];
     for opts in cases {
         let err = layout_error(&tree, &opts);
@@ -156,7 +156,7 @@ fn files_over_4_gib_are_refused_and_4_gib_less_one_fits() {
     let summary = tree.layout(&options()).unwrap().summary();
     assert_eq!((summary.fat_type, summary.data_bytes), (FatType::Fat32, (1 << 32) - 1));
     assert!(summary.image_bytes > 1 << 32);
-    let err = layout_error(&tree, &FatOptions { fat_type: Some(FatType::Fat16), ..options() });
+    let err = layout_error(&tree, &options().with_fat_type(FatType::Fat16));
     assert_eq!(err.kind(), ErrorKind::DoesNotFit, "{err}");
 }
 
@@ -165,7 +165,7 @@ fn sizes_past_what_fat_addresses_are_refused() {
     let tree = Case::new().file("f", *b"x").tree;
     // 2^32 - 1 sectors of 512 bytes is the most a FAT boot sector can count.
     for size in [2u64 << 40, 3 << 40, u64::MAX - 511] {
-        let err = layout_error(&tree, &FatOptions { size: Some(size), ..options() });
+        let err = layout_error(&tree, &options().with_size(size));
         assert_eq!(err.kind(), ErrorKind::InvalidInput, "{size}: {err}");
     }
 }

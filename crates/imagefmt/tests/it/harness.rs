@@ -22,7 +22,7 @@ fn to_file(dir: &tempfile::TempDir, bytes: &[u8]) -> std::path::PathBuf {
 #[test]
 fn a_wrong_fsinfo_free_count_is_caught() {
     let case = Case::new().file("f", pattern(10_000, 1));
-    let mut bytes = image(&case, &FatOptions { fat_type: Some(FatType::Fat32), ..options() });
+    let mut bytes = image(&case, &options().with_fat_type(FatType::Fat32));
     let fsinfo = usize::from(u16::from_le_bytes([bytes[0x30], bytes[0x31]])) * 512;
     assert_eq!(&bytes[fsinfo..fsinfo + 4], b"RRaA", "FSInfo lead signature");
     let free = u32::from_le_bytes(bytes[fsinfo + 488..fsinfo + 492].try_into().unwrap());
@@ -79,7 +79,7 @@ fn a_cut_cluster_chain_is_caught() {
     // FAT12/16 FAT starts right after the reserved sectors; cut the first
     // file's chain after its first cluster.
     let case = Case::new().file("f", pattern(20_000, 3));
-    let opts = FatOptions { fat_type: Some(FatType::Fat16), cluster_size: Some(2048), ..options() };
+    let opts = options().with_fat_type(FatType::Fat16).with_cluster_size(2048);
     let mut bytes = image(&case, &opts);
     let reserved = usize::from(u16::from_le_bytes([bytes[14], bytes[15]])) * 512;
     // Cluster 2 is the first data cluster; which one the file starts at

@@ -40,7 +40,7 @@ fn file_sizes_around_cluster_boundaries() {
             case = case
                 .file(&format!("cs{cluster_size}/len_{size}"), pattern(size, size as u64 ^ u64::from(cluster_size)));
         }
-        let checked = check(&case, &FatOptions { cluster_size: Some(cluster_size), ..options() });
+        let checked = check(&case, &options().with_cluster_size(cluster_size));
         assert_eq!(checked.cluster_size, cluster_size);
     }
 }
@@ -183,7 +183,7 @@ fn root_with_1000_entries_on_every_fat_type() {
         case = case.file(&format!("root entry {i:04}.dat"), format!("{i}"));
     }
     for fat_type in [None, Some(FatType::Fat12), Some(FatType::Fat16), Some(FatType::Fat32)] {
-        check(&case, &FatOptions { fat_type, ..options() });
+        check(&case, &options().with_fat_type(fat_type));
     }
 }
 
@@ -191,21 +191,18 @@ fn root_with_1000_entries_on_every_fat_type() {
 fn labels() {
     let case = Case::new().file("launch", *b"#!/bin/sh\n");
     for label in ["SERVICEDISK", "CIDATA", "lower", "A", "LABEL_12345", "DISK-1"] {
-        check(&case, &FatOptions { label: Some(label.into()), ..options() });
+        check(&case, &options().with_label(label));
     }
     // The label entry and a file share the root and the same 8.3 name.
-    check(
-        &Case::new().file("LAUNCH", *b"x").file("launch2", *b"y"),
-        &FatOptions { label: Some("LAUNCH".into()), ..options() },
-    );
+    check(&Case::new().file("LAUNCH", *b"x").file("launch2", *b"y"), &options().with_label("LAUNCH"));
     // An empty root with a label: the label entry is the only one there.
-    check(&Case::new(), &FatOptions { label: Some("ONLYLABEL".into()), ..options() });
+    check(&Case::new(), &options().with_label("ONLYLABEL"));
 }
 
 #[test]
 fn volume_id_is_honoured() {
     let case = Case::new().file("f", *b"x");
-    check(&case, &FatOptions { volume_id: Some(0xDEAD_BEEF), ..options() });
+    check(&case, &options().with_volume_id(0xDEAD_BEEF));
 }
 
 fn typical_tree() -> Case {
@@ -220,10 +217,7 @@ fn typical_tree() -> Case {
 #[test]
 fn forced_fat_types_with_automatic_size() {
     for fat_type in [FatType::Fat12, FatType::Fat16, FatType::Fat32] {
-        check(
-            &typical_tree(),
-            &FatOptions { fat_type: Some(fat_type), label: Some("SERVICEDISK".into()), ..options() },
-        );
+        check(&typical_tree(), &options().with_fat_type(fat_type).with_label("SERVICEDISK"));
     }
 }
 
@@ -232,7 +226,7 @@ fn fixed_sizes_with_automatic_type() {
     // The type follows from the cluster count (checked in `check`); 1 MiB
     // is too small for anything but FAT12.
     for size in [1 << 20, 16 << 20, 40 << 20, 200 << 20] {
-        let checked = check(&typical_tree(), &FatOptions { size: Some(size), ..options() });
+        let checked = check(&typical_tree(), &options().with_size(size));
         if size == 1 << 20 {
             assert_eq!(checked.fat_type, FatType::Fat12, "{:?}", checked);
         }
@@ -249,7 +243,7 @@ fn fixed_sizes_with_forced_types() {
         (40 << 20, FatType::Fat32),
         (300 << 20, FatType::Fat32),
     ] {
-        check(&typical_tree(), &FatOptions { size: Some(size), fat_type: Some(fat_type), ..options() });
+        check(&typical_tree(), &options().with_size(size).with_fat_type(fat_type));
     }
 }
 
@@ -257,12 +251,7 @@ fn fixed_sizes_with_forced_types() {
 /// last cluster: every FAT entry, including those straddling sectors, is used.
 #[test]
 fn fat12_at_its_cluster_limit() {
-    let fat12 = |size: u64| FatOptions {
-        size: Some(size),
-        fat_type: Some(FatType::Fat12),
-        cluster_size: Some(512),
-        ..options()
-    };
+    let fat12 = |size: u64| options().with_size(size).with_fat_type(FatType::Fat12).with_cluster_size(512);
     // The largest size FAT12 with 512-byte clusters accepts.
     let size = (4000u64..4200)
         .rev()
@@ -310,7 +299,7 @@ fn epochs() {
         5_000_000_000,
         i64::MAX,
     ] {
-        check(&case, &FatOptions { epoch, ..options() });
+        check(&case, &options().with_epoch(epoch));
     }
 }
 
@@ -319,7 +308,7 @@ fn secret_tree() {
     let mut case = Case::new().file("keystore/key", pattern(64, 1));
     case.tree.mark_secret();
     assert!(case.tree.is_secret());
-    check(&case, &FatOptions { label: Some("SERVICEDISK".into()), ..options() });
+    check(&case, &options().with_label("SERVICEDISK"));
 }
 
 #[test]
@@ -373,5 +362,5 @@ fn cloud_init_seed() {
         .map(|(name, bytes)| (name.to_owned(), kiln_testkit::Entry::File(bytes)))
         .collect(),
     };
-    check(&case, &FatOptions { label: Some(kiln_imagefmt::NoCloudSeed::LABEL.into()), ..options() });
+    check(&case, &options().with_label(kiln_imagefmt::NoCloudSeed::LABEL));
 }

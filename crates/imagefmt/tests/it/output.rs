@@ -38,7 +38,7 @@ fn same_inputs_give_identical_images() {
         tree
     };
     for fat_type in [None, Some(FatType::Fat12), Some(FatType::Fat16), Some(FatType::Fat32)] {
-        let opts = FatOptions { label: Some("REPRO".into()), epoch: 1_700_000_000, fat_type, ..options() };
+        let opts = options().with_label("REPRO").with_epoch(1_700_000_000).with_fat_type(fat_type);
         let first = image_of(&build(false), &opts);
         let second = image_of(&build(false), &opts);
         assert!(first == second, "{fat_type:?}: two builds differ at {:?}", first_difference(&first, &second));
@@ -77,7 +77,7 @@ fn source_location_does_not_change_the_image() {
     for (path, bytes) in &files {
         from_bytes.add_file_from_bytes(path, bytes.clone()).unwrap();
     }
-    let opts = FatOptions { label: Some("SERVICEDISK".into()), ..options() };
+    let opts = options().with_label("SERVICEDISK");
     let first = image_of(&trees[0].0, &opts);
     let second = image_of(&trees[1].0, &opts);
     assert!(first == second, "two source directories, same content: differ at {:?}", first_difference(&first, &second));
@@ -91,7 +91,7 @@ fn write_file_is_sparse() {
     let case = Case::new().file("small", pattern(10_000, 1)).file("a/b/c", *b"c");
     for fat_type in [FatType::Fat16, FatType::Fat32] {
         let path = dir.path().join(format!("{fat_type}.img"));
-        let opts = FatOptions { size: Some(1 << 30), fat_type: Some(fat_type), ..options() };
+        let opts = options().with_size(1 << 30).with_fat_type(fat_type);
         case.tree.layout(&opts).unwrap().write_file(&path, None).unwrap();
         let meta = fs::metadata(&path).unwrap();
         assert_eq!(meta.len(), 1 << 30);
@@ -191,7 +191,7 @@ fn a_directory_in_the_way_is_an_io_error() {
 fn write_to_needs_no_file() {
     // A growing buffer, not pre-sized: the writer must produce the full length itself.
     let case = Case::new().file("f", pattern(5000, 5));
-    let image = image_of(&case.tree, &FatOptions { size: Some(8 << 20), ..options() });
+    let image = image_of(&case.tree, &options().with_size(8 << 20));
     assert_eq!(image.len(), 8 << 20);
     assert_eq!(kiln_testkit::read_fat_with_fatfs(&image).unwrap(), case.expected);
 }

@@ -102,12 +102,10 @@ fn fat_options() -> impl Strategy<Value = FatOptions> {
     ];
     let label = prop::option::of("[A-Z0-9_]{1,11}");
     let epoch = prop::sample::select(vec![0i64, 1_000_000_000, 1_717_243_200, 4_000_000_000]);
-    (typed, label, epoch).prop_map(|((fat_type, cluster_size), label, epoch)| FatOptions {
-        label,
-        epoch,
-        fat_type,
-        cluster_size,
-        ..options()
+    (typed, label, epoch).prop_map(|((fat_type, cluster_size), label, epoch)| {
+        let mut options = options().with_epoch(epoch).with_fat_type(fat_type).with_cluster_size(cluster_size);
+        options.label = label;
+        options
     })
 }
 

@@ -65,8 +65,7 @@ impl QemuImg {
 }
 
 fn raw_backing(options: &mut Qcow2Options) {
-    options.backing_file = Some("base.raw".into());
-    options.backing_format = Some("raw".into());
+    *options = options.clone().with_backing("base.raw", "raw");
 }
 
 /// Content with zero stretches of every shape: whole clusters, part of a
@@ -93,7 +92,7 @@ fn check_conversion(qemu: &QemuImg, dir: &Path, source: &[u8], cluster: u32) -> 
     fs::write(dir.join("base.raw"), pattern(source.len() + 4096, 99).iter().map(|b| b | 1).collect::<Vec<u8>>())
         .unwrap();
     let image = dir.join("image.qcow2");
-    let mut opts = Qcow2Options { cluster_size: cluster, ..Qcow2Options::default() };
+    let mut opts = Qcow2Options::default().with_cluster_size(cluster);
     raw_backing(&mut opts);
     let summary = convert_to_qcow2(&raw, &image, &opts).unwrap();
     let nonzero = source.chunks(cluster as usize).filter(|c| c.iter().any(|&b| b != 0)).count() as u64;
@@ -128,7 +127,7 @@ fn fat_written_as_qcow2_over_a_backing_file_reads_as_the_volume() {
     let mut data = pattern(300_000, 4);
     data[70_000..270_000].fill(0);
     let case = Case::new().file("data.bin", data).file("etc/motd", *b"hello\n");
-    let layout = case.tree.layout(&FatOptions { size: Some(8 << 20), ..options() }).unwrap();
+    let layout = case.tree.layout(&options().with_size(8 << 20)).unwrap();
     let raw = dir.path().join("volume.raw");
     layout.write_file(&raw, None).unwrap();
     fs::write(dir.path().join("base.raw"), vec![0xa5u8; 8 << 20]).unwrap();

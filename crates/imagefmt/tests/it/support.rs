@@ -62,7 +62,8 @@ pub(crate) fn pattern(len: usize, seed: u64) -> Vec<u8> {
 }
 
 pub(crate) fn options() -> FatOptions {
-    FatOptions { label: None, volume_id: None, epoch: 0, fat_type: None, size: None, cluster_size: None }
+    // The default but for the epoch, which the default reads from SOURCE_DATE_EPOCH.
+    FatOptions::default().with_epoch(0)
 }
 
 /// The FAT type the Microsoft specification assigns to a cluster count.
