@@ -1,7 +1,7 @@
 //! Shapes of trees, each written and read back by `fsck.fat`, mtools and
 //! the `fatfs` crate (see `support::check`).
 
-use kiln_imagefmt::{FatOptions, FatType};
+use kiln_imagefmt::FatType;
 
 use crate::support::{Case, check, options, pattern};
 

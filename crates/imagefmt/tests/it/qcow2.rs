@@ -8,7 +8,7 @@ use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use kiln_imagefmt::{FatOptions, Qcow2Options, convert_to_qcow2, create_qcow2};
+use kiln_imagefmt::{Qcow2Options, convert_to_qcow2, create_qcow2};
 use proptest::prelude::*;
 use proptest::test_runner::{Config, TestRunner};
 
