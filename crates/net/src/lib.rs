@@ -10,6 +10,7 @@
 mod error;
 mod firewall;
 mod forwarding;
+mod ifname;
 mod lease;
 mod ledger;
 mod netlink;
