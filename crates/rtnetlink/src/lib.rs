@@ -332,8 +332,11 @@ impl Request {
     }
 }
 
+/// An rtattr as read: its type and payload.
+type Attribute<'a> = (u16, &'a [u8]);
+
 /// The family header of `message` (`len` bytes) and its attributes.
-fn split<'a>(message: &Message<'a>, len: usize) -> Result<(&'a [u8], Vec<(u16, &'a [u8])>)> {
+fn split<'a>(message: &Message<'a>, len: usize) -> Result<(&'a [u8], Vec<Attribute<'a>>)> {
     let (header, rest) = message.payload.split_at_checked(len).ok_or_else(|| Error::NotARequest {
         reason: format!("a {}-byte payload for a {len}-byte header", message.payload.len()),
     })?;
@@ -369,7 +372,7 @@ fn decode_route(message: &Message<'_>) -> Result<Request> {
     Ok(Request::AddDefaultRoute { index: u32_of(index, "RTA_OIF")?, gateway })
 }
 
-fn unexpected(attributes: &[(u16, &[u8])]) -> Error {
+fn unexpected(attributes: &[Attribute<'_>]) -> Error {
     let types: Vec<u16> = attributes.iter().map(|(kind, _)| *kind).collect();
     Error::NotARequest { reason: format!("attribute types {types:?}") }
 }
