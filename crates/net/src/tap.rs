@@ -17,8 +17,8 @@ use rustix::ioctl::{IntegerSetter, Updater, ioctl, opcode};
 use crate::ifname::{self, IFNAME_MAX};
 use crate::{Error, Result, netlink};
 
-/// Prefix of every kiln tap name.
-const TAP_PREFIX: &str = "kt-";
+/// Prefix of every kiln tap name: a route or link with it is kiln's own.
+pub const TAP_PREFIX: &str = "kt-";
 /// How long [`Tap::delete`] waits for another holder of the tap to close it.
 const DELETE_WAIT: Duration = Duration::from_secs(3);
 const TUN_DEVICE: &str = "/dev/net/tun";
