@@ -151,8 +151,10 @@ fn pause_if_asked() {
 /// kiln's taps (`kt-*`) in this network namespace.
 fn kiln_taps() -> Vec<String> {
     let Ok(entries) = std::fs::read_dir("/sys/class/net") else { return Vec::new() };
-    let mut taps: Vec<String> =
-        entries.filter_map(|e| e.ok()?.file_name().into_string().ok()).filter(|name| name.starts_with("kt-")).collect();
+    let mut taps: Vec<String> = entries
+        .filter_map(|e| e.ok()?.file_name().into_string().ok())
+        .filter(|name| name.starts_with(kiln_net::TAP_PREFIX))
+        .collect();
     taps.sort();
     taps
 }

@@ -5,6 +5,7 @@
 use std::net::Ipv4Addr;
 
 use ipnet::Ipv4Net;
+use kiln_net::TAP_PREFIX;
 
 use crate::{Error, Result};
 
@@ -16,8 +17,6 @@ pub const DEFAULT_CIDR: &str = "10.213.0.0/16";
 pub const CIDR_ENV: &str = "KILN_NET_CIDR";
 /// Overrides the uplink (default: the interface of the default route).
 pub const UPLINK_ENV: &str = "KILN_UPLINK";
-/// Prefix of every kiln tap; routes through them are kiln's own.
-const TAP_PREFIX: &str = "kt-";
 
 /// Where VM addresses come from and where egress goes.
 #[derive(Debug, Clone, PartialEq, Eq)]

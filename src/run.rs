@@ -547,21 +547,13 @@ fn launch_and_wait(
     step(claim, observer, Phase::Tap, &format!("creating tap {tap}"))?;
     Tap::create(&tap, None)?;
     let publishes = !spec.network.publish.is_empty();
-    Tap::configure(
-        &tap,
-        &TapConfig { host_addr: lease.host, prefix_len: lease.prefix_len, mtu: None, route_localnet: publishes },
-    )?;
+    Tap::configure(&tap, &TapConfig::new(lease.host, lease.prefix_len).with_route_localnet(publishes))?;
 
     claim.record.firewall = true;
     step(claim, observer, Phase::Firewall, "applying the firewall")?;
-    let rules = VmRules {
-        vm_id: name.to_owned(),
-        tap: tap.clone(),
-        uplink: options.net.uplink.clone().filter(|uplink| *uplink != tap),
-        host_addr: lease.host,
-        guest_addr: lease.guest,
-        firewall: spec.firewall(),
-    };
+    let rules = VmRules::new(name, tap.clone(), lease.host, lease.guest)
+        .with_uplink(options.net.uplink.clone().filter(|uplink| *uplink != tap))
+        .with_firewall(spec.firewall());
     host.nft.apply(&rules)?;
     *slots.rules = Some(rules);
 

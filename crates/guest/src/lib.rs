@@ -12,7 +12,8 @@
 //!   label such as `SERVICEDISK`/`CIDATA`, an ext label, or nothing);
 //! - [`GuestConfig`]: hostname, eth0 address and default route from the
 //!   NoCloud seed's `meta-data` and `network-config`;
-//! - [`netlink`]: the rtnetlink messages that set that address and route;
+//! - [`netlink`]: the rtnetlink messages that set that address and route
+//!   (thin names over kiln-rtnetlink, which kiln-net shares);
 //! - [`GuestReport`], [`HostCommand`] and [`LineBuffer`]: the line protocol
 //!   of the control channel between kiln's launcher and kiln-init (the exit
 //!   report one way, `stop <grace>` the other), which the service's output

@@ -98,13 +98,9 @@ fn run() -> Result<(), Box<dyn Error>> {
 
 fn vm(n: u32) -> VmRules {
     let base = u32::from(Ipv4Addr::new(10, 200, 0, 0)) + n * 4;
-    VmRules {
-        vm_id: format!("bench-{n}"),
-        tap: format!("kt-bench-{n}"),
-        uplink: Some("eth0".to_owned()),
-        host_addr: Ipv4Addr::from(base + 1),
-        guest_addr: Ipv4Addr::from(base + 2),
-        firewall: Firewall {
+    VmRules::new(format!("bench-{n}"), format!("kt-bench-{n}"), Ipv4Addr::from(base + 1), Ipv4Addr::from(base + 2))
+        .with_uplink(Some("eth0".to_owned()))
+        .with_firewall(Firewall {
             egress: true,
             host_ports: vec![HostPort { protocol: Protocol::Tcp, port: 7000 }],
             published_ports: vec![PublishedPort {
@@ -112,8 +108,7 @@ fn vm(n: u32) -> VmRules {
                 host_port: u16::try_from(40_000 + n).unwrap_or(u16::MAX),
                 guest_port: 80,
             }],
-        },
-    }
+        })
 }
 
 /// The same VM as a chain of its own plus a jump, in nft's text syntax.
@@ -131,21 +126,21 @@ fn per_vm_rules(rules: &VmRules) -> String {
 }
 
 fn ip_batch(script: &str) -> Result<(), Box<dyn Error>> {
-    let mut child = Command::new("ip").args(["-batch", "-"]).stdin(Stdio::piped()).stderr(Stdio::piped()).spawn()?;
-    child.stdin.take().ok_or("no stdin")?.write_all(script.as_bytes())?;
-    let output = child.wait_with_output()?;
-    if !output.status.success() {
-        return Err(format!("ip -batch failed: {}", String::from_utf8_lossy(&output.stderr).trim()).into());
-    }
-    Ok(())
+    feed("ip", &["-batch", "-"], script)
 }
 
 fn nft_script(script: &str) -> Result<(), Box<dyn Error>> {
-    let mut child = Command::new("nft").args(["-f", "-"]).stdin(Stdio::piped()).stderr(Stdio::piped()).spawn()?;
+    feed("nft", &["-f", "-"], script)
+}
+
+/// Runs `program args` with `script` on its stdin; fails with its stderr.
+fn feed(program: &str, args: &[&str], script: &str) -> Result<(), Box<dyn Error>> {
+    let mut child = Command::new(program).args(args).stdin(Stdio::piped()).stderr(Stdio::piped()).spawn()?;
     child.stdin.take().ok_or("no stdin")?.write_all(script.as_bytes())?;
     let output = child.wait_with_output()?;
     if !output.status.success() {
-        return Err(format!("nft -f failed: {}", String::from_utf8_lossy(&output.stderr).trim()).into());
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        return Err(format!("{program} {} failed: {}", args[0], stderr.trim()).into());
     }
     Ok(())
 }

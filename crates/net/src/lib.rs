@@ -10,6 +10,7 @@
 mod error;
 mod firewall;
 mod forwarding;
+mod ifname;
 mod lease;
 mod ledger;
 mod netlink;
@@ -23,7 +24,7 @@ pub use ledger::{LeaseRecord, Ledger, pid_is_alive};
 pub use nft::{
     Nft, TABLE as NFT_TABLE, TAG_PREFIX as NFT_TAG_PREFIX, VmRules, removal_batch, setup_batch, validate_vm_id,
 };
-pub use tap::{Tap, TapConfig, tap_name};
+pub use tap::{TAP_PREFIX, Tap, TapConfig, tap_name};
 
 /// The README's example, compiled and run as a doctest.
 #[cfg(doctest)]

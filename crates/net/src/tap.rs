@@ -11,14 +11,14 @@ use std::net::Ipv4Addr;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
+use kiln_rtnetlink::{IfExists, Request};
 use rustix::ioctl::{IntegerSetter, Updater, ioctl, opcode};
 
+use crate::ifname::{self, IFNAME_MAX};
 use crate::{Error, Result, netlink};
 
-/// Longest interface name Linux accepts (IFNAMSIZ - 1).
-const IFNAME_MAX: usize = 15;
-/// Prefix of every kiln tap name.
-const TAP_PREFIX: &str = "kt-";
+/// Prefix of every kiln tap name: a route or link with it is kiln's own.
+pub const TAP_PREFIX: &str = "kt-";
 /// How long [`Tap::delete`] waits for another holder of the tap to close it.
 const DELETE_WAIT: Duration = Duration::from_secs(3);
 const TUN_DEVICE: &str = "/dev/net/tun";
@@ -54,38 +54,20 @@ pub fn tap_name(vm_id: &str) -> Result<String> {
         direct
     } else {
         // vm ids are ASCII (validated above), so byte slicing is safe.
-        format!("{TAP_PREFIX}{}-{:08X}", &vm_id[..3], fnv1a32(vm_id.as_bytes()))
+        format!("{TAP_PREFIX}{}-{:08X}", &vm_id[..3], kiln_types::hash::fnv1a_32(vm_id.as_bytes()))
     };
-    validate_tap_name(&name)?;
+    ifname::validate_for_tap(&name)?;
     Ok(name)
-}
-
-fn fnv1a32(bytes: &[u8]) -> u32 {
-    bytes.iter().fold(0x811c_9dc5_u32, |hash, &b| (hash ^ u32::from(b)).wrapping_mul(0x0100_0193))
-}
-
-/// Checks `name` can name a tap: 1..=15 bytes of ASCII letters, digits,
-/// `-` and `_`.
-fn validate_tap_name(name: &str) -> Result<()> {
-    let invalid = |reason: &str| Err(Error::InvalidInterfaceName { name: name.to_owned(), reason: reason.to_owned() });
-    if name.is_empty() {
-        return invalid("it is empty");
-    }
-    if name.len() > IFNAME_MAX {
-        return invalid("it is longer than 15 bytes (IFNAMSIZ)");
-    }
-    if !name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_') {
-        return invalid("only ASCII letters, digits, `-` and `_` are allowed");
-    }
-    Ok(())
 }
 
 /// Persistent tap devices in the calling thread's network namespace.
 #[derive(Debug)]
 pub struct Tap;
 
-/// The host side of a VM's link, set by [`Tap::configure`].
+/// The host side of a VM's link, set by [`Tap::configure`]. Built with
+/// [`TapConfig::new`] and the `with_*` methods (fields may be added).
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct TapConfig {
     /// The host's address on the tap (a lease's host address).
     pub host_addr: Ipv4Addr,
@@ -99,12 +81,30 @@ pub struct TapConfig {
     pub route_localnet: bool,
 }
 
+impl TapConfig {
+    /// `host_addr/prefix_len` on the tap, the kernel's default MTU, no
+    /// `route_localnet`.
+    pub fn new(host_addr: Ipv4Addr, prefix_len: u8) -> Self {
+        TapConfig { host_addr, prefix_len, mtu: None, route_localnet: false }
+    }
+
+    /// With this MTU (`None`: the kernel's default).
+    pub fn with_mtu(self, mtu: Option<u32>) -> Self {
+        TapConfig { mtu, ..self }
+    }
+
+    /// With `route_localnet` set as given.
+    pub fn with_route_localnet(self, route_localnet: bool) -> Self {
+        TapConfig { route_localnet, ..self }
+    }
+}
+
 impl Tap {
     /// Creates the persistent tap `name`, owned by `owner_uid` if given
     /// (so a VMM running as that uid can open it without CAP_NET_ADMIN).
     /// Needs CAP_NET_ADMIN. An existing device of that name is an error.
     pub fn create(name: &str, owner_uid: Option<u32>) -> Result<()> {
-        validate_tap_name(name)?;
+        ifname::validate_for_tap(name)?;
         let tun = open_tun(name)?;
         attach(&tun, name, "create", IFF_TUN_EXCL)?;
         if let Some(uid) = owner_uid {
@@ -122,7 +122,7 @@ impl Tap {
     /// holds open is [`Error::TapBusy`] once that process has had 3 s to
     /// let go: a VMM that was just killed may still be closing its files.
     pub fn delete(name: &str) -> Result<()> {
-        validate_tap_name(name)?;
+        ifname::validate_for_tap(name)?;
         let deadline = Instant::now() + DELETE_WAIT;
         loop {
             let tun = open_tun(name)?;
@@ -145,7 +145,7 @@ impl Tap {
     /// brings it up, over rtnetlink (the address is replaced if it exists,
     /// so configuring twice is harmless). Needs CAP_NET_ADMIN.
     pub fn configure(name: &str, config: &TapConfig) -> Result<()> {
-        validate_tap_name(name)?;
+        ifname::validate_for_tap(name)?;
         if config.prefix_len > 32 {
             return Err(Error::InvalidTapConfig(format!("prefix length /{} is not an IPv4 prefix", config.prefix_len)));
         }
@@ -169,18 +169,21 @@ impl Tap {
             let path = format!("/proc/sys/net/ipv4/conf/{name}/route_localnet");
             std::fs::write(&path, "1").map_err(io("set route_localnet on"))?;
         }
-        let seq = rtnetlink.next_seq();
-        let message = netlink::address_message(seq, ifindex, config.host_addr, config.prefix_len);
-        rtnetlink.request(seq, &message).map_err(io("set the address of"))?;
-        let seq = rtnetlink.next_seq();
-        rtnetlink.request(seq, &netlink::link_up_message(seq, ifindex, config.mtu)).map_err(io("bring up"))
+        let address = Request::AddAddress {
+            index: ifindex,
+            address: config.host_addr,
+            prefix_len: config.prefix_len,
+            if_exists: IfExists::Replace,
+        };
+        rtnetlink.request(&address).map_err(io("set the address of"))?;
+        rtnetlink.request(&Request::LinkUp { index: ifindex, mtu: config.mtu }).map_err(io("bring up"))
     }
 
     /// Polls `/sys/class/net/<name>` until it exists or `deadline` passes.
     /// sysfs shows the namespace that mounted it, so call this from a
     /// process whose /sys belongs to the tap's namespace.
     pub fn wait_until_exists(name: &str, deadline: Instant) -> Result<()> {
-        validate_tap_name(name)?;
+        ifname::validate_for_tap(name)?;
         let started = Instant::now();
         let path = Path::new("/sys/class/net").join(name);
         loop {

@@ -12,18 +12,13 @@ use serde_json::{Value, json};
 use crate::netns::{Netns, ip, root_tools_ready};
 
 fn vm(id: &str, tap: &str, firewall: Firewall) -> VmRules {
-    VmRules {
-        vm_id: id.to_owned(),
-        tap: tap.to_owned(),
-        uplink: Some("eth0".to_owned()),
-        host_addr: Ipv4Addr::new(10, 99, 0, 1),
-        guest_addr: Ipv4Addr::new(10, 99, 0, 2),
-        firewall,
-    }
+    VmRules::new(id.to_owned(), tap.to_owned(), Ipv4Addr::new(10, 99, 0, 1), Ipv4Addr::new(10, 99, 0, 2))
+        .with_uplink(Some("eth0".to_owned()))
+        .with_firewall(firewall)
 }
 
 /// One command per line, so a diff shows which rule changed. Fingerprints
-/// (a std hash, which may change between Rust releases) read `<fingerprint>`.
+/// (a digest of the VM's elements) read `<fingerprint>`.
 fn render(batch: &Value) -> String {
     let mut batch = batch.clone();
     for cmd in batch["nftables"].as_array_mut().unwrap() {
@@ -54,11 +49,11 @@ fn tcp(port: u16) -> HostPort {
 
 /// The second VM of the namespace tests: `tap-b`, 10.99.0.5 / 10.99.0.6.
 fn vm_b(firewall: Firewall) -> VmRules {
-    VmRules {
+    with_fields!(
+        vm("b", "tap-b", firewall),
         host_addr: Ipv4Addr::new(10, 99, 0, 5),
         guest_addr: Ipv4Addr::new(10, 99, 0, 6),
-        ..vm("b", "tap-b", firewall)
-    }
+    )
 }
 
 fn egress_publishing_8080() -> Firewall {
@@ -109,7 +104,7 @@ fn batch_egress_needs_an_uplink_and_published_ports_do_not() {
     let published = vec![PublishedPort { protocol: Protocol::Tcp, host_port: 8080, guest_port: 80 }];
     let firewall = Firewall { egress: true, host_ports: vec![], published_ports: published.clone() };
     check(
-        VmRules { uplink: None, ..vm("db", "tap-db", firewall) },
+        with_fields!(vm("db", "tap-db", firewall), uplink: None),
         expect![[r#"
             error: VM `db` has egress on, but no uplink is known for its traffic to leave through (the host has no default route)
         "#]],
@@ -118,7 +113,7 @@ fn batch_egress_needs_an_uplink_and_published_ports_do_not() {
     // only, so no VM needs forwarding on an uplink.
     let firewall = Firewall { published_ports: published, ..Firewall::default() };
     check(
-        VmRules { uplink: None, ..vm("db", "tap-db", firewall) },
+        with_fields!(vm("db", "tap-db", firewall), uplink: None),
         expect![[r#"
             {"create":{"element":{"elem":[{"elem":{"comment":"kiln-vm:db","val":"tap-db"}}],"family":"inet","name":"vm_taps","table":"kiln"}}}
             {"create":{"element":{"elem":[{"elem":{"comment":"kiln-vm:db","val":{"concat":["tap-db","10.99.0.2","tcp",80]}}}],"family":"inet","name":"published","table":"kiln"}}}
@@ -127,6 +122,23 @@ fn batch_egress_needs_an_uplink_and_published_ports_do_not() {
             {"create":{"element":{"elem":[{"elem":{"comment":"kiln-vm:db","val":"<fingerprint>"}}],"family":"inet","name":"vm_fingerprints","table":"kiln"}}}
         "#]],
     );
+}
+
+/// The value of a VM's `vm_fingerprints` element.
+fn fingerprint_of(rules: &VmRules) -> String {
+    let batch = rules.add_batch().unwrap();
+    let element = &batch["nftables"].as_array().unwrap().last().unwrap()["create"]["element"];
+    assert_eq!(element["name"], "vm_fingerprints");
+    element["elem"][0]["elem"]["val"].as_str().unwrap().to_owned()
+}
+
+#[test]
+fn fingerprints_are_stable_across_builds_and_toolchains() {
+    // Stored in the kernel's table and recomputed by whichever kiln removes
+    // the VM: a launcher upgraded (or rebuilt with another Rust) while its VM
+    // runs must compute the same digest. FNV-1a, pinned here.
+    expect!["595ad842acb2d44"].assert_eq(&fingerprint_of(&vm("a", "tap-a", Firewall::default())));
+    expect!["1d3e3d09d101daa"].assert_eq(&fingerprint_of(&vm_b(egress_publishing_8080())));
 }
 
 #[test]
@@ -141,7 +153,7 @@ fn fingerprints_differ_between_vms_and_between_rules() {
     let a = vm("a", "tap-a", Firewall::default());
     assert_eq!(fingerprint(&a), fingerprint(&a.clone()));
     assert_eq!(fingerprint(&a).len(), 15, "an ifname key holds 15 bytes");
-    assert_ne!(fingerprint(&a), fingerprint(&VmRules { vm_id: "b".into(), ..a.clone() }));
+    assert_ne!(fingerprint(&a), fingerprint(&with_fields!(a.clone(), vm_id: "b".into())));
     assert_ne!(fingerprint(&a), fingerprint(&vm("a", "tap-a", egress_publishing_8080())));
     // The remove batch deletes the same fingerprint.
     let removed = a.remove_batch().unwrap();
@@ -187,13 +199,13 @@ fn batch_rejects_bad_input() {
     "#]],
     );
     check(
-        VmRules { uplink: Some("all".into()), ..vm("a", "tap-a", Firewall::default()) },
+        with_fields!(vm("a", "tap-a", Firewall::default()), uplink: Some("all".into())),
         expect![[r#"
         error: Interface name `all` is invalid: `all` and `default` name sysctl groups, not interfaces
     "#]],
     );
     check(
-        VmRules { uplink: Some("tap-a".into()), ..vm("a", "tap-a", Firewall::default()) },
+        with_fields!(vm("a", "tap-a", Firewall::default()), uplink: Some("tap-a".into())),
         expect![[r#"
         error: Interface name `tap-a` is invalid: it is both the tap and the uplink of VM `a`
     "#]],
@@ -414,7 +426,7 @@ fn namespace_rules_are_tagged_removed_and_reconciled() {
     assert!(nft.reconcile(["x"]).unwrap().is_empty(), "reconcile without a table is a no-op");
 
     let a =
-        VmRules { uplink: None, ..vm("a", "tap-a", Firewall { host_ports: vec![tcp(7000)], ..Firewall::default() }) };
+        with_fields!(vm("a", "tap-a", Firewall { host_ports: vec![tcp(7000)], ..Firewall::default() }), uplink: None);
     let b = vm_b(egress_publishing_8080());
     nft.apply(&a).unwrap();
     nft.apply(&b).unwrap();
@@ -429,7 +441,7 @@ fn namespace_rules_are_tagged_removed_and_reconciled() {
     assert_eq!(tagged(&listing, "b"), 7, "{listing}");
 
     // Replacing with another firewall leaves nothing of the old one.
-    let a_udp = VmRules { firewall: Firewall { host_ports: vec![udp(53)], ..Firewall::default() }, ..a.clone() };
+    let a_udp = with_fields!(a.clone(), firewall: Firewall { host_ports: vec![udp(53)], ..Firewall::default() });
     nft.apply(&a_udp).unwrap();
     let listing = listing_text(&nft);
     assert_eq!(tagged(&listing, "a"), 3, "{listing}");
@@ -480,7 +492,7 @@ fn namespace_traffic_allow_list_and_vm_isolation() {
     // b's ingress guard, which must run before a's egress accept, keeps a
     // out of b.
     let a_firewall = Firewall { egress: true, host_ports: vec![tcp(7000)], ..Firewall::default() };
-    let a = VmRules { uplink: Some("tap-b".to_owned()), ..vm("a", "tap-a", a_firewall) };
+    let a = with_fields!(vm("a", "tap-a", a_firewall), uplink: Some("tap-b".to_owned()));
     let b = vm_b(Firewall { egress: true, ..Firewall::default() });
     nft.apply(&a).unwrap();
     nft.apply(&b).unwrap();
@@ -523,8 +535,8 @@ fn namespace_egress_and_published_ports_work_with_forwarding_at_its_default() {
 
     let nft = Nft::in_namespace(&host.name);
     let uplink = Some("uplink0".to_owned());
-    let a = VmRules { uplink: uplink.clone(), ..vm("a", "tap-a", Firewall::default()) };
-    let b = VmRules { uplink, ..vm_b(egress_publishing_8080()) };
+    let a = with_fields!(vm("a", "tap-a", Firewall::default()), uplink: uplink.clone());
+    let b = with_fields!(vm_b(egress_publishing_8080()), uplink: uplink);
     nft.apply(&a).unwrap();
     nft.apply(&b).unwrap();
 
@@ -552,7 +564,7 @@ fn namespace_egress_and_published_ports_work_with_forwarding_at_its_default() {
     nft.remove(&b).unwrap();
     assert_eq!(forwarding(&host, "uplink0"), "0", "uplink0 still forwards after its last VM");
     // Turning a's egress on turns it on again.
-    nft.apply(&VmRules { firewall: egress_publishing_8080(), ..a }).unwrap();
+    nft.apply(&with_fields!(a, firewall: egress_publishing_8080())).unwrap();
     assert!(connects(&guest_a, outside_addr), "egress of VM a, now on, cannot reach the outside");
 }
 
@@ -636,7 +648,7 @@ fn namespace_published_port_from_the_host_itself() {
     let nft = Nft::in_namespace(&host.name);
     let published = PublishedPort { protocol: Protocol::Tcp, host_port: 8080, guest_port: 80 };
     let firewall = Firewall { published_ports: vec![published], ..Firewall::default() };
-    nft.apply(&VmRules { uplink: Some("uplink0".to_owned()), ..vm("a", "tap-a", firewall) }).unwrap();
+    nft.apply(&with_fields!(vm("a", "tap-a", firewall), uplink: Some("uplink0".to_owned()))).unwrap();
 
     assert!(connects(&host, "10.98.0.1:8080".parse().unwrap()), "host to its own address:8080 not forwarded");
     let (_, seen_from) = service.accept().unwrap();
@@ -696,27 +708,19 @@ fn namespace_vm_lifecycle_with_a_real_tap_leaves_nothing() {
     let tap = kiln_net::tap_name("life").unwrap();
     host.within(|| {
         kiln_net::Tap::create(&tap, Some(4242))?;
-        let config = kiln_net::TapConfig {
-            host_addr: lease.host_addr(),
-            prefix_len: lease.subnet().prefix_len(),
-            mtu: None,
-            route_localnet: true,
-        };
+        let config = kiln_net::TapConfig::new(lease.host_addr(), lease.subnet().prefix_len())
+            .with_mtu(None)
+            .with_route_localnet(true);
         kiln_net::Tap::configure(&tap, &config)
     })
     .unwrap();
-    let rules = VmRules {
-        vm_id: "life".to_owned(),
-        tap: tap.clone(),
-        uplink: Some("uplink0".to_owned()),
-        host_addr: lease.host_addr(),
-        guest_addr: lease.guest_addr(),
-        firewall: Firewall {
+    let rules = VmRules::new("life".to_owned(), tap.clone(), lease.host_addr(), lease.guest_addr())
+        .with_uplink(Some("uplink0".to_owned()))
+        .with_firewall(Firewall {
             egress: true,
             host_ports: vec![tcp(7000)],
             published_ports: vec![PublishedPort { protocol: Protocol::Tcp, host_port: 8443, guest_port: 443 }],
-        },
-    };
+        });
     nft.apply(&rules).unwrap();
     assert!(listing_text(&nft).contains(&format!("\"{tap}\"")));
     assert_eq!([&tap, "uplink0"].map(|ifname| forwarding(&host, ifname)), ["1", "1"]);
@@ -744,9 +748,9 @@ fn nft_runs_in_the_c_locale() {
 /// An egress VM and a published-only VM on `uplink0`, taps `tap-a`, `tap-b`.
 fn uplink_vms() -> (VmRules, VmRules) {
     let uplink = Some("uplink0".to_owned());
-    let a = VmRules { uplink: uplink.clone(), ..vm("a", "tap-a", Firewall { egress: true, ..Firewall::default() }) };
+    let a = with_fields!(vm("a", "tap-a", Firewall { egress: true, ..Firewall::default() }), uplink: uplink.clone());
     let published = PublishedPort { protocol: Protocol::Tcp, host_port: 8080, guest_port: 80 };
-    let b = VmRules { uplink, ..vm_b(Firewall { published_ports: vec![published], ..Firewall::default() }) };
+    let b = with_fields!(vm_b(Firewall { published_ports: vec![published], ..Firewall::default() }), uplink: uplink);
     (a, b)
 }
 
@@ -764,7 +768,7 @@ fn namespace_uplink_forwarding_is_restored_when_its_last_vm_goes() {
     let flags = || ["all", "uplink0", "tap-a", "tap-b"].map(|ifname| forwarding(&host, ifname));
 
     // A VM that forwards nothing turns nothing on.
-    let c = VmRules { uplink: Some("uplink0".to_owned()), ..vm("c", "tap-c", Firewall::default()) };
+    let c = with_fields!(vm("c", "tap-c", Firewall::default()), uplink: Some("uplink0".to_owned()));
     nft.apply(&c).unwrap();
     assert_eq!(flags(), ["0", "0", "0", "0"]);
 
@@ -819,7 +823,7 @@ fn namespace_uplink_forwarding_kiln_turned_on_serves_vms_only_and_the_admins_is_
     let lan_server: SocketAddr = "10.97.0.2:9000".parse().unwrap();
     let nft = Nft::in_namespace(&host.name);
     let (a, _) = uplink_vms();
-    let a = VmRules { host_addr: Ipv4Addr::new(10, 99, 0, 1), ..a };
+    let a = with_fields!(a, host_addr: Ipv4Addr::new(10, 99, 0, 1));
 
     // kiln turns uplink0's forwarding on for VM a, not for the host's other networks.
     nft.apply(&a).unwrap();
@@ -866,7 +870,7 @@ fn namespace_release_by_key_never_deletes_another_vms_element() {
     let a = vm("a", "tap-a", publishing(8080));
     nft.apply(&a).unwrap();
     assert!(nft.remove_vm("a").unwrap());
-    let b = VmRules { vm_id: "b".to_owned(), ..a.clone() };
+    let b = with_fields!(a.clone(), vm_id: "b".to_owned());
     nft.apply(&b).unwrap();
     let b_elements = listing_of("b");
     nft.remove(&a).unwrap();
@@ -901,12 +905,12 @@ fn namespace_apply_needs_the_interfaces_it_forwards_on_and_changes_nothing_witho
         err.to_string(),
         "Interface `uplink0` (the uplink of VM `a`) does not exist, so kiln cannot enable IPv4 forwarding on it"
     );
-    let err = nft.apply(&VmRules { tap: "tap-x".to_owned(), ..a.clone() }).unwrap_err();
+    let err = nft.apply(&with_fields!(a.clone(), tap: "tap-x".to_owned())).unwrap_err();
     assert_eq!(
         err.to_string(),
         "Interface `tap-x` (the tap of VM `a`) does not exist, so kiln cannot enable IPv4 forwarding on it"
     );
-    let err = nft.apply(&VmRules { uplink: None, ..a }).unwrap_err();
+    let err = nft.apply(&with_fields!(a, uplink: None)).unwrap_err();
     assert!(matches!(err, Error::EgressWithoutUplink { .. }), "{err:?}");
     assert_eq!(nft.list_vms().unwrap(), BTreeSet::new());
     assert_eq!(forwarding(&host, "tap-a"), "0");
@@ -932,12 +936,12 @@ fn namespace_concurrent_applies_and_removes_keep_forwarding_for_live_vms() {
             scope.spawn(move || {
                 let nft = Nft::in_namespace(&host.name);
                 let firewall = Firewall { egress: true, ..Firewall::default() };
-                let rules = VmRules {
+                let rules = with_fields!(
+                    vm(&format!("vm{n}"), tap, firewall),
                     uplink: Some("uplink0".to_owned()),
                     host_addr: Ipv4Addr::new(10, 99, n as u8, 1),
                     guest_addr: Ipv4Addr::new(10, 99, n as u8, 2),
-                    ..vm(&format!("vm{n}"), tap, firewall)
-                };
+                );
                 for round in 0..6 {
                     nft.apply(&rules).unwrap();
                     assert_eq!(forwarding(host, "uplink0"), "1", "vm{n} round {round}: its uplink does not forward");

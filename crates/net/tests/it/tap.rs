@@ -67,6 +67,19 @@ fn invalid_tap_names_are_rejected_by_name() {
 }
 
 #[test]
+fn tap_names_that_name_sysctl_groups_are_refused() {
+    // `/proc/sys/net/ipv4/conf/all/route_localnet` would set every
+    // interface's flag; the name is refused before anything is touched.
+    let config = TapConfig::new(Ipv4Addr::new(10, 77, 0, 1), 30).with_route_localnet(true);
+    for name in ["all", "default", ".", ".."] {
+        let err = Tap::configure(name, &config).unwrap_err();
+        assert!(matches!(&err, Error::InvalidInterfaceName { name: n, .. } if n == name), "{name:?}: {err}");
+        let err = Tap::delete(name).unwrap_err();
+        assert!(matches!(&err, Error::InvalidInterfaceName { name: n, .. } if n == name), "{name:?}: {err}");
+    }
+}
+
+#[test]
 fn wait_until_exists_polls_until_the_deadline() {
     // `lo` exists in every namespace; a missing name times out.
     Tap::wait_until_exists("lo", Instant::now()).unwrap();
@@ -132,8 +145,7 @@ fn namespace_tap_configure_address_mtu_up_route_localnet() {
     let ns = Netns::new();
     let name = tap_name("cfg").unwrap();
     ns.within(|| Tap::create(&name, None)).unwrap();
-    let config =
-        TapConfig { host_addr: Ipv4Addr::new(10, 77, 0, 1), prefix_len: 30, mtu: Some(1400), route_localnet: true };
+    let config = TapConfig::new(Ipv4Addr::new(10, 77, 0, 1), 30).with_mtu(Some(1400)).with_route_localnet(true);
     ns.within(|| Tap::configure(&name, &config)).unwrap();
     // Twice is harmless: the address is replaced, not duplicated.
     ns.within(|| Tap::configure(&name, &config)).unwrap();
@@ -158,7 +170,7 @@ fn namespace_tap_configure_address_mtu_up_route_localnet() {
     let output = Command::new("ip").args(["-n", &ns.name, "route", "get", "10.77.0.2"]).output().unwrap();
     assert!(String::from_utf8_lossy(&output.stdout).contains(&format!("dev {name}")), "{output:?}");
 
-    let bad = TapConfig { prefix_len: 33, ..config.clone() };
+    let bad = with_fields!(config.clone(), prefix_len: 33);
     let err = ns.within(|| Tap::configure(&name, &bad)).unwrap_err();
     assert_eq!(err.to_string(), "Tap configuration is invalid: prefix length /33 is not an IPv4 prefix");
     let err = ns.within(|| Tap::configure("kt-absent", &config)).unwrap_err();
