@@ -1,7 +1,7 @@
 //! Hostile bytes into the readers kiln-init and `cargo xtask guest` trust
 //! least: a module's `.modinfo` (and compressed modules), a disk's first
-//! sectors, the seed's `meta-data`/`network-config`, netlink replies, the
-//! control channel's lines (both ways). Each must answer, never panic.
+//! sectors, the seed's `meta-data`/`network-config`, netlink replies and
+//! requests (kiln-rtnetlink), the control channel's lines (both ways). Each must answer, never panic.
 //!
 //! Round trip: a module ELF built here from arbitrary `name`/`depends`
 //! reads back the same name and dependencies.
@@ -21,6 +21,7 @@ enum Shape {
     Disk,
     Seed { split: u16 },
     NetlinkReply { seq: u32 },
+    NetlinkRequest,
     ControlLines,
     BuiltModule { name: String, depends: Vec<String> },
 }
@@ -55,6 +56,15 @@ fuzz_target!(|data: &[u8]| {
         }
         Shape::NetlinkReply { seq } => {
             let _ = netlink::parse_ack(rest, seq);
+        }
+        Shape::NetlinkRequest => {
+            // What decodes is a request kiln sends: encoding it gives the same bytes back.
+            if let Ok((seq, request)) = kiln_rtnetlink::Request::decode(rest) {
+                let again = kiln_rtnetlink::Request::decode(&request.encode(seq)).expect("an encoded request decodes");
+                assert_eq!(again, (seq, request));
+            }
+            let read = kiln_rtnetlink::messages(rest).flatten().flat_map(|m| kiln_rtnetlink::attributes(m.payload));
+            let _ = read.count();
         }
         Shape::ControlLines => {
             // Whatever arrives, lines come out bounded, and what parses prints back the same.
