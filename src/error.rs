@@ -158,3 +158,23 @@ impl Error {
         Error::StateIo { path: path.to_path_buf(), source }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::{Error, ErrorKind};
+
+    #[test]
+    fn errors_have_a_kind_callers_can_branch_on() {
+        let cases = [
+            (Error::VmBusy { name: "web".into(), pid: Some(7) }, ErrorKind::Busy),
+            (Error::VmNeedsGc { name: "web".into() }, ErrorKind::NeedsGc),
+            (Error::NoVmm { binary: "qemu-system-x86_64" }, ErrorKind::NotFound),
+            (Error::TeeRequired, ErrorKind::Unsupported),
+            (Error::InvalidSize { input: "1Q".into(), reason: "unknown unit".into() }, ErrorKind::InvalidInput),
+            (Error::StateDirUnknown, ErrorKind::State),
+        ];
+        for (error, kind) in cases {
+            assert_eq!(error.kind(), kind, "{error}");
+        }
+    }
+}
