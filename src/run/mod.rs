@@ -112,9 +112,9 @@ pub(crate) fn resolve_grace(stop_timeout: Option<u64>, spec: &Spec) -> Duration 
 }
 
 /// `kiln stop`'s half of the stop protocol: leaves `timeout` (or, without
-/// one, nothing) in the VM directory's [`STOP_TIMEOUT_FILE`] for its
+/// one, nothing) in the VM directory's `stop-timeout` file for its
 /// launcher, and returns the grace period the launcher will then use (the
-/// timeout, else the spec's that the launcher left in [`GRACE_FILE`], else
+/// timeout, else the spec's that the launcher left in its `grace` file, else
 /// [`DEFAULT_GRACE`]). The caller then signals the launcher.
 pub fn request_stop(vm_dir: &Path, timeout: Option<u64>) -> Result<Duration> {
     let file = vm_dir.join(STOP_TIMEOUT_FILE);
