@@ -14,8 +14,6 @@ use std::error::Error;
 use std::os::fd::AsFd;
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::sync::Arc;
-use std::sync::atomic::AtomicBool;
 
 use kiln::{HostNet, Phase, RunObserver, RunOptions, Spec, StateDir};
 
@@ -46,12 +44,8 @@ fn run() -> Result<(), Box<dyn Error>> {
     rustix::thread::move_into_link_name_space(file.as_fd(), Some(rustix::thread::LinkNameSpaceType::Network))?;
     let spec_path = PathBuf::from(spec_path);
     let spec = Spec::load(&spec_path)?;
-    let options = RunOptions {
-        backend: None,
-        stop: Arc::new(AtomicBool::new(false)),
-        net: HostNet::from_env()?,
-        guest_dir: Some(PathBuf::from(guest_dir)),
-    };
+    let mut options = RunOptions::new(HostNet::from_env()?);
+    options.guest_dir = Some(PathBuf::from(guest_dir));
     // One untimed warm-up, then cold and warm runs interleaved.
     for round in 0..=runs {
         for kind in ["cold", "warm"] {

@@ -1,8 +1,40 @@
 /// The result type of every fallible kiln library call.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
+/// What kind of failure an [`Error`] is, for callers that branch on it
+/// (exit codes, retries, "run `kiln gc` first" hints).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum ErrorKind {
+    /// The spec, a size, a launch argument or another input is invalid.
+    InvalidInput,
+    /// The spec is valid but asks what a kiln VM cannot give (a GPU without
+    /// a device to pass through, a confidential VM).
+    Unsupported,
+    /// A file or program the run needs is missing (guest files, the
+    /// service binary, the VMM).
+    NotFound,
+    /// The VM is running, or its state is held by another kiln process.
+    Busy,
+    /// What an earlier run left must be released first (`kiln gc`).
+    NeedsGc,
+    /// kiln's state directory cannot be found, read or written, or is corrupt.
+    State,
+    /// Reading or writing an input, image or channel failed.
+    Io,
+    /// The VMM failed (see [`kiln_vmm::ErrorKind`] through the source).
+    Vmm,
+    /// Host networking (leases, taps, firewall) failed.
+    Network,
+    /// An image could not be written.
+    Image,
+    /// The Kubernetes mapping failed.
+    Kubernetes,
+}
+
 /// Every error the kiln library returns. Messages name the value at fault.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum Error {
     #[error("Invalid size {input:?}: {reason}")]
     InvalidSize { input: String, reason: String },
@@ -47,8 +79,14 @@ pub enum Error {
     GuestFileMissing { what: &'static str, path: std::path::PathBuf },
     #[error("No VMM: `{binary}` is not on PATH (install qemu-system-x86, or see the README for cloud-hypervisor)")]
     NoVmm { binary: &'static str },
-    #[error("The spec cannot run as a VM: {0}")]
-    VmPolicy(String),
+    #[error(
+        "The spec cannot run as a VM: resources.gpu.policy is \"required\" but vm.vfio names no PCI device to pass through"
+    )]
+    GpuWithoutVfio,
+    #[error(
+        "The spec cannot run as a VM: confidentiality is \"tee-required\", but kiln starts no confidential VMs (SEV-SNP, TDX); run it on Kubernetes with a kata RuntimeClass"
+    )]
+    TeeRequired,
     #[error("The spec has no service.binary, which a VM needs")]
     NoBinary,
     #[error("The spec has no service.image, which Kubernetes needs (service.binary is for VMs)")]
@@ -85,7 +123,58 @@ pub(crate) fn show_bytes(bytes: u64) -> String {
 }
 
 impl Error {
+    /// The kind of this error.
+    pub fn kind(&self) -> ErrorKind {
+        match self {
+            Error::InvalidSize { .. }
+            | Error::InvalidProgram { .. }
+            | Error::NulInArgument { .. }
+            | Error::NulInEnvValue { .. }
+            | Error::InvalidEnvName { .. }
+            | Error::DuplicateEnv { .. }
+            | Error::InvalidTreeName { .. }
+            | Error::DuplicateTree { .. }
+            | Error::TreeNotADirectory { .. }
+            | Error::Spec { .. }
+            | Error::DataDiskSizeChanged { .. }
+            | Error::NoBinary
+            | Error::NoImage
+            | Error::K8sFiles { .. }
+            | Error::K8sDefaults { .. } => ErrorKind::InvalidInput,
+            Error::GpuWithoutVfio | Error::TeeRequired => ErrorKind::Unsupported,
+            Error::SpecRead { .. } | Error::InputIo { .. } | Error::ControlChannel { .. } => ErrorKind::Io,
+            Error::GuestFileMissing { .. } | Error::NoVmm { .. } | Error::BinaryMissing { .. } => ErrorKind::NotFound,
+            Error::StateDirUnknown | Error::StateIo { .. } | Error::StateCorrupt { .. } => ErrorKind::State,
+            Error::StateLockTimeout { .. } | Error::VmBusy { .. } => ErrorKind::Busy,
+            Error::VmNeedsGc { .. } => ErrorKind::NeedsGc,
+            Error::Vmm(_) => ErrorKind::Vmm,
+            Error::HostNet(_) | Error::Net(_) => ErrorKind::Network,
+            Error::Image(_) => ErrorKind::Image,
+            Error::K8s(_) => ErrorKind::Kubernetes,
+        }
+    }
+
     pub(crate) fn state_io(path: &std::path::Path, source: std::io::Error) -> Error {
         Error::StateIo { path: path.to_path_buf(), source }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{Error, ErrorKind};
+
+    #[test]
+    fn errors_have_a_kind_callers_can_branch_on() {
+        let cases = [
+            (Error::VmBusy { name: "web".into(), pid: Some(7) }, ErrorKind::Busy),
+            (Error::VmNeedsGc { name: "web".into() }, ErrorKind::NeedsGc),
+            (Error::NoVmm { binary: "qemu-system-x86_64" }, ErrorKind::NotFound),
+            (Error::TeeRequired, ErrorKind::Unsupported),
+            (Error::InvalidSize { input: "1Q".into(), reason: "unknown unit".into() }, ErrorKind::InvalidInput),
+            (Error::StateDirUnknown, ErrorKind::State),
+        ];
+        for (error, kind) in cases {
+            assert_eq!(error.kind(), kind, "{error}");
+        }
     }
 }

@@ -36,7 +36,7 @@ impl HostHandles {
 pub type GcAction = String;
 
 /// Releases everything `record` names: kills its VMM (only if that pid is
-/// still the VMM: see [`is_recorded_vmm`]), deletes
+/// still the VMM: see `is_recorded_vmm`), deletes
 /// its tap, its firewall elements and its lease. Returns what it did.
 pub fn release_vm(record: &VmRecord, host: &HostHandles, dry_run: bool) -> Result<Vec<GcAction>> {
     let name = &record.name;

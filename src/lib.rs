@@ -22,15 +22,14 @@ mod size;
 mod spec;
 mod state;
 
-pub use error::{Error, Result};
+pub use error::{Error, ErrorKind, Result};
 pub use gc::{GcAction, HostHandles, collect_garbage, release_vm};
 pub use hostnet::{CIDR_ENV, DEFAULT_CIDR, HostNet, UPLINK_ENV};
 pub use k8s::{ClusterDefaults, K8S_DEFAULTS_ENV, K8sWorkload, workload};
 pub use launch::LaunchScript;
 pub use run::{
-    CRASH_TEST_HOLD_ENV, DATA_DISK_SERIAL, DEFAULT_GRACE, FAILURE_EXIT_CODE, GUEST_DIR_ENV, GuestFiles, RunObserver,
-    RunOptions, RunOutcome, STOP_MARGIN, VmFiles, build_images, choose_backend, kernel_cmdline, mac_for, request_stop,
-    resolve_grace, run, seed, vm_plan,
+    DEFAULT_GRACE, FAILURE_EXIT_CODE, PlannedVm, RunObserver, RunOptions, RunOutcome, STOP_MARGIN, VmFiles,
+    build_images, plan_vm, request_stop, run,
 };
 pub use service_disk::{DiskTree, ServiceDisk};
 pub use size::parse_size;

@@ -9,32 +9,21 @@ use std::sync::atomic::AtomicBool;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
+use clap::builder::{PossibleValuesParser, TypedValueParser};
 use clap::{Args, ValueEnum};
 use indicatif::{ProgressBar, ProgressStyle};
-use kiln::{
-    Backend, GuestFiles, HostNet, LeaseInfo, Phase, RunObserver, RunOptions, Spec, VmFiles, choose_backend, vm_plan,
-};
+use kiln::{HostNet, Phase, RunObserver, RunOptions, Spec};
+use kiln_vmm::BackendChoice;
 
 use crate::vms::state;
 
 /// Set in the environment of the background `kiln run` that `--detach` starts.
 const DETACHED_ENV: &str = "KILN_DETACHED";
 
-#[derive(Debug, Clone, Copy, ValueEnum)]
-pub(crate) enum VmmChoice {
-    Auto,
-    CloudHypervisor,
-    Qemu,
-}
-
-impl From<VmmChoice> for Backend {
-    fn from(choice: VmmChoice) -> Backend {
-        match choice {
-            VmmChoice::Auto => Backend::Auto,
-            VmmChoice::CloudHypervisor => Backend::CloudHypervisor,
-            VmmChoice::Qemu => Backend::Qemu,
-        }
-    }
+/// `--vmm`: kiln-vmm's choices, offered (and refused) by clap as possible values.
+fn vmm_parser() -> impl TypedValueParser<Value = BackendChoice> {
+    PossibleValuesParser::new(BackendChoice::ALL.map(BackendChoice::as_str))
+        .try_map(|name: String| name.parse::<BackendChoice>())
 }
 
 #[derive(Debug, Args)]
@@ -42,8 +31,8 @@ pub(crate) struct RunArgs {
     /// The spec file (see docs/spec.md).
     spec: PathBuf,
     /// Which VMM runs the VM (default: the spec's `vm.backend`).
-    #[arg(long, value_enum)]
-    vmm: Option<VmmChoice>,
+    #[arg(long, value_parser = vmm_parser())]
+    vmm: Option<BackendChoice>,
     /// Start the VM in the background and return once it runs.
     #[arg(long)]
     detach: bool,
@@ -68,8 +57,8 @@ pub(crate) struct RenderArgs {
     #[arg(long, value_enum)]
     target: Target,
     /// Which VMM to render for (default: the spec's `vm.backend`, resolved on this host).
-    #[arg(long, value_enum)]
-    vmm: Option<VmmChoice>,
+    #[arg(long, value_parser = vmm_parser())]
+    vmm: Option<BackendChoice>,
     /// The guest directory (default: $KILN_GUEST_DIR, then ./target/guest).
     #[arg(long)]
     guest_dir: Option<PathBuf>,
@@ -91,12 +80,10 @@ pub(crate) fn run(args: &RunArgs) -> Result<ExitCode> {
     for signal in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
         signal_hook::flag::register(signal, Arc::clone(&stop)).context("cannot handle SIGINT/SIGTERM")?;
     }
-    let options = RunOptions {
-        backend: args.vmm.map(Backend::from),
-        stop,
-        net: HostNet::from_env()?,
-        guest_dir: args.guest_dir.clone(),
-    };
+    let mut options = RunOptions::new(HostNet::from_env()?);
+    options.backend = args.vmm;
+    options.stop = stop;
+    options.guest_dir = args.guest_dir.clone();
     let mut observer = TerminalObserver::new(std::env::var_os(DETACHED_ENV).is_some());
     let outcome = kiln::run(&spec, &args.spec, &state()?, &options, &mut observer);
     observer.finish();
@@ -134,7 +121,7 @@ fn detach(args: &RunArgs, spec: &Spec) -> Result<ExitCode> {
     let mut command = Command::new(std::env::current_exe().context("cannot find the kiln binary")?);
     command.arg("run").arg(&args.spec);
     if let Some(vmm) = args.vmm {
-        command.arg("--vmm").arg(vmm.to_possible_value().map(|v| v.get_name().to_owned()).unwrap_or_default());
+        command.arg("--vmm").arg(vmm.as_str());
     }
     if let Some(dir) = &args.guest_dir {
         command.arg("--guest-dir").arg(dir);
@@ -235,33 +222,47 @@ pub(crate) fn render(args: &RenderArgs) -> Result<ExitCode> {
 /// What `kiln run` would hand the VMM, for the pool's first lease and the
 /// state directory's paths; nothing on the host is touched.
 fn render_vm(spec: &Spec, args: &RenderArgs) -> Result<ExitCode> {
-    let guest = GuestFiles::find(spec, args.guest_dir.as_deref())?;
-    let backend = choose_backend(spec, args.vmm.map(Backend::from))?;
-    let net = HostNet::from_env()?;
-    let root = kiln::StateDir::default_root()?;
-    let files = VmFiles::new(&kiln::StateDir::open(&root)?, spec);
-    let first = net.cidr.network();
-    let lease = LeaseInfo {
-        host: std::net::Ipv4Addr::from(u32::from(first) + 1),
-        guest: std::net::Ipv4Addr::from(u32::from(first) + 2),
-        prefix_len: net.prefix,
-    };
-    let tap = kiln_net::tap_name(spec.name.as_str())?;
-    let plan = vm_plan(spec, &guest, backend, &files, &tap, &lease)?;
-    match backend {
+    let mut options = RunOptions::new(HostNet::from_env()?);
+    options.backend = args.vmm;
+    options.guest_dir = args.guest_dir.clone();
+    let state = kiln::StateDir::open(&kiln::StateDir::default_root()?)?;
+    let planned = kiln::plan_vm(spec, &state, &options)?;
+    match planned.backend {
         kiln_vmm::Backend::CloudHypervisor => {
-            println!("{}", serde_json::to_string_pretty(&kiln_vmm::ch_vm_config(&plan))?);
+            println!("{}", serde_json::to_string_pretty(&kiln_vmm::ch_vm_config(&planned.plan))?);
         }
         kiln_vmm::Backend::Qemu => {
             let accel = kiln_vmm::probe_accel(kiln_vmm::AccelChoice::Auto)?;
-            let qmp = files.run_dir.join("qmp.sock");
-            let argv = kiln_vmm::qemu_args(&plan, accel, &qmp);
+            let qmp = planned.run_dir.join("qmp.sock");
+            let argv: Vec<String> = kiln_vmm::qemu_args(&planned.plan, accel, &qmp)
+                .iter()
+                .map(|arg| shell_quote(&arg.to_string_lossy()))
+                .collect();
             println!("qemu-system-x86_64 \\");
-            let lines: Vec<String> = argv.iter().map(|arg| shell_quote(&arg.to_string_lossy())).collect();
-            println!("  {}", lines.join(" \\\n  "));
+            println!("  {}", flag_lines(&argv).join(" \\\n  "));
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// One line per flag with its value (`-m 512`), a flag without one alone.
+fn flag_lines(argv: &[String]) -> Vec<String> {
+    let mut lines: Vec<String> = Vec::new();
+    let mut open_flag = false;
+    for arg in argv {
+        match lines.last_mut() {
+            Some(line) if open_flag && !arg.starts_with('-') => {
+                line.push(' ');
+                line.push_str(arg);
+                open_flag = false;
+            }
+            _ => {
+                open_flag = arg.starts_with('-');
+                lines.push(arg.clone());
+            }
+        }
+    }
+    lines
 }
 
 fn shell_quote(word: &str) -> String {

@@ -45,8 +45,8 @@ pub struct DiskTree {
 }
 
 impl ServiceDisk {
-    /// The volume label the guest looks for.
-    pub const LABEL: &'static str = "SERVICEDISK";
+    /// The volume label the guest looks for (kiln-guest owns it).
+    pub const LABEL: &'static str = kiln_guest::SERVICE_DISK_LABEL;
 
     /// The disk's file tree, ready for [`FatTree::layout`] with label
     /// [`ServiceDisk::LABEL`]. Checks names, the launch script and every

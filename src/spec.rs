@@ -379,45 +379,11 @@ pub struct VmSettings {
     pub vfio: Vec<PciAddress>,
 }
 
-/// A VMM choice.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum Backend {
-    /// cloud-hypervisor when it and KVM work, else QEMU.
-    #[default]
-    Auto,
-    /// cloud-hypervisor only.
-    CloudHypervisor,
-    /// QEMU only.
-    Qemu,
-}
-
+/// A VMM choice (`auto`, `cloud-hypervisor`, `qemu`): kiln-vmm's
+/// [`kiln_vmm::BackendChoice`], under the name the spec has always used.
+pub use kiln_vmm::BackendChoice as Backend;
 /// A PCI address `dddd:bb:dd.f`, checked so it can name a sysfs path safely.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-#[serde(transparent)]
-pub struct PciAddress(String);
-
-impl PciAddress {
-    /// The address as written.
-    pub fn as_str(&self) -> &str {
-        &self.0
-    }
-}
-
-impl<'de> Deserialize<'de> for PciAddress {
-    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> std::result::Result<Self, D::Error> {
-        let text = String::deserialize(deserializer)?;
-        let hex = |s: &str, len: usize| s.len() == len && s.bytes().all(|b| b.is_ascii_hexdigit());
-        let parts: Vec<&str> = text.split([':', '.']).collect();
-        let valid = matches!(parts.as_slice(), [domain, bus, device, function]
-            if hex(domain, 4) && hex(bus, 2) && hex(device, 2) && function.len() == 1
-                && function.as_bytes()[0].is_ascii_digit() && function.as_bytes()[0] <= b'7');
-        if !valid || text.as_bytes().get(4) != Some(&b':') || text.as_bytes().get(7) != Some(&b':') {
-            return Err(de::Error::custom(format!("`{text}` is not a PCI address such as \"0000:01:00.0\"")));
-        }
-        Ok(PciAddress(text.to_ascii_lowercase()))
-    }
-}
+pub use kiln_vmm::PciAddress;
 
 /// The Pod's placement and metadata.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize, Serialize)]

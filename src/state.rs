@@ -41,7 +41,7 @@
 //! - A launcher releasing its own VM needs no lock: gc sees it alive until
 //!   the launcher exits, and each release step is idempotent.
 //!
-//! Both sides wait (polling, at most [`STATE_LOCK_WAIT`]): a gc pass and a
+//! Both sides wait (polling, at most `STATE_LOCK_WAIT`): a gc pass and a
 //! claim are short, so `kiln run` is never refused because gc runs.
 
 use std::fs::{self, DirBuilder, File, OpenOptions};
@@ -239,7 +239,7 @@ impl StateDir {
 
     /// Takes `<state>/gc.lock` exclusively, for one whole gc pass: no
     /// launcher claims a VM and no other gc runs until it drops. Waits (at
-    /// most [`STATE_LOCK_WAIT`]) for claims and gc passes under way.
+    /// most `STATE_LOCK_WAIT`) for claims and gc passes under way.
     pub fn lock_for_gc(&self) -> Result<StateLock> {
         self.lock_state(FlockOperation::NonBlockingLockExclusive)
     }

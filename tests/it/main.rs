@@ -10,6 +10,7 @@ mod cli_info;
 mod cli_initramfs;
 mod cli_k8s;
 mod cli_qcow2;
+mod cli_render;
 mod cli_writers;
 mod fake_k8s;
 mod guest_boot;

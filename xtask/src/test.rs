@@ -13,8 +13,8 @@ use crate::{announce, cargo, command_succeeds, debian, format_duration, fuzz, gu
 /// Set for the test run so a test whose external tool is missing fails
 /// instead of skipping (see kiln-testkit).
 const REQUIRE_TOOLS_ENV: (&str, &str) = ("KILN_REQUIRE_TOOLS", "1");
-/// The absolute path of `target/guest`, for tests that boot the guest.
-const GUEST_DIR_ENV: &str = "KILN_GUEST_DIR";
+// The absolute path of `target/guest`, for tests that boot the guest.
+use kiln_guest::GUEST_DIR_ENV;
 
 type Step = fn() -> Result<()>;
 

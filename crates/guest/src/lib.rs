@@ -57,6 +57,9 @@ pub const SEED_LABEL: &str = "CIDATA";
 pub const DATA_DISK_LABEL: &str = "KILNDATA";
 /// The virtio-blk serial that marks a blank disk as the data disk to format.
 pub const DATA_DISK_SERIAL: &str = "kiln-data";
+/// The environment variable naming the directory where `cargo xtask guest`
+/// put the kernel and initramfs (`vmlinuz`, `vmlinux`, `initramfs.cpio.gz`).
+pub const GUEST_DIR_ENV: &str = "KILN_GUEST_DIR";
 
 /// The prefix of every line kiln-init writes to the console.
 pub const MARKER_PREFIX: &str = "kiln-init: ";

@@ -25,13 +25,11 @@ impl fmt::Debug for Entry {
         match self {
             Entry::Dir => f.write_str("Dir"),
             Entry::File(bytes) if bytes.len() <= 32 => write!(f, "File({:?})", String::from_utf8_lossy(bytes)),
-            Entry::File(bytes) => write!(f, "File({} bytes, fnv1a {:016x})", bytes.len(), fnv1a(bytes)),
+            Entry::File(bytes) => {
+                write!(f, "File({} bytes, fnv1a {:016x})", bytes.len(), kiln_types::hash::fnv1a_64(bytes))
+            }
         }
     }
-}
-
-fn fnv1a(bytes: &[u8]) -> u64 {
-    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |hash, &b| (hash ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3))
 }
 
 /// A tree keyed by `/`-separated path relative to its root (no leading `/`).

@@ -20,7 +20,7 @@ pub use fat::{
 pub use k8s::{assert_k8s_valid, fake_apiserver, kubernetes_validate};
 
 use std::env;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 /// The environment variable `cargo xtask test` sets to make missing tools fatal.
 pub const REQUIRE_TOOLS_ENV: &str = "KILN_REQUIRE_TOOLS";
@@ -30,13 +30,10 @@ pub fn tools_required() -> bool {
     env::var_os(REQUIRE_TOOLS_ENV).is_some_and(|v| !v.is_empty() && v != "0")
 }
 
-/// Finds `tool` on `PATH` (or as given, if it contains a `/`).
+/// Finds `tool` on `PATH` (or as given, if it contains a `/`): kiln-vmm's
+/// lookup, the one every kiln crate uses.
 pub fn find_tool(tool: &str) -> Option<PathBuf> {
-    if tool.contains('/') {
-        return Path::new(tool).is_file().then(|| PathBuf::from(tool));
-    }
-    let path = env::var_os("PATH")?;
-    env::split_paths(&path).map(|dir| dir.join(tool)).find(|candidate| candidate.is_file())
+    kiln_vmm::find_on_path(tool)
 }
 
 /// Returns the path of `tool` for test `test`, or `None` after printing
@@ -125,8 +122,9 @@ pub fn is_root() -> bool {
 }
 
 /// The environment variable naming the directory `cargo xtask guest` wrote
-/// (`cargo xtask test` sets it to the absolute path of `target/guest`).
-pub const GUEST_DIR_ENV: &str = "KILN_GUEST_DIR";
+/// (`cargo xtask test` sets it to the absolute path of `target/guest`);
+/// kiln-guest owns it.
+pub use kiln_guest::GUEST_DIR_ENV;
 
 /// The guest files `cargo xtask guest` writes, for tests that boot a VM.
 #[derive(Debug, Clone)]

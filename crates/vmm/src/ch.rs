@@ -16,13 +16,14 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
+use crate::backend::Backend;
 use crate::ch_config::ch_vm_config;
 use crate::error::{Error, ErrorKind, Result};
 use crate::http::{self, Failure, Response};
 use crate::plan::VmPlan;
 use crate::process::VmmProcess;
 use crate::qemu::EXIT_GRACE;
-use crate::vm::{Backend, LaunchOptions, ShutdownHow, Status, Vmm, remove_stale_socket};
+use crate::vm::{LaunchOptions, ShutdownHow, Status, Vmm, remove_stale_socket};
 
 /// How often shutdown polls `vm.info` while the guest powers off.
 const POWER_OFF_POLL: Duration = Duration::from_millis(50);

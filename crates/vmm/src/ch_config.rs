@@ -61,8 +61,11 @@ pub fn ch_vm_config(plan: &VmPlan) -> Value {
         config["rng"] = json!({ "src": "/dev/urandom" });
     }
     if !plan.vfio.is_empty() {
-        config["devices"] =
-            plan.vfio.iter().map(|address| json!({ "path": format!("/sys/bus/pci/devices/{address}/") })).collect();
+        config["devices"] = plan
+            .vfio
+            .iter()
+            .map(|address| json!({ "path": format!("/sys/bus/pci/devices/{}/", address.as_str()) }))
+            .collect();
     }
     config
 }

@@ -225,33 +225,49 @@ mod tests {
         );
     }
 
+    fn check_request(method: &str, path: &str, body: Option<&[u8]>, expected: Expect) {
+        // Line ends shown as `\r\n|` so the expectation has no raw CR.
+        let text = String::from_utf8(render_request(method, path, body)).expect("ASCII").replace("\r\n", "\\r\\n|\n");
+        expected.assert_eq(&text);
+    }
+
     #[test]
     fn requests() {
-        // Line ends shown as `\r\n|` so the expectation has no raw CR.
-        let text = |bytes: Vec<u8>| String::from_utf8(bytes).expect("ASCII").replace("\r\n", "\\r\\n|\n");
-        expect![[r#"
+        check_request(
+            "GET",
+            "/api/v1/vmm.ping",
+            None,
+            expect![[r#"
             GET /api/v1/vmm.ping HTTP/1.1\r\n|
             Host: localhost\r\n|
             Accept: application/json\r\n|
             \r\n|
-        "#]]
-        .assert_eq(&text(render_request("GET", "/api/v1/vmm.ping", None)));
-        expect![[r#"
+        "#]],
+        );
+        check_request(
+            "PUT",
+            "/api/v1/vm.boot",
+            None,
+            expect![[r#"
             PUT /api/v1/vm.boot HTTP/1.1\r\n|
             Host: localhost\r\n|
             Accept: application/json\r\n|
             Content-Length: 0\r\n|
             \r\n|
-        "#]]
-        .assert_eq(&text(render_request("PUT", "/api/v1/vm.boot", None)));
-        expect![[r#"
+        "#]],
+        );
+        check_request(
+            "PUT",
+            "/api/v1/vm.create",
+            Some(b"{}"),
+            expect![[r#"
             PUT /api/v1/vm.create HTTP/1.1\r\n|
             Host: localhost\r\n|
             Accept: application/json\r\n|
             Content-Type: application/json\r\n|
             Content-Length: 2\r\n|
             \r\n|
-            {}"#]]
-        .assert_eq(&text(render_request("PUT", "/api/v1/vm.create", Some(b"{}"))));
+            {}"#]],
+        );
     }
 }

@@ -27,10 +27,12 @@
 //! # Ok::<(), kiln_vmm::Error>(())
 //! ```
 
+mod backend;
 mod ch;
 mod ch_config;
 mod error;
 mod http;
+mod pci;
 mod plan;
 mod process;
 mod qemu;
@@ -39,16 +41,18 @@ mod qmp;
 mod vm;
 mod vsock;
 
+pub use backend::{Backend, BackendChoice, choose_backend, find_on_path};
 pub use ch::ChVm;
 pub use ch_config::ch_vm_config;
 pub use error::{Error, ErrorKind, Result};
+pub use pci::PciAddress;
 pub use plan::{
     CMDLINE_MAX, Console, Disk, DiskFormat, MacAddr, Memory, Network, SUN_PATH_MAX, SerialPort, VmPlan, Vsock,
     check_socket_path,
 };
 pub use qemu::{QEMU_ACCEL_ENV, QemuVm, probe_accel};
 pub use qemu_args::{Accel, qemu_args};
-pub use vm::{AccelChoice, Backend, LaunchOptions, ShutdownHow, Status, Vmm, default_backend, launch};
+pub use vm::{AccelChoice, LaunchOptions, ShutdownHow, Status, Vmm, launch};
 pub use vsock::{VsockListener, vsock_connect};
 
 /// Parsers of untrusted VMM output, for the fuzz targets only.

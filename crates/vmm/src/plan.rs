@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 use std::str::FromStr;
 
 use crate::error::{Error, Result};
+use crate::pci::PciAddress;
 
 /// The longest path a unix socket can bind: `sun_path` is 108 bytes with the NUL.
 pub const SUN_PATH_MAX: usize = 107;
@@ -16,7 +17,10 @@ pub const CMDLINE_MAX: usize = 2047;
 
 /// A VM as kiln wants it, for any backend. Build one with [`VmPlan::new`],
 /// adjust the public fields, and let the backend [`VmPlan::validate`] it.
+/// Like every plan type here it is `#[non_exhaustive]`: fields can be added
+/// without breaking callers, who start from the constructors.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct VmPlan {
     /// A short name for logs and the VMM's process title: `[A-Za-z0-9._-]`, at most 64 bytes.
     pub name: String,
@@ -41,12 +45,13 @@ pub struct VmPlan {
     pub console: Console,
     /// A virtio-rng device fed from the host's `/dev/urandom`.
     pub entropy: bool,
-    /// Host PCI devices passed through with VFIO (GPUs), by address `DDDD:BB:DD.F`.
-    pub vfio: Vec<String>,
+    /// Host PCI devices passed through with VFIO (GPUs).
+    pub vfio: Vec<PciAddress>,
 }
 
 /// Guest memory.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct Memory {
     pub mib: u64,
     /// Share guest memory with other processes (needed by vhost-user devices such as virtiofsd).
@@ -57,6 +62,7 @@ pub struct Memory {
 
 /// A disk image given to the guest as a virtio-blk device.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct Disk {
     pub path: PathBuf,
     pub read_only: bool,
@@ -79,6 +85,7 @@ pub enum DiskFormat {
 
 /// A virtio-net device on a tap the launcher created (kiln-net).
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct Network {
     pub tap: String,
     pub mac: MacAddr,
@@ -94,6 +101,7 @@ pub struct Network {
 /// `socket` (hybrid vsock); QEMU uses the host kernel's vhost-vsock and
 /// ignores `socket`.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct Vsock {
     /// The guest's context id: 3 or more (0-2 are reserved).
     pub cid: u32,
@@ -103,6 +111,7 @@ pub struct Vsock {
 /// A named virtio-serial port (`/sys/class/virtio-ports/vportNpM/name` in
 /// the guest) backed by a unix socket on the host.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct SerialPort {
     /// 1-64 characters of `[A-Za-z0-9._-]`, such as `org.kiln.control`.
     pub name: String,
@@ -151,6 +160,56 @@ impl FromStr for MacAddr {
             return Err(bad());
         }
         Ok(MacAddr(octets))
+    }
+}
+
+impl Memory {
+    /// `mib` MiB of private memory without huge pages.
+    pub fn new(mib: u64) -> Memory {
+        Memory { mib, shared: false, hugepages: false }
+    }
+}
+
+impl Disk {
+    /// A writable disk with the host page cache and no serial.
+    pub fn new(path: impl Into<PathBuf>, format: DiskFormat) -> Disk {
+        Disk { path: path.into(), read_only: false, direct: false, format, serial: None }
+    }
+
+    /// The same disk, read-only (or not).
+    pub fn with_read_only(self, read_only: bool) -> Disk {
+        Disk { read_only, ..self }
+    }
+
+    /// The same disk, opened with `O_DIRECT` (or not).
+    pub fn with_direct(self, direct: bool) -> Disk {
+        Disk { direct, ..self }
+    }
+
+    /// The same disk with the virtio-blk serial `serial`.
+    pub fn with_serial(self, serial: impl Into<String>) -> Disk {
+        Disk { serial: Some(serial.into()), ..self }
+    }
+}
+
+impl Network {
+    /// A virtio-net device on `tap` with `mac`; no addresses recorded.
+    pub fn new(tap: impl Into<String>, mac: MacAddr) -> Network {
+        Network { tap: tap.into(), mac, host: None, guest: None }
+    }
+}
+
+impl Vsock {
+    /// A vsock device with context id `cid`, hybrid-vsock socket `socket`.
+    pub fn new(cid: u32, socket: impl Into<PathBuf>) -> Vsock {
+        Vsock { cid, socket: socket.into() }
+    }
+}
+
+impl SerialPort {
+    /// The named port `name`, its host end the unix socket `socket`.
+    pub fn new(name: impl Into<String>, socket: impl Into<PathBuf>) -> SerialPort {
+        SerialPort { name: name.into(), socket: socket.into() }
     }
 }
 
@@ -245,14 +304,6 @@ impl VmPlan {
         }
         check_console("serial", &self.serial)?;
         check_console("console", &self.console)?;
-        for (index, address) in self.vfio.iter().enumerate() {
-            if !is_pci_address(address) {
-                return Err(Error::invalid(
-                    format!("vfio[{index}]"),
-                    format!("`{address}` is not a PCI address like 0000:01:00.0"),
-                ));
-            }
-        }
         Ok(())
     }
 }
@@ -319,18 +370,6 @@ fn check_console(field: &str, console: &Console) -> Result<()> {
         Console::File(path) => check_file_path(field, path),
         Console::Socket(path) => check_socket_path(field, path),
     }
-}
-
-fn is_pci_address(address: &str) -> bool {
-    let hex = |part: &str, len: usize| part.len() == len && part.bytes().all(|b| b.is_ascii_hexdigit());
-    let Some((domain, rest)) = address.split_once(':') else { return false };
-    let Some((bus, rest)) = rest.split_once(':') else { return false };
-    let Some((device, function)) = rest.split_once('.') else { return false };
-    hex(domain, 4)
-        && hex(bus, 2)
-        && hex(device, 2)
-        && function.len() == 1
-        && matches!(function.as_bytes()[0], b'0'..=b'7')
 }
 
 #[cfg(test)]
@@ -422,11 +461,9 @@ mod tests {
                 "Invalid VM plan: `networks[0].mac` 01:54:00:00:00:01 is not a unicast address (the lowest bit of the first octet must be 0)"
             ],
         );
-        check(
-            |p| p.vfio.push("01:00.0".into()),
-            expect!["Invalid VM plan: `vfio[0]` `01:00.0` is not a PCI address like 0000:01:00.0"],
-        );
-        check(|p| p.vfio.push("0000:01:00.0".into()), expect!["ok"]);
+        // A bad address cannot get into the plan: PciAddress::parse refuses
+        // it (see crate::pci's tests for the message).
+        check(|p| p.vfio.push(PciAddress::parse("0000:01:00.0").expect("valid")), expect!["ok"]);
         check(
             |p| p.control = Some(SerialPort { name: "org,kiln".into(), socket: "/run/c.sock".into() }),
             expect!["Invalid VM plan: `control.name` `org,kiln` must be 1-64 characters of [A-Za-z0-9._-]"],
@@ -486,7 +523,7 @@ pub(crate) mod tests_support {
         plan.serial = Console::File("/run/kiln/web-1/serial.log".into());
         plan.console = Console::Pty;
         plan.entropy = true;
-        plan.vfio = vec!["0000:01:00.0".into()];
+        plan.vfio = vec![PciAddress::parse("0000:01:00.0").expect("valid")];
         plan
     }
 }

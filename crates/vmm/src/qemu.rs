@@ -7,12 +7,13 @@ use std::time::Duration;
 
 use serde_json::Value;
 
+use crate::backend::Backend;
 use crate::error::{Error, Result};
 use crate::plan::VmPlan;
 use crate::process::VmmProcess;
 use crate::qemu_args::{Accel, qemu_args};
 use crate::qmp::Qmp;
-use crate::vm::{AccelChoice, Backend, LaunchOptions, ShutdownHow, Status, Vmm, remove_stale_socket};
+use crate::vm::{AccelChoice, LaunchOptions, ShutdownHow, Status, Vmm, remove_stale_socket};
 
 /// The environment variable that overrides [`AccelChoice::Auto`]: `kvm` or `tcg`.
 pub const QEMU_ACCEL_ENV: &str = "KILN_QEMU_ACCEL";

@@ -95,7 +95,7 @@ pub fn qemu_args(plan: &VmPlan, accel: Accel, qmp_socket: &Path) -> Vec<OsString
         args.push(["-object", "rng-random,id=rng0,filename=/dev/urandom", "-device", "virtio-rng-pci,rng=rng0"]);
     }
     for address in &plan.vfio {
-        args.push(["-device".to_owned(), format!("vfio-pci,host={address}")]);
+        args.push(["-device".to_owned(), format!("vfio-pci,host={}", address.as_str())]);
     }
     args.0
 }

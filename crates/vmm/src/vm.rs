@@ -6,6 +6,7 @@ use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use crate::backend::Backend;
 use crate::error::{Error, Result};
 use crate::plan::{VmPlan, check_socket_path};
 
@@ -52,13 +53,6 @@ impl fmt::Display for Status {
     }
 }
 
-/// The VMM that runs a VM.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Backend {
-    CloudHypervisor,
-    Qemu,
-}
-
 /// How QEMU should run guest code.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum AccelChoice {
@@ -71,8 +65,10 @@ pub enum AccelChoice {
     Tcg,
 }
 
-/// Where and how to start a VMM.
+/// Where and how to start a VMM. Build one with [`LaunchOptions::new`],
+/// then set the fields you need.
 #[derive(Debug, Clone)]
+#[non_exhaustive]
 pub struct LaunchOptions {
     /// Per-VM directory for the API/QMP socket and `vmm.log`; created 0700
     /// if missing. Keep it short: sockets must fit 107 bytes.
@@ -89,6 +85,8 @@ pub struct LaunchOptions {
 }
 
 impl LaunchOptions {
+    /// Options for a VMM whose sockets and log go to `run_dir`: the binary
+    /// from `PATH`, [`AccelChoice::Auto`], 10 s to start, 5 s per request.
     pub fn new(run_dir: impl Into<PathBuf>) -> LaunchOptions {
         LaunchOptions {
             run_dir: run_dir.into(),
@@ -154,35 +152,4 @@ pub fn launch(backend: Backend, plan: &VmPlan, options: &LaunchOptions) -> Resul
         Backend::Qemu => Box::new(crate::qemu::QemuVm::launch(plan, options)?),
         Backend::CloudHypervisor => Box::new(crate::ch::ChVm::launch(plan, options)?),
     })
-}
-
-/// The backend to use when the caller has no preference: cloud-hypervisor
-/// when a `cloud-hypervisor` binary is on `PATH` and KVM can be trusted
-/// ([`crate::probe_accel`] with [`AccelChoice::Auto`] picks KVM), QEMU
-/// otherwise: QEMU's TCG runs a stock kernel anywhere.
-pub fn default_backend() -> Result<Backend> {
-    let accel = crate::probe_accel(AccelChoice::Auto)?;
-    let on_path = std::env::var_os("PATH")
-        .is_some_and(|path| std::env::split_paths(&path).any(|dir| dir.join("cloud-hypervisor").is_file()));
-    Ok(pick_backend(on_path, accel))
-}
-
-fn pick_backend(cloud_hypervisor_on_path: bool, accel: crate::Accel) -> Backend {
-    match (cloud_hypervisor_on_path, accel) {
-        (true, crate::Accel::Kvm) => Backend::CloudHypervisor,
-        _ => Backend::Qemu,
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::Accel;
-
-    #[test]
-    fn cloud_hypervisor_only_with_trusted_kvm() {
-        assert_eq!(pick_backend(true, Accel::Kvm), Backend::CloudHypervisor);
-        assert_eq!(pick_backend(true, Accel::Tcg), Backend::Qemu);
-        assert_eq!(pick_backend(false, Accel::Kvm), Backend::Qemu);
-    }
 }

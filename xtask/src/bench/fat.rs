@@ -23,7 +23,7 @@ use super::{
 use crate::json::Json;
 use crate::{announce, cargo, debian, format_bytes, run_command, target_dir};
 
-const LABEL: &str = "SERVICEDISK";
+use kiln_guest::SERVICE_DISK_LABEL as LABEL;
 const SERVICE_BYTES: u64 = 100 << 20;
 const KEYSTORE_DIRS: usize = 10;
 const FILES_PER_DIR: usize = 20;

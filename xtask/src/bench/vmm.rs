@@ -98,7 +98,7 @@ pub(super) fn run(options: &Options) -> Result<()> {
 }
 
 fn on_path(tool: &str) -> bool {
-    std::env::var_os("PATH").is_some_and(|path| std::env::split_paths(&path).any(|dir| dir.join(tool).is_file()))
+    kiln_vmm::find_on_path(tool).is_some()
 }
 
 #[derive(Debug, PartialEq)]

@@ -17,12 +17,14 @@ fn path() -> impl Strategy<Value = PathBuf> {
 
 fn disk() -> impl Strategy<Value = Disk> {
     (path(), any::<bool>(), any::<bool>(), any::<bool>(), proptest::option::of("[A-Za-z0-9._-]{1,20}")).prop_map(
-        |(path, read_only, direct, qcow2, serial)| Disk {
-            path,
-            read_only,
-            direct,
-            format: if qcow2 { DiskFormat::Qcow2 } else { DiskFormat::Raw },
-            serial,
+        |(path, read_only, direct, qcow2, serial)| {
+            let disk = Disk::new(path, if qcow2 { DiskFormat::Qcow2 } else { DiskFormat::Raw })
+                .with_read_only(read_only)
+                .with_direct(direct);
+            match serial {
+                Some(serial) => disk.with_serial(serial),
+                None => disk,
+            }
         },
     )
 }
@@ -42,11 +44,12 @@ fn plan() -> impl Strategy<Value = VmPlan> {
         .prop_map(|(name, cpus, (mib, shared, hugepages), kernel, initramfs, cmdline, disks, serial, control)| {
             let mut plan = VmPlan::new(name, kernel, cmdline);
             plan.cpus = cpus;
-            plan.memory = Memory { mib: if hugepages { mib & !1 } else { mib }, shared, hugepages };
+            plan.memory = Memory::new(if hugepages { mib & !1 } else { mib });
+            (plan.memory.shared, plan.memory.hugepages) = (shared, hugepages);
             plan.initramfs = initramfs;
             plan.disks = disks;
             plan.serial = serial.map_or(Console::Off, Console::File);
-            plan.control = control.map(|(name, socket)| SerialPort { name, socket });
+            plan.control = control.map(|(name, socket)| SerialPort::new(name, socket));
             plan
         })
 }

@@ -157,16 +157,11 @@ fn qemu_accepts_every_mapped_device() {
     let qcow2 = dir.path().join("data.qcow2");
     kiln_imagefmt::create_qcow2(&qcow2, 64 << 20, &kiln_imagefmt::Qcow2Options::default()).expect("qcow2 disk");
     let mut plan = VmPlan::new("it", &assets.bzimage, "console=ttyS0");
-    plan.memory = kiln_vmm::Memory { mib: 128, shared: true, hugepages: false };
+    plan.memory = kiln_vmm::Memory::new(128);
+    plan.memory.shared = true;
     plan.disks = vec![
-        kiln_vmm::Disk { path: raw, read_only: true, direct: false, format: kiln_vmm::DiskFormat::Raw, serial: None },
-        kiln_vmm::Disk {
-            path: qcow2,
-            read_only: false,
-            direct: true,
-            format: kiln_vmm::DiskFormat::Qcow2,
-            serial: None,
-        },
+        kiln_vmm::Disk::new(raw, kiln_vmm::DiskFormat::Raw).with_read_only(true),
+        kiln_vmm::Disk::new(qcow2, kiln_vmm::DiskFormat::Qcow2).with_direct(true),
     ];
     plan.serial = Console::Socket(dir.path().join("serial.sock"));
     plan.console = Console::Pty;

@@ -1,0 +1,57 @@
+//! `kiln render --target vm`, run as the real binary: what `kiln run` would
+//! hand the VMM, with nothing on the host touched.
+
+use std::process::Command;
+
+use crate::support::assert_success;
+
+#[test]
+fn render_vm_prints_each_qemu_flag_with_its_value_on_one_line() {
+    let test = "render_vm_prints_each_qemu_flag_with_its_value_on_one_line";
+    // kiln checks that the backend it renders for is installed.
+    if kiln_testkit::require_tool(test, "qemu-system-x86_64").is_none() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let guest = dir.path().join("guest");
+    std::fs::create_dir(&guest).unwrap();
+    // render only names the guest files; they need not be a real kernel.
+    for file in ["vmlinuz", "initramfs.cpio.gz"] {
+        std::fs::write(guest.join(file), b"").unwrap();
+    }
+    let spec = dir.path().join("web.toml");
+    std::fs::write(&spec, "name = \"web\"\n[service]\nbinary = \"/bin/true\"\n[resources]\nmemory = \"256MiB\"\n")
+        .unwrap();
+    let output = Command::new(env!("CARGO_BIN_EXE_kiln"))
+        .args(["render", "--target", "vm", "--vmm", "qemu", "--guest-dir"])
+        .arg(&guest)
+        .arg(&spec)
+        .env("KILN_STATE_DIR", dir.path().join("state"))
+        .env("KILN_QEMU_ACCEL", "tcg")
+        .env_remove("KILN_NET_CIDR")
+        .output()
+        .unwrap();
+    let stdout = assert_success(&output);
+    let mut lines = stdout.lines();
+    assert_eq!(lines.next(), Some("qemu-system-x86_64 \\"), "{stdout}");
+    let args: Vec<&str> = lines.map(|line| line.trim_start().trim_end_matches(" \\")).collect();
+    for line in &args {
+        let words: Vec<&str> = line.splitn(2, ' ').collect();
+        assert!(words[0].starts_with('-'), "each line starts with its flag: {line:?}\n{stdout}");
+        assert!(words.get(1).is_none_or(|value| !value.starts_with('-')), "one flag per line: {line:?}\n{stdout}");
+    }
+    for expected in [
+        "-m 256M".to_owned(),
+        "-accel tcg".to_owned(),
+        "-nodefaults".to_owned(),
+        format!("-kernel {}", guest.join("vmlinuz").display()),
+        format!("-initrd {}", guest.join("initramfs.cpio.gz").display()),
+    ] {
+        assert!(args.contains(&expected.as_str()), "{expected:?} on a line of its own:\n{stdout}");
+    }
+    assert!(
+        args.iter().any(|line| line.starts_with("-append 'console=ttyS0 ") && line.ends_with("kiln.grace=10'")),
+        "the kernel command line, quoted, after -append:\n{stdout}"
+    );
+    assert!(args.iter().any(|line| line.starts_with("-drive file=")), "{stdout}");
+}
