@@ -57,6 +57,7 @@ pub enum Error {
     K8sFiles { tree: String, why: String },
     #[error("Kubernetes defaults {}: {message}", path.display())]
     K8sDefaults { path: std::path::PathBuf, message: String },
+    #[cfg(feature = "k8s")]
     #[error(transparent)]
     K8s(#[from] kiln_k8s::Error),
     #[error("The service binary {} does not exist", path.display())]

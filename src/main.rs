@@ -3,7 +3,56 @@
 //! 2 for a usage error (clap's own).
 
 mod image;
+#[cfg(feature = "k8s")]
 mod k8scmd;
+#[cfg(not(feature = "k8s"))]
+mod k8scmd {
+    //! `kiln k8s` and `kiln render --target k8s` in a kiln built without
+    //! the `k8s` feature: the same flags, and one clear error.
+
+    use std::net::IpAddr;
+    use std::path::{Path, PathBuf};
+    use std::process::ExitCode;
+
+    use anyhow::{Result, bail};
+    use clap::Args;
+
+    /// The same flags as the real `PlacementArgs`, so `--target vm` refuses them alike.
+    #[derive(Debug, Args)]
+    pub(crate) struct PlacementArgs {
+        /// The operator's cluster-wide defaults (needs the `k8s` feature).
+        #[arg(long, value_name = "FILE")]
+        defaults: Option<PathBuf>,
+        /// The host's address as Pods see it (needs the `k8s` feature).
+        #[arg(long, value_name = "IP")]
+        host_address: Option<IpAddr>,
+    }
+
+    impl PlacementArgs {
+        pub(crate) fn any(&self) -> bool {
+            self.defaults.is_some() || self.host_address.is_some()
+        }
+    }
+
+    /// Whatever follows `kiln k8s`.
+    #[derive(Debug, Args)]
+    pub(crate) struct K8sArgs {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true, hide = true)]
+        args: Vec<String>,
+    }
+
+    fn disabled() -> Result<ExitCode> {
+        bail!("kiln was built without the k8s feature; rebuild with `--features k8s` (it is on by default)")
+    }
+
+    pub(crate) fn render(_spec: &Path, _placement: &PlacementArgs, _namespace: Option<&str>) -> Result<ExitCode> {
+        disabled()
+    }
+
+    pub(crate) fn k8s(_args: &K8sArgs) -> Result<ExitCode> {
+        disabled()
+    }
+}
 mod runcmd;
 mod vms;
 
