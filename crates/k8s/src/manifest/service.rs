@@ -11,6 +11,7 @@ use k8s_openapi::api::core::v1::{
 };
 use k8s_openapi::api::discovery::v1::{Endpoint, EndpointConditions, EndpointPort, EndpointSlice};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+use kiln_types::firewall::Protocol;
 
 use super::{Context, HOST_SUFFIX, HostEndpoints, port_name, protocol};
 use crate::Result;
@@ -26,25 +27,8 @@ pub(super) fn host_service(cx: &Context<'_>) -> Result<(Option<Service>, Option<
         cx.invalid("the firewall lists host ports, but the target has no host address for Pods to reach".to_owned())
     })?;
     let name = derived(&cx.instance, HOST_SUFFIX);
-    let service = Service {
-        metadata: cx.meta(name.clone()),
-        spec: Some(ServiceSpec {
-            ports: Some(
-                host_ports
-                    .iter()
-                    .map(|hp| ServicePort {
-                        name: Some(port_name(hp.protocol, hp.port)),
-                        protocol: Some(protocol(hp.protocol)),
-                        port: i32::from(hp.port),
-                        target_port: Some(IntOrString::Int(i32::from(hp.port))),
-                        ..ServicePort::default()
-                    })
-                    .collect(),
-            ),
-            ..ServiceSpec::default()
-        }),
-        ..Service::default()
-    };
+    let ports = host_ports.iter().map(|hp| service_port(hp.protocol, hp.port, hp.port)).collect();
+    let service = service(cx, name.clone(), None, ports);
     let endpoints =
         if cx.target.endpoint_slices { endpoint_slice(cx, name, address) } else { legacy_endpoints(cx, name, address) };
     Ok((Some(service), Some(endpoints)))
@@ -65,19 +49,12 @@ fn endpoint_slice(cx: &Context<'_>, name: String, address: IpAddr) -> HostEndpoi
             conditions: Some(EndpointConditions { ready: Some(true), ..EndpointConditions::default() }),
             ..Endpoint::default()
         }]),
-        ports: Some(
-            cx.workload
-                .firewall
-                .host_ports
-                .iter()
-                .map(|hp| EndpointPort {
-                    name: Some(port_name(hp.protocol, hp.port)),
-                    port: Some(i32::from(hp.port)),
-                    protocol: Some(protocol(hp.protocol)),
-                    ..EndpointPort::default()
-                })
-                .collect(),
-        ),
+        ports: Some(endpoint_ports(cx, |name, port, protocol| EndpointPort {
+            name: Some(name),
+            port: Some(port),
+            protocol: Some(protocol),
+            ..EndpointPort::default()
+        })),
     })
 }
 
@@ -87,45 +64,55 @@ fn legacy_endpoints(cx: &Context<'_>, name: String, address: IpAddr) -> HostEndp
         metadata: cx.meta(name),
         subsets: Some(vec![EndpointSubset {
             addresses: Some(vec![EndpointAddress { ip: address.to_string(), ..EndpointAddress::default() }]),
-            ports: Some(
-                cx.workload
-                    .firewall
-                    .host_ports
-                    .iter()
-                    .map(|hp| CoreEndpointPort {
-                        name: Some(port_name(hp.protocol, hp.port)),
-                        port: i32::from(hp.port),
-                        protocol: Some(protocol(hp.protocol)),
-                        ..CoreEndpointPort::default()
-                    })
-                    .collect(),
-            ),
+            ports: Some(endpoint_ports(cx, |name, port, protocol| CoreEndpointPort {
+                name: Some(name),
+                port,
+                protocol: Some(protocol),
+                ..CoreEndpointPort::default()
+            })),
             ..EndpointSubset::default()
         }]),
     })
 }
 
+/// The host ports as endpoint ports (name, port, protocol) of either API.
+fn endpoint_ports<T>(cx: &Context<'_>, port: impl Fn(String, i32, String) -> T) -> Vec<T> {
+    let host_ports = &cx.workload.firewall.host_ports;
+    host_ports
+        .iter()
+        .map(|hp| port(port_name(hp.protocol, hp.port), i32::from(hp.port), protocol(hp.protocol)))
+        .collect()
+}
+
 /// The Service selecting the Pod, when the firewall publishes ports.
 pub(super) fn published_service(cx: &Context<'_>) -> Option<Service> {
     let published = &cx.workload.firewall.published_ports;
-    (!published.is_empty()).then(|| Service {
-        metadata: cx.meta(cx.instance.clone()),
-        spec: Some(ServiceSpec {
-            selector: Some(cx.selector()),
-            ports: Some(
-                published
-                    .iter()
-                    .map(|p| ServicePort {
-                        name: Some(port_name(p.protocol, p.host_port)),
-                        protocol: Some(protocol(p.protocol)),
-                        port: i32::from(p.host_port),
-                        target_port: Some(IntOrString::Int(i32::from(p.guest_port))),
-                        ..ServicePort::default()
-                    })
-                    .collect(),
-            ),
-            ..ServiceSpec::default()
-        }),
-        ..Service::default()
+    (!published.is_empty()).then(|| {
+        let ports = published.iter().map(|p| service_port(p.protocol, p.host_port, p.guest_port)).collect();
+        service(cx, cx.instance.clone(), Some(cx.selector()), ports)
     })
+}
+
+fn service(
+    cx: &Context<'_>,
+    name: String,
+    selector: Option<BTreeMap<String, String>>,
+    ports: Vec<ServicePort>,
+) -> Service {
+    Service {
+        metadata: cx.meta(name),
+        spec: Some(ServiceSpec { selector, ports: Some(ports), ..ServiceSpec::default() }),
+        ..Service::default()
+    }
+}
+
+/// `port` on the Service, forwarded to `target` on the endpoints.
+fn service_port(protocol: Protocol, port: u16, target: u16) -> ServicePort {
+    ServicePort {
+        name: Some(port_name(protocol, port)),
+        protocol: Some(super::protocol(protocol)),
+        port: i32::from(port),
+        target_port: Some(IntOrString::Int(i32::from(target))),
+        ..ServicePort::default()
+    }
 }
