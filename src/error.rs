@@ -28,7 +28,8 @@ pub enum ErrorKind {
     Network,
     /// An image could not be written.
     Image,
-    /// The Kubernetes mapping failed.
+    /// The Kubernetes mapping failed (only with the `k8s` feature; the kind
+    /// exists in both builds so that matches on it need no cfg).
     Kubernetes,
 }
 
@@ -95,6 +96,7 @@ pub enum Error {
     K8sFiles { tree: String, why: String },
     #[error("Kubernetes defaults {}: {message}", path.display())]
     K8sDefaults { path: std::path::PathBuf, message: String },
+    #[cfg(feature = "k8s")]
     #[error(transparent)]
     K8s(#[from] kiln_k8s::Error),
     #[error("The service binary {} does not exist", path.display())]
@@ -150,6 +152,7 @@ impl Error {
             Error::Vmm(_) => ErrorKind::Vmm,
             Error::HostNet(_) | Error::Net(_) => ErrorKind::Network,
             Error::Image(_) => ErrorKind::Image,
+            #[cfg(feature = "k8s")]
             Error::K8s(_) => ErrorKind::Kubernetes,
         }
     }

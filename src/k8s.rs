@@ -9,11 +9,10 @@ use std::io::Read;
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 
-use kiln_k8s::k8s_openapi::api::core::v1::Toleration as K8sToleration;
-use kiln_k8s::{DataVolume, KubernetesOptions, Mount, MountSource, SecurityRelaxations, Target, Workload};
+use kiln_k8s::{DataVolume, KubernetesOptions, Mount, MountSource, Target, Workload};
 use serde::Deserialize;
 
-use crate::spec::{Confidentiality, FileSource, GpuPolicy, Spec, Toleration};
+use crate::spec::{FileSource, GpuPolicy, Spec, Toleration};
 use crate::{Error, Result};
 
 /// Where the data disk and `service.files` trees appear, as in the guest.
@@ -41,15 +40,6 @@ pub fn workload(spec: &Spec) -> Result<K8sWorkload> {
     let image = spec.service.image.clone().ok_or(Error::NoImage)?;
     let mut warnings = Vec::new();
     let resources = &spec.resources;
-    let gpu = (resources.gpu.policy != GpuPolicy::None).then_some(kiln_k8s::Gpu {
-        count: resources.gpu.count,
-        policy: match resources.gpu.policy {
-            GpuPolicy::None => kiln_k8s::GpuPolicy::None,
-            GpuPolicy::Preferred => kiln_k8s::GpuPolicy::Preferred,
-            GpuPolicy::Required => kiln_k8s::GpuPolicy::Required,
-        },
-        min_vram_gib: resources.gpu.min_vram_gb,
-    });
     let data_volume = resources.storage.map(|size| {
         warnings.push(format!(
             "resources.storage: {DATA_MOUNT_PATH} is an emptyDir with that size limit; it lasts as long as the Pod, not across runs like the VM's data disk"
@@ -92,56 +82,45 @@ pub fn workload(spec: &Spec) -> Result<K8sWorkload> {
             warnings.push(format!("{field} has no Pod equivalent and is ignored"));
         }
     }
-    let security = &kubernetes.security;
-    let workload = Workload {
-        name: spec.name.as_str().to_owned(),
-        image,
-        command: Vec::new(),
-        args: spec.service.args.clone(),
-        env: spec.service.env.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
-        mounts,
-        data_volume,
-        resources: kiln_k8s::Resources {
-            millicpus: Some(u32::from(resources.cpus) * 1000),
-            memory_bytes: Some(resources.memory.0),
-            gpu,
-        },
-        confidentiality: match resources.confidentiality {
-            Confidentiality::Any => kiln_k8s::Confidentiality::Any,
-            Confidentiality::StandardRequired => kiln_k8s::Confidentiality::StandardRequired,
-            Confidentiality::TeePreferred => kiln_k8s::Confidentiality::TeePreferred,
-            Confidentiality::TeeRequired => kiln_k8s::Confidentiality::TeeRequired,
-        },
-        firewall: spec.firewall(),
-        kubernetes: KubernetesOptions {
-            namespace: kubernetes.namespace.clone(),
-            node_selector: kubernetes.node_selector.clone(),
-            tolerations: kubernetes.tolerations.iter().map(k8s_toleration).collect(),
-            annotations: kubernetes.annotations.clone(),
-            labels: kubernetes.labels.clone(),
-            image_pull_secrets: kubernetes.pull_secret.iter().cloned().collect(),
-            service_account: kubernetes.service_account.clone(),
-            security: SecurityRelaxations {
-                run_as_root: security.run_as_root,
-                writable_root_filesystem: security.writable_root_filesystem,
-                allow_privilege_escalation: security.allow_privilege_escalation,
-                add_capabilities: security.add_capabilities.clone(),
-                unconfined_seccomp: security.unconfined_seccomp,
-                run_as_user: security.run_as_user,
-            },
-        },
-    };
+    let mut workload = Workload::new(spec.name.as_str(), image);
+    workload.args = spec.service.args.clone();
+    workload.env = spec.service.env.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+    workload.mounts = mounts;
+    workload.data_volume = data_volume;
+    workload.resources.millicpus = Some(u32::from(resources.cpus) * 1000);
+    workload.resources.memory_bytes = Some(resources.memory.0);
+    workload.resources.gpu = (resources.gpu.policy != GpuPolicy::None).then_some(resources.gpu);
+    workload.confidentiality = resources.confidentiality;
+    workload.firewall = spec.firewall();
+    workload.kubernetes = placement(
+        kubernetes.namespace.clone(),
+        &kubernetes.node_selector,
+        &kubernetes.tolerations,
+        &kubernetes.annotations,
+        &kubernetes.labels,
+    );
+    workload.kubernetes.image_pull_secrets = kubernetes.pull_secret.iter().cloned().collect();
+    workload.kubernetes.service_account = kubernetes.service_account.clone();
+    workload.kubernetes.security = kubernetes.security.clone();
     Ok(K8sWorkload { workload, warnings })
 }
 
-fn k8s_toleration(toleration: &Toleration) -> K8sToleration {
-    K8sToleration {
-        key: toleration.key.clone(),
-        operator: toleration.operator.clone(),
-        value: toleration.value.clone(),
-        effect: toleration.effect.clone(),
-        toleration_seconds: None,
-    }
+/// The Kubernetes options that the spec's `[kubernetes]` table and the
+/// operator's defaults file both set, the same way.
+fn placement(
+    namespace: Option<String>,
+    node_selector: &BTreeMap<String, String>,
+    tolerations: &[Toleration],
+    annotations: &BTreeMap<String, String>,
+    labels: &BTreeMap<String, String>,
+) -> KubernetesOptions {
+    let mut options = KubernetesOptions::default();
+    options.namespace = namespace;
+    options.node_selector = node_selector.clone();
+    options.tolerations = tolerations.to_vec();
+    options.annotations = annotations.clone();
+    options.labels = labels.clone();
+    options
 }
 
 /// The files of a flat directory (symlinks followed, as on the service
@@ -249,17 +228,12 @@ impl ClusterDefaults {
     /// the cluster (`kiln_k8s::Cluster::detect` fills that in).
     pub fn target(&self) -> Target {
         let base = Target::default();
+        let mut defaults =
+            placement(self.namespace.clone(), &self.node_selector, &self.tolerations, &self.annotations, &self.labels);
+        defaults.image_pull_secrets = self.pull_secrets.clone();
+        defaults.service_account = self.service_account.clone();
         Target {
-            defaults: KubernetesOptions {
-                namespace: self.namespace.clone(),
-                node_selector: self.node_selector.clone(),
-                tolerations: self.tolerations.iter().map(k8s_toleration).collect(),
-                annotations: self.annotations.clone(),
-                labels: self.labels.clone(),
-                image_pull_secrets: self.pull_secrets.clone(),
-                service_account: self.service_account.clone(),
-                security: SecurityRelaxations::default(),
-            },
+            defaults,
             host_address: self.host_address,
             tee_runtime_class: self.tee_runtime_class.clone().unwrap_or(base.tee_runtime_class.clone()),
             allow_cluster_dns: self.cluster_dns.unwrap_or(base.allow_cluster_dns),

@@ -4,36 +4,16 @@
 //! everything else (the TEE runtime) before the first object is applied.
 
 use std::io::Write;
-use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use clap::{Args, Subcommand};
+
+pub(crate) use crate::PlacementArgs;
 use kiln::{ClusterDefaults, K8sWorkload, Spec};
 use kiln_k8s::{Cluster, Confidentiality, ForeignObjects, Target, Workload};
-
-/// Where the objects go and what the operator set for every Pod: shared by
-/// `kiln render --target k8s` and `kiln k8s apply`.
-#[derive(Debug, Args)]
-pub(crate) struct PlacementArgs {
-    /// The operator's cluster-wide defaults, a TOML file (default:
-    /// $KILN_K8S_DEFAULTS); see docs/kubernetes.md.
-    #[arg(long, value_name = "FILE")]
-    defaults: Option<PathBuf>,
-    /// The host's address as Pods see it, for `network.host_ports` and
-    /// loopback URLs in `env` (overrides the defaults file's `host_address`).
-    #[arg(long, value_name = "IP")]
-    host_address: Option<IpAddr>,
-}
-
-impl PlacementArgs {
-    /// Whether any of these flags was given.
-    pub(crate) fn any(&self) -> bool {
-        self.defaults.is_some() || self.host_address.is_some()
-    }
-}
 
 /// The cluster and namespace `kiln k8s` talks to.
 #[derive(Debug, Args)]

@@ -7,13 +7,16 @@
 //!
 //! It is not the image writer (`kiln-imagefmt`), does not touch nftables or
 //! netlink itself (`kiln-net`) and never spawns a VMM (`kiln-vmm`). For
-//! Kubernetes it only converts the spec ([`workload`], [`ClusterDefaults`]);
-//! the mapping onto objects and the cluster client live in `kiln-k8s`.
+//! Kubernetes it only converts the spec (`workload`, `ClusterDefaults`,
+//! behind the default-on `k8s` feature); the mapping onto objects and the
+//! cluster client live in `kiln-k8s`. Without that feature the library
+//! compiles no Kubernetes or async code at all.
 
 mod control;
 mod error;
 mod gc;
 mod hostnet;
+#[cfg(feature = "k8s")]
 mod k8s;
 mod launch;
 mod run;
@@ -25,6 +28,7 @@ mod state;
 pub use error::{Error, ErrorKind, Result};
 pub use gc::{GcAction, HostHandles, collect_garbage, release_vm};
 pub use hostnet::{CIDR_ENV, DEFAULT_CIDR, HostNet, UPLINK_ENV};
+#[cfg(feature = "k8s")]
 pub use k8s::{ClusterDefaults, K8S_DEFAULTS_ENV, K8sWorkload, workload};
 pub use launch::LaunchScript;
 pub use run::{

@@ -3,13 +3,46 @@
 //! 2 for a usage error (clap's own).
 
 mod image;
+#[cfg(feature = "k8s")]
 mod k8scmd;
+#[cfg(not(feature = "k8s"))]
+mod k8scmd {
+    //! `kiln k8s` and `kiln render --target k8s` in a kiln built without
+    //! the `k8s` feature: the same flags, and one clear error.
+
+    use std::path::Path;
+    use std::process::ExitCode;
+
+    use anyhow::{Result, bail};
+    use clap::Args;
+
+    pub(crate) use crate::PlacementArgs;
+
+    /// Whatever follows `kiln k8s`.
+    #[derive(Debug, Args)]
+    pub(crate) struct K8sArgs {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true, hide = true)]
+        args: Vec<String>,
+    }
+
+    fn disabled() -> Result<ExitCode> {
+        bail!("kiln was built without the k8s feature; rebuild with `--features k8s` (it is on by default)")
+    }
+
+    pub(crate) fn render(_spec: &Path, _placement: &PlacementArgs, _namespace: Option<&str>) -> Result<ExitCode> {
+        disabled()
+    }
+
+    pub(crate) fn k8s(_args: &K8sArgs) -> Result<ExitCode> {
+        disabled()
+    }
+}
 mod runcmd;
 mod vms;
 
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
+use clap::{Args, Parser, Subcommand};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -45,6 +78,28 @@ enum Command {
     Logs(vms::LogsArgs),
     /// Run a spec as a Kubernetes Pod: apply, status, logs, delete, gc.
     K8s(k8scmd::K8sArgs),
+}
+
+/// Where the objects go and what the operator set for every Pod: shared by
+/// `kiln render --target k8s` and `kiln k8s apply`. Defined here, outside
+/// the `k8s` feature, so `kiln render --target vm` refuses them alike either way.
+#[derive(Debug, Args)]
+pub(crate) struct PlacementArgs {
+    /// The operator's cluster-wide defaults, a TOML file (default:
+    /// $KILN_K8S_DEFAULTS); see docs/kubernetes.md.
+    #[arg(long, value_name = "FILE")]
+    pub(crate) defaults: Option<std::path::PathBuf>,
+    /// The host's address as Pods see it, for `network.host_ports` and
+    /// loopback URLs in `env` (overrides the defaults file's `host_address`).
+    #[arg(long, value_name = "IP")]
+    pub(crate) host_address: Option<std::net::IpAddr>,
+}
+
+impl PlacementArgs {
+    /// Whether any of these flags was given.
+    pub(crate) fn any(&self) -> bool {
+        self.defaults.is_some() || self.host_address.is_some()
+    }
 }
 
 fn main() -> ExitCode {

@@ -12,15 +12,16 @@ use std::fmt;
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 
-use kiln_net::{Firewall, HostPort, Protocol, PublishedPort};
+use kiln_types::firewall::{Firewall, HostPort, Protocol, PublishedPort};
+/// Shared with kiln-k8s (through kiln-types), so the spec's tables are the
+/// types the Pod builders take.
+pub use kiln_types::pod::{PodSecurity, Toleration};
+pub use kiln_types::resources::{Confidentiality, Gpu, GpuPolicy};
+use kiln_types::syntax::{MAX_DNS_LABEL_LEN as MAX_NAME_LEN, is_dns_label, is_image_reference};
 use serde::de::{self, Deserializer, Visitor};
 use serde::{Deserialize, Serialize};
 
 use crate::{Error, Result, parse_size};
-
-/// Longest spec name: a DNS label, so the same name works as a Pod name,
-/// a VM id and (shortened) a tap name.
-const MAX_NAME_LEN: usize = 63;
 
 /// A parsed, validated spec.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
@@ -185,48 +186,6 @@ impl Default for Resources {
             confidentiality: Confidentiality::default(),
         }
     }
-}
-
-/// GPU needs.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize, Serialize)]
-#[serde(deny_unknown_fields)]
-pub struct Gpu {
-    /// How many.
-    #[serde(default)]
-    pub count: u32,
-    /// Whether they are needed.
-    #[serde(default)]
-    pub policy: GpuPolicy,
-    /// The least memory per GPU, in GB.
-    pub min_vram_gb: Option<u32>,
-}
-
-/// Whether GPUs are needed.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum GpuPolicy {
-    /// No GPU.
-    #[default]
-    None,
-    /// A GPU if one is available, else CPU.
-    Preferred,
-    /// A GPU or nothing.
-    Required,
-}
-
-/// Whether the service needs a trusted execution environment.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum Confidentiality {
-    /// Anything.
-    #[default]
-    Any,
-    /// Explicitly not a TEE.
-    StandardRequired,
-    /// A TEE when available.
-    TeePreferred,
-    /// A TEE or nothing.
-    TeeRequired,
 }
 
 /// What the guest may reach and what is published.
@@ -427,45 +386,6 @@ pub enum FileSource {
     HostPath,
 }
 
-/// What the spec may loosen in the Pod's hardened defaults (non-root, no
-/// privilege escalation, all capabilities dropped, `RuntimeDefault`
-/// seccomp, read-only root filesystem). All off by default.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize, Serialize)]
-#[serde(deny_unknown_fields)]
-pub struct PodSecurity {
-    /// Allow the image to run as root.
-    #[serde(default)]
-    pub run_as_root: bool,
-    /// A writable root filesystem.
-    #[serde(default)]
-    pub writable_root_filesystem: bool,
-    /// Allow setuid binaries to gain privileges.
-    #[serde(default)]
-    pub allow_privilege_escalation: bool,
-    /// Capabilities added back after dropping all, such as `NET_BIND_SERVICE`.
-    #[serde(default)]
-    pub add_capabilities: Vec<String>,
-    /// `Unconfined` seccomp instead of `RuntimeDefault`.
-    #[serde(default)]
-    pub unconfined_seccomp: bool,
-    /// The user id to run as.
-    pub run_as_user: Option<i64>,
-}
-
-/// A Kubernetes toleration.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
-#[serde(deny_unknown_fields)]
-pub struct Toleration {
-    /// The taint key (absent with `operator = "Exists"` tolerates all).
-    pub key: Option<String>,
-    /// `Equal` (default) or `Exists`.
-    pub operator: Option<String>,
-    /// The taint value, for `Equal`.
-    pub value: Option<String>,
-    /// `NoSchedule`, `PreferNoSchedule` or `NoExecute`; absent matches all.
-    pub effect: Option<String>,
-}
-
 impl Spec {
     /// Parses `text` (the contents of `path`, which only names it in errors
     /// and anchors relative paths).
@@ -522,18 +442,18 @@ impl Spec {
             crate::service_disk::validate_tree_name(name).map_err(|e| format!("service.files: {e}"))?;
         }
         if let Some(image) = &self.service.image
-            && !kiln_k8s::is_image_reference(image)
+            && !is_image_reference(image)
         {
             return Err(format!("service.image `{}` is empty or holds whitespace", image.escape_debug()));
         }
         if let Some(namespace) = &self.kubernetes.namespace
-            && !kiln_k8s::is_dns_label(namespace)
+            && !is_dns_label(namespace)
         {
             return Err(format!(
                 "kubernetes.namespace `{namespace}` is not a DNS label (lower-case letters, digits and `-`, at most 63 bytes)"
             ));
         }
-        self.firewall().validate().map_err(|e| format!("network: {e}"))
+        self.firewall().validate::<kiln_types::Error>().map_err(|e| format!("network: {e}"))
     }
 
     fn resolve_paths(&mut self, base: &Path) {
@@ -553,7 +473,8 @@ impl Spec {
         }
     }
 
-    /// The firewall of the service's VM, in kiln-net's terms.
+    /// The firewall of the service (kiln-types' model, which kiln-net and
+    /// kiln-k8s both take).
     pub fn firewall(&self) -> Firewall {
         Firewall {
             egress: self.network.egress,

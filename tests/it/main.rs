@@ -8,10 +8,12 @@ mod cli_errors;
 mod cli_images;
 mod cli_info;
 mod cli_initramfs;
+#[cfg(feature = "k8s")]
 mod cli_k8s;
 mod cli_qcow2;
 mod cli_render;
 mod cli_writers;
+#[cfg(feature = "k8s")]
 mod fake_k8s;
 mod guest_boot;
 mod launch_sh;

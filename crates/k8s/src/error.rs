@@ -51,9 +51,9 @@ pub enum Error {
     Firewall {
         /// The workload's name as given.
         workload: String,
-        /// kiln-net's reason.
+        /// kiln-types' reason.
         #[source]
-        source: kiln_net::Error,
+        source: kiln_types::Error,
     },
     /// Rendering manifests as YAML failed.
     #[error("cannot render {what} as YAML")]

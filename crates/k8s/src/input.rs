@@ -5,11 +5,15 @@
 use std::collections::BTreeMap;
 use std::net::IpAddr;
 
-use k8s_openapi::api::core::v1::Toleration;
-use kiln_net::Firewall;
+use kiln_types::firewall::Firewall;
+use kiln_types::pod::{PodSecurity, Toleration};
+use kiln_types::resources::{Confidentiality, Gpu};
 
-/// One service to run as a Pod.
+/// One service to run as a Pod. Built with [`Workload::new`], then its
+/// public fields set; `#[non_exhaustive]` so it can grow without breaking
+/// callers.
 #[derive(Debug, Clone, Default, PartialEq)]
+#[non_exhaustive]
 pub struct Workload {
     /// The instance name; every object name is derived from it.
     pub name: String,
@@ -75,8 +79,10 @@ pub struct DataVolume {
     pub size_bytes: u64,
 }
 
-/// Compute resources.
+/// Compute resources. `#[non_exhaustive]`: start from
+/// `Resources::default()` and set the fields.
 #[derive(Debug, Clone, Default, PartialEq)]
+#[non_exhaustive]
 pub struct Resources {
     /// CPUs in thousandths (`1500` = 1.5 CPUs); request and limit.
     pub millicpus: Option<u32>,
@@ -86,48 +92,13 @@ pub struct Resources {
     pub gpu: Option<Gpu>,
 }
 
-/// A GPU requirement.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Gpu {
-    /// How many GPUs.
-    pub count: u32,
-    /// How hard the requirement is.
-    pub policy: GpuPolicy,
-    /// The least memory one GPU must have, in GiB.
-    pub min_vram_gib: Option<u32>,
-}
-
-/// How hard a GPU requirement is.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub enum GpuPolicy {
-    /// No GPU.
-    #[default]
-    None,
-    /// Run on a GPU node when one fits, else on CPU.
-    Preferred,
-    /// Only run with the GPUs.
-    Required,
-}
-
-/// Confidential-computing requirement.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub enum Confidentiality {
-    /// No preference.
-    #[default]
-    Any,
-    /// Must run in an ordinary (non-TEE) container runtime.
-    StandardRequired,
-    /// Use the TEE runtime class when the cluster has it.
-    TeePreferred,
-    /// Only run in a TEE; an error on clusters without one.
-    TeeRequired,
-}
-
 /// Kubernetes settings, both the operator's defaults ([`Target::defaults`])
 /// and per-instance overrides ([`Workload::kubernetes`]). Maps merge with
 /// the instance winning on equal keys; lists are concatenated (duplicates
-/// dropped); a `Some` or `true` in the instance wins.
+/// dropped); a `Some` or `true` in the instance wins. `#[non_exhaustive]`:
+/// start from `KubernetesOptions::default()` and set the fields.
 #[derive(Debug, Clone, Default, PartialEq)]
+#[non_exhaustive]
 pub struct KubernetesOptions {
     /// The namespace.
     pub namespace: Option<String>,
@@ -144,26 +115,7 @@ pub struct KubernetesOptions {
     /// The service account; `None` uses the namespace's default.
     pub service_account: Option<String>,
     /// Loosening of the hardened security context.
-    pub security: SecurityRelaxations,
-}
-
-/// What may be loosened in kiln's hardened default security context
-/// (non-root, no privilege escalation, all capabilities dropped,
-/// `RuntimeDefault` seccomp, read-only root filesystem). All off by default.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct SecurityRelaxations {
-    /// Allow the image to run as root (drops `runAsNonRoot`).
-    pub run_as_root: bool,
-    /// A writable root filesystem.
-    pub writable_root_filesystem: bool,
-    /// Allow setuid binaries to gain privileges.
-    pub allow_privilege_escalation: bool,
-    /// Capabilities added back after dropping `ALL`, e.g. `NET_BIND_SERVICE`.
-    pub add_capabilities: Vec<String>,
-    /// `Unconfined` seccomp instead of `RuntimeDefault`.
-    pub unconfined_seccomp: bool,
-    /// The user to run as.
-    pub run_as_user: Option<i64>,
+    pub security: PodSecurity,
 }
 
 /// The cluster side: the operator's defaults and what kiln detected.
@@ -187,6 +139,15 @@ pub struct Target {
     /// Whether the NetworkPolicy lets the Pod resolve names through the
     /// cluster DNS (`kube-system`, `k8s-app: kube-dns`) even without egress.
     pub allow_cluster_dns: bool,
+}
+
+impl Workload {
+    /// A workload running `image` under the instance name `name`, with
+    /// nothing else: no environment, mounts or resources, the default
+    /// (deny-all) firewall.
+    pub fn new(name: impl Into<String>, image: impl Into<String>) -> Workload {
+        Workload { name: name.into(), image: image.into(), ..Workload::default() }
+    }
 }
 
 impl Default for Target {

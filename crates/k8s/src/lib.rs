@@ -17,7 +17,7 @@
 //! ```
 //! use kiln_k8s::{Target, Workload, render};
 //!
-//! let workload = Workload { name: "hello".into(), image: "ghcr.io/example/hello:1.0".into(), ..Workload::default() };
+//! let workload = Workload::new("hello", "ghcr.io/example/hello:1.0");
 //! let manifests = render(&workload, &Target::default())?;
 //! assert_eq!(manifests.pod.metadata.name.as_deref(), Some("hello"));
 //! assert!(manifests.to_yaml()?.contains("restartPolicy: Never"));
@@ -34,16 +34,18 @@ mod status;
 
 pub use client::{Applied, Cluster, Deleted, ForeignObjects, Instance};
 pub use error::{Error, Result};
-pub use input::{
-    Confidentiality, DataVolume, Gpu, GpuPolicy, KubernetesOptions, Mount, MountSource, Resources, SecurityRelaxations,
-    Target, Workload,
-};
+pub use input::{DataVolume, KubernetesOptions, Mount, MountSource, Resources, Target, Workload};
+/// The shared vocabulary kiln's spec speaks too (kiln-types), re-exported
+/// so callers name the types the [`Workload`] holds.
+pub use kiln_types::firewall::{Firewall, HostPort, Protocol, PublishedPort};
+pub use kiln_types::pod::{PodSecurity, Toleration};
+pub use kiln_types::resources::{Confidentiality, Gpu, GpuPolicy};
+pub use kiln_types::syntax::{MAX_DNS_LABEL_LEN as MAX_NAME_LEN, is_dns_label, is_image_reference};
+pub use manifest::instance_name;
 pub use manifest::{
     CONTAINER_NAME, HostEndpoints, INSTANCE_LABEL, MANAGED_BY_LABEL, MANAGER, MAX_INLINE_BYTES, Manifests,
     NAME_ANNOTATION, Object, render,
 };
-pub use manifest::{instance_name, is_image_reference};
-pub use names::{MAX_NAME_LEN, is_dns_label};
 pub use status::{Phase, PodState, Reason, pod_state};
 
 /// The Kubernetes version kiln-k8s's API types and schema checks target
@@ -52,8 +54,6 @@ pub const KUBERNETES_VERSION: &str = "1.37";
 
 /// Re-exported so callers name the same types the manifests hold.
 pub use k8s_openapi;
-/// The firewall description shared with kiln-net.
-pub use kiln_net::{Firewall, HostPort, Protocol, PublishedPort};
 /// Re-exported so callers can build a [`Cluster`] from their own client.
 pub use kube;
 

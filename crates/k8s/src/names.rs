@@ -8,10 +8,10 @@
 //! (case folding, `_`/`.` replaced, truncation) a hash of the original name
 //! is appended.
 
-use crate::{Error, Result};
+use kiln_types::hash::fnv1a_64;
+use kiln_types::syntax::MAX_DNS_LABEL_LEN as MAX_NAME_LEN;
 
-/// The longest DNS label.
-pub const MAX_NAME_LEN: usize = 63;
+use crate::{Error, Result};
 
 /// Length of the hash suffix, without its dash.
 const HASH_LEN: usize = 8;
@@ -65,28 +65,16 @@ fn with_hash(text: &str, original: &str, budget: usize) -> String {
 /// 32 bits of FNV-1a 64 as 8 hex digits: stable across platforms and
 /// releases (unlike `std`'s hasher), and only used to keep names apart.
 fn hash_hex(text: &str) -> String {
-    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
-    for byte in text.bytes() {
-        hash ^= u64::from(byte);
-        hash = hash.wrapping_mul(0x0100_0000_01b3);
-    }
+    let hash = fnv1a_64(text.as_bytes());
     format!("{:08x}", (hash >> 32) ^ (hash & 0xffff_ffff))
-}
-
-/// Whether `name` is an RFC 1123 label (what every name kiln emits must be).
-pub fn is_dns_label(name: &str) -> bool {
-    let bytes = name.as_bytes();
-    !bytes.is_empty()
-        && bytes.len() <= MAX_NAME_LEN
-        && bytes.iter().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || *b == b'-')
-        && bytes[0] != b'-'
-        && bytes[bytes.len() - 1] != b'-'
 }
 
 #[cfg(test)]
 mod tests {
     use expect_test::{Expect, expect};
     use proptest::prelude::*;
+
+    use kiln_types::syntax::is_dns_label;
 
     use super::*;
 

@@ -35,9 +35,9 @@ pub enum Error {
     /// An interface name (tap or uplink) nft cannot match literally.
     #[error("Interface name `{name}` is invalid: {reason}")]
     InvalidInterfaceName { name: String, reason: String },
-    /// A firewall spec that contradicts itself.
-    #[error("Firewall spec is invalid: {0}")]
-    InvalidFirewall(String),
+    /// A firewall spec that contradicts itself (kiln-types' check).
+    #[error(transparent)]
+    Firewall(#[from] kiln_types::Error),
     /// Another VM holds a tap or host port this VM's rules need.
     #[error("VM `{vm_id}` cannot use {claim}: VM `{holder}` holds it")]
     NftConflict { vm_id: String, holder: String, claim: String },

@@ -8,7 +8,6 @@
 //! never writes `net.ipv4.ip_forward`, and never spawns a VMM.
 
 mod error;
-mod firewall;
 mod forwarding;
 mod ifname;
 mod lease;
@@ -18,7 +17,7 @@ mod nft;
 mod tap;
 
 pub use error::{Error, Result};
-pub use firewall::{Firewall, HostPort, Protocol, PublishedPort};
+pub use kiln_types::firewall::{Firewall, HostPort, Protocol, PublishedPort};
 pub use lease::{DEFAULT_LEASE_PREFIX, Lease, LeasePool};
 pub use ledger::{LeaseRecord, Ledger, pid_is_alive};
 pub use nft::{

@@ -20,6 +20,7 @@ use tower_test::mock;
 
 use crate::chain;
 use crate::validate::assert_valid;
+use crate::with;
 
 fn pod(status: Value) -> Value {
     fake::pod("web", "default", status)
@@ -84,19 +85,18 @@ fn names(applied: Vec<kiln_k8s::Applied>) -> Vec<String> {
 }
 
 fn web() -> Workload {
-    Workload { name: "web".to_owned(), image: "registry.example/web:1".to_owned(), ..Workload::default() }
+    Workload::new("web", "registry.example/web:1")
 }
 
 #[tokio::test]
 async fn fake_apiserver_apply_creates_the_namespace_then_applies_every_object_pod_last() {
-    let workload = Workload {
-        firewall: Firewall {
+    let workload = with(web(), |it| {
+        it.firewall = Firewall {
             host_ports: vec![HostPort { protocol: Protocol::Tcp, port: 8545 }],
             published_ports: vec![PublishedPort { protocol: Protocol::Tcp, host_port: 8080, guest_port: 80 }],
             ..Firewall::default()
-        },
-        ..web()
-    };
+        }
+    });
     let target = Target { host_address: Some(IpAddr::from([10, 0, 0, 1])), ..Target::default() };
     let manifests = render(&workload, &target).expect("renders");
     assert_valid(&manifests.to_yaml().expect("YAML"));
@@ -192,13 +192,12 @@ async fn fake_apiserver_apply_stops_at_a_server_error() {
 
 /// `web` publishing port 80: Service/web, NetworkPolicy/web, Pod/web.
 fn web_published() -> Workload {
-    Workload {
-        firewall: Firewall {
+    with(web(), |it| {
+        it.firewall = Firewall {
             published_ports: vec![PublishedPort { protocol: Protocol::Tcp, host_port: 8080, guest_port: 80 }],
             ..Firewall::default()
-        },
-        ..web()
-    }
+        }
+    })
 }
 
 fn unlabelled(kind: &str, api_version: &str, name: &str) -> Value {
@@ -242,13 +241,10 @@ async fn fake_apiserver_apply_refuses_a_foreign_object_before_writing_anything()
 async fn fake_apiserver_apply_refuses_an_object_of_another_kiln_instance() {
     // Instance `web`'s host Service is `web-host`; so is the published-port
     // Service of an instance named `web-host`.
-    let workload = Workload {
-        firewall: Firewall {
-            host_ports: vec![HostPort { protocol: Protocol::Tcp, port: 7000 }],
-            ..Firewall::default()
-        },
-        ..web()
-    };
+    let workload = with(web(), |it| {
+        it.firewall =
+            Firewall { host_ports: vec![HostPort { protocol: Protocol::Tcp, port: 7000 }], ..Firewall::default() }
+    });
     let target = Target { host_address: Some(IpAddr::from([10, 0, 0, 1])), ..Target::default() };
     let manifests = render(&workload, &target).expect("renders");
     let replies = vec![

@@ -18,3 +18,10 @@ pub(crate) fn chain(err: &dyn std::error::Error) -> String {
     }
     text
 }
+
+/// `base` with some public fields set: kiln-k8s's input structs are
+/// `#[non_exhaustive]`, so tests cannot build them with a struct literal.
+pub(crate) fn with<T>(mut base: T, set: impl FnOnce(&mut T)) -> T {
+    set(&mut base);
+    base
+}

@@ -6,23 +6,19 @@ use std::collections::BTreeMap;
 use std::net::IpAddr;
 
 use expect_test::{Expect, expect};
-use k8s_openapi::api::core::v1::Toleration;
 use kiln_k8s::{
     Confidentiality, DataVolume, Firewall, Gpu, GpuPolicy, HostPort, KubernetesOptions, Manifests, Mount, MountSource,
-    Protocol, PublishedPort, Resources, SecurityRelaxations, Target, Workload, is_dns_label, render,
+    PodSecurity, Protocol, PublishedPort, Resources, Target, Toleration, Workload, is_dns_label, render,
 };
 use proptest::prelude::*;
 
 use crate::validate::assert_valid;
+use crate::with;
 
 const MIB: u64 = 1 << 20;
 
 fn workload() -> Workload {
-    Workload {
-        name: "rpc-client".to_owned(),
-        image: "ghcr.io/example/rpc-client:1.4.2".to_owned(),
-        ..Workload::default()
-    }
+    Workload::new("rpc-client", "ghcr.io/example/rpc-client:1.4.2")
 }
 
 fn target() -> Target {
@@ -30,10 +26,9 @@ fn target() -> Target {
 }
 
 fn with_gpu(policy: GpuPolicy, count: u32, min_vram_gib: Option<u32>) -> Workload {
-    Workload {
-        resources: Resources { gpu: Some(Gpu { count, policy, min_vram_gib }), ..Resources::default() },
-        ..workload()
-    }
+    with(workload(), |it| {
+        it.resources = with(Resources::default(), |it| it.gpu = Some(Gpu { count, policy, min_vram_gb: min_vram_gib }))
+    })
 }
 
 /// Renders, validates against the schema, reads the YAML back and
@@ -182,13 +177,13 @@ fn minimal_workload() {
 
 #[test]
 fn full_workload() {
-    let workload = Workload {
-        args: vec!["--listen".to_owned(), "0.0.0.0:8080".to_owned()],
-        env: vec![
+    let workload = with(workload(), |it| {
+        it.args = vec!["--listen".to_owned(), "0.0.0.0:8080".to_owned()];
+        it.env = vec![
             ("RUST_LOG".to_owned(), "info".to_owned()),
             ("RPC_URL".to_owned(), "http://127.0.0.1:8545/v1?x=1".to_owned()),
-        ],
-        mounts: vec![
+        ];
+        it.mounts = vec![
             Mount {
                 name: "keystore".to_owned(),
                 mount_path: "/run/keystore".to_owned(),
@@ -209,15 +204,18 @@ fn full_workload() {
                     secret: false,
                 },
             },
-        ],
-        resources: Resources { millicpus: Some(1500), memory_bytes: Some(512 * MIB), gpu: None },
-        firewall: Firewall {
+        ];
+        it.resources = with(Resources::default(), |it| {
+            it.millicpus = Some(1500);
+            it.memory_bytes = Some(512 * MIB);
+            it.gpu = None;
+        });
+        it.firewall = Firewall {
             egress: false,
             host_ports: vec![HostPort { protocol: Protocol::Tcp, port: 8545 }],
             published_ports: vec![PublishedPort { protocol: Protocol::Tcp, host_port: 8080, guest_port: 80 }],
-        },
-        ..workload()
-    };
+        };
+    });
     check(
         &workload,
         &target(),
@@ -502,7 +500,7 @@ fn gpu_policy_none_ignores_the_count() {
 fn confidentiality_policies() {
     let kata = Target { runtime_classes: vec!["gvisor".to_owned(), "kata".to_owned()], ..target() };
     let plain = Target { runtime_classes: vec!["gvisor".to_owned()], ..target() };
-    let with = |confidentiality| Workload { confidentiality, ..workload() };
+    let with = |confidentiality| with(workload(), |it| it.confidentiality = confidentiality);
     check_scheduling(
         &with(Confidentiality::TeeRequired),
         &kata,
@@ -562,29 +560,26 @@ fn operator_defaults_merge_with_instance_overrides() {
         ..Toleration::default()
     };
     let target = Target {
-        defaults: KubernetesOptions {
-            namespace: Some("services".to_owned()),
-            node_selector: [("pool".to_owned(), "general".to_owned()), ("zone".to_owned(), "a".to_owned())].into(),
-            tolerations: vec![toleration("dedicated")],
-            annotations: [("team".to_owned(), "infra".to_owned())].into(),
-            labels: [("cost-centre".to_owned(), "42".to_owned())].into(),
-            image_pull_secrets: vec!["registry".to_owned()],
-            ..KubernetesOptions::default()
-        },
+        defaults: with(KubernetesOptions::default(), |it| {
+            it.namespace = Some("services".to_owned());
+            it.node_selector = [("pool".to_owned(), "general".to_owned()), ("zone".to_owned(), "a".to_owned())].into();
+            it.tolerations = vec![toleration("dedicated")];
+            it.annotations = [("team".to_owned(), "infra".to_owned())].into();
+            it.labels = [("cost-centre".to_owned(), "42".to_owned())].into();
+            it.image_pull_secrets = vec!["registry".to_owned()];
+        }),
         ..target()
     };
-    let workload = Workload {
-        kubernetes: KubernetesOptions {
-            namespace: Some("rpc".to_owned()),
-            node_selector: [("pool".to_owned(), "rpc".to_owned())].into(),
-            tolerations: vec![toleration("dedicated"), toleration("spot")],
-            annotations: [("team".to_owned(), "rpc".to_owned()), ("owner".to_owned(), "ana".to_owned())].into(),
-            labels: [("app.kubernetes.io/managed-by".to_owned(), "someone-else".to_owned())].into(),
-            image_pull_secrets: vec!["registry".to_owned(), "mirror".to_owned()],
-            ..KubernetesOptions::default()
-        },
-        ..workload()
-    };
+    let workload = with(workload(), |it| {
+        it.kubernetes = with(KubernetesOptions::default(), |it| {
+            it.namespace = Some("rpc".to_owned());
+            it.node_selector = [("pool".to_owned(), "rpc".to_owned())].into();
+            it.tolerations = vec![toleration("dedicated"), toleration("spot")];
+            it.annotations = [("team".to_owned(), "rpc".to_owned()), ("owner".to_owned(), "ana".to_owned())].into();
+            it.labels = [("app.kubernetes.io/managed-by".to_owned(), "someone-else".to_owned())].into();
+            it.image_pull_secrets = vec!["registry".to_owned(), "mirror".to_owned()];
+        })
+    });
     check_objects(
         &workload,
         &target,
@@ -646,20 +641,18 @@ fn operator_defaults_merge_with_instance_overrides() {
 
 #[test]
 fn security_context_relaxed() {
-    let workload = Workload {
-        kubernetes: KubernetesOptions {
-            security: SecurityRelaxations {
+    let workload = with(workload(), |it| {
+        it.kubernetes = with(KubernetesOptions::default(), |it| {
+            it.security = PodSecurity {
                 run_as_root: true,
                 writable_root_filesystem: true,
                 allow_privilege_escalation: true,
                 add_capabilities: vec!["NET_BIND_SERVICE".to_owned()],
                 unconfined_seccomp: true,
                 run_as_user: Some(0),
-            },
-            ..KubernetesOptions::default()
-        },
-        ..workload()
-    };
+            }
+        })
+    });
     check_objects(
         &workload,
         &target(),
@@ -701,16 +694,15 @@ fn security_context_relaxed() {
 
 #[test]
 fn host_ports_as_legacy_endpoints_on_a_cluster_without_slices() {
-    let workload = Workload {
-        firewall: Firewall {
+    let workload = with(workload(), |it| {
+        it.firewall = Firewall {
             host_ports: vec![
                 HostPort { protocol: Protocol::Tcp, port: 8545 },
                 HostPort { protocol: Protocol::Udp, port: 9000 },
             ],
             ..Firewall::default()
-        },
-        ..workload()
-    };
+        }
+    });
     let old = Target { endpoint_slices: false, ..target() };
     check_objects(
         &workload,
@@ -761,18 +753,17 @@ fn host_ports_as_legacy_endpoints_on_a_cluster_without_slices() {
 
 #[test]
 fn ipv6_host_and_egress_on() {
-    let workload = Workload {
-        env: vec![
+    let workload = with(workload(), |it| {
+        it.env = vec![
             ("WS".to_owned(), "ws://[::1]:8546".to_owned()),
             ("OTHER".to_owned(), "http://example.com:80".to_owned()),
-        ],
-        firewall: Firewall {
+        ];
+        it.firewall = Firewall {
             egress: true,
             host_ports: vec![HostPort { protocol: Protocol::Tcp, port: 8546 }],
             ..Firewall::default()
-        },
-        ..workload()
-    };
+        };
+    });
     let target = Target { host_address: Some("fd00::1".parse().expect("IPv6")), allow_cluster_dns: false, ..target() };
     check_objects(
         &workload,
@@ -829,14 +820,13 @@ fn ipv6_host_and_egress_on() {
 
 #[test]
 fn keystore_from_a_host_path() {
-    let workload = Workload {
-        mounts: vec![Mount {
+    let workload = with(workload(), |it| {
+        it.mounts = vec![Mount {
             name: "keystore".to_owned(),
             mount_path: "/run/keystore".to_owned(),
             source: MountSource::HostPath("/var/lib/kiln/keystores/rpc-client".to_owned()),
-        }],
-        ..workload()
-    };
+        }]
+    });
     check_objects(
         &workload,
         &target(),
@@ -890,7 +880,7 @@ fn keystore_from_a_host_path() {
 
 #[test]
 fn loopback_without_a_host_address_is_kept_with_a_warning() {
-    let workload = Workload { env: vec![("RPC".to_owned(), "http://localhost:8545".to_owned())], ..workload() };
+    let workload = with(workload(), |it| it.env = vec![("RPC".to_owned(), "http://localhost:8545".to_owned())]);
     let manifests = render_checked(&workload, &Target::default());
     expect![[r#"
         # warning: environment variable `RPC` points at the loopback address, which inside a Pod is the Pod itself; give the target a host address to rewrite it
@@ -904,19 +894,18 @@ fn long_and_odd_names() {
         .iter()
         .map(|name| {
             let manifests = render_checked(
-                &Workload {
-                    name: (*name).to_owned(),
-                    firewall: Firewall {
+                &with(workload(), |it| {
+                    it.name = (*name).to_owned();
+                    it.firewall = Firewall {
                         host_ports: vec![HostPort { protocol: Protocol::Tcp, port: 1 }],
                         ..Firewall::default()
-                    },
-                    mounts: vec![Mount {
+                    };
+                    it.mounts = vec![Mount {
                         name: "keystore".to_owned(),
                         mount_path: "/k".to_owned(),
                         source: MountSource::Files { files: BTreeMap::new(), secret: true },
-                    }],
-                    ..workload()
-                },
+                    }];
+                }),
                 &target(),
             );
             manifests.objects().iter().map(|o| o.describe()).collect::<Vec<_>>().join(" ")
@@ -931,9 +920,9 @@ fn long_and_odd_names() {
 #[test]
 fn bad_input_is_refused_before_anything_is_applied() {
     let t = target();
-    check_error(&Workload { image: String::new(), ..workload() }, &t, expect!["workload `rpc-client` has no image"]);
+    check_error(&with(workload(), |it| it.image = String::new()), &t, expect!["workload `rpc-client` has no image"]);
     check_error(
-        &Workload { image: "ghcr.io/x:1 --privileged".to_owned(), ..workload() },
+        &with(workload(), |it| it.image = "ghcr.io/x:1 --privileged".to_owned()),
         &t,
         expect!["workload `rpc-client`: image `ghcr.io/x:1 --privileged` contains whitespace or control characters"],
     );
@@ -955,32 +944,32 @@ fn bad_input_is_refused_before_anything_is_applied() {
         expect!["workload `rpc-client`: a minimum of 0 GiB of GPU memory; leave it unset instead"],
     );
     check_error(
-        &Workload { name: "rpc client".to_owned(), ..workload() },
+        &with(workload(), |it| it.name = "rpc client".to_owned()),
         &t,
         expect![
             "`rpc client` cannot become a Kubernetes name: ' ' is not allowed (use letters, digits, `-`, `_` and `.`)"
         ],
     );
     check_error(
-        &Workload { name: "--".to_owned(), ..workload() },
+        &with(workload(), |it| it.name = "--".to_owned()),
         &t,
         expect!["`--` cannot become a Kubernetes name: it has no letter or digit"],
     );
     check_error(
-        &Workload { name: "ünicode".to_owned(), ..workload() },
+        &with(workload(), |it| it.name = "ünicode".to_owned()),
         &t,
         expect![
             "`ünicode` cannot become a Kubernetes name: 'ü' is not allowed (use letters, digits, `-`, `_` and `.`)"
         ],
     );
     check_error(
-        &Workload { confidentiality: Confidentiality::TeeRequired, ..workload() },
+        &with(workload(), |it| it.confidentiality = Confidentiality::TeeRequired),
         &t,
         expect!["workload `rpc-client` requires a TEE, but the cluster has no RuntimeClass `kata` (it has: none)"],
     );
     let runc = Target { runtime_classes: vec!["runc".to_owned(), "gvisor".to_owned()], ..target() };
     check_error(
-        &Workload { confidentiality: Confidentiality::TeeRequired, ..workload() },
+        &with(workload(), |it| it.confidentiality = Confidentiality::TeeRequired),
         &runc,
         expect![
             "workload `rpc-client` requires a TEE, but the cluster has no RuntimeClass `kata` (it has: runc, gvisor)"
@@ -989,7 +978,7 @@ fn bad_input_is_refused_before_anything_is_applied() {
     let host_ports =
         Firewall { host_ports: vec![HostPort { protocol: Protocol::Tcp, port: 8545 }], ..Firewall::default() };
     check_error(
-        &Workload { firewall: host_ports.clone(), ..workload() },
+        &with(workload(), |it| it.firewall = host_ports.clone()),
         &Target::default(),
         expect![
             "workload `rpc-client`: the firewall lists host ports, but the target has no host address for Pods to reach"
@@ -997,7 +986,7 @@ fn bad_input_is_refused_before_anything_is_applied() {
     );
     let port_zero = Firewall { host_ports: vec![HostPort { protocol: Protocol::Tcp, port: 0 }], ..Firewall::default() };
     check_error(
-        &Workload { firewall: port_zero, ..workload() },
+        &with(workload(), |it| it.firewall = port_zero),
         &t,
         expect![[r#"
             workload `rpc-client`: invalid firewall
@@ -1009,80 +998,72 @@ fn bad_input_is_refused_before_anything_is_applied() {
         source: MountSource::Files { files: [(file.to_owned(), Vec::new())].into(), secret: true },
     };
     check_error(
-        &Workload { mounts: vec![mount("keystore", "run/keys", "k")], ..workload() },
+        &with(workload(), |it| it.mounts = vec![mount("keystore", "run/keys", "k")]),
         &t,
         expect!["workload `rpc-client`: mount `keystore`: `run/keys` is not an absolute path"],
     );
     check_error(
-        &Workload { mounts: vec![mount("keystore", "/run/../etc", "k")], ..workload() },
+        &with(workload(), |it| it.mounts = vec![mount("keystore", "/run/../etc", "k")]),
         &t,
         expect!["workload `rpc-client`: mount `keystore`: `/run/../etc` has an empty, `.` or `..` component"],
     );
     check_error(
-        &Workload { mounts: vec![mount("keystore", "/run/keys", "../k")], ..workload() },
+        &with(workload(), |it| it.mounts = vec![mount("keystore", "/run/keys", "../k")]),
         &t,
         expect![
             "workload `rpc-client`: mount `keystore`: file `../k` has '/'; file names may hold letters, digits, `-`, `_` and `.`"
         ],
     );
     check_error(
-        &Workload { mounts: vec![mount("a", "/run/keys", "k"), mount("b", "/run/keys/", "k")], ..workload() },
+        &with(workload(), |it| it.mounts = vec![mount("a", "/run/keys", "k"), mount("b", "/run/keys/", "k")]),
         &t,
         expect!["workload `rpc-client`: two mounts at `/run/keys/`"],
     );
     check_error(
-        &Workload { env: vec![("A".to_owned(), "1".to_owned()), ("A".to_owned(), "2".to_owned())], ..workload() },
+        &with(workload(), |it| it.env = vec![("A".to_owned(), "1".to_owned()), ("A".to_owned(), "2".to_owned())]),
         &t,
         expect!["workload `rpc-client`: environment variable `A` is set twice"],
     );
     check_error(
-        &Workload {
-            kubernetes: KubernetesOptions { namespace: Some("Prod".to_owned()), ..KubernetesOptions::default() },
-            ..workload()
-        },
+        &with(workload(), |it| {
+            it.kubernetes = with(KubernetesOptions::default(), |it| it.namespace = Some("Prod".to_owned()))
+        }),
         &t,
         expect!["workload `rpc-client`: namespace `Prod` is not a DNS label (lower-case letters, digits, `-`)"],
     );
-    let options = |options: KubernetesOptions| Workload { kubernetes: options, ..workload() };
+    let options = |options: KubernetesOptions| with(workload(), |it| it.kubernetes = options);
     check_error(
-        &options(KubernetesOptions {
-            labels: [("team".to_owned(), "a b".to_owned())].into(),
-            ..KubernetesOptions::default()
-        }),
+        &options(with(KubernetesOptions::default(), |it| it.labels = [("team".to_owned(), "a b".to_owned())].into())),
         &t,
         expect![
             "workload `rpc-client`: label value `a b` (key `team`) must be 1-63 letters, digits, `-`, `_` or `.`, starting and ending with a letter or digit"
         ],
     );
     check_error(
-        &options(KubernetesOptions {
-            node_selector: [("Bad_Prefix/zone".to_owned(), "a".to_owned())].into(),
-            ..KubernetesOptions::default()
-        }),
+        &options(with(KubernetesOptions::default(), |it| {
+            it.node_selector = [("Bad_Prefix/zone".to_owned(), "a".to_owned())].into()
+        })),
         &t,
         expect![
             "workload `rpc-client`: label key `Bad_Prefix/zone` has prefix `Bad_Prefix`, which is not a DNS subdomain"
         ],
     );
     check_error(
-        &options(KubernetesOptions {
-            annotations: [("".to_owned(), "x".to_owned())].into(),
-            ..KubernetesOptions::default()
-        }),
+        &options(with(KubernetesOptions::default(), |it| it.annotations = [("".to_owned(), "x".to_owned())].into())),
         &t,
         expect![
             "workload `rpc-client`: annotation key `` must be 1-63 letters, digits, `-`, `_` or `.`, starting and ending with a letter or digit"
         ],
     );
     check_error(
-        &options(KubernetesOptions { image_pull_secrets: vec!["Registry".to_owned()], ..KubernetesOptions::default() }),
+        &options(with(KubernetesOptions::default(), |it| it.image_pull_secrets = vec!["Registry".to_owned()])),
         &t,
         expect![
             "workload `rpc-client`: `Registry` is not a valid Secret or ServiceAccount name (a lower-case DNS subdomain)"
         ],
     );
     check_error(
-        &Workload { resources: Resources { memory_bytes: Some(0), ..Resources::default() }, ..workload() },
+        &with(workload(), |it| it.resources = with(Resources::default(), |it| it.memory_bytes = Some(0))),
         &t,
         expect!["workload `rpc-client`: 0 bytes of memory requested"],
     );
@@ -1095,7 +1076,7 @@ fn bad_input_is_refused_before_anything_is_applied() {
         },
     };
     check_error(
-        &Workload { mounts: vec![big], ..workload() },
+        &with(workload(), |it| it.mounts = vec![big]),
         &t,
         expect![
             "workload `rpc-client`: mount `keystore` holds 1126400 bytes, more than the 1048576 a Secret can; mount it from the node instead"
@@ -1103,16 +1084,15 @@ fn bad_input_is_refused_before_anything_is_applied() {
     );
     let data = |mount_path: &str, size_bytes| Some(DataVolume { mount_path: mount_path.to_owned(), size_bytes });
     check_error(
-        &Workload { data_volume: data("/mnt/data", 0), ..workload() },
+        &with(workload(), |it| it.data_volume = data("/mnt/data", 0)),
         &t,
         expect!["workload `rpc-client`: data volume of 0 bytes"],
     );
     check_error(
-        &Workload {
-            data_volume: data("/run/keys", MIB),
-            mounts: vec![mount("keystore", "/run/keys", "k")],
-            ..workload()
-        },
+        &with(workload(), |it| {
+            it.data_volume = data("/run/keys", MIB);
+            it.mounts = vec![mount("keystore", "/run/keys", "k")];
+        }),
         &t,
         expect!["workload `rpc-client`: the data volume clashes with a mount named `data` or at `/run/keys`"],
     );
@@ -1121,10 +1101,9 @@ fn bad_input_is_refused_before_anything_is_applied() {
 /// The microVM's data disk becomes a size-limited, writable emptyDir.
 #[test]
 fn data_volume() {
-    let workload = Workload {
-        data_volume: Some(DataVolume { mount_path: "/mnt/data".to_owned(), size_bytes: 64 * MIB }),
-        ..workload()
-    };
+    let workload = with(workload(), |it| {
+        it.data_volume = Some(DataVolume { mount_path: "/mnt/data".to_owned(), size_bytes: 64 * MIB })
+    });
     let manifests = render_checked(&workload, &target());
     let spec = serde_json::to_value(&manifests.pod).expect("Pod serializes")["spec"].clone();
     let picked =
@@ -1183,24 +1162,22 @@ fn arb_workload() -> impl Strategy<Value = Workload> {
                 files,
                 data_bytes,
             )| {
-                Workload {
-                    name,
-                    image: "registry.example/app@sha256:0123".to_owned(),
-                    env: env.into_iter().collect(),
-                    mounts: vec![Mount {
+                with(Workload::new(name, "registry.example/app@sha256:0123".to_owned()), |it| {
+                    it.env = env.into_iter().collect();
+                    it.mounts = vec![Mount {
                         name: "keystore".to_owned(),
                         mount_path: "/run/keystore".to_owned(),
                         source: MountSource::Files { files, secret: egress },
-                    }],
-                    data_volume: data_bytes
-                        .map(|size_bytes| DataVolume { mount_path: "/mnt/data".to_owned(), size_bytes }),
-                    resources: Resources {
-                        millicpus: cpu,
-                        memory_bytes: memory,
-                        gpu: Some(Gpu { count, policy, min_vram_gib: vram }),
-                    },
-                    confidentiality,
-                    firewall: Firewall {
+                    }];
+                    it.data_volume =
+                        data_bytes.map(|size_bytes| DataVolume { mount_path: "/mnt/data".to_owned(), size_bytes });
+                    it.resources = with(Resources::default(), |it| {
+                        it.millicpus = cpu;
+                        it.memory_bytes = memory;
+                        it.gpu = Some(Gpu { count, policy, min_vram_gb: vram });
+                    });
+                    it.confidentiality = confidentiality;
+                    it.firewall = Firewall {
                         egress,
                         host_ports: host_ports
                             .into_iter()
@@ -1214,9 +1191,8 @@ fn arb_workload() -> impl Strategy<Value = Workload> {
                                 guest_port,
                             })
                             .collect(),
-                    },
-                    ..Workload::default()
-                }
+                    };
+                })
             },
         )
 }

@@ -1,7 +1,7 @@
-//! The firewall spec of one VM: what the guest may reach and what the host
-//! publishes. It sits at the spec edge (serde), and later issues map the same
-//! description onto a Kubernetes NetworkPolicy, so it says *what* is allowed,
-//! never *how* nftables does it. Everything not listed is denied, and traffic
+//! The firewall of one service: what it may reach and what the host
+//! publishes. It sits at the spec edge (serde); kiln-net turns it into
+//! nftables rules and kiln-k8s into a NetworkPolicy, so it says *what* is
+//! allowed, never *how*. Everything not listed is denied, and traffic
 //! between VMs is always denied.
 
 use std::collections::BTreeSet;
@@ -9,7 +9,7 @@ use std::fmt;
 
 use serde::{Deserialize, Serialize};
 
-use crate::{Error, Result};
+use crate::Error;
 
 /// The transport protocol of a port rule.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
@@ -77,26 +77,31 @@ pub struct Firewall {
 }
 
 impl Firewall {
-    /// Checks ports are non-zero and no host port is published twice.
-    pub fn validate(&self) -> Result<()> {
+    /// Checks ports are non-zero and no host port is published twice. The
+    /// error is kiln-types' [`Error`], converted into the caller's own (so
+    /// kiln-net and kiln-k8s can return it as theirs).
+    pub fn validate<E: From<Error>>(&self) -> Result<(), E> {
         for host in &self.host_ports {
             if host.port == 0 {
-                return Err(Error::InvalidFirewall(format!("host port {}/0: port 0 is not a port", host.protocol)));
+                return Err(E::from(Error::InvalidFirewall(format!(
+                    "host port {}/0: port 0 is not a port",
+                    host.protocol
+                ))));
             }
         }
         let mut published = BTreeSet::new();
         for p in &self.published_ports {
             if p.host_port == 0 || p.guest_port == 0 {
-                return Err(Error::InvalidFirewall(format!(
+                return Err(E::from(Error::InvalidFirewall(format!(
                     "published port {}/{} -> {}: port 0 is not a port",
                     p.protocol, p.host_port, p.guest_port
-                )));
+                ))));
             }
             if !published.insert((p.protocol, p.host_port)) {
-                return Err(Error::InvalidFirewall(format!(
+                return Err(E::from(Error::InvalidFirewall(format!(
                     "host port {}/{} is published more than once",
                     p.protocol, p.host_port
-                )));
+                ))));
             }
         }
         Ok(())

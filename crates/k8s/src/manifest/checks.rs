@@ -1,0 +1,105 @@
+//! The syntax checks the API server would otherwise make halfway through
+//! an apply: label and annotation keys, tolerations, object references,
+//! mount paths and Secret or ConfigMap keys.
+
+use kiln_types::syntax::is_dns_subdomain;
+
+use crate::input::KubernetesOptions;
+
+/// Label and annotation keys and values, selector values and object
+/// references, checked here so a bad one is refused before anything is
+/// sent rather than by the API server halfway through an apply.
+pub(super) fn check_options(options: &KubernetesOptions) -> Result<(), String> {
+    for (key, value) in options.labels.iter().chain(&options.node_selector) {
+        check_qualified_name(key).map_err(|why| format!("label key `{key}` {why}"))?;
+        if !value.is_empty() {
+            check_name_part(value).map_err(|why| format!("label value `{value}` (key `{key}`) {why}"))?;
+        }
+    }
+    for key in options.annotations.keys() {
+        check_qualified_name(key).map_err(|why| format!("annotation key `{key}` {why}"))?;
+    }
+    for toleration in &options.tolerations {
+        let key = toleration.key.as_deref().unwrap_or("");
+        if !key.is_empty() {
+            check_qualified_name(key).map_err(|why| format!("toleration key `{key}` {why}"))?;
+        }
+        match toleration.operator.as_deref() {
+            None | Some("Equal") if key.is_empty() => {
+                return Err("a toleration with operator `Equal` needs a key".to_owned());
+            }
+            None | Some("Equal") => {}
+            Some("Exists") if toleration.value.as_deref().is_some_and(|v| !v.is_empty()) => {
+                return Err(format!("toleration `{key}` has operator `Exists` and a value; drop the value"));
+            }
+            Some("Exists") => {}
+            Some(other) => return Err(format!("toleration operator `{other}` is not `Equal` or `Exists`")),
+        }
+        if let Some(effect) = toleration.effect.as_deref().filter(|e| !e.is_empty())
+            && !matches!(effect, "NoSchedule" | "PreferNoSchedule" | "NoExecute")
+        {
+            return Err(format!("toleration effect `{effect}` is not `NoSchedule`, `PreferNoSchedule` or `NoExecute`"));
+        }
+    }
+    let references = options.image_pull_secrets.iter().chain(&options.service_account);
+    for name in references {
+        if !is_dns_subdomain(name) {
+            return Err(format!("`{name}` is not a valid Secret or ServiceAccount name (a lower-case DNS subdomain)"));
+        }
+    }
+    Ok(())
+}
+
+/// `[prefix/]name`: prefix a DNS subdomain, name as [`check_name_part`].
+fn check_qualified_name(key: &str) -> Result<(), String> {
+    let name = match key.split_once('/') {
+        Some((prefix, name)) => {
+            if !is_dns_subdomain(prefix) {
+                return Err(format!("has prefix `{prefix}`, which is not a DNS subdomain"));
+            }
+            name
+        }
+        None => key,
+    };
+    check_name_part(name)
+}
+
+/// At most 63 bytes of `[A-Za-z0-9._-]`, starting and ending alphanumeric.
+fn check_name_part(text: &str) -> Result<(), String> {
+    let bytes = text.as_bytes();
+    let ok = !bytes.is_empty()
+        && bytes.len() <= 63
+        && bytes.iter().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+        && bytes[0].is_ascii_alphanumeric()
+        && bytes[bytes.len() - 1].is_ascii_alphanumeric();
+    if ok {
+        Ok(())
+    } else {
+        Err("must be 1-63 letters, digits, `-`, `_` or `.`, starting and ending with a letter or digit".to_owned())
+    }
+}
+
+/// An absolute, normalised path: no `..`, `.` or empty components.
+pub(super) fn check_mount_path(path: &str) -> Result<(), String> {
+    if !path.starts_with('/') {
+        return Err(format!("`{path}` is not an absolute path"));
+    }
+    if path == "/" {
+        return Err("`/` cannot be a mount point".to_owned());
+    }
+    if path.trim_end_matches('/').split('/').skip(1).any(|part| part.is_empty() || part == "." || part == "..") {
+        return Err(format!("`{path}` has an empty, `.` or `..` component"));
+    }
+    Ok(())
+}
+
+/// Secret and ConfigMap keys: `[-._a-zA-Z0-9]+`, not `.` or `..`.
+pub(super) fn check_file_key(key: &str) -> Result<(), String> {
+    if key.is_empty() || key == "." || key == ".." || key.len() > 253 {
+        return Err("is not a file name".to_owned());
+    }
+    match key.chars().find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))) {
+        Some(bad) => Err(format!("has {bad:?}; file names may hold letters, digits, `-`, `_` and `.`")),
+        None => Ok(()),
+    }
+}
