@@ -147,7 +147,9 @@ fn read_seed_file(flag: &str, path: &Path, secret: &mut bool) -> anyhow::Result<
 }
 
 fn fat_options(output: &OutputArgs, label: Option<String>, size: Option<u64>, fat_type: Option<FatType>) -> FatOptions {
-    FatOptions { label, size, fat_type, epoch: output.epoch(), ..FatOptions::default() }
+    let mut options = FatOptions::default().with_size(size).with_fat_type(fat_type).with_epoch(output.epoch());
+    options.label = label;
+    options
 }
 
 /// Adds one `kiln image fat` SRC: `DIR`, `FILE` or `DEST=PATH`.

@@ -113,7 +113,10 @@ fn explain_size(err: kiln_imagefmt::Error, context: impl FnOnce() -> String) -> 
 
 fn options(cluster_size: Option<u32>) -> Qcow2Options {
     let defaults = Qcow2Options::default();
-    Qcow2Options { cluster_size: cluster_size.unwrap_or(defaults.cluster_size), ..defaults }
+    match cluster_size {
+        Some(cluster_size) => defaults.with_cluster_size(cluster_size),
+        None => defaults,
+    }
 }
 
 /// What `create --backing` learns from the backing file.

@@ -24,7 +24,7 @@ pub fn build_images(spec: &Spec, files: &VmFiles, lease: &LeaseInfo) -> Result<b
     let reused = build_service_disk(spec, &files.service, lease)?;
     let seed = seed(spec, lease);
     let tree = seed.tree()?;
-    let options = FatOptions { label: Some(NoCloudSeed::LABEL.to_owned()), ..FatOptions::default() };
+    let options = FatOptions::default().with_label(NoCloudSeed::LABEL);
     tree.layout(&options)?.write_file(&files.seed, None)?;
     make_private(&files.seed)?;
     if let (Some(data), Some(size)) = (&files.data, spec.resources.storage)
@@ -81,7 +81,7 @@ pub(super) fn service_disk(spec: &Spec, lease: &LeaseInfo) -> Result<ServiceDisk
 /// warm start then costs a few `stat`s.
 fn build_service_disk(spec: &Spec, path: &Path, lease: &LeaseInfo) -> Result<bool> {
     let disk = service_disk(spec, lease)?;
-    let options = FatOptions { label: Some(ServiceDisk::LABEL.to_owned()), ..FatOptions::default() };
+    let options = FatOptions::default().with_label(ServiceDisk::LABEL);
     let key = format!("{:016x}", inputs_key(&disk, &options, env!("CARGO_PKG_VERSION"))?);
     let key_path = path.with_extension("key");
     if path.is_file() && fs::read_to_string(&key_path).is_ok_and(|old| old == key) {
@@ -166,18 +166,18 @@ mod tests {
         let binary = dir.path().join("service");
         fs::write(&binary, b"#!/bin/sh\n").unwrap();
         let disk = ServiceDisk { binary, launch: LaunchScript::default(), trees: Vec::new() };
-        let base = FatOptions { label: Some(ServiceDisk::LABEL.to_owned()), epoch: 0, ..FatOptions::default() };
+        let base = FatOptions::default().with_label(ServiceDisk::LABEL).with_epoch(0);
         let key = |options: &FatOptions, version: &str| inputs_key(&disk, options, version).unwrap();
         let reference = key(&base, "0.1.0");
         assert_eq!(reference, key(&base.clone(), "0.1.0"), "the key is stable");
         let changed: Vec<(&str, u64)> = vec![
             ("kiln version", key(&base, "0.1.1")),
-            ("epoch (SOURCE_DATE_EPOCH)", key(&FatOptions { epoch: 1_700_000_000, ..base.clone() }, "0.1.0")),
-            ("label", key(&FatOptions { label: Some("OTHER".into()), ..base.clone() }, "0.1.0")),
-            ("volume id", key(&FatOptions { volume_id: Some(7), ..base.clone() }, "0.1.0")),
-            ("FAT type", key(&FatOptions { fat_type: Some(kiln_imagefmt::FatType::Fat32), ..base.clone() }, "0.1.0")),
-            ("size", key(&FatOptions { size: Some(64 << 20), ..base.clone() }, "0.1.0")),
-            ("cluster size", key(&FatOptions { cluster_size: Some(512), ..base.clone() }, "0.1.0")),
+            ("epoch (SOURCE_DATE_EPOCH)", key(&base.clone().with_epoch(1_700_000_000), "0.1.0")),
+            ("label", key(&base.clone().with_label("OTHER"), "0.1.0")),
+            ("volume id", key(&base.clone().with_volume_id(7), "0.1.0")),
+            ("FAT type", key(&base.clone().with_fat_type(kiln_imagefmt::FatType::Fat32), "0.1.0")),
+            ("size", key(&base.clone().with_size(64 << 20), "0.1.0")),
+            ("cluster size", key(&base.clone().with_cluster_size(512), "0.1.0")),
         ];
         for (what, changed) in changed {
             assert_ne!(changed, reference, "changing the {what} kept the cached service disk");

@@ -4,21 +4,24 @@
 //! kiln's FAT writer, and its initramfs unpacker kiln's cpio writer), and a
 //! data disk kiln-init formats on first boot.
 //!
-//! QEMU is spawned here by a small helper until kiln-vmm exists; the lead
-//! will switch these tests to it. Boots are few (each ~4-10 s under TCG)
-//! and a hung guest is killed after a deadline.
+//! Each guest is a `kiln_vmm::VmPlan` started by kiln-vmm's QEMU backend
+//! under TCG, as `kiln run` starts one, with a NIC on QEMU's user-mode
+//! network (no tap: these tests need no root). Boots are few (each ~4-10 s
+//! under TCG) and a hung guest is killed after a deadline.
 
 use std::ffi::OsString;
 use std::fs;
-use std::io::{BufRead, BufReader, Write};
-use std::os::unix::net::UnixStream;
+use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use kiln::{DiskTree, LaunchScript, ServiceDisk};
 use kiln_imagefmt::{FatOptions, NoCloudSeed, Qcow2Options, create_qcow2};
 use kiln_testkit::{GuestAssets, guest_assets, require_tools};
+use kiln_vmm::{
+    AccelChoice, Backend, Console as VmConsole, Disk, DiskFormat, LaunchOptions, ShutdownHow, Status, VmPlan, launch,
+};
 
 /// Generous: TCG on a loaded 2-core CI machine; a good boot takes ~5 s.
 const BOOT_DEADLINE: Duration = Duration::from_secs(180);
@@ -70,58 +73,55 @@ impl Console {
 
 fn boot(test: &str, dir: &Path, spec: &Boot<'_>) -> Console {
     let log = dir.join(format!("{test}.console"));
-    let qmp = dir.join(format!("{test}.qmp"));
     let _ = fs::remove_file(&log);
     let kernel = if spec.elf_kernel { &spec.assets.vmlinux } else { &spec.assets.bzimage };
-    let mut command = Command::new(QEMU);
-    command
-        .args(["-accel", "tcg", "-M", "pc", "-m", "512", "-smp", "1", "-no-reboot", "-nographic", "-nodefaults"])
-        .arg("-serial")
-        .arg(format!("file:{}", log.display()))
-        .arg("-qmp")
-        .arg(format!("unix:{},server=on,wait=off", qmp.display()))
-        .arg("-kernel")
-        .arg(kernel)
-        .arg("-initrd")
-        .arg(&spec.assets.initramfs)
-        .arg("-append")
-        .arg(format!("console=ttyS0 panic=-1 no_timer_check kiln.grace={}", spec.grace_seconds))
-        .args(["-netdev", "user,id=net0", "-device", "virtio-net-pci,netdev=net0"]);
+    let cmdline = format!("console=ttyS0 panic=-1 no_timer_check kiln.grace={}", spec.grace_seconds);
+    let mut plan = VmPlan::new(test, kernel, cmdline);
+    plan.initramfs = Some(spec.assets.initramfs.clone());
+    plan.serial = VmConsole::File(log.clone());
+    // The seed's network config names eth0: QEMU's user-mode network gives it one.
+    plan.user_network = true;
     // Data disk first: kiln-init must find disks by label, not by order.
     if let Some(data) = spec.data_disk {
-        command
-            .arg("-drive")
-            .arg(format!("file={},format={},if=none,id=data", data.display(), image_format(data)))
-            .args(["-device", "virtio-blk-pci,drive=data,serial=kiln-data"]);
+        plan.disks.push(disk(data, false, Some("kiln-data")));
     }
-    for disk in [spec.seed, spec.service_disk].into_iter().flatten() {
-        command.arg("-drive").arg(format!(
-            "file={},format={},if=virtio,readonly=on",
-            disk.display(),
-            image_format(disk)
-        ));
+    for path in [spec.seed, spec.service_disk].into_iter().flatten() {
+        plan.disks.push(disk(path, true, None));
     }
+    let mut options = LaunchOptions::new(dir.join(test));
+    options.accel = AccelChoice::Tcg;
     let started = Instant::now();
-    let mut qemu = command.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
-    let mut pressed = false;
+    let mut vm =
+        launch(Backend::Qemu, &plan, &options).unwrap_or_else(|err| panic!("{test}: cannot start {QEMU}: {err}"));
+    vm.boot().unwrap_or_else(|err| panic!("{test}: cannot boot: {err}"));
+    let console = |took: Duration| Console { log: fs::read_to_string(&log).unwrap_or_default(), took };
     loop {
-        if let Some(status) = qemu.try_wait().unwrap() {
-            let log = fs::read_to_string(&log).unwrap_or_default();
-            let stderr = read_stderr(&mut qemu);
-            assert!(status.success(), "{QEMU} failed ({status}): {stderr}\nconsole:\n{log}");
-            return Console { log, took: started.elapsed() };
+        match vm.status().unwrap_or_else(|err| panic!("{test}: cannot read the VM's status: {err}")) {
+            Status::ShutDown(ShutdownHow::Guest) => return console(started.elapsed()),
+            Status::Created | Status::Running | Status::Paused => {}
+            other => panic!("{QEMU} failed ({other}): {:?}\nconsole:\n{}", other, console(started.elapsed()).log),
         }
         if started.elapsed() > BOOT_DEADLINE {
-            let _ = qemu.kill();
-            let _ = qemu.wait();
-            let log = fs::read_to_string(&log).unwrap_or_default();
+            let _ = vm.kill();
+            let log = console(started.elapsed()).log;
             panic!("{test}: the guest did not power off within {BOOT_DEADLINE:?} (hung?); console:\n{log}");
         }
-        if let (Some(marker), false) = (spec.power_button_after, pressed)
+        if let Some(marker) = spec.power_button_after
             && fs::read_to_string(&log).unwrap_or_default().contains(marker)
         {
-            qmp_command(&qmp, "system_powerdown");
-            pressed = true;
+            // The power button (QMP `system_powerdown`); the guest must power
+            // off on its own before the deadline, or kiln-vmm quits QEMU.
+            let grace = BOOT_DEADLINE.saturating_sub(started.elapsed());
+            let stopped =
+                vm.shutdown(grace).unwrap_or_else(|err| panic!("{test}: cannot press the power button: {err}"));
+            let console = console(started.elapsed());
+            assert_eq!(
+                stopped,
+                Status::ShutDown(ShutdownHow::Guest),
+                "{test}: the guest did not power off within {BOOT_DEADLINE:?} after the power button; console:\n{}",
+                console.log
+            );
+            return console;
         }
         std::thread::sleep(Duration::from_millis(50));
     }
@@ -132,35 +132,12 @@ fn image_format(path: &Path) -> &'static str {
     if path.extension().is_some_and(|ext| ext == "qcow2") { "qcow2" } else { "raw" }
 }
 
-fn read_stderr(child: &mut Child) -> String {
-    let mut text = String::new();
-    if let Some(stderr) = child.stderr.as_mut() {
-        let _ = std::io::Read::read_to_string(stderr, &mut text);
-    }
-    text
-}
-
-/// Sends one QMP command (after the capabilities handshake) and checks it returned.
-fn qmp_command(socket: &Path, command: &str) {
-    let stream =
-        UnixStream::connect(socket).unwrap_or_else(|e| panic!("cannot connect to QMP at {}: {e}", socket.display()));
-    stream.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    let mut reader = BufReader::new(stream.try_clone().unwrap());
-    let mut writer = stream;
-    let mut line = String::new();
-    reader.read_line(&mut line).unwrap();
-    assert!(line.contains("QMP"), "QMP greeting: {line}");
-    for request in ["qmp_capabilities", command] {
-        writeln!(writer, "{{\"execute\": \"{request}\"}}").unwrap();
-        // Skip asynchronous events until the command's answer.
-        loop {
-            line.clear();
-            reader.read_line(&mut line).unwrap();
-            if line.contains("\"return\"") || line.contains("\"error\"") {
-                break;
-            }
-        }
-        assert!(line.contains("\"return\""), "QMP {request} failed: {line}");
+fn disk(path: &Path, read_only: bool, serial: Option<&str>) -> Disk {
+    let format = if image_format(path) == "qcow2" { DiskFormat::Qcow2 } else { DiskFormat::Raw };
+    let disk = Disk::new(path, format).with_read_only(read_only);
+    match serial {
+        Some(serial) => disk.with_serial(serial),
+        None => disk,
     }
 }
 
@@ -183,7 +160,7 @@ fn service_disk(dir: &Path, name: &str, probe: &Path, launch: LaunchScript, keys
         .unwrap_or_default();
     let disk = ServiceDisk { binary: probe.to_path_buf(), launch, trees };
     let path = dir.join(name);
-    let options = FatOptions { label: Some(ServiceDisk::LABEL.to_owned()), ..FatOptions::default() };
+    let options = FatOptions::default().with_label(ServiceDisk::LABEL);
     let tree = disk.tree().unwrap();
     let layout = tree.layout(&options).unwrap();
     if image_format(&path) == "qcow2" {
@@ -206,7 +183,7 @@ fn seed(dir: &Path) -> PathBuf {
         vendor_data: None,
     };
     let path = dir.join("seed.img");
-    let options = FatOptions { label: Some(NoCloudSeed::LABEL.to_owned()), ..FatOptions::default() };
+    let options = FatOptions::default().with_label(NoCloudSeed::LABEL);
     seed.tree().unwrap().layout(&options).unwrap().write_file(&path, None).unwrap();
     path
 }

@@ -91,44 +91,43 @@ impl Parser<'_> {
     }
 
     fn object(&mut self) -> Result<Json> {
-        self.expect(b'{')?;
         let mut fields = Vec::new();
-        if self.peek()? == b'}' {
-            self.at += 1;
-            return Ok(Json::Object(fields));
-        }
-        loop {
-            self.skip_space();
-            let key = self.string()?;
-            self.expect(b':')?;
-            fields.push((key, self.value()?));
-            match self.peek()? {
-                b',' => self.at += 1,
-                b'}' => {
-                    self.at += 1;
-                    return Ok(Json::Object(fields));
-                }
-                other => bail!("expected `,` or `}}` at byte {}, got `{}`", self.at, other as char),
-            }
-        }
+        self.sequence(b'{', b'}', |parser| {
+            parser.skip_space();
+            let key = parser.string()?;
+            parser.expect(b':')?;
+            fields.push((key, parser.value()?));
+            Ok(())
+        })?;
+        Ok(Json::Object(fields))
     }
 
     fn array(&mut self) -> Result<Json> {
-        self.expect(b'[')?;
         let mut items = Vec::new();
-        if self.peek()? == b']' {
+        self.sequence(b'[', b']', |parser| {
+            items.push(parser.value()?);
+            Ok(())
+        })?;
+        Ok(Json::Array(items))
+    }
+
+    /// `open`, then `item`s separated by commas, then `close`: an object's
+    /// or an array's frame, with `item` parsing each member.
+    fn sequence(&mut self, open: u8, close: u8, mut item: impl FnMut(&mut Self) -> Result<()>) -> Result<()> {
+        self.expect(open)?;
+        if self.peek()? == close {
             self.at += 1;
-            return Ok(Json::Array(items));
+            return Ok(());
         }
         loop {
-            items.push(self.value()?);
+            item(self)?;
             match self.peek()? {
                 b',' => self.at += 1,
-                b']' => {
+                byte if byte == close => {
                     self.at += 1;
-                    return Ok(Json::Array(items));
+                    return Ok(());
                 }
-                other => bail!("expected `,` or `]` at byte {}, got `{}`", self.at, other as char),
+                other => bail!("expected `,` or `{}` at byte {}, got `{}`", close as char, self.at, other as char),
             }
         }
     }

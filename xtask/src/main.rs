@@ -14,6 +14,7 @@ mod guest;
 mod json;
 mod k8s_validate;
 mod test;
+mod tidy;
 
 use std::env;
 use std::ffi::OsStr;
@@ -27,7 +28,7 @@ const USAGE: &str = "\
 usage: cargo xtask <command> [options]
 
 commands:
-  test                              what CI runs: Debian packages, fmt, clippy, tests, fuzz smoke
+  test                              what CI runs: Debian packages, fmt, tidy, clippy, tests, fuzz smoke
   demo                              build the example service disk and cloud-init seed into target/demo/
   bench [AREA...] [--runs N] [--no-big]
                                     compare kiln with its peers (areas: all by default)
@@ -36,6 +37,8 @@ commands:
   guest [--kernel BZIMAGE [--modules DIR]] [--busybox PATH]
                                     build the minimal guest into target/guest/: kernel
                                     (Debian's cloud kernel by default), vmlinux, initramfs
+  tidy                              the shape rules: lib.rs docs, file and function lengths,
+                                    one-way dependencies (also a step of `test`)
   help                              this text
 ";
 
@@ -60,6 +63,7 @@ fn run() -> Result<()> {
         Some("bench") => bench::run(&rest),
         Some("fuzz") => fuzz::run(&rest),
         Some("guest") => guest::run(&rest),
+        Some("tidy") => tidy::run(&rest),
         Some("help" | "-h" | "--help") => {
             print!("{USAGE}");
             Ok(())

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Result, bail};
 
-use crate::{announce, cargo, command_succeeds, debian, format_duration, fuzz, guest, k8s_validate, run_command};
+use crate::{announce, cargo, command_succeeds, debian, format_duration, fuzz, guest, k8s_validate, run_command, tidy};
 
 /// Set for the test run so a test whose external tool is missing fails
 /// instead of skipping (see kiln-testkit).
@@ -23,9 +23,10 @@ pub(crate) fn run(args: &[String]) -> Result<()> {
         bail!("`cargo xtask test` takes no arguments, got `{arg}`");
     }
     let started = Instant::now();
-    let steps: [(&str, Step); 6] = [
+    let steps: [(&str, Step); 7] = [
         ("Debian packages", packages),
         ("cargo fmt --check", fmt),
+        ("tidy (cargo xtask tidy)", tidy_step),
         ("clippy -D warnings", clippy),
         ("guest (cargo xtask guest)", guest_step),
         ("tests", tests),
@@ -74,6 +75,11 @@ fn fmt() -> Result<()> {
         None => Ok(()),
     };
     workspace.and(fuzz)
+}
+
+/// File and function lengths, lib docs, dependency rules: seconds, before clippy's minutes.
+fn tidy_step() -> Result<()> {
+    tidy::run(&[])
 }
 
 fn clippy() -> Result<()> {

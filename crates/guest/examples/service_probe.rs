@@ -93,15 +93,22 @@ fn http_get(target: &str) -> std::io::Result<String> {
     Ok(answer)
 }
 
-fn wait_for_sigterm() {
+/// Blocks SIGTERM for this thread and returns the set holding it: a
+/// blocked SIGTERM stays pending, for `sigwait` to take or forever.
+fn block_sigterm() -> libc::sigset_t {
     // SAFETY: sigset_t is plain data, initialised by sigemptyset before use.
     let mut set: libc::sigset_t = unsafe { mem::zeroed() };
-    // SAFETY: `set` is a valid sigset_t; blocking SIGTERM lets sigwait take it.
+    // SAFETY: `set` is a valid sigset_t.
     unsafe {
         libc::sigemptyset(&mut set);
         libc::sigaddset(&mut set, libc::SIGTERM);
         libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
     }
+    set
+}
+
+fn wait_for_sigterm() {
+    let set = block_sigterm();
     println!("probe: waiting for SIGTERM");
     let mut signal = 0;
     // SAFETY: `set` is initialised and `signal` is a valid out-pointer.
@@ -110,14 +117,7 @@ fn wait_for_sigterm() {
 }
 
 fn ignore_sigterm() -> ! {
-    // SAFETY: sigset_t is plain data, initialised by sigemptyset before use.
-    let mut set: libc::sigset_t = unsafe { mem::zeroed() };
-    // SAFETY: `set` is a valid sigset_t; a blocked SIGTERM stays pending forever.
-    unsafe {
-        libc::sigemptyset(&mut set);
-        libc::sigaddset(&mut set, libc::SIGTERM);
-        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
-    }
+    block_sigterm();
     println!("probe: ignoring SIGTERM");
     loop {
         std::thread::sleep(std::time::Duration::from_secs(3600));

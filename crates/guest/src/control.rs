@@ -179,12 +179,19 @@ mod tests {
 
     use super::*;
 
-    fn check_report(line: &str, expected: Expect) {
-        let actual = match GuestReport::parse(line) {
-            Ok(report) => format!("{report:?} code={:?} line={:?}", report.exit_code(), report.to_line()),
+    /// A parse's outcome as one line: `show` of the value, or the error.
+    fn check<T>(parsed: Result<T>, show: impl FnOnce(&T) -> String, expected: Expect) {
+        let actual = match parsed {
+            Ok(value) => show(&value),
             Err(err) => format!("error: {err}"),
         };
         expected.assert_eq(&actual);
+    }
+
+    fn check_report(line: &str, expected: Expect) {
+        let show =
+            |report: &GuestReport| format!("{report:?} code={:?} line={:?}", report.exit_code(), report.to_line());
+        check(GuestReport::parse(line), show, expected);
     }
 
     #[test]
@@ -233,11 +240,7 @@ mod tests {
     }
 
     fn check_command(line: &str, expected: Expect) {
-        let actual = match HostCommand::parse(line) {
-            Ok(command) => format!("{command:?} line={:?}", command.to_line()),
-            Err(err) => format!("error: {err}"),
-        };
-        expected.assert_eq(&actual);
+        check(HostCommand::parse(line), |command| format!("{command:?} line={:?}", command.to_line()), expected);
     }
 
     #[test]

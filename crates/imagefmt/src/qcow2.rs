@@ -52,6 +52,7 @@ const CONVERT_BUFFERS: usize = 3;
 
 /// How to write a qcow2 image.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct Qcow2Options {
     /// Bytes per cluster: a power of two from 512 B to 2 MiB; default 64 KiB.
     pub cluster_size: u32,

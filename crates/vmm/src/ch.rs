@@ -67,6 +67,9 @@ impl ChVm {
     /// see [`crate::launch`].
     pub fn launch(plan: &VmPlan, options: &LaunchOptions) -> Result<ChVm> {
         plan.validate()?;
+        if plan.user_network {
+            return Err(Error::invalid("user_network", "cloud-hypervisor has no user-mode network; use a tap"));
+        }
         let config = serde_json::to_vec(&ch_vm_config(plan))
             .map_err(|err| Error::protocol("vm.create", format!("cannot encode the VM config: {err}")))?;
         let api_socket = options.prepare("api.sock")?;
@@ -342,6 +345,17 @@ mod tests {
     use std::os::unix::process::ExitStatusExt;
 
     use super::*;
+
+    #[test]
+    fn a_user_mode_network_is_refused_before_anything_starts() {
+        let mut plan = VmPlan::new("vm1", "/k/vmlinuz", "console=ttyS0");
+        plan.user_network = true;
+        // A run directory that cannot be created: the refusal must come first.
+        let options = LaunchOptions::new("/proc/kiln-never-created");
+        let err = ChVm::launch(&plan, &options).expect_err("cloud-hypervisor has no user-mode network");
+        assert_eq!(err.kind(), crate::ErrorKind::InvalidInput);
+        assert!(err.to_string().contains("user_network"), "{err}");
+    }
 
     #[test]
     fn an_exit_is_a_guest_shutdown_only_after_a_power_off_at_status_0() {

@@ -33,6 +33,11 @@ pub struct VmPlan {
     /// Block devices, in the order the guest sees them (`vda`, `vdb`, ...).
     pub disks: Vec<Disk>,
     pub networks: Vec<Network>,
+    /// QEMU only: one more virtio-net device, after `networks`, on QEMU's
+    /// user-mode network (slirp: 10.0.2.0/24, gateway 10.0.2.2), which needs
+    /// no tap and no root. For tests and benchmarks whose guest wants a NIC
+    /// but no host networking; cloud-hypervisor has none and refuses it.
+    pub user_network: bool,
     pub vsock: Option<Vsock>,
     /// A named virtio-serial port whose host end is a unix socket the VMM
     /// listens on: kiln's control channel to kiln-init. QEMU only;
@@ -225,6 +230,7 @@ impl VmPlan {
             cmdline: cmdline.into(),
             disks: Vec::new(),
             networks: Vec::new(),
+            user_network: false,
             vsock: None,
             control: None,
             serial: Console::Off,

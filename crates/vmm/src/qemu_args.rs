@@ -87,6 +87,9 @@ pub fn qemu_args(plan: &VmPlan, accel: Accel, qmp_socket: &Path) -> Vec<OsString
         args.push(["-netdev".to_owned(), format!("tap,id=net{index},ifname={},script=no,downscript=no", network.tap)]);
         args.push(["-device".to_owned(), format!("virtio-net-pci,netdev=net{index},mac={},romfile=", network.mac)]);
     }
+    if plan.user_network {
+        args.push(["-netdev", "user,id=usernet0", "-device", "virtio-net-pci,netdev=usernet0,romfile="]);
+    }
     if let Some(vsock) = &plan.vsock {
         // QEMU's vsock is the host kernel's vhost-vsock: only the cid applies.
         args.push(["-device".to_owned(), format!("vhost-vsock-pci,guest-cid={}", vsock.cid)]);
@@ -180,6 +183,23 @@ mod tests {
                 -kernel /k/vmlinuz
                 -append console=ttyS0 panic=-1
                 -qmp unix:/run/kiln/vm/qmp.sock,server=on,wait=off"#]],
+        );
+    }
+
+    #[test]
+    fn a_user_mode_network_comes_after_the_taps() {
+        let mut plan = full_plan();
+        plan.user_network = true;
+        let args: Vec<String> = qemu_args(&plan, Accel::Tcg, Path::new("/run/kiln/vm/qmp.sock"))
+            .iter()
+            .map(|arg| arg.to_string_lossy().into_owned())
+            .collect();
+        let tap = args.iter().position(|arg| arg.starts_with("tap,id=net0")).expect("the tap");
+        let user = args.iter().position(|arg| arg == "user,id=usernet0").expect("the user-mode network");
+        assert!(tap < user, "{args:?}");
+        assert_eq!(
+            args[user - 1..user + 3],
+            ["-netdev", "user,id=usernet0", "-device", "virtio-net-pci,netdev=usernet0,romfile="]
         );
     }
 

@@ -108,11 +108,7 @@ impl BarChart {
         let mut svg = String::new();
         {
             let root = SVGBackend::with_string(&mut svg, (WIDTH, height)).into_drawing_area();
-            root.fill(&WHITE).map_err(draw_error)?;
-            let mut chart = ChartBuilder::on(&root)
-                .caption(&self.title, ("sans-serif", 20))
-                .margin(12)
-                .x_label_area_size(40)
+            let mut chart = chart_builder(&root, &self.title)?
                 .y_label_area_size(u32::try_from(label_width * 7 + 16).unwrap_or(300).min(WIDTH / 2))
                 .build_cartesian_2d(0.0..max, -0.5..(count as f64 - 0.5))
                 .map_err(draw_error)?;
@@ -186,12 +182,8 @@ impl LineChart {
         let mut svg = String::new();
         {
             let root = SVGBackend::with_string(&mut svg, (WIDTH, LINE_HEIGHT)).into_drawing_area();
-            root.fill(&WHITE).map_err(draw_error)?;
-            let mut chart = ChartBuilder::on(&root)
-                .caption(&self.title, ("sans-serif", 20))
-                .margin(12)
+            let mut chart = chart_builder(&root, &self.title)?
                 .margin_right(28)
-                .x_label_area_size(40)
                 .y_label_area_size(60)
                 .build_cartesian_2d(x_min..x_max, 0.0..y_max)
                 .map_err(draw_error)?;
@@ -262,6 +254,18 @@ fn axis_figure(value: f64, axis_max: f64) -> String {
         m if m >= 2.0 => format!("{value:.1}"),
         _ => format!("{value:.2}"),
     }
+}
+
+/// Paints the canvas white and starts a chart on it with the caption,
+/// margins and x-axis room every kiln chart shares.
+fn chart_builder<'a, 'b>(
+    root: &'a DrawingArea<SVGBackend<'b>, plotters::coord::Shift>,
+    title: &str,
+) -> Result<ChartBuilder<'a, 'b, SVGBackend<'b>>> {
+    root.fill(&WHITE).map_err(draw_error)?;
+    let mut builder = ChartBuilder::on(root);
+    builder.caption(title, ("sans-serif", 20)).margin(12).x_label_area_size(40);
+    Ok(builder)
 }
 
 fn draw_error<E: std::error::Error + Send + Sync + 'static>(err: DrawingAreaErrorKind<E>) -> anyhow::Error {

@@ -3,18 +3,19 @@
 //! kernel; see FACTS.md), against the floor: the same kernel with a
 //! busybox-only initramfs whose `/init` powers off at once.
 //!
-//! Per boot it records QEMU's wall time (spawn to exit after the guest
-//! powered off) and, from the console, kiln-init's timing line
+//! Each guest is a `kiln_vmm::VmPlan` started by kiln-vmm's QEMU backend
+//! (forced to TCG), as `kiln run` starts one. Per boot it records QEMU's
+//! wall time (spawn to exit after the guest powered off) and, from the console, kiln-init's timing line
 //! (`init_start`, `service_start`, seconds since kernel start on the guest's
 //! monotonic clock). The service is a `launch` script that exits at once.
 
 use std::fs;
-use std::path::Path;
-use std::process::{Command, Stdio};
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use kiln_imagefmt::{Compression, CpioArchive, FatOptions, FatTree};
+use kiln_vmm::{AccelChoice, Backend, Console, Disk, DiskFormat, LaunchOptions, ShutdownHow, Status, VmPlan, launch};
 
 use super::chart::{Bar, BarChart};
 use super::{Machine, Options, Target, print_report, remove_path};
@@ -30,28 +31,11 @@ pub(super) fn run(options: &Options) -> Result<()> {
             bail!("{} is missing: run `cargo xtask guest` first", assets.join(file).display());
         }
     }
-    let dir = target_dir().join("bench").join("guest");
+    // Absolute: kiln-vmm hands paths to QEMU, which resolves its own way.
+    let dir = std::env::current_dir()?.join(target_dir()).join("bench").join("guest");
     remove_path(&dir)?;
     fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
-
-    // The service disk: a launch script that exits 0 at once.
-    let service_disk = dir.join("service.img");
-    let mut tree = FatTree::new();
-    tree.add_file_from_bytes("launch", b"#!/bin/sh\nexit 0\n".to_vec())?;
-    let fat = FatOptions { label: Some("SERVICEDISK".to_owned()), ..FatOptions::default() };
-    tree.layout(&fat)?.write_file(&service_disk, None)?;
-    // The floor: busybox as the whole userspace, powering off from /init.
-    let floor_initramfs = dir.join("floor.cpio.gz");
-    let mut floor = CpioArchive::new();
-    floor.add_char_device("dev/console", 0o600, 5, 1)?;
-    floor.add_dir("proc", 0o755)?;
-    floor.add_file_from_path("bin/busybox", "/usr/bin/busybox", 0o755)?;
-    floor.add_file_from_bytes(
-        "init",
-        b"#!/bin/busybox sh\n/bin/busybox mount -t proc proc /proc\n/bin/busybox echo floor: init_start $(/bin/busybox cut -d' ' -f1 /proc/uptime)\n/bin/busybox poweroff -f\n".to_vec(),
-        0o755,
-    )?;
-    floor.write_file(&floor_initramfs, Compression::Gzip, 0)?;
+    let (service_disk, floor_initramfs) = write_images(&dir)?;
 
     let kernel = assets.join("vmlinuz");
     let kiln_initramfs = assets.join("initramfs.cpio.gz");
@@ -68,20 +52,48 @@ pub(super) fn run(options: &Options) -> Result<()> {
     }
     let machine = Machine::detect(&dir);
     remove_path(&dir)?;
+    report(options, &machine, &kiln_runs, &floor_runs)
+}
 
-    let median_of = |runs: &[BootRun], pick: fn(&BootRun) -> Option<f64>| -> Option<f64> {
-        let mut values: Vec<f64> = runs.iter().filter_map(pick).collect();
-        values.sort_by(f64::total_cmp);
-        (!values.is_empty()).then(|| values[values.len() / 2])
-    };
+/// The service disk (a launch script that exits 0 at once) and the floor's
+/// initramfs (busybox as the whole userspace, powering off from /init).
+fn write_images(dir: &Path) -> Result<(PathBuf, PathBuf)> {
+    let service_disk = dir.join("service.img");
+    let mut tree = FatTree::new();
+    tree.add_file_from_bytes("launch", b"#!/bin/sh\nexit 0\n".to_vec())?;
+    let fat = FatOptions::default().with_label("SERVICEDISK");
+    tree.layout(&fat)?.write_file(&service_disk, None)?;
+    let floor_initramfs = dir.join("floor.cpio.gz");
+    let mut floor = CpioArchive::new();
+    floor.add_char_device("dev/console", 0o600, 5, 1)?;
+    floor.add_dir("proc", 0o755)?;
+    floor.add_file_from_path("bin/busybox", "/usr/bin/busybox", 0o755)?;
+    floor.add_file_from_bytes(
+        "init",
+        b"#!/bin/busybox sh\n/bin/busybox mount -t proc proc /proc\n/bin/busybox echo floor: init_start $(/bin/busybox cut -d' ' -f1 /proc/uptime)\n/bin/busybox poweroff -f\n".to_vec(),
+        0o755,
+    )?;
+    floor.write_file(&floor_initramfs, Compression::Gzip, 0)?;
+    Ok((service_disk, floor_initramfs))
+}
+
+/// The median of `pick` over the runs that have it.
+fn median_of(runs: &[BootRun], pick: fn(&BootRun) -> Option<f64>) -> Option<f64> {
+    let mut values: Vec<f64> = runs.iter().filter_map(pick).collect();
+    values.sort_by(f64::total_cmp);
+    (!values.is_empty()).then(|| values[values.len() / 2])
+}
+
+/// Prints the table and writes the timeline chart.
+fn report(options: &Options, machine: &Machine, kiln_runs: &[BootRun], floor_runs: &[BootRun]) -> Result<()> {
     let show = |value: Option<f64>| value.map_or_else(|| "-".to_owned(), |v| format!("{v:.2}"));
-    let kiln_wall = median_of(&kiln_runs, |r| Some(r.wall)).unwrap_or(f64::NAN);
-    let floor_wall = median_of(&floor_runs, |r| Some(r.wall)).unwrap_or(f64::NAN);
-    let kiln_service = median_of(&kiln_runs, |r| r.service_start);
-    let kiln_init = median_of(&kiln_runs, |r| r.init_start);
-    let floor_init = median_of(&floor_runs, |r| r.init_start);
-    let kiln_modules = median_of(&kiln_runs, |r| Some(r.modules_loaded? - r.init_start?));
-    let kiln_disks = median_of(&kiln_runs, |r| Some(r.disks_ready? - r.modules_loaded?));
+    let kiln_wall = median_of(kiln_runs, |r| Some(r.wall)).unwrap_or(f64::NAN);
+    let floor_wall = median_of(floor_runs, |r| Some(r.wall)).unwrap_or(f64::NAN);
+    let kiln_service = median_of(kiln_runs, |r| r.service_start);
+    let kiln_init = median_of(kiln_runs, |r| r.init_start);
+    let floor_init = median_of(floor_runs, |r| r.init_start);
+    let kiln_modules = median_of(kiln_runs, |r| Some(r.modules_loaded? - r.init_start?));
+    let kiln_disks = median_of(kiln_runs, |r| Some(r.disks_ready? - r.modules_loaded?));
     let header = [
         "guest (QEMU TCG, -M pc)",
         "init start s",
@@ -129,7 +141,7 @@ pub(super) fn run(options: &Options) -> Result<()> {
          monotonic clock (kiln-init's timing line, /proc/uptime for the floor), wall from QEMU spawn to exit",
         options.runs
     );
-    print_report("Guest boot: `cargo xtask bench guest`", &machine, workload, &method, (&header, &rows), &targets);
+    print_report("Guest boot: `cargo xtask bench guest`", machine, workload, &method, (&header, &rows), &targets);
     let phase = |value: Option<f64>| value.unwrap_or(f64::NAN);
     BarChart {
         title: "Guest boot under QEMU TCG: where the time goes".to_owned(),
@@ -142,7 +154,7 @@ pub(super) fn run(options: &Options) -> Result<()> {
                     phase(kiln_init),
                     phase(kiln_modules),
                     phase(kiln_disks),
-                    phase(median_of(&kiln_runs, |r| Some(r.service_start? - r.disks_ready?))),
+                    phase(median_of(kiln_runs, |r| Some(r.service_start? - r.disks_ready?))),
                 ],
             ),
             Bar::new("floor (busybox /init)", vec![phase(floor_init), 0.0, 0.0, 0.0]),
@@ -164,39 +176,34 @@ struct BootRun {
 fn boot(dir: &Path, kernel: &Path, initramfs: &Path, service_disk: Option<&Path>) -> Result<BootRun> {
     let log = dir.join("console.log");
     let _ = fs::remove_file(&log);
-    let mut command = Command::new(QEMU);
-    command
-        .args(["-accel", "tcg", "-M", "pc", "-m", "512", "-smp", "1", "-no-reboot", "-nographic", "-nodefaults"])
-        .arg("-serial")
-        .arg(format!("file:{}", log.display()))
-        .arg("-kernel")
-        .arg(kernel)
-        .arg("-initrd")
-        .arg(initramfs)
-        .args(["-append", "console=ttyS0 panic=-1"]);
+    let mut plan = VmPlan::new("bench-guest", kernel, "console=ttyS0 panic=-1");
+    plan.initramfs = Some(initramfs.to_path_buf());
+    plan.serial = Console::File(log.clone());
     if let Some(disk) = service_disk {
-        command.arg("-drive").arg(format!("file={},format=raw,if=virtio,readonly=on", disk.display()));
+        plan.disks.push(Disk::new(disk, DiskFormat::Raw).with_read_only(true));
     }
+    let mut launch_options = LaunchOptions::new(dir.join("vm"));
+    launch_options.accel = AccelChoice::Tcg;
+    // QMP answers from QEMU's main loop, which a loaded 2-core host can starve for seconds.
+    launch_options.request_timeout = Duration::from_secs(30);
     let started = Instant::now();
-    let mut child = command
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .spawn()
-        .with_context(|| format!("cannot run {QEMU}; install qemu-system-x86"))?;
+    let mut vm = launch(Backend::Qemu, &plan, &launch_options)
+        .with_context(|| format!("cannot start {QEMU}; install qemu-system-x86"))?;
+    vm.boot().context("cannot boot the guest")?;
     let status = loop {
-        if let Some(status) = child.try_wait()? {
+        let status = vm.status().context("cannot read the VM's status")?;
+        if !matches!(status, Status::Created | Status::Running | Status::Paused) {
             break status;
         }
         if started.elapsed() > DEADLINE {
-            let _ = child.kill();
-            let _ = child.wait();
+            vm.kill()?;
             bail!("the guest did not power off within {DEADLINE:?}; console in {}", log.display());
         }
         std::thread::sleep(Duration::from_millis(5));
     };
     let wall = started.elapsed().as_secs_f64();
     let console = fs::read_to_string(&log).unwrap_or_default();
-    if !status.success() {
+    if status != Status::ShutDown(ShutdownHow::Guest) {
         bail!("{QEMU} failed ({status}); console:\n{console}");
     }
     let value = |key: &str| console.split(key).nth(1)?.split_whitespace().next()?.parse::<f64>().ok();

@@ -400,23 +400,39 @@ fn revision() -> String {
     }
 }
 
+/// Parses a benchmark helper's output line by line: `parse` turns one
+/// line's fields into a value, or `None` for a line it does not expect.
+fn parse_lines<T>(stdout: &str, helper: &str, parse: impl Fn(&[&str]) -> Result<Option<T>>) -> Result<Vec<T>> {
+    stdout
+        .lines()
+        .map(|line| {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            match parse(&fields).with_context(|| format!("bad number in `{line}`"))? {
+                Some(value) => Ok(value),
+                None => bail!("unexpected {helper} line `{line}`"),
+            }
+        })
+        .collect()
+}
+
+/// A figure in a helper's output.
+fn number(text: &str) -> Result<f64> {
+    text.parse().with_context(|| format!("`{text}` is not a number"))
+}
+
 /// Today's UTC date as YYYY-MM-DD.
 fn today() -> String {
     utc_date(SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |since| since.as_secs()))
 }
 
-/// The UTC date of a Unix time (Howard Hinnant's days-to-civil).
+/// The UTC date of a Unix time, from coreutils' `date`: the calendar
+/// arithmetic is not written again here (kiln-imagefmt has it for FAT times).
 fn utc_date(seconds: u64) -> String {
-    let days = (seconds / 86_400) as i64 + 719_468;
-    let era = days.div_euclid(146_097);
-    let day_of_era = days.rem_euclid(146_097);
-    let year_of_era = (day_of_era - day_of_era / 1460 + day_of_era / 36_524 - day_of_era / 146_096) / 365;
-    let day_of_year = day_of_era - (365 * year_of_era + year_of_era / 4 - year_of_era / 100);
-    let month_index = (5 * day_of_year + 2) / 153;
-    let day = day_of_year - (153 * month_index + 2) / 5 + 1;
-    let month = if month_index < 10 { month_index + 3 } else { month_index - 9 };
-    let year = year_of_era + era * 400 + i64::from(month <= 2);
-    format!("{year:04}-{month:02}-{day:02}")
+    let output = Command::new("date").args(["-u", "-d", &format!("@{seconds}"), "+%Y-%m-%d"]).output();
+    match output {
+        Ok(output) if output.status.success() => String::from_utf8_lossy(&output.stdout).trim().to_owned(),
+        _ => "unknown date".to_owned(),
+    }
 }
 
 /// xorshift64*: deterministic, fast, and incompressible enough that no

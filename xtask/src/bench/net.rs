@@ -20,7 +20,7 @@ use std::process::Command;
 use anyhow::{Context, Result, bail};
 
 use super::chart::LineChart;
-use super::{Machine, Options, Target, median, print_report, remove_path};
+use super::{Machine, Options, Target, median, number, parse_lines, print_report, remove_path};
 use crate::{announce, cargo, run_command, target_dir};
 
 /// The target for in-memory allocate+release pairs per second.
@@ -255,19 +255,14 @@ struct Round {
 
 /// Parses `memory_pairs_per_sec N ledger_ops_per_sec M` lines.
 fn parse_rounds(stdout: &str) -> Result<Vec<Round>> {
-    stdout
-        .lines()
-        .map(|line| {
-            let fields: Vec<&str> = line.split_whitespace().collect();
-            match fields.as_slice() {
-                ["memory_pairs_per_sec", memory, "ledger_ops_per_sec", ledger] => Ok(Round {
-                    memory_pairs_per_sec: memory.parse().with_context(|| format!("bad number in `{line}`"))?,
-                    ledger_ops_per_sec: ledger.parse().with_context(|| format!("bad number in `{line}`"))?,
-                }),
-                _ => bail!("unexpected lease_bench line `{line}`"),
+    parse_lines(stdout, "lease_bench", |fields| {
+        Ok(match fields {
+            ["memory_pairs_per_sec", memory, "ledger_ops_per_sec", ledger] => {
+                Some(Round { memory_pairs_per_sec: number(memory)?, ledger_ops_per_sec: number(ledger)? })
             }
+            _ => None,
         })
-        .collect()
+    })
 }
 
 #[cfg(test)]

@@ -262,13 +262,23 @@ fn qemu_img_version() -> Result<String> {
     Ok(text.lines().next().unwrap_or("qemu-img, unknown version").trim().to_owned())
 }
 
-/// `qemu-img check`: "clean", or what it found; and whether it was clean.
-fn qemu_img_check(image: &Path) -> Result<(String, bool)> {
-    let output = Command::new("qemu-img")
-        .args(["check", "--output=json", "-f", "qcow2"])
+/// `qemu-img SUBCOMMAND --output=json -f qcow2 IMAGE`, its status not checked.
+fn qemu_img_json(subcommand: &str, image: &Path) -> Result<std::process::Output> {
+    Command::new("qemu-img")
+        .args([subcommand, "--output=json", "-f", "qcow2"])
         .arg(image)
         .output()
-        .context("cannot run qemu-img check")?;
+        .with_context(|| format!("cannot run qemu-img {subcommand}"))
+}
+
+/// The first line of a tool's message, trimmed.
+fn first_line(stderr: &[u8]) -> String {
+    String::from_utf8_lossy(stderr).lines().next().unwrap_or("").trim().to_owned()
+}
+
+/// `qemu-img check`: "clean", or what it found; and whether it was clean.
+fn qemu_img_check(image: &Path) -> Result<(String, bool)> {
+    let output = qemu_img_json("check", image)?;
     if output.status.success() {
         return Ok(("clean".to_owned(), true));
     }
@@ -282,8 +292,7 @@ fn qemu_img_check(image: &Path) -> Result<(String, bool)> {
         })
         .collect();
     let verdict = if found.is_empty() {
-        let stderr = String::from_utf8_lossy(&output.stderr);
-        format!("failed ({}): {}", output.status, stderr.lines().next().unwrap_or("").trim())
+        format!("failed ({}): {}", output.status, first_line(&output.stderr))
     } else {
         found.join(", ")
     };
@@ -292,14 +301,9 @@ fn qemu_img_check(image: &Path) -> Result<(String, bool)> {
 
 /// `qemu-img info`: the virtual size and cluster size it reads, and whether they are the requested ones.
 fn qemu_img_info(image: &Path) -> Result<(String, bool)> {
-    let output = Command::new("qemu-img")
-        .args(["info", "--output=json", "-f", "qcow2"])
-        .arg(image)
-        .output()
-        .context("cannot run qemu-img info")?;
+    let output = qemu_img_json("info", image)?;
     if !output.status.success() {
-        let stderr = String::from_utf8_lossy(&output.stderr);
-        return Ok((format!("failed: {}", stderr.lines().next().unwrap_or("").trim()), false));
+        return Ok((format!("failed: {}", first_line(&output.stderr)), false));
     }
     let info = Json::parse(String::from_utf8_lossy(&output.stdout).trim()).context("cannot read qemu-img info")?;
     let virtual_size = info.u64_field("virtual-size")?;

@@ -13,7 +13,7 @@ use std::process::Command;
 use anyhow::{Context, Result, bail};
 
 use super::chart::BarChart;
-use super::{Machine, Options, Target, median, print_report, remove_path};
+use super::{Machine, Options, Target, median, number, parse_lines, print_report, remove_path};
 use crate::{announce, cargo, run_command, target_dir};
 
 /// The target: kiln within 1.2x of the bare client.
@@ -110,20 +110,14 @@ struct Round {
 
 /// Parses `BACKEND floor_ms F kiln_ms K` lines.
 fn parse_rounds(stdout: &str) -> Result<Vec<Round>> {
-    stdout
-        .lines()
-        .map(|line| {
-            let fields: Vec<&str> = line.split_whitespace().collect();
-            match fields.as_slice() {
-                [backend, "floor_ms", floor, "kiln_ms", kiln] => Ok(Round {
-                    backend: (*backend).to_owned(),
-                    floor_ms: floor.parse().with_context(|| format!("bad number in `{line}`"))?,
-                    kiln_ms: kiln.parse().with_context(|| format!("bad number in `{line}`"))?,
-                }),
-                _ => bail!("unexpected vmm_bench line `{line}`"),
+    parse_lines(stdout, "vmm_bench", |fields| {
+        Ok(match fields {
+            [backend, "floor_ms", floor, "kiln_ms", kiln] => {
+                Some(Round { backend: (*backend).to_owned(), floor_ms: number(floor)?, kiln_ms: number(kiln)? })
             }
+            _ => None,
         })
-        .collect()
+    })
 }
 
 #[cfg(test)]

@@ -61,6 +61,7 @@ impl FromStr for FatType {
 
 /// How to lay out the volume. Every field has a sensible automatic default.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct FatOptions {
     /// Volume label: at most 11 bytes of the 8.3 character set or spaces
     /// (neither leading nor trailing), upper-cased as Windows does.

@@ -1,0 +1,214 @@
+//! The disks: found by what they hold, never by order; the service disk
+//! and seed mounted read-only; the data disk chosen, formatted when blank
+//! (never otherwise) and mounted.
+
+use std::fs::{self, File};
+use std::io::{self, Read};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use kiln_guest::{DATA_DISK_LABEL, DATA_DISK_SERIAL, DiskKind, classify_disk};
+
+use crate::{Context, Failure, Result, say, sys};
+
+/// How long to wait for virtio block devices to get their disks: virtio
+/// probing is synchronous, so this only matters on a slow host.
+const DISK_WAIT: Duration = Duration::from_secs(5);
+
+/// A virtio disk and what it holds.
+#[derive(Debug)]
+pub(crate) struct Disk {
+    pub(crate) name: String,
+    pub(crate) device: String,
+    pub(crate) serial: String,
+    pub(crate) kind: DiskKind,
+}
+
+impl Disk {
+    pub(crate) fn is_fat(&self, label: &str) -> bool {
+        matches!(&self.kind, DiskKind::Fat { label: Some(found) } if found == label)
+    }
+}
+
+pub(crate) fn describe(disks: &[Disk]) -> String {
+    if disks.is_empty() {
+        return "none".to_owned();
+    }
+    disks.iter().map(|d| format!("{} {:?}", d.name, d.kind)).collect::<Vec<_>>().join(", ")
+}
+
+/// Every `/sys/block/vd*` disk, classified by its first sectors, once every
+/// virtio block device has its disk (at most [`DISK_WAIT`]).
+pub(crate) fn find_disks() -> Result<Vec<Disk>> {
+    let started = Instant::now();
+    while pending_virtio_disks() > 0 && started.elapsed() < DISK_WAIT {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    scan_disks()
+}
+
+/// Virtio block devices (virtio device id 2) whose disk has not appeared
+/// yet. The driver usually probes while its module loads, so this is 0 and
+/// a missing service disk is reported at once, not after a timeout.
+fn pending_virtio_disks() -> usize {
+    let Ok(devices) = fs::read_dir("/sys/bus/virtio/devices") else { return 0 };
+    devices
+        .flatten()
+        .filter(|device| {
+            let id = fs::read_to_string(device.path().join("device")).unwrap_or_default();
+            id.trim() == "0x0002" && !device.path().join("block").is_dir()
+        })
+        .count()
+}
+
+fn scan_disks() -> Result<Vec<Disk>> {
+    let mut names: Vec<String> = fs::read_dir("/sys/block")
+        .context(|| "cannot list /sys/block".to_owned())?
+        .filter_map(|entry| entry.ok()?.file_name().into_string().ok())
+        .filter(|name| name.starts_with("vd"))
+        .collect();
+    names.sort();
+    let mut disks = Vec::new();
+    for name in names {
+        let device = format!("/dev/{name}");
+        let mut head = vec![0; 2048];
+        let read = File::open(&device).and_then(|mut file| read_up_to(&mut file, &mut head));
+        let kind = match read {
+            Ok(len) => classify_disk(&head[..len]),
+            Err(err) => return Err(Failure(format!("cannot read {device}: {err}"))),
+        };
+        let serial = fs::read_to_string(format!("/sys/block/{name}/serial")).unwrap_or_default().trim().to_owned();
+        disks.push(Disk { name, device, serial, kind });
+    }
+    Ok(disks)
+}
+
+fn read_up_to(file: &mut File, buf: &mut [u8]) -> io::Result<usize> {
+    let mut filled = 0;
+    while filled < buf.len() {
+        match file.read(&mut buf[filled..])? {
+            0 => break,
+            n => filled += n,
+        }
+    }
+    Ok(filled)
+}
+
+/// Mounts a FAT disk read-only: UTF-8 long names, and vfat's default masks
+/// (every file executable), which the service disk relies on.
+pub(crate) fn mount_fat(device: &str, target: &str) -> Result<()> {
+    fs::create_dir_all(target).context(|| format!("cannot create {target}"))?;
+    sys::mount(device, target, "vfat", libc::MS_RDONLY | libc::MS_NODEV | libc::MS_NOSUID, "utf8")
+        .context(|| format!("cannot mount {device} (vfat, read-only) on {target}"))
+}
+
+/// What to do with the data disk.
+#[derive(Debug)]
+enum DataDisk<'a> {
+    /// No disk is the data disk: `/mnt/data` stays absent.
+    None,
+    Mount(&'a Disk),
+    FormatThenMount(&'a Disk),
+}
+
+/// The data disk is an ext filesystem labelled `KILNDATA`, or else the
+/// disk with virtio serial `kiln-data`, which is formatted only when blank
+/// (its first 2 KiB all zero). Anything else on that disk is refused, never
+/// overwritten.
+fn choose_data_disk(disks: &[Disk]) -> Result<DataDisk<'_>> {
+    let labelled = disks.iter().find(|d| matches!(&d.kind, DiskKind::Ext { label: Some(l) } if l == DATA_DISK_LABEL));
+    if let Some(disk) = labelled {
+        return Ok(DataDisk::Mount(disk));
+    }
+    let Some(disk) = disks.iter().find(|d| d.serial == DATA_DISK_SERIAL) else {
+        return Ok(DataDisk::None);
+    };
+    match &disk.kind {
+        DiskKind::Blank => Ok(DataDisk::FormatThenMount(disk)),
+        DiskKind::Ext { .. } => Ok(DataDisk::Mount(disk)),
+        other => Err(Failure(format!(
+            "data disk {} (serial {DATA_DISK_SERIAL}) holds {other:?}, not ext and not blank; refusing to format it",
+            disk.device
+        ))),
+    }
+}
+
+/// Mounts the data disk at `/mnt/data` (see [`choose_data_disk`]), making
+/// the filesystem first when the disk is blank: busybox `mke2fs`, ext2
+/// served by the built-in ext4 driver.
+pub(crate) fn mount_data_disk(disks: &[Disk]) -> Result<()> {
+    let disk = match choose_data_disk(disks)? {
+        DataDisk::None => return Ok(()),
+        DataDisk::Mount(disk) => disk,
+        DataDisk::FormatThenMount(disk) => {
+            format_data_disk(disk)?;
+            disk
+        }
+    };
+    fs::create_dir_all("/mnt/data").context(|| "cannot create /mnt/data".to_owned())?;
+    sys::mount(&disk.device, "/mnt/data", "ext4", libc::MS_NODEV | libc::MS_NOSUID, "")
+        .context(|| format!("cannot mount the data disk {} (ext4) on /mnt/data", disk.device))?;
+    say(&format!("data disk {} mounted on /mnt/data", disk.device));
+    Ok(())
+}
+
+fn format_data_disk(disk: &Disk) -> Result<()> {
+    say(&format!("data disk {} is blank: making a filesystem", disk.device));
+    let output = Command::new("/bin/busybox")
+        .args(["mke2fs", "-q", "-L", DATA_DISK_LABEL, &disk.device])
+        .stdin(Stdio::null())
+        .output()
+        .context(|| "cannot run /bin/busybox mke2fs".to_owned())?;
+    if !output.status.success() {
+        return Err(Failure(format!(
+            "mke2fs {} failed ({}): {}",
+            disk.device,
+            output.status,
+            String::from_utf8_lossy(&output.stderr).trim()
+        )));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn disk(name: &str, serial: &str, kind: DiskKind) -> Disk {
+        Disk { name: name.to_owned(), device: format!("/dev/{name}"), serial: serial.to_owned(), kind }
+    }
+
+    fn choice(disks: &[Disk]) -> String {
+        match choose_data_disk(disks) {
+            Ok(DataDisk::None) => "none".to_owned(),
+            Ok(DataDisk::Mount(disk)) => format!("mount {}", disk.name),
+            Ok(DataDisk::FormatThenMount(disk)) => format!("format {}", disk.name),
+            Err(err) => format!("error: {err}"),
+        }
+    }
+
+    #[test]
+    fn data_disk_choice() {
+        let ext = |label: &str| DiskKind::Ext { label: Some(label.to_owned()) };
+        let fat = |label: &str| DiskKind::Fat { label: Some(label.to_owned()) };
+        let service = disk("vda", "", fat("SERVICEDISK"));
+        assert_eq!(choice(&[]), "none");
+        assert_eq!(
+            choice(&[disk("vda", "", DiskKind::Blank)]),
+            "none",
+            "a blank disk without the serial is left alone"
+        );
+        assert_eq!(choice(&[disk("vdb", "kiln-data", DiskKind::Blank)]), "format vdb");
+        assert_eq!(choice(&[disk("vdb", "kiln-data", ext("KILNDATA"))]), "mount vdb");
+        assert_eq!(choice(&[disk("vdb", "kiln-data", ext("other"))]), "mount vdb");
+        assert_eq!(choice(&[disk("vdc", "", ext("KILNDATA")), disk("vdb", "kiln-data", DiskKind::Blank)]), "mount vdc");
+        assert_eq!(
+            choice(&[disk("vdb", "kiln-data", fat("SERVICEDISK"))]),
+            "error: data disk /dev/vdb (serial kiln-data) holds Fat { label: Some(\"SERVICEDISK\") }, not ext and not blank; refusing to format it"
+        );
+        assert_eq!(
+            choice(&[service, disk("vdb", "kiln-data", DiskKind::Unknown)]),
+            "error: data disk /dev/vdb (serial kiln-data) holds Unknown, not ext and not blank; refusing to format it"
+        );
+    }
+}
