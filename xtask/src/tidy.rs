@@ -345,10 +345,12 @@ fn parse_packages(metadata: &str, root: &Path) -> Result<Vec<Package>> {
         .collect()
 }
 
-/// `cargo tree`'s flat listing of `package`'s normal dependencies, offline.
+/// `cargo tree`'s flat listing of `package`'s normal dependencies. Not
+/// `--offline`: on a fresh machine nothing is downloaded yet when tidy runs
+/// (before clippy), and cargo tree needs every dependency's manifest.
 fn cargo_tree(package: &str, args: &[&str]) -> Result<String> {
     let output = cargo()
-        .args(["tree", "--offline", "--prefix", "none", "-e", "normal", "-p", package])
+        .args(["tree", "--prefix", "none", "-e", "normal", "-p", package])
         .args(args)
         .output()
         .context("cannot run cargo tree")?;
