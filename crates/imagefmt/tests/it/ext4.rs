@@ -55,7 +55,9 @@ impl Case {
     }
 
     fn file(mut self, path: &str, bytes: Vec<u8>, meta: Metadata) -> Case {
-        self.tree.add_file_from_bytes(path, bytes.clone(), meta).unwrap_or_else(|err| panic!("add_file({path:?}): {err}"));
+        self.tree
+            .add_file_from_bytes(path, bytes.clone(), meta)
+            .unwrap_or_else(|err| panic!("add_file({path:?}): {err}"));
         self.expect_parents(path);
         self.expected.insert(path.to_owned(), want(Kind::File(bytes), meta));
         self.mtimes.insert(path.to_owned(), meta.mtime);
@@ -299,10 +301,11 @@ fn a_host_file_across_a_backup_superblock_is_split_into_extents() {
 #[test]
 fn the_same_tree_twice_gives_identical_images() {
     let build = |extra: &str| {
-        Case::new()
-            .file("a/b", pattern(5000, 3), meta(0o644).with_mtime(1_000_000, 0))
-            .link("a/c", "b", meta(0))
-            .file(extra, b"1".to_vec(), meta(0o600))
+        Case::new().file("a/b", pattern(5000, 3), meta(0o644).with_mtime(1_000_000, 0)).link("a/c", "b", meta(0)).file(
+            extra,
+            b"1".to_vec(),
+            meta(0o600),
+        )
     };
     let (first, image) = check(&build("x"), &Ext4Options::default());
     let (_, again) = check(&build("x"), &Ext4Options::default());
