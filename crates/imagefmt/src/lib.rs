@@ -1,5 +1,6 @@
 //! kiln-imagefmt writes disk images: FAT12/16/32 volumes (and the NoCloud
-//! seeds built on them) to any `Write + Seek`, or straight to a file with
+//! seeds built on them) and read-only ext4 filesystems with POSIX metadata
+//! ([`Ext4Tree`]), to any `Write + Seek`, or straight to a file with
 //! `copy_file_range`, sparse output and an atomic rename.
 //!
 //! It is a pure writer: it never mounts anything, never needs root and never

@@ -23,6 +23,23 @@ pub(crate) const LOST_AND_FOUND: &str = "lost+found";
 /// `add_*` calls does not change the image. Parents are created as needed
 /// with mode 0755, owner 0:0 and time 0; [`Ext4Tree::add_dir`] on an
 /// existing directory sets its metadata.
+///
+/// ```
+/// use kiln_imagefmt::{Ext4Options, Ext4Tree, Metadata};
+///
+/// let mut tree = Ext4Tree::new();
+/// let root_owned = Metadata::default().with_mtime(1_700_000_000, 0);
+/// tree.add_dir("etc", root_owned.with_mode(0o755))?;
+/// tree.add_file_from_bytes("etc/motd", b"kiln\n".to_vec(), root_owned)?;
+/// tree.add_file_from_bytes("bin/tool", vec![0x7f, b'E'], root_owned.with_mode(0o4755))?;
+/// tree.add_symlink("etc/issue", "motd", root_owned.with_owner(1000, 1000))?;
+/// let layout = tree.layout(&Ext4Options::default().with_label("root"))?;
+/// let mut image = std::io::Cursor::new(Vec::new());
+/// layout.write_to(&mut image)?;
+/// assert_eq!(image.get_ref().len() as u64, layout.summary().image_bytes);
+/// assert_eq!(&image.get_ref()[0x438..0x43a], &[0x53, 0xEF]); // the ext4 magic
+/// # Ok::<(), kiln_imagefmt::Error>(())
+/// ```
 #[derive(Debug, Clone)]
 pub struct Ext4Tree {
     pub(crate) root: Dir,
