@@ -36,7 +36,7 @@ pub use cpio::{Compression, CpioArchive, CpioSummary};
 pub use error::{Error, ErrorKind, Result};
 pub use ext4::{Ext4Layout, Ext4Options, Ext4Summary, Ext4Tree, Metadata};
 pub use fat::{FatLayout, FatOptions, FatSummary, FatTree, FatType};
-pub use inspect::{CpioInfo, FatInfo, ImageInfo, Qcow2Info, inspect};
+pub use inspect::{CpioInfo, Ext4Info, FatInfo, ImageInfo, Qcow2Info, inspect};
 pub use qcow2::{Qcow2Options, Qcow2Summary, convert_to_qcow2, create_qcow2};
 
 /// The README's example, compiled and run as a doctest.

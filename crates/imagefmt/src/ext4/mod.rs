@@ -7,7 +7,7 @@
 //! alone, and [`Ext4Layout`] encodes the structures (`disk`) and streams
 //! them with the file data into a sink (`emit`).
 
-mod crc32c;
+pub(crate) mod crc32c;
 mod disk;
 mod emit;
 mod layout;

@@ -470,3 +470,88 @@ fn random_trees_round_trip_through_e2fsck_and_debugfs() {
         })
         .unwrap();
 }
+
+/// `dumpe2fs -h`'s facts: block and inode counts, label, features.
+fn dumpe2fs_facts(image: &Path) -> Option<(BTreeMap<String, String>, std::collections::BTreeSet<String>)> {
+    let test = kiln_testkit::current_test_name();
+    let dumpe2fs = kiln_testkit::require_tool(&test, "dumpe2fs")?;
+    let out = Command::new(dumpe2fs).arg("-h").arg(image).output().unwrap();
+    assert!(out.status.success(), "dumpe2fs failed: {}", String::from_utf8_lossy(&out.stderr));
+    let text = String::from_utf8(out.stdout).unwrap();
+    let facts: BTreeMap<String, String> = text
+        .lines()
+        .filter_map(|line| line.split_once(':'))
+        .map(|(key, value)| (key.trim().to_owned(), value.trim().to_owned()))
+        .collect();
+    let features = facts["Filesystem features"].split_whitespace().map(str::to_owned).collect();
+    Some((facts, features))
+}
+
+fn assert_info_matches_dumpe2fs(info: &kiln_imagefmt::Ext4Info, image: &Path) {
+    let Some((facts, features)) = dumpe2fs_facts(image) else { return };
+    assert_eq!(info.blocks.to_string(), facts["Block count"]);
+    assert_eq!(info.free_blocks.to_string(), facts["Free blocks"]);
+    assert_eq!(info.inodes.to_string(), facts["Inode count"]);
+    assert_eq!(info.free_inodes.to_string(), facts["Free inodes"]);
+    assert_eq!(info.block_size.to_string(), facts["Block size"]);
+    assert_eq!(info.label.clone().unwrap_or_else(|| "<none>".into()), facts["Filesystem volume name"]);
+    let ours: std::collections::BTreeSet<String> = info.features.iter().cloned().collect();
+    assert_eq!(ours, features, "feature names against dumpe2fs");
+}
+
+fn inspect_ext4(image: &Path) -> kiln_imagefmt::Ext4Info {
+    match kiln_imagefmt::inspect(&mut fs::File::open(image).unwrap()) {
+        Ok(kiln_imagefmt::ImageInfo::Ext4(info)) => info,
+        other => panic!("not recognised as ext4: {other:?}"),
+    }
+}
+
+#[test]
+fn inspect_reads_back_what_the_writer_wrote() {
+    let case = Case::new().file("a", pattern(9000, 5), meta(0o644)).link("b", "a", meta(0));
+    let layout = case.tree.layout(&Ext4Options::default().with_label("KILNROOT")).unwrap();
+    let summary = layout.summary();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("image.ext4");
+    layout.write_file(&path).unwrap();
+    let info = inspect_ext4(&path);
+    assert_eq!(info.kind, "ext4");
+    assert_eq!(info.label.as_deref(), Some("KILNROOT"));
+    assert_eq!((info.uuid, info.block_size, info.blocks), (summary.uuid, 4096, summary.blocks));
+    assert_eq!(
+        (info.free_blocks, info.inodes, info.free_inodes),
+        (summary.free_blocks, summary.inodes, summary.free_inodes)
+    );
+    assert_eq!(info.volume_bytes, summary.image_bytes);
+    let expected =
+        "ext_attr filetype extent 64bit flex_bg sparse_super large_file huge_file dir_nlink extra_isize metadata_csum";
+    assert_eq!(info.features, expected.split(' ').collect::<Vec<_>>());
+    assert_info_matches_dumpe2fs(&info, &path);
+}
+
+#[test]
+fn inspect_reads_a_filesystem_mke2fs_made() {
+    let Some(mke2fs) = kiln_testkit::require_tool(&kiln_testkit::current_test_name(), "mke2fs") else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("made.ext4");
+    let out = Command::new(mke2fs)
+        .args(["-q", "-F", "-t", "ext4", "-b", "4096", "-L", "made-by-mke2fs"])
+        .arg(&path)
+        .arg("16M")
+        .env("MKE2FS_CONFIG", "/etc/mke2fs.conf")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "mke2fs failed: {}", String::from_utf8_lossy(&out.stderr));
+    let info = inspect_ext4(&path);
+    assert_eq!((info.kind, info.label.as_deref(), info.blocks), ("ext4", Some("made-by-mke2fs"), 4096));
+    assert!(info.features.iter().any(|f| f == "has_journal"), "{:?}", info.features);
+    assert_info_matches_dumpe2fs(&info, &path);
+}
+
+#[test]
+fn inspect_refuses_an_ext4_superblock_whose_checksum_is_wrong() {
+    let (_, mut image) = check(&Case::new(), &Ext4Options::default());
+    image[1024 + 0x10] ^= 1; // free inodes count
+    let err = kiln_imagefmt::inspect(&mut Cursor::new(&image)).unwrap_err();
+    assert!(err.to_string().contains("checksum does not match"), "{err}");
+}
