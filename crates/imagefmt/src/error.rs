@@ -71,6 +71,10 @@ pub enum Error {
     Ext4FileTooLarge { path: String, size: u64, max: u64 },
     #[error("{path:?} needs {extents} extents; this ext4 writer holds at most {max} in the inode")]
     TooManyExtents { path: String, extents: usize, max: usize },
+    #[error(
+        "The tree needs {inodes} inodes; this ext4 writer places at most {max}, every inode table in the first block group"
+    )]
+    Ext4TooManyInodes { inodes: u64, max: u64 },
     #[error("Not a readable image: {reason}")]
     InvalidImage { reason: String },
     #[error("{} changed while the image was being written (expected {expected} bytes)", path.display())]
@@ -100,7 +104,8 @@ impl Error {
             | Error::FatTypeImpossible { .. }
             | Error::TooManyEntries { .. }
             | Error::Ext4FileTooLarge { .. }
-            | Error::TooManyExtents { .. } => ErrorKind::DoesNotFit,
+            | Error::TooManyExtents { .. }
+            | Error::Ext4TooManyInodes { .. } => ErrorKind::DoesNotFit,
             Error::SourceChanged { .. } => ErrorKind::SourceChanged,
         }
     }

@@ -32,6 +32,12 @@ const FIRST_INO: u32 = 11;
 pub(crate) const FAST_SYMLINK_MAX: usize = 59;
 /// The smallest automatic image: 64 blocks (256 KiB).
 const MIN_BLOCKS: u64 = 64;
+/// Every inode table sits in the first group (see the module doc), so the
+/// tables of this many inodes (30,000 blocks) leave room for the bitmaps
+/// of a filesystem up to about 1 TiB.
+const MAX_INODES: u64 = 480_000;
+/// Where the automatic size stops growing: 1 TiB.
+const MAX_AUTO_BLOCKS: u64 = 1 << 28;
 /// A last group smaller than this is dropped rather than given metadata.
 const MIN_LAST_GROUP: u64 = 64;
 
@@ -390,6 +396,9 @@ impl Allocator<'_> {
 /// Finds the geometry for the content: the smallest with a little
 /// headroom, or the one `size` gives.
 fn size_geometry(size: Option<u64>, inodes: u64, data_blocks: u64) -> Result<Geometry> {
+    if inodes > MAX_INODES {
+        return Err(Error::Ext4TooManyInodes { inodes, max: MAX_INODES });
+    }
     if let Some(size) = size {
         if size == 0 || size % BLOCK != 0 {
             return Err(Error::InvalidSize {
@@ -409,10 +418,13 @@ fn size_geometry(size: Option<u64>, inodes: u64, data_blocks: u64) -> Result<Geo
     loop {
         let geometry = match Geometry::for_blocks(blocks, inodes, blocks * BLOCK) {
             Some(geometry) => geometry,
-            None => {
+            // More groups make each group's inode table smaller, up to a
+            // point: past it the bitmaps no longer fit in the first group.
+            None if blocks < MAX_AUTO_BLOCKS => {
                 blocks += BLOCKS_PER_GROUP;
                 continue;
             }
+            None => return Err(Error::DoesNotFit { needed: blocks * BLOCK, size: MAX_AUTO_BLOCKS * BLOCK }),
         };
         let backups = (1..geometry.groups).filter(|&g| Geometry::has_backup(g)).count() as u64;
         let used = geometry.data_start() + data_blocks + backups * geometry.backup_blocks();

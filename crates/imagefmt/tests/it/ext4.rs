@@ -555,3 +555,77 @@ fn inspect_refuses_an_ext4_superblock_whose_checksum_is_wrong() {
     let err = kiln_imagefmt::inspect(&mut Cursor::new(&image)).unwrap_err();
     assert!(err.to_string().contains("checksum does not match"), "{err}");
 }
+
+#[test]
+fn inodes_past_the_first_group_are_placed_and_counted() {
+    // A fixed 130 MiB gives two groups sharing the inodes: the last ones
+    // sit in the second group's table, and its bitmap and counts.
+    let mut case = Case::new();
+    for i in 0..60 {
+        case = case.file(&format!("d{}/f{i}", i % 4), pattern(i * 100, i as u64), meta(0o644));
+    }
+    let (summary, _) = check(&case, &Ext4Options::default().with_size(130 << 20));
+    let used = summary.inodes - summary.free_inodes;
+    assert!(summary.groups == 2 && used > summary.inodes / 2, "{summary:?}");
+}
+
+#[test]
+fn more_inodes_than_the_first_group_can_table_is_refused() {
+    let mut tree = Ext4Tree::new();
+    for i in 0..480_000 {
+        tree.add_symlink(&format!("d{}/l{i}", i % 64), "t", meta(0)).unwrap();
+    }
+    let err = tree.layout(&Ext4Options::default()).unwrap_err();
+    assert!(matches!(err, Error::Ext4TooManyInodes { max: 480_000, .. }), "{err:?}");
+    assert_eq!(err.kind(), ErrorKind::DoesNotFit);
+}
+
+/// Unmounts on drop, so a failed assertion leaves no mount behind.
+struct Mounted(PathBuf);
+
+impl Drop for Mounted {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(&self.0).status();
+    }
+}
+
+#[test]
+fn the_host_kernel_mounts_an_image_and_sees_the_tree() {
+    let test = kiln_testkit::current_test_name();
+    if kiln_testkit::require_tools(&test, &["mount", "umount"]).is_none()
+        || !kiln_testkit::require_root(&test, "a loop mount")
+    {
+        return;
+    }
+    let case = Case::new()
+        .dir("tmp", meta(0o1777).with_mtime(1_600_000_000, 500))
+        .file("bin/su", pattern(5000, 9), meta(0o4755).with_mtime(-86_400, 42))
+        .file("srv/data", pattern(70_000, 10), meta(0o640).with_owner(100_000, 70_000).with_mtime(4_102_444_800, 1))
+        .link("etc/fast", "../bin/su", meta(0).with_owner(1000, 100))
+        .link("etc/slow", &"s/".repeat(200), meta(0));
+    let dir = tempfile::tempdir().unwrap();
+    let image = dir.path().join("image.ext4");
+    case.tree.layout(&Ext4Options::default()).unwrap().write_file(&image).unwrap();
+    let target = dir.path().join("mnt");
+    fs::create_dir(&target).unwrap();
+    let status = Command::new("mount").args(["-t", "ext4", "-o", "loop,ro"]).arg(&image).arg(&target).status().unwrap();
+    assert!(status.success(), "mount failed: {status}");
+    let mounted = Mounted(target.clone());
+    for (path, want) in &case.expected {
+        let host = fs::symlink_metadata(target.join(path)).unwrap_or_else(|e| panic!("{path}: {e}"));
+        assert_eq!((host.mode() & 0o7777, host.uid(), host.gid()), (want.mode, want.uid, want.gid), "{path}");
+        match &want.kind {
+            Kind::Dir => assert!(host.is_dir(), "{path}"),
+            Kind::File(bytes) => assert!(fs::read(target.join(path)).unwrap() == *bytes, "{path}: content"),
+            Kind::Link(to) => assert_eq!(fs::read_link(target.join(path)).unwrap(), Path::new(to), "{path}"),
+        }
+    }
+    let times = |path: &str| {
+        let host = fs::symlink_metadata(target.join(path)).unwrap();
+        (host.mtime(), host.mtime_nsec())
+    };
+    assert_eq!(times("tmp"), (1_600_000_000, 500));
+    assert_eq!(times("bin/su"), (-86_400, 42), "a time before 1970");
+    assert_eq!(times("srv/data"), (4_102_444_800, 1), "a time after 2038");
+    drop(mounted);
+}
