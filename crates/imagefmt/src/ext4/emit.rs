@@ -99,11 +99,7 @@ impl Ext4Layout<'_> {
             }
             table.clear();
             table.resize(used as usize * INODE_SIZE as usize, 0);
-            for (index, plan) in self.inodes.iter().enumerate() {
-                let ino = Ext4Layout::ino(index);
-                if (ino - 1) / g.inodes_per_group != group {
-                    continue;
-                }
+            for (ino, plan) in self.inodes_in_group(group) {
                 let at = ((ino - 1) % g.inodes_per_group) as usize * INODE_SIZE as usize;
                 table[at..at + INODE_SIZE as usize].copy_from_slice(&inode_for(plan).encode(ino, seed));
             }

@@ -283,12 +283,23 @@ impl<'t> Ext4Layout<'t> {
     }
 
     pub(crate) fn dirs_in_group(&self, group: u32) -> u32 {
+        self.inodes_in_group(group).filter(|(_, plan)| matches!(plan.kind, InodeKind::Dir { .. })).count() as u32
+    }
+
+    /// The planned inodes of `group`, with their numbers.
+    pub(crate) fn inodes_in_group(&self, group: u32) -> impl Iterator<Item = (u32, &InodePlan<'t>)> {
         let ipg = self.geometry.inodes_per_group;
-        let in_group = |index: &usize| (Ext4Layout::ino(*index) - 1) / ipg == group;
-        (0..self.inodes.len())
-            .filter(in_group)
-            .filter(|&index| matches!(self.inodes[index].kind, InodeKind::Dir { .. }))
-            .count() as u32
+        let first = group * ipg + 1;
+        let last = first + self.used_inodes_in_group(group);
+        (first..last).filter_map(move |ino| {
+            // Inode 2 is the root, 3 to 10 are reserved and unplanned, 11 on follow in order.
+            let index = match ino {
+                ROOT_INO => 0,
+                ino if ino >= FIRST_INO => (ino - FIRST_INO + 1) as usize,
+                _ => return None,
+            };
+            Some((ino, &self.inodes[index]))
+        })
     }
 }
 
@@ -351,7 +362,9 @@ impl<'t> Numbering<'t> {
         let hash = &mut self.hash;
         hash.feed(&meta.mode.to_le_bytes()).feed(&meta.uid.to_le_bytes()).feed(&meta.gid.to_le_bytes());
         hash.feed(&meta.mtime.to_le_bytes()).feed(&meta.mtime_nsec.to_le_bytes());
-        self.plans.push(InodePlan { kind, meta, links: if path == "/lost+found" { 2 } else { 1 }, runs: Vec::new() });
+        // A directory's count is set once its subdirectories are known.
+        let links = if matches!(kind, InodeKind::Dir { .. }) { 2 } else { 1 };
+        self.plans.push(InodePlan { kind, meta, links, runs: Vec::new() });
         self.paths.push(path.to_owned());
     }
 }
