@@ -111,7 +111,7 @@ impl Ext4Tree {
     /// metadata of the directory already there. `""` or `"/"` is the root.
     pub fn add_dir(&mut self, dest: &str, meta: Metadata) -> Result<()> {
         let components = split_dest(dest)?;
-        check_mode(dest, meta)?;
+        check_meta(dest, meta)?;
         let mut created = 0;
         let dir = walk_create(&mut self.root, &components, dest, &mut created)?;
         dir.meta = meta;
@@ -151,6 +151,7 @@ impl Ext4Tree {
         if target.is_empty() || target.len() > MAX_SYMLINK_BYTES || target.contains('\0') {
             return Err(invalid(dest, format!("a symlink target is 1 to {MAX_SYMLINK_BYTES} bytes with no NUL")));
         }
+        check_meta(dest, meta.with_mode(0o777))?;
         let node = SymlinkNode { meta: meta.with_mode(0o777), target: target.to_owned() };
         self.insert(dest, Node::Symlink(node))?;
         self.counts.symlinks += 1;
@@ -182,7 +183,7 @@ impl Ext4Tree {
         if node.size > MAX_FILE_BYTES {
             return Err(Error::Ext4FileTooLarge { path: dest.to_owned(), size: node.size, max: MAX_FILE_BYTES });
         }
-        check_mode(dest, node.meta)?;
+        check_meta(dest, node.meta)?;
         let size = node.size;
         self.insert(dest, Node::File(node))?;
         self.counts.files += 1;
@@ -245,9 +246,12 @@ fn split_dest(dest: &str) -> Result<Vec<&str>> {
     Ok(components)
 }
 
-fn check_mode(dest: &str, meta: Metadata) -> Result<()> {
+fn check_meta(dest: &str, meta: Metadata) -> Result<()> {
     if meta.mode & !0o7777 != 0 {
         return Err(invalid(dest, format!("mode {:o} has bits beyond 07777", meta.mode)));
+    }
+    if meta.mtime_nsec >= 1_000_000_000 {
+        return Err(invalid(dest, format!("{} nanoseconds is a second or more", meta.mtime_nsec)));
     }
     Ok(())
 }

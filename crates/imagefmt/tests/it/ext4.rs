@@ -360,6 +360,9 @@ fn bad_symlinks_modes_and_reserved_names_are_refused() {
     assert_eq!(invalid_entry(&tree.add_symlink("l", &"t".repeat(4096), meta(0)).unwrap_err()), "l");
     assert_eq!(invalid_entry(&tree.add_file_from_bytes("f", Vec::new(), meta(0o10644)).unwrap_err()), "f");
     assert_eq!(invalid_entry(&tree.add_dir("lost+found/x", meta(0o755)).unwrap_err()), "lost+found/x");
+    let mut late = meta(0o644);
+    late.mtime_nsec = 1_000_000_000;
+    assert_eq!(invalid_entry(&tree.add_file_from_bytes("n", Vec::new(), late).unwrap_err()), "n");
     tree.add_file_from_bytes("f", Vec::new(), meta(0o644)).unwrap();
     assert!(matches!(tree.add_symlink("f", "x", meta(0)), Err(Error::AlreadyExists { path }) if path == "f"));
     assert!(matches!(tree.add_dir("f/g", meta(0o755)), Err(Error::NotADirectory { path }) if path == "f"));
