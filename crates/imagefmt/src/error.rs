@@ -63,6 +63,18 @@ pub enum Error {
     TooManyEntries { dir: String, slots: u64 },
     #[error("{fat_type} is impossible for this image: {reason}")]
     FatTypeImpossible { fat_type: crate::FatType, reason: String },
+    #[error("Invalid entry {path:?} for an ext4 image: {reason}")]
+    InvalidExt4Entry { path: String, reason: String },
+    #[error(
+        "{path:?} is {size} bytes; this ext4 writer holds files of at most {max} bytes (four extents in the inode)"
+    )]
+    Ext4FileTooLarge { path: String, size: u64, max: u64 },
+    #[error("{path:?} needs {extents} extents; this ext4 writer holds at most {max} in the inode")]
+    TooManyExtents { path: String, extents: usize, max: usize },
+    #[error(
+        "The tree needs {inodes} inodes; this ext4 writer places at most {max}, every inode table in the first block group"
+    )]
+    Ext4TooManyInodes { inodes: u64, max: u64 },
     #[error("Not a readable image: {reason}")]
     InvalidImage { reason: String },
     #[error("{} changed while the image was being written (expected {expected} bytes)", path.display())]
@@ -85,11 +97,15 @@ impl Error {
             | Error::InvalidLabel { .. }
             | Error::InvalidSize { .. }
             | Error::InvalidClusterSize { .. }
+            | Error::InvalidExt4Entry { .. }
             | Error::InvalidImage { .. } => ErrorKind::InvalidInput,
             Error::FileTooLarge { .. }
             | Error::DoesNotFit { .. }
             | Error::FatTypeImpossible { .. }
-            | Error::TooManyEntries { .. } => ErrorKind::DoesNotFit,
+            | Error::TooManyEntries { .. }
+            | Error::Ext4FileTooLarge { .. }
+            | Error::TooManyExtents { .. }
+            | Error::Ext4TooManyInodes { .. } => ErrorKind::DoesNotFit,
             Error::SourceChanged { .. } => ErrorKind::SourceChanged,
         }
     }

@@ -1,4 +1,4 @@
-//! Recognising images: FAT12/16/32, qcow2 and newc cpio (plain or gzip).
+//! Recognising images: FAT12/16/32, ext2/3/4, qcow2 and newc cpio (plain or gzip).
 //! Everything read is untrusted: every offset and count is checked, reads
 //! are bounded by the input, and malformed input is an error, never a panic.
 
@@ -15,6 +15,26 @@ pub enum ImageInfo {
     Fat(FatInfo),
     Qcow2(Qcow2Info),
     Cpio(CpioInfo),
+    Ext4(Ext4Info),
+}
+
+/// An ext2/3/4 filesystem's superblock facts.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Ext4Info {
+    /// `ext4` when any ext4-only feature is on, else `ext3` with a journal, else `ext2`.
+    pub kind: &'static str,
+    pub label: Option<String>,
+    pub uuid: [u8; 16],
+    pub block_size: u32,
+    pub blocks: u64,
+    pub free_blocks: u64,
+    pub inodes: u32,
+    pub free_inodes: u32,
+    /// Size of the filesystem as its superblock states it.
+    pub volume_bytes: u64,
+    /// Feature names as mke2fs spells them (`has_journal`, `extent`, …);
+    /// bits without a name as `compat_0x…`, `incompat_0x…`, `ro_compat_0x…`.
+    pub features: Vec<String>,
 }
 
 /// A FAT volume's boot-sector facts.
@@ -75,10 +95,126 @@ pub fn inspect<R: Read + Seek>(input: &mut R) -> Result<ImageInfo> {
         input.seek(SeekFrom::Start(0)).map_err(Error::ReadImage)?;
         return count_cpio(input, false).map(ImageInfo::Cpio);
     }
+    if let Some(superblock) = ext4_superblock(input)? {
+        return inspect_ext4(&superblock).map(ImageInfo::Ext4);
+    }
     if head.len() == 512 && head[510..] == [0x55, 0xAA] {
         return inspect_fat(input, &head).map(ImageInfo::Fat);
     }
-    Err(bad("not a FAT volume, qcow2 image or cpio archive".into()))
+    Err(bad("not a FAT volume, qcow2 image or cpio archive, nor an ext2/3/4 filesystem".into()))
+}
+
+/// The 1 KiB superblock at byte 1024, if the input is long enough and it
+/// carries the ext2/3/4 magic.
+fn ext4_superblock<R: Read + Seek>(input: &mut R) -> Result<Option<Vec<u8>>> {
+    let mut superblock = vec![0u8; 1024];
+    input.seek(SeekFrom::Start(1024)).map_err(Error::ReadImage)?;
+    let got = read_up_to(input, &mut superblock).map_err(Error::ReadImage)?;
+    Ok((got == superblock.len() && superblock[0x38..0x3A] == [0x53, 0xEF]).then_some(superblock))
+}
+
+/// Feature bits and their mke2fs names: (which word, bit, name).
+const EXT4_FEATURES: &[(usize, u32, &str)] = &[
+    (0, 0x1, "dir_prealloc"),
+    (0, 0x2, "imagic_inodes"),
+    (0, 0x4, "has_journal"),
+    (0, 0x8, "ext_attr"),
+    (0, 0x10, "resize_inode"),
+    (0, 0x20, "dir_index"),
+    (0, 0x200, "sparse_super2"),
+    (0, 0x400, "fast_commit"),
+    (0, 0x800, "stable_inodes"),
+    (0, 0x1000, "orphan_file"),
+    (1, 0x1, "compression"),
+    (1, 0x2, "filetype"),
+    (1, 0x4, "needs_recovery"),
+    (1, 0x8, "journal_dev"),
+    (1, 0x10, "meta_bg"),
+    (1, 0x40, "extent"),
+    (1, 0x80, "64bit"),
+    (1, 0x100, "mmp"),
+    (1, 0x200, "flex_bg"),
+    (1, 0x400, "ea_inode"),
+    (1, 0x1000, "dirdata"),
+    (1, 0x2000, "metadata_csum_seed"),
+    (1, 0x4000, "large_dir"),
+    (1, 0x8000, "inline_data"),
+    (1, 0x10000, "encrypt"),
+    (1, 0x20000, "casefold"),
+    (2, 0x1, "sparse_super"),
+    (2, 0x2, "large_file"),
+    (2, 0x8, "huge_file"),
+    (2, 0x10, "uninit_bg"),
+    (2, 0x20, "dir_nlink"),
+    (2, 0x40, "extra_isize"),
+    (2, 0x100, "quota"),
+    (2, 0x200, "bigalloc"),
+    (2, 0x400, "metadata_csum"),
+    (2, 0x1000, "read-only"),
+    (2, 0x2000, "project"),
+    (2, 0x4000, "shared_blocks"),
+    (2, 0x8000, "verity"),
+    (2, 0x10000, "orphan_present"),
+];
+const EXT4_WORDS: [&str; 3] = ["compat", "incompat", "ro_compat"];
+/// Incompat bits only ext4 has: extent, 64bit, flex_bg and later ones.
+const EXT4_ONLY_INCOMPAT: u32 = !0x1F;
+
+fn inspect_ext4(sb: &[u8]) -> Result<Ext4Info> {
+    let bad = |reason: &str| Error::InvalidImage { reason: format!("not a valid ext2/3/4 superblock: {reason}") };
+    let words = [le32(sb, 0x5C), le32(sb, 0x60), le32(sb, 0x64)];
+    if words[2] & 0x400 != 0 {
+        let stored = le32(sb, 0x3FC);
+        if crate::ext4::crc32c::update(!0, &sb[..0x3FC]) != stored {
+            return Err(bad("the metadata_csum checksum does not match"));
+        }
+    }
+    let log_block = le32(sb, 0x18);
+    if log_block > 6 {
+        return Err(bad("the block size is over 64 KiB"));
+    }
+    let block_size = 1024u32 << log_block;
+    let wide = words[1] & 0x80 != 0;
+    let high = |at: usize| if wide { u64::from(le32(sb, at)) << 32 } else { 0 };
+    let blocks = u64::from(le32(sb, 0x04)) | high(0x150);
+    let free_blocks = u64::from(le32(sb, 0x0C)) | high(0x158);
+    let (inodes, free_inodes) = (le32(sb, 0x00), le32(sb, 0x10));
+    if blocks == 0 || le32(sb, 0x20) == 0 || le32(sb, 0x28) == 0 {
+        return Err(bad("blocks, blocks per group and inodes per group must all be non-zero"));
+    }
+    if free_blocks > blocks || free_inodes > inodes {
+        return Err(bad("more free blocks or inodes than the filesystem has"));
+    }
+    let volume_bytes = blocks.checked_mul(u64::from(block_size)).ok_or_else(|| bad("the size overflows"))?;
+    let mut features = Vec::new();
+    for (word, value) in words.iter().enumerate() {
+        let mut named = 0;
+        for &(_, bit, name) in EXT4_FEATURES.iter().filter(|(w, ..)| *w == word) {
+            named |= bit;
+            if value & bit != 0 {
+                features.push(name.to_owned());
+            }
+        }
+        let mut rest = value & !named;
+        while rest != 0 {
+            let bit = rest & rest.wrapping_neg();
+            features.push(format!("{}_{bit:#x}", EXT4_WORDS[word]));
+            rest &= !bit;
+        }
+    }
+    let kind = if words[1] & EXT4_ONLY_INCOMPAT != 0 || words[2] & !0x7 != 0 {
+        "ext4"
+    } else if words[0] & 0x4 != 0 {
+        "ext3"
+    } else {
+        "ext2"
+    };
+    let label_bytes = &sb[0x78..0x88];
+    let label_len = label_bytes.iter().position(|&b| b == 0).unwrap_or(label_bytes.len());
+    let label = (label_len > 0).then(|| String::from_utf8_lossy(&label_bytes[..label_len]).into_owned());
+    let mut uuid = [0u8; 16];
+    uuid.copy_from_slice(&sb[0x68..0x78]);
+    Ok(Ext4Info { kind, label, uuid, block_size, blocks, free_blocks, inodes, free_inodes, volume_bytes, features })
 }
 
 fn read_up_to<R: Read>(input: &mut R, buf: &mut [u8]) -> io::Result<usize> {

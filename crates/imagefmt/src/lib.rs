@@ -1,5 +1,6 @@
 //! kiln-imagefmt writes disk images: FAT12/16/32 volumes (and the NoCloud
-//! seeds built on them) to any `Write + Seek`, or straight to a file with
+//! seeds built on them) and read-only ext4 filesystems with POSIX metadata
+//! ([`Ext4Tree`]), to any `Write + Seek`, or straight to a file with
 //! `copy_file_range`, sparse output and an atomic rename.
 //!
 //! It is a pure writer: it never mounts anything, never needs root and never
@@ -24,6 +25,7 @@
 mod cidata;
 mod cpio;
 mod error;
+mod ext4;
 mod fat;
 mod inspect;
 mod qcow2;
@@ -32,8 +34,9 @@ mod sink;
 pub use cidata::NoCloudSeed;
 pub use cpio::{Compression, CpioArchive, CpioSummary};
 pub use error::{Error, ErrorKind, Result};
+pub use ext4::{Ext4Layout, Ext4Options, Ext4Summary, Ext4Tree, Metadata};
 pub use fat::{FatLayout, FatOptions, FatSummary, FatTree, FatType};
-pub use inspect::{CpioInfo, FatInfo, ImageInfo, Qcow2Info, inspect};
+pub use inspect::{CpioInfo, Ext4Info, FatInfo, ImageInfo, Qcow2Info, inspect};
 pub use qcow2::{Qcow2Options, Qcow2Summary, convert_to_qcow2, create_qcow2};
 
 /// The README's example, compiled and run as a doctest.

@@ -4,6 +4,7 @@
 #![allow(clippy::unwrap_used)]
 
 mod errors;
+mod ext4;
 mod harness;
 mod interop;
 mod output;

@@ -1,0 +1,479 @@
+//! Geometry and placement: every decision about the image, made from the
+//! tree's metadata alone. Writing an [`Ext4Layout`] only encodes and copies.
+//!
+//! The layout is the simplest one mke2fs's features allow. All group
+//! metadata sits at the start of the disk (`flex_bg`): the superblock and
+//! descriptor table, every block bitmap, every inode bitmap, every inode
+//! table. Data follows, in inode order, each file's blocks contiguous except
+//! where a backup superblock (`sparse_super`: groups 0, 1 and powers of 3, 5
+//! and 7) sits in the way. So the used blocks are exactly those below
+//! [`Ext4Layout::end`] plus the backups above it, and the used inodes are
+//! exactly 1 to [`Ext4Layout::last_inode`].
+
+use std::io::{Seek, Write};
+use std::path::Path;
+
+use kiln_types::hash::Fnv1a64;
+
+use super::disk::{self, DirEntry};
+use super::tree::{Dir, FileNode, LOST_AND_FOUND, Node};
+use super::{BLOCK, EXTENT_MAX_BLOCKS, Ext4Options, Ext4Summary, Ext4Tree, INODE_EXTENTS, Metadata};
+use crate::{Error, Result};
+
+/// Blocks per group: one bitmap block's worth of bits.
+pub(crate) const BLOCKS_PER_GROUP: u64 = BLOCK * 8;
+pub(crate) const INODE_SIZE: u64 = 256;
+pub(crate) const DESC_SIZE: u64 = 64;
+pub(crate) const ROOT_INO: u32 = 2;
+pub(crate) const LOST_AND_FOUND_INO: u32 = 11;
+/// Inodes 1 to 10 are reserved; the first ordinary one is 11 (lost+found).
+const FIRST_INO: u32 = 11;
+/// Symlink targets shorter than this live in the inode's block map.
+pub(crate) const FAST_SYMLINK_MAX: usize = 59;
+/// The smallest automatic image: 64 blocks (256 KiB).
+const MIN_BLOCKS: u64 = 64;
+/// Every inode table sits in the first group (see the module doc), so the
+/// tables of this many inodes (30,000 blocks) leave room for the bitmaps
+/// of a filesystem up to about 1 TiB.
+const MAX_INODES: u64 = 480_000;
+/// Where the automatic size stops growing: 1 TiB.
+const MAX_AUTO_BLOCKS: u64 = 1 << 28;
+/// A last group smaller than this is dropped rather than given metadata.
+const MIN_LAST_GROUP: u64 = 64;
+
+/// Where the regions of the filesystem sit, in blocks.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Geometry {
+    pub(crate) blocks: u64,
+    pub(crate) groups: u32,
+    pub(crate) gdt_blocks: u64,
+    pub(crate) inodes_per_group: u32,
+    pub(crate) itable_blocks: u64,
+    /// The length of the image file, at least `blocks * BLOCK`.
+    pub(crate) image_bytes: u64,
+}
+
+impl Geometry {
+    pub(crate) fn has_backup(group: u32) -> bool {
+        fn power_of(mut n: u32, base: u32) -> bool {
+            while n > 1 && n % base == 0 {
+                n /= base;
+            }
+            n == 1
+        }
+        group <= 1 || power_of(group, 3) || power_of(group, 5) || power_of(group, 7)
+    }
+
+    pub(crate) fn group_start(group: u32) -> u64 {
+        u64::from(group) * BLOCKS_PER_GROUP
+    }
+
+    /// Blocks a superblock copy and its descriptor table take.
+    pub(crate) fn backup_blocks(&self) -> u64 {
+        1 + self.gdt_blocks
+    }
+
+    pub(crate) fn blocks_in_group(&self, group: u32) -> u64 {
+        (self.blocks - Geometry::group_start(group)).min(BLOCKS_PER_GROUP)
+    }
+
+    /// The first block of group metadata after the primary descriptor table.
+    fn metadata_start(&self) -> u64 {
+        self.backup_blocks()
+    }
+
+    pub(crate) fn block_bitmap(&self, group: u32) -> u64 {
+        self.metadata_start() + u64::from(group)
+    }
+
+    pub(crate) fn inode_bitmap(&self, group: u32) -> u64 {
+        self.metadata_start() + u64::from(self.groups) + u64::from(group)
+    }
+
+    pub(crate) fn inode_table(&self, group: u32) -> u64 {
+        self.metadata_start() + 2 * u64::from(self.groups) + u64::from(group) * self.itable_blocks
+    }
+
+    /// The first block after the group metadata, where data starts.
+    fn data_start(&self) -> u64 {
+        self.inode_table(self.groups)
+    }
+
+    pub(crate) fn inodes(&self) -> u32 {
+        self.groups * self.inodes_per_group
+    }
+
+    /// The geometry for `blocks` blocks holding `inodes` inodes, or `None`
+    /// if its group metadata would not fit before the first backup group.
+    fn for_blocks(blocks: u64, inodes: u64, image_bytes: u64) -> Option<Geometry> {
+        let mut groups = blocks.div_ceil(BLOCKS_PER_GROUP);
+        let mut blocks = blocks;
+        if groups > 1 && blocks - (groups - 1) * BLOCKS_PER_GROUP < MIN_LAST_GROUP {
+            groups -= 1;
+            blocks = groups * BLOCKS_PER_GROUP;
+        }
+        let max_ipg = BLOCK * 8 - 16;
+        let ipg = inodes.div_ceil(groups).next_multiple_of(16).max(16);
+        if ipg > max_ipg {
+            return None;
+        }
+        let itable_blocks = ipg * INODE_SIZE / BLOCK;
+        let gdt_blocks = (groups * DESC_SIZE).div_ceil(BLOCK);
+        let geometry = Geometry {
+            blocks,
+            groups: u32::try_from(groups).ok()?,
+            gdt_blocks,
+            inodes_per_group: ipg as u32,
+            itable_blocks,
+            image_bytes,
+        };
+        // Group 1's backup must not land inside the metadata at the start.
+        (geometry.data_start() <= BLOCKS_PER_GROUP || groups == 1).then_some(geometry)
+    }
+}
+
+/// A run of contiguous blocks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Run {
+    pub(crate) start: u64,
+    pub(crate) len: u64,
+}
+
+/// One inode to write.
+#[derive(Debug)]
+pub(crate) struct InodePlan<'t> {
+    pub(crate) kind: InodeKind<'t>,
+    pub(crate) meta: Metadata,
+    pub(crate) links: u32,
+    /// The blocks holding its data, in file order.
+    pub(crate) runs: Vec<Run>,
+}
+
+#[derive(Debug)]
+pub(crate) enum InodeKind<'t> {
+    /// Entries other than `.` and `..`, sorted by name.
+    Dir {
+        parent: u32,
+        entries: Vec<DirEntry<'t>>,
+    },
+    File(&'t FileNode),
+    Symlink(&'t str),
+}
+
+impl InodePlan<'_> {
+    pub(crate) fn data_blocks(&self) -> u64 {
+        self.runs.iter().map(|r| r.len).sum()
+    }
+}
+
+/// A planned image: geometry, every inode and every block decided.
+#[derive(Debug)]
+pub struct Ext4Layout<'t> {
+    pub(crate) tree: &'t Ext4Tree,
+    pub(crate) geometry: Geometry,
+    /// Inode 2 (the root) first, then 11, 12, … in order.
+    pub(crate) inodes: Vec<InodePlan<'t>>,
+    /// The first block past the metadata and data (backups above it are used too).
+    pub(crate) end: u64,
+    pub(crate) uuid: [u8; 16],
+    pub(crate) hash_seed: [u8; 16],
+    pub(crate) label: [u8; 16],
+}
+
+impl Ext4Tree {
+    /// Plans the image: checks the options, numbers every inode, sizes the
+    /// filesystem (the content plus a little headroom, or `options.size`)
+    /// and places every block. Errors name the option or entry at fault.
+    pub fn layout(&self, options: &Ext4Options) -> Result<Ext4Layout<'_>> {
+        let label = label_bytes(options.label.as_deref())?;
+        let mut numbering = Numbering::default();
+        numbering.visit_root(&self.root);
+        let mut inodes = numbering.plans;
+        let data_blocks: u64 = inodes.iter().map(|plan| blocks_for(plan)).sum();
+        let inode_count = u64::from(Ext4Layout::ino(inodes.len() - 1));
+        let geometry = size_geometry(options.size, inode_count, data_blocks)?;
+        let mut allocator = Allocator { geometry: &geometry, next: geometry.data_start() };
+        for (index, plan) in inodes.iter_mut().enumerate() {
+            let blocks = blocks_for(plan);
+            plan.runs = allocator.allocate(blocks);
+            if plan.runs.len() > INODE_EXTENTS {
+                let path = numbering.paths[index].clone();
+                return Err(Error::TooManyExtents { path, extents: plan.runs.len(), max: INODE_EXTENTS });
+            }
+        }
+        let needed = allocator.next;
+        if needed > geometry.blocks {
+            return Err(Error::DoesNotFit { needed: needed * BLOCK, size: geometry.image_bytes });
+        }
+        let mut hash = numbering.hash;
+        hash.field(&label);
+        let uuid = options.uuid.unwrap_or_else(|| derive_16(&hash, b"uuid"));
+        let hash_seed = derive_16(&hash, b"hash seed");
+        Ok(Ext4Layout { tree: self, geometry, inodes, end: needed, uuid, hash_seed, label })
+    }
+}
+
+impl<'t> Ext4Layout<'t> {
+    /// What the image holds.
+    pub fn summary(&self) -> Ext4Summary {
+        let g = &self.geometry;
+        let counts = self.tree.counts;
+        Ext4Summary {
+            image_bytes: g.image_bytes,
+            block_size: BLOCK as u32,
+            blocks: g.blocks,
+            free_blocks: (0..g.groups).map(|group| self.free_blocks(group)).sum(),
+            inodes: g.inodes(),
+            free_inodes: g.inodes() - self.last_inode(),
+            groups: g.groups,
+            files: counts.files,
+            dirs: counts.dirs,
+            symlinks: counts.symlinks,
+            data_bytes: counts.data_bytes,
+            uuid: self.uuid,
+        }
+    }
+
+    /// Writes the image to any `Write + Seek`, starting at offset 0.
+    pub fn write_to<W: Write + Seek>(&self, out: &mut W) -> Result<()> {
+        let mut sink = crate::sink::WriteSeekSink::new(out);
+        self.emit(&mut sink)
+    }
+
+    /// Writes the image to `path` atomically: into a temporary file in the
+    /// same directory, committed and renamed over `path` once complete.
+    /// Trees holding private host files ([`Ext4Tree::is_secret`]) get mode
+    /// 0600 from the start, others 0644, less the umask. File data moves
+    /// with `copy_file_range`; blocks never written stay holes.
+    pub fn write_file(&self, path: &Path) -> Result<Ext4Summary> {
+        let mode = crate::sink::image_mode(self.tree.is_secret());
+        crate::sink::write_atomically(path, mode, |sink| self.emit(sink))?;
+        Ok(self.summary())
+    }
+
+    /// The highest inode number in use; every one below it is in use too.
+    pub(crate) fn last_inode(&self) -> u32 {
+        Ext4Layout::ino(self.inodes.len() - 1)
+    }
+
+    /// The inode number of `self.inodes[index]`.
+    pub(crate) fn ino(index: usize) -> u32 {
+        if index == 0 { ROOT_INO } else { FIRST_INO + index as u32 - 1 }
+    }
+
+    /// Whether block `block` is used: below the end, or a backup's.
+    pub(crate) fn block_used(&self, block: u64) -> bool {
+        let group = (block / BLOCKS_PER_GROUP) as u32;
+        let offset = block % BLOCKS_PER_GROUP;
+        block < self.end || (Geometry::has_backup(group) && offset < self.geometry.backup_blocks())
+    }
+
+    pub(crate) fn free_blocks(&self, group: u32) -> u64 {
+        let g = &self.geometry;
+        let start = Geometry::group_start(group);
+        let len = g.blocks_in_group(group);
+        let below_end = self.end.clamp(start, start + len) - start;
+        let backup = if Geometry::has_backup(group) { g.backup_blocks() } else { 0 };
+        len - below_end.max(backup)
+    }
+
+    pub(crate) fn used_inodes_in_group(&self, group: u32) -> u32 {
+        let ipg = self.geometry.inodes_per_group;
+        self.last_inode().saturating_sub(group * ipg).min(ipg)
+    }
+
+    pub(crate) fn dirs_in_group(&self, group: u32) -> u32 {
+        self.inodes_in_group(group).filter(|(_, plan)| matches!(plan.kind, InodeKind::Dir { .. })).count() as u32
+    }
+
+    /// The planned inodes of `group`, with their numbers.
+    pub(crate) fn inodes_in_group(&self, group: u32) -> impl Iterator<Item = (u32, &InodePlan<'t>)> {
+        let ipg = self.geometry.inodes_per_group;
+        let first = group * ipg + 1;
+        let last = first + self.used_inodes_in_group(group);
+        (first..last).filter_map(move |ino| {
+            // Inode 2 is the root, 3 to 10 are reserved and unplanned, 11 on follow in order.
+            let index = match ino {
+                ROOT_INO => 0,
+                ino if ino >= FIRST_INO => (ino - FIRST_INO + 1) as usize,
+                _ => return None,
+            };
+            Some((ino, &self.inodes[index]))
+        })
+    }
+}
+
+/// Numbers the inodes depth first, in name order, and hashes what it sees.
+#[derive(Default)]
+struct Numbering<'t> {
+    plans: Vec<InodePlan<'t>>,
+    /// The path of each plan, for errors.
+    paths: Vec<String>,
+    hash: Fnv1a64,
+}
+
+impl<'t> Numbering<'t> {
+    fn visit_root(&mut self, root: &'t Dir) {
+        let lost_and_found = Metadata::default().with_mode(0o700).with_mtime(root.meta.mtime, root.meta.mtime_nsec);
+        self.push("/", root.meta, InodeKind::Dir { parent: ROOT_INO, entries: Vec::new() });
+        self.push("/lost+found", lost_and_found, InodeKind::Dir { parent: ROOT_INO, entries: Vec::new() });
+        let mut entries = vec![DirEntry { name: LOST_AND_FOUND, ino: LOST_AND_FOUND_INO, file_type: disk::FT_DIR }];
+        let subdirs = self.visit_children(root, ROOT_INO, "", &mut entries);
+        self.plans[0].links = 3 + subdirs;
+        self.plans[0].kind = InodeKind::Dir { parent: ROOT_INO, entries };
+    }
+
+    /// Numbers `dir`'s children (and theirs), appending their entries.
+    /// Returns how many are directories.
+    fn visit_children(&mut self, dir: &'t Dir, ino: u32, path: &str, entries: &mut Vec<DirEntry<'t>>) -> u32 {
+        let mut subdirs = 0;
+        for (name, node) in &dir.children {
+            let child_path = format!("{path}/{name}");
+            let index = self.plans.len();
+            let child_ino = Ext4Layout::ino(index);
+            self.hash.field(name.as_bytes()).feed(&ino.to_le_bytes());
+            let file_type = match node {
+                Node::Dir(sub) => {
+                    subdirs += 1;
+                    self.push(&child_path, sub.meta, InodeKind::Dir { parent: ino, entries: Vec::new() });
+                    let mut sub_entries = Vec::new();
+                    let sub_subdirs = self.visit_children(sub, child_ino, &child_path, &mut sub_entries);
+                    self.plans[index].links = 2 + sub_subdirs;
+                    self.plans[index].kind = InodeKind::Dir { parent: ino, entries: sub_entries };
+                    disk::FT_DIR
+                }
+                Node::File(file) => {
+                    self.hash.feed(&file.size.to_le_bytes());
+                    self.push(&child_path, file.meta, InodeKind::File(file));
+                    disk::FT_REG
+                }
+                Node::Symlink(link) => {
+                    self.hash.field(link.target.as_bytes());
+                    self.push(&child_path, link.meta, InodeKind::Symlink(&link.target));
+                    disk::FT_SYMLINK
+                }
+            };
+            entries.push(DirEntry { name, ino: child_ino, file_type });
+        }
+        subdirs
+    }
+
+    fn push(&mut self, path: &str, meta: Metadata, kind: InodeKind<'t>) {
+        let hash = &mut self.hash;
+        hash.feed(&meta.mode.to_le_bytes()).feed(&meta.uid.to_le_bytes()).feed(&meta.gid.to_le_bytes());
+        hash.feed(&meta.mtime.to_le_bytes()).feed(&meta.mtime_nsec.to_le_bytes());
+        // A directory's count is set once its subdirectories are known.
+        let links = if matches!(kind, InodeKind::Dir { .. }) { 2 } else { 1 };
+        self.plans.push(InodePlan { kind, meta, links, runs: Vec::new() });
+        self.paths.push(path.to_owned());
+    }
+}
+
+/// Data blocks an inode needs.
+fn blocks_for(plan: &InodePlan<'_>) -> u64 {
+    match &plan.kind {
+        InodeKind::Dir { entries, .. } => disk::dir_block_split(entries).len() as u64,
+        InodeKind::File(file) => file.size.div_ceil(BLOCK),
+        InodeKind::Symlink(target) => u64::from(target.len() > FAST_SYMLINK_MAX),
+    }
+}
+
+/// Hands out blocks in ascending order, around the backup superblocks.
+struct Allocator<'g> {
+    geometry: &'g Geometry,
+    next: u64,
+}
+
+impl Allocator<'_> {
+    /// The runs holding the next `blocks` blocks, each at most one extent long.
+    fn allocate(&mut self, mut blocks: u64) -> Vec<Run> {
+        let mut runs = Vec::new();
+        while blocks > 0 {
+            let group = (self.next / BLOCKS_PER_GROUP) as u32;
+            if Geometry::has_backup(group) && self.next % BLOCKS_PER_GROUP < self.geometry.backup_blocks() {
+                self.next = Geometry::group_start(group) + self.geometry.backup_blocks();
+            }
+            let mut next_backup = group + 1;
+            while !Geometry::has_backup(next_backup) {
+                next_backup += 1;
+            }
+            let len = blocks.min(Geometry::group_start(next_backup) - self.next).min(EXTENT_MAX_BLOCKS);
+            runs.push(Run { start: self.next, len });
+            self.next += len;
+            blocks -= len;
+        }
+        runs
+    }
+}
+
+/// Finds the geometry for the content: the smallest with a little
+/// headroom, or the one `size` gives.
+fn size_geometry(size: Option<u64>, inodes: u64, data_blocks: u64) -> Result<Geometry> {
+    if inodes > MAX_INODES {
+        return Err(Error::Ext4TooManyInodes { inodes, max: MAX_INODES });
+    }
+    if let Some(size) = size {
+        if size == 0 || size % BLOCK != 0 {
+            return Err(Error::InvalidSize {
+                size,
+                reason: format!("an ext4 image is a whole number of {BLOCK}-byte blocks"),
+            });
+        }
+        let geometry = Geometry::for_blocks(size / BLOCK, inodes, size)
+            .ok_or_else(|| Error::DoesNotFit { needed: (inodes * INODE_SIZE).max(size + 1), size })?;
+        let needed = geometry.data_start() + data_blocks;
+        if needed > geometry.blocks {
+            return Err(Error::DoesNotFit { needed: needed * BLOCK, size });
+        }
+        return Ok(geometry);
+    }
+    let mut blocks = (data_blocks + 16).max(MIN_BLOCKS);
+    loop {
+        let geometry = match Geometry::for_blocks(blocks, inodes, blocks * BLOCK) {
+            Some(geometry) => geometry,
+            // More groups make each group's inode table smaller, up to a
+            // point: past it the bitmaps no longer fit in the first group.
+            None if blocks < MAX_AUTO_BLOCKS => {
+                blocks += BLOCKS_PER_GROUP;
+                continue;
+            }
+            None => return Err(Error::DoesNotFit { needed: blocks * BLOCK, size: MAX_AUTO_BLOCKS * BLOCK }),
+        };
+        let backups = (1..geometry.groups).filter(|&g| Geometry::has_backup(g)).count() as u64;
+        let used = geometry.data_start() + data_blocks + backups * geometry.backup_blocks();
+        let wanted = (used + used / 64 + 16).max(MIN_BLOCKS);
+        if wanted <= geometry.blocks {
+            return Ok(geometry);
+        }
+        blocks = wanted;
+    }
+}
+
+fn label_bytes(label: Option<&str>) -> Result<[u8; 16]> {
+    let mut bytes = [0u8; 16];
+    if let Some(label) = label {
+        if label.len() > 16 || label.contains('\0') {
+            return Err(Error::InvalidLabel {
+                label: label.to_owned(),
+                reason: "an ext4 label is at most 16 bytes, with no NUL".into(),
+            });
+        }
+        bytes[..label.len()].copy_from_slice(label.as_bytes());
+    }
+    Ok(bytes)
+}
+
+/// Sixteen bytes derived from `hash` and a purpose, formatted as an RFC 4122
+/// version 4 UUID so that tools show them as one.
+fn derive_16(hash: &Fnv1a64, purpose: &[u8]) -> [u8; 16] {
+    let mut first = *hash;
+    first.field(purpose);
+    let mut second = first;
+    second.feed(b"second half");
+    let mut out = [0u8; 16];
+    out[..8].copy_from_slice(&first.finish().to_le_bytes());
+    out[8..].copy_from_slice(&second.finish().to_le_bytes());
+    out[6] = out[6] & 0x0F | 0x40;
+    out[8] = out[8] & 0x3F | 0x80;
+    out
+}

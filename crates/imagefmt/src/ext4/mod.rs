@@ -1,0 +1,129 @@
+//! The ext4 builder, read-only profile: a tree with POSIX metadata in, a
+//! spec-valid ext4 filesystem out (4 KiB blocks, no journal, sized to its
+//! content), checked by `e2fsck` and read back by `debugfs` in the tests.
+//!
+//! Pure core, thin shell, as for FAT: [`Ext4Tree`] checks names as they are
+//! added, [`Ext4Tree::layout`] places every inode and block from metadata
+//! alone, and [`Ext4Layout`] encodes the structures (`disk`) and streams
+//! them with the file data into a sink (`emit`).
+
+pub(crate) mod crc32c;
+mod disk;
+mod emit;
+mod layout;
+mod tree;
+
+pub use layout::Ext4Layout;
+pub use tree::Ext4Tree;
+
+/// Bytes per block: the page size, what mke2fs picks for all but tiny filesystems.
+pub(crate) const BLOCK: u64 = 4096;
+/// The longest name a directory entry holds.
+pub(crate) const MAX_NAME_BYTES: usize = 255;
+/// The longest symlink target: one block, less the terminating NUL the kernel expects room for.
+pub(crate) const MAX_SYMLINK_BYTES: usize = BLOCK as usize - 1;
+/// Extents the inode itself holds; more need index blocks, which this writer does not write yet.
+pub(crate) const INODE_EXTENTS: usize = 4;
+/// The most blocks one initialized extent covers.
+pub(crate) const EXTENT_MAX_BLOCKS: u64 = 32768;
+/// The largest file the inode's four extents can map.
+pub(crate) const MAX_FILE_BYTES: u64 = INODE_EXTENTS as u64 * EXTENT_MAX_BLOCKS * BLOCK;
+
+/// An entry's POSIX metadata: permission bits (including setuid 04000,
+/// setgid 02000 and sticky 01000), owner and modification time, which
+/// ext4 also stamps as the access, change and creation time.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub struct Metadata {
+    /// Permission bits, at most 0o7777; the file type comes from the entry.
+    pub mode: u32,
+    pub uid: u32,
+    pub gid: u32,
+    /// Seconds since the Unix epoch.
+    pub mtime: i64,
+    /// Nanoseconds within the second, below 1e9.
+    pub mtime_nsec: u32,
+}
+
+impl Default for Metadata {
+    /// Mode 0644, owner 0:0, time 0 (1970-01-01).
+    fn default() -> Metadata {
+        Metadata { mode: 0o644, uid: 0, gid: 0, mtime: 0, mtime_nsec: 0 }
+    }
+}
+
+impl Metadata {
+    /// Sets [`mode`](Self::mode).
+    pub fn with_mode(mut self, mode: u32) -> Self {
+        self.mode = mode;
+        self
+    }
+
+    /// Sets [`uid`](Self::uid) and [`gid`](Self::gid).
+    pub fn with_owner(mut self, uid: u32, gid: u32) -> Self {
+        self.uid = uid;
+        self.gid = gid;
+        self
+    }
+
+    /// Sets [`mtime`](Self::mtime) and [`mtime_nsec`](Self::mtime_nsec)
+    /// (taken modulo one second).
+    pub fn with_mtime(mut self, seconds: i64, nanoseconds: u32) -> Self {
+        self.mtime = seconds;
+        self.mtime_nsec = nanoseconds % 1_000_000_000;
+        self
+    }
+}
+
+/// How to lay out the filesystem. Every field has an automatic default.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub struct Ext4Options {
+    /// Volume label, at most 16 bytes.
+    pub label: Option<String>,
+    /// Image size in bytes, a multiple of 4096; by default the content plus a little headroom.
+    pub size: Option<u64>,
+    /// Filesystem UUID; by default derived from the tree and the label, so
+    /// that the same inputs give the same image.
+    pub uuid: Option<[u8; 16]>,
+}
+
+impl Ext4Options {
+    /// Sets [`label`](Self::label).
+    pub fn with_label(mut self, label: impl Into<String>) -> Self {
+        self.label = Some(label.into());
+        self
+    }
+
+    /// Sets [`size`](Self::size).
+    pub fn with_size(mut self, size: impl Into<Option<u64>>) -> Self {
+        self.size = size.into();
+        self
+    }
+
+    /// Sets [`uuid`](Self::uuid).
+    pub fn with_uuid(mut self, uuid: impl Into<Option<[u8; 16]>>) -> Self {
+        self.uuid = uuid.into();
+        self
+    }
+}
+
+/// What a layout holds, for reports and `--json` summaries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Ext4Summary {
+    /// The image's length in bytes.
+    pub image_bytes: u64,
+    pub block_size: u32,
+    pub blocks: u64,
+    pub free_blocks: u64,
+    pub inodes: u32,
+    pub free_inodes: u32,
+    pub groups: u32,
+    pub files: u64,
+    /// Directories, not counting the root and lost+found.
+    pub dirs: u64,
+    pub symlinks: u64,
+    /// Sum of the file sizes.
+    pub data_bytes: u64,
+    pub uuid: [u8; 16],
+}
