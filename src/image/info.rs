@@ -12,7 +12,7 @@ use super::{human_bytes, volume_id};
 
 #[derive(Debug, Args)]
 pub(crate) struct InfoArgs {
-    /// The image to inspect: a FAT volume, a qcow2 image or a cpio archive (plain or gzip).
+    /// The image to inspect: a FAT volume, an ext2/3/4 filesystem, a qcow2 image or a cpio archive (plain or gzip).
     #[arg(value_name = "IMG")]
     image: PathBuf,
     /// Print one JSON object instead of one line per fact.
@@ -61,6 +61,19 @@ enum Facts {
         free_clusters: u32,
         volume_bytes: u64,
     },
+    Ext4 {
+        /// `ext2`, `ext3` or `ext4`, from the features the superblock names.
+        kind: &'static str,
+        label: Option<String>,
+        uuid: String,
+        block_size: u32,
+        blocks: u64,
+        free_blocks: u64,
+        inodes: u32,
+        free_inodes: u32,
+        volume_bytes: u64,
+        features: Vec<String>,
+    },
     Qcow2 {
         version: u32,
         virtual_size: u64,
@@ -93,6 +106,18 @@ impl Facts {
                 free_clusters: fat.free_clusters,
                 volume_bytes: fat.volume_bytes,
             },
+            ImageInfo::Ext4(ext4) => Facts::Ext4 {
+                kind: ext4.kind,
+                label: ext4.label,
+                uuid: uuid_text(&ext4.uuid),
+                block_size: ext4.block_size,
+                blocks: ext4.blocks,
+                free_blocks: ext4.free_blocks,
+                inodes: ext4.inodes,
+                free_inodes: ext4.free_inodes,
+                volume_bytes: ext4.volume_bytes,
+                features: ext4.features,
+            },
             ImageInfo::Qcow2(qcow2) => Facts::Qcow2 {
                 version: qcow2.version,
                 virtual_size: qcow2.virtual_size,
@@ -116,6 +141,12 @@ impl Facts {
     }
 }
 
+/// A UUID as `blkid` and `dumpe2fs` print it: 8-4-4-4-12 lower-case hex.
+fn uuid_text(uuid: &[u8; 16]) -> String {
+    let hex: String = uuid.iter().map(|byte| format!("{byte:02x}")).collect();
+    format!("{}-{}-{}-{}-{}", &hex[..8], &hex[8..12], &hex[12..16], &hex[16..20], &hex[20..])
+}
+
 /// One `name: value` line per fact of the JSON object (path and format
 /// first, then by name); sizes in bytes also get a human-readable figure.
 fn human(report: &Report) -> anyhow::Result<String> {
@@ -134,6 +165,12 @@ fn human(report: &Report) -> anyhow::Result<String> {
                 Some(bytes) if bytes >= 1024 => format!("{bytes} ({})", human_bytes(bytes)),
                 _ => n.to_string(),
             },
+            // Feature lists read as dumpe2fs prints them: names and spaces.
+            serde_json::Value::Array(items) => items
+                .iter()
+                .map(|item| item.as_str().map_or_else(|| item.to_string(), str::to_owned))
+                .collect::<Vec<_>>()
+                .join(" "),
             other => other.to_string(),
         };
         let label = format!("{}:", key.replace('_', " "));

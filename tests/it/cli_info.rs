@@ -38,6 +38,21 @@ const QCOW2_KEYS: [&str; 9] = [
     "version",
     "virtual_size",
 ];
+const EXT4_KEYS: [&str; 13] = [
+    "block_size",
+    "blocks",
+    "features",
+    "file_bytes",
+    "format",
+    "free_blocks",
+    "free_inodes",
+    "inodes",
+    "kind",
+    "label",
+    "path",
+    "uuid",
+    "volume_bytes",
+];
 const CPIO_KEYS: [&str; 10] =
     ["compression", "data_bytes", "dirs", "entries", "file_bytes", "files", "format", "other", "path", "symlinks"];
 
@@ -48,6 +63,7 @@ fn info(image: &Path) -> Map<String, Value> {
         Some("fat") => &FAT_KEYS,
         Some("qcow2") => &QCOW2_KEYS,
         Some("cpio") => &CPIO_KEYS,
+        Some("ext4") => &EXT4_KEYS,
         other => panic!("unexpected format {other:?}"),
     };
     assert_eq!(keys(&report), expected_keys);
@@ -128,6 +144,49 @@ fn fat_volumes_made_by_mkfs_fat() {
         let free = found["free_clusters"].as_u64().unwrap() * found["cluster_size"].as_u64().unwrap();
         assert_eq!(free, mdir_bytes_free(mdir, &image), "FAT{bits}: free space as mtools counts it");
         assert!(found["free_clusters"].as_u64() < found["clusters"].as_u64(), "the payload uses clusters");
+    }
+}
+
+#[test]
+fn ext_filesystems_made_by_mke2fs() {
+    let Some(tools) = require_tools(&current_test_name(), &["mke2fs", "dumpe2fs"]) else { return };
+    let [mke2fs, dumpe2fs] = [&tools[0], &tools[1]];
+    let dir = tempfile::tempdir().unwrap();
+    let source = dir.path().join("source");
+    fs::create_dir_all(source.join("etc")).unwrap();
+    fs::write(source.join("etc/motd"), "hello from mke2fs\n").unwrap();
+    for (kind, options, label) in
+        [("ext2", &["-t", "ext2"][..], "TWO"), ("ext4", &["-t", "ext4", "-O", "metadata_csum,64bit"][..], "FOUR")]
+    {
+        let image = dir.path().join(format!("{kind}.img"));
+        run_ok(
+            Command::new(mke2fs)
+                .args(["-q", "-F", "-b", "4096", "-L", label, "-U", "0a1b2c3d-4e5f-6071-8293-a4b5c6d7e8f9"])
+                .args(options)
+                .arg("-d")
+                .arg(&source)
+                .arg(&image)
+                .arg("16M"),
+        );
+        let found = info(&image);
+        assert_eq!(found["format"], "ext4");
+        assert_eq!(found["kind"], kind);
+        assert_eq!(found["label"], label);
+        assert_eq!(found["uuid"], "0a1b2c3d-4e5f-6071-8293-a4b5c6d7e8f9");
+        assert_eq!(found["block_size"], 4096);
+        assert_eq!(found["volume_bytes"], 16 << 20);
+        // The counts and features as e2fsprogs itself reports them.
+        let header = run_ok(Command::new(dumpe2fs).arg("-h").arg(&image));
+        let field = |name: &str| {
+            let line = header.lines().find(|line| line.starts_with(name)).unwrap_or_else(|| panic!("{header}"));
+            line[name.len()..].trim().to_owned()
+        };
+        assert_eq!(found["blocks"], field("Block count:").parse::<u64>().unwrap());
+        assert_eq!(found["free_blocks"], field("Free blocks:").parse::<u64>().unwrap());
+        assert_eq!(found["inodes"], field("Inode count:").parse::<u64>().unwrap());
+        assert_eq!(found["free_inodes"], field("Free inodes:").parse::<u64>().unwrap());
+        let features: Vec<&str> = found["features"].as_array().unwrap().iter().map(|f| f.as_str().unwrap()).collect();
+        assert_eq!(features.join(" "), field("Filesystem features:"), "{kind}: features in mke2fs's names");
     }
 }
 
