@@ -188,7 +188,9 @@ impl Inode {
             put32(&mut i, at, seconds); // atime, ctime, mtime, crtime
         }
         put16(&mut i, 0x18, self.gid as u16);
-        put16(&mut i, 0x1A, self.links as u16);
+        // dir_nlink: a directory with more links than ext4 counts (65,000)
+        // says 1, "many", as the kernel and e2fsck expect.
+        put16(&mut i, 0x1A, if self.links > MAX_LINK_COUNT { 1 } else { self.links as u16 });
         let sectors = self.data_blocks * (BLOCK / 512);
         put32(&mut i, 0x1C, sectors as u32);
         put32(&mut i, 0x20, self.flags);
@@ -207,6 +209,12 @@ impl Inode {
         i
     }
 }
+
+/// EXT4_LINK_MAX: above it a directory's link count is stored as 1.
+const MAX_LINK_COUNT: u32 = 65_000;
+
+/// The seconds an inode time can hold: signed 32 bits extended by two epoch bits.
+pub(crate) const TIME_RANGE: std::ops::RangeInclusive<i64> = -(1 << 31)..=(1 << 31) - 1 + 3 * (1 << 32);
 
 /// Seconds and the `_extra` word: two epoch bits extending the signed
 /// 32-bit seconds, then 30 bits of nanoseconds.

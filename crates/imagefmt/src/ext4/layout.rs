@@ -108,7 +108,12 @@ impl Geometry {
     fn for_blocks(blocks: u64, inodes: u64, image_bytes: u64) -> Option<Geometry> {
         let mut groups = blocks.div_ceil(BLOCKS_PER_GROUP);
         let mut blocks = blocks;
-        if groups > 1 && blocks - (groups - 1) * BLOCKS_PER_GROUP < MIN_LAST_GROUP {
+        // A short last group is dropped, as mke2fs drops it: it must hold
+        // its backup superblock and descriptors (if it has them) and then
+        // some, or its free count would be negative.
+        let last = groups.saturating_sub(1);
+        let last_backup = if Geometry::has_backup(last as u32) { 1 + (groups * DESC_SIZE).div_ceil(BLOCK) } else { 0 };
+        if groups > 1 && blocks - last * BLOCKS_PER_GROUP < MIN_LAST_GROUP + last_backup {
             groups -= 1;
             blocks = groups * BLOCKS_PER_GROUP;
         }
@@ -445,7 +450,10 @@ fn size_geometry(size: Option<u64>, inodes: u64, data_blocks: u64) -> Result<Geo
         if wanted <= geometry.blocks {
             return Ok(geometry);
         }
-        blocks = wanted;
+        // Asking for `wanted` again would give the same geometry when its
+        // short last group was dropped: always grow, so that a size that
+        // keeps the last group is reached in a few steps.
+        blocks = wanted.max(blocks + MIN_LAST_GROUP);
     }
 }
 

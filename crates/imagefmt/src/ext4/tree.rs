@@ -250,6 +250,12 @@ fn check_meta(dest: &str, meta: Metadata) -> Result<()> {
     if meta.mode & !0o7777 != 0 {
         return Err(invalid(dest, format!("mode {:o} has bits beyond 07777", meta.mode)));
     }
+    if !super::disk::TIME_RANGE.contains(&meta.mtime) {
+        return Err(invalid(
+            dest,
+            format!("time {} s is outside what ext4 stores (1901-12-13 to 2446-05-10)", meta.mtime),
+        ));
+    }
     if meta.mtime_nsec >= 1_000_000_000 {
         return Err(invalid(dest, format!("{} nanoseconds is a second or more", meta.mtime_nsec)));
     }

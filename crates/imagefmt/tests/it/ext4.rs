@@ -632,3 +632,89 @@ fn the_host_kernel_mounts_an_image_and_sees_the_tree() {
     assert_eq!(times("srv/data"), (4_102_444_800, 1), "a time after 2038");
     drop(mounted);
 }
+
+/// Runs `body` on its own thread and fails if it takes longer than
+/// `limit`, so a sizing loop that never ends fails instead of hanging.
+fn within<T: Send + 'static>(limit: std::time::Duration, body: impl FnOnce() -> T + Send + 'static) -> T {
+    let (done, result) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = done.send(body());
+    });
+    result.recv_timeout(limit).unwrap_or_else(|_| panic!("did not finish within {limit:?}"))
+}
+
+/// A tree of one sparse host file of `bytes` (its content is not read by layout).
+fn one_sparse_file(dir: &Path, bytes: u64) -> Ext4Tree {
+    let src = dir.join(format!("sparse-{bytes}"));
+    fs::File::create(&src).unwrap().set_len(bytes).unwrap();
+    let mut tree = Ext4Tree::new();
+    tree.add_file_from_path("big", &src, meta(0o644)).unwrap();
+    tree
+}
+
+#[test]
+fn automatic_sizes_just_past_a_group_boundary_are_found() {
+    // Files whose automatic size lands a few blocks past a group's end,
+    // where the short last group is dropped: sizing must grow past it, not
+    // ask for the same size forever (126 MiB files hung before).
+    let dir = tempfile::tempdir().unwrap();
+    for blocks in (32_150..32_300).chain(64_900..65_000) {
+        let tree = one_sparse_file(dir.path(), blocks * 4096);
+        let summary = within(std::time::Duration::from_secs(30), move || {
+            tree.layout(&Ext4Options::default()).map(|l| l.summary())
+        })
+        .unwrap_or_else(|err| panic!("{blocks} blocks: {err}"));
+        assert!(summary.free_blocks > 0 && summary.free_blocks < summary.blocks, "{blocks} blocks: {summary:?}");
+    }
+    // One of them written and checked whole.
+    let mut case = Case::new();
+    let src = dir.path().join("sparse-132067328");
+    case.tree.add_file_from_path("big", &src, meta(0o644)).unwrap();
+    case.expected.insert("big".into(), want(Kind::File(fs::read(&src).unwrap()), meta(0o644)));
+    check(&case, &Ext4Options::default());
+}
+
+#[test]
+fn a_last_group_too_short_for_its_backup_is_dropped() {
+    // Group 6561 = 3^8 carries a backup superblock and descriptor table
+    // (104 blocks): 64 blocks of it cannot hold that, so it is dropped
+    // rather than counted with negative free space.
+    let size = (6561 * 32768 + 64) * 4096;
+    let tree = Case::new().file("f", b"x".to_vec(), meta(0o644)).tree;
+    let summary = tree.layout(&Ext4Options::default().with_size(size)).unwrap().summary();
+    assert_eq!((summary.groups, summary.blocks), (6561, 6561 * 32768), "{summary:?}");
+    assert!(summary.free_blocks < summary.blocks, "{summary:?}");
+}
+
+#[test]
+fn a_directory_with_more_than_65000_subdirectories_counts_as_many_links() {
+    // ext4 counts at most 65,000 links; above that dir_nlink stores 1.
+    let Some((e2fsck, debugfs)) = tools() else { return };
+    let mut tree = Ext4Tree::new();
+    for i in 0..65_001 {
+        tree.add_dir(&format!("many/d{i}"), meta(0o755)).unwrap();
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let image = dir.path().join("many.ext4");
+    tree.layout(&Ext4Options::default()).unwrap().write_file(&image).unwrap();
+    assert_e2fsck_clean(&e2fsck, &image);
+    let stat = run_debugfs(&debugfs, &image, "stat /many\n");
+    assert!(stat.contains("Links: 1 "), "{stat}");
+}
+
+#[test]
+fn times_ext4_cannot_store_are_refused_naming_the_entry() {
+    for seconds in [i64::MAX, i64::MIN, -(1 << 31) - 1, (1 << 31) + 3 * (1 << 32)] {
+        let mut tree = Ext4Tree::new();
+        let err = tree.add_file_from_bytes("etc/stamp", b"x".to_vec(), meta(0o644).with_mtime(seconds, 0)).unwrap_err();
+        assert_eq!(invalid_entry(&err), "etc/stamp", "{seconds}: {err}");
+        assert!(err.to_string().contains("outside what ext4 stores"), "{err}");
+    }
+    // The edges themselves are accepted (debugfs's rdump decodes neither
+    // pre-1970 nor post-2038 times; the kernel mount test reads both).
+    let mut tree = Ext4Tree::new();
+    for (name, seconds) in [("old", -(1 << 31)), ("new", (1 << 31) - 1 + 3 * (1 << 32))] {
+        tree.add_file_from_bytes(name, b"x".to_vec(), meta(0o644).with_mtime(seconds, 0)).unwrap();
+    }
+    tree.layout(&Ext4Options::default()).unwrap();
+}
