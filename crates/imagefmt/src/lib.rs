@@ -28,6 +28,7 @@ mod error;
 mod ext4;
 mod fat;
 mod inspect;
+mod le;
 mod qcow2;
 mod sink;
 

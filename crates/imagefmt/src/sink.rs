@@ -4,7 +4,8 @@
 use std::fs::{File, Permissions};
 use std::io::{self, Seek, SeekFrom, Write};
 use std::os::unix::fs::{FileExt, PermissionsExt};
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use rustix::io::Errno;
 
@@ -44,6 +45,47 @@ pub(crate) trait Sink {
 pub(crate) enum CopyError {
     Read(io::Error),
     Write(io::Error),
+}
+
+/// Where a file's bytes come from, in every tree of this crate: a host file,
+/// read when the image is written, or bytes held in memory.
+#[derive(Debug, Clone)]
+pub(crate) enum Source {
+    Host(PathBuf),
+    Bytes(Arc<[u8]>),
+}
+
+/// Opens the host file `path`, which was `expected` bytes long when it was
+/// added to a tree: `SourceChanged` if its length differs now.
+pub(crate) fn open_unchanged(path: &Path, expected: u64) -> Result<File> {
+    let read_error = |source| Error::ReadSource { path: path.to_path_buf(), source };
+    let src = File::open(path).map_err(read_error)?;
+    if src.metadata().map_err(read_error)?.len() != expected {
+        return Err(Error::SourceChanged { path: path.to_path_buf(), expected });
+    }
+    Ok(src)
+}
+
+/// Copies the host file `path` (`expected` bytes when it was added) to
+/// `offset` with [`Sink::copy_file_at`], calling `progress` with each run
+/// copied; `SourceChanged` if it is not that long now.
+pub(crate) fn copy_host_file(
+    sink: &mut dyn Sink,
+    offset: u64,
+    path: &Path,
+    expected: u64,
+    progress: Progress<'_>,
+) -> Result<()> {
+    let src = open_unchanged(path, expected)?;
+    let copied = sink.copy_file_at(offset, &src, expected, progress).map_err(|error| match error {
+        CopyError::Read(source) => Error::ReadSource { path: path.to_path_buf(), source },
+        // The image's side: write_atomically names the image.
+        CopyError::Write(source) => Error::Write(source),
+    })?;
+    if copied != expected {
+        return Err(Error::SourceChanged { path: path.to_path_buf(), expected });
+    }
+    Ok(())
 }
 
 /// Writes `data` at `offset`, skipping blocks that are all zeros.

@@ -6,6 +6,7 @@
 use super::crc32c;
 use super::layout::{BLOCKS_PER_GROUP, DESC_SIZE, INODE_SIZE, Run};
 use super::{BLOCK, EXTENT_MAX_BLOCKS};
+use crate::le::{put16, put32};
 
 pub(crate) const FT_REG: u8 = 1;
 pub(crate) const FT_DIR: u8 = 2;
@@ -300,14 +301,6 @@ pub(crate) fn dir_blocks(ino: u32, parent: u32, entries: &[DirEntry<'_>], fs_see
         put32(block, usable + 8, csum);
     }
     out
-}
-
-fn put16(buf: &mut [u8], at: usize, value: u16) {
-    buf[at..at + 2].copy_from_slice(&value.to_le_bytes());
-}
-
-fn put32(buf: &mut [u8], at: usize, value: u32) {
-    buf[at..at + 4].copy_from_slice(&value.to_le_bytes());
 }
 
 #[cfg(test)]

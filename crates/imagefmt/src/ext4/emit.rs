@@ -1,7 +1,6 @@
 //! Writing a planned layout: superblocks and descriptor tables, bitmaps,
 //! inode tables, directory and symlink blocks, then file data.
 
-use std::fs::File;
 use std::os::unix::fs::FileExt;
 
 use super::BLOCK;
@@ -9,8 +8,8 @@ use super::disk::{self, GroupDesc, Inode, Superblock};
 use super::layout::{
     BLOCKS_PER_GROUP, DESC_SIZE, Ext4Layout, FAST_SYMLINK_MAX, Geometry, INODE_SIZE, InodeKind, InodePlan, Run,
 };
-use super::tree::{FileNode, Source};
-use crate::sink::{CopyError, Sink, write_nonzero};
+use super::tree::FileNode;
+use crate::sink::{Sink, Source, copy_host_file, open_unchanged, write_nonzero};
 use crate::{Error, Result};
 
 /// Bytes read at a time from a host file whose blocks are split in several runs.
@@ -170,20 +169,12 @@ fn write_file_data(sink: &mut dyn Sink, runs: &[Run], file: &FileNode) -> Result
         Source::Host(path) => path,
     };
     let expected = file.size;
-    let read_error = |source| Error::ReadSource { path: path.clone(), source };
-    let changed = || Error::SourceChanged { path: path.clone(), expected };
-    let src = File::open(path).map_err(read_error)?;
-    if src.metadata().map_err(read_error)?.len() != expected {
-        return Err(changed());
-    }
     if let [run] = runs {
         // One run: the kernel copies (or shares) the bytes.
-        let copied = sink.copy_file_at(run.start * BLOCK, &src, expected, &mut |_| {}).map_err(|e| match e {
-            CopyError::Read(source) => read_error(source),
-            CopyError::Write(source) => Error::Write(source),
-        })?;
-        return if copied == expected { Ok(()) } else { Err(changed()) };
+        return copy_host_file(sink, run.start * BLOCK, path, expected, &mut |_| {});
     }
+    let src = open_unchanged(path, expected)?;
+    let changed = || Error::SourceChanged { path: path.clone(), expected };
     let mut buffer = vec![0u8; COPY_BUFFER];
     let mut offset = 0u64;
     for run in runs {

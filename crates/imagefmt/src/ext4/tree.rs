@@ -4,10 +4,11 @@
 use std::collections::BTreeMap;
 use std::fs;
 use std::os::unix::fs::MetadataExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 
 use super::{MAX_FILE_BYTES, MAX_NAME_BYTES, MAX_SYMLINK_BYTES, Metadata};
+use crate::sink::Source;
 use crate::{Error, Result};
 
 /// The directory the writer makes at the root for `e2fsck` to reconnect
@@ -81,12 +82,6 @@ pub(crate) struct FileNode {
 pub(crate) struct SymlinkNode {
     pub(crate) meta: Metadata,
     pub(crate) target: String,
-}
-
-#[derive(Debug, Clone)]
-pub(crate) enum Source {
-    Host(PathBuf),
-    Bytes(Arc<[u8]>),
 }
 
 impl Default for Ext4Tree {

@@ -8,8 +8,8 @@ use super::FatType;
 use super::layout::{DirPlan, EntryTarget, FatLayout, Geometry, SECTOR};
 use super::names;
 use super::time::DosTime;
-use super::tree::Source;
-use crate::sink::{CopyError, Sink, write_nonzero};
+use crate::le::{put16, put32};
+use crate::sink::{Sink, Source, copy_host_file, write_nonzero};
 use crate::{Error, Result};
 
 const ATTR_VOLUME_ID: u8 = 0x08;
@@ -91,22 +91,11 @@ impl FatLayout<'_> {
                     progress(done);
                 }
                 Source::Host(path) => {
-                    let read_error = |source| Error::ReadSource { path: path.clone(), source };
-                    let changed = || Error::SourceChanged { path: path.clone(), expected };
-                    let src = File::open(path).map_err(read_error)?;
-                    if src.metadata().map_err(read_error)?.len() != expected {
-                        return Err(changed());
-                    }
                     let base = done;
-                    let copied = sink
-                        .copy_file_at(offset, &src, expected, &mut |n| {
-                            done += n;
-                            progress(done);
-                        })
-                        .map_err(|source| copy_error(path, source))?;
-                    if copied != expected {
-                        return Err(changed());
-                    }
+                    copy_host_file(sink, offset, path, expected, &mut |n| {
+                        done += n;
+                        progress(done);
+                    })?;
                     done = base + expected;
                 }
             }
@@ -267,14 +256,6 @@ fn read_exactly(path: &std::path::Path, expected: u64, out: &mut Vec<u8>) -> Res
     Ok(())
 }
 
-fn copy_error(path: &std::path::Path, error: CopyError) -> Error {
-    match error {
-        CopyError::Read(source) => Error::ReadSource { path: path.to_path_buf(), source },
-        // The image's side: write_atomically names the image.
-        CopyError::Write(source) => Error::Write(source),
-    }
-}
-
 fn end_of_chain(fat_type: FatType) -> u32 {
     match fat_type {
         FatType::Fat12 => 0xFFF,
@@ -320,12 +301,4 @@ fn short_entry(name: &[u8; 11], attr: u8, cluster: u32, size: u32, t: DosTime) -
     put16(&mut e, 26, cluster as u16);
     put32(&mut e, 28, size);
     e
-}
-
-fn put16(buf: &mut [u8], at: usize, value: u16) {
-    buf[at..at + 2].copy_from_slice(&value.to_le_bytes());
-}
-
-fn put32(buf: &mut [u8], at: usize, value: u32) {
-    buf[at..at + 4].copy_from_slice(&value.to_le_bytes());
 }

@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use super::names;
+use crate::sink::Source;
 use crate::{Error, Result};
 
 /// The largest file FAT can hold: its size field is 32 bits.
@@ -44,12 +45,6 @@ pub(crate) enum Node {
 pub(crate) struct FileNode {
     pub(crate) source: Source,
     pub(crate) size: u64,
-}
-
-#[derive(Debug, Clone)]
-pub(crate) enum Source {
-    Host(PathBuf),
-    Bytes(Arc<[u8]>),
 }
 
 impl FatTree {
