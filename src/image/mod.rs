@@ -2,6 +2,7 @@
 //! (output options, sizes, reports). Every command that writes does so
 //! through kiln-imagefmt's atomic writers, so a failure leaves nothing behind.
 
+mod ext4;
 mod fat;
 mod info;
 mod initramfs;
@@ -18,6 +19,8 @@ use serde::Serialize;
 pub(crate) enum ImageCommand {
     /// Build a FAT image from host files and directories.
     Fat(fat::FatArgs),
+    /// Build an ext4 filesystem from host files and directories, with their POSIX metadata.
+    Ext4(ext4::Ext4Args),
     /// Build a cloud-init NoCloud seed (label CIDATA).
     Cidata(fat::CidataArgs),
     /// Build a service disk (label SERVICEDISK): binary, launch script, extra trees.
@@ -27,7 +30,7 @@ pub(crate) enum ImageCommand {
     Qcow2(qcow2::Qcow2Command),
     /// Build a newc cpio initramfs from a directory.
     Initramfs(initramfs::InitramfsArgs),
-    /// Identify an image (FAT, qcow2, cpio) and summarise it.
+    /// Identify an image (FAT, ext2/3/4, qcow2, cpio) and summarise it.
     Info(info::InfoArgs),
 }
 
@@ -35,6 +38,7 @@ pub(crate) fn run(command: ImageCommand) -> anyhow::Result<()> {
     let started = Instant::now();
     match command {
         ImageCommand::Fat(args) => fat::image_fat(args, started),
+        ImageCommand::Ext4(args) => ext4::image_ext4(args, started),
         ImageCommand::Cidata(args) => fat::image_cidata(args, started),
         ImageCommand::ServiceDisk(args) => fat::image_service_disk(args, started),
         ImageCommand::Qcow2(qcow2::Qcow2Command::Create(args)) => qcow2::create(args, started),

@@ -11,6 +11,7 @@ pub(crate) mod crc32c;
 mod disk;
 mod emit;
 mod layout;
+mod output;
 mod tree;
 
 pub use layout::Ext4Layout;
