@@ -4,13 +4,14 @@
 use std::ffi::OsStr;
 use std::fs;
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::{MetadataExt, PermissionsExt};
-use std::path::{Path, PathBuf};
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
 use std::time::Instant;
 
 use anyhow::{Context, bail};
 use clap::Args;
-use kiln_imagefmt::{Ext4Options, Ext4Summary, Ext4Tree, Metadata, Qcow2Options};
+use kiln::add_host_path_to_ext4;
+use kiln_imagefmt::{Ext4Options, Ext4Summary, Ext4Tree, Qcow2Options};
 use serde::Serialize;
 
 use super::{DiskFormat, OutputArgs, count, elapsed_ms, human_bytes, parse_size_arg, print_report};
@@ -73,10 +74,10 @@ fn add_source(tree: &mut Ext4Tree, source: &OsStr, epoch: Option<i64>) -> anyhow
         let Ok(dest) = std::str::from_utf8(dest) else {
             bail!("The destination in {source:?} is not valid UTF-8");
         };
-        return add_host_path(tree, dest, Path::new(OsStr::from_bytes(&host[1..])), epoch);
+        return Ok(add_host_path_to_ext4(tree, dest, Path::new(OsStr::from_bytes(&host[1..])), epoch)?);
     }
     if fs::metadata(path).is_ok_and(|meta| meta.is_dir()) {
-        return add_host_path(tree, "", path, epoch);
+        return Ok(add_host_path_to_ext4(tree, "", path, epoch)?);
     }
     let Some(name) = path.file_name() else {
         bail!("{} has no file name to use in the image; write DEST={}", path.display(), path.display());
@@ -84,69 +85,7 @@ fn add_source(tree: &mut Ext4Tree, source: &OsStr, epoch: Option<i64>) -> anyhow
     let Some(name) = name.to_str() else {
         bail!("The name of {} is not valid UTF-8; write DEST=PATH with a UTF-8 DEST", path.display());
     };
-    add_host_path(tree, name, path, epoch)
-}
-
-/// Puts host path `src` at `dest` with its mode, owner and mtime (or
-/// `epoch`): a directory with everything under it, symlinks inside kept as
-/// symlinks; `src` itself is followed if it is a symlink.
-///
-/// Written with std against the tree's entry API until kiln-imagefmt's own
-/// host walk (`Ext4Tree::add_host_path`: hardlinks, devices, xattrs, holes)
-/// lands; until then a hardlinked file is stored once per name.
-fn add_host_path(tree: &mut Ext4Tree, dest: &str, src: &Path, epoch: Option<i64>) -> anyhow::Result<()> {
-    let meta = fs::metadata(src).with_context(|| format!("Cannot read {}", src.display()))?;
-    let mut stack: Vec<(String, PathBuf, fs::Metadata)> = vec![(dest.to_owned(), src.to_path_buf(), meta)];
-    while let Some((dest, src, meta)) = stack.pop() {
-        let entry = entry_meta(&meta, epoch);
-        let kind = meta.file_type();
-        if kind.is_dir() {
-            tree.add_dir(&dest, entry)?;
-            let mut children = Vec::new();
-            for child in fs::read_dir(&src).with_context(|| format!("Cannot list {}", src.display()))? {
-                let child = child.with_context(|| format!("Cannot list {}", src.display()))?;
-                let path = child.path();
-                let Some(name) = child.file_name().to_str().map(str::to_owned) else {
-                    bail!("The name of {} is not valid UTF-8; ext4 entries here are UTF-8", path.display());
-                };
-                let meta = fs::symlink_metadata(&path).with_context(|| format!("Cannot read {}", path.display()))?;
-                children.push((join_dest(&dest, &name), path, meta));
-            }
-            // Popped in name order, so errors come in the order `ls` shows.
-            children.sort_by(|a, b| b.0.cmp(&a.0));
-            stack.extend(children);
-        } else if kind.is_file() {
-            tree.add_file_from_path(&dest, &src, entry)?;
-        } else if kind.is_symlink() {
-            let target = fs::read_link(&src).with_context(|| format!("Cannot read the symlink {}", src.display()))?;
-            let Some(target) = target.to_str() else {
-                bail!("The target of the symlink {} is not valid UTF-8", src.display());
-            };
-            tree.add_symlink(&dest, target, entry)?;
-        } else {
-            bail!(
-                "{} is a socket, FIFO or device; this kiln stores only files, directories and symlinks in ext4",
-                src.display()
-            );
-        }
-    }
-    Ok(())
-}
-
-fn join_dest(parent: &str, name: &str) -> String {
-    if parent.is_empty() { name.to_owned() } else { format!("{parent}/{name}") }
-}
-
-/// A host entry's metadata as the image stores it.
-fn entry_meta(meta: &fs::Metadata, epoch: Option<i64>) -> Metadata {
-    let (seconds, nanoseconds) = match epoch {
-        Some(epoch) => (epoch, 0),
-        None => (meta.mtime(), u32::try_from(meta.mtime_nsec()).unwrap_or(0)),
-    };
-    Metadata::default()
-        .with_mode(meta.mode() & 0o7777)
-        .with_owner(meta.uid(), meta.gid())
-        .with_mtime(seconds, nanoseconds)
+    Ok(add_host_path_to_ext4(tree, name, path, epoch)?)
 }
 
 /// `--uuid`: 32 hex digits, dashes anywhere ignored (the 8-4-4-4-12 form
