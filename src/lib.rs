@@ -14,7 +14,6 @@
 
 mod control;
 mod error;
-mod ext4_host;
 mod gc;
 mod hostnet;
 #[cfg(feature = "k8s")]
@@ -27,7 +26,6 @@ mod spec;
 mod state;
 
 pub use error::{Error, ErrorKind, Result};
-pub use ext4_host::add_host_path_to_ext4;
 pub use gc::{GcAction, HostHandles, collect_garbage, release_vm};
 pub use hostnet::{CIDR_ENV, DEFAULT_CIDR, HostNet, UPLINK_ENV};
 #[cfg(feature = "k8s")]

@@ -10,7 +10,6 @@ use std::time::Instant;
 
 use anyhow::{Context, bail};
 use clap::Args;
-use kiln::add_host_path_to_ext4;
 use kiln_imagefmt::{Ext4Options, Ext4Summary, Ext4Tree, Qcow2Options};
 use serde::Serialize;
 
@@ -39,11 +38,11 @@ pub(crate) struct Ext4Args {
 }
 
 pub(super) fn image_ext4(args: Ext4Args, started: Instant) -> anyhow::Result<()> {
-    let epoch = epoch_override(&args.output);
     let mut tree = Ext4Tree::new();
     for source in &args.sources {
-        add_source(&mut tree, source, epoch)?;
+        add_source(&mut tree, source)?;
     }
+    tree.set_epoch(epoch_override(&args.output))?;
     let mut options = Ext4Options::default().with_size(args.size).with_uuid(args.uuid);
     options.label = args.label;
     let path = &args.output.output;
@@ -65,7 +64,7 @@ fn epoch_override(output: &OutputArgs) -> Option<i64> {
 }
 
 /// Adds one SRC: `DIR`, `FILE` or `DEST=PATH`, as `kiln image fat` reads them.
-fn add_source(tree: &mut Ext4Tree, source: &OsStr, epoch: Option<i64>) -> anyhow::Result<()> {
+fn add_source(tree: &mut Ext4Tree, source: &OsStr) -> anyhow::Result<()> {
     let path = Path::new(source);
     // A host path that happens to contain `=` is a path, not DEST=PATH.
     let exists = path.try_exists().unwrap_or(false);
@@ -74,10 +73,10 @@ fn add_source(tree: &mut Ext4Tree, source: &OsStr, epoch: Option<i64>) -> anyhow
         let Ok(dest) = std::str::from_utf8(dest) else {
             bail!("The destination in {source:?} is not valid UTF-8");
         };
-        return Ok(add_host_path_to_ext4(tree, dest, Path::new(OsStr::from_bytes(&host[1..])), epoch)?);
+        return add_host_path(tree, dest, Path::new(OsStr::from_bytes(&host[1..])));
     }
     if fs::metadata(path).is_ok_and(|meta| meta.is_dir()) {
-        return Ok(add_host_path_to_ext4(tree, "", path, epoch)?);
+        return add_host_path(tree, "", path);
     }
     let Some(name) = path.file_name() else {
         bail!("{} has no file name to use in the image; write DEST={}", path.display(), path.display());
@@ -85,7 +84,22 @@ fn add_source(tree: &mut Ext4Tree, source: &OsStr, epoch: Option<i64>) -> anyhow
     let Some(name) = name.to_str() else {
         bail!("The name of {} is not valid UTF-8; write DEST=PATH with a UTF-8 DEST", path.display());
     };
-    Ok(add_host_path_to_ext4(tree, name, path, epoch)?)
+    add_host_path(tree, name, path)
+}
+
+/// Adds `src` at `dest` as `cp -a` copies it (modes, owners, nanosecond
+/// times, symlinks, hard links, devices, FIFOs, xattrs, holes), except that
+/// `src` itself is followed when it is a symlink, as a command-line path.
+fn add_host_path(tree: &mut Ext4Tree, dest: &str, src: &Path) -> anyhow::Result<()> {
+    let resolved;
+    let src = if fs::symlink_metadata(src).is_ok_and(|meta| meta.file_type().is_symlink()) {
+        resolved = fs::canonicalize(src).with_context(|| format!("Cannot follow the symlink {}", src.display()))?;
+        &resolved
+    } else {
+        src
+    };
+    tree.add_host_path(dest, src)?;
+    Ok(())
 }
 
 /// `--uuid`: 32 hex digits, dashes anywhere ignored (the 8-4-4-4-12 form
@@ -126,6 +140,8 @@ struct Report {
     files: u64,
     dirs: u64,
     symlinks: u64,
+    hardlinks: u64,
+    specials: u64,
     data_bytes: u64,
     uuid: String,
     elapsed_ms: u64,
@@ -155,6 +171,8 @@ impl Report {
             files: summary.files,
             dirs: summary.dirs,
             symlinks: summary.symlinks,
+            hardlinks: summary.hardlinks,
+            specials: summary.specials,
             data_bytes: summary.data_bytes,
             uuid: uuid_text(&summary.uuid),
             elapsed_ms,

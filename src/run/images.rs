@@ -76,7 +76,7 @@ fn create_data_disk(path: &Path, size: u64, seed: Option<&Path>) -> Result<()> {
         if !seed.is_dir() {
             return Err(Error::StorageSeedNotADirectory { path: seed.to_path_buf() });
         }
-        crate::add_host_path_to_ext4(&mut tree, "", seed, None)?;
+        tree.add_host_path("", seed)?;
     }
     let options = Ext4Options::default().with_label(DATA_DISK_LABEL).with_size(size);
     tree.layout(&options)?.write_file(path)?;
