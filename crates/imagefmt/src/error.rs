@@ -71,9 +71,7 @@ pub enum Error {
     Ext4FileTooLarge { path: String, size: u64, max: u64 },
     #[error("{path:?} needs {extents} extents; this ext4 writer holds at most {max} in the inode")]
     TooManyExtents { path: String, extents: usize, max: usize },
-    #[error(
-        "The tree needs {inodes} inodes; this ext4 writer places at most {max}, every inode table in the first block group"
-    )]
+    #[error("The tree needs {inodes} inodes; ext4 numbers at most {max}")]
     Ext4TooManyInodes { inodes: u64, max: u64 },
     #[error("Not a readable image: {reason}")]
     InvalidImage { reason: String },

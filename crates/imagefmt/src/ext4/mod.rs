@@ -10,6 +10,8 @@
 pub(crate) mod crc32c;
 mod disk;
 mod emit;
+mod geometry;
+mod journal;
 mod layout;
 mod tree;
 
@@ -86,6 +88,10 @@ pub struct Ext4Options {
     /// Filesystem UUID; by default derived from the tree and the label, so
     /// that the same inputs give the same image.
     pub uuid: Option<[u8; 16]>,
+    /// The writable profile: a journal sized as mke2fs sizes it, and as
+    /// many inodes as mke2fs would give the size (at least what the tree
+    /// needs). Needs at least 8 MiB.
+    pub journal: bool,
 }
 
 impl Ext4Options {
@@ -98,6 +104,12 @@ impl Ext4Options {
     /// Sets [`size`](Self::size).
     pub fn with_size(mut self, size: impl Into<Option<u64>>) -> Self {
         self.size = size.into();
+        self
+    }
+
+    /// Sets [`journal`](Self::journal).
+    pub fn with_journal(mut self, journal: bool) -> Self {
+        self.journal = journal;
         self
     }
 
@@ -125,5 +137,7 @@ pub struct Ext4Summary {
     pub symlinks: u64,
     /// Sum of the file sizes.
     pub data_bytes: u64,
+    /// The journal's blocks, 0 without one.
+    pub journal_blocks: u64,
     pub uuid: [u8; 16],
 }
