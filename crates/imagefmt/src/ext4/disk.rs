@@ -22,6 +22,7 @@ pub(crate) const S_IFBLK: u32 = 0o060000;
 pub(crate) const S_IFIFO: u32 = 0o010000;
 
 const MAGIC: u16 = 0xEF53;
+const COMPAT_HAS_JOURNAL: u32 = 0x4;
 const COMPAT_EXT_ATTR: u32 = 0x8;
 const INCOMPAT_FILETYPE: u32 = 0x2;
 const INCOMPAT_EXTENTS: u32 = 0x40;
@@ -74,6 +75,9 @@ pub(crate) struct Superblock {
     pub(crate) hash_seed: [u8; 16],
     /// Which group this copy sits in (0 for the primary).
     pub(crate) group: u16,
+    /// With a journal (inode 8), the copy of its `i_block` and size
+    /// (`s_jnl_blocks`) that e2fsck restores a damaged journal inode from.
+    pub(crate) journal_backup: Option<[u8; 68]>,
 }
 
 impl Superblock {
@@ -97,7 +101,10 @@ impl Superblock {
         put32(&mut b, 0x54, 11); // first non-reserved inode
         put16(&mut b, 0x58, INODE_SIZE as u16);
         put16(&mut b, 0x5A, self.group);
-        put32(&mut b, 0x5C, COMPAT_EXT_ATTR);
+        // No reserved blocks for root (0x08), no reserved descriptor blocks
+        // (0xCE, no resize_inode), no kilobytes written yet (0x178): all 0.
+        let journal = if self.journal_backup.is_some() { COMPAT_HAS_JOURNAL } else { 0 };
+        put32(&mut b, 0x5C, COMPAT_EXT_ATTR | journal);
         put32(&mut b, 0x60, INCOMPAT_FILETYPE | INCOMPAT_EXTENTS | INCOMPAT_64BIT | INCOMPAT_FLEX_BG);
         let ro_compat = RO_COMPAT_SPARSE_SUPER
             | RO_COMPAT_LARGE_FILE
@@ -110,6 +117,12 @@ impl Superblock {
         b[0x78..0x88].copy_from_slice(&self.label);
         b[0xEC..0xFC].copy_from_slice(&self.hash_seed);
         b[0xFC] = 1; // default hash: half_md4, as mke2fs
+        if let Some(backup) = &self.journal_backup {
+            // An internal journal: inode 8, no journal device or UUID (0xD0, 0xE4).
+            put32(&mut b, 0xE0, super::journal::JOURNAL_INO);
+            b[0xFD] = 1; // s_jnl_backup_type: EXT3_JNL_BACKUP_BLOCKS
+            b[0x10C..0x150].copy_from_slice(backup);
+        }
         put16(&mut b, 0xFE, DESC_SIZE as u16);
         put32(&mut b, 0x100, DEFAULT_MOUNT_OPTS);
         put32(&mut b, 0x150, (self.blocks >> 32) as u32);

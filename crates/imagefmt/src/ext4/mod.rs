@@ -11,7 +11,9 @@ pub(crate) mod crc32c;
 mod disk;
 mod emit;
 mod extent;
+mod geometry;
 mod host;
+mod journal;
 mod layout;
 mod output;
 mod tree;
@@ -104,6 +106,10 @@ pub struct Ext4Options {
     /// Filesystem UUID; by default derived from the tree and the label, so
     /// that the same inputs give the same image.
     pub uuid: Option<[u8; 16]>,
+    /// The writable profile: a journal sized as mke2fs sizes it, and as
+    /// many inodes as mke2fs would give the size (at least what the tree
+    /// needs). Needs at least 8 MiB.
+    pub journal: bool,
 }
 
 impl Ext4Options {
@@ -116,6 +122,12 @@ impl Ext4Options {
     /// Sets [`size`](Self::size).
     pub fn with_size(mut self, size: impl Into<Option<u64>>) -> Self {
         self.size = size.into();
+        self
+    }
+
+    /// Sets [`journal`](Self::journal).
+    pub fn with_journal(mut self, journal: bool) -> Self {
+        self.journal = journal;
         self
     }
 
@@ -147,5 +159,7 @@ pub struct Ext4Summary {
     pub specials: u64,
     /// Sum of the file sizes (holes included).
     pub data_bytes: u64,
+    /// The journal's blocks, 0 without one.
+    pub journal_blocks: u64,
     pub uuid: [u8; 16],
 }
