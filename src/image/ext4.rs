@@ -28,6 +28,9 @@ pub(crate) struct Ext4Args {
     /// Filesystem size, e.g. 64MiB, a multiple of 4 KiB [default: content plus headroom].
     #[arg(long, value_parser = parse_size_arg)]
     size: Option<u64>,
+    /// A writable disk: a journal, and inodes for the size as mke2fs gives them.
+    #[arg(long)]
+    journal: bool,
     /// Filesystem UUID, as 8-4-4-4-12 hex digits [default: derived from the content].
     #[arg(long, value_parser = parse_uuid)]
     uuid: Option<[u8; 16]>,
@@ -43,7 +46,7 @@ pub(super) fn image_ext4(args: Ext4Args, started: Instant) -> anyhow::Result<()>
         add_source(&mut tree, source)?;
     }
     tree.set_epoch(epoch_override(&args.output))?;
-    let mut options = Ext4Options::default().with_size(args.size).with_uuid(args.uuid);
+    let mut options = Ext4Options::default().with_size(args.size).with_uuid(args.uuid).with_journal(args.journal);
     options.label = args.label;
     let path = &args.output.output;
     let layout = tree.layout(&options)?;
@@ -143,6 +146,7 @@ struct Report {
     hardlinks: u64,
     specials: u64,
     data_bytes: u64,
+    journal_blocks: u64,
     uuid: String,
     elapsed_ms: u64,
     mode: String,
@@ -174,6 +178,7 @@ impl Report {
             hardlinks: summary.hardlinks,
             specials: summary.specials,
             data_bytes: summary.data_bytes,
+            journal_blocks: summary.journal_blocks,
             uuid: uuid_text(&summary.uuid),
             elapsed_ms,
             mode: format!("{mode:04o}"),
@@ -181,12 +186,16 @@ impl Report {
     }
 
     fn human(&self) -> String {
+        let journal = match self.journal_blocks {
+            0 => String::new(),
+            blocks => format!(", {} journal", human_bytes(blocks * u64::from(self.block_size))),
+        };
         let container = match self.format {
             "raw" => String::new(),
             other => format!(" as {other} ({} file)", human_bytes(self.file_bytes)),
         };
         format!(
-            "Wrote {}: ext4 {}{container}, {}, {}, {}, {} of data, {} of {} blocks free, UUID {}, mode {}, {} ms",
+            "Wrote {}: ext4 {}{container}{journal}, {}, {}, {}, {} of data, {} of {} blocks free, UUID {}, mode {}, {} ms",
             self.path,
             human_bytes(self.image_bytes),
             count(self.files, "file", "files"),

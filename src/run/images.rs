@@ -66,7 +66,8 @@ fn needs_filesystem(path: &Path) -> Result<bool> {
     Err(Error::DataDiskForeign { path: path.to_path_buf() })
 }
 
-/// Writes the data disk: ext4 of exactly `size` bytes labelled `KILNDATA`,
+/// Writes the data disk: journaled ext4 of exactly `size` bytes (inodes
+/// and journal as mke2fs sizes them for a disk that size) labelled `KILNDATA`,
 /// holding `seed`'s tree (owners, modes and times kept) when given,
 /// atomically (temporary file, then rename over a blank disk), mode 0600:
 /// it holds the service's data.
@@ -76,9 +77,11 @@ fn create_data_disk(path: &Path, size: u64, seed: Option<&Path>) -> Result<()> {
         if !seed.is_dir() {
             return Err(Error::StorageSeedNotADirectory { path: seed.to_path_buf() });
         }
-        tree.add_host_path("", seed)?;
+        // The seed may be a symlink to its directory; nothing inside is followed.
+        let seed = fs::canonicalize(seed).map_err(|source| Error::InputIo { path: seed.to_path_buf(), source })?;
+        tree.add_host_path("", &seed)?;
     }
-    let options = Ext4Options::default().with_label(DATA_DISK_LABEL).with_size(size);
+    let options = Ext4Options::default().with_label(DATA_DISK_LABEL).with_size(size).with_journal(true);
     tree.layout(&options)?.write_file(path)?;
     make_private(path)
 }
@@ -290,6 +293,9 @@ mod tests {
             kiln_imagefmt::ImageInfo::Ext4(info) => {
                 assert_eq!(info.label.as_deref(), Some(DATA_DISK_LABEL));
                 assert_eq!(info.volume_bytes, 16 << 20);
+                assert!(info.features.iter().any(|f| f == "has_journal"), "journaled: {:?}", info.features);
+                // mke2fs -t ext4 gives a 16 MiB disk 4096 inodes: room for the service's files.
+                assert_eq!(info.inodes, 4096);
             }
             other => panic!("the data disk is not ext4: {other:?}"),
         }

@@ -12,7 +12,7 @@ use kiln_testkit::{current_test_name, require_tools};
 
 use crate::support::{assert_clean_failure, assert_success, keys, kiln, kiln_json};
 
-const JSON_KEYS: [&str; 19] = [
+const JSON_KEYS: [&str; 20] = [
     "block_size",
     "blocks",
     "data_bytes",
@@ -27,6 +27,7 @@ const JSON_KEYS: [&str; 19] = [
     "hardlinks",
     "image_bytes",
     "inodes",
+    "journal_blocks",
     "mode",
     "path",
     "specials",
@@ -91,6 +92,7 @@ fn ext4_cli_writes_raw_and_qcow2_that_e2fsck_debugfs_and_qemu_img_accept() {
     assert_eq!(report["data_bytes"], 16 + 15 + 10_000 + 20);
     assert_eq!(report["image_bytes"], fs::metadata(&raw).unwrap().len());
     assert_eq!(report["file_bytes"], report["image_bytes"]);
+    assert_eq!(report["journal_blocks"], 0, "no journal unless asked");
     e2fsck_clean(e2fsck_tool, &raw);
 
     assert_eq!(debugfs(debugfs_tool, &raw, "cat /etc/motd"), "hello from kiln\n");
@@ -173,4 +175,28 @@ fn ext4_cli_refuses_bad_destinations_naming_the_entry_and_leaves_no_file() {
         let output = kiln(["image", "ext4", "-o", path_arg(&out), source.as_str()]);
         assert_clean_failure(&output, 1, needle, &out_dir);
     }
+}
+
+#[test]
+fn ext4_cli_journal_writes_a_journaled_disk_of_the_size_that_info_shows_with_has_journal() {
+    let test = current_test_name();
+    let Some(tools) = require_tools(&test, &["e2fsck", "debugfs"]) else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let src = source_tree(dir.path());
+    let disk = dir.path().join("disk.img");
+    let args = ["image", "ext4", "-o", path_arg(&disk), "--journal", "--size", "64MiB", "--label", "data", "--json"];
+    let report = kiln_json(args.iter().copied().chain([path_arg(&src)]));
+    assert_eq!(report["image_bytes"], 64 << 20);
+    assert_eq!(fs::metadata(&disk).unwrap().len(), 64 << 20);
+    // mke2fs -t ext4 on 64 MiB: a 4 MiB journal and 16384 inodes.
+    assert_eq!(report["journal_blocks"], 1024);
+    assert_eq!(report["inodes"], 16384);
+    e2fsck_clean(&tools[0], &disk);
+    assert_eq!(debugfs(&tools[1], &disk, "cat /etc/motd"), "hello from kiln\n");
+
+    let info = kiln_json(["image", "info", path_arg(&disk), "--json"]);
+    let features: Vec<&str> = info["features"].as_array().unwrap().iter().map(|f| f.as_str().unwrap()).collect();
+    assert!(features.contains(&"has_journal"), "{features:?}");
+    let human = assert_success(&kiln(["image", "info", path_arg(&disk)]));
+    assert!(human.lines().any(|line| line.starts_with("features:") && line.contains("has_journal")), "{human}");
 }
