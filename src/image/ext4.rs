@@ -1,19 +1,20 @@
 //! `kiln image ext4`: an ext4 filesystem from host files and directories,
 //! with their POSIX metadata, written raw or as qcow2.
 
-use std::ffi::OsStr;
 use std::fs;
-use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::time::Instant;
 
-use anyhow::{Context, bail};
+use anyhow::Context;
 use clap::Args;
 use kiln_imagefmt::{Ext4Options, Ext4Summary, Ext4Tree, Qcow2Options};
 use serde::Serialize;
 
-use super::{DiskFormat, OutputArgs, count, elapsed_ms, human_bytes, parse_size_arg, print_report};
+use super::info::uuid_text;
+use super::{
+    DiskFormat, OutputArgs, container_note, count, elapsed_ms, human_bytes, parse_size_arg, print_report,
+    source_placement, written_file,
+};
 
 #[derive(Debug, Args)]
 pub(crate) struct Ext4Args {
@@ -43,7 +44,8 @@ pub(crate) struct Ext4Args {
 pub(super) fn image_ext4(args: Ext4Args, started: Instant) -> anyhow::Result<()> {
     let mut tree = Ext4Tree::new();
     for source in &args.sources {
-        add_source(&mut tree, source)?;
+        let (dest, path) = source_placement(source)?;
+        add_host_path(&mut tree, dest, path)?;
     }
     tree.set_epoch(epoch_override(&args.output))?;
     let mut options = Ext4Options::default().with_size(args.size).with_uuid(args.uuid).with_journal(args.journal);
@@ -54,9 +56,8 @@ pub(super) fn image_ext4(args: Ext4Args, started: Instant) -> anyhow::Result<()>
         DiskFormat::Raw => layout.write_file(path)?,
         DiskFormat::Qcow2 => layout.write_qcow2_file(path, &Qcow2Options::default())?,
     };
-    let meta = fs::metadata(path).with_context(|| format!("Cannot read back {}", path.display()))?;
-    let mode = meta.permissions().mode() & 0o7777;
-    let report = Report::new(path, args.format, &summary, meta.len(), mode, elapsed_ms(started));
+    let written = Written { path, format: args.format, file: written_file(path)?, elapsed_ms: elapsed_ms(started) };
+    let report = Report::new(&written, &summary);
     print_report(args.output.json, &report, Report::human)
 }
 
@@ -64,30 +65,6 @@ pub(super) fn image_ext4(args: Ext4Args, started: Instant) -> anyhow::Result<()>
 /// `SOURCE_DATE_EPOCH` when set, else none (each entry keeps its mtime).
 fn epoch_override(output: &OutputArgs) -> Option<i64> {
     output.epoch.or_else(|| std::env::var("SOURCE_DATE_EPOCH").ok()?.trim().parse().ok())
-}
-
-/// Adds one SRC: `DIR`, `FILE` or `DEST=PATH`, as `kiln image fat` reads them.
-fn add_source(tree: &mut Ext4Tree, source: &OsStr) -> anyhow::Result<()> {
-    let path = Path::new(source);
-    // A host path that happens to contain `=` is a path, not DEST=PATH.
-    let exists = path.try_exists().unwrap_or(false);
-    if let (false, Some(at)) = (exists, source.as_bytes().iter().position(|&b| b == b'=')) {
-        let (dest, host) = source.as_bytes().split_at(at);
-        let Ok(dest) = std::str::from_utf8(dest) else {
-            bail!("The destination in {source:?} is not valid UTF-8");
-        };
-        return add_host_path(tree, dest, Path::new(OsStr::from_bytes(&host[1..])));
-    }
-    if fs::metadata(path).is_ok_and(|meta| meta.is_dir()) {
-        return add_host_path(tree, "", path);
-    }
-    let Some(name) = path.file_name() else {
-        bail!("{} has no file name to use in the image; write DEST={}", path.display(), path.display());
-    };
-    let Some(name) = name.to_str() else {
-        bail!("The name of {} is not valid UTF-8; write DEST=PATH with a UTF-8 DEST", path.display());
-    };
-    add_host_path(tree, name, path)
 }
 
 /// Adds `src` at `dest` as `cp -a` copies it (modes, owners, nanosecond
@@ -121,12 +98,6 @@ fn parse_uuid(input: &str) -> Result<[u8; 16], String> {
     Ok(uuid)
 }
 
-/// The UUID in the 8-4-4-4-12 form.
-fn uuid_text(uuid: &[u8; 16]) -> String {
-    let hex: String = uuid.iter().map(|b| format!("{b:02x}")).collect();
-    format!("{}-{}-{}-{}-{}", &hex[..8], &hex[8..12], &hex[12..16], &hex[16..20], &hex[20..])
-}
-
 /// The `--json` summary: one object, documented in docs/cli.md.
 #[derive(Debug, Serialize)]
 struct Report {
@@ -152,18 +123,20 @@ struct Report {
     mode: String,
 }
 
+/// What writing gave: the file, its container, its length and mode, the time.
+struct Written<'p> {
+    path: &'p Path,
+    format: DiskFormat,
+    file: (u64, u32),
+    elapsed_ms: u64,
+}
+
 impl Report {
-    fn new(
-        path: &Path,
-        format: DiskFormat,
-        summary: &Ext4Summary,
-        file_bytes: u64,
-        mode: u32,
-        elapsed_ms: u64,
-    ) -> Report {
+    fn new(written: &Written<'_>, summary: &Ext4Summary) -> Report {
+        let (file_bytes, mode) = written.file;
         Report {
-            path: path.display().to_string(),
-            format: format.name(),
+            path: written.path.display().to_string(),
+            format: written.format.name(),
             image_bytes: summary.image_bytes,
             file_bytes,
             block_size: summary.block_size,
@@ -180,7 +153,7 @@ impl Report {
             data_bytes: summary.data_bytes,
             journal_blocks: summary.journal_blocks,
             uuid: uuid_text(&summary.uuid),
-            elapsed_ms,
+            elapsed_ms: written.elapsed_ms,
             mode: format!("{mode:04o}"),
         }
     }
@@ -190,10 +163,7 @@ impl Report {
             0 => String::new(),
             blocks => format!(", {} journal", human_bytes(blocks * u64::from(self.block_size))),
         };
-        let container = match self.format {
-            "raw" => String::new(),
-            other => format!(" as {other} ({} file)", human_bytes(self.file_bytes)),
-        };
+        let container = container_note(self.format, self.file_bytes);
         format!(
             "Wrote {}: ext4 {}{container}{journal}, {}, {}, {}, {} of data, {} of {} blocks free, UUID {}, mode {}, {} ms",
             self.path,

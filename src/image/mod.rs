@@ -8,8 +8,13 @@ mod info;
 mod initramfs;
 mod qcow2;
 
+use std::ffi::OsStr;
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
 use std::time::Instant;
 
+use anyhow::{Context, bail};
 use clap::{Args, Subcommand, ValueEnum};
 use kiln::parse_size;
 use kiln_imagefmt::FatOptions;
@@ -130,4 +135,45 @@ fn human_bytes(bytes: u64) -> String {
 /// A FAT volume id as `1A2B-3C4D`, the way `dir` and `blkid` show it.
 fn volume_id(id: u32) -> String {
     format!("{:04X}-{:04X}", id >> 16, id & 0xffff)
+}
+
+/// Where one `SRC` of `kiln image fat` or `ext4` goes: `DEST=PATH` puts
+/// `PATH` at `DEST`, a `DIR` its contents at the root (`""`), a `FILE` at
+/// the root under its own name. A host path that happens to contain `=`
+/// is a path, not `DEST=PATH`.
+fn source_placement(source: &OsStr) -> anyhow::Result<(&str, &Path)> {
+    let path = Path::new(source);
+    let exists = path.try_exists().unwrap_or(false);
+    if let (false, Some(at)) = (exists, source.as_bytes().iter().position(|&b| b == b'=')) {
+        let (dest, host) = source.as_bytes().split_at(at);
+        let Ok(dest) = std::str::from_utf8(dest) else {
+            bail!("The destination in {source:?} is not valid UTF-8");
+        };
+        return Ok((dest, Path::new(OsStr::from_bytes(&host[1..]))));
+    }
+    if std::fs::metadata(path).is_ok_and(|meta| meta.is_dir()) {
+        return Ok(("", path));
+    }
+    // A file (or a path that does not resolve, which the writer reports).
+    let Some(name) = path.file_name() else {
+        bail!("{} has no file name to use in the image; write DEST={}", path.display(), path.display());
+    };
+    let Some(name) = name.to_str() else {
+        bail!("The name of {} is not valid UTF-8; write DEST=PATH with a UTF-8 DEST", path.display());
+    };
+    Ok((name, path))
+}
+
+/// The written image file's length and permission bits, for the report.
+fn written_file(path: &Path) -> anyhow::Result<(u64, u32)> {
+    let meta = std::fs::metadata(path).with_context(|| format!("Cannot read back {}", path.display()))?;
+    Ok((meta.len(), meta.permissions().mode() & 0o7777))
+}
+
+/// The summary line's note on the container: nothing for raw.
+fn container_note(format: &str, file_bytes: u64) -> String {
+    match format {
+        "raw" => String::new(),
+        other => format!(" as {other} ({} file)", human_bytes(file_bytes)),
+    }
 }
