@@ -418,6 +418,9 @@ impl Spec {
         if self.resources.memory.0 < 64 << 20 {
             return Err("resources.memory must be at least 64MiB".to_owned());
         }
+        if self.resources.storage.is_some_and(|size| size.0 < 8 << 20) {
+            return Err("resources.storage must be at least 8MiB: the data disk is journaled ext4".to_owned());
+        }
         if self.resources.storage_seed.is_some() && self.resources.storage.is_none() {
             return Err(
                 "resources.storage_seed fills the data disk, but resources.storage (its size) is not set".to_owned()
@@ -875,6 +878,7 @@ security = { run_as_root = true, add_capabilities = ["NET_ADMIN"], run_as_user =
             "name = \"a\"\n[service]\n[guest]\ncmdline = \"kiln.grace=1 kiln.grace=2\"\n",
             "name = \"a\"\n[service]\n[guest]\ncmdline = \"kiln.grace=86401\"\n",
             "name = \"a\"\n[service]\n[resources]\nstorage_seed = \"seed\"\n",
+            "name = \"a\"\n[service]\n[resources]\nstorage = \"4MiB\"\n",
         ];
         let actual: String = cases
             .iter()
@@ -967,6 +971,8 @@ security = { run_as_root = true, add_capabilities = ["NET_ADMIN"], run_as_user =
             `kiln.grace=86401` is not a grace period: use whole seconds from 0 to 86400
             ---
             Spec app.toml: resources.storage_seed fills the data disk, but resources.storage (its size) is not set
+            ---
+            Spec app.toml: resources.storage must be at least 8MiB: the data disk is journaled ext4
             ---
         "#]]
         .assert_eq(&actual);
