@@ -42,7 +42,7 @@ fn capability() -> Vec<u8> {
 /// A tree with one of everything: hard links to a file, a symlink and a
 /// device; devices on both sides of the old encoding's 255 limit; a fifo;
 /// xattrs that fit the inode and ones that need the block; ACLs; a sparse
-/// file with unaligned segments.
+/// file with unaligned segments; an xattr on the root.
 fn every_kind() -> Case {
     let big_value = pattern(3000, 7);
     Case::new()
@@ -70,6 +70,7 @@ fn every_kind() -> Case {
         .xattr("srv/shared/notes", "user.big", &big_value)
         .xattr("srv/shared/notes", "security.selinux", b"system_u:object_r:var_t:s0\0")
         .xattr("dev/null", "trusted.on-a-device", b"ok")
+        .xattr("", "security.selinux", b"system_u:object_r:root_t:s0\0")
         .sparse(
             "var/sparse",
             50_000,
