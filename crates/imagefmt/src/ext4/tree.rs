@@ -264,7 +264,10 @@ impl Ext4Tree {
     /// xattrs, and a link count of the names it has.
     pub fn add_hardlink(&mut self, dest: &str, existing: &str) -> Result<()> {
         let target = split_dest(existing)?;
-        let resolved = match find(&self.root, &target) {
+        if target.is_empty() {
+            return Err(invalid(dest, "the hard link's target is the root directory".into()));
+        }
+        let resolved = match find_mut(&mut self.root, &target) {
             None => return Err(invalid(dest, format!("the hard link's target {existing:?} is not in the tree"))),
             Some(Node::Dir(_)) => {
                 return Err(invalid(dest, format!("the hard link's target {existing:?} is a directory")));
@@ -272,9 +275,6 @@ impl Ext4Tree {
             Some(Node::Hardlink(to)) => to.clone(),
             Some(_) => target.join("/"),
         };
-        if target.is_empty() {
-            return Err(invalid(dest, "the hard link's target is the root directory".into()));
-        }
         self.insert(dest, Node::Hardlink(resolved))?;
         self.counts.hardlinks += 1;
         Ok(())
@@ -306,12 +306,18 @@ impl Ext4Tree {
         let xattr = Xattr::new(name, value).map_err(|reason| invalid(dest, reason))?;
         let mut components = split_dest(dest)?;
         let target_path;
-        if let Some(Node::Hardlink(to)) = find(&self.root, &components) {
+        if let Some(Node::Hardlink(to)) = find_mut(&mut self.root, &components) {
             target_path = to.clone();
             components = target_path.split('/').collect();
         }
         let xattrs = match find_mut(&mut self.root, &components) {
             None if components.is_empty() => &mut self.root.xattrs,
+            Some(Node::Symlink(_) | Node::Special(_)) if name.starts_with("user.") => {
+                return Err(invalid(
+                    dest,
+                    format!("xattr {name:?}: user.* is for regular files and directories only, as Linux allows"),
+                ));
+            }
             Some(node) => node.xattrs_mut().ok_or_else(|| invalid(dest, "a hard link to a hard link".into()))?,
             None => return Err(invalid(dest, format!("no entry to set xattr {name:?} on"))),
         };
@@ -398,18 +404,6 @@ impl Ext4Tree {
 }
 
 /// The node at `components` below `root`, if there is one (`None` for the root itself).
-fn find<'d>(root: &'d Dir, components: &[&str]) -> Option<&'d Node> {
-    let (last, parents) = components.split_last()?;
-    let mut dir = root;
-    for component in parents {
-        match dir.children.get(*component) {
-            Some(Node::Dir(sub)) => dir = sub,
-            _ => return None,
-        }
-    }
-    dir.children.get(*last)
-}
-
 fn find_mut<'d>(root: &'d mut Dir, components: &[&str]) -> Option<&'d mut Node> {
     let (last, parents) = components.split_last()?;
     let mut dir = root;
