@@ -40,8 +40,8 @@ pub(crate) struct Geometry {
     pub(crate) itable_blocks: u64,
     /// The length of the image file, at least `blocks * BLOCK`.
     pub(crate) image_bytes: u64,
-    /// The journal's blocks (inode 8), one contiguous run.
-    pub(crate) journal: Option<Run>,
+    /// The journal's blocks (inode 8) and its extent tree's, one run.
+    pub(crate) journal: Option<journal::Placement>,
 }
 
 /// What the content needs of the filesystem, for sizing it.
@@ -145,8 +145,8 @@ impl Geometry {
         let start = Geometry::group_start(group);
         match self.journal {
             // The journal starts where a group's metadata ends (see the module doc).
-            Some(run) if run.start < start + BLOCKS_PER_GROUP && run.start + run.len > start => {
-                metadata.max((run.start + run.len).min(start + BLOCKS_PER_GROUP) - start)
+            Some(journal) if journal.start < start + BLOCKS_PER_GROUP && journal.end() > start => {
+                metadata.max(journal.end().min(start + BLOCKS_PER_GROUP) - start)
             }
             _ => metadata,
         }
@@ -221,19 +221,19 @@ impl Geometry {
 
     /// After group 0's metadata if the journal fits there, else in whole
     /// groups holding nothing else, from the middle of the filesystem on.
-    fn place_journal(&self) -> Option<Run> {
-        let len = journal::default_blocks(self.blocks).filter(|&len| len <= journal::MAX_BLOCKS)?;
-        let start = self.metadata(0);
-        if start + len <= self.blocks_in_group(0) {
-            return Some(Run { start, len });
+    fn place_journal(&self) -> Option<journal::Placement> {
+        let len = journal::default_blocks(self.blocks)?;
+        let in_group_0 = journal::Placement { start: self.metadata(0), len };
+        if in_group_0.end() <= self.blocks_in_group(0) {
+            return Some(in_group_0);
         }
-        let span = len.div_ceil(BLOCKS_PER_GROUP) as u32;
+        let span = (in_group_0.end() - in_group_0.start).div_ceil(BLOCKS_PER_GROUP) as u32;
         let empty = |group: u32| self.metadata(group) == 0 && self.blocks_in_group(group) == BLOCKS_PER_GROUP;
         let middle = self.groups / 2;
         (middle..self.groups)
             .chain(1..middle)
             .find(|&first| (first..first + span).all(empty))
-            .map(|first| Run { start: Geometry::group_start(first), len })
+            .map(|first| journal::Placement { start: Geometry::group_start(first), len })
     }
 }
 
@@ -290,16 +290,6 @@ fn fixed_geometry(size: u64, demand: Demand) -> Result<Geometry> {
             ),
         });
     }
-    if demand.journal && journal::default_blocks(blocks).is_some_and(|len| len > journal::MAX_BLOCKS) {
-        return Err(Error::InvalidSize {
-            size,
-            reason: format!(
-                "journaled ext4 images are below 128 GiB for now: mke2fs's journal for this size needs \
-                 more than the {} extents this writer puts in an inode",
-                super::INODE_EXTENTS
-            ),
-        });
-    }
     let inodes = demand.inodes_for(blocks);
     let geometry = Geometry::for_blocks(blocks, inodes, demand.journal, size)
         .ok_or_else(|| Error::DoesNotFit { needed: (inodes * INODE_SIZE).max(size + 1), size })?;
@@ -322,8 +312,9 @@ impl<'g> Allocator<'g> {
         Allocator { geometry, next: geometry.data_start() }
     }
 
-    /// The runs holding the next `blocks` blocks, each at most one extent long.
-    pub(crate) fn allocate(&mut self, mut blocks: u64) -> Vec<Run> {
+    /// The runs holding the next `blocks` blocks, the first for logical
+    /// block `logical`, each at most one extent long.
+    pub(crate) fn allocate(&mut self, mut logical: u64, mut blocks: u64) -> Vec<Run> {
         let g = self.geometry;
         let mut runs = Vec::new();
         while blocks > 0 {
@@ -338,8 +329,9 @@ impl<'g> Allocator<'g> {
                 boundary += 1;
             }
             let len = blocks.min(Geometry::group_start(boundary) - self.next).min(EXTENT_MAX_BLOCKS);
-            runs.push(Run { start: self.next, len });
+            runs.push(Run { logical, start: self.next, len });
             self.next += len;
+            logical += len;
             blocks -= len;
         }
         runs
@@ -382,10 +374,10 @@ mod tests {
         let journal = g.journal.unwrap();
         let mut allocator = Allocator::new(&g);
         allocator.next = journal.start - 10;
-        let runs = allocator.allocate(20);
-        assert_eq!(
-            runs,
-            vec![Run { start: journal.start - 10, len: 10 }, Run { start: journal.start + journal.len, len: 10 }]
-        );
+        let runs = allocator.allocate(0, 20);
+        let after = journal.end();
+        let expected =
+            vec![Run { logical: 0, start: journal.start - 10, len: 10 }, Run { logical: 10, start: after, len: 10 }];
+        assert_eq!(runs, expected);
     }
 }
