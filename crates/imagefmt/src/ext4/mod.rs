@@ -1,11 +1,15 @@
-//! The ext4 builder, read-only profile: a tree with POSIX metadata in, a
-//! spec-valid ext4 filesystem out (4 KiB blocks, no journal, sized to its
-//! content), checked by `e2fsck` and read back by `debugfs` in the tests.
+//! The ext4 builder: a tree with POSIX metadata in, a spec-valid ext4
+//! filesystem out (4 KiB blocks), checked by `e2fsck` and read back by
+//! `debugfs` in the tests. Two profiles: read-only (no journal, sized to
+//! its content, inodes for its content) and writable
+//! ([`Ext4Options::with_journal`]: a disk of a given size with mke2fs's
+//! journal and inode count, the rest free).
 //!
 //! Pure core, thin shell, as for FAT: [`Ext4Tree`] checks names as they are
 //! added, [`Ext4Tree::layout`] places every inode and block from metadata
-//! alone, and [`Ext4Layout`] encodes the structures (`disk`) and streams
-//! them with the file data into a sink (`emit`).
+//! alone (`geometry` decides where groups, metadata and the journal sit),
+//! and [`Ext4Layout`] encodes the structures (`disk`, `journal`) and
+//! streams them with the file data into a sink (`emit`).
 
 pub(crate) mod crc32c;
 mod disk;
