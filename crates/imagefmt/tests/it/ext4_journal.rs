@@ -209,34 +209,40 @@ fn statfs_free(target: &Path) -> u64 {
 #[test]
 fn the_host_kernel_mounts_a_journaled_disk_read_write_and_e2fsck_is_clean_after() {
     let test = kiln_testkit::current_test_name();
-    if kiln_testkit::require_tools(&test, &["mount", "umount", "stat"]).is_none()
+    if kiln_testkit::require_tools(&test, &["mount", "umount", "stat", "sync"]).is_none()
         || !kiln_testkit::require_root(&test, "a loop mount")
     {
         return;
     }
     let Some((e2fsck, debugfs)) = tools() else { return };
     let dir = tempfile::tempdir().unwrap();
-    let (image, summary) = write(dir.path(), "disk.ext4", &a_few_files(), &journaled(64 * MIB));
-    let target = dir.path().join("mnt");
-    fs::create_dir(&target).unwrap();
-    let status = Command::new("mount").args(["-t", "ext4", "-o", "loop"]).arg(&image).arg(&target).status().unwrap();
-    assert!(status.success(), "mount failed: {status}");
-    let mounted = Mounted(target.clone());
-    // The kernel's free count is the image's.
-    assert_eq!(statfs_free(&target), summary.free_blocks);
-    assert_eq!(fs::read(target.join("srv/blob")).unwrap(), pattern(300_000, 7));
-    for i in 0..300 {
-        fs::write(target.join(format!("srv/new-{i}")), pattern(i * 37, i as u64)).unwrap();
+    // One group, journal after its metadata; 512 groups in 32 flex groups,
+    // journal in four whole groups mid-disk.
+    for size in [64 * MIB, 64 * GIB] {
+        let (image, summary) = write(dir.path(), &format!("disk-{size}.ext4"), &a_few_files(), &journaled(size));
+        let target = dir.path().join(format!("mnt-{size}"));
+        fs::create_dir(&target).unwrap();
+        let status =
+            Command::new("mount").args(["-t", "ext4", "-o", "loop"]).arg(&image).arg(&target).status().unwrap();
+        assert!(status.success(), "{size}: mount failed: {status}");
+        let mounted = Mounted(target.clone());
+        // The kernel's free count is the image's.
+        assert_eq!(statfs_free(&target), summary.free_blocks, "{size}");
+        assert_eq!(fs::read(target.join("srv/blob")).unwrap(), pattern(300_000, 7));
+        for i in 0..300 {
+            fs::write(target.join(format!("srv/new-{i}")), pattern(i * 37, i as u64)).unwrap();
+        }
+        fs::write(target.join("large"), pattern(5 << 20, 99)).unwrap();
+        fs::remove_file(target.join("etc/hostname")).unwrap();
+        assert!(Command::new("sync").status().unwrap().success());
+        drop(mounted);
+        assert_e2fsck_clean(&e2fsck, &image);
+        // The kernel used the journal: it turned on the features it logs with.
+        let Some((facts, _)) = dumpe2fs_facts(&image) else { return };
+        assert!(facts["Journal features"].contains("journal_checksum_v3"), "{size}: {facts:?}");
+        let out = dir.path().join("large.out");
+        run_debugfs(&debugfs, &image, &format!("dump /large {}\n", out.display()));
+        assert!(fs::read(&out).unwrap() == pattern(5 << 20, 99), "{size}: a file the kernel wrote reads back");
+        fs::remove_file(&image).unwrap();
     }
-    fs::write(target.join("large"), pattern(5 << 20, 99)).unwrap();
-    fs::remove_file(target.join("etc/hostname")).unwrap();
-    assert!(Command::new("sync").status().unwrap().success());
-    drop(mounted);
-    assert_e2fsck_clean(&e2fsck, &image);
-    // The kernel used the journal: it turned on the features it logs with.
-    let Some((facts, _)) = dumpe2fs_facts(&image) else { return };
-    assert!(facts["Journal features"].contains("journal_checksum_v3"), "{facts:?}");
-    let out = dir.path().join("large.out");
-    run_debugfs(&debugfs, &image, &format!("dump /large {}\n", out.display()));
-    assert!(fs::read(&out).unwrap() == pattern(5 << 20, 99), "a file written by the kernel reads back");
 }
