@@ -380,4 +380,56 @@ mod tests {
             vec![Run { logical: 0, start: journal.start - 10, len: 10 }, Run { logical: 10, start: after, len: 10 }];
         assert_eq!(runs, expected);
     }
+
+    /// Every block of `g` that holds metadata or journal, with what it holds.
+    fn claims(g: &Geometry) -> Vec<(u64, u64, String)> {
+        let mut claims = Vec::new();
+        for group in 0..g.groups {
+            if Geometry::has_backup(group) {
+                claims.push((Geometry::group_start(group), g.backup_blocks(), format!("backup {group}")));
+            }
+            claims.push((g.block_bitmap(group), 1, format!("block bitmap {group}")));
+            claims.push((g.inode_bitmap(group), 1, format!("inode bitmap {group}")));
+            claims.push((g.inode_table(group), g.itable_blocks, format!("inode table {group}")));
+        }
+        if let Some(journal) = g.journal {
+            claims.push((journal.start, journal.end() - journal.start, "journal".into()));
+        }
+        claims.sort();
+        claims
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn metadata_and_journal_never_overlap_and_fill_each_groups_reserved_run(
+            blocks in proptest::prop_oneof![2048u64..200_000, 200_000u64..1 << 26],
+            inodes in 11u64..200_000,
+            journal in proptest::bool::ANY,
+        ) {
+            let Ok(g) = size_geometry(Some(blocks * BLOCK), Demand { inodes, data_blocks: 0, journal }) else {
+                return Ok(()); // too many inodes for a small size: refused, not misplaced
+            };
+            proptest::prop_assert!(u64::from(g.inodes()) >= inodes);
+            let claims = claims(&g);
+            for pair in claims.windows(2) {
+                proptest::prop_assert!(pair[0].0 + pair[0].1 <= pair[1].0, "{:?} overlaps {:?}", pair[0], pair[1]);
+            }
+            // Every claim starts in a reserved run, only the journal spills
+            // into the next groups', and the runs hold nothing else.
+            let mut reserved = 0;
+            for group in 0..g.groups {
+                let run = g.reserved(group);
+                proptest::prop_assert!(run <= g.blocks_in_group(group), "group {}", group);
+                reserved += run;
+            }
+            let claimed: u64 = claims.iter().map(|claim| claim.1).sum();
+            proptest::prop_assert_eq!(claimed, reserved);
+            for (start, len, what) in &claims {
+                let group = (start / BLOCKS_PER_GROUP) as u32;
+                let end = Geometry::group_start(group) + g.reserved(group);
+                let spills = start + len > end;
+                proptest::prop_assert!(*start < end && (!spills || what == "journal"), "{} at {}+{}", what, start, len);
+            }
+        }
+    }
 }

@@ -604,13 +604,13 @@ fn a_source_that_changes_before_writing_leaves_no_image() {
 
 /// A generated tree: files are (size, seed) so shrinking stays cheap.
 #[derive(Debug, Clone)]
-enum Gen {
+pub(crate) enum Gen {
     File { size: usize, seed: u64, mode: u32 },
     Link(String),
     Dir(Vec<(String, Gen)>, u32),
 }
 
-fn gen_tree() -> impl Strategy<Value = Gen> {
+pub(crate) fn gen_tree() -> impl Strategy<Value = Gen> {
     let size = prop_oneof![
         3 => 0usize..300,
         3 => prop::sample::select(vec![0usize, 1, 4095, 4096, 4097, 8191, 8192, 8193, 12288]),
@@ -627,7 +627,7 @@ fn gen_tree() -> impl Strategy<Value = Gen> {
     })
 }
 
-fn add_gen(case: Case, path: &str, node: &Gen, depth: u32) -> Case {
+pub(crate) fn add_gen(case: Case, path: &str, node: &Gen, depth: u32) -> Case {
     let owner = meta(0).with_owner(depth * 1000, depth).with_mtime(i64::from(depth) * 100_000, 0);
     match node {
         Gen::File { size, seed, mode } => case.file(path, pattern(*size, *seed), owner.with_mode(*mode)),
