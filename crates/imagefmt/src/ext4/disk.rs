@@ -40,6 +40,7 @@ const DEFAULT_MOUNT_OPTS: u32 = 0x0004 | 0x0008;
 const LOG_GROUPS_PER_FLEX: u8 = 4;
 /// The extra inode fields every inode carries, up to and including `i_projid`.
 pub(crate) const EXTRA_ISIZE: u16 = 32;
+const BG_INODE_UNINIT: u16 = 0x1;
 const BG_INODE_TABLE_ZEROED: u16 = 0x4;
 pub(crate) const INODE_FLAG_EXTENTS: u32 = 0x80000;
 /// Directory entry header: inode, record length, name length, file type.
@@ -149,6 +150,9 @@ pub(crate) struct GroupDesc {
     pub(crate) used_dirs: u32,
     pub(crate) block_bitmap_csum: u32,
     pub(crate) inode_bitmap_csum: u32,
+    /// No inode of the group is in use (`INODE_UNINIT`): e2fsck and the
+    /// kernel skip its table, which reads as zero anyway.
+    pub(crate) inodes_unused: bool,
 }
 
 impl GroupDesc {
@@ -160,15 +164,20 @@ impl GroupDesc {
         put16(&mut d, 0x0C, self.free_blocks as u16);
         put16(&mut d, 0x0E, self.free_inodes as u16);
         put16(&mut d, 0x10, self.used_dirs as u16);
-        put16(&mut d, 0x12, BG_INODE_TABLE_ZEROED);
+        let uninit = if self.inodes_unused { BG_INODE_UNINIT } else { 0 };
+        put16(&mut d, 0x12, BG_INODE_TABLE_ZEROED | uninit);
         put16(&mut d, 0x18, self.block_bitmap_csum as u16);
         put16(&mut d, 0x1A, self.inode_bitmap_csum as u16);
+        // Used inodes are the first of each table: the unused ones are
+        // the free ones (`bg_itable_unused`).
+        put16(&mut d, 0x1C, self.free_inodes as u16);
         put32(&mut d, 0x20, (self.block_bitmap >> 32) as u32);
         put32(&mut d, 0x24, (self.inode_bitmap >> 32) as u32);
         put32(&mut d, 0x28, (self.inode_table >> 32) as u32);
         put16(&mut d, 0x2C, (self.free_blocks >> 16) as u16);
         put16(&mut d, 0x2E, (self.free_inodes >> 16) as u16);
         put16(&mut d, 0x30, (self.used_dirs >> 16) as u16);
+        put16(&mut d, 0x32, (self.free_inodes >> 16) as u16);
         put16(&mut d, 0x38, (self.block_bitmap_csum >> 16) as u16);
         put16(&mut d, 0x3A, (self.inode_bitmap_csum >> 16) as u16);
         // The checksum covers the group number and the descriptor with its own field zero.

@@ -85,6 +85,7 @@ impl Ext4Layout<'_> {
                 used_dirs: self.dirs_in_group(group),
                 block_bitmap_csum: disk::bitmap_csum(seed, &blocks),
                 inode_bitmap_csum: disk::bitmap_csum(seed, &inodes[..ipg / 8]),
+                inodes_unused: used_inodes == 0,
             };
             write_nonzero(sink, desc.block_bitmap * BLOCK, &blocks).map_err(Error::Write)?;
             write_nonzero(sink, desc.inode_bitmap * BLOCK, &inodes).map_err(Error::Write)?;

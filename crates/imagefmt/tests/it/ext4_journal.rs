@@ -151,6 +151,16 @@ fn a_64_gib_disk_is_laid_out_and_written_in_seconds_and_stays_sparse() {
     assert_e2fsck_clean(&e2fsck, &path);
     let blob = run_debugfs(&debugfs, &path, "stat /srv/blob\n");
     assert!(blob.contains("Size: 300000"), "{blob}");
+    // Inode tables are zero and say so; groups with no inode in use say
+    // that too, so e2fsck and the kernel skip their tables.
+    let Some(dumpe2fs) = kiln_testkit::require_tool(&kiln_testkit::current_test_name(), "dumpe2fs") else { return };
+    let groups = String::from_utf8(Command::new(dumpe2fs).arg(&path).output().unwrap().stdout).unwrap();
+    let flags = |group: u32| {
+        let line = groups.lines().find(|line| line.starts_with(&format!("Group {group}: "))).unwrap();
+        line[line.find('[').unwrap()..].to_owned()
+    };
+    assert_eq!(flags(0), "[ITABLE_ZEROED]");
+    assert_eq!(flags(511), "[INODE_UNINIT, ITABLE_ZEROED]");
 }
 
 #[test]
