@@ -5,10 +5,19 @@
 //! ([`Ext4Options::with_journal`]: a disk of a given size with mke2fs's
 //! journal and inode count, the rest free).
 //!
-//! Pure core, thin shell, as for FAT: [`Ext4Tree`] checks names as they are
-//! added, [`Ext4Tree::layout`] places every inode and block from metadata
-//! alone (`geometry` decides where groups, metadata and the journal sit),
-//! and [`Ext4Layout`] encodes the structures (`disk`, `journal`) and
+//! Entries: directories, regular files (sparse ones keep their holes),
+//! symlinks (fast and slow), hard links, character and block devices and
+//! fifos, each with mode, owner, nanosecond mtime and xattrs (`user.*`,
+//! `trusted.*`, `security.*`, POSIX ACLs), entry by entry or from a host
+//! directory ([`Ext4Tree::add_host_path`]).
+//!
+//! Pure core, thin shell, as for FAT: [`Ext4Tree`] checks names and xattrs
+//! as they are added (`tree`; the host walk is `host`),
+//! [`Ext4Tree::layout`] places every inode and block from metadata alone
+//! (`geometry` decides where groups, metadata and the journal sit), and
+//! [`Ext4Layout`] encodes the structures (`disk`, `extent` for extent
+//! trees, `xattr` for the inode's xattr region and the xattr block,
+//! `journal` for the jbd2 superblock and inode 8) and
 //! streams them with the file data into a sink (`emit`).
 
 pub(crate) mod crc32c;
