@@ -319,7 +319,7 @@ impl<'t> Numbering<'t> {
             plan.links += 1;
             if plan.links > MAX_LINKS {
                 return Err(Error::InvalidExt4Entry {
-                    path: self.paths[index].clone(),
+                    path: self.paths[index][1..].to_owned(),
                     reason: format!("more than {MAX_LINKS} hard links, the most ext4 counts"),
                 });
             }

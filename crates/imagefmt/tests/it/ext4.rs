@@ -932,7 +932,14 @@ pub(crate) fn assert_kernel_sees(target: &Path, case: &Case) {
 
 impl Drop for Mounted {
     fn drop(&mut self) {
-        let _ = Command::new("umount").arg(&self.0).status();
+        let unmounted = Command::new("umount").arg(&self.0).status().is_ok_and(|status| status.success());
+        if !unmounted {
+            // Never leave a mount behind on the machine: detach it lazily, and fail the test.
+            let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+            if !std::thread::panicking() {
+                panic!("{} was busy at unmount: a test left a file open in it", self.0.display());
+            }
+        }
     }
 }
 
