@@ -347,7 +347,7 @@ fn escape(bytes: &[u8]) -> String {
 fn made_up_size(index: u32) -> usize {
     const EDGES: [usize; 8] = [0, 1, 4095, 4096, 4097, 8191, 8192, 65_537];
     match index % 10 {
-        0..=7 => EDGES[(index % 8) as usize] + (index as usize / 80) * 4096,
+        0..=7 => EDGES[(index % 8) as usize] + (index as usize / 200) * 4096,
         8 => (index as usize * 7919) % 20_000,
         _ => 100_000 + (index as usize * 104_729) % 300_000,
     }
@@ -357,14 +357,15 @@ fn made_up_size(index: u32) -> usize {
 /// two files share content.
 fn made_up_content(index: u32) -> Vec<u8> {
     let mut state = u64::from(index) * 0x9E37_79B9_7F4A_7C15 + 1;
-    (0..made_up_size(index))
-        .map(|_| {
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
-            (state >> 32) as u8
-        })
-        .collect()
+    let mut bytes = Vec::with_capacity(made_up_size(index) + 8);
+    while bytes.len() < made_up_size(index) {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        bytes.extend_from_slice(&state.to_le_bytes());
+    }
+    bytes.truncate(made_up_size(index));
+    bytes
 }
 
 fn write_files(dir: &Path, count: u32, fsync_each: bool) -> io::Result<()> {
@@ -372,11 +373,12 @@ fn write_files(dir: &Path, count: u32, fsync_each: bool) -> io::Result<()> {
     let dir_handle = File::open(dir)?;
     for index in 0..count {
         let path = dir.join(format!("f{index:05}"));
-        let mut file = OpenOptions::new().write(true).create_new(true).mode(0o644).open(&path)?;
-        file.set_permissions(fs::Permissions::from_mode(0o644))?;
-        file.write_all(&made_up_content(index))?;
+        let named = |err: io::Error| io::Error::new(err.kind(), format!("{}: {err}", path.display()));
+        let mut file = OpenOptions::new().write(true).create_new(true).mode(0o644).open(&path).map_err(named)?;
+        file.set_permissions(fs::Permissions::from_mode(0o644)).map_err(named)?;
+        file.write_all(&made_up_content(index)).map_err(named)?;
         if fsync_each {
-            file.sync_all()?;
+            file.sync_all().map_err(named)?;
             dir_handle.sync_all()?;
             println!("tree-manifest: fsynced {}", index + 1);
         }
