@@ -282,11 +282,12 @@ fn a_directory_of_2000_entries_spans_several_blocks() {
 #[test]
 fn a_host_file_across_a_backup_superblock_is_split_into_extents() {
     // 140 MiB spans groups 0 and 1, whose start holds a backup superblock,
-    // and needs more than one 128 MiB extent. Sparse, so cheap to make.
+    // and needs more than one 128 MiB extent. Allocated but unwritten
+    // (fallocate), so cheap to make, yet with no holes to skip.
     let dir = tempfile::tempdir().unwrap();
     let src = dir.path().join("big");
     let file = fs::File::create(&src).unwrap();
-    file.set_len(140 << 20).unwrap();
+    rustix::fs::fallocate(&file, rustix::fs::FallocateFlags::empty(), 0, 140 << 20).unwrap();
     std::os::unix::fs::FileExt::write_all_at(&file, b"head", 0).unwrap();
     std::os::unix::fs::FileExt::write_all_at(&file, b"tail", (140 << 20) - 4).unwrap();
     let mut case = Case::new();
@@ -371,12 +372,13 @@ fn bad_symlinks_modes_and_reserved_names_are_refused() {
 }
 
 #[test]
-fn a_file_beyond_four_extents_is_refused_naming_it() {
-    let dir = tempfile::tempdir().unwrap();
-    let src = dir.path().join("huge");
-    fs::File::create(&src).unwrap().set_len((512 << 20) + 1).unwrap();
-    let err = Ext4Tree::new().add_file_from_path("var/huge", &src, meta(0o644)).unwrap_err();
-    assert!(matches!(&err, Error::Ext4FileTooLarge { path, .. } if path == "var/huge"), "{err:?}");
+fn a_file_past_ext4s_16_tib_is_refused_naming_it() {
+    // 2^32 - 1 blocks is the most an extent file holds (the kernel's s_maxbytes).
+    let max = ((1u64 << 32) - 1) * 4096;
+    let mut tree = Ext4Tree::new();
+    tree.add_file_from_segments("var/largest", max, Vec::new(), meta(0o644)).unwrap();
+    let err = tree.add_file_from_segments("var/huge", max + 1, Vec::new(), meta(0o644)).unwrap_err();
+    assert!(matches!(&err, Error::Ext4FileTooLarge { path, max: m, .. } if path == "var/huge" && *m == max), "{err:?}");
     assert_eq!(err.kind(), ErrorKind::DoesNotFit);
 }
 
