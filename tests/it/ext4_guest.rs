@@ -11,13 +11,13 @@
 //! from one program and are compared line by line.
 
 use std::fs;
-use std::os::unix::fs::{MetadataExt, PermissionsExt, symlink};
+use std::os::unix::fs::{PermissionsExt, symlink};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
 use kiln::{LaunchScript, ServiceDisk};
-use kiln_imagefmt::{Ext4Options, Ext4Tree, FatOptions, Metadata};
+use kiln_imagefmt::{Ext4Options, Ext4Tree, FatOptions};
 use kiln_testkit::{GuestAssets, guest_assets, require_root, require_tools};
 use kiln_vmm::{AccelChoice, Backend, Console, Disk, DiskFormat, LaunchOptions, ShutdownHow, Status, VmPlan, launch};
 use rustix::fs::{AtFlags, CWD, FileType, Gid, Mode, Timespec, Timestamps, Uid, XattrFlags};
@@ -222,42 +222,9 @@ fn collect(dir: &Path, paths: &mut Vec<PathBuf>) {
     }
 }
 
-fn metadata_of(meta: &fs::Metadata) -> Metadata {
-    Metadata::default()
-        .with_mode(meta.mode() & 0o7777)
-        .with_owner(meta.uid(), meta.gid())
-        .with_mtime(meta.mtime(), meta.mtime_nsec() as u32)
-}
-
-/// The tree kiln writes from `source`, through the calls main's `Ext4Tree`
-/// has: directories, regular files and symlinks. (This walk gives way to
-/// `Ext4Tree::add_host_path` once it lands; entries it cannot add fail here.)
-fn add_host_tree(tree: &mut Ext4Tree, source: &Path, dest: &str) {
-    let meta = fs::symlink_metadata(source).unwrap();
-    let kind = meta.file_type();
-    let at_fault = |err: kiln_imagefmt::Error| panic!("kiln's Ext4Tree refused {dest:?}: {err}");
-    if kind.is_dir() {
-        tree.add_dir(dest, metadata_of(&meta)).unwrap_or_else(at_fault);
-        let mut names: Vec<_> = fs::read_dir(source).unwrap().map(|e| e.unwrap().file_name()).collect();
-        names.sort();
-        for name in names {
-            let name = name.into_string().unwrap();
-            let child = if dest.is_empty() { name.clone() } else { format!("{dest}/{name}") };
-            add_host_tree(tree, &source.join(&name), &child);
-        }
-    } else if kind.is_file() {
-        tree.add_file_from_path(dest, source, metadata_of(&meta)).unwrap_or_else(at_fault);
-    } else if kind.is_symlink() {
-        let target = fs::read_link(source).unwrap().into_os_string().into_string().unwrap();
-        tree.add_symlink(dest, &target, metadata_of(&meta)).unwrap_or_else(at_fault);
-    } else {
-        panic!("kiln's Ext4Tree has no call to add {dest:?} ({kind:?})");
-    }
-}
-
 fn kiln_ext4_image(source: &Path, path: &Path) {
     let mut tree = Ext4Tree::new();
-    add_host_tree(&mut tree, source, "");
+    tree.add_host_path("", source).unwrap_or_else(|err| panic!("kiln's Ext4Tree refused {}: {err}", source.display()));
     let layout = tree.layout(&Ext4Options::default().with_label("kiln-tree")).unwrap();
     layout.write_file(path).unwrap();
 }
