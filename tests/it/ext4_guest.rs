@@ -145,7 +145,7 @@ fn build_source(root: &Path) {
     let dev = root.join("dev");
     fs::create_dir(&dev).unwrap();
     let node = |name: &str, kind, major, minor| {
-        rustix::fs::mknodat(CWD, &dev.join(name), kind, Mode::from_raw_mode(0o620), rustix::fs::makedev(major, minor))
+        rustix::fs::mknodat(CWD, dev.join(name), kind, Mode::from_raw_mode(0o620), rustix::fs::makedev(major, minor))
             .unwrap_or_else(|err| panic!("mknod {name}: {err}"));
     };
     node("null", FileType::CharacterDevice, 1, 3);
