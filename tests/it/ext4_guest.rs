@@ -384,6 +384,10 @@ fn run_guest(test: &str, dir: &Path, guest: &Guest<'_>) -> String {
     report(&format!("{test}: the guest ran {:.1} s", started.elapsed().as_secs_f64()));
     let log = console();
     assert!(!log.contains("Kernel panic"), "{test}: the kernel panicked:\n{log}");
+    // The kernel checks every checksum and extent it reads; it says so here.
+    for complaint in ["EXT4-fs error", "EXT4-fs warning"] {
+        assert!(!log.contains(complaint), "{test}: the kernel found fault with a kiln disk:\n{log}");
+    }
     log
 }
 
