@@ -264,6 +264,9 @@ impl Ext4Tree {
     /// xattrs, and a link count of the names it has.
     pub fn add_hardlink(&mut self, dest: &str, existing: &str) -> Result<()> {
         let target = split_dest(existing)?;
+        if target.is_empty() {
+            return Err(invalid(dest, "the hard link's target is the root directory".into()));
+        }
         let resolved = match find(&self.root, &target) {
             None => return Err(invalid(dest, format!("the hard link's target {existing:?} is not in the tree"))),
             Some(Node::Dir(_)) => {
@@ -272,9 +275,6 @@ impl Ext4Tree {
             Some(Node::Hardlink(to)) => to.clone(),
             Some(_) => target.join("/"),
         };
-        if target.is_empty() {
-            return Err(invalid(dest, "the hard link's target is the root directory".into()));
-        }
         self.insert(dest, Node::Hardlink(resolved))?;
         self.counts.hardlinks += 1;
         Ok(())
@@ -312,6 +312,12 @@ impl Ext4Tree {
         }
         let xattrs = match find_mut(&mut self.root, &components) {
             None if components.is_empty() => &mut self.root.xattrs,
+            Some(Node::Symlink(_) | Node::Special(_)) if name.starts_with("user.") => {
+                return Err(invalid(
+                    dest,
+                    format!("xattr {name:?}: user.* is for regular files and directories only, as Linux allows"),
+                ));
+            }
             Some(node) => node.xattrs_mut().ok_or_else(|| invalid(dest, "a hard link to a hard link".into()))?,
             None => return Err(invalid(dest, format!("no entry to set xattr {name:?} on"))),
         };
