@@ -369,7 +369,7 @@ impl<'t> Numbering<'t> {
                 }
                 Node::File(file) => {
                     self.hash.feed(&file.size.to_le_bytes());
-                    for range in file.data_ranges().iter() {
+                    for range in file.ranges.iter().flatten() {
                         self.hash.feed(&range.offset.to_le_bytes()).feed(&range.len.to_le_bytes());
                     }
                     self.push(&child_path, file.meta, &file.xattrs, InodeKind::File(file));

@@ -2,10 +2,18 @@
 //! spec-valid ext4 filesystem out (4 KiB blocks, no journal, sized to its
 //! content), checked by `e2fsck` and read back by `debugfs` in the tests.
 //!
-//! Pure core, thin shell, as for FAT: [`Ext4Tree`] checks names as they are
-//! added, [`Ext4Tree::layout`] places every inode and block from metadata
-//! alone, and [`Ext4Layout`] encodes the structures (`disk`) and streams
-//! them with the file data into a sink (`emit`).
+//! Entries: directories, regular files (sparse ones keep their holes),
+//! symlinks (fast and slow), hard links, character and block devices and
+//! fifos, each with mode, owner, nanosecond mtime and xattrs (`user.*`,
+//! `trusted.*`, `security.*`, POSIX ACLs), entry by entry or from a host
+//! directory ([`Ext4Tree::add_host_path`]).
+//!
+//! Pure core, thin shell, as for FAT: [`Ext4Tree`] checks names and xattrs
+//! as they are added (`tree`; the host walk is `host`),
+//! [`Ext4Tree::layout`] places every inode and block from metadata alone,
+//! and [`Ext4Layout`] encodes the structures (`disk`, `extent` for extent
+//! trees, `xattr` for the inode's xattr region and the xattr block) and
+//! streams them with the file data into a sink (`emit`).
 
 pub(crate) mod crc32c;
 mod disk;

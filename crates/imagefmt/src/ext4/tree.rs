@@ -267,7 +267,7 @@ impl Ext4Tree {
         if target.is_empty() {
             return Err(invalid(dest, "the hard link's target is the root directory".into()));
         }
-        let resolved = match find(&self.root, &target) {
+        let resolved = match find_mut(&mut self.root, &target) {
             None => return Err(invalid(dest, format!("the hard link's target {existing:?} is not in the tree"))),
             Some(Node::Dir(_)) => {
                 return Err(invalid(dest, format!("the hard link's target {existing:?} is a directory")));
@@ -306,7 +306,7 @@ impl Ext4Tree {
         let xattr = Xattr::new(name, value).map_err(|reason| invalid(dest, reason))?;
         let mut components = split_dest(dest)?;
         let target_path;
-        if let Some(Node::Hardlink(to)) = find(&self.root, &components) {
+        if let Some(Node::Hardlink(to)) = find_mut(&mut self.root, &components) {
             target_path = to.clone();
             components = target_path.split('/').collect();
         }
@@ -404,18 +404,6 @@ impl Ext4Tree {
 }
 
 /// The node at `components` below `root`, if there is one (`None` for the root itself).
-fn find<'d>(root: &'d Dir, components: &[&str]) -> Option<&'d Node> {
-    let (last, parents) = components.split_last()?;
-    let mut dir = root;
-    for component in parents {
-        match dir.children.get(*component) {
-            Some(Node::Dir(sub)) => dir = sub,
-            _ => return None,
-        }
-    }
-    dir.children.get(*last)
-}
-
 fn find_mut<'d>(root: &'d mut Dir, components: &[&str]) -> Option<&'d mut Node> {
     let (last, parents) = components.split_last()?;
     let mut dir = root;

@@ -605,9 +605,55 @@ fn a_source_that_changes_before_writing_leaves_no_image() {
 /// A generated tree: files are (size, seed) so shrinking stays cheap.
 #[derive(Debug, Clone)]
 enum Gen {
-    File { size: usize, seed: u64, mode: u32 },
+    File {
+        size: usize,
+        seed: u64,
+        mode: u32,
+        xattrs: Vec<GenXattr>,
+    },
+    /// Data segments as (gap before, length), then a hole of `tail` bytes.
+    Sparse {
+        segments: Vec<(u64, usize)>,
+        tail: u64,
+        seed: u64,
+    },
     Link(String),
-    Dir(Vec<(String, Gen)>, u32),
+    Device {
+        block: bool,
+        major: u32,
+        minor: u32,
+    },
+    Fifo,
+    Dir(Vec<(String, Gen)>, u32, Vec<GenXattr>),
+}
+
+/// An xattr: which of `XATTR_NAMES`, the value's length and seed.
+type GenXattr = (usize, usize, u64);
+
+const XATTR_NAMES: [&str; 6] = [
+    "user.a",
+    "user.mime_type",
+    "security.capability",
+    "trusted.overlay.opaque",
+    "security.selinux",
+    "user.a-much-longer-name-for-an-attribute-value",
+];
+
+fn gen_xattrs() -> impl Strategy<Value = Vec<GenXattr>> {
+    // Three of at most 1,200 bytes fit the inode and one block together.
+    let len = prop_oneof![4 => 0usize..40, 1 => 40usize..1200];
+    prop::collection::vec((0..XATTR_NAMES.len(), len, any::<u64>()), 0..4)
+}
+
+fn gen_sparse() -> impl Strategy<Value = Gen> {
+    let few = prop::collection::vec((0u64..20_000, 1usize..9000), 0..8);
+    // Enough one-block extents to fill the inode's four and spill into a tree.
+    let many = prop::collection::vec((4096u64..8192, 1usize..100), 300..400);
+    (prop_oneof![3 => few, 1 => many], 0u64..10_000, any::<u64>()).prop_map(|(segments, tail, seed)| Gen::Sparse {
+        segments,
+        tail,
+        seed,
+    })
 }
 
 fn gen_tree() -> impl Strategy<Value = Gen> {
@@ -617,23 +663,56 @@ fn gen_tree() -> impl Strategy<Value = Gen> {
         1 => 0usize..40_000,
     ];
     let mode = prop::sample::select(vec![0o644u32, 0o600, 0o755, 0o4755, 0o2711, 0o444]);
-    let file = (size, any::<u64>(), mode).prop_map(|(size, seed, mode)| Gen::File { size, seed, mode });
+    let file = (size, any::<u64>(), mode, gen_xattrs()).prop_map(|(size, seed, mode, xattrs)| Gen::File {
+        size,
+        seed,
+        mode,
+        xattrs,
+    });
     let link = prop_oneof!["[a-z/.]{1,40}", "[a-z]{58,62}", "[a-z/]{100,300}"].prop_map(Gen::Link);
-    let leaf = prop_oneof![4 => file, 1 => link];
+    let major = prop::sample::select(vec![0u32, 1, 8, 255, 256, 259, 4095]);
+    let minor = prop::sample::select(vec![0u32, 1, 3, 255, 256, 65_536, (1 << 20) - 1]);
+    let device = (any::<bool>(), major, minor).prop_map(|(block, major, minor)| Gen::Device { block, major, minor });
+    let leaf = prop_oneof![8 => file, 2 => link, 1 => device, 1 => Just(Gen::Fifo), 2 => gen_sparse()];
     let name = "[a-zA-Z0-9_.-]{1,20}|[a-z]{250,255}";
     let dir_mode = prop::sample::select(vec![0o755u32, 0o700, 0o1777, 0o2755]);
     leaf.prop_recursive(4, 80, 10, move |inner| {
-        (prop::collection::vec((name, inner), 0..10), dir_mode.clone()).prop_map(|(c, m)| Gen::Dir(c, m))
+        (prop::collection::vec((name, inner), 0..10), dir_mode.clone(), gen_xattrs())
+            .prop_map(|(c, m, x)| Gen::Dir(c, m, x))
     })
+}
+
+fn add_xattrs(mut case: Case, path: &str, xattrs: &[GenXattr]) -> Case {
+    for (name, len, seed) in xattrs {
+        case = case.xattr(path, XATTR_NAMES[*name], &pattern(*len, *seed));
+    }
+    case
 }
 
 fn add_gen(case: Case, path: &str, node: &Gen, depth: u32) -> Case {
     let owner = meta(0).with_owner(depth * 1000, depth).with_mtime(i64::from(depth) * 100_000, 0);
     match node {
-        Gen::File { size, seed, mode } => case.file(path, pattern(*size, *seed), owner.with_mode(*mode)),
+        Gen::File { size, seed, mode, xattrs } => {
+            let case = case.file(path, pattern(*size, *seed), owner.with_mode(*mode));
+            add_xattrs(case, path, xattrs)
+        }
+        Gen::Sparse { segments, tail, seed } => {
+            let mut at = 0;
+            let mut data = Vec::new();
+            for (n, (gap, len)) in segments.iter().enumerate() {
+                data.push((at + gap, pattern(*len, seed + n as u64)));
+                at += gap + *len as u64;
+            }
+            case.sparse(path, at + tail, data, owner.with_mode(0o640))
+        }
         Gen::Link(target) => case.link(path, target, owner),
-        Gen::Dir(children, mode) => {
-            let mut case = case.dir(path, owner.with_mode(*mode));
+        Gen::Device { block, major, minor } => {
+            let kind = if *block { DeviceKind::Block } else { DeviceKind::Char };
+            case.device(path, kind, *major, *minor, owner.with_mode(0o660))
+        }
+        Gen::Fifo => case.fifo(path, owner.with_mode(0o620)),
+        Gen::Dir(children, mode, xattrs) => {
+            let mut case = add_xattrs(case.dir(path, owner.with_mode(*mode)), path, xattrs);
             let mut seen = std::collections::HashSet::new();
             for (name, child) in children {
                 if name == "." || name == ".." || !seen.insert(name.clone()) {
@@ -644,6 +723,31 @@ fn add_gen(case: Case, path: &str, node: &Gen, depth: u32) -> Case {
             case
         }
     }
+}
+
+/// Adds hard links: each picks an entry that is not a directory and a
+/// directory to put its new name in.
+fn add_hardlinks(mut case: Case, links: &[(prop::sample::Index, prop::sample::Index)]) -> Case {
+    let targets: Vec<String> = case
+        .expected
+        .iter()
+        .filter(|(path, want)| want.kind != Kind::Dir && !case.hardlinks.contains_key(*path))
+        .map(|(path, _)| path.clone())
+        .collect();
+    let dirs: Vec<String> = std::iter::once(String::new())
+        .chain(case.expected.iter().filter(|(_, want)| want.kind == Kind::Dir).map(|(path, _)| path.clone()))
+        .collect();
+    if targets.is_empty() {
+        return case;
+    }
+    for (n, (target, dir)) in links.iter().enumerate() {
+        let dir = dir.get(&dirs);
+        let path = if dir.is_empty() { format!("hardlink{n}") } else { format!("{dir}/hardlink{n}") };
+        if !case.expected.contains_key(&path) {
+            case = case.hardlink(&path, target.get(&targets).as_str());
+        }
+    }
+    case
 }
 
 #[test]
@@ -658,13 +762,14 @@ fn random_trees_round_trip_through_e2fsck_and_debugfs() {
         ..ProptestConfig::with_cases(cases)
     };
     let mut runner = TestRunner::new(config);
+    let links = prop::collection::vec((any::<prop::sample::Index>(), any::<prop::sample::Index>()), 0..6);
     runner
-        .run(&prop::collection::vec(gen_tree(), 1..4), |roots| {
+        .run(&(prop::collection::vec(gen_tree(), 1..4), links), |(roots, links)| {
             let mut case = Case::new();
             for (i, root) in roots.iter().enumerate() {
                 case = add_gen(case, &format!("top{i}"), root, 1);
             }
-            check(&case, &Ext4Options::default());
+            check(&add_hardlinks(case, &links), &Ext4Options::default());
             Ok(())
         })
         .unwrap();

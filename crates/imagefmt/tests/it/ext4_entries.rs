@@ -42,7 +42,7 @@ fn capability() -> Vec<u8> {
 /// A tree with one of everything: hard links to a file, a symlink and a
 /// device; devices on both sides of the old encoding's 255 limit; a fifo;
 /// xattrs that fit the inode and ones that need the block; ACLs; a sparse
-/// file with unaligned segments.
+/// file with unaligned segments; an xattr on the root.
 fn every_kind() -> Case {
     let big_value = pattern(3000, 7);
     Case::new()
@@ -70,6 +70,7 @@ fn every_kind() -> Case {
         .xattr("srv/shared/notes", "user.big", &big_value)
         .xattr("srv/shared/notes", "security.selinux", b"system_u:object_r:var_t:s0\0")
         .xattr("dev/null", "trusted.on-a-device", b"ok")
+        .xattr("", "security.selinux", b"system_u:object_r:root_t:s0\0")
         .sparse(
             "var/sparse",
             50_000,
@@ -325,13 +326,13 @@ fn add_host_path_copies_kinds_metadata_xattrs_holes_and_hard_links() {
     mknod(&at("fifo"), rustix::fs::FileType::Fifo, 0, 0);
     let _socket = std::os::unix::net::UnixListener::bind(at("socket")).unwrap();
     let xattrs_work =
-        rustix::fs::lsetxattr(&at("etc/motd"), "user.origin", b"host", rustix::fs::XattrFlags::empty()).is_ok();
+        rustix::fs::lsetxattr(at("etc/motd"), "user.origin", b"host", rustix::fs::XattrFlags::empty()).is_ok();
     if root {
         mknod(&at("null"), rustix::fs::FileType::CharacterDevice, 1, 3);
         mknod(&at("disk"), rustix::fs::FileType::BlockDevice, 259, 70_000);
         std::os::unix::fs::lchown(at("etc/conf.d/up"), Some(33), None).unwrap();
         std::os::unix::fs::chown(at("etc/motd"), Some(1000), Some(100)).unwrap();
-        rustix::fs::lsetxattr(&at("etc"), "trusted.note", b"dir", rustix::fs::XattrFlags::empty()).unwrap();
+        rustix::fs::lsetxattr(at("etc"), "trusted.note", b"dir", rustix::fs::XattrFlags::empty()).unwrap();
     }
     fs::set_permissions(at("etc/conf.d"), std::os::unix::fs::PermissionsExt::from_mode(0o2750)).unwrap();
     for (path, seconds) in [("etc/motd", 1_600_000_000), ("etc/conf.d/up", 1_500_000_000), ("etc", 1_400_000_000)] {
