@@ -67,9 +67,7 @@ pub enum Error {
     InvalidExt4Entry { path: String, reason: String },
     #[error("{path:?} is {size} bytes; an ext4 file holds at most {max} bytes (2^32 - 1 blocks)")]
     Ext4FileTooLarge { path: String, size: u64, max: u64 },
-    #[error(
-        "The tree needs {inodes} inodes; this ext4 writer places at most {max}, every inode table in the first block group"
-    )]
+    #[error("The tree needs {inodes} inodes; ext4 numbers at most {max}")]
     Ext4TooManyInodes { inodes: u64, max: u64 },
     #[error("Not a readable image: {reason}")]
     InvalidImage { reason: String },

@@ -22,6 +22,7 @@ pub(crate) const S_IFBLK: u32 = 0o060000;
 pub(crate) const S_IFIFO: u32 = 0o010000;
 
 const MAGIC: u16 = 0xEF53;
+const COMPAT_HAS_JOURNAL: u32 = 0x4;
 const COMPAT_EXT_ATTR: u32 = 0x8;
 const INCOMPAT_FILETYPE: u32 = 0x2;
 const INCOMPAT_EXTENTS: u32 = 0x40;
@@ -39,6 +40,7 @@ const DEFAULT_MOUNT_OPTS: u32 = 0x0004 | 0x0008;
 const LOG_GROUPS_PER_FLEX: u8 = 4;
 /// The extra inode fields every inode carries, up to and including `i_projid`.
 pub(crate) const EXTRA_ISIZE: u16 = 32;
+const BG_INODE_UNINIT: u16 = 0x1;
 const BG_INODE_TABLE_ZEROED: u16 = 0x4;
 pub(crate) const INODE_FLAG_EXTENTS: u32 = 0x80000;
 /// Directory entry header: inode, record length, name length, file type.
@@ -74,6 +76,9 @@ pub(crate) struct Superblock {
     pub(crate) hash_seed: [u8; 16],
     /// Which group this copy sits in (0 for the primary).
     pub(crate) group: u16,
+    /// With a journal (inode 8), the copy of its `i_block` and size
+    /// (`s_jnl_blocks`) that e2fsck restores a damaged journal inode from.
+    pub(crate) journal_backup: Option<[u8; 68]>,
 }
 
 impl Superblock {
@@ -97,7 +102,10 @@ impl Superblock {
         put32(&mut b, 0x54, 11); // first non-reserved inode
         put16(&mut b, 0x58, INODE_SIZE as u16);
         put16(&mut b, 0x5A, self.group);
-        put32(&mut b, 0x5C, COMPAT_EXT_ATTR);
+        // No reserved blocks for root (0x08), no reserved descriptor blocks
+        // (0xCE, no resize_inode), no kilobytes written yet (0x178): all 0.
+        let journal = if self.journal_backup.is_some() { COMPAT_HAS_JOURNAL } else { 0 };
+        put32(&mut b, 0x5C, COMPAT_EXT_ATTR | journal);
         put32(&mut b, 0x60, INCOMPAT_FILETYPE | INCOMPAT_EXTENTS | INCOMPAT_64BIT | INCOMPAT_FLEX_BG);
         let ro_compat = RO_COMPAT_SPARSE_SUPER
             | RO_COMPAT_LARGE_FILE
@@ -110,6 +118,12 @@ impl Superblock {
         b[0x78..0x88].copy_from_slice(&self.label);
         b[0xEC..0xFC].copy_from_slice(&self.hash_seed);
         b[0xFC] = 1; // default hash: half_md4, as mke2fs
+        if let Some(backup) = &self.journal_backup {
+            // An internal journal: inode 8, no journal device or UUID (0xD0, 0xE4).
+            put32(&mut b, 0xE0, super::journal::JOURNAL_INO);
+            b[0xFD] = 1; // s_jnl_backup_type: EXT3_JNL_BACKUP_BLOCKS
+            b[0x10C..0x150].copy_from_slice(backup);
+        }
         put16(&mut b, 0xFE, DESC_SIZE as u16);
         put32(&mut b, 0x100, DEFAULT_MOUNT_OPTS);
         put32(&mut b, 0x150, (self.blocks >> 32) as u32);
@@ -136,6 +150,9 @@ pub(crate) struct GroupDesc {
     pub(crate) used_dirs: u32,
     pub(crate) block_bitmap_csum: u32,
     pub(crate) inode_bitmap_csum: u32,
+    /// No inode of the group is in use (`INODE_UNINIT`): e2fsck and the
+    /// kernel skip its table, which reads as zero anyway.
+    pub(crate) inodes_unused: bool,
 }
 
 impl GroupDesc {
@@ -147,15 +164,20 @@ impl GroupDesc {
         put16(&mut d, 0x0C, self.free_blocks as u16);
         put16(&mut d, 0x0E, self.free_inodes as u16);
         put16(&mut d, 0x10, self.used_dirs as u16);
-        put16(&mut d, 0x12, BG_INODE_TABLE_ZEROED);
+        let uninit = if self.inodes_unused { BG_INODE_UNINIT } else { 0 };
+        put16(&mut d, 0x12, BG_INODE_TABLE_ZEROED | uninit);
         put16(&mut d, 0x18, self.block_bitmap_csum as u16);
         put16(&mut d, 0x1A, self.inode_bitmap_csum as u16);
+        // Used inodes are the first of each table: the unused ones are
+        // the free ones (`bg_itable_unused`).
+        put16(&mut d, 0x1C, self.free_inodes as u16);
         put32(&mut d, 0x20, (self.block_bitmap >> 32) as u32);
         put32(&mut d, 0x24, (self.inode_bitmap >> 32) as u32);
         put32(&mut d, 0x28, (self.inode_table >> 32) as u32);
         put16(&mut d, 0x2C, (self.free_blocks >> 16) as u16);
         put16(&mut d, 0x2E, (self.free_inodes >> 16) as u16);
         put16(&mut d, 0x30, (self.used_dirs >> 16) as u16);
+        put16(&mut d, 0x32, (self.free_inodes >> 16) as u16);
         put16(&mut d, 0x38, (self.block_bitmap_csum >> 16) as u16);
         put16(&mut d, 0x3A, (self.inode_bitmap_csum >> 16) as u16);
         // The checksum covers the group number and the descriptor with its own field zero.

@@ -9,7 +9,7 @@ use super::layout::{
     BLOCKS_PER_GROUP, DESC_SIZE, Ext4Layout, FAST_SYMLINK_MAX, Geometry, INODE_SIZE, InodeKind, InodePlan, Run,
 };
 use super::tree::{DataRange, FileNode, SpecialKind};
-use super::{BLOCK, DeviceKind, extent, xattr};
+use super::{BLOCK, DeviceKind, extent, journal, xattr};
 use crate::sink::{Sink, Source, copy_host_file, open_unchanged, write_nonzero};
 use crate::{Error, Result};
 
@@ -37,6 +37,7 @@ impl Ext4Layout<'_> {
                 label: self.label,
                 hash_seed: self.hash_seed,
                 group: group as u16,
+                journal_backup: g.journal.map(|journal| journal.backup(seed)),
             };
             let start = Geometry::group_start(group) * BLOCK;
             // The primary sits 1 KiB in; each backup at the start of its group.
@@ -46,6 +47,14 @@ impl Ext4Layout<'_> {
         }
         self.write_inode_tables(sink, seed)?;
         self.write_inode_blocks(sink, seed)?;
+        if let Some(journal) = g.journal {
+            for (block, bytes) in journal.extents(seed).1 {
+                sink.write_at(block * BLOCK, &bytes).map_err(Error::Write)?;
+            }
+            // The rest of the journal stays zero (holes).
+            let superblock = journal::superblock(&self.uuid, journal.len);
+            sink.write_at(journal.first_block() * BLOCK, &superblock).map_err(Error::Write)?;
+        }
         for (index, plan) in self.inodes.iter().enumerate() {
             self.write_data(sink, Ext4Layout::ino(index), plan, seed)?;
         }
@@ -57,21 +66,16 @@ impl Ext4Layout<'_> {
         let g = &self.geometry;
         let mut descriptors = Vec::with_capacity(g.groups as usize);
         for group in 0..g.groups {
-            let start = Geometry::group_start(group);
-            let len = g.blocks_in_group(group);
+            // Used blocks are a prefix of the group; bits past the end of
+            // the last group are set, as the format asks.
             let mut blocks = vec![0u8; BLOCK as usize];
-            for bit in 0..BLOCKS_PER_GROUP {
-                // Bits past the end of the last group are set, as the format asks.
-                if bit >= len || self.block_used(start + bit) {
-                    blocks[(bit / 8) as usize] |= 1 << (bit % 8);
-                }
-            }
+            set_bits(&mut blocks, 0..g.used_in_group(group, self.end) as usize);
+            set_bits(&mut blocks, g.blocks_in_group(group) as usize..BLOCKS_PER_GROUP as usize);
             let ipg = g.inodes_per_group as usize;
             let used_inodes = self.used_inodes_in_group(group) as usize;
             let mut inodes = vec![0u8; BLOCK as usize];
-            for bit in (0..used_inodes).chain(ipg..BLOCK as usize * 8) {
-                inodes[bit / 8] |= 1 << (bit % 8);
-            }
+            set_bits(&mut inodes, 0..used_inodes);
+            set_bits(&mut inodes, ipg..BLOCK as usize * 8);
             let desc = GroupDesc {
                 block_bitmap: g.block_bitmap(group),
                 inode_bitmap: g.inode_bitmap(group),
@@ -81,9 +85,10 @@ impl Ext4Layout<'_> {
                 used_dirs: self.dirs_in_group(group),
                 block_bitmap_csum: disk::bitmap_csum(seed, &blocks),
                 inode_bitmap_csum: disk::bitmap_csum(seed, &inodes[..ipg / 8]),
+                inodes_unused: used_inodes == 0,
             };
-            sink.write_at(desc.block_bitmap * BLOCK, &blocks).map_err(Error::Write)?;
-            sink.write_at(desc.inode_bitmap * BLOCK, &inodes).map_err(Error::Write)?;
+            write_nonzero(sink, desc.block_bitmap * BLOCK, &blocks).map_err(Error::Write)?;
+            write_nonzero(sink, desc.inode_bitmap * BLOCK, &inodes).map_err(Error::Write)?;
             descriptors.push(desc);
         }
         Ok(descriptors)
@@ -103,6 +108,12 @@ impl Ext4Layout<'_> {
             for (ino, plan) in self.inodes_in_group(group) {
                 let at = ((ino - 1) % g.inodes_per_group) as usize * INODE_SIZE as usize;
                 table[at..at + INODE_SIZE as usize].copy_from_slice(&inode_for(plan, ino, seed).encode(ino, seed));
+            }
+            if let (0, Some(journal)) = (group, g.journal) {
+                let at = (journal::JOURNAL_INO - 1) as usize * INODE_SIZE as usize;
+                let root = &self.inodes[0].meta;
+                let inode = journal.inode(seed, root.mtime, root.mtime_nsec);
+                table[at..at + INODE_SIZE as usize].copy_from_slice(&inode.encode(journal::JOURNAL_INO, seed));
             }
             write_nonzero(sink, g.inode_table(group) * BLOCK, &table).map_err(Error::Write)?;
         }
@@ -179,6 +190,23 @@ fn inode_for(plan: &InodePlan<'_>, ino: u32, seed: u32) -> Inode {
         xattr_block: plan.xattr_block.unwrap_or(0),
         xattrs: xattr::ibody(&in_inode),
     }
+}
+
+/// Sets the bits of `range` in a bitmap.
+fn set_bits(bitmap: &mut [u8], range: std::ops::Range<usize>) {
+    let (start, end) = (range.start, range.end.max(range.start));
+    let (first_byte, last_byte) = (start.div_ceil(8), end / 8);
+    if first_byte > last_byte {
+        // Within one byte.
+        for bit in start..end {
+            bitmap[bit / 8] |= 1 << (bit % 8);
+        }
+        return;
+    }
+    for bit in (start..first_byte * 8).chain(last_byte * 8..end) {
+        bitmap[bit / 8] |= 1 << (bit % 8);
+    }
+    bitmap[first_byte..last_byte].fill(0xFF);
 }
 
 /// Writes `bytes` across `runs`, in order.

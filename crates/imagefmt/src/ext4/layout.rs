@@ -1,14 +1,12 @@
-//! Geometry and placement: every decision about the image, made from the
-//! tree's metadata alone. Writing an [`Ext4Layout`] only encodes and copies.
+//! Placement: every decision about the image, made from the tree's
+//! metadata alone. Writing an [`Ext4Layout`] only encodes and copies.
 //!
-//! The layout is the simplest one mke2fs's features allow. All group
-//! metadata sits at the start of the disk (`flex_bg`): the superblock and
-//! descriptor table, every block bitmap, every inode bitmap, every inode
-//! table. Data follows, in inode order, each file's blocks contiguous except
-//! where a backup superblock (`sparse_super`: groups 0, 1 and powers of 3, 5
-//! and 7) sits in the way. So the used blocks are exactly those below
-//! [`Ext4Layout::end`] plus the backups above it, and the used inodes are
-//! exactly 1 to [`Ext4Layout::last_inode`].
+//! The geometry (`geometry.rs`) reserves a run at the start of some groups
+//! for metadata and the journal; data follows group 0's, in inode order,
+//! each file's blocks contiguous except where another group's reserved
+//! run sits in the way. So the used blocks are exactly those below
+//! [`Ext4Layout::end`] plus the reserved runs above it, and the used inodes
+//! are exactly 1 to [`Ext4Layout::last_inode`].
 
 use std::io::{Seek, Write};
 use std::path::Path;
@@ -16,6 +14,8 @@ use std::path::Path;
 use kiln_types::hash::Fnv1a64;
 
 use super::disk::{self, DirEntry};
+pub(crate) use super::geometry::Geometry;
+use super::geometry::{Allocator, Demand, size_geometry};
 use super::tree::{Dir, FileNode, LOST_AND_FOUND, Node, SpecialKind};
 use super::xattr::{self, Xattr};
 use super::{BLOCK, DeviceKind, EXTENT_MAX_BLOCKS, Ext4Options, Ext4Summary, Ext4Tree, MAX_LINKS, Metadata, extent};
@@ -31,112 +31,6 @@ pub(crate) const LOST_AND_FOUND_INO: u32 = 11;
 const FIRST_INO: u32 = 11;
 /// Symlink targets shorter than this live in the inode's block map.
 pub(crate) const FAST_SYMLINK_MAX: usize = 59;
-/// The smallest automatic image: 64 blocks (256 KiB).
-const MIN_BLOCKS: u64 = 64;
-/// Every inode table sits in the first group (see the module doc), so the
-/// tables of this many inodes (30,000 blocks) leave room for the bitmaps
-/// of a filesystem up to about 1 TiB.
-const MAX_INODES: u64 = 480_000;
-/// Where the automatic size stops growing: 1 TiB.
-const MAX_AUTO_BLOCKS: u64 = 1 << 28;
-/// A last group smaller than this is dropped rather than given metadata.
-const MIN_LAST_GROUP: u64 = 64;
-
-/// Where the regions of the filesystem sit, in blocks.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) struct Geometry {
-    pub(crate) blocks: u64,
-    pub(crate) groups: u32,
-    pub(crate) gdt_blocks: u64,
-    pub(crate) inodes_per_group: u32,
-    pub(crate) itable_blocks: u64,
-    /// The length of the image file, at least `blocks * BLOCK`.
-    pub(crate) image_bytes: u64,
-}
-
-impl Geometry {
-    pub(crate) fn has_backup(group: u32) -> bool {
-        fn power_of(mut n: u32, base: u32) -> bool {
-            while n > 1 && n % base == 0 {
-                n /= base;
-            }
-            n == 1
-        }
-        group <= 1 || power_of(group, 3) || power_of(group, 5) || power_of(group, 7)
-    }
-
-    pub(crate) fn group_start(group: u32) -> u64 {
-        u64::from(group) * BLOCKS_PER_GROUP
-    }
-
-    /// Blocks a superblock copy and its descriptor table take.
-    pub(crate) fn backup_blocks(&self) -> u64 {
-        1 + self.gdt_blocks
-    }
-
-    pub(crate) fn blocks_in_group(&self, group: u32) -> u64 {
-        (self.blocks - Geometry::group_start(group)).min(BLOCKS_PER_GROUP)
-    }
-
-    /// The first block of group metadata after the primary descriptor table.
-    fn metadata_start(&self) -> u64 {
-        self.backup_blocks()
-    }
-
-    pub(crate) fn block_bitmap(&self, group: u32) -> u64 {
-        self.metadata_start() + u64::from(group)
-    }
-
-    pub(crate) fn inode_bitmap(&self, group: u32) -> u64 {
-        self.metadata_start() + u64::from(self.groups) + u64::from(group)
-    }
-
-    pub(crate) fn inode_table(&self, group: u32) -> u64 {
-        self.metadata_start() + 2 * u64::from(self.groups) + u64::from(group) * self.itable_blocks
-    }
-
-    /// The first block after the group metadata, where data starts.
-    fn data_start(&self) -> u64 {
-        self.inode_table(self.groups)
-    }
-
-    pub(crate) fn inodes(&self) -> u32 {
-        self.groups * self.inodes_per_group
-    }
-
-    /// The geometry for `blocks` blocks holding `inodes` inodes, or `None`
-    /// if its group metadata would not fit before the first backup group.
-    fn for_blocks(blocks: u64, inodes: u64, image_bytes: u64) -> Option<Geometry> {
-        let mut groups = blocks.div_ceil(BLOCKS_PER_GROUP);
-        let mut blocks = blocks;
-        // A short last group is dropped, as mke2fs drops it: it must hold
-        // its backup superblock and descriptors (if it has them) and then
-        // some, or its free count would be negative.
-        let last = groups.saturating_sub(1);
-        let last_backup = if Geometry::has_backup(last as u32) { 1 + (groups * DESC_SIZE).div_ceil(BLOCK) } else { 0 };
-        if groups > 1 && blocks - last * BLOCKS_PER_GROUP < MIN_LAST_GROUP + last_backup {
-            groups -= 1;
-            blocks = groups * BLOCKS_PER_GROUP;
-        }
-        let max_ipg = BLOCK * 8 - 16;
-        let ipg = inodes.div_ceil(groups).next_multiple_of(16).max(16);
-        if ipg > max_ipg {
-            return None;
-        }
-        let itable_blocks = ipg * INODE_SIZE / BLOCK;
-        let gdt_blocks = (groups * DESC_SIZE).div_ceil(BLOCK);
-        let geometry = Geometry {
-            blocks,
-            groups: u32::try_from(groups).ok()?,
-            gdt_blocks,
-            inodes_per_group: ipg as u32,
-            itable_blocks,
-            image_bytes,
-        };
-        // Group 1's backup must not land inside the metadata at the start.
-        (geometry.data_start() <= BLOCKS_PER_GROUP || groups == 1).then_some(geometry)
-    }
-}
 
 /// A run of contiguous blocks holding contiguous logical blocks of an inode: one extent.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -213,8 +107,9 @@ impl Ext4Tree {
         let mut inodes = numbering.plans;
         let data_blocks: u64 = inodes.iter().map(|plan| blocks_for(plan)).sum();
         let inode_count = u64::from(Ext4Layout::ino(inodes.len() - 1));
-        let geometry = size_geometry(options.size, inode_count, data_blocks)?;
-        let mut allocator = Allocator { geometry: &geometry, next: geometry.data_start() };
+        let demand = Demand { inodes: inode_count, data_blocks, journal: options.journal };
+        let geometry = size_geometry(options.size, demand)?;
+        let mut allocator = Allocator::new(&geometry);
         for plan in &mut inodes {
             allocator.place(plan);
         }
@@ -224,6 +119,10 @@ impl Ext4Tree {
         }
         let mut hash = numbering.hash;
         hash.field(&label);
+        if options.journal {
+            // A writable disk made from the same tree as a read-only image gets its own UUID.
+            hash.field(b"journal").feed(&geometry.blocks.to_le_bytes());
+        }
         let uuid = options.uuid.unwrap_or_else(|| derive_16(&hash, b"uuid"));
         let hash_seed = derive_16(&hash, b"hash seed");
         Ok(Ext4Layout { tree: self, geometry, inodes, end: needed, uuid, hash_seed, label })
@@ -249,6 +148,7 @@ impl<'t> Ext4Layout<'t> {
             hardlinks: counts.hardlinks,
             specials: counts.specials,
             data_bytes: counts.data_bytes,
+            journal_blocks: g.journal.map_or(0, |run| run.len),
             uuid: self.uuid,
         }
     }
@@ -280,20 +180,8 @@ impl<'t> Ext4Layout<'t> {
         if index == 0 { ROOT_INO } else { FIRST_INO + index as u32 - 1 }
     }
 
-    /// Whether block `block` is used: below the end, or a backup's.
-    pub(crate) fn block_used(&self, block: u64) -> bool {
-        let group = (block / BLOCKS_PER_GROUP) as u32;
-        let offset = block % BLOCKS_PER_GROUP;
-        block < self.end || (Geometry::has_backup(group) && offset < self.geometry.backup_blocks())
-    }
-
     pub(crate) fn free_blocks(&self, group: u32) -> u64 {
-        let g = &self.geometry;
-        let start = Geometry::group_start(group);
-        let len = g.blocks_in_group(group);
-        let below_end = self.end.clamp(start, start + len) - start;
-        let backup = if Geometry::has_backup(group) { g.backup_blocks() } else { 0 };
-        len - below_end.max(backup)
+        self.geometry.free_in_group(group, self.end)
     }
 
     pub(crate) fn used_inodes_in_group(&self, group: u32) -> u32 {
@@ -492,12 +380,6 @@ fn blocks_for(plan: &InodePlan<'_>) -> u64 {
     data + extent::tree_blocks(most_extents as usize) + u64::from(xattr::needs_block(plan.xattrs))
 }
 
-/// Hands out blocks in ascending order, around the backup superblocks.
-struct Allocator<'g> {
-    geometry: &'g Geometry,
-    next: u64,
-}
-
 impl Allocator<'_> {
     /// Places an inode's blocks, one after the other: its xattr block, its
     /// data, then its extent tree.
@@ -510,74 +392,6 @@ impl Allocator<'_> {
         }
         let tree = extent::tree_blocks(plan.runs.len());
         plan.tree_blocks = self.allocate(0, tree).iter().flat_map(|run| run.start..run.start + run.len).collect();
-    }
-
-    /// The runs holding the next `blocks` blocks, the first for logical
-    /// block `logical`, each at most one extent long.
-    fn allocate(&mut self, mut logical: u64, mut blocks: u64) -> Vec<Run> {
-        let mut runs = Vec::new();
-        while blocks > 0 {
-            let group = (self.next / BLOCKS_PER_GROUP) as u32;
-            if Geometry::has_backup(group) && self.next % BLOCKS_PER_GROUP < self.geometry.backup_blocks() {
-                self.next = Geometry::group_start(group) + self.geometry.backup_blocks();
-            }
-            let mut next_backup = group + 1;
-            while !Geometry::has_backup(next_backup) {
-                next_backup += 1;
-            }
-            let len = blocks.min(Geometry::group_start(next_backup) - self.next).min(EXTENT_MAX_BLOCKS);
-            runs.push(Run { logical, start: self.next, len });
-            self.next += len;
-            logical += len;
-            blocks -= len;
-        }
-        runs
-    }
-}
-
-/// Finds the geometry for the content: the smallest with a little
-/// headroom, or the one `size` gives.
-fn size_geometry(size: Option<u64>, inodes: u64, data_blocks: u64) -> Result<Geometry> {
-    if inodes > MAX_INODES {
-        return Err(Error::Ext4TooManyInodes { inodes, max: MAX_INODES });
-    }
-    if let Some(size) = size {
-        if size == 0 || size % BLOCK != 0 {
-            return Err(Error::InvalidSize {
-                size,
-                reason: format!("an ext4 image is a whole number of {BLOCK}-byte blocks"),
-            });
-        }
-        let geometry = Geometry::for_blocks(size / BLOCK, inodes, size)
-            .ok_or_else(|| Error::DoesNotFit { needed: (inodes * INODE_SIZE).max(size + 1), size })?;
-        let needed = geometry.data_start() + data_blocks;
-        if needed > geometry.blocks {
-            return Err(Error::DoesNotFit { needed: needed * BLOCK, size });
-        }
-        return Ok(geometry);
-    }
-    let mut blocks = (data_blocks + 16).max(MIN_BLOCKS);
-    loop {
-        let geometry = match Geometry::for_blocks(blocks, inodes, blocks * BLOCK) {
-            Some(geometry) => geometry,
-            // More groups make each group's inode table smaller, up to a
-            // point: past it the bitmaps no longer fit in the first group.
-            None if blocks < MAX_AUTO_BLOCKS => {
-                blocks += BLOCKS_PER_GROUP;
-                continue;
-            }
-            None => return Err(Error::DoesNotFit { needed: blocks * BLOCK, size: MAX_AUTO_BLOCKS * BLOCK }),
-        };
-        let backups = (1..geometry.groups).filter(|&g| Geometry::has_backup(g)).count() as u64;
-        let used = geometry.data_start() + data_blocks + backups * geometry.backup_blocks();
-        let wanted = (used + used / 64 + 16).max(MIN_BLOCKS);
-        if wanted <= geometry.blocks {
-            return Ok(geometry);
-        }
-        // Asking for `wanted` again would give the same geometry when its
-        // short last group was dropped: always grow, so that a size that
-        // keeps the last group is reached in a few steps.
-        blocks = wanted.max(blocks + MIN_LAST_GROUP);
     }
 }
 

@@ -1,6 +1,9 @@
-//! The ext4 builder, read-only profile: a tree with POSIX metadata in, a
-//! spec-valid ext4 filesystem out (4 KiB blocks, no journal, sized to its
-//! content), checked by `e2fsck` and read back by `debugfs` in the tests.
+//! The ext4 builder: a tree with POSIX metadata in, a spec-valid ext4
+//! filesystem out (4 KiB blocks), checked by `e2fsck` and read back by
+//! `debugfs` in the tests. Two profiles: read-only (no journal, sized to
+//! its content, inodes for its content) and writable
+//! ([`Ext4Options::with_journal`]: a disk of a given size with mke2fs's
+//! journal and inode count, the rest free).
 //!
 //! Entries: directories, regular files (sparse ones keep their holes),
 //! symlinks (fast and slow), hard links, character and block devices and
@@ -10,16 +13,20 @@
 //!
 //! Pure core, thin shell, as for FAT: [`Ext4Tree`] checks names and xattrs
 //! as they are added (`tree`; the host walk is `host`),
-//! [`Ext4Tree::layout`] places every inode and block from metadata alone,
-//! and [`Ext4Layout`] encodes the structures (`disk`, `extent` for extent
-//! trees, `xattr` for the inode's xattr region and the xattr block) and
+//! [`Ext4Tree::layout`] places every inode and block from metadata alone
+//! (`geometry` decides where groups, metadata and the journal sit), and
+//! [`Ext4Layout`] encodes the structures (`disk`, `extent` for extent
+//! trees, `xattr` for the inode's xattr region and the xattr block,
+//! `journal` for the jbd2 superblock and inode 8) and
 //! streams them with the file data into a sink (`emit`).
 
 pub(crate) mod crc32c;
 mod disk;
 mod emit;
 mod extent;
+mod geometry;
 mod host;
+mod journal;
 mod layout;
 mod tree;
 mod xattr;
@@ -111,6 +118,10 @@ pub struct Ext4Options {
     /// Filesystem UUID; by default derived from the tree and the label, so
     /// that the same inputs give the same image.
     pub uuid: Option<[u8; 16]>,
+    /// The writable profile: a journal sized as mke2fs sizes it, and as
+    /// many inodes as mke2fs would give the size (at least what the tree
+    /// needs). Needs at least 8 MiB.
+    pub journal: bool,
 }
 
 impl Ext4Options {
@@ -123,6 +134,12 @@ impl Ext4Options {
     /// Sets [`size`](Self::size).
     pub fn with_size(mut self, size: impl Into<Option<u64>>) -> Self {
         self.size = size.into();
+        self
+    }
+
+    /// Sets [`journal`](Self::journal).
+    pub fn with_journal(mut self, journal: bool) -> Self {
+        self.journal = journal;
         self
     }
 
@@ -154,5 +171,7 @@ pub struct Ext4Summary {
     pub specials: u64,
     /// Sum of the file sizes (holes included).
     pub data_bytes: u64,
+    /// The journal's blocks, 0 without one.
+    pub journal_blocks: u64,
     pub uuid: [u8; 16],
 }
