@@ -229,16 +229,10 @@ fn kiln_ext4_image(source: &Path, path: &Path) {
     layout.write_file(path).unwrap();
 }
 
-/// The options of kiln's writable profile: a disk of `size` bytes.
-///
-/// On this branch (main and wip/ext4-entries, no wip/ext4-journal yet) this
-/// is the read-only profile stretched to `size`, whose inodes only fit the
-/// content: the guest's first file fails with ENOSPC and the tests fail.
-/// With wip/ext4-journal merged it is
-/// `Ext4Options::default().with_label("kiln-rw").with_journal(true).with_size(size)`,
-/// with which both tests were seen passing.
+/// kiln's writable profile: a journaled disk of `size` bytes, with
+/// mke2fs's inode count for that size and its free space accounted.
 fn writable_profile(size: u64) -> Ext4Options {
-    Ext4Options::default().with_label("kiln-rw").with_size(size)
+    Ext4Options::default().with_label("kiln-rw").with_journal(true).with_size(size)
 }
 
 /// An empty kiln ext4 disk of `size` bytes for the guest to write to.
@@ -498,13 +492,6 @@ fn report(message: &str) {
     let _ = writeln!(std::io::stderr(), "{message}");
 }
 
-/// A journaled kiln ext4 disk of `size` bytes: the writable profile (see
-/// [`writable_profile`]; without wip/ext4-journal it has no journal, and the
-/// test fails at its `has_journal` check).
-fn kiln_journaled_disk(path: &Path, size: u64) {
-    kiln_writable_disk(path, size);
-}
-
 fn dumpe2fs_features(image: &Path) -> String {
     let out = Command::new("dumpe2fs").arg("-h").arg(image).output().unwrap();
     assert!(out.status.success(), "dumpe2fs -h: {}", String::from_utf8_lossy(&out.stderr));
@@ -523,7 +510,7 @@ fn guest_killed_mid_write_keeps_every_fsynced_file_after_journal_replay() {
     let Some((assets, tool)) = setup(test) else { return };
     let dir = tempfile::tempdir().unwrap();
     let disk = dir.path().join("journaled.ext4");
-    kiln_journaled_disk(&disk, 256 << 20);
+    kiln_writable_disk(&disk, 256 << 20);
     assert_e2fsck_clean(&disk, "on the new journaled disk");
     assert!(dumpe2fs_features(&disk).split(' ').any(|f| f == "has_journal"), "kiln's disk has no journal");
     const KILL_AFTER: u32 = 40;
