@@ -309,24 +309,20 @@ fn xattrs(path: &Path) -> io::Result<String> {
     Ok(format!(" xattrs={}", fields.join(";")))
 }
 
+/// A test of a file type and the name the manifest gives it.
+type Kind = (fn(&fs::FileType) -> bool, &'static str);
+
 fn kind(file_type: fs::FileType) -> &'static str {
-    if file_type.is_dir() {
-        "dir"
-    } else if file_type.is_file() {
-        "file"
-    } else if file_type.is_symlink() {
-        "symlink"
-    } else if file_type.is_char_device() {
-        "char"
-    } else if file_type.is_block_device() {
-        "block"
-    } else if file_type.is_fifo() {
-        "fifo"
-    } else if file_type.is_socket() {
-        "socket"
-    } else {
-        "unknown"
-    }
+    let kinds: [Kind; 7] = [
+        (fs::FileType::is_dir, "dir"),
+        (fs::FileType::is_file, "file"),
+        (fs::FileType::is_symlink, "symlink"),
+        (FileTypeExt::is_char_device, "char"),
+        (FileTypeExt::is_block_device, "block"),
+        (FileTypeExt::is_fifo, "fifo"),
+        (FileTypeExt::is_socket, "socket"),
+    ];
+    kinds.iter().find(|(is, _)| is(&file_type)).map_or("unknown", |(_, name)| name)
 }
 
 /// Printable ASCII as is; space, `\`, `=`, `;` and everything else as `\xNN`.
