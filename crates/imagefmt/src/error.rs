@@ -75,6 +75,10 @@ pub enum Error {
         "The tree needs {inodes} inodes; this ext4 writer places at most {max}, every inode table in the first block group"
     )]
     Ext4TooManyInodes { inodes: u64, max: u64 },
+    #[error(
+        "Directory {path:?} holds {entries} entries, {leaves} leaf blocks; a hashed directory of two index levels (no large_dir) holds at most {max}"
+    )]
+    Ext4DirectoryTooLarge { path: String, entries: usize, leaves: u64, max: u64 },
     #[error("Not a readable image: {reason}")]
     InvalidImage { reason: String },
     #[error("{} changed while the image was being written (expected {expected} bytes)", path.display())]
@@ -105,7 +109,8 @@ impl Error {
             | Error::TooManyEntries { .. }
             | Error::Ext4FileTooLarge { .. }
             | Error::TooManyExtents { .. }
-            | Error::Ext4TooManyInodes { .. } => ErrorKind::DoesNotFit,
+            | Error::Ext4TooManyInodes { .. }
+            | Error::Ext4DirectoryTooLarge { .. } => ErrorKind::DoesNotFit,
             Error::SourceChanged { .. } => ErrorKind::SourceChanged,
         }
     }

@@ -16,6 +16,7 @@ use std::path::Path;
 use kiln_types::hash::Fnv1a64;
 
 use super::disk::{self, DirEntry};
+use super::htree;
 use super::tree::{Dir, FileNode, LOST_AND_FOUND, Node};
 use super::{BLOCK, EXTENT_MAX_BLOCKS, Ext4Options, Ext4Summary, Ext4Tree, INODE_EXTENTS, Metadata};
 use crate::{Error, Result};
@@ -199,6 +200,9 @@ impl Ext4Tree {
         let geometry = size_geometry(options.size, inode_count, data_blocks)?;
         let mut allocator = Allocator { geometry: &geometry, next: geometry.data_start() };
         for (index, plan) in inodes.iter_mut().enumerate() {
+            if let InodeKind::Dir { entries, .. } = &plan.kind {
+                htree::DirShape::of(entries).check(&numbering.paths[index], entries.len())?;
+            }
             let blocks = blocks_for(plan);
             plan.runs = allocator.allocate(blocks);
             if plan.runs.len() > INODE_EXTENTS {
@@ -213,7 +217,7 @@ impl Ext4Tree {
         let mut hash = numbering.hash;
         hash.field(&label);
         let uuid = options.uuid.unwrap_or_else(|| derive_16(&hash, b"uuid"));
-        let hash_seed = derive_16(&hash, b"hash seed");
+        let hash_seed = options.hash_seed.unwrap_or_else(|| derive_16(&hash, b"hash seed"));
         Ok(Ext4Layout { tree: self, geometry, inodes, end: needed, uuid, hash_seed, label })
     }
 }
@@ -377,7 +381,7 @@ impl<'t> Numbering<'t> {
 /// Data blocks an inode needs.
 fn blocks_for(plan: &InodePlan<'_>) -> u64 {
     match &plan.kind {
-        InodeKind::Dir { entries, .. } => disk::dir_block_split(entries).len() as u64,
+        InodeKind::Dir { entries, .. } => htree::DirShape::of(entries).blocks(),
         InodeKind::File(file) => file.size.div_ceil(BLOCK),
         InodeKind::Symlink(target) => u64::from(target.len() > FAST_SYMLINK_MAX),
     }

@@ -10,6 +10,7 @@
 pub(crate) mod crc32c;
 mod disk;
 mod emit;
+mod htree;
 mod layout;
 mod tree;
 
@@ -86,6 +87,9 @@ pub struct Ext4Options {
     /// Filesystem UUID; by default derived from the tree and the label, so
     /// that the same inputs give the same image.
     pub uuid: Option<[u8; 16]>,
+    /// The seed of the directory name hash (mke2fs `-E hash_seed=`); by
+    /// default derived from the tree and the label, like the UUID.
+    pub hash_seed: Option<[u8; 16]>,
 }
 
 impl Ext4Options {
@@ -104,6 +108,12 @@ impl Ext4Options {
     /// Sets [`uuid`](Self::uuid).
     pub fn with_uuid(mut self, uuid: impl Into<Option<[u8; 16]>>) -> Self {
         self.uuid = uuid.into();
+        self
+    }
+
+    /// Sets [`hash_seed`](Self::hash_seed).
+    pub fn with_hash_seed(mut self, seed: impl Into<Option<[u8; 16]>>) -> Self {
+        self.hash_seed = seed.into();
         self
     }
 }
