@@ -18,14 +18,14 @@ use crate::support::pattern;
 
 /// What a reader should find at a path.
 #[derive(Debug, Clone, PartialEq, Eq)]
-enum Kind {
+pub(crate) enum Kind {
     Dir,
     File(Vec<u8>),
     Link(String),
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
-struct Want {
+pub(crate) struct Want {
     kind: Kind,
     /// Permission bits (07777).
     mode: u32,
@@ -35,26 +35,26 @@ struct Want {
 
 /// A tree built twice in step: as an `Ext4Tree` and as what debugfs should show.
 #[derive(Debug, Clone)]
-struct Case {
-    tree: Ext4Tree,
-    expected: BTreeMap<String, Want>,
+pub(crate) struct Case {
+    pub(crate) tree: Ext4Tree,
+    pub(crate) expected: BTreeMap<String, Want>,
     /// File paths and the mtime each should carry.
     mtimes: BTreeMap<String, i64>,
 }
 
 impl Case {
-    fn new() -> Case {
+    pub(crate) fn new() -> Case {
         Case { tree: Ext4Tree::new(), expected: BTreeMap::new(), mtimes: BTreeMap::new() }
     }
 
-    fn dir(mut self, path: &str, meta: Metadata) -> Case {
+    pub(crate) fn dir(mut self, path: &str, meta: Metadata) -> Case {
         self.tree.add_dir(path, meta).unwrap_or_else(|err| panic!("add_dir({path:?}): {err}"));
         self.expect_parents(path);
         self.expected.insert(path.to_owned(), want(Kind::Dir, meta));
         self
     }
 
-    fn file(mut self, path: &str, bytes: Vec<u8>, meta: Metadata) -> Case {
+    pub(crate) fn file(mut self, path: &str, bytes: Vec<u8>, meta: Metadata) -> Case {
         self.tree
             .add_file_from_bytes(path, bytes.clone(), meta)
             .unwrap_or_else(|err| panic!("add_file({path:?}): {err}"));
@@ -64,7 +64,7 @@ impl Case {
         self
     }
 
-    fn link(mut self, path: &str, target: &str, meta: Metadata) -> Case {
+    pub(crate) fn link(mut self, path: &str, target: &str, meta: Metadata) -> Case {
         self.tree.add_symlink(path, target, meta).unwrap_or_else(|err| panic!("add_symlink({path:?}): {err}"));
         self.expect_parents(path);
         self.expected.insert(path.to_owned(), want(Kind::Link(target.to_owned()), meta.with_mode(0o777)));
@@ -86,12 +86,12 @@ fn want(kind: Kind, meta: Metadata) -> Want {
     Want { kind, mode: meta.mode, uid: meta.uid, gid: meta.gid }
 }
 
-fn meta(mode: u32) -> Metadata {
+pub(crate) fn meta(mode: u32) -> Metadata {
     Metadata::default().with_mode(mode)
 }
 
 /// The tools, or `None` after `SKIPPED:` (a failure under `KILN_REQUIRE_TOOLS=1`).
-fn tools() -> Option<(PathBuf, PathBuf)> {
+pub(crate) fn tools() -> Option<(PathBuf, PathBuf)> {
     let test = kiln_testkit::current_test_name();
     let found = kiln_testkit::require_tools(&test, &["e2fsck", "debugfs"])?;
     Some((found[0].clone(), found[1].clone()))
@@ -99,7 +99,7 @@ fn tools() -> Option<(PathBuf, PathBuf)> {
 
 /// Plans and writes `case` both ways, checks the bytes agree, then has
 /// e2fsck check it and debugfs read it back. Returns the summary and the image.
-fn check(case: &Case, options: &Ext4Options) -> (Ext4Summary, Vec<u8>) {
+pub(crate) fn check(case: &Case, options: &Ext4Options) -> (Ext4Summary, Vec<u8>) {
     let layout = case.tree.layout(options).unwrap_or_else(|err| panic!("layout failed: {err}"));
     let summary = layout.summary();
     let files = case.expected.values().filter(|w| matches!(w.kind, Kind::File(_))).count() as u64;
@@ -124,13 +124,13 @@ fn check(case: &Case, options: &Ext4Options) -> (Ext4Summary, Vec<u8>) {
     (summary, image)
 }
 
-fn assert_e2fsck_clean(e2fsck: &Path, image: &Path) {
+pub(crate) fn assert_e2fsck_clean(e2fsck: &Path, image: &Path) {
     let out = Command::new(e2fsck).arg("-fn").arg(image).output().unwrap();
     let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
     assert!(out.status.success(), "e2fsck -fn found problems ({}):\n{text}", out.status);
 }
 
-fn run_debugfs(debugfs: &Path, image: &Path, commands: &str) -> String {
+pub(crate) fn run_debugfs(debugfs: &Path, image: &Path, commands: &str) -> String {
     let script = image.with_extension("debugfs");
     fs::write(&script, commands).unwrap();
     let out = Command::new(debugfs).arg("-f").arg(&script).arg(image).output().unwrap();
@@ -583,7 +583,7 @@ fn more_inodes_than_the_first_group_can_table_is_refused() {
 }
 
 /// Unmounts on drop, so a failed assertion leaves no mount behind.
-struct Mounted(PathBuf);
+pub(crate) struct Mounted(pub(crate) PathBuf);
 
 impl Drop for Mounted {
     fn drop(&mut self) {
