@@ -99,29 +99,44 @@ fn hash_words(rest: &[u8]) -> [u32; 8] {
     words
 }
 
+/// One round of half MD4: its mixing function, constant, the order it
+/// takes the eight words in and its four rotations.
+struct Round {
+    mix: fn(u32, u32, u32) -> u32,
+    constant: u32,
+    order: [usize; 8],
+    shifts: [u32; 4],
+}
+
+const ROUNDS: [Round; 3] = [
+    Round { mix: |x, y, z| z ^ (x & (y ^ z)), constant: 0, order: [0, 1, 2, 3, 4, 5, 6, 7], shifts: [3, 7, 11, 19] },
+    Round {
+        mix: |x, y, z| (x & y).wrapping_add((x ^ y) & z),
+        constant: 0o13240474631,
+        order: [1, 3, 5, 7, 0, 2, 4, 6],
+        shifts: [3, 5, 9, 13],
+    },
+    Round {
+        mix: |x, y, z| x ^ y ^ z,
+        constant: 0o15666365641,
+        order: [3, 7, 2, 6, 1, 5, 0, 4],
+        shifts: [3, 9, 11, 15],
+    },
+];
+
+/// The kernel's `half_md4_transform`: three rounds of eight steps over `input`, added into `state`.
 fn half_md4_transform(state: &mut [u32; 4], input: &[u32; 8]) {
-    const K2: u32 = 0o13240474631;
-    const K3: u32 = 0o15666365641;
-    let f = |x: u32, y: u32, z: u32| z ^ (x & (y ^ z));
-    let g = |x: u32, y: u32, z: u32| (x & y).wrapping_add((x ^ y) & z);
-    let h = |x: u32, y: u32, z: u32| x ^ y ^ z;
     let [mut a, mut b, mut c, mut d] = *state;
-    let step = |mix: &dyn Fn(u32, u32, u32) -> u32, a: u32, b: u32, c: u32, d: u32, x: u32, s: u32| {
-        a.wrapping_add(mix(b, c, d)).wrapping_add(x).rotate_left(s)
-    };
-    // Each round visits the words in its own order and rotates by its own amounts.
-    let rounds: [(&dyn Fn(u32, u32, u32) -> u32, u32, [usize; 8], [u32; 4]); 3] = [
-        (&f, 0, [0, 1, 2, 3, 4, 5, 6, 7], [3, 7, 11, 19]),
-        (&g, K2, [1, 3, 5, 7, 0, 2, 4, 6], [3, 5, 9, 13]),
-        (&h, K3, [3, 7, 2, 6, 1, 5, 0, 4], [3, 9, 11, 15]),
-    ];
-    for (mix, k, order, shifts) in rounds {
-        for pass in 0..2 {
-            let word = |n: usize| input[order[4 * pass + n]].wrapping_add(k);
-            a = step(mix, a, b, c, d, word(0), shifts[0]);
-            d = step(mix, d, a, b, c, word(1), shifts[1]);
-            c = step(mix, c, d, a, b, word(2), shifts[2]);
-            b = step(mix, b, c, d, a, word(3), shifts[3]);
+    for round in &ROUNDS {
+        let step = |a: u32, b: u32, c: u32, d: u32, n: usize| {
+            let word = input[round.order[n]].wrapping_add(round.constant);
+            a.wrapping_add((round.mix)(b, c, d)).wrapping_add(word).rotate_left(round.shifts[n % 4])
+        };
+        for pass in [0, 4] {
+            a = step(a, b, c, d, pass);
+            d = step(d, a, b, c, pass + 1);
+            c = step(c, d, a, b, pass + 2);
+            b = step(b, c, d, a, pass + 3);
         }
     }
     for (word, add) in state.iter_mut().zip([a, b, c, d]) {
