@@ -298,7 +298,7 @@ fn mount(image: &Path, target: &Path, options: &str) -> Mounted {
 #[test]
 fn the_host_kernel_finds_every_name_in_hashed_directories_and_can_change_them() {
     let test = kiln_testkit::current_test_name();
-    let Some((e2fsck, _)) = tools() else { return };
+    let Some((e2fsck, debugfs)) = tools() else { return };
     if kiln_testkit::require_tools(&test, &["mount", "umount"]).is_none()
         || !kiln_testkit::require_root(&test, "a loop mount")
     {
@@ -313,6 +313,9 @@ fn the_host_kernel_finds_every_name_in_hashed_directories_and_can_change_them() 
     let image = dir.path().join("lookup.ext4");
     // Room to grow: the kernel splits full leaves when entries are added.
     write_image(&tree, &Ext4Options::default().with_size(512 << 20), &image);
+    for dir in ["/big", "/lengths"] {
+        assert_ne!(inode_flags(&debugfs, &image, dir) & INDEX_FLAG, 0, "{dir} is not a hashed directory");
+    }
     let target = dir.path().join("mnt");
     let mounted = mount(&image, &target, "ro");
     for name in &names {
