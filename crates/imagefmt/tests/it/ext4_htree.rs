@@ -252,7 +252,8 @@ fn equal_hashes_across_a_leaf_boundary_are_found_by_e2fsck_debugfs_and_the_kerne
     let paths: Vec<String> = counts.iter().map(|count| format!("/c{count}")).collect();
     let dumps = htree_dumps(&debugfs, &image, &paths.iter().map(String::as_str).collect::<Vec<_>>());
     let leaf_of = |dump: &HtreeDump, name: &str| -> u64 {
-        *dump.leaves.iter().find(|(_, names)| names.iter().any(|n| n == name)).unwrap().0
+        let leaf = dump.leaves.iter().find(|(_, names)| names.iter().any(|n| n == name));
+        *leaf.unwrap_or_else(|| panic!("{}… is in no leaf debugfs htree shows", &name[..8])).0
     };
     let straddling: Vec<&String> = paths
         .iter()
