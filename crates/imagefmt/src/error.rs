@@ -65,12 +65,8 @@ pub enum Error {
     FatTypeImpossible { fat_type: crate::FatType, reason: String },
     #[error("Invalid entry {path:?} for an ext4 image: {reason}")]
     InvalidExt4Entry { path: String, reason: String },
-    #[error(
-        "{path:?} is {size} bytes; this ext4 writer holds files of at most {max} bytes (four extents in the inode)"
-    )]
+    #[error("{path:?} is {size} bytes; an ext4 file holds at most {max} bytes (2^32 - 1 blocks)")]
     Ext4FileTooLarge { path: String, size: u64, max: u64 },
-    #[error("{path:?} needs {extents} extents; this ext4 writer holds at most {max} in the inode")]
-    TooManyExtents { path: String, extents: usize, max: usize },
     #[error(
         "The tree needs {inodes} inodes; this ext4 writer places at most {max}, every inode table in the first block group"
     )]
@@ -108,7 +104,6 @@ impl Error {
             | Error::FatTypeImpossible { .. }
             | Error::TooManyEntries { .. }
             | Error::Ext4FileTooLarge { .. }
-            | Error::TooManyExtents { .. }
             | Error::Ext4TooManyInodes { .. }
             | Error::Ext4DirectoryTooLarge { .. } => ErrorKind::DoesNotFit,
             Error::SourceChanged { .. } => ErrorKind::SourceChanged,

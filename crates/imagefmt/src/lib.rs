@@ -35,7 +35,7 @@ mod sink;
 pub use cidata::NoCloudSeed;
 pub use cpio::{Compression, CpioArchive, CpioSummary};
 pub use error::{Error, ErrorKind, Result};
-pub use ext4::{Ext4Layout, Ext4Options, Ext4Summary, Ext4Tree, Metadata};
+pub use ext4::{DeviceKind, Ext4Layout, Ext4Options, Ext4Summary, Ext4Tree, Metadata};
 pub use fat::{FatLayout, FatOptions, FatSummary, FatTree, FatType};
 pub use inspect::{CpioInfo, Ext4Info, FatInfo, ImageInfo, Qcow2Info, inspect};
 pub use qcow2::{Qcow2Options, Qcow2Summary, convert_to_qcow2, create_qcow2};

@@ -3,18 +3,23 @@
 //! kernel's Documentation/filesystems/ext4/ and e2fsprogs' `ext2_fs.h`;
 //! every checksum is `metadata_csum`'s CRC-32C.
 
-use super::layout::{BLOCKS_PER_GROUP, DESC_SIZE, INODE_SIZE, Run};
-use super::{BLOCK, EXTENT_MAX_BLOCKS};
-use super::{crc32c, htree};
+use super::layout::{BLOCKS_PER_GROUP, DESC_SIZE, INODE_SIZE};
+use super::{BLOCK, crc32c, htree, xattr};
 use crate::le::{put16, put32};
 
 pub(crate) const FT_REG: u8 = 1;
 pub(crate) const FT_DIR: u8 = 2;
+pub(crate) const FT_CHRDEV: u8 = 3;
+pub(crate) const FT_BLKDEV: u8 = 4;
+pub(crate) const FT_FIFO: u8 = 5;
 pub(crate) const FT_SYMLINK: u8 = 7;
 
 pub(crate) const S_IFREG: u32 = 0o100000;
 pub(crate) const S_IFDIR: u32 = 0o040000;
 pub(crate) const S_IFLNK: u32 = 0o120000;
+pub(crate) const S_IFCHR: u32 = 0o020000;
+pub(crate) const S_IFBLK: u32 = 0o060000;
+pub(crate) const S_IFIFO: u32 = 0o010000;
 
 const MAGIC: u16 = 0xEF53;
 const COMPAT_EXT_ATTR: u32 = 0x8;
@@ -38,7 +43,6 @@ const LOG_GROUPS_PER_FLEX: u8 = 4;
 pub(crate) const EXTRA_ISIZE: u16 = 32;
 const BG_INODE_TABLE_ZEROED: u16 = 0x4;
 pub(crate) const INODE_FLAG_EXTENTS: u32 = 0x80000;
-const EXTENT_MAGIC: u16 = 0xF30A;
 /// Directory entry header: inode, record length, name length, file type.
 const DIRENT_HEADER: usize = 8;
 /// The checksum tail at the end of every directory block.
@@ -172,12 +176,17 @@ pub(crate) struct Inode {
     pub(crate) gid: u32,
     pub(crate) size: u64,
     pub(crate) links: u32,
-    pub(crate) data_blocks: u64,
+    /// Every block the inode owns: data, extent tree and xattr block.
+    pub(crate) blocks: u64,
     pub(crate) flags: u32,
-    /// `i_block`: the extent tree root, or a fast symlink's target.
+    /// `i_block`: the extent tree root, a fast symlink's target, or a device number.
     pub(crate) block: [u8; 60],
     pub(crate) mtime: i64,
     pub(crate) mtime_nsec: u32,
+    /// The external xattr block (`i_file_acl`), or 0.
+    pub(crate) xattr_block: u64,
+    /// The in-inode xattr region after the extra fields.
+    pub(crate) xattrs: [u8; xattr::IBODY_BYTES],
 }
 
 impl Inode {
@@ -194,18 +203,23 @@ impl Inode {
         // dir_nlink: a directory with more links than ext4 counts (65,000)
         // says 1, "many", as the kernel and e2fsck expect.
         put16(&mut i, 0x1A, if self.links > MAX_LINK_COUNT { 1 } else { self.links as u16 });
-        let sectors = self.data_blocks * (BLOCK / 512);
+        // huge_file without EXT4_HUGE_FILE_FL: 48 bits of 512-byte sectors.
+        let sectors = self.blocks * (BLOCK / 512);
         put32(&mut i, 0x1C, sectors as u32);
         put32(&mut i, 0x20, self.flags);
         i[0x28..0x64].copy_from_slice(&self.block);
+        put32(&mut i, 0x68, self.xattr_block as u32);
         put32(&mut i, 0x6C, (self.size >> 32) as u32);
         put16(&mut i, 0x74, (sectors >> 32) as u16);
+        put16(&mut i, 0x76, (self.xattr_block >> 32) as u16);
         put16(&mut i, 0x78, (self.uid >> 16) as u16);
         put16(&mut i, 0x7A, (self.gid >> 16) as u16);
         put16(&mut i, 0x80, EXTRA_ISIZE);
         for at in [0x84, 0x88, 0x8C, 0x94] {
             put32(&mut i, at, extra); // ctime, mtime, atime, crtime extra
         }
+        let xattrs_at = INODE_SIZE as usize - xattr::IBODY_BYTES;
+        i[xattrs_at..].copy_from_slice(&self.xattrs);
         let csum = crc32c::update(inode_seed(fs_seed, ino), &i);
         put16(&mut i, 0x7C, csum as u16);
         put16(&mut i, 0x82, (csum >> 16) as u16);
@@ -227,23 +241,18 @@ fn encode_time(seconds: i64, nanoseconds: u32) -> (u32, u32) {
     (low, epoch | nanoseconds << 2)
 }
 
-/// The extent tree root in `i_block`: a depth-0 header and one extent per run.
-pub(crate) fn extent_root(runs: &[Run]) -> [u8; 60] {
-    let mut b = [0u8; 60];
-    put16(&mut b, 0, EXTENT_MAGIC);
-    put16(&mut b, 2, runs.len() as u16);
-    put16(&mut b, 4, 4); // the most extents the inode holds
-    let mut logical = 0u64;
-    for (n, run) in runs.iter().enumerate() {
-        debug_assert!(run.len <= EXTENT_MAX_BLOCKS);
-        let at = 12 + 12 * n;
-        put32(&mut b, at, logical as u32);
-        put16(&mut b, at + 4, run.len as u16);
-        put16(&mut b, at + 6, (run.start >> 32) as u16);
-        put32(&mut b, at + 8, run.start as u32);
-        logical += run.len;
+/// A device number in `i_block`, as the kernel's `ext4_encode_dev` and
+/// e2fsprogs write it: the old 16-bit form in word 0 when both numbers are
+/// below 256, else the new form (minor's low byte, major, minor's high
+/// bits) in word 1.
+pub(crate) fn device_block(major: u32, minor: u32) -> [u8; 60] {
+    let mut block = [0u8; 60];
+    if major < 256 && minor < 256 {
+        put32(&mut block, 0, major << 8 | minor);
+    } else {
+        put32(&mut block, 4, (minor & 0xFF) | major << 8 | (minor & !0xFF) << 12);
     }
-    b
+    block
 }
 
 /// One directory entry other than `.` and `..`.
@@ -322,6 +331,15 @@ pub(crate) fn dir_leaf_block(block: &mut [u8], entries: &[DirEntry<'_>], ino: u3
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn device_numbers_use_the_old_form_below_256_and_the_new_one_above() {
+        assert_eq!(&device_block(1, 3)[..8], &[3, 1, 0, 0, 0, 0, 0, 0]);
+        // 259:65536 (an NVMe partition): minor 0x10000 -> bits 20 and up.
+        let new = device_block(259, 0x1_0000);
+        assert_eq!(u32::from_le_bytes([new[4], new[5], new[6], new[7]]), 259 << 8 | 0x1000_0000);
+        assert_eq!(&new[..4], &[0; 4]);
+    }
 
     #[test]
     fn times_before_1970_and_after_2038_keep_their_seconds() {

@@ -1,15 +1,16 @@
 //! Writing a planned layout: superblocks and descriptor tables, bitmaps,
-//! inode tables, directory and symlink blocks, then file data.
+//! inode tables, xattr and extent tree blocks, directory and symlink
+//! blocks, then file data.
 
 use std::os::unix::fs::FileExt;
 
-use super::BLOCK;
 use super::disk::{self, GroupDesc, Inode, Superblock};
 use super::htree;
 use super::layout::{
     BLOCKS_PER_GROUP, DESC_SIZE, Ext4Layout, FAST_SYMLINK_MAX, Geometry, INODE_SIZE, InodeKind, InodePlan, Run,
 };
-use super::tree::FileNode;
+use super::tree::{DataRange, FileNode, SpecialKind};
+use super::{BLOCK, DeviceKind, extent, xattr};
 use crate::sink::{Sink, Source, copy_host_file, open_unchanged, write_nonzero};
 use crate::{Error, Result};
 
@@ -45,6 +46,7 @@ impl Ext4Layout<'_> {
             sink.write_at(start + BLOCK, &table).map_err(Error::Write)?;
         }
         self.write_inode_tables(sink, seed)?;
+        self.write_inode_blocks(sink, seed)?;
         for (index, plan) in self.inodes.iter().enumerate() {
             self.write_data(sink, Ext4Layout::ino(index), plan, seed)?;
         }
@@ -101,9 +103,27 @@ impl Ext4Layout<'_> {
             table.resize(used as usize * INODE_SIZE as usize, 0);
             for (ino, plan) in self.inodes_in_group(group) {
                 let at = ((ino - 1) % g.inodes_per_group) as usize * INODE_SIZE as usize;
-                table[at..at + INODE_SIZE as usize].copy_from_slice(&inode_for(plan).encode(ino, seed));
+                table[at..at + INODE_SIZE as usize].copy_from_slice(&inode_for(plan, ino, seed).encode(ino, seed));
             }
             write_nonzero(sink, g.inode_table(group) * BLOCK, &table).map_err(Error::Write)?;
+        }
+        Ok(())
+    }
+
+    /// Writes each inode's xattr block and extent tree blocks.
+    fn write_inode_blocks(&self, sink: &mut dyn Sink, seed: u32) -> Result<()> {
+        for (index, plan) in self.inodes.iter().enumerate() {
+            if let Some(block) = plan.xattr_block {
+                // The layout gave a block only to xattrs that fit one.
+                let (_, in_block) = xattr::split(plan.xattrs).unwrap_or_default();
+                sink.write_at(block * BLOCK, &xattr::block(&in_block, block, seed)).map_err(Error::Write)?;
+            }
+            if !plan.tree_blocks.is_empty() {
+                let (_, blocks) = extent::encode(&plan.runs, &plan.tree_blocks, Ext4Layout::ino(index), seed);
+                for (block, bytes) in blocks {
+                    sink.write_at(block * BLOCK, &bytes).map_err(Error::Write)?;
+                }
+            }
         }
         Ok(())
     }
@@ -117,19 +137,22 @@ impl Ext4Layout<'_> {
             InodeKind::Symlink(target) if target.len() > FAST_SYMLINK_MAX => {
                 write_runs(sink, &plan.runs, target.as_bytes())
             }
-            InodeKind::Symlink(_) => Ok(()),
-            InodeKind::File(file) => write_file_data(sink, &plan.runs, file),
+            InodeKind::Symlink(_) | InodeKind::Special(_) => Ok(()),
+            InodeKind::File(file) => write_file_data(sink, plan, file),
         }
     }
 }
 
-/// The inode for a plan: type, metadata, size and block map.
-fn inode_for(plan: &InodePlan<'_>) -> Inode {
+/// The inode for plan `ino`: type, metadata, size, block map and xattrs.
+fn inode_for(plan: &InodePlan<'_>, ino: u32, seed: u32) -> Inode {
     let meta = plan.meta;
     let (type_bits, size) = match &plan.kind {
         InodeKind::Dir { .. } => (disk::S_IFDIR, plan.data_blocks() * BLOCK),
         InodeKind::File(file) => (disk::S_IFREG, file.size),
         InodeKind::Symlink(target) => (disk::S_IFLNK, target.len() as u64),
+        InodeKind::Special(SpecialKind::Device { kind: DeviceKind::Char, .. }) => (disk::S_IFCHR, 0),
+        InodeKind::Special(SpecialKind::Device { kind: DeviceKind::Block, .. }) => (disk::S_IFBLK, 0),
+        InodeKind::Special(SpecialKind::Fifo) => (disk::S_IFIFO, 0),
     };
     let (flags, block) = match &plan.kind {
         InodeKind::Symlink(target) if target.len() <= FAST_SYMLINK_MAX => {
@@ -138,21 +161,28 @@ fn inode_for(plan: &InodePlan<'_>) -> Inode {
             (0, block)
         }
         InodeKind::Dir { entries, .. } if htree::DirShape::of(entries).is_indexed() => {
-            (disk::INODE_FLAG_EXTENTS | htree::INODE_FLAG_INDEX, disk::extent_root(&plan.runs))
+            let root = extent::encode(&plan.runs, &plan.tree_blocks, ino, seed).0;
+            (disk::INODE_FLAG_EXTENTS | htree::INODE_FLAG_INDEX, root)
         }
-        _ => (disk::INODE_FLAG_EXTENTS, disk::extent_root(&plan.runs)),
+        // No extents flag: e2fsck takes a device with one for a corrupt inode.
+        InodeKind::Special(SpecialKind::Device { major, minor, .. }) => (0, disk::device_block(*major, *minor)),
+        InodeKind::Special(_) => (0, [0u8; 60]),
+        _ => (disk::INODE_FLAG_EXTENTS, extent::encode(&plan.runs, &plan.tree_blocks, ino, seed).0),
     };
+    let in_inode = if plan.xattrs.is_empty() { Vec::new() } else { xattr::split(plan.xattrs).unwrap_or_default().0 };
     Inode {
         mode: type_bits | meta.mode,
         uid: meta.uid,
         gid: meta.gid,
         size,
         links: plan.links,
-        data_blocks: plan.data_blocks(),
+        blocks: plan.owned_blocks(),
         flags,
         block,
         mtime: meta.mtime,
         mtime_nsec: meta.mtime_nsec,
+        xattr_block: plan.xattr_block.unwrap_or(0),
+        xattrs: xattr::ibody(&in_inode),
     }
 }
 
@@ -167,30 +197,72 @@ fn write_runs(sink: &mut dyn Sink, runs: &[Run], bytes: &[u8]) -> Result<()> {
     Ok(())
 }
 
-fn write_file_data(sink: &mut dyn Sink, runs: &[Run], file: &FileNode) -> Result<()> {
-    let path = match &file.source {
-        Source::Bytes(bytes) => return write_runs(sink, runs, bytes),
-        Source::Host(path) => path,
-    };
-    let expected = file.size;
-    if let [run] = runs {
-        // One run: the kernel copies (or shares) the bytes.
-        return copy_host_file(sink, run.start * BLOCK, path, expected, &mut |_| {});
+/// Writes one regular file's data into the blocks `plan` gives it: each
+/// data range to where its logical blocks sit, holes left unwritten.
+pub(crate) fn write_file_data(sink: &mut dyn Sink, plan: &InodePlan<'_>, file: &FileNode) -> Result<()> {
+    let runs = &plan.runs;
+    if file.ranges.is_none() {
+        if let (Source::Host(path), [run]) = (&file.source, runs.as_slice()) {
+            // Dense and in one run: the kernel copies (or shares) the bytes.
+            return copy_host_file(sink, run.start * BLOCK, path, file.size, &mut |_| {});
+        }
     }
-    let src = open_unchanged(path, expected)?;
-    let changed = || Error::SourceChanged { path: path.clone(), expected };
+    let ranges = file.data_ranges();
+    match &file.source {
+        Source::Bytes(bytes) => {
+            let mut taken = 0usize;
+            for range in ranges.iter() {
+                let data = &bytes[taken..taken + range.len as usize];
+                write_mapped(sink, runs, range.offset, data)?;
+                taken += range.len as usize;
+            }
+            Ok(())
+        }
+        Source::Host(path) => copy_ranges(sink, runs, path, file.size, &ranges),
+    }
+}
+
+/// Writes `data`, which sits at byte `offset` of the file, into the runs
+/// holding those logical blocks.
+fn write_mapped(sink: &mut dyn Sink, runs: &[Run], offset: u64, data: &[u8]) -> Result<()> {
+    let mut at = offset;
+    let end = offset + data.len() as u64;
+    // Runs are in logical order: find the first one holding `offset`.
+    let first = runs.partition_point(|run| (run.logical + run.len) * BLOCK <= offset);
+    for run in &runs[first..] {
+        if at >= end {
+            break;
+        }
+        let run_start = run.logical * BLOCK;
+        let run_end = (run.logical + run.len) * BLOCK;
+        let stop = end.min(run_end);
+        let piece = &data[(at - offset) as usize..(stop - offset) as usize];
+        write_nonzero(sink, run.start * BLOCK + (at - run_start), piece).map_err(Error::Write)?;
+        at = stop;
+    }
+    Ok(())
+}
+
+/// Copies the data ranges of host file `path` through a buffer.
+fn copy_ranges(
+    sink: &mut dyn Sink,
+    runs: &[Run],
+    path: &std::path::Path,
+    size: u64,
+    ranges: &[DataRange],
+) -> Result<()> {
+    let src = open_unchanged(path, size)?;
+    let changed = || Error::SourceChanged { path: path.to_path_buf(), expected: size };
     let mut buffer = vec![0u8; COPY_BUFFER];
-    let mut offset = 0u64;
-    for run in runs {
-        let run_end = (offset + run.len * BLOCK).min(expected);
-        let mut at = offset;
-        while at < run_end {
-            let want = ((run_end - at) as usize).min(COPY_BUFFER);
+    for range in ranges {
+        let mut at = range.offset;
+        let end = range.offset + range.len;
+        while at < end {
+            let want = ((end - at) as usize).min(COPY_BUFFER);
             src.read_exact_at(&mut buffer[..want], at).map_err(|_| changed())?;
-            write_nonzero(sink, run.start * BLOCK + (at - offset), &buffer[..want]).map_err(Error::Write)?;
+            write_mapped(sink, runs, at, &buffer[..want])?;
             at += want as u64;
         }
-        offset = run_end;
     }
     Ok(())
 }

@@ -17,8 +17,9 @@ use kiln_types::hash::Fnv1a64;
 
 use super::disk::{self, DirEntry};
 use super::htree;
-use super::tree::{Dir, FileNode, LOST_AND_FOUND, Node};
-use super::{BLOCK, EXTENT_MAX_BLOCKS, Ext4Options, Ext4Summary, Ext4Tree, INODE_EXTENTS, Metadata};
+use super::tree::{Dir, FileNode, LOST_AND_FOUND, Node, SpecialKind};
+use super::xattr::{self, Xattr};
+use super::{BLOCK, DeviceKind, EXTENT_MAX_BLOCKS, Ext4Options, Ext4Summary, Ext4Tree, MAX_LINKS, Metadata, extent};
 use crate::{Error, Result};
 
 /// Blocks per group: one bitmap block's worth of bits.
@@ -138,9 +139,11 @@ impl Geometry {
     }
 }
 
-/// A run of contiguous blocks.
+/// A run of contiguous blocks holding contiguous logical blocks of an inode: one extent.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct Run {
+    /// The first logical block (block of the file) it holds.
+    pub(crate) logical: u64,
     pub(crate) start: u64,
     pub(crate) len: u64,
 }
@@ -151,8 +154,14 @@ pub(crate) struct InodePlan<'t> {
     pub(crate) kind: InodeKind<'t>,
     pub(crate) meta: Metadata,
     pub(crate) links: u32,
-    /// The blocks holding its data, in file order.
+    /// The blocks holding its data, in file order; holes between them.
     pub(crate) runs: Vec<Run>,
+    /// Sorted, as the tree keeps them.
+    pub(crate) xattrs: &'t [Xattr],
+    /// The external xattr block, if the xattrs need one.
+    pub(crate) xattr_block: Option<u64>,
+    /// The extent tree's blocks, when `runs` are more than the inode holds.
+    pub(crate) tree_blocks: Vec<u64>,
 }
 
 #[derive(Debug)]
@@ -164,11 +173,18 @@ pub(crate) enum InodeKind<'t> {
     },
     File(&'t FileNode),
     Symlink(&'t str),
+    /// A device or fifo: no blocks.
+    Special(SpecialKind),
 }
 
 impl InodePlan<'_> {
     pub(crate) fn data_blocks(&self) -> u64 {
         self.runs.iter().map(|r| r.len).sum()
+    }
+
+    /// Every block the inode owns, for `i_blocks`.
+    pub(crate) fn owned_blocks(&self) -> u64 {
+        self.data_blocks() + self.tree_blocks.len() as u64 + u64::from(self.xattr_block.is_some())
     }
 }
 
@@ -192,23 +208,21 @@ impl Ext4Tree {
     /// and places every block. Errors name the option or entry at fault.
     pub fn layout(&self, options: &Ext4Options) -> Result<Ext4Layout<'_>> {
         let label = label_bytes(options.label.as_deref())?;
-        let mut numbering = Numbering::default();
+        let mut numbering = Numbering { epoch: self.epoch, ..Numbering::default() };
         numbering.visit_root(&self.root);
+        numbering.link_hardlinks()?;
         let mut inodes = numbering.plans;
+        for (plan, path) in inodes.iter().zip(&numbering.paths) {
+            if let InodeKind::Dir { entries, .. } = &plan.kind {
+                htree::DirShape::of(entries).check(path, entries.len())?;
+            }
+        }
         let data_blocks: u64 = inodes.iter().map(|plan| blocks_for(plan)).sum();
         let inode_count = u64::from(Ext4Layout::ino(inodes.len() - 1));
         let geometry = size_geometry(options.size, inode_count, data_blocks)?;
         let mut allocator = Allocator { geometry: &geometry, next: geometry.data_start() };
-        for (index, plan) in inodes.iter_mut().enumerate() {
-            if let InodeKind::Dir { entries, .. } = &plan.kind {
-                htree::DirShape::of(entries).check(&numbering.paths[index], entries.len())?;
-            }
-            let blocks = blocks_for(plan);
-            plan.runs = allocator.allocate(blocks);
-            if plan.runs.len() > INODE_EXTENTS {
-                let path = numbering.paths[index].clone();
-                return Err(Error::TooManyExtents { path, extents: plan.runs.len(), max: INODE_EXTENTS });
-            }
+        for plan in &mut inodes {
+            allocator.place(plan);
         }
         let needed = allocator.next;
         if needed > geometry.blocks {
@@ -238,6 +252,8 @@ impl<'t> Ext4Layout<'t> {
             files: counts.files,
             dirs: counts.dirs,
             symlinks: counts.symlinks,
+            hardlinks: counts.hardlinks,
+            specials: counts.specials,
             data_bytes: counts.data_bytes,
             uuid: self.uuid,
         }
@@ -319,47 +335,68 @@ struct Numbering<'t> {
     /// The path of each plan, for errors.
     paths: Vec<String>,
     hash: Fnv1a64,
+    /// The time that replaces every entry's, if any.
+    epoch: Option<i64>,
+    /// Directory entries that are hard links: the directory's plan, the
+    /// entry's index in it, and the path (without a leading `/`) it names.
+    hardlinks: Vec<(usize, usize, &'t str)>,
 }
 
 impl<'t> Numbering<'t> {
     fn visit_root(&mut self, root: &'t Dir) {
         let lost_and_found = Metadata::default().with_mode(0o700).with_mtime(root.meta.mtime, root.meta.mtime_nsec);
-        self.push("/", root.meta, InodeKind::Dir { parent: ROOT_INO, entries: Vec::new() });
-        self.push("/lost+found", lost_and_found, InodeKind::Dir { parent: ROOT_INO, entries: Vec::new() });
+        self.push("/", root.meta, &root.xattrs, InodeKind::Dir { parent: ROOT_INO, entries: Vec::new() });
+        self.push("/lost+found", lost_and_found, &[], InodeKind::Dir { parent: ROOT_INO, entries: Vec::new() });
         let mut entries = vec![DirEntry { name: LOST_AND_FOUND, ino: LOST_AND_FOUND_INO, file_type: disk::FT_DIR }];
-        let subdirs = self.visit_children(root, ROOT_INO, "", &mut entries);
+        let subdirs = self.visit_children(root, 0, "", &mut entries);
         self.plans[0].links = 3 + subdirs;
         self.plans[0].kind = InodeKind::Dir { parent: ROOT_INO, entries };
     }
 
-    /// Numbers `dir`'s children (and theirs), appending their entries.
-    /// Returns how many are directories.
-    fn visit_children(&mut self, dir: &'t Dir, ino: u32, path: &str, entries: &mut Vec<DirEntry<'t>>) -> u32 {
+    /// Numbers `dir`'s children (and theirs), appending their entries;
+    /// `index` is `dir`'s plan. Returns how many are directories.
+    fn visit_children(&mut self, dir: &'t Dir, index: usize, path: &str, entries: &mut Vec<DirEntry<'t>>) -> u32 {
+        let ino = Ext4Layout::ino(index);
         let mut subdirs = 0;
         for (name, node) in &dir.children {
             let child_path = format!("{path}/{name}");
-            let index = self.plans.len();
-            let child_ino = Ext4Layout::ino(index);
+            let child = self.plans.len();
+            let child_ino = Ext4Layout::ino(child);
             self.hash.field(name.as_bytes()).feed(&ino.to_le_bytes());
             let file_type = match node {
                 Node::Dir(sub) => {
                     subdirs += 1;
-                    self.push(&child_path, sub.meta, InodeKind::Dir { parent: ino, entries: Vec::new() });
+                    self.push(&child_path, sub.meta, &sub.xattrs, InodeKind::Dir { parent: ino, entries: Vec::new() });
                     let mut sub_entries = Vec::new();
-                    let sub_subdirs = self.visit_children(sub, child_ino, &child_path, &mut sub_entries);
-                    self.plans[index].links = 2 + sub_subdirs;
-                    self.plans[index].kind = InodeKind::Dir { parent: ino, entries: sub_entries };
+                    let sub_subdirs = self.visit_children(sub, child, &child_path, &mut sub_entries);
+                    self.plans[child].links = 2 + sub_subdirs;
+                    self.plans[child].kind = InodeKind::Dir { parent: ino, entries: sub_entries };
                     disk::FT_DIR
                 }
                 Node::File(file) => {
                     self.hash.feed(&file.size.to_le_bytes());
-                    self.push(&child_path, file.meta, InodeKind::File(file));
+                    for range in file.ranges.iter().flatten() {
+                        self.hash.feed(&range.offset.to_le_bytes()).feed(&range.len.to_le_bytes());
+                    }
+                    self.push(&child_path, file.meta, &file.xattrs, InodeKind::File(file));
                     disk::FT_REG
                 }
                 Node::Symlink(link) => {
                     self.hash.field(link.target.as_bytes());
-                    self.push(&child_path, link.meta, InodeKind::Symlink(&link.target));
+                    self.push(&child_path, link.meta, &link.xattrs, InodeKind::Symlink(&link.target));
                     disk::FT_SYMLINK
+                }
+                Node::Special(special) => {
+                    self.hash.field(format!("{:?}", special.kind).as_bytes());
+                    self.push(&child_path, special.meta, &special.xattrs, InodeKind::Special(special.kind));
+                    special_file_type(special.kind)
+                }
+                Node::Hardlink(target) => {
+                    self.hash.field(target.as_bytes());
+                    // Numbered once every path is known: the target may come later.
+                    self.hardlinks.push((index, entries.len(), target));
+                    entries.push(DirEntry { name, ino: 0, file_type: 0 });
+                    continue;
                 }
             };
             entries.push(DirEntry { name, ino: child_ino, file_type });
@@ -367,24 +404,98 @@ impl<'t> Numbering<'t> {
         subdirs
     }
 
-    fn push(&mut self, path: &str, meta: Metadata, kind: InodeKind<'t>) {
+    fn push(&mut self, path: &str, meta: Metadata, xattrs: &'t [Xattr], kind: InodeKind<'t>) {
+        let meta = match self.epoch {
+            Some(seconds) => meta.with_mtime(seconds, 0),
+            None => meta,
+        };
         let hash = &mut self.hash;
         hash.feed(&meta.mode.to_le_bytes()).feed(&meta.uid.to_le_bytes()).feed(&meta.gid.to_le_bytes());
         hash.feed(&meta.mtime.to_le_bytes()).feed(&meta.mtime_nsec.to_le_bytes());
+        for x in xattrs {
+            hash.field(&[x.index]).field(&x.suffix).field(&x.value);
+        }
         // A directory's count is set once its subdirectories are known.
         let links = if matches!(kind, InodeKind::Dir { .. }) { 2 } else { 1 };
-        self.plans.push(InodePlan { kind, meta, links, runs: Vec::new() });
+        let plan =
+            InodePlan { kind, meta, links, runs: Vec::new(), xattrs, xattr_block: None, tree_blocks: Vec::new() };
+        self.plans.push(plan);
         self.paths.push(path.to_owned());
+    }
+
+    /// Points each hard link's entry at its target's inode and counts the link.
+    fn link_hardlinks(&mut self) -> Result<()> {
+        if self.hardlinks.is_empty() {
+            return Ok(());
+        }
+        let by_path: std::collections::HashMap<&str, usize> =
+            self.paths.iter().enumerate().map(|(index, path)| (&path[1..], index)).collect();
+        for &(dir, entry, target) in &self.hardlinks {
+            // The tree only makes hard links to entries it holds.
+            let Some(&index) = by_path.get(target) else { continue };
+            let plan = &mut self.plans[index];
+            plan.links += 1;
+            if plan.links > MAX_LINKS {
+                return Err(Error::InvalidExt4Entry {
+                    path: self.paths[index].clone(),
+                    reason: format!("more than {MAX_LINKS} hard links, the most ext4 counts"),
+                });
+            }
+            let file_type = match plan.kind {
+                InodeKind::File(_) => disk::FT_REG,
+                InodeKind::Symlink(_) => disk::FT_SYMLINK,
+                InodeKind::Special(kind) => special_file_type(kind),
+                InodeKind::Dir { .. } => disk::FT_DIR,
+            };
+            if let InodeKind::Dir { entries, .. } = &mut self.plans[dir].kind {
+                entries[entry].ino = Ext4Layout::ino(index);
+                entries[entry].file_type = file_type;
+            }
+        }
+        Ok(())
     }
 }
 
-/// Data blocks an inode needs.
-fn blocks_for(plan: &InodePlan<'_>) -> u64 {
-    match &plan.kind {
-        InodeKind::Dir { entries, .. } => htree::DirShape::of(entries).blocks(),
-        InodeKind::File(file) => file.size.div_ceil(BLOCK),
-        InodeKind::Symlink(target) => u64::from(target.len() > FAST_SYMLINK_MAX),
+fn special_file_type(kind: SpecialKind) -> u8 {
+    match kind {
+        SpecialKind::Device { kind: DeviceKind::Char, .. } => disk::FT_CHRDEV,
+        SpecialKind::Device { kind: DeviceKind::Block, .. } => disk::FT_BLKDEV,
+        SpecialKind::Fifo => disk::FT_FIFO,
     }
+}
+
+/// The block segments (first logical block, blocks) an inode's data needs:
+/// one from block 0 for directories, slow symlinks and dense files; for
+/// sparse files, the blocks their data ranges touch, adjacent ones merged.
+fn block_segments(plan: &InodePlan<'_>) -> Vec<(u64, u64)> {
+    let dense = |blocks: u64| if blocks == 0 { Vec::new() } else { vec![(0, blocks)] };
+    match &plan.kind {
+        InodeKind::Dir { entries, .. } => dense(htree::DirShape::of(entries).blocks()),
+        InodeKind::File(file) if file.ranges.is_none() => dense(file.size.div_ceil(BLOCK)),
+        InodeKind::File(file) => {
+            let mut segments: Vec<(u64, u64)> = Vec::new();
+            for range in file.data_ranges().iter() {
+                let (first, end) = (range.offset / BLOCK, (range.offset + range.len).div_ceil(BLOCK));
+                match segments.last_mut() {
+                    Some((start, len)) if *start + *len >= first => *len = end.max(*start + *len) - *start,
+                    _ => segments.push((first, end - first)),
+                }
+            }
+            segments
+        }
+        InodeKind::Symlink(target) => dense(u64::from(target.len() > FAST_SYMLINK_MAX)),
+        InodeKind::Special(_) => Vec::new(),
+    }
+}
+
+/// Blocks an inode needs, for sizing: its data, its xattr block, and at
+/// most the extent tree its data could need, each segment split at every
+/// extent's length and, once more than that, where backup superblocks sit.
+fn blocks_for(plan: &InodePlan<'_>) -> u64 {
+    let segments = block_segments(plan);
+    let data: u64 = segments.iter().map(|(_, len)| len).sum();
+    let most_extents: u64 = segments.iter().map(|(_, len)| 2 * len.div_ceil(EXTENT_MAX_BLOCKS) + 1).sum();
+    data + extent::tree_blocks(most_extents as usize) + u64::from(xattr::needs_block(plan.xattrs))
 }
 
 /// Hands out blocks in ascending order, around the backup superblocks.
@@ -394,8 +505,22 @@ struct Allocator<'g> {
 }
 
 impl Allocator<'_> {
-    /// The runs holding the next `blocks` blocks, each at most one extent long.
-    fn allocate(&mut self, mut blocks: u64) -> Vec<Run> {
+    /// Places an inode's blocks, one after the other: its xattr block, its
+    /// data, then its extent tree.
+    fn place(&mut self, plan: &mut InodePlan<'_>) {
+        if xattr::needs_block(plan.xattrs) {
+            plan.xattr_block = self.allocate(0, 1).first().map(|run| run.start);
+        }
+        for (logical, blocks) in block_segments(plan) {
+            plan.runs.extend(self.allocate(logical, blocks));
+        }
+        let tree = extent::tree_blocks(plan.runs.len());
+        plan.tree_blocks = self.allocate(0, tree).iter().flat_map(|run| run.start..run.start + run.len).collect();
+    }
+
+    /// The runs holding the next `blocks` blocks, the first for logical
+    /// block `logical`, each at most one extent long.
+    fn allocate(&mut self, mut logical: u64, mut blocks: u64) -> Vec<Run> {
         let mut runs = Vec::new();
         while blocks > 0 {
             let group = (self.next / BLOCKS_PER_GROUP) as u32;
@@ -407,8 +532,9 @@ impl Allocator<'_> {
                 next_backup += 1;
             }
             let len = blocks.min(Geometry::group_start(next_backup) - self.next).min(EXTENT_MAX_BLOCKS);
-            runs.push(Run { start: self.next, len });
+            runs.push(Run { logical, start: self.next, len });
             self.next += len;
+            logical += len;
             blocks -= len;
         }
         runs

@@ -2,17 +2,28 @@
 //! spec-valid ext4 filesystem out (4 KiB blocks, no journal, sized to its
 //! content), checked by `e2fsck` and read back by `debugfs` in the tests.
 //!
-//! Pure core, thin shell, as for FAT: [`Ext4Tree`] checks names as they are
-//! added, [`Ext4Tree::layout`] places every inode and block from metadata
-//! alone, and [`Ext4Layout`] encodes the structures (`disk`) and streams
-//! them with the file data into a sink (`emit`).
+//! Entries: directories, regular files (sparse ones keep their holes),
+//! symlinks (fast and slow), hard links, character and block devices and
+//! fifos, each with mode, owner, nanosecond mtime and xattrs (`user.*`,
+//! `trusted.*`, `security.*`, POSIX ACLs), entry by entry or from a host
+//! directory ([`Ext4Tree::add_host_path`]).
+//!
+//! Pure core, thin shell, as for FAT: [`Ext4Tree`] checks names and xattrs
+//! as they are added (`tree`; the host walk is `host`),
+//! [`Ext4Tree::layout`] places every inode and block from metadata alone,
+//! and [`Ext4Layout`] encodes the structures (`disk`, `extent` for extent
+//! trees, `xattr` for the inode's xattr region and the xattr block) and
+//! streams them with the file data into a sink (`emit`).
 
 pub(crate) mod crc32c;
 mod disk;
 mod emit;
+mod extent;
+mod host;
 mod htree;
 mod layout;
 mod tree;
+mod xattr;
 
 pub use layout::Ext4Layout;
 pub use tree::Ext4Tree;
@@ -23,12 +34,26 @@ pub(crate) const BLOCK: u64 = 4096;
 pub(crate) const MAX_NAME_BYTES: usize = 255;
 /// The longest symlink target: one block, less the terminating NUL the kernel expects room for.
 pub(crate) const MAX_SYMLINK_BYTES: usize = BLOCK as usize - 1;
-/// Extents the inode itself holds; more need index blocks, which this writer does not write yet.
+/// Extents (or index entries) the inode itself holds; more go in an extent tree.
 pub(crate) const INODE_EXTENTS: usize = 4;
 /// The most blocks one initialized extent covers.
 pub(crate) const EXTENT_MAX_BLOCKS: u64 = 32768;
-/// The largest file the inode's four extents can map.
-pub(crate) const MAX_FILE_BYTES: u64 = INODE_EXTENTS as u64 * EXTENT_MAX_BLOCKS * BLOCK;
+/// The largest file, the kernel's `s_maxbytes` for extent files with
+/// `huge_file`: 2^32 - 1 blocks (16 TiB less one block), as extents number
+/// logical blocks in 32 bits. Holes cost nothing, so a file this large fits
+/// a small image if little of it is data.
+pub(crate) const MAX_FILE_BYTES: u64 = ((1 << 32) - 1) * BLOCK;
+/// `EXT4_LINK_MAX`: the most hard links to a file (a directory past it stores 1).
+pub(crate) const MAX_LINKS: u32 = 65_000;
+
+/// Which kind of device node [`Ext4Tree::add_device`] makes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum DeviceKind {
+    /// A character device (`S_IFCHR`).
+    Char,
+    /// A block device (`S_IFBLK`).
+    Block,
+}
 
 /// An entry's POSIX metadata: permission bits (including setuid 04000,
 /// setgid 02000 and sticky 01000), owner and modification time, which
@@ -133,7 +158,11 @@ pub struct Ext4Summary {
     /// Directories, not counting the root and lost+found.
     pub dirs: u64,
     pub symlinks: u64,
-    /// Sum of the file sizes.
+    /// Directory entries that are hard links to an inode already counted.
+    pub hardlinks: u64,
+    /// Character and block devices and fifos.
+    pub specials: u64,
+    /// Sum of the file sizes (holes included).
     pub data_bytes: u64,
     pub uuid: [u8; 16],
 }

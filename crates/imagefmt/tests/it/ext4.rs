@@ -1,16 +1,17 @@
 //! The ext4 writer, checked by e2fsprogs, which shares no code with it:
 //! `e2fsck -fn` must find nothing, and `debugfs` reads every image back
-//! (`rdump` for contents, link targets and times, `ls -l` for modes and
-//! owners) to compare with the tree that went in.
+//! (`rdump` for contents, link targets and times, `ls -l` for modes, owners
+//! and inode numbers, `stat` for device numbers, `ea_list`/`ea_get` for
+//! xattrs) to compare with the tree that went in.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fs;
 use std::io::Cursor;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use kiln_imagefmt::{Error, ErrorKind, Ext4Options, Ext4Summary, Ext4Tree, Metadata};
+use kiln_imagefmt::{DeviceKind, Error, ErrorKind, Ext4Options, Ext4Summary, Ext4Tree, Metadata};
 use proptest::prelude::*;
 use proptest::test_runner::{FileFailurePersistence, TestRunner};
 
@@ -22,15 +23,17 @@ pub(crate) enum Kind {
     Dir,
     File(Vec<u8>),
     Link(String),
+    Device(DeviceKind, u32, u32),
+    Fifo,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct Want {
-    kind: Kind,
+    pub(crate) kind: Kind,
     /// Permission bits (07777).
-    mode: u32,
-    uid: u32,
-    gid: u32,
+    pub(crate) mode: u32,
+    pub(crate) uid: u32,
+    pub(crate) gid: u32,
 }
 
 /// A tree built twice in step: as an `Ext4Tree` and as what debugfs should show.
@@ -39,12 +42,25 @@ pub(crate) struct Case {
     pub(crate) tree: Ext4Tree,
     pub(crate) expected: BTreeMap<String, Want>,
     /// File paths and the mtime each should carry.
-    mtimes: BTreeMap<String, i64>,
+    pub(crate) mtimes: BTreeMap<String, i64>,
+    /// Hard links and the path each is another name of (never itself a link).
+    pub(crate) hardlinks: BTreeMap<String, String>,
+    /// Each inode's xattrs (by its first path), by full name.
+    pub(crate) xattrs: BTreeMap<String, BTreeMap<String, Vec<u8>>>,
+    /// Regular files, symlinks and specials added (hard links not counted).
+    counts: (u64, u64, u64),
 }
 
 impl Case {
     pub(crate) fn new() -> Case {
-        Case { tree: Ext4Tree::new(), expected: BTreeMap::new(), mtimes: BTreeMap::new() }
+        Case {
+            tree: Ext4Tree::new(),
+            expected: BTreeMap::new(),
+            mtimes: BTreeMap::new(),
+            hardlinks: BTreeMap::new(),
+            xattrs: BTreeMap::new(),
+            counts: (0, 0, 0),
+        }
     }
 
     pub(crate) fn dir(mut self, path: &str, meta: Metadata) -> Case {
@@ -58,9 +74,34 @@ impl Case {
         self.tree
             .add_file_from_bytes(path, bytes.clone(), meta)
             .unwrap_or_else(|err| panic!("add_file({path:?}): {err}"));
+        self.expect_file(path, bytes, meta)
+    }
+
+    /// A sparse file: `segments` of data in `size` bytes of holes.
+    pub(crate) fn sparse(mut self, path: &str, size: u64, segments: Vec<(u64, Vec<u8>)>, meta: Metadata) -> Case {
+        let mut bytes = vec![0u8; size as usize];
+        for (offset, data) in &segments {
+            bytes[*offset as usize..*offset as usize + data.len()].copy_from_slice(data);
+        }
+        self.tree
+            .add_file_from_segments(path, size, segments, meta)
+            .unwrap_or_else(|err| panic!("add_file_from_segments({path:?}): {err}"));
+        self.expect_file(path, bytes, meta)
+    }
+
+    /// The host file `src`, whose content is read now to compare with.
+    pub(crate) fn host_file(mut self, path: &str, src: &Path, meta: Metadata) -> Case {
+        self.tree
+            .add_file_from_path(path, src, meta)
+            .unwrap_or_else(|err| panic!("add_file_from_path({path:?}): {err}"));
+        self.expect_file(path, fs::read(src).unwrap(), meta)
+    }
+
+    fn expect_file(mut self, path: &str, bytes: Vec<u8>, meta: Metadata) -> Case {
         self.expect_parents(path);
         self.expected.insert(path.to_owned(), want(Kind::File(bytes), meta));
         self.mtimes.insert(path.to_owned(), meta.mtime);
+        self.counts.0 += 1;
         self
     }
 
@@ -68,6 +109,45 @@ impl Case {
         self.tree.add_symlink(path, target, meta).unwrap_or_else(|err| panic!("add_symlink({path:?}): {err}"));
         self.expect_parents(path);
         self.expected.insert(path.to_owned(), want(Kind::Link(target.to_owned()), meta.with_mode(0o777)));
+        self.counts.1 += 1;
+        self
+    }
+
+    pub(crate) fn device(mut self, path: &str, kind: DeviceKind, major: u32, minor: u32, meta: Metadata) -> Case {
+        self.tree
+            .add_device(path, kind, major, minor, meta)
+            .unwrap_or_else(|err| panic!("add_device({path:?}): {err}"));
+        self.expect_parents(path);
+        self.expected.insert(path.to_owned(), want(Kind::Device(kind, major, minor), meta));
+        self.counts.2 += 1;
+        self
+    }
+
+    pub(crate) fn fifo(mut self, path: &str, meta: Metadata) -> Case {
+        self.tree.add_fifo(path, meta).unwrap_or_else(|err| panic!("add_fifo({path:?}): {err}"));
+        self.expect_parents(path);
+        self.expected.insert(path.to_owned(), want(Kind::Fifo, meta));
+        self.counts.2 += 1;
+        self
+    }
+
+    pub(crate) fn hardlink(mut self, path: &str, existing: &str) -> Case {
+        self.tree.add_hardlink(path, existing).unwrap_or_else(|err| panic!("add_hardlink({path:?}): {err}"));
+        let first = self.hardlinks.get(existing).cloned().unwrap_or_else(|| existing.to_owned());
+        self.expect_parents(path);
+        let shared = self.expected[&first].clone();
+        self.expected.insert(path.to_owned(), shared);
+        if let Some(mtime) = self.mtimes.get(&first).copied() {
+            self.mtimes.insert(path.to_owned(), mtime);
+        }
+        self.hardlinks.insert(path.to_owned(), first);
+        self
+    }
+
+    pub(crate) fn xattr(mut self, path: &str, name: &str, value: &[u8]) -> Case {
+        self.tree.set_xattr(path, name, value).unwrap_or_else(|err| panic!("set_xattr({path:?}, {name:?}): {err}"));
+        let first = self.hardlinks.get(path).cloned().unwrap_or_else(|| path.to_owned());
+        self.xattrs.entry(first).or_default().insert(name.to_owned(), value.to_vec());
         self
     }
 
@@ -82,7 +162,7 @@ impl Case {
     }
 }
 
-fn want(kind: Kind, meta: Metadata) -> Want {
+pub(crate) fn want(kind: Kind, meta: Metadata) -> Want {
     Want { kind, mode: meta.mode, uid: meta.uid, gid: meta.gid }
 }
 
@@ -102,10 +182,14 @@ pub(crate) fn tools() -> Option<(PathBuf, PathBuf)> {
 pub(crate) fn check(case: &Case, options: &Ext4Options) -> (Ext4Summary, Vec<u8>) {
     let layout = case.tree.layout(options).unwrap_or_else(|err| panic!("layout failed: {err}"));
     let summary = layout.summary();
-    let files = case.expected.values().filter(|w| matches!(w.kind, Kind::File(_))).count() as u64;
-    let links = case.expected.values().filter(|w| matches!(w.kind, Kind::Link(_))).count() as u64;
-    let dirs = case.expected.len() as u64 - files - links;
-    assert_eq!((summary.files, summary.dirs, summary.symlinks), (files, dirs, links), "summary counts");
+    let (files, links, specials) = case.counts;
+    let hardlinks = case.hardlinks.len() as u64;
+    let dirs = case.expected.len() as u64 - files - links - specials - hardlinks;
+    assert_eq!(
+        (summary.files, summary.dirs, summary.symlinks, summary.specials, summary.hardlinks),
+        (files, dirs, links, specials, hardlinks),
+        "summary counts"
+    );
     let mut buffer = Cursor::new(Vec::new());
     layout.write_to(&mut buffer).unwrap_or_else(|err| panic!("write_to failed: {err}"));
     let image = buffer.into_inner();
@@ -138,9 +222,20 @@ pub(crate) fn run_debugfs(debugfs: &Path, image: &Path, commands: &str) -> Strin
     String::from_utf8(out.stdout).unwrap()
 }
 
+/// One line of debugfs's `ls -l`.
+struct Listed {
+    ino: u64,
+    /// The whole mode, type bits included.
+    mode: u32,
+    uid: u32,
+    gid: u32,
+}
+
 /// Everything debugfs sees: kinds, contents and targets from `rdump`,
-/// modes and owners from `ls -l` of every directory. File mtimes are checked
-/// here too, against `case.mtimes`.
+/// inode numbers, modes and owners from `ls -l` of every directory, device
+/// numbers from `stat`, xattrs from `ea_list` and `ea_get`. File mtimes are
+/// checked here too, against `case.mtimes`, and that hard links share
+/// their target's inode.
 fn read_back(debugfs: &Path, image: &Path, out: &Path, case: &Case) -> BTreeMap<String, Want> {
     fs::create_dir(out).unwrap();
     run_debugfs(debugfs, image, &format!("rdump / {}\n", out.display()));
@@ -150,12 +245,39 @@ fn read_back(debugfs: &Path, image: &Path, out: &Path, case: &Case) -> BTreeMap<
         let seen = fs::symlink_metadata(out.join(path)).unwrap().mtime();
         assert_eq!(seen, *mtime, "mtime of {path}");
     }
+    let mut listed = list_dirs(debugfs, image, &found);
+    let lost = listed.remove("lost+found").expect("lost+found is missing");
+    assert_eq!((lost.mode & 0o7777, lost.uid, lost.gid), (0o700, 0, 0), "lost+found's mode and owner");
+    found.remove("lost+found");
+    read_specials(debugfs, image, &listed, &mut found);
+    for (link, target) in &case.hardlinks {
+        assert_eq!(listed[link].ino, listed[target].ino, "hard link {link} and {target} share an inode");
+    }
+    for (path, xattrs) in &case.xattrs {
+        let wanted: BTreeMap<String, Vec<u8>> =
+            xattrs.iter().map(|(name, value)| (name.clone(), same_acl_ids(name, value))).collect();
+        let got = read_xattrs(debugfs, image, path, xattrs.keys());
+        let got: BTreeMap<String, Vec<u8>> =
+            got.iter().map(|(name, value)| (name.clone(), same_acl_ids(name, value))).collect();
+        assert_eq!(got, wanted, "xattrs of {path}");
+    }
+    found
+        .into_iter()
+        .map(|(path, kind)| {
+            let entry = listed.get(&path).unwrap_or_else(|| panic!("debugfs ls -l missed {path}"));
+            (path, Want { kind, mode: entry.mode & 0o7777, uid: entry.uid, gid: entry.gid })
+        })
+        .collect()
+}
+
+/// `ls -l` of the root and every directory `rdump` found.
+fn list_dirs(debugfs: &Path, image: &Path, found: &BTreeMap<String, Kind>) -> BTreeMap<String, Listed> {
     let dirs: Vec<String> = std::iter::once(String::new())
         .chain(found.iter().filter(|(_, k)| **k == Kind::Dir).map(|(p, _)| p.clone()))
         .collect();
     let commands: String = dirs.iter().map(|d| format!("ls -l \"/{d}\"\n")).collect();
     let listing = run_debugfs(debugfs, image, &commands);
-    let mut owners = BTreeMap::new();
+    let mut listed = BTreeMap::new();
     let mut dirs = dirs.iter();
     let mut current = String::new();
     for line in listing.lines() {
@@ -167,22 +289,94 @@ fn read_back(debugfs: &Path, image: &Path, out: &Path, case: &Case) -> BTreeMap<
         if fields.len() < 9 || fields[8] == "." || fields[8] == ".." {
             continue;
         }
-        let mode = u32::from_str_radix(fields[1], 8).unwrap();
-        let (uid, gid) = (fields[3].parse().unwrap(), fields[4].parse().unwrap());
+        let entry = Listed {
+            ino: fields[0].parse().unwrap(),
+            mode: u32::from_str_radix(fields[1], 8).unwrap(),
+            uid: fields[3].parse().unwrap(),
+            gid: fields[4].parse().unwrap(),
+        };
         let name = fields[8..].join(" ");
-        let path = if current.is_empty() { name } else { format!("{current}/{name}") };
-        owners.insert(path, (mode & 0o7777, uid, gid));
+        listed.insert(if current.is_empty() { name } else { format!("{current}/{name}") }, entry);
     }
-    let lost = owners.remove("lost+found").expect("lost+found is missing");
-    assert_eq!(lost, (0o700, 0, 0), "lost+found's mode and owner");
-    found.remove("lost+found");
-    found
-        .into_iter()
-        .map(|(path, kind)| {
-            let (mode, uid, gid) = *owners.get(&path).unwrap_or_else(|| panic!("debugfs ls -l missed {path}"));
-            (path, Want { kind, mode, uid, gid })
+    listed
+}
+
+/// Devices and fifos, which `rdump` skips: their kind from `ls -l`, device numbers from `stat`.
+fn read_specials(debugfs: &Path, image: &Path, listed: &BTreeMap<String, Listed>, found: &mut BTreeMap<String, Kind>) {
+    let mut devices = Vec::new();
+    for (path, entry) in listed {
+        match entry.mode & 0o170000 {
+            0o010000 => {
+                found.insert(path.clone(), Kind::Fifo);
+            }
+            0o020000 => devices.push((path.clone(), DeviceKind::Char)),
+            0o060000 => devices.push((path.clone(), DeviceKind::Block)),
+            _ => {}
+        }
+    }
+    if devices.is_empty() {
+        return;
+    }
+    let commands: String = devices.iter().map(|(path, _)| format!("stat \"/{path}\"\n")).collect();
+    let stats = run_debugfs(debugfs, image, &commands);
+    let numbers: Vec<(u32, u32)> = stats
+        .lines()
+        .filter_map(|line| line.split_once("Device major/minor number: "))
+        .map(|(_, rest)| {
+            let (major, minor) = rest.split_whitespace().next().unwrap().split_once(':').unwrap();
+            (major.parse().unwrap(), minor.parse().unwrap())
         })
-        .collect()
+        .collect();
+    assert_eq!(numbers.len(), devices.len(), "a device number per device:\n{stats}");
+    for ((path, kind), (major, minor)) in devices.into_iter().zip(numbers) {
+        found.insert(path, Kind::Device(kind, major, minor));
+    }
+}
+
+/// `value` with the ids of ACL entries that name no one (user::, group::,
+/// mask::, other::) set to 0: the kernel returns them as -1, e2fsprogs as 0,
+/// and ext4 stores none.
+pub(crate) fn same_acl_ids(name: &str, value: &[u8]) -> Vec<u8> {
+    let mut value = value.to_vec();
+    if name.starts_with("system.posix_acl_") && value.len() >= 4 {
+        for entry in value[4..].chunks_exact_mut(8) {
+            if !matches!(entry[0], 0x02 | 0x08) {
+                entry[4..].fill(0);
+            }
+        }
+    }
+    value
+}
+
+/// The names `ea_list` shows for `path` (which must be exactly `names`), and
+/// each value as `ea_get -f` writes it (ACLs in getxattr's form).
+fn read_xattrs<'n>(
+    debugfs: &Path,
+    image: &Path,
+    path: &str,
+    names: impl Iterator<Item = &'n String>,
+) -> BTreeMap<String, Vec<u8>> {
+    let names: Vec<&String> = names.collect();
+    let listing = run_debugfs(debugfs, image, &format!("ea_list \"/{path}\"\n"));
+    let listed: BTreeSet<&str> = listing
+        .lines()
+        .filter(|line| line.starts_with("  "))
+        .filter_map(|line| line.trim_start().split_once(" (").map(|(name, _)| name))
+        .collect();
+    assert_eq!(listed, names.iter().map(|n| n.as_str()).collect(), "ea_list of {path}:\n{listing}");
+    let dir = image.with_extension("xattrs");
+    fs::create_dir_all(&dir).unwrap();
+    let commands: String = names
+        .iter()
+        .enumerate()
+        .map(|(n, name)| format!("ea_get -f {}/{n} \"/{path}\" {name}\n", dir.display()))
+        .collect();
+    run_debugfs(debugfs, image, &commands);
+    let values =
+        names.iter().enumerate().map(|(n, name)| ((*name).clone(), fs::read(dir.join(n.to_string())).unwrap()));
+    let values = values.collect();
+    fs::remove_dir_all(&dir).unwrap();
+    values
 }
 
 fn walk_dump(dir: &Path, prefix: &str, found: &mut BTreeMap<String, Kind>) {
@@ -197,7 +391,7 @@ fn walk_dump(dir: &Path, prefix: &str, found: &mut BTreeMap<String, Kind>) {
         } else if file_type.is_dir() {
             walk_dump(&entry.path(), &path, found);
             found.insert(path, Kind::Dir);
-        } else {
+        } else if file_type.is_file() {
             found.insert(path, Kind::File(fs::read(entry.path()).unwrap()));
         }
     }
@@ -219,9 +413,9 @@ fn assert_same_tree(actual: &BTreeMap<String, Want>, expected: &BTreeMap<String,
 
 fn describe(kind: &Kind) -> String {
     match kind {
-        Kind::Dir => "dir".into(),
         Kind::File(bytes) => bytes.len().to_string(),
         Kind::Link(target) => format!("link to {target}"),
+        other => format!("{other:?}"),
     }
 }
 
@@ -282,18 +476,19 @@ fn a_directory_of_2000_entries_spans_several_blocks() {
 #[test]
 fn a_host_file_across_a_backup_superblock_is_split_into_extents() {
     // 140 MiB spans groups 0 and 1, whose start holds a backup superblock,
-    // and needs more than one 128 MiB extent. Sparse, so cheap to make.
+    // and needs more than one 128 MiB extent. Allocated but unwritten
+    // (fallocate), so cheap to make, yet with no holes to skip.
     let dir = tempfile::tempdir().unwrap();
     let src = dir.path().join("big");
     let file = fs::File::create(&src).unwrap();
-    file.set_len(140 << 20).unwrap();
+    rustix::fs::fallocate(&file, rustix::fs::FallocateFlags::empty(), 0, 140 << 20).unwrap();
     std::os::unix::fs::FileExt::write_all_at(&file, b"head", 0).unwrap();
     std::os::unix::fs::FileExt::write_all_at(&file, b"tail", (140 << 20) - 4).unwrap();
-    let mut case = Case::new();
-    case.tree.add_file_from_path("big", &src, meta(0o644)).unwrap();
-    let mut bytes = fs::read(&src).unwrap();
-    case.expected.insert("big".into(), want(Kind::File(std::mem::take(&mut bytes)), meta(0o644)));
-    case = case.file("after", b"placed after the big file".to_vec(), meta(0o644));
+    let case = Case::new().host_file("big", &src, meta(0o644)).file(
+        "after",
+        b"placed after the big file".to_vec(),
+        meta(0o644),
+    );
     let (summary, _) = check(&case, &Ext4Options::default());
     assert!(summary.groups >= 2, "{summary:?}");
 }
@@ -371,12 +566,13 @@ fn bad_symlinks_modes_and_reserved_names_are_refused() {
 }
 
 #[test]
-fn a_file_beyond_four_extents_is_refused_naming_it() {
-    let dir = tempfile::tempdir().unwrap();
-    let src = dir.path().join("huge");
-    fs::File::create(&src).unwrap().set_len((512 << 20) + 1).unwrap();
-    let err = Ext4Tree::new().add_file_from_path("var/huge", &src, meta(0o644)).unwrap_err();
-    assert!(matches!(&err, Error::Ext4FileTooLarge { path, .. } if path == "var/huge"), "{err:?}");
+fn a_file_past_ext4s_16_tib_is_refused_naming_it() {
+    // 2^32 - 1 blocks is the most an extent file holds (the kernel's s_maxbytes).
+    let max = ((1u64 << 32) - 1) * 4096;
+    let mut tree = Ext4Tree::new();
+    tree.add_file_from_segments("var/largest", max, Vec::new(), meta(0o644)).unwrap();
+    let err = tree.add_file_from_segments("var/huge", max + 1, Vec::new(), meta(0o644)).unwrap_err();
+    assert!(matches!(&err, Error::Ext4FileTooLarge { path, max: m, .. } if path == "var/huge" && *m == max), "{err:?}");
     assert_eq!(err.kind(), ErrorKind::DoesNotFit);
 }
 
@@ -409,9 +605,55 @@ fn a_source_that_changes_before_writing_leaves_no_image() {
 /// A generated tree: files are (size, seed) so shrinking stays cheap.
 #[derive(Debug, Clone)]
 enum Gen {
-    File { size: usize, seed: u64, mode: u32 },
+    File {
+        size: usize,
+        seed: u64,
+        mode: u32,
+        xattrs: Vec<GenXattr>,
+    },
+    /// Data segments as (gap before, length), then a hole of `tail` bytes.
+    Sparse {
+        segments: Vec<(u64, usize)>,
+        tail: u64,
+        seed: u64,
+    },
     Link(String),
-    Dir(Vec<(String, Gen)>, u32),
+    Device {
+        block: bool,
+        major: u32,
+        minor: u32,
+    },
+    Fifo,
+    Dir(Vec<(String, Gen)>, u32, Vec<GenXattr>),
+}
+
+/// An xattr: which of `XATTR_NAMES`, the value's length and seed.
+type GenXattr = (usize, usize, u64);
+
+const XATTR_NAMES: [&str; 6] = [
+    "user.a",
+    "user.mime_type",
+    "security.capability",
+    "trusted.overlay.opaque",
+    "security.selinux",
+    "user.a-much-longer-name-for-an-attribute-value",
+];
+
+fn gen_xattrs() -> impl Strategy<Value = Vec<GenXattr>> {
+    // Three of at most 1,200 bytes fit the inode and one block together.
+    let len = prop_oneof![4 => 0usize..40, 1 => 40usize..1200];
+    prop::collection::vec((0..XATTR_NAMES.len(), len, any::<u64>()), 0..4)
+}
+
+fn gen_sparse() -> impl Strategy<Value = Gen> {
+    let few = prop::collection::vec((0u64..20_000, 1usize..9000), 0..8);
+    // Enough one-block extents to fill the inode's four and spill into a tree.
+    let many = prop::collection::vec((4096u64..8192, 1usize..100), 300..400);
+    (prop_oneof![3 => few, 1 => many], 0u64..10_000, any::<u64>()).prop_map(|(segments, tail, seed)| Gen::Sparse {
+        segments,
+        tail,
+        seed,
+    })
 }
 
 fn gen_tree() -> impl Strategy<Value = Gen> {
@@ -421,23 +663,56 @@ fn gen_tree() -> impl Strategy<Value = Gen> {
         1 => 0usize..40_000,
     ];
     let mode = prop::sample::select(vec![0o644u32, 0o600, 0o755, 0o4755, 0o2711, 0o444]);
-    let file = (size, any::<u64>(), mode).prop_map(|(size, seed, mode)| Gen::File { size, seed, mode });
+    let file = (size, any::<u64>(), mode, gen_xattrs()).prop_map(|(size, seed, mode, xattrs)| Gen::File {
+        size,
+        seed,
+        mode,
+        xattrs,
+    });
     let link = prop_oneof!["[a-z/.]{1,40}", "[a-z]{58,62}", "[a-z/]{100,300}"].prop_map(Gen::Link);
-    let leaf = prop_oneof![4 => file, 1 => link];
+    let major = prop::sample::select(vec![0u32, 1, 8, 255, 256, 259, 4095]);
+    let minor = prop::sample::select(vec![0u32, 1, 3, 255, 256, 65_536, (1 << 20) - 1]);
+    let device = (any::<bool>(), major, minor).prop_map(|(block, major, minor)| Gen::Device { block, major, minor });
+    let leaf = prop_oneof![8 => file, 2 => link, 1 => device, 1 => Just(Gen::Fifo), 2 => gen_sparse()];
     let name = "[a-zA-Z0-9_.-]{1,20}|[a-z]{250,255}";
     let dir_mode = prop::sample::select(vec![0o755u32, 0o700, 0o1777, 0o2755]);
     leaf.prop_recursive(4, 80, 10, move |inner| {
-        (prop::collection::vec((name, inner), 0..10), dir_mode.clone()).prop_map(|(c, m)| Gen::Dir(c, m))
+        (prop::collection::vec((name, inner), 0..10), dir_mode.clone(), gen_xattrs())
+            .prop_map(|(c, m, x)| Gen::Dir(c, m, x))
     })
+}
+
+fn add_xattrs(mut case: Case, path: &str, xattrs: &[GenXattr]) -> Case {
+    for (name, len, seed) in xattrs {
+        case = case.xattr(path, XATTR_NAMES[*name], &pattern(*len, *seed));
+    }
+    case
 }
 
 fn add_gen(case: Case, path: &str, node: &Gen, depth: u32) -> Case {
     let owner = meta(0).with_owner(depth * 1000, depth).with_mtime(i64::from(depth) * 100_000, 0);
     match node {
-        Gen::File { size, seed, mode } => case.file(path, pattern(*size, *seed), owner.with_mode(*mode)),
+        Gen::File { size, seed, mode, xattrs } => {
+            let case = case.file(path, pattern(*size, *seed), owner.with_mode(*mode));
+            add_xattrs(case, path, xattrs)
+        }
+        Gen::Sparse { segments, tail, seed } => {
+            let mut at = 0;
+            let mut data = Vec::new();
+            for (n, (gap, len)) in segments.iter().enumerate() {
+                data.push((at + gap, pattern(*len, seed + n as u64)));
+                at += gap + *len as u64;
+            }
+            case.sparse(path, at + tail, data, owner.with_mode(0o640))
+        }
         Gen::Link(target) => case.link(path, target, owner),
-        Gen::Dir(children, mode) => {
-            let mut case = case.dir(path, owner.with_mode(*mode));
+        Gen::Device { block, major, minor } => {
+            let kind = if *block { DeviceKind::Block } else { DeviceKind::Char };
+            case.device(path, kind, *major, *minor, owner.with_mode(0o660))
+        }
+        Gen::Fifo => case.fifo(path, owner.with_mode(0o620)),
+        Gen::Dir(children, mode, xattrs) => {
+            let mut case = add_xattrs(case.dir(path, owner.with_mode(*mode)), path, xattrs);
             let mut seen = std::collections::HashSet::new();
             for (name, child) in children {
                 if name == "." || name == ".." || !seen.insert(name.clone()) {
@@ -448,6 +723,31 @@ fn add_gen(case: Case, path: &str, node: &Gen, depth: u32) -> Case {
             case
         }
     }
+}
+
+/// Adds hard links: each picks an entry that is not a directory and a
+/// directory to put its new name in.
+fn add_hardlinks(mut case: Case, links: &[(prop::sample::Index, prop::sample::Index)]) -> Case {
+    let targets: Vec<String> = case
+        .expected
+        .iter()
+        .filter(|(path, want)| want.kind != Kind::Dir && !case.hardlinks.contains_key(*path))
+        .map(|(path, _)| path.clone())
+        .collect();
+    let dirs: Vec<String> = std::iter::once(String::new())
+        .chain(case.expected.iter().filter(|(_, want)| want.kind == Kind::Dir).map(|(path, _)| path.clone()))
+        .collect();
+    if targets.is_empty() {
+        return case;
+    }
+    for (n, (target, dir)) in links.iter().enumerate() {
+        let dir = dir.get(&dirs);
+        let path = if dir.is_empty() { format!("hardlink{n}") } else { format!("{dir}/hardlink{n}") };
+        if !case.expected.contains_key(&path) {
+            case = case.hardlink(&path, target.get(&targets).as_str());
+        }
+    }
+    case
 }
 
 #[test]
@@ -462,13 +762,14 @@ fn random_trees_round_trip_through_e2fsck_and_debugfs() {
         ..ProptestConfig::with_cases(cases)
     };
     let mut runner = TestRunner::new(config);
+    let links = prop::collection::vec((any::<prop::sample::Index>(), any::<prop::sample::Index>()), 0..6);
     runner
-        .run(&prop::collection::vec(gen_tree(), 1..4), |roots| {
+        .run(&(prop::collection::vec(gen_tree(), 1..4), links), |(roots, links)| {
             let mut case = Case::new();
             for (i, root) in roots.iter().enumerate() {
                 case = add_gen(case, &format!("top{i}"), root, 1);
             }
-            check(&case, &Ext4Options::default());
+            check(&add_hardlinks(case, &links), &Ext4Options::default());
             Ok(())
         })
         .unwrap();
@@ -585,6 +886,60 @@ fn more_inodes_than_the_first_group_can_table_is_refused() {
 /// Unmounts on drop, so a failed assertion leaves no mount behind.
 pub(crate) struct Mounted(pub(crate) PathBuf);
 
+/// Loop-mounts `image` read-only at `target` (made here) through the host kernel.
+pub(crate) fn mount_read_only(image: &Path, target: &Path) -> Mounted {
+    fs::create_dir(target).unwrap();
+    let status = Command::new("mount").args(["-t", "ext4", "-o", "loop,ro"]).arg(image).arg(target).status().unwrap();
+    assert!(status.success(), "mount failed: {status}");
+    Mounted(target.to_path_buf())
+}
+
+/// What the kernel shows under `target` is `case`: kinds, modes, owners,
+/// contents, link targets, device numbers, link counts and xattrs.
+pub(crate) fn assert_kernel_sees(target: &Path, case: &Case) {
+    let mut names: BTreeMap<&str, u64> = BTreeMap::new();
+    for first in case.hardlinks.values() {
+        *names.entry(first).or_insert(1) += 1;
+    }
+    for (path, want) in &case.expected {
+        let at = target.join(path);
+        let host = fs::symlink_metadata(&at).unwrap_or_else(|e| panic!("{path}: {e}"));
+        assert_eq!((host.mode() & 0o7777, host.uid(), host.gid()), (want.mode, want.uid, want.gid), "{path}");
+        let file_type = host.file_type();
+        match &want.kind {
+            Kind::Dir => assert!(host.is_dir(), "{path}"),
+            Kind::File(bytes) => assert!(fs::read(&at).unwrap() == *bytes, "{path}: content"),
+            Kind::Link(to) => assert_eq!(fs::read_link(&at).unwrap(), Path::new(to), "{path}"),
+            Kind::Fifo => assert!(std::os::unix::fs::FileTypeExt::is_fifo(&file_type), "{path}"),
+            Kind::Device(kind, major, minor) => {
+                let is_char = std::os::unix::fs::FileTypeExt::is_char_device(&file_type);
+                assert_eq!(is_char, *kind == DeviceKind::Char, "{path}: kind");
+                let rdev = host.rdev();
+                assert_eq!((rustix::fs::major(rdev), rustix::fs::minor(rdev)), (*major, *minor), "{path}: rdev");
+            }
+        }
+        if !host.is_dir() {
+            let first = case.hardlinks.get(path).map_or(path.as_str(), String::as_str);
+            assert_eq!(host.nlink(), names.get(first).copied().unwrap_or(1), "{path}: link count");
+        }
+    }
+    for (path, xattrs) in &case.xattrs {
+        let at = target.join(path);
+        let mut listed = vec![0u8; 65536];
+        let len = rustix::fs::llistxattr(&at, &mut listed[..]).unwrap();
+        let listed: BTreeSet<&[u8]> = listed[..len].split(|&b| b == 0).filter(|n| !n.is_empty()).collect();
+        let wanted: BTreeSet<&[u8]> = xattrs.keys().map(|name| name.as_bytes()).collect();
+        assert_eq!(listed, wanted, "{path}: xattr names the kernel lists");
+        for (name, value) in xattrs {
+            let mut got = vec![0u8; 65536];
+            let len = rustix::fs::lgetxattr(&at, name.as_str(), &mut got[..])
+                .unwrap_or_else(|e| panic!("{path} {name}: {e}"));
+            let (got, value) = (same_acl_ids(name, &got[..len]), same_acl_ids(name, value));
+            assert!(got == value, "{path}: xattr {name} as the kernel reads it");
+        }
+    }
+}
+
 impl Drop for Mounted {
     fn drop(&mut self) {
         let _ = Command::new("umount").arg(&self.0).status();
@@ -609,19 +964,8 @@ fn the_host_kernel_mounts_an_image_and_sees_the_tree() {
     let image = dir.path().join("image.ext4");
     case.tree.layout(&Ext4Options::default()).unwrap().write_file(&image).unwrap();
     let target = dir.path().join("mnt");
-    fs::create_dir(&target).unwrap();
-    let status = Command::new("mount").args(["-t", "ext4", "-o", "loop,ro"]).arg(&image).arg(&target).status().unwrap();
-    assert!(status.success(), "mount failed: {status}");
-    let mounted = Mounted(target.clone());
-    for (path, want) in &case.expected {
-        let host = fs::symlink_metadata(target.join(path)).unwrap_or_else(|e| panic!("{path}: {e}"));
-        assert_eq!((host.mode() & 0o7777, host.uid(), host.gid()), (want.mode, want.uid, want.gid), "{path}");
-        match &want.kind {
-            Kind::Dir => assert!(host.is_dir(), "{path}"),
-            Kind::File(bytes) => assert!(fs::read(target.join(path)).unwrap() == *bytes, "{path}: content"),
-            Kind::Link(to) => assert_eq!(fs::read_link(target.join(path)).unwrap(), Path::new(to), "{path}"),
-        }
-    }
+    let mounted = mount_read_only(&image, &target);
+    assert_kernel_sees(&target, &case);
     let times = |path: &str| {
         let host = fs::symlink_metadata(target.join(path)).unwrap();
         (host.mtime(), host.mtime_nsec())
@@ -642,12 +986,21 @@ fn within<T: Send + 'static>(limit: std::time::Duration, body: impl FnOnce() -> 
     result.recv_timeout(limit).unwrap_or_else(|_| panic!("did not finish within {limit:?}"))
 }
 
-/// A tree of one sparse host file of `bytes` (its content is not read by layout).
-fn one_sparse_file(dir: &Path, bytes: u64) -> Ext4Tree {
-    let src = dir.join(format!("sparse-{bytes}"));
-    fs::File::create(&src).unwrap().set_len(bytes).unwrap();
+/// A host file of `bytes`, allocated (fallocate) but unwritten: no holes,
+/// yet cheap to make.
+fn allocated_file(path: &Path, bytes: u64) {
+    let file = fs::File::create(path).unwrap();
+    rustix::fs::fallocate(&file, rustix::fs::FallocateFlags::empty(), 0, bytes).unwrap();
+}
+
+/// A tree of one host file of `bytes` with no holes. Layout reads no
+/// content, so the file is removed again at once.
+fn one_dense_file(dir: &Path, bytes: u64) -> Ext4Tree {
+    let src = dir.join(format!("dense-{bytes}"));
+    allocated_file(&src, bytes);
     let mut tree = Ext4Tree::new();
     tree.add_file_from_path("big", &src, meta(0o644)).unwrap();
+    fs::remove_file(&src).unwrap();
     tree
 }
 
@@ -658,7 +1011,7 @@ fn automatic_sizes_just_past_a_group_boundary_are_found() {
     // ask for the same size forever (126 MiB files hung before).
     let dir = tempfile::tempdir().unwrap();
     for blocks in (32_150..32_300).chain(64_900..65_000) {
-        let tree = one_sparse_file(dir.path(), blocks * 4096);
+        let tree = one_dense_file(dir.path(), blocks * 4096);
         let summary = within(std::time::Duration::from_secs(30), move || {
             tree.layout(&Ext4Options::default()).map(|l| l.summary())
         })
@@ -666,11 +1019,9 @@ fn automatic_sizes_just_past_a_group_boundary_are_found() {
         assert!(summary.free_blocks > 0 && summary.free_blocks < summary.blocks, "{blocks} blocks: {summary:?}");
     }
     // One of them written and checked whole.
-    let mut case = Case::new();
-    let src = dir.path().join("sparse-132067328");
-    case.tree.add_file_from_path("big", &src, meta(0o644)).unwrap();
-    case.expected.insert("big".into(), want(Kind::File(fs::read(&src).unwrap()), meta(0o644)));
-    check(&case, &Ext4Options::default());
+    let src = dir.path().join("dense-132067328");
+    allocated_file(&src, 132_067_328);
+    check(&Case::new().host_file("big", &src, meta(0o644)), &Ext4Options::default());
 }
 
 #[test]

@@ -1,0 +1,197 @@
+//! The thin I/O shell that reads a host directory into an [`Ext4Tree`]:
+//! `lstat` for kinds and metadata, `readlink`, `llistxattr`/`lgetxattr`,
+//! and `SEEK_DATA`/`SEEK_HOLE` for the holes of sparse files.
+
+use std::collections::HashMap;
+use std::fs::{self, File};
+use std::io;
+use std::os::unix::fs::{FileTypeExt, MetadataExt};
+use std::path::Path;
+
+use rustix::fs::SeekFrom;
+use rustix::io::Errno;
+
+use super::tree::{DataRange, FileNode, invalid};
+use super::{DeviceKind, Ext4Tree, Metadata};
+use crate::sink::Source;
+use crate::{Error, Result};
+
+impl Ext4Tree {
+    /// Adds host path `src` at `dest`, as `cp -a` would copy it, without
+    /// following symlinks: a directory gives its mode, owner, time and
+    /// xattrs to directory `dest` (`""` is the root) and its contents,
+    /// recursively, go under it; anything else becomes the entry `dest`.
+    /// Each entry keeps its mode, owner, nanosecond mtime and xattrs;
+    /// symlinks keep their target, device nodes their number, sparse files
+    /// their holes, and names of one host inode (same device and inode
+    /// number) become hard links to one inode. Sockets are skipped, as
+    /// `tar` skips them: they are endpoints of a running program, not
+    /// content. File contents are read when the image is written and must
+    /// not change until then. On error the tree is left as it was.
+    pub fn add_host_path(&mut self, dest: &str, src: impl AsRef<Path>) -> Result<()> {
+        let mut staged = self.clone();
+        let mut walk = HostWalk { tree: &mut staged, inodes: HashMap::new() };
+        walk.add(dest.trim_matches('/'), src.as_ref())?;
+        *self = staged;
+        Ok(())
+    }
+}
+
+struct HostWalk<'t> {
+    tree: &'t mut Ext4Tree,
+    /// The first destination of each multiply linked host inode.
+    inodes: HashMap<(u64, u64), String>,
+}
+
+impl HostWalk<'_> {
+    fn add(&mut self, dest: &str, src: &Path) -> Result<()> {
+        let read_error = |source| Error::ReadSource { path: src.to_path_buf(), source };
+        let host = fs::symlink_metadata(src).map_err(read_error)?;
+        let kind = host.file_type();
+        if kind.is_socket() {
+            return Ok(());
+        }
+        if !kind.is_dir() && host.nlink() > 1 {
+            if let Some(first) = self.inodes.get(&(host.dev(), host.ino())) {
+                return self.tree.add_hardlink(dest, &first.clone());
+            }
+            self.inodes.insert((host.dev(), host.ino()), dest.to_owned());
+        }
+        let meta = Metadata::default()
+            .with_mode(host.mode() & 0o7777)
+            .with_owner(host.uid(), host.gid())
+            .with_mtime(host.mtime(), host.mtime_nsec() as u32);
+        if kind.is_dir() {
+            self.tree.add_dir(dest, meta)?;
+            self.add_xattrs(dest, src)?;
+            let mut names = Vec::new();
+            for entry in fs::read_dir(src).map_err(read_error)? {
+                names.push(entry.map_err(read_error)?.file_name());
+            }
+            // Sorted, so that which name of a hard-linked inode comes first does not depend on the host.
+            names.sort();
+            for name in names {
+                let child_src = src.join(&name);
+                let Some(name) = name.to_str() else {
+                    return Err(invalid(&child_src.to_string_lossy(), "the name is not UTF-8".into()));
+                };
+                let child = if dest.is_empty() { name.to_owned() } else { format!("{dest}/{name}") };
+                self.add(&child, &child_src)?;
+            }
+            return Ok(());
+        }
+        if dest.is_empty() {
+            return Err(invalid(dest, format!("{} is not a directory, so it cannot be the root", src.display())));
+        }
+        if kind.is_file() {
+            let file = File::open(src).map_err(read_error)?;
+            let ranges = data_ranges(&file, &host).map_err(read_error)?;
+            let node = FileNode {
+                meta,
+                xattrs: Vec::new(),
+                source: Source::Host(src.to_path_buf()),
+                size: host.size(),
+                ranges,
+            };
+            self.tree.insert_file(dest, node)?;
+            self.tree.secret |= crate::sink::is_private(&host);
+        } else if kind.is_symlink() {
+            let target = fs::read_link(src).map_err(read_error)?;
+            let Some(target) = target.to_str() else {
+                return Err(invalid(dest, "the symlink's target is not UTF-8".into()));
+            };
+            self.tree.add_symlink(dest, target, meta)?;
+        } else if kind.is_char_device() || kind.is_block_device() {
+            let device = if kind.is_char_device() { DeviceKind::Char } else { DeviceKind::Block };
+            let (major, minor) = (rustix::fs::major(host.rdev()), rustix::fs::minor(host.rdev()));
+            self.tree.add_device(dest, device, major, minor, meta)?;
+        } else if kind.is_fifo() {
+            self.tree.add_fifo(dest, meta)?;
+        }
+        self.add_xattrs(dest, src)
+    }
+
+    /// Copies the extended attributes of `src` (not following a symlink) to `dest`.
+    fn add_xattrs(&mut self, dest: &str, src: &Path) -> Result<()> {
+        let read_error = |source: Errno| Error::ReadSource { path: src.to_path_buf(), source: source.into() };
+        let names = match list_xattrs(src) {
+            Ok(names) => names,
+            // A filesystem without xattrs has none to copy.
+            Err(Errno::NOTSUP) => return Ok(()),
+            Err(errno) => return Err(read_error(errno)),
+        };
+        for name in names.split(|&b| b == 0).filter(|name| !name.is_empty()) {
+            let Ok(name) = std::str::from_utf8(name) else {
+                return Err(invalid(dest, "an xattr name is not UTF-8".into()));
+            };
+            let value = match get_xattr(src, name) {
+                Ok(value) => value,
+                // Removed since it was listed.
+                Err(Errno::NODATA) => continue,
+                Err(errno) => return Err(read_error(errno)),
+            };
+            self.tree.set_xattr(dest, name, &value)?;
+        }
+        Ok(())
+    }
+}
+
+fn list_xattrs(path: &Path) -> rustix::io::Result<Vec<u8>> {
+    loop {
+        let mut names = vec![0u8; rustix::fs::llistxattr_query(path)?];
+        if names.is_empty() {
+            return Ok(names);
+        }
+        match rustix::fs::llistxattr(path, &mut names[..]) {
+            Ok(len) => return Ok(names[..len].to_vec()),
+            // The list grew between the two calls: ask again.
+            Err(Errno::RANGE) => continue,
+            Err(errno) => return Err(errno),
+        }
+    }
+}
+
+fn get_xattr(path: &Path, name: &str) -> rustix::io::Result<Vec<u8>> {
+    loop {
+        let mut value = vec![0u8; rustix::fs::lgetxattr_query(path, name)?];
+        if value.is_empty() {
+            return Ok(value);
+        }
+        match rustix::fs::lgetxattr(path, name, &mut value[..]) {
+            Ok(len) => return Ok(value[..len].to_vec()),
+            Err(Errno::RANGE) => continue,
+            Err(errno) => return Err(errno),
+        }
+    }
+}
+
+/// Where an open host file's data is, or `None` if it has no holes. Only a
+/// file with fewer allocated bytes than its length can have holes, so
+/// dense files cost no extra system call; a filesystem that cannot say
+/// where its holes are gives `None` too.
+pub(crate) fn data_ranges(file: &File, host: &fs::Metadata) -> io::Result<Option<Box<[DataRange]>>> {
+    let size = host.size();
+    if host.blocks() * 512 >= size {
+        return Ok(None);
+    }
+    let mut ranges = Vec::new();
+    let mut at = 0;
+    while at < size {
+        let start = match rustix::fs::seek(file, SeekFrom::Data(at)) {
+            Ok(start) => start,
+            // No data past `at`: the rest is a hole.
+            Err(Errno::NXIO) => break,
+            Err(Errno::INVAL | Errno::NOTSUP) => return Ok(None),
+            Err(errno) => return Err(errno.into()),
+        };
+        let end = rustix::fs::seek(file, SeekFrom::Hole(start))?.min(size);
+        if end > start {
+            ranges.push(DataRange { offset: start, len: end - start });
+        }
+        at = end.max(start + 1);
+    }
+    if ranges.as_slice() == [DataRange { offset: 0, len: size }] {
+        return Ok(None);
+    }
+    Ok(Some(ranges.into()))
+}
