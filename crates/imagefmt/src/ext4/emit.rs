@@ -5,6 +5,7 @@
 use std::os::unix::fs::FileExt;
 
 use super::disk::{self, GroupDesc, Inode, Superblock};
+use super::htree;
 use super::layout::{
     BLOCKS_PER_GROUP, DESC_SIZE, Ext4Layout, FAST_SYMLINK_MAX, Geometry, INODE_SIZE, InodeKind, InodePlan, Run,
 };
@@ -141,7 +142,7 @@ impl Ext4Layout<'_> {
     fn write_data(&self, sink: &mut dyn Sink, ino: u32, plan: &InodePlan<'_>, seed: u32) -> Result<()> {
         match &plan.kind {
             InodeKind::Dir { parent, entries } => {
-                let bytes = disk::dir_blocks(ino, *parent, entries, seed);
+                let bytes = htree::dir_blocks(ino, *parent, entries, &self.hash_seed, seed);
                 write_runs(sink, &plan.runs, &bytes)
             }
             InodeKind::Symlink(target) if target.len() > FAST_SYMLINK_MAX => {
@@ -169,6 +170,10 @@ fn inode_for(plan: &InodePlan<'_>, ino: u32, seed: u32) -> Inode {
             let mut block = [0u8; 60];
             block[..target.len()].copy_from_slice(target.as_bytes());
             (0, block)
+        }
+        InodeKind::Dir { entries, .. } if htree::DirShape::of(entries).is_indexed() => {
+            let root = extent::encode(&plan.runs, &plan.tree_blocks, ino, seed).0;
+            (disk::INODE_FLAG_EXTENTS | htree::INODE_FLAG_INDEX, root)
         }
         // No extents flag: e2fsck takes a device with one for a corrupt inode.
         InodeKind::Special(SpecialKind::Device { major, minor, .. }) => (0, disk::device_block(*major, *minor)),

@@ -26,6 +26,7 @@ mod emit;
 mod extent;
 mod geometry;
 mod host;
+mod htree;
 mod journal;
 mod layout;
 mod tree;
@@ -122,6 +123,9 @@ pub struct Ext4Options {
     /// many inodes as mke2fs would give the size (at least what the tree
     /// needs). Needs at least 8 MiB.
     pub journal: bool,
+    /// The seed of the directory name hash (mke2fs `-E hash_seed=`); by
+    /// default derived from the tree and the label, like the UUID.
+    pub hash_seed: Option<[u8; 16]>,
 }
 
 impl Ext4Options {
@@ -146,6 +150,12 @@ impl Ext4Options {
     /// Sets [`uuid`](Self::uuid).
     pub fn with_uuid(mut self, uuid: impl Into<Option<[u8; 16]>>) -> Self {
         self.uuid = uuid.into();
+        self
+    }
+
+    /// Sets [`hash_seed`](Self::hash_seed).
+    pub fn with_hash_seed(mut self, seed: impl Into<Option<[u8; 16]>>) -> Self {
+        self.hash_seed = seed.into();
         self
     }
 }

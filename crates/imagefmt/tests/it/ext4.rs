@@ -827,8 +827,7 @@ fn inspect_reads_back_what_the_writer_wrote() {
         (summary.free_blocks, summary.inodes, summary.free_inodes)
     );
     assert_eq!(info.volume_bytes, summary.image_bytes);
-    let expected =
-        "ext_attr filetype extent 64bit flex_bg sparse_super large_file huge_file dir_nlink extra_isize metadata_csum";
+    let expected = "ext_attr dir_index filetype extent 64bit flex_bg sparse_super large_file huge_file dir_nlink extra_isize metadata_csum";
     assert_eq!(info.features, expected.split(' ').collect::<Vec<_>>());
     assert_info_matches_dumpe2fs(&info, &path);
 }
