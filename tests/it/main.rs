@@ -14,6 +14,7 @@ mod cli_k8s;
 mod cli_qcow2;
 mod cli_render;
 mod cli_writers;
+mod ext4_guest;
 #[cfg(feature = "k8s")]
 mod fake_k8s;
 mod guest_boot;

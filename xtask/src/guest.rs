@@ -5,7 +5,9 @@
 //! - `initramfs.cpio.gz` (written by `kiln_imagefmt::CpioArchive`):
 //!   `kiln-init` as `/init`, busybox (for `/srv/launch`'s `sh`), and the modules the guest needs with their load order;
 //! - `service-probe`: the static test service the boot tests put on a
-//!   service disk; `manifest.txt`: kernel, modules, sizes.
+//!   service disk; `tree-manifest`: the static tree lister the ext4 boot
+//!   tests run in the guest and on the host; `manifest.txt`: kernel,
+//!   modules, sizes.
 //!
 //! The kernel `.deb` is fetched with `apt-get download` into
 //! `target/guest/cache/` once and unpacked with `dpkg-deb -x`; later runs
@@ -42,6 +44,9 @@ const WANTED_MODULES: &[&str] = &[
     "button",
     "evdev",
 ];
+/// kiln-guest's examples the boot tests run, built static and copied to
+/// `target/guest/` under these names.
+const TEST_SERVICES: [&str; 2] = ["service-probe", "tree-manifest"];
 /// The largest vmlinux accepted (Debian's is ~53 MB).
 const VMLINUX_LIMIT: u64 = 512 << 20;
 const MODULE_LIMIT: u64 = 64 << 20;
@@ -113,7 +118,7 @@ fn build(kernel: Option<PathBuf>, modules: Option<PathBuf>, busybox: &Path) -> R
     };
     println!("load order: {}", modules.iter().map(|m| m.name.as_str()).collect::<Vec<_>>().join(" "));
 
-    announce("building kiln-init and service-probe (static)");
+    announce("building kiln-init, service-probe and tree-manifest (static)");
     let build_dir = out.join("build");
     run_command(
         cargo()
@@ -122,16 +127,20 @@ fn build(kernel: Option<PathBuf>, modules: Option<PathBuf>, busybox: &Path) -> R
             .env("CARGO_PROFILE_RELEASE_DEBUG", "false")
             .env("CARGO_PROFILE_RELEASE_STRIP", "symbols")
             .args(["build", "--release", "--locked", "-p", "kiln-guest", "--bin", "kiln-init"])
-            .args(["--example", "service-probe", "--target", TARGET, "--target-dir"])
+            .args(TEST_SERVICES.iter().flat_map(|name| ["--example", name]))
+            .args(["--target", TARGET, "--target-dir"])
             .arg(&build_dir),
     )?;
     let release = build_dir.join(TARGET).join("release");
     let init = release.join("kiln-init");
-    let probe = release.join("examples").join("service-probe");
-    for binary in [&init, &probe, &busybox.to_path_buf()] {
+    let examples = TEST_SERVICES.map(|name| release.join("examples").join(name));
+    for binary in [&init, &busybox.to_path_buf()].into_iter().chain(&examples) {
         require_static(binary)?;
     }
-    let probe_bytes = fs::read(&probe).with_context(|| format!("cannot read {}", probe.display()))?;
+    let example_bytes = examples
+        .iter()
+        .map(|path| fs::read(path).with_context(|| format!("cannot read {}", path.display())))
+        .collect::<Result<Vec<_>>>()?;
 
     announce("assembling initramfs.cpio.gz");
     let mut archive = CpioArchive::new();
@@ -160,10 +169,12 @@ fn build(kernel: Option<PathBuf>, modules: Option<PathBuf>, busybox: &Path) -> R
     let summary = archive.write_file(&initramfs, Compression::Gzip, EPOCH)?;
     write_atomically(&out.join("vmlinuz"), &image)?;
     write_atomically(&out.join("vmlinux"), &vmlinux)?;
-    let probe_out = out.join("service-probe");
-    write_atomically(&probe_out, &probe_bytes)?;
-    fs::set_permissions(&probe_out, fs::Permissions::from_mode(0o755))
-        .with_context(|| format!("cannot make {} executable", probe_out.display()))?;
+    for (name, bytes) in TEST_SERVICES.iter().zip(&example_bytes) {
+        let copy = out.join(name);
+        write_atomically(&copy, bytes)?;
+        fs::set_permissions(&copy, fs::Permissions::from_mode(0o755))
+            .with_context(|| format!("cannot make {} executable", copy.display()))?;
+    }
     println!(
         "{}: {} entries, {} ({} uncompressed)",
         initramfs.display(),

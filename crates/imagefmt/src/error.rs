@@ -69,6 +69,10 @@ pub enum Error {
     Ext4FileTooLarge { path: String, size: u64, max: u64 },
     #[error("The tree needs {inodes} inodes; ext4 numbers at most {max}")]
     Ext4TooManyInodes { inodes: u64, max: u64 },
+    #[error(
+        "Directory {path:?} holds {entries} entries, {leaves} leaf blocks; a hashed directory of two index levels (no large_dir) holds at most {max}"
+    )]
+    Ext4DirectoryTooLarge { path: String, entries: usize, leaves: u64, max: u64 },
     #[error("Not a readable image: {reason}")]
     InvalidImage { reason: String },
     #[error("{} changed while the image was being written (expected {expected} bytes)", path.display())]
@@ -98,7 +102,8 @@ impl Error {
             | Error::FatTypeImpossible { .. }
             | Error::TooManyEntries { .. }
             | Error::Ext4FileTooLarge { .. }
-            | Error::Ext4TooManyInodes { .. } => ErrorKind::DoesNotFit,
+            | Error::Ext4TooManyInodes { .. }
+            | Error::Ext4DirectoryTooLarge { .. } => ErrorKind::DoesNotFit,
             Error::SourceChanged { .. } => ErrorKind::SourceChanged,
         }
     }

@@ -4,7 +4,7 @@
 //! every checksum is `metadata_csum`'s CRC-32C.
 
 use super::layout::{BLOCKS_PER_GROUP, DESC_SIZE, INODE_SIZE};
-use super::{BLOCK, crc32c, xattr};
+use super::{BLOCK, crc32c, htree, xattr};
 use crate::le::{put16, put32};
 
 pub(crate) const FT_REG: u8 = 1;
@@ -24,6 +24,8 @@ pub(crate) const S_IFIFO: u32 = 0o010000;
 const MAGIC: u16 = 0xEF53;
 const COMPAT_HAS_JOURNAL: u32 = 0x4;
 const COMPAT_EXT_ATTR: u32 = 0x8;
+/// Directories over one block are hashed trees (see `htree`).
+const COMPAT_DIR_INDEX: u32 = 0x20;
 const INCOMPAT_FILETYPE: u32 = 0x2;
 const INCOMPAT_EXTENTS: u32 = 0x40;
 const INCOMPAT_64BIT: u32 = 0x80;
@@ -40,6 +42,7 @@ const DEFAULT_MOUNT_OPTS: u32 = 0x0004 | 0x0008;
 const LOG_GROUPS_PER_FLEX: u8 = 4;
 /// The extra inode fields every inode carries, up to and including `i_projid`.
 pub(crate) const EXTRA_ISIZE: u16 = 32;
+const BG_INODE_UNINIT: u16 = 0x1;
 const BG_INODE_TABLE_ZEROED: u16 = 0x4;
 pub(crate) const INODE_FLAG_EXTENTS: u32 = 0x80000;
 /// Directory entry header: inode, record length, name length, file type.
@@ -104,7 +107,7 @@ impl Superblock {
         // No reserved blocks for root (0x08), no reserved descriptor blocks
         // (0xCE, no resize_inode), no kilobytes written yet (0x178): all 0.
         let journal = if self.journal_backup.is_some() { COMPAT_HAS_JOURNAL } else { 0 };
-        put32(&mut b, 0x5C, COMPAT_EXT_ATTR | journal);
+        put32(&mut b, 0x5C, COMPAT_EXT_ATTR | COMPAT_DIR_INDEX | journal);
         put32(&mut b, 0x60, INCOMPAT_FILETYPE | INCOMPAT_EXTENTS | INCOMPAT_64BIT | INCOMPAT_FLEX_BG);
         let ro_compat = RO_COMPAT_SPARSE_SUPER
             | RO_COMPAT_LARGE_FILE
@@ -116,7 +119,7 @@ impl Superblock {
         b[0x68..0x78].copy_from_slice(&self.uuid);
         b[0x78..0x88].copy_from_slice(&self.label);
         b[0xEC..0xFC].copy_from_slice(&self.hash_seed);
-        b[0xFC] = 1; // default hash: half_md4, as mke2fs
+        b[0xFC] = htree::HASH_HALF_MD4; // default hash, as mke2fs
         if let Some(backup) = &self.journal_backup {
             // An internal journal: inode 8, no journal device or UUID (0xD0, 0xE4).
             put32(&mut b, 0xE0, super::journal::JOURNAL_INO);
@@ -129,7 +132,7 @@ impl Superblock {
         put32(&mut b, 0x158, (self.free_blocks >> 32) as u32);
         put16(&mut b, 0x15C, EXTRA_ISIZE); // min extra isize
         put16(&mut b, 0x15E, EXTRA_ISIZE); // wanted extra isize
-        put32(&mut b, 0x160, 1); // signed directory hash, as on x86
+        put32(&mut b, 0x160, htree::FLAGS_SIGNED_HASH); // as mke2fs on x86, where char is signed
         b[0x174] = LOG_GROUPS_PER_FLEX;
         b[0x175] = 1; // checksum type: crc32c
         let csum = crc32c::update(!0, &b[..0x3FC]);
@@ -149,6 +152,9 @@ pub(crate) struct GroupDesc {
     pub(crate) used_dirs: u32,
     pub(crate) block_bitmap_csum: u32,
     pub(crate) inode_bitmap_csum: u32,
+    /// No inode of the group is in use (`INODE_UNINIT`): e2fsck and the
+    /// kernel skip its table, which reads as zero anyway.
+    pub(crate) inodes_unused: bool,
 }
 
 impl GroupDesc {
@@ -160,15 +166,20 @@ impl GroupDesc {
         put16(&mut d, 0x0C, self.free_blocks as u16);
         put16(&mut d, 0x0E, self.free_inodes as u16);
         put16(&mut d, 0x10, self.used_dirs as u16);
-        put16(&mut d, 0x12, BG_INODE_TABLE_ZEROED);
+        let uninit = if self.inodes_unused { BG_INODE_UNINIT } else { 0 };
+        put16(&mut d, 0x12, BG_INODE_TABLE_ZEROED | uninit);
         put16(&mut d, 0x18, self.block_bitmap_csum as u16);
         put16(&mut d, 0x1A, self.inode_bitmap_csum as u16);
+        // Used inodes are the first of each table: the unused ones are
+        // the free ones (`bg_itable_unused`).
+        put16(&mut d, 0x1C, self.free_inodes as u16);
         put32(&mut d, 0x20, (self.block_bitmap >> 32) as u32);
         put32(&mut d, 0x24, (self.inode_bitmap >> 32) as u32);
         put32(&mut d, 0x28, (self.inode_table >> 32) as u32);
         put16(&mut d, 0x2C, (self.free_blocks >> 16) as u16);
         put16(&mut d, 0x2E, (self.free_inodes >> 16) as u16);
         put16(&mut d, 0x30, (self.used_dirs >> 16) as u16);
+        put16(&mut d, 0x32, (self.free_inodes >> 16) as u16);
         put16(&mut d, 0x38, (self.block_bitmap_csum >> 16) as u16);
         put16(&mut d, 0x3A, (self.inode_bitmap_csum >> 16) as u16);
         // The checksum covers the group number and the descriptor with its own field zero.
@@ -274,19 +285,24 @@ pub(crate) struct DirEntry<'t> {
     pub(crate) file_type: u8,
 }
 
-fn dirent_len(name_len: usize) -> usize {
+/// The bytes an entry takes in a block: header and name, 4-byte aligned.
+pub(crate) fn dirent_len(name_len: usize) -> usize {
     (DIRENT_HEADER + name_len).next_multiple_of(4)
 }
 
-/// How many entries each block of a directory holds, `.` and `..` counted
-/// in the first: the one packing both layout and encoding use.
+/// The bytes of a directory block entries can use: all but the checksum tail.
+pub(crate) const DIRENT_USABLE: usize = BLOCK as usize - DIRENT_TAIL;
+/// What `.` and `..` take at the start of a directory's first block.
+pub(crate) const DOT_ENTRIES_LEN: usize = 12 + 12;
+
+/// How many entries each block of a linear directory holds, `.` and `..`
+/// counted in the first: the one packing both layout and encoding use.
 pub(crate) fn dir_block_split(entries: &[DirEntry<'_>]) -> Vec<usize> {
-    let usable = BLOCK as usize - DIRENT_TAIL;
     let mut blocks = vec![2];
-    let mut used = dirent_len(1) + dirent_len(2);
+    let mut used = DOT_ENTRIES_LEN;
     for entry in entries {
         let len = dirent_len(entry.name.len());
-        if used + len > usable {
+        if used + len > DIRENT_USABLE {
             blocks.push(0);
             used = 0;
         }
@@ -296,33 +312,42 @@ pub(crate) fn dir_block_split(entries: &[DirEntry<'_>]) -> Vec<usize> {
     blocks
 }
 
-/// The directory's blocks, each ending in its checksum tail.
+/// A linear directory's blocks, each ending in its checksum tail.
 pub(crate) fn dir_blocks(ino: u32, parent: u32, entries: &[DirEntry<'_>], fs_seed: u32) -> Vec<u8> {
     let split = dir_block_split(entries);
     let dot = [DirEntry { name: ".", ino, file_type: FT_DIR }, DirEntry { name: "..", ino: parent, file_type: FT_DIR }];
-    let mut all = dot.iter().chain(entries);
+    let all: Vec<DirEntry<'_>> = dot.iter().chain(entries).copied().collect();
     let mut out = vec![0u8; split.len() * BLOCK as usize];
-    let usable = BLOCK as usize - DIRENT_TAIL;
-    for (index, count) in split.iter().enumerate() {
-        let block = &mut out[index * BLOCK as usize..(index + 1) * BLOCK as usize];
-        let mut at = 0;
-        for n in 0..*count {
-            let Some(entry) = all.next() else { break };
-            let len = if n + 1 == *count { usable - at } else { dirent_len(entry.name.len()) };
-            put32(block, at, entry.ino);
-            put16(block, at + 4, len as u16);
-            block[at + 6] = entry.name.len() as u8;
-            block[at + 7] = entry.file_type;
-            block[at + DIRENT_HEADER..at + DIRENT_HEADER + entry.name.len()].copy_from_slice(entry.name.as_bytes());
-            at += len;
-        }
-        // The tail looks like an empty entry: inode 0, length 12, type 0xDE.
-        put16(block, usable + 4, DIRENT_TAIL as u16);
-        block[usable + 7] = 0xDE;
-        let csum = crc32c::update(inode_seed(fs_seed, ino), &block[..usable]);
-        put32(block, usable + 8, csum);
+    let mut first = 0;
+    for (block, count) in out.chunks_exact_mut(BLOCK as usize).zip(&split) {
+        dir_leaf_block(block, &all[first..first + count], ino, fs_seed);
+        first += count;
     }
     out
+}
+
+/// Fills one zeroed block with `entries` (the last stretched to the tail,
+/// or one empty entry if there are none) and seals it with the checksum
+/// tail. Linear directories and htree leaves share it.
+pub(crate) fn dir_leaf_block(block: &mut [u8], entries: &[DirEntry<'_>], ino: u32, fs_seed: u32) {
+    let mut at = 0;
+    if entries.is_empty() {
+        put16(block, 4, DIRENT_USABLE as u16);
+    }
+    for (n, entry) in entries.iter().enumerate() {
+        let len = if n + 1 == entries.len() { DIRENT_USABLE - at } else { dirent_len(entry.name.len()) };
+        put32(block, at, entry.ino);
+        put16(block, at + 4, len as u16);
+        block[at + 6] = entry.name.len() as u8;
+        block[at + 7] = entry.file_type;
+        block[at + DIRENT_HEADER..at + DIRENT_HEADER + entry.name.len()].copy_from_slice(entry.name.as_bytes());
+        at += len;
+    }
+    // The tail looks like an empty entry: inode 0, length 12, type 0xDE.
+    put16(block, DIRENT_USABLE + 4, DIRENT_TAIL as u16);
+    block[DIRENT_USABLE + 7] = 0xDE;
+    let csum = crc32c::update(inode_seed(fs_seed, ino), &block[..DIRENT_USABLE]);
+    put32(block, DIRENT_USABLE + 8, csum);
 }
 
 #[cfg(test)]

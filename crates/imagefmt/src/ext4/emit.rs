@@ -5,6 +5,7 @@
 use std::os::unix::fs::FileExt;
 
 use super::disk::{self, GroupDesc, Inode, Superblock};
+use super::htree;
 use super::layout::{
     BLOCKS_PER_GROUP, DESC_SIZE, Ext4Layout, FAST_SYMLINK_MAX, Geometry, INODE_SIZE, InodeKind, InodePlan, Run,
 };
@@ -37,7 +38,7 @@ impl Ext4Layout<'_> {
                 label: self.label,
                 hash_seed: self.hash_seed,
                 group: group as u16,
-                journal_backup: g.journal.map(journal::backup),
+                journal_backup: g.journal.map(|journal| journal.backup(seed)),
             };
             let start = Geometry::group_start(group) * BLOCK;
             // The primary sits 1 KiB in; each backup at the start of its group.
@@ -47,9 +48,13 @@ impl Ext4Layout<'_> {
         }
         self.write_inode_tables(sink, seed)?;
         self.write_inode_blocks(sink, seed)?;
-        if let Some(run) = g.journal {
+        if let Some(journal) = g.journal {
+            for (block, bytes) in journal.extents(seed).1 {
+                sink.write_at(block * BLOCK, &bytes).map_err(Error::Write)?;
+            }
             // The rest of the journal stays zero (holes).
-            sink.write_at(run.start * BLOCK, &journal::superblock(&self.uuid, run.len)).map_err(Error::Write)?;
+            let superblock = journal::superblock(&self.uuid, journal.len);
+            sink.write_at(journal.first_block() * BLOCK, &superblock).map_err(Error::Write)?;
         }
         for (index, plan) in self.inodes.iter().enumerate() {
             self.write_data(sink, Ext4Layout::ino(index), plan, seed)?;
@@ -81,6 +86,7 @@ impl Ext4Layout<'_> {
                 used_dirs: self.dirs_in_group(group),
                 block_bitmap_csum: disk::bitmap_csum(seed, &blocks),
                 inode_bitmap_csum: disk::bitmap_csum(seed, &inodes[..ipg / 8]),
+                inodes_unused: used_inodes == 0,
             };
             write_nonzero(sink, desc.block_bitmap * BLOCK, &blocks).map_err(Error::Write)?;
             write_nonzero(sink, desc.inode_bitmap * BLOCK, &inodes).map_err(Error::Write)?;
@@ -104,10 +110,10 @@ impl Ext4Layout<'_> {
                 let at = ((ino - 1) % g.inodes_per_group) as usize * INODE_SIZE as usize;
                 table[at..at + INODE_SIZE as usize].copy_from_slice(&inode_for(plan, ino, seed).encode(ino, seed));
             }
-            if let (0, Some(run)) = (group, g.journal) {
+            if let (0, Some(journal)) = (group, g.journal) {
                 let at = (journal::JOURNAL_INO - 1) as usize * INODE_SIZE as usize;
                 let root = &self.inodes[0].meta;
-                let inode = journal::inode(run, root.mtime, root.mtime_nsec);
+                let inode = journal.inode(seed, root.mtime, root.mtime_nsec);
                 table[at..at + INODE_SIZE as usize].copy_from_slice(&inode.encode(journal::JOURNAL_INO, seed));
             }
             write_nonzero(sink, g.inode_table(group) * BLOCK, &table).map_err(Error::Write)?;
@@ -136,7 +142,7 @@ impl Ext4Layout<'_> {
     fn write_data(&self, sink: &mut dyn Sink, ino: u32, plan: &InodePlan<'_>, seed: u32) -> Result<()> {
         match &plan.kind {
             InodeKind::Dir { parent, entries } => {
-                let bytes = disk::dir_blocks(ino, *parent, entries, seed);
+                let bytes = htree::dir_blocks(ino, *parent, entries, &self.hash_seed, seed);
                 write_runs(sink, &plan.runs, &bytes)
             }
             InodeKind::Symlink(target) if target.len() > FAST_SYMLINK_MAX => {
@@ -164,6 +170,10 @@ fn inode_for(plan: &InodePlan<'_>, ino: u32, seed: u32) -> Inode {
             let mut block = [0u8; 60];
             block[..target.len()].copy_from_slice(target.as_bytes());
             (0, block)
+        }
+        InodeKind::Dir { entries, .. } if htree::DirShape::of(entries).is_indexed() => {
+            let root = extent::encode(&plan.runs, &plan.tree_blocks, ino, seed).0;
+            (disk::INODE_FLAG_EXTENTS | htree::INODE_FLAG_INDEX, root)
         }
         // No extents flag: e2fsck takes a device with one for a corrupt inode.
         InodeKind::Special(SpecialKind::Device { major, minor, .. }) => (0, disk::device_block(*major, *minor)),

@@ -11,7 +11,7 @@ use std::path::Path;
 use rustix::fs::SeekFrom;
 use rustix::io::Errno;
 
-use super::tree::{DataRange, FileNode, invalid};
+use super::tree::{DataRange, FileNode, LOST_AND_FOUND, invalid};
 use super::{DeviceKind, Ext4Tree, Metadata};
 use crate::sink::Source;
 use crate::{Error, Result};
@@ -26,8 +26,10 @@ impl Ext4Tree {
     /// their holes, and names of one host inode (same device and inode
     /// number) become hard links to one inode. Sockets are skipped, as
     /// `tar` skips them: they are endpoints of a running program, not
-    /// content. File contents are read when the image is written and must
-    /// not change until then. On error the tree is left as it was.
+    /// content. A `lost+found` directory at the root of the copy is skipped:
+    /// it belongs to the host filesystem, and the image has its own. File
+    /// contents are read when the image is written and must not change
+    /// until then. On error the tree is left as it was.
     pub fn add_host_path(&mut self, dest: &str, src: impl AsRef<Path>) -> Result<()> {
         let mut staged = self.clone();
         let mut walk = HostWalk { tree: &mut staged, inodes: HashMap::new() };
@@ -75,6 +77,11 @@ impl HostWalk<'_> {
                 let Some(name) = name.to_str() else {
                     return Err(invalid(&child_src.to_string_lossy(), "the name is not UTF-8".into()));
                 };
+                // A host root's lost+found is that filesystem's, not content (mke2fs -d
+                // skips it too); the image gets its own.
+                if dest.is_empty() && name == LOST_AND_FOUND && child_src.symlink_metadata().is_ok_and(|m| m.is_dir()) {
+                    continue;
+                }
                 let child = if dest.is_empty() { name.to_owned() } else { format!("{dest}/{name}") };
                 self.add(&child, &child_src)?;
             }

@@ -7,17 +7,14 @@
 //! it first mounts the filesystem read-write), empty (`s_start` 0), the
 //! filesystem's UUID, one user.
 
-use super::BLOCK;
 use super::disk::{self, Inode};
 use super::layout::Run;
+use super::{BLOCK, EXTENT_MAX_BLOCKS, extent, xattr};
 use crate::le::put32;
 
 pub(crate) const JOURNAL_INO: u32 = 8;
 /// The smallest filesystem mke2fs gives a journal (`ext2fs_default_journal_size`).
 pub(crate) const MIN_FS_BLOCKS: u64 = 2048;
-/// The largest journal the inode's own four extents map (512 MiB; mke2fs
-/// makes 1 GiB ones from 128 GiB on, which need an extent index block).
-pub(crate) const MAX_BLOCKS: u64 = super::INODE_EXTENTS as u64 * super::EXTENT_MAX_BLOCKS;
 const JBD2_MAGIC: u32 = 0xC03B_3998;
 const JBD2_SUPERBLOCK_V2: u32 = 4;
 
@@ -38,6 +35,72 @@ pub(crate) fn default_blocks(fs_blocks: u64) -> Option<u64> {
     Some(blocks)
 }
 
+/// Where the journal sits: one run of blocks holding its extent tree's
+/// blocks (a journal of more than four extents, 1 GiB from 128 GiB
+/// filesystems on, needs one leaf), then the journal itself.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Placement {
+    pub(crate) start: u64,
+    /// The journal's blocks, not counting its tree's.
+    pub(crate) len: u64,
+}
+
+impl Placement {
+    fn tree_blocks(&self) -> u64 {
+        extent::tree_blocks(self.len.div_ceil(EXTENT_MAX_BLOCKS) as usize)
+    }
+
+    /// The first block past it.
+    pub(crate) fn end(&self) -> u64 {
+        self.start + self.tree_blocks() + self.len
+    }
+
+    /// Where the journal superblock goes: the journal's first block.
+    pub(crate) fn first_block(&self) -> u64 {
+        self.start + self.tree_blocks()
+    }
+
+    /// `i_block` and the tree blocks to write.
+    pub(crate) fn extents(&self, fs_seed: u32) -> ([u8; 60], Vec<(u64, Vec<u8>)>) {
+        let first = self.first_block();
+        let runs: Vec<Run> = (0..self.len.div_ceil(EXTENT_MAX_BLOCKS))
+            .map(|n| n * EXTENT_MAX_BLOCKS)
+            .map(|logical| Run { logical, start: first + logical, len: EXTENT_MAX_BLOCKS.min(self.len - logical) })
+            .collect();
+        let tree: Vec<u64> = (self.start..first).collect();
+        extent::encode(&runs, &tree, JOURNAL_INO, fs_seed)
+    }
+
+    /// Inode 8: a 0600 regular file owned by root holding the journal.
+    pub(crate) fn inode(&self, fs_seed: u32, mtime: i64, mtime_nsec: u32) -> Inode {
+        Inode {
+            mode: disk::S_IFREG | 0o600,
+            uid: 0,
+            gid: 0,
+            size: self.len * BLOCK,
+            links: 1,
+            blocks: self.end() - self.start,
+            flags: disk::INODE_FLAG_EXTENTS,
+            block: self.extents(fs_seed).0,
+            mtime,
+            mtime_nsec,
+            xattr_block: 0,
+            xattrs: [0; xattr::IBODY_BYTES],
+        }
+    }
+
+    /// The superblock's copy of the journal inode (`s_jnl_blocks`): its
+    /// `i_block` words, then its size's high and low halves.
+    pub(crate) fn backup(&self, fs_seed: u32) -> [u8; 68] {
+        let mut b = [0u8; 68];
+        b[..60].copy_from_slice(&self.extents(fs_seed).0);
+        let size = self.len * BLOCK;
+        put32(&mut b, 60, (size >> 32) as u32);
+        put32(&mut b, 64, size as u32);
+        b
+    }
+}
+
 /// The jbd2 superblock, the journal's first block (big-endian fields).
 pub(crate) fn superblock(uuid: &[u8; 16], journal_blocks: u64) -> [u8; 1024] {
     let mut b = [0u8; 1024];
@@ -53,51 +116,6 @@ pub(crate) fn superblock(uuid: &[u8; 16], journal_blocks: u64) -> [u8; 1024] {
     b
 }
 
-/// The journal's extents: its run cut into pieces one extent can map.
-pub(crate) fn extents(run: Run) -> Vec<Run> {
-    let max = super::EXTENT_MAX_BLOCKS;
-    (0..run.len.div_ceil(max))
-        .map(|n| Run { logical: n * max, start: run.start + n * max, len: max.min(run.len - n * max) })
-        .collect()
-}
-
-/// The journal inode's `i_block`: its extents fit in the inode, since a
-/// journal is at most [`MAX_BLOCKS`] long (four full extents).
-fn extent_root(run: Run) -> [u8; 60] {
-    let runs = extents(run);
-    debug_assert!(runs.len() <= super::INODE_EXTENTS);
-    super::extent::encode(&runs, &[], JOURNAL_INO, 0).0
-}
-
-/// Inode 8: a 0600 regular file owned by root holding the journal's blocks.
-pub(crate) fn inode(run: Run, mtime: i64, mtime_nsec: u32) -> Inode {
-    Inode {
-        mode: disk::S_IFREG | 0o600,
-        uid: 0,
-        gid: 0,
-        size: run.len * BLOCK,
-        links: 1,
-        blocks: run.len,
-        flags: disk::INODE_FLAG_EXTENTS,
-        block: extent_root(run),
-        mtime,
-        mtime_nsec,
-        xattr_block: 0,
-        xattrs: [0; super::xattr::IBODY_BYTES],
-    }
-}
-
-/// The superblock's copy of the journal inode (`s_jnl_blocks`): its
-/// `i_block` words, then its size's high and low halves.
-pub(crate) fn backup(run: Run) -> [u8; 68] {
-    let mut b = [0u8; 68];
-    b[..60].copy_from_slice(&extent_root(run));
-    let size = run.len * BLOCK;
-    put32(&mut b, 60, (size >> 32) as u32);
-    put32(&mut b, 64, size as u32);
-    b
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -109,5 +127,17 @@ mod tests {
         for (fs_blocks, journal) in cases {
             assert_eq!(default_blocks(fs_blocks), journal, "{fs_blocks}");
         }
+    }
+
+    #[test]
+    fn a_journal_of_more_than_four_extents_starts_with_its_leaf() {
+        let small = Placement { start: 100, len: 131072 };
+        assert_eq!((small.first_block(), small.end()), (100, 100 + 131072));
+        let large = Placement { start: 100, len: 262144 };
+        assert_eq!((large.first_block(), large.end()), (101, 101 + 262144));
+        let (root, tree) = large.extents(0);
+        assert_eq!(&root[..8], &[0x0A, 0xF3, 1, 0, 4, 0, 1, 0], "one index entry, depth 1");
+        assert_eq!(tree.len(), 1);
+        assert_eq!(tree[0].0, 100);
     }
 }

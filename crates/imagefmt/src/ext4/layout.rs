@@ -16,6 +16,7 @@ use kiln_types::hash::Fnv1a64;
 use super::disk::{self, DirEntry};
 pub(crate) use super::geometry::Geometry;
 use super::geometry::{Allocator, Demand, size_geometry};
+use super::htree;
 use super::tree::{Dir, FileNode, LOST_AND_FOUND, Node, SpecialKind};
 use super::xattr::{self, Xattr};
 use super::{BLOCK, DeviceKind, EXTENT_MAX_BLOCKS, Ext4Options, Ext4Summary, Ext4Tree, MAX_LINKS, Metadata, extent};
@@ -105,6 +106,11 @@ impl Ext4Tree {
         numbering.visit_root(&self.root);
         numbering.link_hardlinks()?;
         let mut inodes = numbering.plans;
+        for (plan, path) in inodes.iter().zip(&numbering.paths) {
+            if let InodeKind::Dir { entries, .. } = &plan.kind {
+                htree::DirShape::of(entries).check(path, entries.len())?;
+            }
+        }
         let data_blocks: u64 = inodes.iter().map(|plan| blocks_for(plan)).sum();
         let inode_count = u64::from(Ext4Layout::ino(inodes.len() - 1));
         let demand = Demand { inodes: inode_count, data_blocks, journal: options.journal };
@@ -124,7 +130,7 @@ impl Ext4Tree {
             hash.field(b"journal").feed(&geometry.blocks.to_le_bytes());
         }
         let uuid = options.uuid.unwrap_or_else(|| derive_16(&hash, b"uuid"));
-        let hash_seed = derive_16(&hash, b"hash seed");
+        let hash_seed = options.hash_seed.unwrap_or_else(|| derive_16(&hash, b"hash seed"));
         Ok(Ext4Layout { tree: self, geometry, inodes, end: needed, uuid, hash_seed, label })
     }
 }
@@ -319,7 +325,7 @@ impl<'t> Numbering<'t> {
             plan.links += 1;
             if plan.links > MAX_LINKS {
                 return Err(Error::InvalidExt4Entry {
-                    path: self.paths[index].clone(),
+                    path: self.paths[index][1..].to_owned(),
                     reason: format!("more than {MAX_LINKS} hard links, the most ext4 counts"),
                 });
             }
@@ -352,7 +358,7 @@ fn special_file_type(kind: SpecialKind) -> u8 {
 fn block_segments(plan: &InodePlan<'_>) -> Vec<(u64, u64)> {
     let dense = |blocks: u64| if blocks == 0 { Vec::new() } else { vec![(0, blocks)] };
     match &plan.kind {
-        InodeKind::Dir { entries, .. } => dense(disk::dir_block_split(entries).len() as u64),
+        InodeKind::Dir { entries, .. } => dense(htree::DirShape::of(entries).blocks()),
         InodeKind::File(file) if file.ranges.is_none() => dense(file.size.div_ceil(BLOCK)),
         InodeKind::File(file) => {
             let mut segments: Vec<(u64, u64)> = Vec::new();

@@ -1,6 +1,9 @@
-//! The ext4 builder, read-only profile: a tree with POSIX metadata in, a
-//! spec-valid ext4 filesystem out (4 KiB blocks, no journal, sized to its
-//! content), checked by `e2fsck` and read back by `debugfs` in the tests.
+//! The ext4 builder: a tree with POSIX metadata in, a spec-valid ext4
+//! filesystem out (4 KiB blocks), checked by `e2fsck` and read back by
+//! `debugfs` in the tests. Two profiles: read-only (no journal, sized to
+//! its content, inodes for its content) and writable
+//! ([`Ext4Options::with_journal`]: a disk of a given size with mke2fs's
+//! journal and inode count, the rest free).
 //!
 //! Entries: directories, regular files (sparse ones keep their holes),
 //! symlinks (fast and slow), hard links, character and block devices and
@@ -10,9 +13,11 @@
 //!
 //! Pure core, thin shell, as for FAT: [`Ext4Tree`] checks names and xattrs
 //! as they are added (`tree`; the host walk is `host`),
-//! [`Ext4Tree::layout`] places every inode and block from metadata alone,
-//! and [`Ext4Layout`] encodes the structures (`disk`, `extent` for extent
-//! trees, `xattr` for the inode's xattr region and the xattr block) and
+//! [`Ext4Tree::layout`] places every inode and block from metadata alone
+//! (`geometry` decides where groups, metadata and the journal sit), and
+//! [`Ext4Layout`] encodes the structures (`disk`, `extent` for extent
+//! trees, `xattr` for the inode's xattr region and the xattr block,
+//! `journal` for the jbd2 superblock and inode 8) and
 //! streams them with the file data into a sink (`emit`).
 
 pub(crate) mod crc32c;
@@ -21,6 +26,7 @@ mod emit;
 mod extent;
 mod geometry;
 mod host;
+mod htree;
 mod journal;
 mod layout;
 mod output;
@@ -118,6 +124,9 @@ pub struct Ext4Options {
     /// many inodes as mke2fs would give the size (at least what the tree
     /// needs). Needs at least 8 MiB.
     pub journal: bool,
+    /// The seed of the directory name hash (mke2fs `-E hash_seed=`); by
+    /// default derived from the tree and the label, like the UUID.
+    pub hash_seed: Option<[u8; 16]>,
 }
 
 impl Ext4Options {
@@ -142,6 +151,12 @@ impl Ext4Options {
     /// Sets [`uuid`](Self::uuid).
     pub fn with_uuid(mut self, uuid: impl Into<Option<[u8; 16]>>) -> Self {
         self.uuid = uuid.into();
+        self
+    }
+
+    /// Sets [`hash_seed`](Self::hash_seed).
+    pub fn with_hash_seed(mut self, seed: impl Into<Option<[u8; 16]>>) -> Self {
+        self.hash_seed = seed.into();
         self
     }
 }

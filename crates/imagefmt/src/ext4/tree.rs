@@ -312,11 +312,16 @@ impl Ext4Tree {
         }
         let xattrs = match find_mut(&mut self.root, &components) {
             None if components.is_empty() => &mut self.root.xattrs,
-            Some(Node::Symlink(_) | Node::Special(_)) if name.starts_with("user.") => {
+            Some(Node::Symlink(_) | Node::Special(_)) if name.starts_with("user.") || name.starts_with("system.") => {
                 return Err(invalid(
                     dest,
-                    format!("xattr {name:?}: user.* is for regular files and directories only, as Linux allows"),
+                    format!(
+                        "xattr {name:?}: user.* and ACLs are for regular files and directories only, as Linux allows"
+                    ),
                 ));
+            }
+            Some(Node::File(_)) if name == "system.posix_acl_default" => {
+                return Err(invalid(dest, "a default ACL is for directories only, as Linux allows".into()));
             }
             Some(node) => node.xattrs_mut().ok_or_else(|| invalid(dest, "a hard link to a hard link".into()))?,
             None => return Err(invalid(dest, format!("no entry to set xattr {name:?} on"))),
@@ -373,7 +378,7 @@ impl Ext4Tree {
         let size = node.size;
         self.insert(dest, Node::File(node))?;
         self.counts.files += 1;
-        self.counts.data_bytes += size;
+        self.counts.data_bytes = self.counts.data_bytes.saturating_add(size);
         Ok(())
     }
 

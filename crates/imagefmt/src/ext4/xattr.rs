@@ -213,13 +213,33 @@ fn acl_to_disk(value: &[u8]) -> Result<Box<[u8]>, String> {
         return Err("not a POSIX ACL as getxattr returns it (version 2, 8-byte entries)".into());
     }
     let mut out = 1u32.to_le_bytes().to_vec();
+    let mut previous: Option<(usize, u32)> = None;
+    let mut counts = [0usize; 6];
     for entry in entries.chunks_exact(8) {
         let tag = u16::from_le_bytes([entry[0], entry[1]]);
-        if !ACL_TAGS.contains(&tag) {
+        let Some(rank) = ACL_TAGS.iter().position(|&t| t == tag) else {
             return Err(format!("unknown ACL tag {tag:#x}"));
-        }
+        };
         let keeps_id = tag == ACL_USER || tag == ACL_GROUP;
+        let id = if keeps_id { u32::from_le_bytes([entry[4], entry[5], entry[6], entry[7]]) } else { 0 };
+        // The kernel reads an ACL from disk without checking it and stops at
+        // the first matching entry, so an ACL out of order would grant what
+        // its mask denies: accept only what posix_acl_valid accepts.
+        if previous.is_some_and(|p| p >= (rank, id)) {
+            return Err(
+                "ACL entries out of order or repeated (user::, user:ID…, group::, group:ID…, mask::, other::)".into()
+            );
+        }
+        previous = Some((rank, id));
+        counts[rank] += 1;
         out.extend_from_slice(&entry[..if keeps_id { 8 } else { 4 }]);
+    }
+    let [user_obj, users, group_obj, groups, mask, other] = counts;
+    if user_obj != 1 || group_obj != 1 || other != 1 {
+        return Err("an ACL has exactly one user::, one group:: and one other:: entry".into());
+    }
+    if users + groups > 0 && mask == 0 {
+        return Err("an ACL naming users or groups needs a mask:: entry".into());
     }
     Ok(out.into())
 }
@@ -259,6 +279,28 @@ mod tests {
         assert_eq!(disk.len(), 4 + 4 + 8 + 4 + 4 + 4);
         assert_eq!(&disk[..4], &1u32.to_le_bytes());
         assert_eq!(&disk[8..16], &[2, 0, 4, 0, 0xE8, 0x03, 0, 0]);
+    }
+
+    #[test]
+    fn an_acl_linux_would_refuse_is_refused() {
+        let encode = |entries: &[(u16, u16, u32)]| {
+            let mut vfs = 2u32.to_le_bytes().to_vec();
+            for (tag, perm, id) in entries {
+                vfs.extend([tag.to_le_bytes(), perm.to_le_bytes()].concat());
+                vfs.extend(id.to_le_bytes());
+            }
+            vfs
+        };
+        let valid = [(1, 6, 0), (2, 7, 1000), (4, 4, 0), (0x10, 4, 0), (0x20, 0, 0)];
+        assert!(acl_to_disk(&encode(&valid)).is_ok());
+        // The mask before the named user: the kernel would grant uid 1000 rwx.
+        let mask_first = [(1, 6, 0), (0x10, 4, 0), (2, 7, 1000), (4, 4, 0), (0x20, 0, 0)];
+        let repeated_user = [(1, 6, 0), (2, 7, 1000), (2, 7, 1000), (4, 4, 0), (0x10, 4, 0), (0x20, 0, 0)];
+        let no_mask = [(1, 6, 0), (2, 7, 1000), (4, 4, 0), (0x20, 0, 0)];
+        let no_other = [(1, 6, 0), (4, 4, 0)];
+        for bad in [&mask_first[..], &repeated_user, &no_mask, &no_other] {
+            assert!(acl_to_disk(&encode(bad)).is_err(), "{bad:?}");
+        }
     }
 
     #[test]

@@ -604,7 +604,7 @@ fn a_source_that_changes_before_writing_leaves_no_image() {
 
 /// A generated tree: files are (size, seed) so shrinking stays cheap.
 #[derive(Debug, Clone)]
-enum Gen {
+pub(crate) enum Gen {
     File {
         size: usize,
         seed: u64,
@@ -656,7 +656,7 @@ fn gen_sparse() -> impl Strategy<Value = Gen> {
     })
 }
 
-fn gen_tree() -> impl Strategy<Value = Gen> {
+pub(crate) fn gen_tree() -> impl Strategy<Value = Gen> {
     let size = prop_oneof![
         3 => 0usize..300,
         3 => prop::sample::select(vec![0usize, 1, 4095, 4096, 4097, 8191, 8192, 8193, 12288]),
@@ -689,7 +689,7 @@ fn add_xattrs(mut case: Case, path: &str, xattrs: &[GenXattr]) -> Case {
     case
 }
 
-fn add_gen(case: Case, path: &str, node: &Gen, depth: u32) -> Case {
+pub(crate) fn add_gen(case: Case, path: &str, node: &Gen, depth: u32) -> Case {
     let owner = meta(0).with_owner(depth * 1000, depth).with_mtime(i64::from(depth) * 100_000, 0);
     match node {
         Gen::File { size, seed, mode, xattrs } => {
@@ -827,8 +827,7 @@ fn inspect_reads_back_what_the_writer_wrote() {
         (summary.free_blocks, summary.inodes, summary.free_inodes)
     );
     assert_eq!(info.volume_bytes, summary.image_bytes);
-    let expected =
-        "ext_attr filetype extent 64bit flex_bg sparse_super large_file huge_file dir_nlink extra_isize metadata_csum";
+    let expected = "ext_attr dir_index filetype extent 64bit flex_bg sparse_super large_file huge_file dir_nlink extra_isize metadata_csum";
     assert_eq!(info.features, expected.split(' ').collect::<Vec<_>>());
     assert_info_matches_dumpe2fs(&info, &path);
 }
@@ -932,7 +931,14 @@ pub(crate) fn assert_kernel_sees(target: &Path, case: &Case) {
 
 impl Drop for Mounted {
     fn drop(&mut self) {
-        let _ = Command::new("umount").arg(&self.0).status();
+        let unmounted = Command::new("umount").arg(&self.0).status().is_ok_and(|status| status.success());
+        if !unmounted {
+            // Never leave a mount behind on the machine: detach it lazily, and fail the test.
+            let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+            if !std::thread::panicking() {
+                panic!("{} was busy at unmount: a test left a file open in it", self.0.display());
+            }
+        }
     }
 }
 

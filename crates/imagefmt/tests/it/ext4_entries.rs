@@ -419,5 +419,41 @@ fn the_host_kernel_reads_every_entry_kind_and_the_holes_of_a_5_gib_file() {
     }
     let sparse = fs::symlink_metadata(target.join("var/sparse")).unwrap();
     assert_eq!(sparse.blocks(), 6 * 8, "var/sparse's 50,000 bytes take blocks 0, 4 to 7 and 12");
+    // An open file would keep the mount busy.
+    drop(big);
     drop(mounted);
+}
+
+#[test]
+fn a_host_roots_lost_and_found_is_skipped_not_an_error() {
+    // A tree copied from an ext4 root, or from a mounted image, has one.
+    let host = tempfile::tempdir().unwrap();
+    let src = host.path().join("src");
+    fs::create_dir_all(src.join("lost+found")).unwrap();
+    fs::write(src.join("lost+found/#12"), b"an orphan of the host").unwrap();
+    fs::create_dir_all(src.join("srv/lost+found")).unwrap();
+    fs::write(src.join("srv/lost+found/kept"), b"not at the root: content").unwrap();
+    let mut tree = Ext4Tree::new();
+    tree.add_host_path("", &src).unwrap();
+    assert_eq!((tree.file_count(), tree.dir_count()), (1, 2), "srv, srv/lost+found and its file");
+    let dir = tempfile::tempdir().unwrap();
+    let image = write(&tree, dir.path());
+    let Some((_, debugfs)) = tools() else { return };
+    let listing = run_debugfs(&debugfs, &image, "ls -l /lost+found\nls -l /srv/lost+found\n");
+    assert!(!listing.contains("#12"), "the host's orphan stays out:\n{listing}");
+    assert!(listing.contains("kept"), "a deeper lost+found is content:\n{listing}");
+}
+
+#[test]
+fn acls_where_linux_refuses_them_are_refused_naming_the_entry() {
+    let mut tree = Ext4Tree::new();
+    tree.add_symlink("link", "target", meta(0o777)).unwrap();
+    tree.add_file_from_bytes("file", b"x".to_vec(), meta(0o644)).unwrap();
+    tree.add_dir("dir", meta(0o755)).unwrap();
+    for (dest, name) in [("link", "system.posix_acl_access"), ("file", "system.posix_acl_default")] {
+        let err = tree.set_xattr(dest, name, &user_acl()).unwrap_err();
+        assert!(matches!(&err, Error::InvalidExt4Entry { path, .. } if path == dest), "{dest} {name}: {err}");
+    }
+    tree.set_xattr("file", "system.posix_acl_access", &user_acl()).unwrap();
+    tree.set_xattr("dir", "system.posix_acl_default", &user_acl()).unwrap();
 }
