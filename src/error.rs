@@ -72,6 +72,13 @@ pub enum Error {
         path.display(), crate::error::show_bytes(*disk), crate::error::show_bytes(*storage)
     )]
     DataDiskSizeChanged { path: std::path::PathBuf, disk: u64, storage: u64 },
+    #[error("resources.storage_seed must be a directory, but {} is not", path.display())]
+    StorageSeedNotADirectory { path: std::path::PathBuf },
+    #[error(
+        "Data disk {} holds neither an ext2/3/4 filesystem nor zeros; kiln formats only a disk it made blank: move it away to start with a new one",
+        path.display()
+    )]
+    DataDiskForeign { path: std::path::PathBuf },
     #[error("VM `{name}` is already running{}", pid.map(|p| format!(" (kiln run pid {p})")).unwrap_or_default())]
     VmBusy { name: String, pid: Option<u32> },
     #[error("VM `{name}` was not stopped cleanly; run `kiln gc` to release what it held")]
@@ -139,6 +146,8 @@ impl Error {
             | Error::TreeNotADirectory { .. }
             | Error::Spec { .. }
             | Error::DataDiskSizeChanged { .. }
+            | Error::StorageSeedNotADirectory { .. }
+            | Error::DataDiskForeign { .. }
             | Error::NoBinary
             | Error::NoImage
             | Error::K8sFiles { .. }

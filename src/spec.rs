@@ -160,6 +160,9 @@ pub struct Resources {
     pub memory: ByteSize,
     /// The data disk (`/mnt/data`), kept across runs; none when absent.
     pub storage: Option<ByteSize>,
+    /// A host directory copied onto the data disk when kiln creates it
+    /// (VMs only); an existing disk is never refilled.
+    pub storage_seed: Option<PathBuf>,
     /// GPUs.
     #[serde(default)]
     pub gpu: Gpu,
@@ -182,6 +185,7 @@ impl Default for Resources {
             cpus: default_cpus(),
             memory: default_memory(),
             storage: None,
+            storage_seed: None,
             gpu: Gpu::default(),
             confidentiality: Confidentiality::default(),
         }
@@ -414,6 +418,14 @@ impl Spec {
         if self.resources.memory.0 < 64 << 20 {
             return Err("resources.memory must be at least 64MiB".to_owned());
         }
+        if self.resources.storage.is_some_and(|size| size.0 < 8 << 20) {
+            return Err("resources.storage must be at least 8MiB: the data disk is journaled ext4".to_owned());
+        }
+        if self.resources.storage_seed.is_some() && self.resources.storage.is_none() {
+            return Err(
+                "resources.storage_seed fills the data disk, but resources.storage (its size) is not set".to_owned()
+            );
+        }
         let gpu = &self.resources.gpu;
         if gpu.policy == GpuPolicy::Required && gpu.count == 0 {
             return Err("resources.gpu.policy is \"required\" but resources.gpu.count is 0".to_owned());
@@ -468,7 +480,8 @@ impl Spec {
         for tree in self.service.files.values_mut() {
             resolve(&mut tree.path);
         }
-        for path in [&mut self.guest.kernel, &mut self.guest.initramfs].into_iter().flatten() {
+        let paths = [&mut self.guest.kernel, &mut self.guest.initramfs, &mut self.resources.storage_seed];
+        for path in paths.into_iter().flatten() {
             resolve(path);
         }
     }
@@ -601,6 +614,7 @@ files = { keystore = { path = "keystore", secret = true }, config = { path = "/e
 cpus = 2
 memory = "1GiB"
 storage = "256MiB"
+storage_seed = "seed"
 gpu = { count = 1, policy = "preferred", min_vram_gb = 16 }
 confidentiality = "tee-preferred"
 
@@ -665,6 +679,9 @@ security = { run_as_root = true, add_capabilities = ["NET_ADMIN"], run_as_user =
                             ByteSize(
                                 268435456,
                             ),
+                        ),
+                        storage_seed: Some(
+                            "/specs/seed",
                         ),
                         gpu: Gpu {
                             count: 1,
@@ -796,6 +813,7 @@ security = { run_as_root = true, add_capabilities = ["NET_ADMIN"], run_as_user =
                             536870912,
                         ),
                         storage: None,
+                        storage_seed: None,
                         gpu: Gpu {
                             count: 0,
                             policy: None,
@@ -859,6 +877,8 @@ security = { run_as_root = true, add_capabilities = ["NET_ADMIN"], run_as_user =
             "name = \"a\"\n[service]\n[guest]\ncmdline = \"quiet kiln.grace=soon\"\n",
             "name = \"a\"\n[service]\n[guest]\ncmdline = \"kiln.grace=1 kiln.grace=2\"\n",
             "name = \"a\"\n[service]\n[guest]\ncmdline = \"kiln.grace=86401\"\n",
+            "name = \"a\"\n[service]\n[resources]\nstorage_seed = \"seed\"\n",
+            "name = \"a\"\n[service]\n[resources]\nstorage = \"4MiB\"\n",
         ];
         let actual: String = cases
             .iter()
@@ -949,6 +969,10 @@ security = { run_as_root = true, add_capabilities = ["NET_ADMIN"], run_as_user =
             4 | cmdline = "kiln.grace=86401"
               |           ^^^^^^^^^^^^^^^^^^
             `kiln.grace=86401` is not a grace period: use whole seconds from 0 to 86400
+            ---
+            Spec app.toml: resources.storage_seed fills the data disk, but resources.storage (its size) is not set
+            ---
+            Spec app.toml: resources.storage must be at least 8MiB: the data disk is journaled ext4
             ---
         "#]]
         .assert_eq(&actual);

@@ -8,7 +8,7 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use anyhow::{Context, bail};
+use anyhow::Context;
 use clap::Args;
 use clap::builder::{OsStringValueParser, TypedValueParser};
 use indicatif::{ProgressBar, ProgressStyle};
@@ -16,7 +16,10 @@ use kiln::{DiskTree, LaunchScript, ServiceDisk};
 use kiln_imagefmt::{FatOptions, FatSummary, FatTree, FatType, NoCloudSeed, Qcow2Options};
 use serde::Serialize;
 
-use super::{DiskFormat, OutputArgs, count, elapsed_ms, human_bytes, parse_size_arg, print_report, volume_id};
+use super::{
+    DiskFormat, OutputArgs, container_note, count, elapsed_ms, human_bytes, parse_size_arg, print_report,
+    source_placement, volume_id, written_file,
+};
 
 /// Below this much file data a build takes well under a second: no bar.
 const PROGRESS_MIN_BYTES: u64 = 16 << 20;
@@ -154,29 +157,8 @@ fn fat_options(output: &OutputArgs, label: Option<String>, size: Option<u64>, fa
 
 /// Adds one `kiln image fat` SRC: `DIR`, `FILE` or `DEST=PATH`.
 fn add_source(tree: &mut FatTree, source: &OsStr) -> anyhow::Result<()> {
-    let path = Path::new(source);
-    // A host path that happens to contain `=` is a path, not DEST=PATH.
-    let exists = path.try_exists().unwrap_or(false);
-    if let (false, Some(at)) = (exists, source.as_bytes().iter().position(|&b| b == b'=')) {
-        let (dest, host) = source.as_bytes().split_at(at);
-        let Ok(dest) = std::str::from_utf8(dest) else {
-            bail!("The destination in {source:?} is not valid UTF-8");
-        };
-        tree.add_host_path(dest, OsStr::from_bytes(&host[1..]))?;
-        return Ok(());
-    }
-    if fs::metadata(path).is_ok_and(|meta| meta.is_dir()) {
-        tree.add_host_path("", path)?;
-        return Ok(());
-    }
-    // A file (or a path that does not resolve, which add_host_path reports).
-    let Some(name) = path.file_name() else {
-        bail!("{} has no file name to use in the image; write DEST={}", path.display(), path.display());
-    };
-    let Some(name) = name.to_str() else {
-        bail!("The name of {} is not valid UTF-8; write DEST=PATH with a UTF-8 DEST", path.display());
-    };
-    tree.add_host_path(name, path)?;
+    let (dest, path) = source_placement(source)?;
+    tree.add_host_path(dest, path)?;
     Ok(())
 }
 
@@ -199,9 +181,8 @@ fn build(tree: &FatTree, options: &FatOptions, output: &FatOutputArgs, started: 
     if let Some(bar) = bar {
         bar.finish_and_clear();
     }
-    let meta = fs::metadata(path).with_context(|| format!("Cannot read back {}", path.display()))?;
-    let mode = meta.permissions().mode() & 0o7777;
-    let report = Report::new(path, output.format, &summary, meta.len(), mode, elapsed_ms(started));
+    let (file_bytes, mode) = written_file(path)?;
+    let report = Report::new(path, output.format, &summary, file_bytes, mode, elapsed_ms(started));
     print_report(output.output.json, &report, Report::human)
 }
 
@@ -260,10 +241,7 @@ impl Report {
     }
 
     fn human(&self) -> String {
-        let container = match self.format {
-            "raw" => String::new(),
-            other => format!(" as {other} ({} file)", human_bytes(self.file_bytes)),
-        };
+        let container = container_note(self.format, self.file_bytes);
         format!(
             "Wrote {}: {} {}{container}, {}, {}, {} of data, {} clusters, volume {}, mode {}, {} ms",
             self.path,

@@ -142,7 +142,7 @@ impl Facts {
 }
 
 /// A UUID as `blkid` and `dumpe2fs` print it: 8-4-4-4-12 lower-case hex.
-fn uuid_text(uuid: &[u8; 16]) -> String {
+pub(super) fn uuid_text(uuid: &[u8; 16]) -> String {
     let hex: String = uuid.iter().map(|byte| format!("{byte:02x}")).collect();
     format!("{}-{}-{}-{}-{}", &hex[..8], &hex[8..12], &hex[12..16], &hex[16..20], &hex[20..])
 }

@@ -2,13 +2,19 @@
 //! (output options, sizes, reports). Every command that writes does so
 //! through kiln-imagefmt's atomic writers, so a failure leaves nothing behind.
 
+mod ext4;
 mod fat;
 mod info;
 mod initramfs;
 mod qcow2;
 
+use std::ffi::OsStr;
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
 use std::time::Instant;
 
+use anyhow::{Context, bail};
 use clap::{Args, Subcommand, ValueEnum};
 use kiln::parse_size;
 use kiln_imagefmt::FatOptions;
@@ -18,6 +24,8 @@ use serde::Serialize;
 pub(crate) enum ImageCommand {
     /// Build a FAT image from host files and directories.
     Fat(fat::FatArgs),
+    /// Build an ext4 filesystem from host files and directories, with their POSIX metadata.
+    Ext4(ext4::Ext4Args),
     /// Build a cloud-init NoCloud seed (label CIDATA).
     Cidata(fat::CidataArgs),
     /// Build a service disk (label SERVICEDISK): binary, launch script, extra trees.
@@ -27,7 +35,7 @@ pub(crate) enum ImageCommand {
     Qcow2(qcow2::Qcow2Command),
     /// Build a newc cpio initramfs from a directory.
     Initramfs(initramfs::InitramfsArgs),
-    /// Identify an image (FAT, qcow2, cpio) and summarise it.
+    /// Identify an image (FAT, ext2/3/4, qcow2, cpio) and summarise it.
     Info(info::InfoArgs),
 }
 
@@ -35,6 +43,7 @@ pub(crate) fn run(command: ImageCommand) -> anyhow::Result<()> {
     let started = Instant::now();
     match command {
         ImageCommand::Fat(args) => fat::image_fat(args, started),
+        ImageCommand::Ext4(args) => ext4::image_ext4(args, started),
         ImageCommand::Cidata(args) => fat::image_cidata(args, started),
         ImageCommand::ServiceDisk(args) => fat::image_service_disk(args, started),
         ImageCommand::Qcow2(qcow2::Qcow2Command::Create(args)) => qcow2::create(args, started),
@@ -126,4 +135,45 @@ fn human_bytes(bytes: u64) -> String {
 /// A FAT volume id as `1A2B-3C4D`, the way `dir` and `blkid` show it.
 fn volume_id(id: u32) -> String {
     format!("{:04X}-{:04X}", id >> 16, id & 0xffff)
+}
+
+/// Where one `SRC` of `kiln image fat` or `ext4` goes: `DEST=PATH` puts
+/// `PATH` at `DEST`, a `DIR` its contents at the root (`""`), a `FILE` at
+/// the root under its own name. A host path that happens to contain `=`
+/// is a path, not `DEST=PATH`.
+fn source_placement(source: &OsStr) -> anyhow::Result<(&str, &Path)> {
+    let path = Path::new(source);
+    let exists = path.try_exists().unwrap_or(false);
+    if let (false, Some(at)) = (exists, source.as_bytes().iter().position(|&b| b == b'=')) {
+        let (dest, host) = source.as_bytes().split_at(at);
+        let Ok(dest) = std::str::from_utf8(dest) else {
+            bail!("The destination in {source:?} is not valid UTF-8");
+        };
+        return Ok((dest, Path::new(OsStr::from_bytes(&host[1..]))));
+    }
+    if std::fs::metadata(path).is_ok_and(|meta| meta.is_dir()) {
+        return Ok(("", path));
+    }
+    // A file (or a path that does not resolve, which the writer reports).
+    let Some(name) = path.file_name() else {
+        bail!("{} has no file name to use in the image; write DEST={}", path.display(), path.display());
+    };
+    let Some(name) = name.to_str() else {
+        bail!("The name of {} is not valid UTF-8; write DEST=PATH with a UTF-8 DEST", path.display());
+    };
+    Ok((name, path))
+}
+
+/// The written image file's length and permission bits, for the report.
+fn written_file(path: &Path) -> anyhow::Result<(u64, u32)> {
+    let meta = std::fs::metadata(path).with_context(|| format!("Cannot read back {}", path.display()))?;
+    Ok((meta.len(), meta.permissions().mode() & 0o7777))
+}
+
+/// The summary line's note on the container: nothing for raw.
+fn container_note(format: &str, file_bytes: u64) -> String {
+    match format {
+        "raw" => String::new(),
+        other => format!(" as {other} ({} file)", human_bytes(file_bytes)),
+    }
 }

@@ -3,10 +3,11 @@
 
 use std::fs;
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
-use kiln_imagefmt::{FatOptions, FatTree, NoCloudSeed};
+use kiln_guest::DATA_DISK_LABEL;
+use kiln_imagefmt::{Ext4Options, Ext4Tree, FatOptions, FatTree, NoCloudSeed};
 use kiln_types::hash::Fnv1a64;
 
 use super::plan::{VmFiles, mac_for};
@@ -14,8 +15,9 @@ use crate::state::LeaseInfo;
 use crate::{DiskTree, Error, LaunchScript, Result, ServiceDisk, Spec};
 
 /// Builds (or reuses) the service disk, writes the seed, and creates the
-/// data disk if it does not exist; an existing data disk of another size
-/// than `resources.storage` is refused ([`Error::DataDiskSizeChanged`]).
+/// data disk (ext4, filled from `resources.storage_seed`) if it does not
+/// exist or is blank; an existing data disk of another size than
+/// `resources.storage` is refused ([`Error::DataDiskSizeChanged`]).
 /// Returns whether the service disk was reused.
 pub fn build_images(spec: &Spec, files: &VmFiles, lease: &LeaseInfo) -> Result<bool> {
     if let (Some(data), Some(size)) = (&files.data, spec.resources.storage) {
@@ -28,15 +30,64 @@ pub fn build_images(spec: &Spec, files: &VmFiles, lease: &LeaseInfo) -> Result<b
     tree.layout(&options)?.write_file(&files.seed, None)?;
     make_private(&files.seed)?;
     if let (Some(data), Some(size)) = (&files.data, spec.resources.storage)
-        && !data.exists()
+        && needs_filesystem(data)?
     {
-        create_blank_disk(data, size.0)?;
+        create_data_disk(data, size.0, spec.resources.storage_seed.as_deref())?;
     }
     Ok(reused)
 }
 
+/// Whether the data disk at `path` is still to be made: it does not exist,
+/// or an older kiln left it blank (its first 2 KiB zero, the guest's test)
+/// for kiln-init to format, which kiln-init no longer does. An ext2/3/4
+/// disk is left alone; anything else is refused, never overwritten.
+fn needs_filesystem(path: &Path) -> Result<bool> {
+    let io = |source| Error::InputIo { path: path.to_path_buf(), source };
+    let mut file = match fs::File::open(path) {
+        Ok(file) => file,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(true),
+        Err(e) => return Err(io(e)),
+    };
+    let mut head = vec![0u8; 2048];
+    let mut filled = 0;
+    while filled < head.len() {
+        match std::io::Read::read(&mut file, &mut head[filled..]).map_err(io)? {
+            0 => break,
+            n => filled += n,
+        }
+    }
+    if head.iter().all(|&b| b == 0) {
+        return Ok(true);
+    }
+    // The ext2/3/4 magic, 0xEF53, in the superblock at byte 1024.
+    if head[0x438..0x43A] == [0x53, 0xEF] {
+        return Ok(false);
+    }
+    Err(Error::DataDiskForeign { path: path.to_path_buf() })
+}
+
+/// Writes the data disk: journaled ext4 of exactly `size` bytes (inodes
+/// and journal as mke2fs sizes them for a disk that size) labelled `KILNDATA`,
+/// holding `seed`'s tree (owners, modes and times kept) when given,
+/// atomically (temporary file, then rename over a blank disk), mode 0600:
+/// it holds the service's data.
+fn create_data_disk(path: &Path, size: u64, seed: Option<&Path>) -> Result<()> {
+    let mut tree = Ext4Tree::new();
+    if let Some(seed) = seed {
+        if !seed.is_dir() {
+            return Err(Error::StorageSeedNotADirectory { path: seed.to_path_buf() });
+        }
+        // The seed may be a symlink to its directory; nothing inside is followed.
+        let seed = fs::canonicalize(seed).map_err(|source| Error::InputIo { path: seed.to_path_buf(), source })?;
+        tree.add_host_path("", &seed)?;
+    }
+    let options = Ext4Options::default().with_label(DATA_DISK_LABEL).with_size(size).with_journal(true);
+    tree.layout(&options)?.write_file(path)?;
+    make_private(path)
+}
+
 /// An existing data disk must have the size the spec asks for: growing it
-/// needs `resize2fs` in the guest (busybox has none), and shrinking loses data.
+/// needs `resize2fs` (busybox has none), and shrinking loses data.
 fn check_data_disk(path: &Path, storage: u64) -> Result<()> {
     match fs::metadata(path) {
         Ok(meta) if meta.len() != storage => {
@@ -147,15 +198,6 @@ pub(crate) fn seed(spec: &Spec, lease: &LeaseInfo) -> NoCloudSeed {
     }
 }
 
-fn create_blank_disk(path: &Path, size: u64) -> Result<()> {
-    let temp = path.with_extension("img.tmp");
-    let io = |source| Error::InputIo { path: path.to_path_buf(), source };
-    let file = fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(&temp).map_err(io)?;
-    file.set_len(size).map_err(io)?;
-    drop(file);
-    fs::rename(&temp, path).map_err(io)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -194,7 +236,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let disk = dir.path().join("web.img");
         check_data_disk(&disk, 16 << 20).unwrap();
-        create_blank_disk(&disk, 16 << 20).unwrap();
+        create_data_disk(&disk, 16 << 20, None).unwrap();
         check_data_disk(&disk, 16 << 20).unwrap();
         let err = check_data_disk(&disk, 32 << 20).unwrap_err().to_string();
         assert!(
@@ -204,5 +246,100 @@ mod tests {
             "{err}"
         );
         assert_eq!(fs::metadata(&disk).unwrap().len(), 16 << 20, "the disk is left as it was");
+    }
+
+    fn storage_spec(dir: &Path, seed: &str) -> (Spec, VmFiles) {
+        let binary = dir.join("service");
+        fs::write(&binary, b"#!/bin/sh\n").unwrap();
+        let text = format!("name = \"web\"\n[service]\nbinary = \"service\"\n[resources]\nstorage = \"16MiB\"\n{seed}");
+        let spec = Spec::parse(&text, &dir.join("kiln.toml")).unwrap();
+        let files = VmFiles {
+            service: dir.join("service.img"),
+            seed: dir.join("seed.img"),
+            data: Some(dir.join("data.img")),
+            console_log: dir.join("console.log"),
+            run_dir: dir.join("run"),
+            control_socket: dir.join("run/control.sock"),
+            vsock_socket: dir.join("run/vsock.sock"),
+        };
+        (spec, files)
+    }
+
+    fn lease() -> LeaseInfo {
+        LeaseInfo { host: [10, 0, 0, 1].into(), guest: [10, 0, 0, 2].into(), prefix_len: 30 }
+    }
+
+    #[test]
+    fn run_writes_the_data_disk_as_kilndata_ext4_of_exactly_storage_bytes_filled_once_from_storage_seed() {
+        use std::os::unix::fs::PermissionsExt;
+        use std::process::Command;
+        let test = kiln_testkit::current_test_name();
+        let Some(tools) = kiln_testkit::require_tools(&test, &["e2fsck", "debugfs"]) else { return };
+        let dir = tempfile::tempdir().unwrap();
+        fs::create_dir_all(dir.path().join("seed/conf")).unwrap();
+        fs::write(dir.path().join("seed/conf/app.toml"), b"port = 80\n").unwrap();
+        fs::set_permissions(dir.path().join("seed/conf"), fs::Permissions::from_mode(0o750)).unwrap();
+        let (spec, files) = storage_spec(dir.path(), "storage_seed = \"seed\"\n");
+        let data = files.data.clone().unwrap();
+        build_images(&spec, &files, &lease()).unwrap();
+
+        let meta = fs::metadata(&data).unwrap();
+        assert_eq!(meta.len(), 16 << 20, "exactly resources.storage bytes");
+        assert_eq!(meta.permissions().mode() & 0o777, 0o600, "the data disk is the owner's only");
+        let fsck = Command::new(&tools[0]).arg("-fn").arg(&data).output().unwrap();
+        assert!(fsck.status.success(), "e2fsck: {}", String::from_utf8_lossy(&fsck.stdout));
+        let mut image = fs::File::open(&data).unwrap();
+        match kiln_imagefmt::inspect(&mut image).unwrap() {
+            kiln_imagefmt::ImageInfo::Ext4(info) => {
+                assert_eq!(info.label.as_deref(), Some(DATA_DISK_LABEL));
+                assert_eq!(info.volume_bytes, 16 << 20);
+                assert!(info.features.iter().any(|f| f == "has_journal"), "journaled: {:?}", info.features);
+                // mke2fs -t ext4 gives a 16 MiB disk 4096 inodes: room for the service's files.
+                assert_eq!(info.inodes, 4096);
+            }
+            other => panic!("the data disk is not ext4: {other:?}"),
+        }
+        let debugfs = |request: &str| {
+            let out = Command::new(&tools[1]).args(["-R", request]).arg(&data).output().unwrap();
+            String::from_utf8_lossy(&out.stdout).into_owned()
+        };
+        assert_eq!(debugfs("cat /conf/app.toml"), "port = 80\n", "the seed's file is on the disk");
+        assert!(debugfs("stat /conf").contains("Mode:  0750"), "the seed's modes are kept: {}", debugfs("stat /conf"));
+
+        // Later runs leave the disk alone, whatever the seed now holds.
+        let before = fs::read(&data).unwrap();
+        fs::write(dir.path().join("seed/conf/app.toml"), b"port = 81\n").unwrap();
+        build_images(&spec, &files, &lease()).unwrap();
+        assert!(fs::read(&data).unwrap() == before, "an existing data disk was rewritten");
+    }
+
+    #[test]
+    fn run_formats_a_blank_data_disk_from_an_older_kiln_and_refuses_a_foreign_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let (spec, files) = storage_spec(dir.path(), "");
+        let data = files.data.clone().unwrap();
+        // What kiln made before: a sparse file of zeros for the guest to format.
+        fs::File::create(&data).unwrap().set_len(16 << 20).unwrap();
+        build_images(&spec, &files, &lease()).unwrap();
+        let head = fs::read(&data).unwrap();
+        assert_eq!(head.len(), 16 << 20);
+        assert_eq!(&head[0x438..0x43A], &[0x53, 0xEF], "the blank disk now holds ext4");
+
+        let mut foreign = vec![0u8; 16 << 20];
+        foreign[..4].copy_from_slice(b"XFSB");
+        fs::write(&data, &foreign).unwrap();
+        let err = build_images(&spec, &files, &lease()).unwrap_err().to_string();
+        assert!(err.contains(&data.display().to_string()) && err.contains("neither an ext2/3/4"), "{err}");
+        assert!(fs::read(&data).unwrap() == foreign, "a foreign disk is never overwritten");
+    }
+
+    #[test]
+    fn run_refuses_a_storage_seed_that_is_not_a_directory_naming_the_field() {
+        let dir = tempfile::tempdir().unwrap();
+        fs::write(dir.path().join("seed.txt"), b"not a tree").unwrap();
+        let (spec, files) = storage_spec(dir.path(), "storage_seed = \"seed.txt\"\n");
+        let err = build_images(&spec, &files, &lease()).unwrap_err().to_string();
+        assert!(err.contains("resources.storage_seed") && err.contains("seed.txt"), "{err}");
+        assert!(!files.data.unwrap().exists(), "no data disk is left behind");
     }
 }

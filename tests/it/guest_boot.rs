@@ -2,7 +2,7 @@
 //! `kiln-init` from `cargo xtask guest`'s initramfs, a service disk built by
 //! `ServiceDisk` and the seed by `NoCloudSeed` (so the kernel's vfat reads
 //! kiln's FAT writer, and its initramfs unpacker kiln's cpio writer), and a
-//! data disk kiln-init formats on first boot.
+//! data disk made by kiln's ext4 writer (kiln-init formats nothing).
 //!
 //! Each guest is a `kiln_vmm::VmPlan` started by kiln-vmm's QEMU backend
 //! under TCG, as `kiln run` starts one, with a NIC on QEMU's user-mode
@@ -17,7 +17,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use kiln::{DiskTree, LaunchScript, ServiceDisk};
-use kiln_imagefmt::{FatOptions, NoCloudSeed, Qcow2Options, create_qcow2};
+use kiln_imagefmt::{Ext4Options, Ext4Tree, FatOptions, NoCloudSeed, Qcow2Options};
 use kiln_testkit::{GuestAssets, guest_assets, require_tools};
 use kiln_vmm::{
     AccelChoice, Backend, Console as VmConsole, Disk, DiskFormat, LaunchOptions, ShutdownHow, Status, VmPlan, launch,
@@ -212,10 +212,11 @@ fn guest_runs_the_service_and_keeps_its_data_across_boots() {
     let key: Vec<u8> = (0..2048_u32).map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8).collect();
     fs::write(keystore.join("key.bin"), &key).unwrap();
     let seed = seed(dir.path());
-    // The data disk as kiln creates it: an empty qcow2 (kiln's writer),
-    // which the guest sees as blank and formats.
+    // The data disk as kiln creates it: ext4 labelled KILNDATA, written here
+    // straight into qcow2 by kiln's ext4 writer, which the guest mounts.
     let data = dir.path().join("data.qcow2");
-    create_qcow2(&data, 64 << 20, &Qcow2Options::default()).unwrap();
+    let options = Ext4Options::default().with_label(kiln_guest::DATA_DISK_LABEL).with_size(64 << 20);
+    Ext4Tree::new().layout(&options).unwrap().write_qcow2_file(&data, &Qcow2Options::default()).unwrap();
 
     // First boot: everything the service is given reaches it intact, and
     // its exit status comes back on the console.

@@ -5,6 +5,7 @@
 #![allow(clippy::unwrap_used)]
 
 mod cli_errors;
+mod cli_ext4;
 mod cli_images;
 mod cli_info;
 mod cli_initramfs;

@@ -164,6 +164,9 @@ fn run_reports_output_and_exit_code_and_keeps_the_data_disk() {
     let Some(world) = World::new("data") else { return };
     std::fs::create_dir(world.dir.path().join("keystore")).unwrap();
     std::fs::write(world.dir.path().join("keystore/key"), b"the key\n").unwrap();
+    // The data disk kiln makes is filled from the seed once, on creation.
+    std::fs::create_dir(world.dir.path().join("seed")).unwrap();
+    std::fs::write(world.dir.path().join("seed/seeded"), b"from the seed\n").unwrap();
     let spec = |args: &str| {
         format!(
             r#"name = "probe"
@@ -175,6 +178,7 @@ files = {{ keystore = {{ path = "keystore", secret = true }} }}
 [resources]
 memory = "256MiB"
 storage = "16MiB"
+storage_seed = "seed"
 [network]
 host_ports = [7000]
 "#,
@@ -183,7 +187,7 @@ host_ports = [7000]
     };
     let first = world.spec(
         "first",
-        &spec(r#""--env", "RPC_URL", "--env", "QUOTED", "--sha256", "/srv/keystore/key", "--write", "/mnt/data/kept=from run 1", "--exit", "7""#),
+        &spec(r#""--env", "RPC_URL", "--env", "QUOTED", "--sha256", "/srv/keystore/key", "--read", "/mnt/data/seeded", "--write", "/mnt/data/kept=from run 1", "--exit", "7""#),
     );
     let output = world.run(&first);
     let stdout = text(&output.stdout);
@@ -196,13 +200,21 @@ host_ports = [7000]
     };
     assert!(stdout.contains(&format!("probe: sha256 /srv/keystore/key {digest}")), "{stdout}");
     assert!(text(&output.stderr).contains("service exited with status 7"), "{}", text(&output.stderr));
+    assert!(
+        stdout.contains(r#"probe: read /mnt/data/seeded "from the seed\n""#),
+        "the seed is not on the disk:\n{stdout}"
+    );
+    assert!(stdout.contains("probe: wrote /mnt/data/kept"), "the service cannot write the data disk:\n{stdout}");
     world.assert_nothing_left();
 
-    let second = world.spec("second", &spec(r#""--read", "/mnt/data/kept""#));
+    // A later run leaves the disk alone, whatever the seed holds now.
+    std::fs::write(world.dir.path().join("seed/seeded"), b"changed\n").unwrap();
+    let second = world.spec("second", &spec(r#""--read", "/mnt/data/kept", "--read", "/mnt/data/seeded""#));
     let output = world.run(&second);
     let stdout = text(&output.stdout);
     assert_eq!(output.status.code(), Some(0), "{stdout}\n{}", text(&output.stderr));
     assert!(stdout.contains("from run 1"), "the data disk lost the first run's file:\n{stdout}");
+    assert!(stdout.contains(r#"probe: read /mnt/data/seeded "from the seed\n""#), "the disk was refilled:\n{stdout}");
     world.assert_nothing_left();
 
     let ps = world.kiln(&["ps", "--json"]).output().unwrap();

@@ -22,8 +22,8 @@ pub(crate) const TEST_PACKAGES: &[&[&str]] = &[
     // Debian 12's qemu-system-x86 and qemu-utils stay the same version.
     &["qemu-system-x86", "qemu-utils"],
     // A static busybox: /init of kiln-vmm's tiny test initramfs, and
-    // /bin/busybox in the guest (`sh` for /srv/launch, `mke2fs` for the data
-    // disk's first boot; `cargo xtask guest` copies it).
+    // /bin/busybox in the guest (`sh` for /srv/launch; `cargo xtask guest`
+    // copies it).
     &["busybox-static"],
     // e2fsck -fn: the boot tests check the guest left its data disk clean.
     &["e2fsprogs"],

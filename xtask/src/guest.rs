@@ -3,8 +3,7 @@
 //! - `vmlinuz`: Debian's cloud kernel (bzImage) for QEMU, and `vmlinux`,
 //!   the ELF inside it (`kiln_guest::extract_vmlinux`) for cloud-hypervisor;
 //! - `initramfs.cpio.gz` (written by `kiln_imagefmt::CpioArchive`):
-//!   `kiln-init` as `/init`, busybox (for `/srv/launch`'s `sh` and the data
-//!   disk's `mke2fs`), and the modules the guest needs with their load order;
+//!   `kiln-init` as `/init`, busybox (for `/srv/launch`'s `sh`), and the modules the guest needs with their load order;
 //! - `service-probe`: the static test service the boot tests put on a
 //!   service disk; `tree-manifest`: the static tree lister the ext4 boot
 //!   tests run in the guest and on the host; `manifest.txt`: kernel,

@@ -449,3 +449,27 @@ fn count_cpio<R: Read>(mut input: R, gzip: bool) -> Result<CpioInfo> {
         offset += 110 + name_padded as u64 + size.next_multiple_of(4);
     }
 }
+
+/// The ext4 superblock reader, reachable from the `ext4_info` fuzz target
+/// without building a whole image around each input.
+#[doc(hidden)]
+pub mod fuzzing {
+    use super::{Ext4Info, inspect_ext4};
+    use crate::Result;
+
+    /// The length of an ext2/3/4 superblock.
+    pub const EXT4_SUPERBLOCK_BYTES: usize = 1024;
+
+    /// Reads `superblock` (exactly [`EXT4_SUPERBLOCK_BYTES`] long, the
+    /// magic already checked by the caller) as `inspect` would.
+    pub fn inspect_ext4_superblock(superblock: &[u8; EXT4_SUPERBLOCK_BYTES]) -> Result<Ext4Info> {
+        inspect_ext4(superblock)
+    }
+
+    /// Stores the `metadata_csum` checksum of `superblock` in its last four
+    /// bytes, so that a fuzzer reaches the fields behind the checksum.
+    pub fn seal_ext4_superblock(superblock: &mut [u8; EXT4_SUPERBLOCK_BYTES]) {
+        let sum = crate::ext4::crc32c::update(!0, &superblock[..0x3FC]);
+        superblock[0x3FC..].copy_from_slice(&sum.to_le_bytes());
+    }
+}

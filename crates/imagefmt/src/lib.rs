@@ -40,6 +40,10 @@ pub use fat::{FatLayout, FatOptions, FatSummary, FatTree, FatType};
 pub use inspect::{CpioInfo, Ext4Info, FatInfo, ImageInfo, Qcow2Info, inspect};
 pub use qcow2::{Qcow2Options, Qcow2Summary, convert_to_qcow2, create_qcow2};
 
+/// Readers the fuzz targets reach without a whole image around each input.
+#[doc(hidden)]
+pub use inspect::fuzzing;
+
 /// The README's example, compiled and run as a doctest.
 #[cfg(doctest)]
 #[doc = include_str!("../README.md")]

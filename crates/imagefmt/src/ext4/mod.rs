@@ -29,6 +29,7 @@ mod host;
 mod htree;
 mod journal;
 mod layout;
+mod output;
 mod tree;
 mod xattr;
 

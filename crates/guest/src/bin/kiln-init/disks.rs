@@ -1,10 +1,9 @@
 //! The disks: found by what they hold, never by order; the service disk
-//! and seed mounted read-only; the data disk chosen, formatted when blank
-//! (never otherwise) and mounted.
+//! and seed mounted read-only; the data disk chosen and mounted (the host
+//! makes its filesystem; kiln-init never formats anything).
 
 use std::fs::{self, File};
 use std::io::{self, Read};
-use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use kiln_guest::{DATA_DISK_LABEL, DATA_DISK_SERIAL, DiskKind, classify_disk};
@@ -102,71 +101,42 @@ pub(crate) fn mount_fat(device: &str, target: &str) -> Result<()> {
         .context(|| format!("cannot mount {device} (vfat, read-only) on {target}"))
 }
 
-/// What to do with the data disk.
-#[derive(Debug)]
-enum DataDisk<'a> {
-    /// No disk is the data disk: `/mnt/data` stays absent.
-    None,
-    Mount(&'a Disk),
-    FormatThenMount(&'a Disk),
-}
+/// The ext4 mount options of the data disk: a filesystem error makes it
+/// read-only rather than letting the service write on into a damaged
+/// filesystem (the superblock's own choice, "continue", is mke2fs's
+/// default and older kiln's ext2 disks carry it).
+const DATA_MOUNT_OPTIONS: &str = "errors=remount-ro";
 
 /// The data disk is an ext filesystem labelled `KILNDATA`, or else the
-/// disk with virtio serial `kiln-data`, which is formatted only when blank
-/// (its first 2 KiB all zero). Anything else on that disk is refused, never
-/// overwritten.
-fn choose_data_disk(disks: &[Disk]) -> Result<DataDisk<'_>> {
+/// disk with virtio serial `kiln-data` if it holds an ext filesystem. kiln
+/// makes that filesystem on the host (ext2 from older kilns, ext4 now; the
+/// kernel's ext4 driver mounts both), so a blank or foreign disk there is
+/// an error naming the device, never formatted.
+fn choose_data_disk(disks: &[Disk]) -> Result<Option<&Disk>> {
     let labelled = disks.iter().find(|d| matches!(&d.kind, DiskKind::Ext { label: Some(l) } if l == DATA_DISK_LABEL));
     if let Some(disk) = labelled {
-        return Ok(DataDisk::Mount(disk));
+        return Ok(Some(disk));
     }
     let Some(disk) = disks.iter().find(|d| d.serial == DATA_DISK_SERIAL) else {
-        return Ok(DataDisk::None);
+        return Ok(None);
     };
     match &disk.kind {
-        DiskKind::Blank => Ok(DataDisk::FormatThenMount(disk)),
-        DiskKind::Ext { .. } => Ok(DataDisk::Mount(disk)),
+        DiskKind::Ext { .. } => Ok(Some(disk)),
         other => Err(Failure(format!(
-            "data disk {} (serial {DATA_DISK_SERIAL}) holds {other:?}, not ext and not blank; refusing to format it",
+            "data disk {} (serial {DATA_DISK_SERIAL}) holds {other:?}, not an ext filesystem; kiln makes the data disk on the host, and kiln-init formats nothing",
             disk.device
         ))),
     }
 }
 
-/// Mounts the data disk at `/mnt/data` (see [`choose_data_disk`]), making
-/// the filesystem first when the disk is blank: busybox `mke2fs`, ext2
-/// served by the built-in ext4 driver.
+/// Mounts the data disk at `/mnt/data` (see [`choose_data_disk`]) with
+/// [`DATA_MOUNT_OPTIONS`].
 pub(crate) fn mount_data_disk(disks: &[Disk]) -> Result<()> {
-    let disk = match choose_data_disk(disks)? {
-        DataDisk::None => return Ok(()),
-        DataDisk::Mount(disk) => disk,
-        DataDisk::FormatThenMount(disk) => {
-            format_data_disk(disk)?;
-            disk
-        }
-    };
+    let Some(disk) = choose_data_disk(disks)? else { return Ok(()) };
     fs::create_dir_all("/mnt/data").context(|| "cannot create /mnt/data".to_owned())?;
-    sys::mount(&disk.device, "/mnt/data", "ext4", libc::MS_NODEV | libc::MS_NOSUID, "")
-        .context(|| format!("cannot mount the data disk {} (ext4) on /mnt/data", disk.device))?;
+    sys::mount(&disk.device, "/mnt/data", "ext4", libc::MS_NODEV | libc::MS_NOSUID, DATA_MOUNT_OPTIONS)
+        .context(|| format!("cannot mount the data disk {} (ext4, {DATA_MOUNT_OPTIONS}) on /mnt/data", disk.device))?;
     say(&format!("data disk {} mounted on /mnt/data", disk.device));
-    Ok(())
-}
-
-fn format_data_disk(disk: &Disk) -> Result<()> {
-    say(&format!("data disk {} is blank: making a filesystem", disk.device));
-    let output = Command::new("/bin/busybox")
-        .args(["mke2fs", "-q", "-L", DATA_DISK_LABEL, &disk.device])
-        .stdin(Stdio::null())
-        .output()
-        .context(|| "cannot run /bin/busybox mke2fs".to_owned())?;
-    if !output.status.success() {
-        return Err(Failure(format!(
-            "mke2fs {} failed ({}): {}",
-            disk.device,
-            output.status,
-            String::from_utf8_lossy(&output.stderr).trim()
-        )));
-    }
     Ok(())
 }
 
@@ -180,15 +150,14 @@ mod tests {
 
     fn choice(disks: &[Disk]) -> String {
         match choose_data_disk(disks) {
-            Ok(DataDisk::None) => "none".to_owned(),
-            Ok(DataDisk::Mount(disk)) => format!("mount {}", disk.name),
-            Ok(DataDisk::FormatThenMount(disk)) => format!("format {}", disk.name),
+            Ok(None) => "none".to_owned(),
+            Ok(Some(disk)) => format!("mount {}", disk.name),
             Err(err) => format!("error: {err}"),
         }
     }
 
     #[test]
-    fn data_disk_choice() {
+    fn data_disk_choice_mounts_ext_and_never_formats() {
         let ext = |label: &str| DiskKind::Ext { label: Some(label.to_owned()) };
         let fat = |label: &str| DiskKind::Fat { label: Some(label.to_owned()) };
         let service = disk("vda", "", fat("SERVICEDISK"));
@@ -198,17 +167,20 @@ mod tests {
             "none",
             "a blank disk without the serial is left alone"
         );
-        assert_eq!(choice(&[disk("vdb", "kiln-data", DiskKind::Blank)]), "format vdb");
+        assert_eq!(
+            choice(&[disk("vdb", "kiln-data", DiskKind::Blank)]),
+            "error: data disk /dev/vdb (serial kiln-data) holds Blank, not an ext filesystem; kiln makes the data disk on the host, and kiln-init formats nothing"
+        );
         assert_eq!(choice(&[disk("vdb", "kiln-data", ext("KILNDATA"))]), "mount vdb");
         assert_eq!(choice(&[disk("vdb", "kiln-data", ext("other"))]), "mount vdb");
         assert_eq!(choice(&[disk("vdc", "", ext("KILNDATA")), disk("vdb", "kiln-data", DiskKind::Blank)]), "mount vdc");
         assert_eq!(
             choice(&[disk("vdb", "kiln-data", fat("SERVICEDISK"))]),
-            "error: data disk /dev/vdb (serial kiln-data) holds Fat { label: Some(\"SERVICEDISK\") }, not ext and not blank; refusing to format it"
+            "error: data disk /dev/vdb (serial kiln-data) holds Fat { label: Some(\"SERVICEDISK\") }, not an ext filesystem; kiln makes the data disk on the host, and kiln-init formats nothing"
         );
         assert_eq!(
             choice(&[service, disk("vdb", "kiln-data", DiskKind::Unknown)]),
-            "error: data disk /dev/vdb (serial kiln-data) holds Unknown, not ext and not blank; refusing to format it"
+            "error: data disk /dev/vdb (serial kiln-data) holds Unknown, not an ext filesystem; kiln makes the data disk on the host, and kiln-init formats nothing"
         );
     }
 }
