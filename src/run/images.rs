@@ -32,7 +32,7 @@ pub fn build_images(spec: &Spec, files: &VmFiles, lease: &LeaseInfo) -> Result<b
     if let (Some(data), Some(size)) = (&files.data, spec.resources.storage)
         && needs_filesystem(data)?
     {
-        create_data_disk(data, size.0, spec.resources.storage_seed.as_deref())?;
+        create_data_disk(data, size.0, spec.resources.storage_seed.as_deref(), spec.name.as_str())?;
     }
     Ok(reused)
 }
@@ -71,7 +71,7 @@ fn needs_filesystem(path: &Path) -> Result<bool> {
 /// holding `seed`'s tree (owners, modes and times kept) when given,
 /// atomically (temporary file, then rename over a blank disk), mode 0600:
 /// it holds the service's data.
-fn create_data_disk(path: &Path, size: u64, seed: Option<&Path>) -> Result<()> {
+fn create_data_disk(path: &Path, size: u64, seed: Option<&Path>, vm: &str) -> Result<()> {
     let mut tree = Ext4Tree::new();
     if let Some(seed) = seed {
         if !seed.is_dir() {
@@ -81,9 +81,31 @@ fn create_data_disk(path: &Path, size: u64, seed: Option<&Path>) -> Result<()> {
         let seed = fs::canonicalize(seed).map_err(|source| Error::InputIo { path: seed.to_path_buf(), source })?;
         tree.add_host_path("", &seed)?;
     }
-    let options = Ext4Options::default().with_label(DATA_DISK_LABEL).with_size(size).with_journal(true);
+    let options = Ext4Options::default()
+        .with_label(DATA_DISK_LABEL)
+        .with_size(size)
+        .with_journal(true)
+        .with_uuid(data_disk_uuid(vm));
     tree.layout(&options)?.write_file(path)?;
     make_private(path)
+}
+
+/// The data disk's UUID, from the VM's name: the writer's own derivation
+/// sees only the tree's shape and the size, so every VM's empty disk of one
+/// size would share a UUID, which clashes when two are attached or mounted
+/// on one host.
+fn data_disk_uuid(vm: &str) -> [u8; 16] {
+    let mut hash = kiln_types::hash::Fnv1a64::new();
+    hash.field(b"kiln data disk").field(vm.as_bytes());
+    let first = hash.finish();
+    let second = hash.feed(b"second half").finish();
+    let mut uuid = [0u8; 16];
+    uuid[..8].copy_from_slice(&first.to_le_bytes());
+    uuid[8..].copy_from_slice(&second.to_le_bytes());
+    // An RFC 4122 version 4 UUID, so that tools show it as one.
+    uuid[6] = uuid[6] & 0x0F | 0x40;
+    uuid[8] = uuid[8] & 0x3F | 0x80;
+    uuid
 }
 
 /// An existing data disk must have the size the spec asks for: growing it
@@ -236,7 +258,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let disk = dir.path().join("web.img");
         check_data_disk(&disk, 16 << 20).unwrap();
-        create_data_disk(&disk, 16 << 20, None).unwrap();
+        create_data_disk(&disk, 16 << 20, None, "web").unwrap();
         check_data_disk(&disk, 16 << 20).unwrap();
         let err = check_data_disk(&disk, 32 << 20).unwrap_err().to_string();
         assert!(
@@ -246,6 +268,22 @@ mod tests {
             "{err}"
         );
         assert_eq!(fs::metadata(&disk).unwrap().len(), 16 << 20, "the disk is left as it was");
+    }
+
+    #[test]
+    fn run_gives_each_vms_data_disk_its_own_uuid() {
+        let dir = tempfile::tempdir().unwrap();
+        let uuid_of = |vm: &str| {
+            let disk = dir.path().join(format!("{vm}.img"));
+            create_data_disk(&disk, 16 << 20, None, vm).unwrap();
+            match kiln_imagefmt::inspect(&mut fs::File::open(&disk).unwrap()).unwrap() {
+                kiln_imagefmt::ImageInfo::Ext4(info) => info.uuid,
+                other => panic!("{vm}: not ext4: {other:?}"),
+            }
+        };
+        let web = uuid_of("web");
+        assert_ne!(web, uuid_of("db"), "two VMs' empty disks of one size");
+        assert_eq!(web, data_disk_uuid("web"), "the disk carries the UUID derived from its VM");
     }
 
     fn storage_spec(dir: &Path, seed: &str) -> (Spec, VmFiles) {

@@ -326,8 +326,18 @@ pub(crate) struct WriteSeekSink<'w, W> {
 }
 
 impl<'w, W: Write + Seek> WriteSeekSink<'w, W> {
-    pub(crate) fn new(out: &'w mut W) -> WriteSeekSink<'w, W> {
-        WriteSeekSink { out, end: 0 }
+    /// Refuses a target that already holds bytes: the writers skip regions
+    /// that are zero in the image, so old bytes there would show through
+    /// (an old journal replayed, stale inodes a filesystem trusts are zero).
+    pub(crate) fn new(out: &'w mut W) -> io::Result<WriteSeekSink<'w, W>> {
+        let held = out.seek(SeekFrom::End(0))?;
+        if held != 0 {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("the target already holds {held} bytes; an image is written only into an empty one"),
+            ));
+        }
+        Ok(WriteSeekSink { out, end: 0 })
     }
 }
 
@@ -358,11 +368,19 @@ mod tests {
         data[ZERO_BLOCK + 7] = 1;
         data[4 * ZERO_BLOCK] = 2;
         let mut out = Cursor::new(Vec::new());
-        let mut sink = WriteSeekSink::new(&mut out);
+        let mut sink = WriteSeekSink::new(&mut out).unwrap();
         write_nonzero(&mut sink, 512, &data).unwrap();
         sink.finish(512 + data.len() as u64).unwrap();
         let image = out.into_inner();
         assert_eq!(&image[512..], &data[..]);
+    }
+
+    #[test]
+    fn a_target_already_holding_bytes_is_refused() {
+        // Zero regions are skipped, so they would read as the old bytes.
+        let mut out = Cursor::new(vec![0xA5u8; 8192]);
+        let err = WriteSeekSink::new(&mut out).unwrap_err();
+        assert!(err.to_string().contains("already holds 8192 bytes"), "{err}");
     }
 
     #[test]

@@ -180,13 +180,20 @@ impl Geometry {
     /// The geometry for `blocks` blocks holding at least `inodes` inodes,
     /// or `None` if its metadata or journal would not fit. A short last
     /// group is dropped, by mke2fs's rule.
-    fn for_blocks(blocks: u64, inodes: u64, journal: bool, image_bytes: u64) -> Option<Geometry> {
+    fn for_blocks(blocks: u64, demand: Demand, image_bytes: u64) -> Option<Geometry> {
+        let (inodes, journal) = (demand.inodes_for(blocks), demand.journal);
         let mut blocks = blocks;
         loop {
             let groups = blocks.div_ceil(BLOCKS_PER_GROUP);
             let mut ipg = inodes.div_ceil(groups).next_multiple_of(16).max(16);
             if ipg > BLOCK * 8 {
-                return None;
+                // mke2fs's ratio, counted before a short last group was
+                // dropped, can ask more than a bitmap holds: give what it
+                // holds (mke2fs shrinks its groups instead), if the tree fits.
+                if demand.inodes.div_ceil(groups) > BLOCK * 8 {
+                    return None;
+                }
+                ipg = BLOCK * 8;
             }
             if ipg * groups > MAX_INODES {
                 ipg = MAX_INODES / groups / 16 * 16;
@@ -209,7 +216,7 @@ impl Geometry {
                 image_bytes,
                 journal: None,
             };
-            if ipg * groups < inodes || (0..=last).any(|g| geometry.metadata(g) > geometry.blocks_in_group(g)) {
+            if ipg * groups < demand.inodes || (0..=last).any(|g| geometry.metadata(g) > geometry.blocks_in_group(g)) {
                 return None;
             }
             if journal {
@@ -249,8 +256,7 @@ pub(crate) fn size_geometry(size: Option<u64>, demand: Demand) -> Result<Geometr
     let floor = if demand.journal { journal::MIN_FS_BLOCKS } else { MIN_BLOCKS };
     let mut blocks = (demand.data_blocks + 16).max(floor);
     loop {
-        let inodes = demand.inodes_for(blocks);
-        let geometry = match Geometry::for_blocks(blocks, inodes, demand.journal, blocks * BLOCK) {
+        let geometry = match Geometry::for_blocks(blocks, demand, blocks * BLOCK) {
             Some(geometry) => geometry,
             // More groups make each group's inode table smaller, so that
             // a flex group's tables fit in its first group.
@@ -290,9 +296,8 @@ fn fixed_geometry(size: u64, demand: Demand) -> Result<Geometry> {
             ),
         });
     }
-    let inodes = demand.inodes_for(blocks);
-    let geometry = Geometry::for_blocks(blocks, inodes, demand.journal, size)
-        .ok_or_else(|| Error::DoesNotFit { needed: (inodes * INODE_SIZE).max(size + 1), size })?;
+    let geometry = Geometry::for_blocks(blocks, demand, size)
+        .ok_or_else(|| Error::DoesNotFit { needed: (demand.inodes * INODE_SIZE).max(size + 1), size })?;
     let needed = geometry.reserved_total() + demand.data_blocks;
     if needed > geometry.blocks {
         return Err(Error::DoesNotFit { needed: needed * BLOCK, size });

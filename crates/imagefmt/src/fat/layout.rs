@@ -260,10 +260,11 @@ impl FatLayout<'_> {
         }
     }
 
-    /// Writes the image to `out`, which must read as zeros (a new file or an
-    /// empty buffer): regions that are zero in the image are skipped.
+    /// Writes the image to `out`, which must be empty (a new file or an
+    /// empty buffer; anything else is refused): regions that are zero in
+    /// the image are skipped, so old bytes would show through.
     pub fn write_to<W: Write + Seek>(&self, out: &mut W) -> Result<()> {
-        let mut sink = crate::sink::WriteSeekSink::new(out);
+        let mut sink = crate::sink::WriteSeekSink::new(out).map_err(Error::Write)?;
         self.emit(&mut sink, &mut |_| {})
     }
 

@@ -288,3 +288,19 @@ fn the_host_kernel_mounts_a_journaled_disk_read_write_and_e2fsck_is_clean_after(
         fs::remove_file(&image).unwrap();
     }
 }
+
+#[test]
+fn journaled_sizes_just_past_a_group_boundary_are_laid_out_and_clean() {
+    // Past 128, 256 and 384 MiB the short last group is dropped, and
+    // mke2fs's one inode per 4 KiB, counted for the whole size, was more
+    // than the remaining groups' bitmaps hold.
+    let dir = tempfile::tempdir().unwrap();
+    for blocks in [33_368u64, 66_536, 99_538] {
+        let (path, summary) = write(dir.path(), &format!("{blocks}.ext4"), &a_few_files(), &journaled(blocks * 4096));
+        assert_eq!(summary.image_bytes, blocks * 4096, "{summary:?}");
+        if let Some((e2fsck, _)) = tools() {
+            assert_e2fsck_clean(&e2fsck, &path);
+        }
+        fs::remove_file(&path).unwrap();
+    }
+}
