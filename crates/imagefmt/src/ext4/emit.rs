@@ -4,6 +4,7 @@
 use std::os::unix::fs::FileExt;
 
 use super::BLOCK;
+use super::data::DataWriter;
 use super::disk::{self, GroupDesc, Inode, Superblock};
 use super::layout::{
     BLOCKS_PER_GROUP, DESC_SIZE, Ext4Layout, FAST_SYMLINK_MAX, Geometry, INODE_SIZE, InodeKind, InodePlan, Run,
@@ -44,9 +45,14 @@ impl Ext4Layout<'_> {
             sink.write_at(start + BLOCK, &table).map_err(Error::Write)?;
         }
         self.write_inode_tables(sink, seed)?;
+        // Small files go through the staging writer; the rest one by one.
+        let mut data = DataWriter::new();
         for (index, plan) in self.inodes.iter().enumerate() {
-            self.write_data(sink, Ext4Layout::ino(index), plan, seed)?;
+            if !data.stage(sink, plan)? {
+                self.write_data(sink, Ext4Layout::ino(index), plan, seed)?;
+            }
         }
+        data.flush(sink)?;
         sink.finish(g.image_bytes).map_err(Error::Write)
     }
 

@@ -8,6 +8,7 @@
 //! them with the file data into a sink (`emit`).
 
 pub(crate) mod crc32c;
+mod data;
 mod disk;
 mod emit;
 mod layout;

@@ -91,7 +91,7 @@ fn meta(mode: u32) -> Metadata {
 }
 
 /// The tools, or `None` after `SKIPPED:` (a failure under `KILN_REQUIRE_TOOLS=1`).
-fn tools() -> Option<(PathBuf, PathBuf)> {
+pub(crate) fn tools() -> Option<(PathBuf, PathBuf)> {
     let test = kiln_testkit::current_test_name();
     let found = kiln_testkit::require_tools(&test, &["e2fsck", "debugfs"])?;
     Some((found[0].clone(), found[1].clone()))
@@ -124,7 +124,7 @@ fn check(case: &Case, options: &Ext4Options) -> (Ext4Summary, Vec<u8>) {
     (summary, image)
 }
 
-fn assert_e2fsck_clean(e2fsck: &Path, image: &Path) {
+pub(crate) fn assert_e2fsck_clean(e2fsck: &Path, image: &Path) {
     let out = Command::new(e2fsck).arg("-fn").arg(image).output().unwrap();
     let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
     assert!(out.status.success(), "e2fsck -fn found problems ({}):\n{text}", out.status);

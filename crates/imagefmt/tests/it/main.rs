@@ -5,6 +5,7 @@
 
 mod errors;
 mod ext4;
+mod ext4_data;
 mod harness;
 mod interop;
 mod output;
