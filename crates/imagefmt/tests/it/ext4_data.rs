@@ -11,7 +11,7 @@ use crate::ext4::{assert_e2fsck_clean, tools};
 use crate::support::{first_difference, pattern};
 
 /// File sizes around block boundaries, repeated enough times to fill more
-/// than one 4 MiB staging chunk and give every reader thread a share, with
+/// than one 1 MiB staging chunk and give every reader thread a share, with
 /// files too big to stage (over 256 KiB) in between.
 fn sizes() -> Vec<usize> {
     let edges = [0, 1, 100, 4095, 4096, 4097, 8191, 8192, 12_289, 65_536, 200_000, 262_144, 262_145, 1 << 20];
