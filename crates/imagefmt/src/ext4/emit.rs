@@ -13,6 +13,8 @@ use super::tree::FileNode;
 use crate::sink::{Sink, Source, copy_host_file, open_unchanged, write_nonzero};
 use crate::{Error, Result};
 
+/// Inodes encoded per inode-table write: 1 MiB, a multiple of the block.
+const INODES_PER_WRITE: usize = 4096;
 /// Bytes read at a time from a host file whose blocks are split in several runs.
 const COPY_BUFFER: usize = 1 << 20;
 
@@ -93,22 +95,32 @@ impl Ext4Layout<'_> {
         Ok(descriptors)
     }
 
-    /// Writes the used inodes, group by group; the rest of each table stays zero.
+    /// Writes the used inodes, group by group, at most `INODES_PER_WRITE`
+    /// at a time (a whole group's table of 120,000 files was 5 MiB of peak
+    /// RSS); the rest of each table stays zero.
     fn write_inode_tables(&self, sink: &mut dyn Sink, seed: u32) -> Result<()> {
         let g = &self.geometry;
-        let mut table = Vec::new();
+        let size = INODE_SIZE as usize;
+        let mut table = Vec::with_capacity(INODES_PER_WRITE * size);
         for group in 0..g.groups {
-            let used = self.used_inodes_in_group(group);
-            if used == 0 {
-                continue;
-            }
+            let base = g.inode_table(group) * BLOCK;
+            // The index in the group of the first inode in `table`.
+            let mut first = 0;
             table.clear();
-            table.resize(used as usize * INODE_SIZE as usize, 0);
             for (ino, plan) in self.inodes_in_group(group) {
-                let at = ((ino - 1) % g.inodes_per_group) as usize * INODE_SIZE as usize;
-                table[at..at + INODE_SIZE as usize].copy_from_slice(&inode_for(plan).encode(ino, seed));
+                let index = ((ino - 1) % g.inodes_per_group) as usize;
+                if index >= first + INODES_PER_WRITE {
+                    write_nonzero(sink, base + (first * size) as u64, &table).map_err(Error::Write)?;
+                    first = index / INODES_PER_WRITE * INODES_PER_WRITE;
+                    table.clear();
+                }
+                let at = (index - first) * size;
+                table.resize(at + size, 0);
+                table[at..].copy_from_slice(&inode_for(plan).encode(ino, seed));
             }
-            write_nonzero(sink, g.inode_table(group) * BLOCK, &table).map_err(Error::Write)?;
+            if !table.is_empty() {
+                write_nonzero(sink, base + (first * size) as u64, &table).map_err(Error::Write)?;
+            }
         }
         Ok(())
     }
