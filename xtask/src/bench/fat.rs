@@ -238,7 +238,7 @@ fn log_path(bench_dir: &Path, peer: &str) -> PathBuf {
 
 /// Writes the workload: `service` and `keystore/dNN/secret-NN.key`, from a
 /// fixed seed so every run and machine sees the same bytes. Returns the data size.
-fn generate_workload(work: &Path) -> Result<u64> {
+pub(super) fn generate_workload(work: &Path) -> Result<u64> {
     let mut random = XorShift::new(WORKLOAD_SEED);
     write_random_file(&work.join("service"), SERVICE_BYTES, &mut random)?;
     let mut key = vec![0u8; KEY_BYTES];
@@ -254,7 +254,7 @@ fn generate_workload(work: &Path) -> Result<u64> {
     Ok(SERVICE_BYTES + (KEYSTORE_DIRS * FILES_PER_DIR * KEY_BYTES) as u64)
 }
 
-fn write_random_file(path: &Path, size: u64, random: &mut XorShift) -> Result<()> {
+pub(super) fn write_random_file(path: &Path, size: u64, random: &mut XorShift) -> Result<()> {
     if let Some(parent) = path.parent() {
         fs::create_dir_all(parent).with_context(|| format!("cannot create {}", parent.display()))?;
     }

@@ -7,6 +7,7 @@
 //! PRNG for workloads.
 
 mod chart;
+mod ext4;
 mod fat;
 mod guest;
 mod launch;
@@ -28,6 +29,7 @@ use crate::{announce, flag_value, show_command};
 /// Every benchmark area, in the order `cargo xtask bench` runs them.
 const AREAS: &[(&str, Area)] = &[
     ("fat", fat::run),
+    ("ext4", ext4::run),
     ("qcow2", qcow2::run),
     ("net", net::run),
     ("vmm", vmm::run),

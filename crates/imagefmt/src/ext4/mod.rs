@@ -21,6 +21,7 @@
 //! streams them with the file data into a sink (`emit`).
 
 pub(crate) mod crc32c;
+mod data;
 mod disk;
 mod emit;
 mod extent;

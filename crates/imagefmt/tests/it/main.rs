@@ -5,6 +5,7 @@
 
 mod errors;
 mod ext4;
+mod ext4_data;
 mod ext4_entries;
 mod ext4_htree;
 mod ext4_journal;
