@@ -72,7 +72,12 @@ impl<'t> DataWriter<'t> {
     /// the inode lands after the bytes before it, as without staging.
     pub(crate) fn stage(&mut self, sink: &mut dyn Sink, plan: &InodePlan<'t>) -> Result<bool> {
         let file = match (&plan.kind, plan.runs.as_slice()) {
-            (InodeKind::File(file), [run]) if file.size <= SMALL_FILE && run.len == file.size.div_ceil(BLOCK) => file,
+            // A file with data ranges holds only their bytes, not the whole file.
+            (InodeKind::File(file), [run])
+                if file.ranges.is_none() && file.size <= SMALL_FILE && run.len == file.size.div_ceil(BLOCK) =>
+            {
+                file
+            }
             _ => {
                 self.flush(sink)?;
                 return Ok(false);

@@ -91,8 +91,14 @@ impl HostWalk<'_> {
             return Err(invalid(dest, format!("{} is not a directory, so it cannot be the root", src.display())));
         }
         if kind.is_file() {
-            let file = File::open(src).map_err(read_error)?;
-            let ranges = data_ranges(&file, &host).map_err(read_error)?;
+            // Only a file with fewer allocated bytes than its length can
+            // have holes: a dense one is not opened until its data is copied.
+            let ranges = if may_have_holes(&host) {
+                let file = File::open(src).map_err(read_error)?;
+                data_ranges(&file, &host).map_err(read_error)?
+            } else {
+                None
+            };
             let node = FileNode {
                 meta,
                 xattrs: Vec::new(),
@@ -178,7 +184,7 @@ fn get_xattr(path: &Path, name: &str) -> rustix::io::Result<Vec<u8>> {
 /// where its holes are gives `None` too.
 pub(crate) fn data_ranges(file: &File, host: &fs::Metadata) -> io::Result<Option<Box<[DataRange]>>> {
     let size = host.size();
-    if host.blocks() * 512 >= size {
+    if !may_have_holes(host) {
         return Ok(None);
     }
     let mut ranges = Vec::new();
@@ -201,4 +207,10 @@ pub(crate) fn data_ranges(file: &File, host: &fs::Metadata) -> io::Result<Option
         return Ok(None);
     }
     Ok(Some(ranges.into()))
+}
+
+/// Whether a host file has fewer allocated bytes than its length, the only
+/// way it can have holes.
+pub(crate) fn may_have_holes(host: &fs::Metadata) -> bool {
+    host.blocks() * 512 < host.size()
 }
