@@ -36,6 +36,10 @@ fn launch_guest(then: &str) -> Option<Guest> {
     // This machine is a nested VM: KVM is present but stock kernels hang under it.
     options.accel = AccelChoice::Tcg;
     options.binary = Some(tools[0].clone());
+    // TCG on a loaded 2-core machine can keep QEMU from answering QMP for
+    // seconds (query-status once took over 5 s); these tests check what the
+    // answers say, not how fast they come.
+    options.request_timeout = Duration::from_secs(30);
     let vm = launch(Backend::Qemu, &plan, &options).expect("QEMU starts and answers QMP");
     Some(Guest { vm, serial, marker, _dir: dir })
 }
