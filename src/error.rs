@@ -68,7 +68,7 @@ pub enum Error {
     #[error("Waited {seconds} s for {}, which another kiln gc or kiln run holds; is a kiln process stuck?", path.display())]
     StateLockTimeout { path: std::path::PathBuf, seconds: u64 },
     #[error(
-        "Data disk {} is {} but resources.storage asks for {}; kiln does not resize data disks: set storage back, or move the disk away to start with a blank one",
+        "Data disk {} is {} but resources.storage asks for {}; kiln does not resize data disks: set storage back, or move the disk away to have a new one made",
         path.display(), crate::error::show_bytes(*disk), crate::error::show_bytes(*storage)
     )]
     DataDiskSizeChanged { path: std::path::PathBuf, disk: u64, storage: u64 },
@@ -79,6 +79,8 @@ pub enum Error {
         path.display()
     )]
     DataDiskForeign { path: std::path::PathBuf },
+    #[error("Cannot make data disk {} from resources.storage and resources.storage_seed", path.display())]
+    DataDisk { path: std::path::PathBuf, source: kiln_imagefmt::Error },
     #[error("VM `{name}` is already running{}", pid.map(|p| format!(" (kiln run pid {p})")).unwrap_or_default())]
     VmBusy { name: String, pid: Option<u32> },
     #[error("VM `{name}` was not stopped cleanly; run `kiln gc` to release what it held")]
@@ -160,7 +162,7 @@ impl Error {
             Error::VmNeedsGc { .. } => ErrorKind::NeedsGc,
             Error::Vmm(_) => ErrorKind::Vmm,
             Error::HostNet(_) | Error::Net(_) => ErrorKind::Network,
-            Error::Image(_) => ErrorKind::Image,
+            Error::Image(_) | Error::DataDisk { .. } => ErrorKind::Image,
             #[cfg(feature = "k8s")]
             Error::K8s(_) => ErrorKind::Kubernetes,
         }

@@ -2,8 +2,8 @@
 //! `Ok` or `Err`, never panic. The first byte says whether to seal the
 //! superblock (store its `metadata_csum` checksum), so the fuzzer gets past
 //! the checksum to every field behind it; the rest is the superblock,
-//! zero-padded to 1 KiB, with the ext2/3/4 magic set. The seeds are the
-//! superblocks of ext2, ext3 and ext4 filesystems made by mke2fs.
+//! zero-padded to 1 KiB, with the ext2/3/4 magic set. No seeds are kept
+//! (fuzz/seeds holds finds only); the fuzzer reaches the fields from the magic.
 //!
 //! Consistency: `inspect` on an image that is 1 KiB of zeros and then the
 //! same superblock gives the same answer as the reader called directly.

@@ -47,7 +47,11 @@ pub(super) fn image_ext4(args: Ext4Args, started: Instant) -> anyhow::Result<()>
         let (dest, path) = source_placement(source)?;
         add_host_path(&mut tree, dest, path)?;
     }
-    tree.set_epoch(epoch_override(&args.output))?;
+    let epoch = epoch_override(&args.output)?;
+    tree.set_epoch(epoch).with_context(|| match (args.output.epoch, epoch) {
+        (None, Some(_)) => "SOURCE_DATE_EPOCH is a time ext4 cannot hold".to_owned(),
+        _ => "--epoch is a time ext4 cannot hold".to_owned(),
+    })?;
     let mut options = Ext4Options::default().with_size(args.size).with_uuid(args.uuid).with_journal(args.journal);
     options.label = args.label;
     let path = &args.output.output;
@@ -63,8 +67,19 @@ pub(super) fn image_ext4(args: Ext4Args, started: Instant) -> anyhow::Result<()>
 
 /// The time stamped on every entry instead of its own: `--epoch`, else
 /// `SOURCE_DATE_EPOCH` when set, else none (each entry keeps its mtime).
-fn epoch_override(output: &OutputArgs) -> Option<i64> {
-    output.epoch.or_else(|| std::env::var("SOURCE_DATE_EPOCH").ok()?.trim().parse().ok())
+/// A `SOURCE_DATE_EPOCH` that is not a number is an error, not ignored:
+/// the build would silently stop being reproducible.
+fn epoch_override(output: &OutputArgs) -> anyhow::Result<Option<i64>> {
+    if let Some(epoch) = output.epoch {
+        return Ok(Some(epoch));
+    }
+    match std::env::var("SOURCE_DATE_EPOCH") {
+        Ok(value) => match value.trim().parse() {
+            Ok(seconds) => Ok(Some(seconds)),
+            Err(_) => anyhow::bail!("SOURCE_DATE_EPOCH={value:?} is not a whole number of seconds"),
+        },
+        Err(_) => Ok(None),
+    }
 }
 
 /// Adds `src` at `dest` as `cp -a` copies it (modes, owners, nanosecond
@@ -87,7 +102,8 @@ fn add_host_path(tree: &mut Ext4Tree, dest: &str, src: &Path) -> anyhow::Result<
 fn parse_uuid(input: &str) -> Result<[u8; 16], String> {
     let digits: Vec<u8> = input.bytes().filter(|&b| b != b'-').collect();
     let invalid = || format!("{input:?} is not a UUID (32 hex digits, as in 0123abcd-4567-89ab-cdef-0123456789ab)");
-    if digits.len() != 32 {
+    // from_str_radix alone would take a `+` sign.
+    if digits.len() != 32 || !digits.iter().all(u8::is_ascii_hexdigit) {
         return Err(invalid());
     }
     let mut uuid = [0u8; 16];

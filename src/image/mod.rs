@@ -59,7 +59,8 @@ struct OutputArgs {
     /// The image file to write (replaced atomically).
     #[arg(short, long, value_name = "OUT")]
     output: std::path::PathBuf,
-    /// Timestamp for every entry, in seconds since 1970 [default: SOURCE_DATE_EPOCH or 0].
+    /// Timestamp for every entry, in seconds since 1970 [default: SOURCE_DATE_EPOCH, else 0;
+    /// for ext4, else each entry's own time].
     #[arg(long, value_name = "SECS", allow_negative_numbers = true)]
     epoch: Option<i64>,
     /// Print one JSON object describing the image instead of a summary line.

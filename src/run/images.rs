@@ -38,32 +38,57 @@ pub fn build_images(spec: &Spec, files: &VmFiles, lease: &LeaseInfo) -> Result<b
 }
 
 /// Whether the data disk at `path` is still to be made: it does not exist,
-/// or an older kiln left it blank (its first 2 KiB zero, the guest's test)
-/// for kiln-init to format, which kiln-init no longer does. An ext2/3/4
-/// disk is left alone; anything else is refused, never overwritten.
+/// or an older kiln left it blank (all zeros, a sparse file) for kiln-init
+/// to format, which kiln-init no longer does. An ext2/3/4 disk is left
+/// alone; anything else is refused, never overwritten. The whole disk must
+/// be zero, not only its start: btrfs, for one, writes nothing in its
+/// first 64 KiB.
 fn needs_filesystem(path: &Path) -> Result<bool> {
     let io = |source| Error::InputIo { path: path.to_path_buf(), source };
-    let mut file = match fs::File::open(path) {
+    let file = match fs::File::open(path) {
         Ok(file) => file,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(true),
         Err(e) => return Err(io(e)),
     };
-    let mut head = vec![0u8; 2048];
-    let mut filled = 0;
-    while filled < head.len() {
-        match std::io::Read::read(&mut file, &mut head[filled..]).map_err(io)? {
-            0 => break,
-            n => filled += n,
-        }
-    }
-    if head.iter().all(|&b| b == 0) {
-        return Ok(true);
-    }
+    let mut magic = [0u8; 2];
     // The ext2/3/4 magic, 0xEF53, in the superblock at byte 1024.
-    if head[0x438..0x43A] == [0x53, 0xEF] {
+    if std::os::unix::fs::FileExt::read_exact_at(&file, &mut magic, 0x438).is_ok() && magic == [0x53, 0xEF] {
         return Ok(false);
     }
+    if all_zero(&file).map_err(io)? {
+        return Ok(true);
+    }
     Err(Error::DataDiskForeign { path: path.to_path_buf() })
+}
+
+/// Whether every byte of `file` is zero, reading only its data (a blank
+/// disk an older kiln made is a hole from end to end).
+fn all_zero(file: &fs::File) -> std::io::Result<bool> {
+    use rustix::fs::SeekFrom;
+    let len = file.metadata()?.len();
+    let mut buffer = vec![0u8; 1 << 20];
+    let mut at = 0;
+    while at < len {
+        let start = match rustix::fs::seek(file, SeekFrom::Data(at)) {
+            Ok(start) => start,
+            Err(rustix::io::Errno::NXIO) => return Ok(true),
+            // No SEEK_DATA here: read everything.
+            Err(rustix::io::Errno::INVAL | rustix::io::Errno::NOTSUP) => at,
+            Err(errno) => return Err(errno.into()),
+        };
+        let end = rustix::fs::seek(file, SeekFrom::Hole(start)).unwrap_or(len).min(len);
+        let mut offset = start;
+        while offset < end {
+            let want = ((end - offset) as usize).min(buffer.len());
+            std::os::unix::fs::FileExt::read_exact_at(file, &mut buffer[..want], offset)?;
+            if buffer[..want].iter().any(|&b| b != 0) {
+                return Ok(false);
+            }
+            offset += want as u64;
+        }
+        at = end.max(start + 1);
+    }
+    Ok(true)
 }
 
 /// Writes the data disk: journaled ext4 of exactly `size` bytes (inodes
@@ -79,14 +104,17 @@ fn create_data_disk(path: &Path, size: u64, seed: Option<&Path>, vm: &str) -> Re
         }
         // The seed may be a symlink to its directory; nothing inside is followed.
         let seed = fs::canonicalize(seed).map_err(|source| Error::InputIo { path: seed.to_path_buf(), source })?;
-        tree.add_host_path("", &seed)?;
+        tree.add_host_path("", &seed).map_err(|source| Error::DataDisk { path: path.to_path_buf(), source })?;
     }
     let options = Ext4Options::default()
         .with_label(DATA_DISK_LABEL)
         .with_size(size)
         .with_journal(true)
         .with_uuid(data_disk_uuid(vm));
-    tree.layout(&options)?.write_file(path)?;
+    // Mode 0600 from the first byte: the service's data goes here.
+    tree.mark_secret();
+    let data_disk = |source| Error::DataDisk { path: path.to_path_buf(), source };
+    tree.layout(&options).map_err(data_disk)?.write_file(path).map_err(data_disk)?;
     make_private(path)
 }
 
@@ -369,6 +397,32 @@ mod tests {
         let err = build_images(&spec, &files, &lease()).unwrap_err().to_string();
         assert!(err.contains(&data.display().to_string()) && err.contains("neither an ext2/3/4"), "{err}");
         assert!(fs::read(&data).unwrap() == foreign, "a foreign disk is never overwritten");
+
+        // btrfs writes nothing in its first 64 KiB: zeros there are not a blank disk.
+        let mut btrfs = vec![0u8; 16 << 20];
+        btrfs[0x10040..0x10048].copy_from_slice(b"_BHRfS_M");
+        fs::write(&data, &btrfs).unwrap();
+        let err = build_images(&spec, &files, &lease()).unwrap_err().to_string();
+        assert!(err.contains("neither an ext2/3/4"), "{err}");
+        assert!(fs::read(&data).unwrap() == btrfs, "a disk with data past its first blocks is never overwritten");
+
+        // Zeros written out (not a hole) are blank too.
+        fs::write(&data, vec![0u8; 16 << 20]).unwrap();
+        build_images(&spec, &files, &lease()).unwrap();
+        assert_eq!(&fs::read(&data).unwrap()[0x438..0x43A], &[0x53, 0xEF]);
+    }
+
+    #[test]
+    fn run_names_the_data_disk_when_the_seed_does_not_fit_storage() {
+        let dir = tempfile::tempdir().unwrap();
+        fs::create_dir(dir.path().join("seed")).unwrap();
+        fs::write(dir.path().join("seed/big"), vec![1u8; 12 << 20]).unwrap();
+        let (spec, files) = storage_spec(dir.path(), "storage_seed = \"seed\"\n");
+        let err = build_images(&spec, &files, &lease()).unwrap_err();
+        let data = files.data.clone().unwrap();
+        let text = format!("{err}");
+        assert!(text.contains(&data.display().to_string()) && text.contains("resources.storage_seed"), "{text}");
+        assert!(!data.exists(), "no data disk is left behind");
     }
 
     #[test]

@@ -200,3 +200,22 @@ fn ext4_cli_journal_writes_a_journaled_disk_of_the_size_that_info_shows_with_has
     let human = assert_success(&kiln(["image", "info", path_arg(&disk)]));
     assert!(human.lines().any(|line| line.starts_with("features:") && line.contains("has_journal")), "{human}");
 }
+
+#[test]
+fn ext4_cli_refuses_a_signed_uuid_and_a_source_date_epoch_that_is_no_number() {
+    let dir = tempfile::tempdir().unwrap();
+    let src = source_tree(dir.path());
+    let out_dir = dir.path().join("out");
+    fs::create_dir(&out_dir).unwrap();
+    let out = out_dir.join("e.img");
+    let signed = "+1+1+1+1+1+1+1+1+1+1+1+1+1+1+1+1";
+    let output = kiln(["image", "ext4", "-o", path_arg(&out), "--uuid", signed, path_arg(&src)]);
+    assert!(!output.status.success() && String::from_utf8_lossy(&output.stderr).contains(signed), "{output:?}");
+    assert!(!out.exists());
+    let output = Command::new(env!("CARGO_BIN_EXE_kiln"))
+        .args(["image", "ext4", "-o", path_arg(&out), path_arg(&src)])
+        .env("SOURCE_DATE_EPOCH", "abc")
+        .output()
+        .unwrap();
+    assert_clean_failure(&output, 1, "SOURCE_DATE_EPOCH", &out_dir);
+}

@@ -349,6 +349,12 @@ impl Ext4Tree {
         Ok(())
     }
 
+    /// Has the image written with mode 0600, as if the tree held a private
+    /// host file (for a disk that will hold private data, like a data disk).
+    pub fn mark_secret(&mut self) {
+        self.secret = true;
+    }
+
     /// Whether a host file in the tree is one its group or others cannot
     /// read: the image file is then written with mode 0600.
     pub fn is_secret(&self) -> bool {
