@@ -143,7 +143,7 @@ fn disk(path: &Path, read_only: bool, serial: Option<&str>) -> Disk {
 
 /// The tools and files every boot test needs, or `None` after a skip message.
 fn setup(test: &str) -> Option<GuestAssets> {
-    require_tools(test, &[QEMU, "qemu-img", "sha256sum", "e2fsck"])?;
+    require_tools(test, &[QEMU, "qemu-img", "sha256sum", "e2fsck", "mke2fs", "debugfs"])?;
     guest_assets(test, &["bzimage", "vmlinux", "initramfs"])
 }
 
@@ -297,6 +297,42 @@ fn guest_runs_the_service_and_keeps_its_data_across_boots() {
     let exited = second.position("kiln-init: service exited with status 0");
     assert!(pressed < got && got < exited, "order: button, SIGTERM, exit:\n{}", second.log);
     second.assert_clean_power_off();
+
+    // Third boot: an ext2 data disk as earlier kilns had the guest make it
+    // (busybox mke2fs, label KILNDATA) still mounts, keeps what it held,
+    // takes writes, and is clean afterwards. kiln-init no longer formats.
+    let old = dir.path().join("old-data.raw");
+    fs::File::create(&old).unwrap().set_len(32 << 20).unwrap();
+    let mkfs = Command::new("mke2fs")
+        .args(["-q", "-F", "-t", "ext2", "-L", kiln_guest::DATA_DISK_LABEL])
+        .arg(&old)
+        .output()
+        .unwrap();
+    assert!(mkfs.status.success(), "mke2fs: {}", String::from_utf8_lossy(&mkfs.stderr));
+    let note = dir.path().join("old-note");
+    fs::write(&note, b"from an older kiln").unwrap();
+    let write = Command::new("debugfs")
+        .args(["-w", "-R"])
+        .arg(format!("write {} note", note.display()))
+        .arg(&old)
+        .output()
+        .unwrap();
+    assert!(write.status.success(), "debugfs write: {}", String::from_utf8_lossy(&write.stderr));
+    let launch = LaunchScript {
+        args: ["--read", "/mnt/data/note", "--write", "/mnt/data/later=written by this kiln"]
+            .iter()
+            .map(|a| a.as_bytes().to_vec())
+            .collect(),
+        ..LaunchScript::default()
+    };
+    let third_disk = service_disk(dir.path(), "service-3.img", &probe, launch, None);
+    let spec = Boot { service_disk: Some(&third_disk), data_disk: Some(&old), power_button_after: None, ..spec };
+    let third = boot("third-boot-ext2", dir.path(), &spec);
+    third.assert_line("probe: read /mnt/data/note \"from an older kiln\"");
+    third.assert_line("probe: wrote /mnt/data/later");
+    third.assert_clean_power_off();
+    let fsck = Command::new("e2fsck").args(["-fn"]).arg(&old).output().unwrap();
+    assert!(fsck.status.success(), "e2fsck -fn on the ext2 disk: {}", String::from_utf8_lossy(&fsck.stdout));
 }
 
 #[test]
