@@ -85,6 +85,7 @@ impl HostWalk<'_> {
                 let child = if dest.is_empty() { name.to_owned() } else { format!("{dest}/{name}") };
                 self.add(&child, &child_src)?;
             }
+            self.tree.compact_dir(dest);
             return Ok(());
         }
         if dest.is_empty() {
