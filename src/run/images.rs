@@ -123,17 +123,7 @@ fn create_data_disk(path: &Path, size: u64, seed: Option<&Path>, vm: &str) -> Re
 /// size would share a UUID, which clashes when two are attached or mounted
 /// on one host.
 fn data_disk_uuid(vm: &str) -> [u8; 16] {
-    let mut hash = kiln_types::hash::Fnv1a64::new();
-    hash.field(b"kiln data disk").field(vm.as_bytes());
-    let first = hash.finish();
-    let second = hash.feed(b"second half").finish();
-    let mut uuid = [0u8; 16];
-    uuid[..8].copy_from_slice(&first.to_le_bytes());
-    uuid[8..].copy_from_slice(&second.to_le_bytes());
-    // An RFC 4122 version 4 UUID, so that tools show it as one.
-    uuid[6] = uuid[6] & 0x0F | 0x40;
-    uuid[8] = uuid[8] & 0x3F | 0x80;
-    uuid
+    kiln_types::hash::Fnv1a64::new().field(b"kiln data disk").uuid(vm.as_bytes())
 }
 
 /// An existing data disk must have the size the spec asks for: growing it

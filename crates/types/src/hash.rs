@@ -59,11 +59,38 @@ impl Fnv1a64 {
     pub fn finish(&self) -> u64 {
         self.0
     }
+
+    /// Sixteen bytes derived from the state and a purpose (two hashes:
+    /// with `purpose` as a field, then with `"second half"` fed on), with
+    /// the version and variant bits of an RFC 4122 version 4 UUID set, so
+    /// that tools show them as one. The state itself is left as it was.
+    pub fn uuid(&self, purpose: &[u8]) -> [u8; 16] {
+        let mut first = *self;
+        first.field(purpose);
+        let mut second = first;
+        second.feed(b"second half");
+        let mut out = [0u8; 16];
+        out[..8].copy_from_slice(&first.finish().to_le_bytes());
+        out[8..].copy_from_slice(&second.finish().to_le_bytes());
+        out[6] = out[6] & 0x0F | 0x40;
+        out[8] = out[8] & 0x3F | 0x80;
+        out
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn uuids_carry_the_version_4_bits_and_differ_by_purpose() {
+        let mut state = Fnv1a64::new();
+        state.field(b"tree");
+        let (uuid, seed) = (state.uuid(b"uuid"), state.uuid(b"hash seed"));
+        assert_eq!((uuid[6] >> 4, uuid[8] >> 6), (4, 0b10));
+        assert_ne!(uuid, seed);
+        assert_eq!(state.uuid(b"uuid"), uuid, "the state is left as it was");
+    }
 
     // The published FNV test vectors (draft-eastlake-fnv, section 6).
     #[test]

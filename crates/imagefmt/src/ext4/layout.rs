@@ -179,8 +179,8 @@ impl Ext4Tree {
             // A writable disk made from the same tree as a read-only image gets its own UUID.
             hash.field(b"journal").feed(&geometry.blocks.to_le_bytes());
         }
-        let uuid = options.uuid.unwrap_or_else(|| derive_16(&hash, b"uuid"));
-        let hash_seed = options.hash_seed.unwrap_or_else(|| derive_16(&hash, b"hash seed"));
+        let uuid = options.uuid.unwrap_or_else(|| hash.uuid(b"uuid"));
+        let hash_seed = options.hash_seed.unwrap_or_else(|| hash.uuid(b"hash seed"));
         Ok(Ext4Layout { tree: self, geometry, inodes, end: needed, uuid, hash_seed, label })
     }
 }
@@ -470,19 +470,4 @@ fn label_bytes(label: Option<&str>) -> Result<[u8; 16]> {
         bytes[..label.len()].copy_from_slice(label.as_bytes());
     }
     Ok(bytes)
-}
-
-/// Sixteen bytes derived from `hash` and a purpose, formatted as an RFC 4122
-/// version 4 UUID so that tools show them as one.
-fn derive_16(hash: &Fnv1a64, purpose: &[u8]) -> [u8; 16] {
-    let mut first = *hash;
-    first.field(purpose);
-    let mut second = first;
-    second.feed(b"second half");
-    let mut out = [0u8; 16];
-    out[..8].copy_from_slice(&first.finish().to_le_bytes());
-    out[8..].copy_from_slice(&second.finish().to_le_bytes());
-    out[6] = out[6] & 0x0F | 0x40;
-    out[8] = out[8] & 0x3F | 0x80;
-    out
 }
