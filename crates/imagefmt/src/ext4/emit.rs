@@ -60,13 +60,15 @@ impl Ext4Layout<'_> {
             sink.write_at(journal.first_block() * BLOCK, &superblock).map_err(Error::Write)?;
         }
         // Small files go through the staging writer; the rest one by one.
-        let mut data = DataWriter::new();
-        for (index, plan) in self.inodes.iter().enumerate() {
-            if !data.stage(sink, plan)? {
-                self.write_data(sink, Ext4Layout::ino(index), plan, seed)?;
+        std::thread::scope(|scope| {
+            let mut data = DataWriter::new(scope);
+            for (index, plan) in self.inodes.iter().enumerate() {
+                if !data.stage(sink, plan)? {
+                    self.write_data(sink, Ext4Layout::ino(index), plan, seed)?;
+                }
             }
-        }
-        data.flush(sink)?;
+            data.flush(sink)
+        })?;
         sink.finish(g.image_bytes).map_err(Error::Write)
     }
 
