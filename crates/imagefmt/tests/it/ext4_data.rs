@@ -66,3 +66,54 @@ fn a_small_host_file_changed_after_it_was_added_is_refused_naming_it() {
     assert!(err.to_string().contains("grows"), "{err}");
     assert!(!image.exists(), "a failed write leaves no image");
 }
+
+/// A host directory big enough for its children to be read by several
+/// scanner threads gives the image that the same entries added one by one
+/// give: the order of names, hard links' first names, symlink targets and
+/// xattrs do not depend on which thread read which entry.
+#[test]
+fn a_wide_host_directory_read_by_several_threads_gives_the_image_entries_added_in_order_give() {
+    use std::os::unix::fs::{PermissionsExt, symlink};
+    let dir = tempfile::tempdir().unwrap();
+    let src = dir.path().join("src");
+    fs::create_dir(&src).unwrap();
+    let meta = |path: &std::path::Path| {
+        let host = fs::symlink_metadata(path).unwrap();
+        use std::os::unix::fs::MetadataExt;
+        Metadata::default()
+            .with_mode(host.mode() & 0o7777)
+            .with_owner(host.uid(), host.gid())
+            .with_mtime(host.mtime(), host.mtime_nsec() as u32)
+    };
+    let mut expected = Ext4Tree::new();
+    for index in 0..400 {
+        let name = format!("e{index:03}");
+        let path = src.join(&name);
+        match index % 4 {
+            0 | 1 => {
+                fs::write(&path, pattern(index * 37, index as u64)).unwrap();
+                fs::set_permissions(&path, fs::Permissions::from_mode(0o600 + (index as u32 % 8))).unwrap();
+            }
+            2 => symlink(format!("target-{index}"), &path).unwrap(),
+            _ => fs::hard_link(src.join(format!("e{:03}", index - 3)), &path).unwrap(),
+        }
+    }
+    expected.add_dir("", meta(&src)).unwrap();
+    for index in 0..400 {
+        let name = format!("e{index:03}");
+        let path = src.join(&name);
+        match index % 4 {
+            0 | 1 => expected.add_file_from_bytes(&name, fs::read(&path).unwrap(), meta(&path)).unwrap(),
+            2 => expected.add_symlink(&name, &format!("target-{index}"), meta(&path)).unwrap(),
+            _ => expected.add_hardlink(&name, &format!("e{:03}", index - 3)).unwrap(),
+        }
+    }
+    let mut from_host = Ext4Tree::new();
+    from_host.add_host_path("", &src).unwrap();
+    let options = Ext4Options::default();
+    let (host_image, expected_image) = (dir.path().join("host.ext4"), dir.path().join("expected.ext4"));
+    from_host.layout(&options).unwrap().write_file(&host_image).unwrap();
+    expected.layout(&options).unwrap().write_file(&expected_image).unwrap();
+    let (host, wanted) = (fs::read(&host_image).unwrap(), fs::read(&expected_image).unwrap());
+    assert_eq!(first_difference(&host, &wanted), None, "the images differ");
+}
