@@ -35,6 +35,10 @@ pub(crate) const TEST_PACKAGES: &[&[&str]] = &[
     &["iproute2"],
     // python3 -m venv: the venv xtask pip-installs kubernetes-validate into (kiln-k8s).
     &["python3-venv"],
+    // debootstrap: the Debian 12 rootfs the Debian-based OCI test images
+    // and `cargo xtask bench oci` start from (kiln-testkit's debian_rootfs),
+    // with the archive keyring it checks the mirror's Release file against.
+    &["debootstrap", "debian-archive-keyring"],
 ];
 
 /// Makes sure every package in `groups` is installed. As root, installs the

@@ -2,16 +2,19 @@
 //! external tools interop tests need, enforces the suite's rule about them,
 //! and reads FAT images back three independent ways (`fsck.fat`, mtools and
 //! the `fatfs` crate) as trees to compare, and checks Kubernetes manifests
-//! against the OpenAPI schema with `kubernetes-validate`. It is a dev-dependency only and
+//! against the OpenAPI schema with `kubernetes-validate`, and builds the
+//! Debian root filesystem (`debootstrap`) the OCI test images start from. It is a dev-dependency only and
 //! never part of a shipped binary.
 //!
 //! The rule: under `cargo xtask test` (which sets `KILN_REQUIRE_TOOLS=1`) a
 //! missing tool fails the test. Under a bare `cargo test` the test prints
 //! that it skipped and passes.
 
+mod debian;
 mod fat;
 mod k8s;
 
+pub use debian::debian_rootfs;
 pub use fat::{
     Entry, FatDateTime, FatfsView, Tree, as_mtools_names, fsck_fat_clean, inspect_fat_with_fatfs, mdir_listing,
     mtools_extract, mtools_label, read_fat_file_with_fatfs, read_fat_with_fatfs, read_fat_with_mtools, read_tree,
