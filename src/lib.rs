@@ -39,8 +39,8 @@ pub use service_disk::{DiskTree, ServiceDisk};
 pub use size::parse_size;
 pub use spec::{
     Backend, ByteSize, Confidentiality, FileSource, FileTree, GRACE_PARAMETER, Gpu, GpuPolicy, Guest, Kubernetes, Name,
-    Network, PciAddress, PodSecurity, PortSpec, PublishSpec, Resources, Service, Spec, Toleration, VmSettings,
-    rewrite_loopback_urls,
+    Network, PciAddress, PodSecurity, PortSpec, PublishSpec, Resources, Service, Spec, Toleration, VmProgram,
+    VmSettings, VmUses, rewrite_loopback_urls,
 };
 pub use state::{
     ExitInfo, ExitSource, LeaseInfo, Phase, STATE_DIR_ENV, StateDir, StateLock, VmClaim, VmEntry, VmRecord, VmmInfo,
