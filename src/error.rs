@@ -97,8 +97,12 @@ pub enum Error {
         "The spec cannot run as a VM: confidentiality is \"tee-required\", but kiln starts no confidential VMs (SEV-SNP, TDX); run it on Kubernetes with a kata RuntimeClass"
     )]
     TeeRequired,
-    #[error("The spec has no service.binary, which a VM needs")]
+    #[error("The spec has neither service.binary nor service.image, one of which a VM needs")]
     NoBinary,
+    #[error(
+        "service.image `{image}` is a local image source, which a Pod cannot pull: push it to a registry and name it there"
+    )]
+    K8sLocalImage { image: String },
     #[error("The spec has no service.image, which Kubernetes needs (service.binary is for VMs)")]
     NoImage,
     #[error("service.files.{tree} cannot go into a Pod: {why}")]
@@ -152,6 +156,7 @@ impl Error {
             | Error::DataDiskForeign { .. }
             | Error::NoBinary
             | Error::NoImage
+            | Error::K8sLocalImage { .. }
             | Error::K8sFiles { .. }
             | Error::K8sDefaults { .. } => ErrorKind::InvalidInput,
             Error::GpuWithoutVfio | Error::TeeRequired => ErrorKind::Unsupported,
