@@ -43,7 +43,8 @@ pub use spec::{
     VmSettings, VmUses, rewrite_loopback_urls,
 };
 pub use state::{
-    ExitInfo, ExitSource, LeaseInfo, Phase, STATE_DIR_ENV, StateDir, StateLock, VmClaim, VmEntry, VmRecord, VmmInfo,
+    ExitInfo, ExitSource, LeaseInfo, Phase, STATE_DIR_ENV, StateDir, StateLock, VmClaim, VmEntry, VmImage, VmRecord,
+    VmmInfo,
 };
 
 /// The root README's Rust snippets, compiled (and run, unless `no_run`) as doctests.
