@@ -243,7 +243,7 @@ fn launch_and_wait(
     host.nft.apply(&rules)?;
     *slots.rules = Some(rules);
 
-    let plan = vm_plan(spec, guest, backend, &files, &tap, &lease)?;
+    let plan = vm_plan(spec, guest, backend, &files, &[], &tap, &lease)?;
     // The console log starts empty for this run; it holds the service's
     // output, so only the owner reads it.
     fs::OpenOptions::new()
