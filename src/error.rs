@@ -99,6 +99,8 @@ pub enum Error {
     TeeRequired,
     #[error("The spec has neither service.binary nor service.image, one of which a VM needs")]
     NoBinary,
+    #[error("Image {image} cannot run in a VM")]
+    ContainerConfig { image: String, source: kiln_guest::Error },
     #[error(
         "service.image `{image}` is a local image source, which a Pod cannot pull: push it to a registry and name it there"
     )]
@@ -157,6 +159,7 @@ impl Error {
             | Error::NoBinary
             | Error::NoImage
             | Error::K8sLocalImage { .. }
+            | Error::ContainerConfig { .. }
             | Error::K8sFiles { .. }
             | Error::K8sDefaults { .. } => ErrorKind::InvalidInput,
             Error::GpuWithoutVfio | Error::TeeRequired => ErrorKind::Unsupported,

@@ -11,6 +11,7 @@
 //! SIGKILL leaves a record from which `kiln gc` releases it.
 
 mod console;
+mod container;
 mod images;
 mod plan;
 

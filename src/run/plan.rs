@@ -3,7 +3,7 @@
 
 use std::path::{Path, PathBuf};
 
-use kiln_guest::{CONTROL_PORT_NAME, DATA_DISK_SERIAL};
+use kiln_guest::{CONTROL_PORT_NAME, DATA_DISK_SERIAL, LAYER_SERIAL_PREFIX};
 use kiln_types::hash::Fnv1a64;
 use kiln_vmm::{Backend, BackendChoice, Console, Disk, DiskFormat, MacAddr, SerialPort, VmPlan};
 
@@ -130,9 +130,6 @@ impl VmFiles {
 pub(crate) fn layer_serial(index: usize) -> String {
     format!("{LAYER_SERIAL_PREFIX}{index}")
 }
-
-/// The prefix of the layer disks' serials (`kiln-layer0`, `kiln-layer1`, ...).
-pub(crate) const LAYER_SERIAL_PREFIX: &str = "kiln-layer";
 
 /// The VM plan for `spec` with its files, tap and lease. `layers` are an
 /// image's layer-chain filesystems, bottom first (none for a binary): each
