@@ -13,6 +13,16 @@
 //! nothing. The guest side (`kiln-init`) mounts and runs what it makes,
 //! and the `kiln` binary decides where the cache lives.
 
+mod archive;
+mod config;
+mod digest;
 mod error;
+mod layout;
+mod source;
+mod store;
 
+pub use config::{Compression, MANIFEST_MEDIA_TYPES};
+pub use digest::{Digest, chain_ids};
 pub use error::{Error, Result};
+pub use source::{BlobSource, Fetched, ImageSource, RegistryReference};
+pub use store::{BlobProgress, GcReport, Image, Layer, RuntimeConfig, Store, StoreGuard};
