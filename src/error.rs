@@ -128,6 +128,8 @@ pub enum Error {
     Net(#[from] kiln_net::Error),
     #[error(transparent)]
     Image(#[from] kiln_imagefmt::Error),
+    #[error(transparent)]
+    Oci(#[from] kiln_oci::Error),
 }
 
 /// `16777216 bytes (16 MiB)`: exact, and readable.
@@ -170,7 +172,7 @@ impl Error {
             Error::VmNeedsGc { .. } => ErrorKind::NeedsGc,
             Error::Vmm(_) => ErrorKind::Vmm,
             Error::HostNet(_) | Error::Net(_) => ErrorKind::Network,
-            Error::Image(_) | Error::DataDisk { .. } => ErrorKind::Image,
+            Error::Image(_) | Error::DataDisk { .. } | Error::Oci(_) => ErrorKind::Image,
             #[cfg(feature = "k8s")]
             Error::K8s(_) => ErrorKind::Kubernetes,
         }

@@ -88,7 +88,13 @@ pub(crate) fn run(args: &RunArgs) -> Result<ExitCode> {
     let outcome = kiln::run(&spec, &args.spec, &state()?, &options, &mut observer);
     observer.finish();
     let outcome = outcome?;
-    tracing::info!(launch_ms = outcome.launch_ms, reused = outcome.images_reused, "run finished");
+    tracing::info!(
+        launch_ms = outcome.launch_ms,
+        reused = outcome.images_reused,
+        image_ms = outcome.image_ms,
+        layers_built = outcome.layers_built,
+        "run finished"
+    );
     // One line saying what ended the run and who says so; details (the VMM's log) after it.
     let (summary, details) = outcome.exit.how.split_once('\n').unwrap_or((&outcome.exit.how, ""));
     let source = outcome.exit.source.map(|source| format!(" ({source})")).unwrap_or_default();
@@ -196,6 +202,20 @@ impl RunObserver for TerminalObserver {
             Some(spinner) => spinner.set_message(detail.to_owned()),
             None if !self.quiet => eprintln!("kiln: {detail}"),
             None => {}
+        }
+    }
+
+    fn image_event(&mut self, event: kiln::ImageEvent<'_>) {
+        let Some(spinner) = &self.spinner else { return };
+        match event {
+            kiln::ImageEvent::Blob { digest, done, total } if total > 0 => {
+                let short: String = digest.to_string().chars().take(19).collect();
+                spinner.set_message(format!("pulling {short} {}%", done.saturating_mul(100) / total));
+            }
+            kiln::ImageEvent::Converting { index, count } => {
+                spinner.set_message(format!("building layer filesystem {}/{count}", index + 1));
+            }
+            _ => {}
         }
     }
 
