@@ -247,8 +247,18 @@ fn render_vm(spec: &Spec, args: &RenderArgs) -> Result<ExitCode> {
     options.guest_dir = args.guest_dir.clone();
     let state = kiln::StateDir::open(&kiln::StateDir::default_root()?)?;
     let planned = kiln::plan_vm(spec, &state, &options)?;
+    // A shell comment before QEMU's command line; on stderr beside the JSON.
+    let image_line = planned.image.as_ref().map(|(source, manifest)| match manifest {
+        Some(manifest) => format!("# service.image: {source} (manifest {manifest})"),
+        None => format!(
+            "# service.image: {source} (not in the image store yet: kiln run or `kiln image oci pull` pulls it; its layer disks are not shown)"
+        ),
+    });
     match planned.backend {
         kiln_vmm::Backend::CloudHypervisor => {
+            if let Some(line) = &image_line {
+                eprintln!("{line}");
+            }
             println!("{}", serde_json::to_string_pretty(&kiln_vmm::ch_vm_config(&planned.plan))?);
         }
         kiln_vmm::Backend::Qemu => {
@@ -258,6 +268,9 @@ fn render_vm(spec: &Spec, args: &RenderArgs) -> Result<ExitCode> {
                 .iter()
                 .map(|arg| shell_quote(&arg.to_string_lossy()))
                 .collect();
+            if let Some(line) = &image_line {
+                println!("{line}");
+            }
             println!("qemu-system-x86_64 \\");
             println!("  {}", flag_lines(&argv).join(" \\\n  "));
         }

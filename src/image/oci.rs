@@ -56,12 +56,11 @@ pub(crate) fn run(command: OciCommand) -> anyhow::Result<()> {
             let report = ImageReport::new(&image);
             super::print_report(args.json, &report, |r| {
                 format!(
-                    "Pulled {}: {} ({}, {} in {}), {} ms",
+                    "Pulled {}: manifest {}, {} ({} as stored in the source), {} ms",
                     r.source,
                     r.manifest,
                     super::count(r.layers.len() as u64, "layer", "layers"),
                     human_bytes(r.layers.iter().map(|l| l.size).sum()),
-                    r.layers.first().map_or("no layers", |l| l.media_type.as_str()),
                     elapsed_ms(started)
                 )
             })

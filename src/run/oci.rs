@@ -103,8 +103,23 @@ pub struct LayerDisk {
 
 /// Where the filesystem of layer group `group` ending in chain `chain` lives.
 fn layer_disk_path(store: &Store, chain: &Digest, group: &Range<usize>) -> Result<PathBuf> {
-    let dir = store.derived_dir(chain)?;
-    Ok(dir.join(format!("from{}.{ROOTFS_FORMAT}.ext4", group.start)))
+    Ok(store.derived_dir(chain)?.join(layer_disk_name(group)))
+}
+
+fn layer_disk_name(group: &Range<usize>) -> String {
+    format!("from{}.{ROOTFS_FORMAT}.ext4", group.start)
+}
+
+/// The layer filesystems a VM of `image` would attach, bottom first, as
+/// [`image_rootfs`] names them, without creating anything (for `kiln
+/// render`): the store's `derived/sha256/<chain>/` directories.
+pub(crate) fn planned_layer_disks(state: &StateDir, image: &Image) -> Vec<PathBuf> {
+    let chains = image.chain_ids();
+    let derived = state.root().join(OCI_STORE_DIR).join("derived/sha256");
+    layer_groups(image.layers().len())
+        .iter()
+        .map(|group| derived.join(chains[group.end - 1].hex()).join(layer_disk_name(group)))
+        .collect()
 }
 
 /// The layer filesystems a VM of `image` boots, bottom first, building
@@ -188,7 +203,8 @@ pub(crate) fn image_runtime(image: &Image) -> ImageRuntime {
 }
 
 /// The image the store holds for source string `source`, if a pull of it
-/// recorded one (no source is opened: `kiln render` touches nothing).
+/// recorded one; of several (a tag that moved), the latest pulled. No
+/// source is opened and nothing is written: `kiln render` touches nothing.
 pub fn cached_image(state: &StateDir, source: &str) -> Result<Option<Image>> {
     let dir = state.root().join(OCI_STORE_DIR).join("images/sha256");
     let entries = match std::fs::read_dir(&dir) {
@@ -196,19 +212,23 @@ pub fn cached_image(state: &StateDir, source: &str) -> Result<Option<Image>> {
         Err(err) if err.kind() == std::io::ErrorKind::NotFound => return Ok(None),
         Err(source) => return Err(Error::InputIo { path: dir, source }),
     };
+    // The directory exists, so opening the store creates nothing.
     let store = open_image_store(state)?;
     let wanted = parse_image_source(source)?.to_string();
+    let mut latest: Option<(std::time::SystemTime, Image)> = None;
     for entry in entries.flatten() {
         let name = entry.file_name();
         let Some(hex) = name.to_str().and_then(|name| name.strip_suffix(".json")) else { continue };
         let Ok(manifest) = Digest::from_hex(hex) else { continue };
+        let pulled = entry.metadata().and_then(|meta| meta.modified()).unwrap_or(std::time::UNIX_EPOCH);
         if let Some(image) = store.image(&manifest)?
             && image.source() == wanted
+            && latest.as_ref().is_none_or(|(when, _)| pulled > *when)
         {
-            return Ok(Some(image));
+            latest = Some((pulled, image));
         }
     }
-    Ok(None)
+    Ok(latest.map(|(_, image)| image))
 }
 
 #[cfg(test)]

@@ -189,6 +189,9 @@ pub struct PlannedVm {
     pub plan: VmPlan,
     /// The VM's run directory (the VMM's sockets and log).
     pub run_dir: PathBuf,
+    /// The OCI image the VM runs: its source, and the manifest digest once
+    /// the image store holds it (`kiln run` or `kiln image oci pull`).
+    pub image: Option<(String, Option<String>)>,
 }
 
 /// What `kiln run` would hand the VMM for `spec`, with the pool's first
@@ -204,8 +207,21 @@ pub fn plan_vm(spec: &Spec, state: &StateDir, options: &RunOptions) -> Result<Pl
         prefix_len: options.net.prefix,
     };
     let tap = kiln_net::tap_name(spec.name.as_str())?;
-    let plan = vm_plan(spec, &guest, backend, &files, &[], &tap, &lease)?;
-    Ok(PlannedVm { backend, plan, run_dir: files.run_dir })
+    let (image, layers) = match spec.vm_program() {
+        Some(crate::VmProgram::Image(source)) => {
+            let name = super::oci::parse_image_source(source)?.to_string();
+            match super::oci::cached_image(state, source)? {
+                Some(cached) => (
+                    Some((name, Some(cached.manifest_digest().to_string()))),
+                    super::oci::planned_layer_disks(state, &cached),
+                ),
+                None => (Some((name, None)), Vec::new()),
+            }
+        }
+        _ => (None, Vec::new()),
+    };
+    let plan = vm_plan(spec, &guest, backend, &files, &layers, &tap, &lease)?;
+    Ok(PlannedVm { backend, plan, run_dir: files.run_dir, image })
 }
 
 #[cfg(test)]
