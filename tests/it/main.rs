@@ -11,6 +11,7 @@ mod cli_info;
 mod cli_initramfs;
 #[cfg(feature = "k8s")]
 mod cli_k8s;
+mod cli_oci;
 mod cli_qcow2;
 mod cli_render;
 mod cli_writers;

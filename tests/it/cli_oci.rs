@@ -1,0 +1,286 @@
+//! `kiln image oci ...`, `kiln render` and `kiln run` with OCI images made by
+//! umoci (never by kiln), run as the real binary with a state directory of
+//! the test's own.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use serde_json::Value;
+
+use crate::support::{assert_error, assert_success};
+
+/// An OCI image layout made by umoci: a busybox base layer, and a second
+/// layer that deletes a file (a `.wh.` whiteout), replaces a directory's
+/// contents (an opaque marker) and adds one. Config: entrypoint
+/// `/bin/sh -c`, a cmd that prints and exits 7, env, workdir, user.
+pub(crate) struct UmociImage {
+    pub(crate) layout: PathBuf,
+    pub(crate) tag: &'static str,
+}
+
+impl UmociImage {
+    /// `oci:LAYOUT:TAG`.
+    pub(crate) fn source(&self) -> String {
+        format!("oci:{}:{}", self.layout.display(), self.tag)
+    }
+
+    pub(crate) fn build(dir: &Path, umoci: &Path) -> UmociImage {
+        let layout = dir.join("layout");
+        let bundle = dir.join("bundle");
+        let image = format!("{}:t", layout.display());
+        let umoci_run = |args: &[&str]| {
+            let output = Command::new(umoci).args(args).output().unwrap();
+            assert!(output.status.success(), "umoci {args:?}: {}", String::from_utf8_lossy(&output.stderr));
+        };
+        umoci_run(&["init", "--layout", layout.to_str().unwrap()]);
+        umoci_run(&["new", "--image", &image]);
+        umoci_run(&["unpack", "--image", &image, bundle.to_str().unwrap()]);
+        let rootfs = bundle.join("rootfs");
+        for sub in ["bin", "etc", "work", "data", "opq"] {
+            std::fs::create_dir_all(rootfs.join(sub)).unwrap();
+        }
+        std::fs::copy("/bin/busybox", rootfs.join("bin/busybox")).unwrap();
+        std::os::unix::fs::symlink("busybox", rootfs.join("bin/sh")).unwrap();
+        std::fs::write(rootfs.join("etc/passwd"), "root:x:0:0:root:/root:/bin/sh\napp:x:1000:1000:app:/work:/bin/sh\n")
+            .unwrap();
+        std::fs::write(rootfs.join("etc/group"), "root:x:0:\napp:x:1000:\n").unwrap();
+        std::fs::write(rootfs.join("data/gone.txt"), "deleted by the upper layer\n").unwrap();
+        std::fs::write(rootfs.join("opq/old.txt"), "hidden by the opaque dir\n").unwrap();
+        // --refresh-bundle on every repack: without it the next one rebases
+        // the tag and drops this layer.
+        umoci_run(&["repack", "--refresh-bundle", "--image", &image, bundle.to_str().unwrap()]);
+        // The second layer, stacked on the first.
+        std::fs::remove_file(rootfs.join("data/gone.txt")).unwrap();
+        std::fs::remove_dir_all(rootfs.join("opq")).unwrap();
+        std::fs::create_dir(rootfs.join("opq")).unwrap();
+        std::fs::write(rootfs.join("opq/new.txt"), "the upper layer's\n").unwrap();
+        std::fs::write(rootfs.join("hello.txt"), "hello from the image\n").unwrap();
+        umoci_run(&["repack", "--refresh-bundle", "--image", &image, bundle.to_str().unwrap()]);
+        umoci_run(&[
+            "config",
+            "--image",
+            &image,
+            "--config.entrypoint",
+            "/bin/sh",
+            "--config.entrypoint",
+            "-c",
+            "--config.cmd",
+            "echo cmd of the image; exit 7",
+            "--config.env",
+            "MODE=image",
+            "--config.env",
+            "PATH=/bin",
+            "--config.workingdir",
+            "/work",
+            "--config.user",
+            "app",
+        ]);
+        UmociImage { layout, tag: "t" }
+    }
+
+    /// A JSON document of the layout, read without kiln.
+    fn json(&self, path: &Path) -> Value {
+        serde_json::from_slice(&std::fs::read(path).unwrap()).unwrap()
+    }
+
+    fn blob(&self, digest: &str) -> Value {
+        self.json(&self.layout.join("blobs/sha256").join(digest.strip_prefix("sha256:").unwrap()))
+    }
+
+    /// (manifest digest, manifest, config) as the layout holds them.
+    pub(crate) fn documents(&self) -> (String, Value, Value) {
+        let index = self.json(&self.layout.join("index.json"));
+        let entry = index["manifests"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|m| m["annotations"]["org.opencontainers.image.ref.name"] == self.tag)
+            .unwrap()
+            .clone();
+        let manifest_digest = entry["digest"].as_str().unwrap().to_owned();
+        let manifest = self.blob(&manifest_digest);
+        let config = self.blob(manifest["config"]["digest"].as_str().unwrap());
+        (manifest_digest, manifest, config)
+    }
+}
+
+/// `kiln ARGS` with the state directory `state`.
+pub(crate) fn kiln_in(state: &Path, args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_kiln"))
+        .args(args)
+        .env("KILN_STATE_DIR", state)
+        .env_remove("SOURCE_DATE_EPOCH")
+        .env_remove("KILN_K8S_DEFAULTS")
+        .output()
+        .unwrap()
+}
+
+fn umoci_image(test: &str, dir: &Path) -> Option<UmociImage> {
+    let tools = kiln_testkit::require_tools(test, &["umoci"])?;
+    Some(UmociImage::build(dir, &tools[0]))
+}
+
+#[test]
+fn image_oci_inspect_reports_the_manifest_config_layers_and_diff_ids_umoci_wrote() {
+    let test = kiln_testkit::current_test_name();
+    let dir = tempfile::tempdir().unwrap();
+    let Some(image) = umoci_image(&test, dir.path()) else { return };
+    let state = dir.path().join("state");
+    let (manifest_digest, manifest, config) = image.documents();
+
+    let pulled = assert_success(&kiln_in(&state, &["image", "oci", "pull", &image.source()]));
+    assert!(
+        pulled.starts_with(&format!("Pulled {}: manifest {manifest_digest}, 2 layers", image.source())),
+        "{pulled}"
+    );
+
+    let json = assert_success(&kiln_in(&state, &["image", "oci", "inspect", "--json", &image.source()]));
+    let report: Value = serde_json::from_str(&json).unwrap();
+    assert_eq!(report["source"], image.source());
+    assert_eq!(report["manifest"], manifest_digest);
+    assert_eq!(report["config"], manifest["config"]["digest"]);
+    assert_eq!(report["entrypoint"], config["config"]["Entrypoint"]);
+    assert_eq!(report["cmd"], config["config"]["Cmd"]);
+    assert_eq!(report["env"], config["config"]["Env"]);
+    assert_eq!(report["working_dir"], "/work");
+    assert_eq!(report["user"], "app");
+    let layers = report["layers"].as_array().unwrap();
+    assert_eq!(layers.len(), 2);
+    for (index, layer) in layers.iter().enumerate() {
+        assert_eq!(layer["digest"], manifest["layers"][index]["digest"], "layer {index}");
+        assert_eq!(layer["media_type"], manifest["layers"][index]["mediaType"], "layer {index}");
+        assert_eq!(layer["size"], manifest["layers"][index]["size"], "layer {index}");
+        assert_eq!(layer["diff_id"], config["rootfs"]["diff_ids"][index], "layer {index}");
+    }
+
+    // The text form says the same, one fact a line.
+    let text = assert_success(&kiln_in(&state, &["image", "oci", "inspect", &image.source()]));
+    assert!(text.contains(&format!("manifest: {manifest_digest}\n")), "{text}");
+    assert!(text.contains(&format!("  diff_id: {}\n", config["rootfs"]["diff_ids"][1].as_str().unwrap())), "{text}");
+    assert!(text.contains("user: app\n") && text.contains("env: MODE=image\n"), "{text}");
+}
+
+#[test]
+fn image_oci_names_the_bad_source_the_missing_directory_and_the_missing_tag() {
+    let test = kiln_testkit::current_test_name();
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    let out = kiln_in(&state, &["image", "oci", "pull", "ftp://example/x"]);
+    assert_error(&out, 1, "ftp://example/x");
+    let missing = dir.path().join("no-such-layout");
+    let out = kiln_in(&state, &["image", "oci", "inspect", &format!("oci:{}", missing.display())]);
+    assert_error(&out, 1, &missing.display().to_string());
+    let Some(image) = umoci_image(&test, dir.path()) else { return };
+    let wrong_tag = format!("oci:{}:v9", image.layout.display());
+    let out = kiln_in(&state, &["image", "oci", "pull", &wrong_tag]);
+    assert_error(&out, 1, "v9");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("t"), "the tags there are listed: {stderr}");
+}
+
+#[test]
+fn image_oci_refuses_an_index_without_linux_amd64_naming_the_platforms_it_offers() {
+    let test = kiln_testkit::current_test_name();
+    let dir = tempfile::tempdir().unwrap();
+    let Some(image) = umoci_image(&test, dir.path()) else { return };
+    // Re-point the tag at an image index (written by the test, as a registry
+    // would serve it) that offers the umoci manifest for linux/arm64 only.
+    let (manifest_digest, _, _) = image.documents();
+    let manifest_size =
+        std::fs::metadata(image.layout.join("blobs/sha256").join(manifest_digest.strip_prefix("sha256:").unwrap()))
+            .unwrap()
+            .len();
+    let nested = serde_json::json!({
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.oci.image.index.v1+json",
+        "manifests": [{
+            "mediaType": "application/vnd.oci.image.manifest.v1+json",
+            "digest": manifest_digest,
+            "size": manifest_size,
+            "platform": { "architecture": "arm64", "os": "linux" }
+        }]
+    });
+    let bytes = serde_json::to_vec(&nested).unwrap();
+    let digest = sha256_hex(&bytes);
+    std::fs::write(image.layout.join("blobs/sha256").join(&digest), &bytes).unwrap();
+    let index = serde_json::json!({
+        "schemaVersion": 2,
+        "manifests": [{
+            "mediaType": "application/vnd.oci.image.index.v1+json",
+            "digest": format!("sha256:{digest}"),
+            "size": bytes.len(),
+            "annotations": { "org.opencontainers.image.ref.name": "multi" }
+        }]
+    });
+    std::fs::write(image.layout.join("index.json"), serde_json::to_vec(&index).unwrap()).unwrap();
+    let state = dir.path().join("state");
+    let source = format!("oci:{}:multi", image.layout.display());
+    let out = kiln_in(&state, &["image", "oci", "pull", &source]);
+    assert_error(&out, 1, "linux/arm64");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("amd64"), "{}", String::from_utf8_lossy(&out.stderr));
+}
+
+fn sha256_hex(bytes: &[u8]) -> String {
+    use sha2::Digest as _;
+    sha2::Sha256::digest(bytes).iter().map(|b| format!("{b:02x}")).collect()
+}
+
+#[test]
+fn render_vm_shows_the_image_and_its_digest_once_pulled_with_its_layer_disks() {
+    let test = kiln_testkit::current_test_name();
+    if kiln_testkit::require_tool(&test, "qemu-system-x86_64").is_none() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let Some(image) = umoci_image(&test, dir.path()) else { return };
+    let guest = dir.path().join("guest");
+    std::fs::create_dir(&guest).unwrap();
+    for file in ["vmlinuz", "initramfs.cpio.gz"] {
+        std::fs::write(guest.join(file), b"").unwrap();
+    }
+    let spec = dir.path().join("bb.toml");
+    // Relative to the spec file, like service.binary.
+    std::fs::write(&spec, "name = \"bb\"\n[service]\nimage = \"oci:layout:t\"\n").unwrap();
+    let state = dir.path().join("state");
+    let render = |state: &Path| {
+        let args = ["render", "--target", "vm", "--vmm", "qemu", "--guest-dir", guest.to_str().unwrap()];
+        let mut args = args.to_vec();
+        args.push(spec.to_str().unwrap());
+        let out = Command::new(env!("CARGO_BIN_EXE_kiln"))
+            .args(&args)
+            .env("KILN_STATE_DIR", state)
+            .env("KILN_QEMU_ACCEL", "tcg")
+            .env_remove("KILN_NET_CIDR")
+            .output()
+            .unwrap();
+        assert_success(&out)
+    };
+    let before = render(&state);
+    let first = before.lines().next().unwrap();
+    assert!(first.starts_with(&format!("# service.image: {} (not in the image store yet", image.source())), "{before}");
+    assert!(!before.contains("kiln-layer"), "no layer disks before the pull:\n{before}");
+
+    assert_success(&kiln_in(&state, &["image", "oci", "pull", &image.source()]));
+    let (manifest_digest, _, _) = image.documents();
+    let after = render(&state);
+    assert_eq!(
+        after.lines().next().unwrap(),
+        format!("# service.image: {} (manifest {manifest_digest})", image.source()),
+        "{after}"
+    );
+    for serial in ["serial=kiln-layer0", "serial=kiln-layer1"] {
+        assert!(after.contains(serial), "{serial}:\n{after}");
+    }
+    assert!(!after.contains("kiln-layer2"), "{after}");
+}
+
+#[cfg(feature = "k8s")]
+#[test]
+fn render_k8s_refuses_a_local_image_source_naming_service_image() {
+    let dir = tempfile::tempdir().unwrap();
+    let spec = dir.path().join("web.toml");
+    std::fs::write(&spec, "name = \"web\"\n[service]\nimage = \"oci:layout:t\"\n").unwrap();
+    let out = kiln_in(&dir.path().join("state"), &["render", "--target", "k8s", spec.to_str().unwrap()]);
+    assert_error(&out, 1, "service.image");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("a Pod cannot pull"));
+}
