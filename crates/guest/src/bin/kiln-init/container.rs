@@ -27,8 +27,8 @@ use std::os::unix::process::CommandExt;
 use std::process::Command;
 
 use kiln_guest::{
-    CONTAINER_CONFIG_FILE, ContainerConfig, DiskKind, GuestConfig, UpperKind, find_in_path, hostname_file,
-    hosts_file, overlay_options, resolv_conf, resolve_user,
+    CONTAINER_CONFIG_FILE, ContainerConfig, DiskKind, GuestConfig, UpperKind, find_in_path, hostname_file, hosts_file,
+    overlay_options, resolv_conf, resolve_user,
 };
 
 use crate::disks::{Disk, layer_disk};
@@ -54,7 +54,8 @@ pub(crate) fn read_config() -> Result<Option<ContainerConfig>> {
         Err(err) if err.kind() == io::ErrorKind::NotFound => return Ok(None),
         Err(err) => return Err(Failure(format!("cannot read {CONFIG_PATH}: {err}"))),
     };
-    let config = ContainerConfig::parse(&text).context(|| format!("{CONFIG_PATH} (service disk {CONTAINER_CONFIG_FILE})"))?;
+    let config =
+        ContainerConfig::parse(&text).context(|| format!("{CONFIG_PATH} (service disk {CONTAINER_CONFIG_FILE})"))?;
     Ok(Some(config))
 }
 
@@ -147,7 +148,13 @@ fn make_real_dir(path: &str) -> Result<()> {
     }
 }
 
+/// The VM is the container's only tenant, so the config's hostname
+/// becomes the VM's own (`uname -n`), as `docker run --hostname` gives the
+/// container's UTS namespace.
 fn write_etc_files(config: &ContainerConfig, seed: Option<&GuestConfig>) -> Result<()> {
+    if let Some(hostname) = &config.hostname {
+        sys::sethostname(hostname).context(|| format!("cannot set the hostname to {hostname:?}"))?;
+    }
     let hostname = config.hostname.as_deref().or(seed.and_then(|s| s.hostname.as_deref()));
     let address = seed.and_then(|s| s.ipv4.as_ref()).map(|ip| IpAddr::V4(ip.address));
     fs::create_dir_all(ETC_DIR).context(|| format!("cannot create {ETC_DIR}"))?;
@@ -235,6 +242,8 @@ fn setup_and_exec() -> std::result::Result<Never, String> {
         .map_err(|err| format!("cannot become uid {} gid {} groups {:?}: {err}", user.uid, user.gid, user.groups))?;
     std::env::set_current_dir(&config.workdir)
         .map_err(|err| format!("cannot enter the working directory {}: {err}", config.workdir))?;
+    // runc's default, whatever kiln-init's own was.
+    sys::set_umask(0o022);
     let mut command = Command::new(&program);
     command.arg0(&config.argv[0]).args(&config.argv[1..]).env_clear();
     for entry in &env {
@@ -277,18 +286,27 @@ fn mount_runtime_filesystems() -> std::result::Result<(), String> {
     let nosuid_nodev_noexec = libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC;
     let mount = |fstype: &str, target: &str, flags: libc::c_ulong, data: &str| {
         make_dirs(target)?;
-        sys::mount(fstype, target, fstype, flags, data).map_err(|err| format!("cannot mount {fstype} on {target}: {err}"))
+        sys::mount(fstype, target, fstype, flags, data)
+            .map_err(|err| format!("cannot mount {fstype} on {target}: {err}"))
     };
     mount("proc", "/proc", nosuid_nodev_noexec, "")?;
     mount("sysfs", "/sys", nosuid_nodev_noexec | libc::MS_RDONLY, "")?;
     mount("tmpfs", "/dev", libc::MS_NOSUID, "mode=755,size=65536k")?;
-    for (name, major, minor) in
-        [("null", 1, 3), ("zero", 1, 5), ("full", 1, 7), ("random", 1, 8), ("urandom", 1, 9), ("tty", 5, 0), ("console", 5, 1)]
-    {
+    for (name, major, minor) in [
+        ("null", 1, 3),
+        ("zero", 1, 5),
+        ("full", 1, 7),
+        ("random", 1, 8),
+        ("urandom", 1, 9),
+        ("tty", 5, 0),
+        ("console", 5, 1),
+    ] {
         let path = format!("/dev/{name}");
         sys::mknod_char(&path, 0o666, major, minor).map_err(|err| format!("cannot make {path}: {err}"))?;
+        let mode = if name == "console" { 0o620 } else { 0o666 };
+        fs::set_permissions(&path, fs::Permissions::from_mode(mode))
+            .map_err(|err| format!("cannot chmod {path}: {err}"))?;
     }
-    let _ = fs::set_permissions("/dev/console", fs::Permissions::from_mode(0o620));
     mount("devpts", "/dev/pts", libc::MS_NOSUID | libc::MS_NOEXEC, "newinstance,ptmxmode=0666,mode=0620,gid=5")?;
     mount("tmpfs", "/dev/shm", nosuid_nodev_noexec, "mode=1777,size=65536k")?;
     for (link, target) in [

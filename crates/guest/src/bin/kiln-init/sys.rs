@@ -270,7 +270,13 @@ pub(crate) fn new_mount_namespace() -> io::Result<()> {
     check(unsafe { libc::unshare(libc::CLONE_NEWNS) })?;
     // SAFETY: the target is a valid C string; source, type and data may be null for MS_PRIVATE.
     check(unsafe {
-        libc::mount(std::ptr::null(), c"/".as_ptr(), std::ptr::null(), libc::MS_REC | libc::MS_PRIVATE, std::ptr::null())
+        libc::mount(
+            std::ptr::null(),
+            c"/".as_ptr(),
+            std::ptr::null(),
+            libc::MS_REC | libc::MS_PRIVATE,
+            std::ptr::null(),
+        )
     })?;
     Ok(())
 }
@@ -293,13 +299,18 @@ pub(crate) fn chroot_into(dir: &str) -> io::Result<()> {
     std::env::set_current_dir("/")
 }
 
-/// `mknod(2)` of a character device with `mode` (the umask is cleared first).
+/// `mknod(2)` of a character device (its mode goes through the umask).
 pub(crate) fn mknod_char(path: &str, mode: libc::mode_t, major: u32, minor: u32) -> io::Result<()> {
     let path = cstring(path)?;
-    // SAFETY: umask and mknod take plain values and a valid C string.
-    unsafe { libc::umask(0) };
+    // SAFETY: mknod takes a valid C string and plain values.
     check(unsafe { libc::mknod(path.as_ptr(), libc::S_IFCHR | mode, libc::makedev(major, minor)) })?;
     Ok(())
+}
+
+/// `umask(2)`.
+pub(crate) fn set_umask(mask: libc::mode_t) {
+    // SAFETY: umask takes a plain value and cannot fail.
+    unsafe { libc::umask(mask) };
 }
 
 /// `setgroups`, `setgid`, then `setuid`: the order in which each call is
