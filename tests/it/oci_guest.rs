@@ -27,7 +27,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use kiln_guest::{CONTAINER_CONFIG_FILE, ContainerConfig, FilesMount, LAYER_SERIAL_PREFIX, merge_env};
+use kiln_guest::{CONTAINER_CONFIG_FILE, ContainerConfig, FilesMount, LAYER_SERIAL_PREFIX, UpperKind, merge_env};
 use kiln_imagefmt::{DeviceKind, Ext4Options, Ext4Tree, FatOptions, FatTree, Metadata as Ext4Metadata};
 use kiln_testkit::{GuestAssets, guest_assets, require_root, require_tools};
 use kiln_vmm::{AccelChoice, Backend, Console, Disk, DiskFormat, LaunchOptions, ShutdownHow, Status, VmPlan, launch};
@@ -219,8 +219,23 @@ fn service_disk(dir: &Path, config: &ContainerConfig, trees: &[(&str, &[(&str, &
     path
 }
 
-/// Boots the guest; returns the console once it powered off.
+/// Boots the guest; returns the console once it powered off, kiln-init
+/// having failed at nothing.
 fn boot(test: &str, dir: &Path, assets: &GuestAssets, service: &Path, layers: &[PathBuf], data: &Path) -> String {
+    let log = boot_expecting_failure(test, dir, assets, service, layers, data);
+    assert!(!log.contains("kiln-init: FAILED"), "{test}: kiln-init failed:\n{log}");
+    log
+}
+
+/// Boots the guest; returns the console once it powered off.
+fn boot_expecting_failure(
+    test: &str,
+    dir: &Path,
+    assets: &GuestAssets,
+    service: &Path,
+    layers: &[PathBuf],
+    data: &Path,
+) -> String {
     let log = dir.join(format!("{test}.console"));
     let mut plan = VmPlan::new(test, &assets.bzimage, "console=ttyS0 panic=-1 no_timer_check kiln.grace=5");
     plan.initramfs = Some(assets.initramfs.clone());
@@ -254,16 +269,26 @@ fn boot(test: &str, dir: &Path, assets: &GuestAssets, service: &Path, layers: &[
     eprintln!("{test}: the guest ran {:.1} s", started.elapsed().as_secs_f64());
     let log = console();
     assert!(!log.contains("Kernel panic"), "{test}: the kernel panicked:\n{log}");
-    assert!(!log.contains("kiln-init: FAILED"), "{test}: kiln-init failed:\n{log}");
     log
 }
 
-/// The data disk's `out` files, read through the host's loop driver.
+/// Files of the data disk (paths from its root), read through the host's loop driver.
 fn read_out(data: &Path, dir: &Path, names: &[&str]) -> Vec<String> {
     let mnt = dir.join("data-mnt");
     fs::create_dir_all(&mnt).unwrap();
     run(Command::new("mount").args(["-t", "ext4", "-o", "loop,ro"]).arg(data).arg(&mnt));
-    let read = names.iter().map(|name| fs::read_to_string(mnt.join("out").join(name)).unwrap_or_default()).collect();
+    let read = names
+        .iter()
+        .map(|name| {
+            use std::os::unix::fs::{FileTypeExt, MetadataExt};
+            match fs::symlink_metadata(mnt.join(name)) {
+                Ok(meta) if meta.file_type().is_char_device() => {
+                    format!("char {}:{}", rustix::fs::major(meta.rdev()), rustix::fs::minor(meta.rdev()))
+                }
+                _ => fs::read_to_string(mnt.join(name)).unwrap_or_default(),
+            }
+        })
+        .collect();
     run(Command::new("umount").arg(&mnt));
     read
 }
@@ -360,7 +385,8 @@ fn umoci_image_runs_in_the_guest_as_docker_run_would_and_its_root_is_umocis_root
         "the probe's exit status did not come back:\n{console}"
     );
     let [report, manifest, manifest_err] =
-        <[String; 3]>::try_from(read_out(&data, dir.path(), &["report", "manifest", "manifest.err"])).unwrap();
+        <[String; 3]>::try_from(read_out(&data, dir.path(), &["out/report", "out/manifest", "out/manifest.err"]))
+            .unwrap();
     assert!(report.ends_with("done\n"), "the probe's report is cut short:\n{report}\nconsole:\n{console}");
     let lines: BTreeSet<&str> = report.lines().collect();
     let has = |line: &str| assert!(lines.contains(line), "the report lacks {line:?}:\n{report}");
@@ -441,7 +467,9 @@ fn meta(mode: u32) -> Ext4Metadata {
 /// upper layer's whiteouts hide the lower's file and directory, its opaque
 /// directory hides the lower's entries there, a merged directory shows
 /// both layers', the upper's version of a file wins, and neither the
-/// whiteouts nor the opaque xattr show in the container.
+/// whiteouts nor the opaque xattr show in the container. The upper layer
+/// is on the data disk: what the container writes (and deletes) is there
+/// after power-off, in overlayfs's format.
 #[test]
 fn two_layer_disks_merge_with_whiteouts_and_opaque_directories() {
     let test = "oci_guest_layers";
@@ -483,15 +511,21 @@ fn two_layer_disks_merge_with_whiteouts_and_opaque_directories() {
         layers.push(path);
     }
     let script = "tree-manifest --skip proc --skip sys --skip dev --skip mnt --skip etc --skip lost+found \
-                  --manifest / - > /mnt/data/out/manifest 2> /mnt/data/out/manifest.err";
+                  --manifest / - > /mnt/data/out/manifest 2> /mnt/data/out/manifest.err \
+                  && echo persisted > /persisted && busybox rm /keep";
     let mut config = ContainerConfig::new(2, ["/bin/sh", "-c", script].map(str::to_owned).to_vec());
     config.env = merge_env(&[], &[("PATH".to_owned(), "/bin".to_owned())]);
+    config.upper = UpperKind::DataDisk { dir: ".kiln-upper/layers".to_owned() };
     let service = service_disk(dir.path(), &config, &[]);
     let data = data_disk(dir.path());
     let console = boot(test, dir.path(), &assets, &service, &layers, &data);
     assert!(console.contains("kiln-init: service exited with status 0"), "the program failed:\n{console}");
-    let [manifest, manifest_err] =
-        <[String; 2]>::try_from(read_out(&data, dir.path(), &["manifest", "manifest.err"])).unwrap();
+    let written =
+        ["out/manifest", "out/manifest.err", ".kiln-upper/layers/upper/persisted", ".kiln-upper/layers/upper/keep"];
+    let [manifest, manifest_err, persisted, deleted] =
+        <[String; 4]>::try_from(read_out(&data, dir.path(), &written)).unwrap();
+    assert_eq!(persisted, "persisted\n", "a file the container wrote is not in its upper layer on the data disk");
+    assert_eq!(deleted, "char 0:0", "a file the container deleted is not a whiteout in its upper layer");
     assert!(manifest.ends_with(" entries\n"), "the manifest is cut short ({manifest_err}):\n{manifest}");
     let paths: Vec<&str> =
         manifest.lines().filter(|l| !l.starts_with("# ")).filter_map(|l| l.split(' ').next()).collect();
@@ -527,4 +561,29 @@ fn two_layer_disks_merge_with_whiteouts_and_opaque_directories() {
     assert!(line("merged/low").contains(&format!("sha256={}", sha("from below"))));
     assert!(!manifest.contains("trusted.overlay"), "overlayfs's own xattrs show in the container:\n{manifest}");
     assert!(!manifest.contains("rdev=0:0"), "a whiteout shows in the container:\n{manifest}");
+}
+
+/// A container that cannot start is a failure kiln-init reports with the
+/// reason (its `FAILED` line, which also goes to the control channel), not
+/// an exit status: here the image has no such user.
+#[test]
+fn container_that_cannot_start_is_reported_as_a_failure_naming_the_cause() {
+    let test = "oci_guest_failure";
+    let Some((assets, _tool)) = setup(test) else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let mut layer = Ext4Tree::new();
+    layer.add_dir("bin", meta(0o755)).unwrap();
+    layer.add_file_from_path("bin/busybox", BUSYBOX, meta(0o755)).unwrap();
+    layer.add_dir("etc", meta(0o755)).unwrap();
+    layer.add_file_from_bytes("etc/passwd", b"root:x:0:0::/root:/bin/sh\n".to_vec(), meta(0o644)).unwrap();
+    let layers = vec![dir.path().join("layer0.ext4")];
+    layer.layout(&Ext4Options::default()).unwrap().write_file(&layers[0]).unwrap();
+    let mut config = ContainerConfig::new(1, vec!["/bin/busybox".to_owned(), "true".to_owned()]);
+    config.user = "ghost".to_owned();
+    let service = service_disk(dir.path(), &config, &[]);
+    let data = data_disk(dir.path());
+    let log = boot_expecting_failure(test, dir.path(), &assets, &service, &layers, &data);
+    let want = "kiln-init: FAILED: container: Cannot run the container as user \"ghost\": no user \"ghost\" in the image's /etc/passwd";
+    assert!(log.lines().any(|l| l.trim_end() == want), "the console lacks {want:?}:\n{log}");
+    assert!(!log.contains("service exited"), "a failure is not an exit:\n{log}");
 }
