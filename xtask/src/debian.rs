@@ -35,6 +35,8 @@ pub(crate) const TEST_PACKAGES: &[&[&str]] = &[
     &["iproute2"],
     // python3 -m venv: the venv xtask pip-installs kubernetes-validate into (kiln-k8s).
     &["python3-venv"],
+    // umoci: the OCI test images of the container boot tests (tests/it/oci_guest.rs), made by a third party.
+    &["umoci"],
 ];
 
 /// Makes sure every package in `groups` is installed. As root, installs the
