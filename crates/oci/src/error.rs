@@ -81,4 +81,26 @@ pub enum Error {
     },
     #[error("The image store holds no image {digest}; pull it again")]
     NotInStore { digest: Digest },
+    /// A layer tar holds an entry that is malformed or hostile.
+    #[error("Image {image}, layer {layer}: entry {entry:?}: {reason}")]
+    BadLayerEntry { image: String, layer: String, entry: String, reason: String },
+    /// A layer entry that the ext4 writer cannot hold.
+    #[error("Image {image}, layer {layer}: entry {entry:?} cannot go into an ext4 filesystem")]
+    LayerEntryForExt4 {
+        image: String,
+        layer: String,
+        entry: String,
+        // Boxed: the writer's error is large, and every Result here carries it.
+        #[source]
+        source: Box<kiln_imagefmt::Error>,
+    },
+    /// A layer tar could not be read.
+    #[error("Image {image}, layer {layer}: cannot read {}", path.display())]
+    ReadLayer {
+        image: String,
+        layer: String,
+        path: std::path::PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
 }

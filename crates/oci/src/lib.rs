@@ -20,9 +20,33 @@ mod error;
 mod layout;
 mod source;
 mod store;
+mod layers;
+mod tar;
 
 pub use config::{Compression, MANIFEST_MEDIA_TYPES};
 pub use digest::{Digest, chain_ids};
 pub use error::{Error, Result};
 pub use source::{BlobSource, Fetched, ImageSource, RegistryReference};
 pub use store::{BlobProgress, GcReport, Image, Layer, RuntimeConfig, Store, StoreGuard};
+pub use layers::{LayerTar, layer_tree};
+
+/// The layer reader over bytes in memory, for the fuzz target.
+#[doc(hidden)]
+pub mod fuzzing {
+    use crate::layers::{BytesLayer, build};
+
+    /// [`layer_tree`](crate::layer_tree) over layer tars held in memory
+    /// (labelled by index); file data is copied into the tree.
+    pub fn layer_tree_from_bytes(
+        image: &str,
+        lower: &[&[u8]],
+        upper: &[&[u8]],
+    ) -> crate::Result<kiln_imagefmt::Ext4Tree> {
+        fn layers<'b>(from: usize, tars: &[&'b [u8]]) -> Vec<BytesLayer<'b>> {
+            let layer = |(index, bytes): (usize, &&'b [u8])| BytesLayer { bytes, label: format!("#{}", from + index) };
+            tars.iter().enumerate().map(layer).collect()
+        }
+        let (lower, upper) = (layers(0, lower), layers(lower.len(), upper));
+        build(image, &lower, &upper)
+    }
+}
