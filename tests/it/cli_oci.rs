@@ -284,3 +284,70 @@ fn render_k8s_refuses_a_local_image_source_naming_service_image() {
     assert_error(&out, 1, "service.image");
     assert!(String::from_utf8_lossy(&out.stderr).contains("a Pod cannot pull"));
 }
+
+#[test]
+fn image_oci_convert_writes_the_layer_chain_ext4s_in_overlay_format_and_a_shared_base_is_built_once() {
+    let test = kiln_testkit::current_test_name();
+    let dir = tempfile::tempdir().unwrap();
+    let Some(tools) = kiln_testkit::require_tools(&test, &["umoci", "e2fsck", "debugfs"]) else { return };
+    let image = UmociImage::build(dir.path(), &tools[0]);
+    let state = dir.path().join("state");
+    let out = dir.path().join("rootfs");
+    let line =
+        assert_success(&kiln_in(&state, &["image", "oci", "convert", &image.source(), "-o", out.to_str().unwrap()]));
+    assert!(line.contains("2 layer filesystems") && line.contains("(2 built, 0 from the store)"), "{line}");
+    let mut names: Vec<String> =
+        std::fs::read_dir(&out).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).collect();
+    names.sort();
+    assert_eq!(names, ["layer0.ext4", "layer1.ext4", "rootfs.json"]);
+    let manifest: Value = serde_json::from_slice(&std::fs::read(out.join("rootfs.json")).unwrap()).unwrap();
+    let (manifest_digest, _, config) = image.documents();
+    assert_eq!(manifest["manifest"], manifest_digest);
+    assert_eq!(manifest["disks"][0]["serial"], "kiln-layer0");
+    assert_eq!(manifest["disks"][1]["serial"], "kiln-layer1");
+    // ChainID(L0) = DiffID(L0) (image-spec config.md).
+    assert_eq!(manifest["disks"][0]["chain_id"], config["rootfs"]["diff_ids"][0]);
+    let debugfs = |image: &Path, request: &str| {
+        let out = Command::new(&tools[2]).args(["-R", request]).arg(image).output().unwrap();
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    for layer in ["layer0.ext4", "layer1.ext4"] {
+        let fsck = Command::new(&tools[1]).arg("-fn").arg(out.join(layer)).output().unwrap();
+        assert!(fsck.status.success(), "e2fsck {layer}: {}", String::from_utf8_lossy(&fsck.stdout));
+    }
+    let base = out.join("layer0.ext4");
+    assert!(debugfs(&base, "stat /bin/busybox").contains("Type: regular"), "the base holds busybox");
+    assert_eq!(debugfs(&base, "cat /data/gone.txt"), "deleted by the upper layer\n");
+    let top = out.join("layer1.ext4");
+    // The upper layer holds only its changes: the deletion as a 0:0 whiteout.
+    assert_eq!(debugfs(&top, "cat /hello.txt"), "hello from the image\n");
+    let whiteout = debugfs(&top, "stat /data/gone.txt");
+    assert!(
+        whiteout.contains("Type: character special") && whiteout.contains("Device major/minor number: 00:00"),
+        "{whiteout}"
+    );
+    assert!(!debugfs(&top, "ls /bin").contains("busybox"), "the top layer does not repeat the base");
+
+    // A second image on the same base: only its own layer is built.
+    let bundle = dir.path().join("bundle2");
+    let umoci = |args: &[&str]| assert!(Command::new(&tools[0]).args(args).status().unwrap().success(), "{args:?}");
+    umoci(&["unpack", "--image", &format!("{}:t", image.layout.display()), bundle.to_str().unwrap()]);
+    std::fs::write(bundle.join("rootfs/more.txt"), "a third layer\n").unwrap();
+    umoci(&[
+        "repack",
+        "--refresh-bundle",
+        "--image",
+        &format!("{}:t2", image.layout.display()),
+        bundle.to_str().unwrap(),
+    ]);
+    let second = format!("oci:{}:t2", image.layout.display());
+    let out2 = dir.path().join("rootfs2");
+    let line = assert_success(&kiln_in(&state, &["image", "oci", "convert", &second, "-o", out2.to_str().unwrap()]));
+    assert!(line.contains("3 layer filesystems") && line.contains("(1 built, 2 from the store)"), "{line}");
+    assert!(std::fs::read(out2.join("layer0.ext4")).unwrap() == std::fs::read(&base).unwrap(), "the same base bytes");
+
+    // An existing OUT is refused and left alone.
+    let again = kiln_in(&state, &["image", "oci", "convert", &image.source(), "-o", out.to_str().unwrap()]);
+    assert_error(&again, 1, &out.display().to_string());
+    assert!(out.join("rootfs.json").is_file());
+}

@@ -17,18 +17,18 @@ mod archive;
 mod config;
 mod digest;
 mod error;
+mod layers;
 mod layout;
 mod source;
 mod store;
-mod layers;
 mod tar;
 
 pub use config::{Compression, MANIFEST_MEDIA_TYPES};
 pub use digest::{Digest, chain_ids};
 pub use error::{Error, Result};
+pub use layers::{LayerTar, layer_tree};
 pub use source::{BlobSource, Fetched, ImageSource, RegistryReference};
 pub use store::{BlobProgress, GcReport, Image, Layer, RuntimeConfig, Store, StoreGuard};
-pub use layers::{LayerTar, layer_tree};
 
 /// The layer reader over bytes in memory, for the fuzz target.
 #[doc(hidden)]
