@@ -351,3 +351,78 @@ fn image_oci_convert_writes_the_layer_chain_ext4s_in_overlay_format_and_a_shared
     assert_error(&again, 1, &out.display().to_string());
     assert!(out.join("rootfs.json").is_file());
 }
+
+/// The line the image's program prints in the guest, as its user, in its
+/// working directory, with the spec's env merged over the image's, on the
+/// image's merged tree (the upper layer's whiteout and new file).
+const RUN_PROBE: &str = "echo run-oci: uid=$(busybox id -u) gid=$(busybox id -g) pwd=$(pwd) mode=$MODE path=$PATH \
+     data=[$(busybox ls /data)] opq=[$(busybox ls /opq)] hello=$(busybox cat /hello.txt); exit 7";
+
+#[test]
+fn run_of_a_umoci_busybox_image_runs_its_program_as_its_user_and_exits_with_its_status_then_warm_builds_nothing() {
+    use crate::run_e2e::{RUN_DEADLINE, World, text, wait_with_deadline};
+    let test = kiln_testkit::current_test_name();
+    let Some(world) = World::new("oci") else { return };
+    let Some(tools) = kiln_testkit::require_tools(&test, &["umoci"]) else { return };
+    let image = UmociImage::build(world.dir.path(), &tools[0]);
+    let spec = world.spec(
+        "bbimg",
+        &format!(
+            "name = \"bbimg\"\n[service]\nimage = \"{}\"\nargs = [{:?}]\nenv = {{ MODE = \"spec\" }}\n[resources]\nmemory = \"256MiB\"\n",
+            image.source(),
+            RUN_PROBE
+        ),
+    );
+    let run = || {
+        let child = world
+            .kiln(&["-v", "run", spec.to_str().unwrap()])
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        wait_with_deadline(child, RUN_DEADLINE)
+    };
+    let first = run();
+    let (stdout, stderr) = (text(&first.stdout), text(&first.stderr));
+    assert_eq!(first.status.code(), Some(7), "the image's program's status\nstdout:\n{stdout}\nstderr:\n{stderr}");
+    assert!(
+        stdout.contains(
+            "run-oci: uid=1000 gid=1000 pwd=/work mode=spec path=/bin data=[] opq=[new.txt] hello=hello from the image"
+        ),
+        "stdout:\n{stdout}\nstderr:\n{stderr}"
+    );
+    assert!(stderr.contains("layers_built=2"), "the first run builds both layer filesystems:\n{stderr}");
+
+    // kiln ps names the image the VM ran, by digest.
+    let (manifest_digest, _, _) = image.documents();
+    let ps = world.kiln(&["ps", "--json"]).output().unwrap();
+    let records: Value = serde_json::from_slice(&ps.stdout).unwrap();
+    let record = records.as_array().unwrap().iter().find(|r| r["name"] == "bbimg").unwrap();
+    assert_eq!(record["image"]["source"], image.source());
+    assert_eq!(record["image"]["manifest"], manifest_digest);
+    let table = text(&world.kiln(&["ps"]).output().unwrap().stdout);
+    let short = &manifest_digest["sha256:".len().."sha256:".len() + 12];
+    assert!(table.contains(&format!("{}@sha256:{short}", image.source())), "{table}");
+
+    // Warm: the same image again converts nothing; the host-side image work is measured.
+    let second = run();
+    let stderr = text(&second.stderr);
+    assert_eq!(second.status.code(), Some(7), "{stderr}");
+    assert!(stderr.contains("layers_built=0"), "a warm run builds nothing:\n{stderr}");
+    let image_ms: f64 = stderr
+        .split("image_ms=")
+        .nth(1)
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|value| value.trim_start_matches("Some(").trim_end_matches(')').parse().ok())
+        .unwrap_or_else(|| panic!("no image_ms in:\n{stderr}"));
+    println!("warm image host-side work: {image_ms:.2} ms");
+
+    // The VM's store reference went with it; gc then sweeps the unused image.
+    let refs = std::fs::read_to_string(world.state_dir().join("oci/refs.json")).unwrap_or_default();
+    assert!(!refs.contains("bbimg"), "the stopped VM still holds its image: {refs}");
+    world.assert_nothing_left();
+    let gc = world.kiln(&["gc"]).output().unwrap();
+    assert!(gc.status.success(), "{}", text(&gc.stderr));
+    let derived = std::fs::read_dir(world.state_dir().join("oci/derived/sha256")).unwrap().count();
+    assert_eq!(derived, 0, "gc removed the layer filesystems no VM uses: {}", text(&gc.stdout));
+}
