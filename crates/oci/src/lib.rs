@@ -13,6 +13,9 @@
 //! nothing. The guest side (`kiln-init`) mounts and runs what it makes,
 //! and the `kiln` binary decides where the cache lives.
 
+mod auth;
 mod error;
+mod registry;
 
-pub use error::{Error, Result};
+pub use error::{Error, RegistryErrorKind, Result};
+pub use registry::{RegistryBlob, RegistryClient, RegistryClientBuilder, RegistryManifest, RegistryReference};
