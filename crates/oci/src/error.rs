@@ -1,5 +1,9 @@
 //! The one error type of kiln-oci.
 
+use std::path::PathBuf;
+
+use crate::digest::Digest;
+
 /// The result type of every fallible kiln-oci call.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
@@ -12,17 +16,80 @@ pub enum Error {
     #[error(transparent)]
     Image(#[from] kiln_imagefmt::Error),
 
-    /// An image reference (`host[:port]/path[:tag][@digest]`) does not parse.
-    #[error("Invalid image reference `{reference}`: {reason}")]
-    BadReference { reference: String, reason: String },
+    // Sources, digests and the store (digest.rs, source.rs, layout.rs, archive.rs, store.rs).
+    #[error("Invalid digest {digest:?}: {reason}")]
+    InvalidDigest { digest: String, reason: String },
+    #[error("Invalid image source {spec:?}: {reason}")]
+    InvalidSource { spec: String, reason: String },
+    #[error("{blob} does not match its digest: expected {expected}, got {actual}")]
+    DigestMismatch { blob: String, expected: Digest, actual: Digest },
+    #[error("{blob} is {actual} bytes, but its descriptor says {expected}")]
+    SizeMismatch { blob: String, expected: u64, actual: String },
+    #[error("{layer} decompresses to {actual}, but the image config's diff_id is {expected}")]
+    DiffIdMismatch { layer: String, expected: Digest, actual: Digest },
+    #[error("Cannot read {blob}")]
+    ReadBlob {
+        blob: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("Cannot decompress {blob}")]
+    Decompress {
+        blob: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{what} is larger than {limit} bytes")]
+    TooLarge { what: String, limit: u64 },
+    #[error("Cannot parse {what}")]
+    Json {
+        what: String,
+        #[source]
+        source: serde_json::Error,
+    },
+    #[error("{what} has media type {media_type:?}, which kiln cannot use")]
+    UnsupportedMediaType { what: String, media_type: String },
+    #[error("Invalid image {what}: {reason}")]
+    InvalidImage { what: String, reason: String },
+    #[error("{image} has no linux/amd64 image; it offers {offered}")]
+    NoMatchingPlatform { image: String, offered: String },
+    #[error("{image} has no tag {tag:?}; its tags: {available}")]
+    TagNotFound { image: String, tag: String, available: String },
+    #[error("{image} holds {count} images; name one with :TAG (its tags: {available})")]
+    AmbiguousImage { image: String, count: usize, available: String },
+    #[error("{image} does not hold blob {digest}")]
+    BlobNotFound { image: String, digest: Digest },
+    #[error("Invalid archive {}: {reason}", path.display())]
+    InvalidArchive { path: PathBuf, reason: String },
+    #[error("Cannot read {}", path.display())]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("Cannot write {}", path.display())]
+    Write {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("Cannot lock {}", path.display())]
+    Lock {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("The image store holds no image {digest}; pull it again")]
+    NotInStore { digest: Digest },
 
+    // The registry client (registry.rs, auth.rs).
     /// A Docker `config.json` could not be read or parsed.
     #[error("Registry credentials in {path}: {reason}")]
-    DockerConfig { path: std::path::PathBuf, reason: String },
+    DockerConfig { path: PathBuf, reason: String },
 
     /// A CA certificate file for registries could not be read.
     #[error("CA certificate file {path}: {reason}")]
-    CaFile { path: std::path::PathBuf, reason: String },
+    CaFile { path: PathBuf, reason: String },
 
     /// A registry (or its token endpoint) failed or refused a request.
     #[error("Registry {registry}, repository {repository}, {reference}: {message}")]

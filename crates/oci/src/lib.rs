@@ -13,9 +13,19 @@
 //! nothing. The guest side (`kiln-init`) mounts and runs what it makes,
 //! and the `kiln` binary decides where the cache lives.
 
+mod archive;
 mod auth;
+mod config;
+mod digest;
 mod error;
+mod layout;
 mod registry;
+mod source;
+mod store;
 
+pub use config::{Compression, MANIFEST_MEDIA_TYPES};
+pub use digest::{Digest, chain_ids};
 pub use error::{Error, RegistryErrorKind, Result};
-pub use registry::{RegistryBlob, RegistryClient, RegistryClientBuilder, RegistryManifest, RegistryReference};
+pub use registry::{RegistryClient, RegistryClientBuilder, RegistrySource};
+pub use source::{BlobSource, Fetched, ImageSource, RegistryReference};
+pub use store::{BlobProgress, GcReport, Image, Layer, RuntimeConfig, Store, StoreGuard};
