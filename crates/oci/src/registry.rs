@@ -467,14 +467,22 @@ fn status_error(target: &Target<'_>, status: u16, response: Response<ureq::Body>
 }
 
 fn transport_error(target: &Target<'_>, url: &str, error: ureq::Error) -> Error {
+    // rustls' handshake errors reach ureq wrapped in an io::Error.
+    let wrapped_tls =
+        |io: &std::io::Error| io.get_ref().is_some_and(|inner| inner.downcast_ref::<rustls::Error>().is_some());
     let kind = match &error {
         ureq::Error::Tls(_) | ureq::Error::Rustls(_) => RegistryErrorKind::Tls,
+        ureq::Error::Io(io) if wrapped_tls(io) => RegistryErrorKind::Tls,
         ureq::Error::RequireHttpsOnly(_) | ureq::Error::TooManyRedirects | ureq::Error::RedirectFailed => {
             RegistryErrorKind::Protocol
         }
         _ => RegistryErrorKind::Transport,
     };
-    target.error_from(kind, format!("request to {url} failed"), Some(Box::new(error)))
+    let message = match kind {
+        RegistryErrorKind::Tls => format!("the TLS handshake for {url} failed (is the registry's CA trusted?)"),
+        _ => format!("request to {url} failed"),
+    };
+    target.error_from(kind, message, Some(Box::new(error)))
 }
 
 #[cfg(test)]

@@ -1,2 +1,4 @@
 //! kiln-oci's integration tests: images made by third-party tools
 //! (umoci, skopeo, debootstrap), read back and checked.
+
+mod registry;
