@@ -796,6 +796,16 @@ mod tests {
             )
     }
 
+    #[test]
+    fn zstd_layers_of_several_frames_decompress_whole() {
+        use ruzstd::encoding::{CompressionLevel, compress_to_vec};
+        let mut stream = compress_to_vec(&b"first frame, "[..], CompressionLevel::Fastest);
+        stream.extend(compress_to_vec(&b"second frame"[..], CompressionLevel::Fastest));
+        let mut out = Vec::new();
+        ZstdFrames::new(&stream[..]).unwrap().read_to_end(&mut out).unwrap();
+        assert_eq!(out, b"first frame, second frame");
+    }
+
     proptest! {
         #[test]
         fn image_record_round_trips_through_its_json(image in image()) {

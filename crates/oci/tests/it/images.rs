@@ -149,7 +149,9 @@ pub(crate) fn copy_dir(from: &Path, to: &Path) {
 /// - `wrong-diff-id`: the config's first diff_id is the sha256 of something else;
 /// - `decompress-layers`: gunzips every layer and relabels it a plain tar;
 /// - `foreign-platform-index`: wraps the manifest in an index offering only linux/arm64/v8 and windows/amd64;
-/// - `amd64-index`: wraps it in an index offering linux/arm64/v8 and then linux/amd64.
+/// - `amd64-index`: wraps it in an index offering linux/arm64/v8 and then linux/amd64;
+/// - `docker-manifest-list`: relabels manifest, config and layers with Docker's
+///   v2 schema 2 media types and wraps the manifest in a Docker manifest list.
 ///
 /// Manifest, config and index.json are rewritten with their new digests,
 /// so only the damage asked for is wrong.
@@ -173,11 +175,11 @@ manifest = json.load(open(path(entry['digest'])))
 def save_manifest():
     entry['digest'], entry['size'] = put(json.dumps(manifest).encode())
     save_index()
-def wrap(platforms):
-    sub = {'schemaVersion': 2, 'mediaType': 'application/vnd.oci.image.index.v1+json', 'manifests': [
+def wrap(platforms, index_type='application/vnd.oci.image.index.v1+json'):
+    sub = {'schemaVersion': 2, 'mediaType': index_type, 'manifests': [
         {'mediaType': entry['mediaType'], 'digest': entry['digest'], 'size': entry['size'], 'platform': p} for p in platforms]}
     entry['digest'], entry['size'] = put(json.dumps(sub).encode())
-    entry['mediaType'] = 'application/vnd.oci.image.index.v1+json'
+    entry['mediaType'] = index_type
     save_index()
 layer = manifest['layers'][0]
 if op == 'flip-layer-byte':
@@ -201,6 +203,14 @@ elif op == 'foreign-platform-index':
     wrap([{'architecture': 'arm64', 'os': 'linux', 'variant': 'v8'}, {'architecture': 'amd64', 'os': 'windows'}])
 elif op == 'amd64-index':
     wrap([{'architecture': 'arm64', 'os': 'linux', 'variant': 'v8'}, {'architecture': 'amd64', 'os': 'linux'}])
+elif op == 'docker-manifest-list':
+    manifest['mediaType'] = 'application/vnd.docker.distribution.manifest.v2+json'
+    manifest['config']['mediaType'] = 'application/vnd.docker.container.image.v1+json'
+    for layer in manifest['layers']:
+        layer['mediaType'] = 'application/vnd.docker.image.rootfs.diff.tar.gzip'
+    entry['digest'], entry['size'] = put(json.dumps(manifest).encode())
+    entry['mediaType'] = manifest['mediaType']
+    wrap([{'architecture': 'amd64', 'os': 'linux'}], 'application/vnd.docker.distribution.manifest.list.v2+json')
 else:
     sys.exit('unknown operation ' + op)
 "#;
