@@ -337,3 +337,26 @@ fn two_pulls_of_the_same_image_at_once_leave_one_consistent_copy() {
     expected.sort();
     assert_eq!(store_files(&root), expected, "no temp file left, one copy of each");
 }
+
+#[test]
+fn gc_waits_for_a_guard_holder_before_removing_anything() {
+    let Some(images) = images("gc_waits_for_a_guard_holder_before_removing_anything") else { return };
+    let scratch = tempfile::tempdir().unwrap();
+    let store = Store::open(scratch.path().join("store")).unwrap();
+    let image = pull(&store, &format!("oci:{}:{TAG}", images.layout.display())).unwrap();
+    // As the layer-filesystem writer would: hold the guard while working on an unreferenced image.
+    let guard = store.guard().unwrap();
+    let (done_tx, done_rx) = std::sync::mpsc::channel();
+    let gc_store = store.clone();
+    let gc = std::thread::spawn(move || {
+        let report = gc_store.gc();
+        done_tx.send(()).unwrap();
+        report
+    });
+    assert!(done_rx.recv_timeout(std::time::Duration::from_millis(500)).is_err(), "gc finished while a guard was held");
+    assert!(store.image(image.manifest_digest()).unwrap().is_some());
+    drop(guard);
+    let report = gc.join().unwrap().unwrap();
+    assert_eq!((report.images, report.layers), (1, 1));
+    assert!(store.image(image.manifest_digest()).unwrap().is_none());
+}
