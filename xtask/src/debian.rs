@@ -33,6 +33,11 @@ pub(crate) const TEST_PACKAGES: &[&[&str]] = &[
     &["nftables"],
     // ip netns / ip link (veth pairs): kiln-net's namespace tests.
     &["iproute2"],
+    // umoci (init/new/unpack/repack/config) and skopeo (copy to oci-archive,
+    // docker-archive, zstd layers): kiln-oci's test images, made by
+    // third-party tools, never by kiln.
+    &["umoci"],
+    &["skopeo"],
     // python3 -m venv: the venv xtask pip-installs kubernetes-validate into (kiln-k8s).
     &["python3-venv"],
 ];
