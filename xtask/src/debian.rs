@@ -38,6 +38,10 @@ pub(crate) const TEST_PACKAGES: &[&[&str]] = &[
     // third-party tools, never by kiln.
     &["umoci"],
     &["skopeo"],
+    // docker-registry (the distribution reference server) serves kiln-oci's
+    // registry tests on 127.0.0.1; openssl makes their throwaway CA and certificates.
+    &["docker-registry"],
+    &["openssl"],
     // python3 -m venv: the venv xtask pip-installs kubernetes-validate into (kiln-k8s).
     &["python3-venv"],
 ];

@@ -25,16 +25,12 @@ use tempfile::TempDir;
 
 const TOOLS: &[&str] = &["docker-registry", "skopeo", "umoci", "openssl", "python3", "busybox"];
 /// The cached test layout's name: bump it when the recipe changes.
-const LAYOUT_VERSION: &str = "registry-busybox-v1";
+const LAYOUT_VERSION: &str = "registry-busybox-v2";
 const REPOSITORY: &str = "test/busybox";
 const SERVICE: &str = "kiln-test-registry";
 const ISSUER: &str = "kiln-test-token-issuer";
 const USER: &str = "alice";
 const PASSWORD: &str = "wonderland";
-
-fn tools_present() -> bool {
-    kiln_testkit::require_tools(&kiln_testkit::current_test_name(), TOOLS).is_some()
-}
 
 fn run(command: &mut Command) -> String {
     let output = command.output().unwrap_or_else(|error| panic!("{command:?}: {error}"));
@@ -47,37 +43,39 @@ fn run(command: &mut Command) -> String {
     String::from_utf8_lossy(&output.stdout).into_owned()
 }
 
-/// An OCI layout made by umoci, built once per machine under
-/// target/test-images/: tag `amd64` (busybox-static, entrypoint
-/// /bin/busybox), tag `arm64` (one marker file), and tag `multi`, an
-/// index listing arm64 first and amd64 second (written by python3).
-fn test_layout() -> PathBuf {
+/// An OCI layout built once per machine under target/test-images/: tag
+/// `amd64` (the shared busybox image of images.rs, copied by skopeo), tag
+/// `arm64` (one marker file, by umoci, its config saying arm64), and tag
+/// `multi`, an index listing arm64 first and amd64 second (by python3).
+/// `None` (after `SKIPPED:`) when a tool is missing and tools are optional.
+fn test_layout() -> Option<PathBuf> {
+    let test = kiln_testkit::current_test_name();
+    kiln_testkit::require_tools(&test, TOOLS)?;
+    let busybox = crate::images::busybox(&test)?;
     let images = Path::new(env!("CARGO_TARGET_TMPDIR")).parent().expect("target dir").join("test-images");
     let layout = images.join(LAYOUT_VERSION);
     if layout.join("index.json").is_file() {
-        return layout;
+        return Some(layout);
     }
     std::fs::create_dir_all(&images).unwrap();
     let building = TempDir::new_in(&images).unwrap();
     let staged = building.path().join("layout");
     let image = |tag: &str| format!("{}:{tag}", staged.display());
-    run(Command::new("umoci").args(["init", "--layout"]).arg(&staged));
-    run(Command::new("umoci").args(["new", "--image", &image("amd64")]));
-    run(Command::new("umoci").args(["insert", "--image", &image("amd64"), "/bin/busybox", "/bin/busybox"]));
-    run(Command::new("umoci")
-        .args(["config", "--image", &image("amd64"), "--os", "linux", "--architecture", "amd64"])
-        .args(["--config.entrypoint", "/bin/busybox"]));
-    let marker = building.path().join("marker");
-    std::fs::write(&marker, "arm64\n").unwrap();
+    let from = format!("oci:{}:{}", busybox.layout.display(), crate::images::TAG);
+    run(Command::new("skopeo").args(["--insecure-policy", "copy", "-q", &from, &format!("oci:{}", image("amd64"))]));
     run(Command::new("umoci").args(["new", "--image", &image("arm64")]));
-    run(Command::new("umoci").args(["insert", "--image", &image("arm64")]).arg(&marker).arg("/marker"));
+    // unpack + repack, not `umoci insert` (whose layer tars are cut short, see images.rs).
+    let bundle = building.path().join("bundle");
+    run(Command::new("umoci").args(["unpack", "--image", &image("arm64")]).arg(&bundle));
+    std::fs::write(bundle.join("rootfs/marker"), "arm64\n").unwrap();
+    run(Command::new("umoci").args(["repack", "--image", &image("arm64")]).arg(&bundle));
     run(Command::new("umoci").args(["config", "--image", &image("arm64"), "--os", "linux", "--architecture", "arm64"]));
     run(Command::new("python3").arg("-c").arg(WRITE_INDEX).arg(&staged));
     // Another test process may have finished first; its layout is as good.
     if std::fs::rename(&staged, &layout).is_err() && !layout.join("index.json").is_file() {
         panic!("could not move the test layout to {}", layout.display());
     }
-    layout
+    Some(layout)
 }
 
 /// Adds tag `multi` to a layout: an OCI index of its `arm64` and `amd64` manifests.
@@ -416,10 +414,12 @@ struct World {
 }
 
 impl World {
-    fn new() -> World {
+    /// `None` when a tool is missing (and tools are optional).
+    fn new() -> Option<World> {
+        let layout = test_layout()?;
         let dir = TempDir::new().unwrap();
         let pki = Pki::new(dir.path());
-        World { pki, layout: test_layout(), dir }
+        Some(World { pki, layout, dir })
     }
 
     fn path(&self, name: &str) -> PathBuf {
@@ -477,10 +477,7 @@ fn registry_error(result: kiln_oci::Result<kiln_oci::Image>) -> (RegistryErrorKi
 
 #[test]
 fn tls_pull_trusts_the_given_ca_and_yields_the_layouts_image() {
-    if !tools_present() {
-        return;
-    }
-    let world = World::new();
+    let Some(world) = World::new() else { return };
     let registry = world.tls_registry();
     let client = world.client(&world.path("no-config.json"));
     let store = world.store("store");
@@ -513,10 +510,7 @@ fn tls_pull_trusts_the_given_ca_and_yields_the_layouts_image() {
 
 #[test]
 fn an_index_pulls_its_linux_amd64_manifest() {
-    if !tools_present() {
-        return;
-    }
-    let world = World::new();
+    let Some(world) = World::new() else { return };
     let registry = world.tls_registry();
     let client = world.client(&world.path("no-config.json"));
     let pulled = pull(&client, &world.store("store"), &registry.reference(":multi")).unwrap();
@@ -527,10 +521,7 @@ fn an_index_pulls_its_linux_amd64_manifest() {
 
 #[test]
 fn a_manifest_by_digest_is_that_manifest() {
-    if !tools_present() {
-        return;
-    }
-    let world = World::new();
+    let Some(world) = World::new() else { return };
     let registry = world.tls_registry();
     let client = world.client(&world.path("no-config.json"));
     let store = world.store("store");
@@ -561,10 +552,7 @@ fn a_manifest_by_digest_is_that_manifest() {
 
 #[test]
 fn an_unknown_tag_fails_naming_registry_repository_and_tag() {
-    if !tools_present() {
-        return;
-    }
-    let world = World::new();
+    let Some(world) = World::new() else { return };
     let registry = world.tls_registry();
     let client = world.client(&world.path("no-config.json"));
     let store = world.store("store");
@@ -594,10 +582,7 @@ fn token_registry(world: &World) -> (Registry, TokenServer) {
 
 #[test]
 fn token_auth_pulls_with_config_json_credentials_asking_once() {
-    if !tools_present() {
-        return;
-    }
-    let world = World::new();
+    let Some(world) = World::new() else { return };
     let (registry, server) = token_registry(&world);
     let config = world.docker_config(&registry.authority(), USER, PASSWORD);
     let client = RegistryClient::builder()
@@ -614,10 +599,7 @@ fn token_auth_pulls_with_config_json_credentials_asking_once() {
 
 #[test]
 fn wrong_credentials_are_refused_with_a_401_naming_the_registry() {
-    if !tools_present() {
-        return;
-    }
-    let world = World::new();
+    let Some(world) = World::new() else { return };
     let (registry, server) = token_registry(&world);
     let token_host = format!("127.0.0.1:{}", server.port);
     let store = world.store("store");
@@ -662,10 +644,7 @@ fn wrong_credentials_are_refused_with_a_401_naming_the_registry() {
 
 #[test]
 fn plain_http_is_spoken_only_to_a_registry_named_insecure() {
-    if !tools_present() {
-        return;
-    }
-    let world = World::new();
+    let Some(world) = World::new() else { return };
     let registry = Registry::start(world.dir.path(), None, None);
     registry.push(&world.layout, "amd64", None, None);
     let store = world.store("store");
