@@ -42,6 +42,8 @@ pub(crate) const TEST_PACKAGES: &[&[&str]] = &[
     // registry tests on 127.0.0.1; openssl makes their throwaway CA and certificates.
     &["docker-registry"],
     &["openssl"],
+    // htpasswd -B: the bcrypt password file of the registry tests' Basic-auth registry.
+    &["apache2-utils"],
     // python3 -m venv: the venv xtask pip-installs kubernetes-validate into (kiln-k8s).
     &["python3-venv"],
 ];

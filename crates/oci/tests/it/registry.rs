@@ -23,7 +23,7 @@ use ring::rand::SystemRandom;
 use ring::signature::{ECDSA_P256_SHA256_FIXED_SIGNING, EcdsaKeyPair, KeyPair as _};
 use tempfile::TempDir;
 
-const TOOLS: &[&str] = &["docker-registry", "skopeo", "umoci", "openssl", "python3", "busybox"];
+const TOOLS: &[&str] = &["docker-registry", "skopeo", "umoci", "openssl", "python3", "busybox", "htpasswd"];
 /// The cached test layout's name: bump it when the recipe changes.
 const LAYOUT_VERSION: &str = "registry-busybox-v2";
 const REPOSITORY: &str = "test/busybox";
@@ -202,8 +202,18 @@ struct Registry {
     log: PathBuf,
 }
 
+/// How a test registry authenticates pulls and pushes.
+enum Auth<'a> {
+    /// Anyone may pull and push.
+    Open,
+    /// Bearer tokens from this token server, signed by the PKI's token key.
+    Token(&'a TokenServer, &'a Pki),
+    /// Basic credentials checked against this htpasswd file (bcrypt).
+    Htpasswd(&'a Path),
+}
+
 impl Registry {
-    fn start(dir: &Path, tls: Option<&Pki>, token: Option<(&TokenServer, &Pki)>) -> Registry {
+    fn start(dir: &Path, tls: Option<&Pki>, auth: Auth<'_>) -> Registry {
         let port = free_port();
         let mut config = format!(
             "version: 0.1\nlog:\n  level: info\nstorage:\n  filesystem:\n    rootdirectory: {}\nhttp:\n  addr: 127.0.0.1:{port}\n  secret: kiln-test\n",
@@ -216,12 +226,18 @@ impl Registry {
                 pki.server_key.display()
             );
         }
-        if let Some((server, pki)) = token {
-            config += &format!(
-                "auth:\n  token:\n    realm: http://127.0.0.1:{}/token\n    service: {SERVICE}\n    issuer: {ISSUER}\n    rootcertbundle: {}\n",
-                server.port,
-                pki.token_cert.display()
-            );
+        match auth {
+            Auth::Open => {}
+            Auth::Token(server, pki) => {
+                config += &format!(
+                    "auth:\n  token:\n    realm: http://127.0.0.1:{}/token\n    service: {SERVICE}\n    issuer: {ISSUER}\n    rootcertbundle: {}\n",
+                    server.port,
+                    pki.token_cert.display()
+                );
+            }
+            Auth::Htpasswd(file) => {
+                config += &format!("auth:\n  htpasswd:\n    realm: kiln-test\n    path: {}\n", file.display());
+            }
         }
         let config_path = dir.join("registry.yml");
         std::fs::write(&config_path, config).unwrap();
@@ -428,7 +444,7 @@ impl World {
 
     /// A TLS registry without auth, holding the layout's `amd64` and `multi`.
     fn tls_registry(&self) -> Registry {
-        let registry = Registry::start(self.dir.path(), Some(&self.pki), None);
+        let registry = Registry::start(self.dir.path(), Some(&self.pki), Auth::Open);
         registry.push(&self.layout, "amd64", Some(&self.pki), None);
         registry.push(&self.layout, "multi", Some(&self.pki), None);
         registry
@@ -575,7 +591,7 @@ fn an_unknown_tag_fails_naming_registry_repository_and_tag() {
 /// skopeo through the same token server).
 fn token_registry(world: &World) -> (Registry, TokenServer) {
     let server = TokenServer::start(&world.pki);
-    let registry = Registry::start(world.dir.path(), Some(&world.pki), Some((&server, &world.pki)));
+    let registry = Registry::start(world.dir.path(), Some(&world.pki), Auth::Token(&server, &world.pki));
     registry.push(&world.layout, "amd64", Some(&world.pki), Some(&format!("{USER}:{PASSWORD}")));
     (registry, server)
 }
@@ -643,9 +659,42 @@ fn wrong_credentials_are_refused_with_a_401_naming_the_registry() {
 }
 
 #[test]
+fn basic_auth_pulls_with_config_json_credentials_and_refuses_wrong_ones() {
+    let Some(world) = World::new() else { return };
+    let htpasswd = world.path("htpasswd");
+    let entry = run(Command::new("htpasswd").args(["-Bbn", USER, PASSWORD]));
+    std::fs::write(&htpasswd, entry).unwrap();
+    let registry = Registry::start(world.dir.path(), Some(&world.pki), Auth::Htpasswd(&htpasswd));
+    registry.push(&world.layout, "amd64", Some(&world.pki), Some(&format!("{USER}:{PASSWORD}")));
+    let store = world.store("store");
+    let right = world.docker_config(&registry.authority(), USER, PASSWORD);
+    let pulled = pull(&world.client(&right), &store, &registry.reference(":amd64")).unwrap();
+    assert_eq!(pulled.manifest_digest(), &layout_digest(&world.layout, "amd64"));
+
+    let wrong = world.docker_config(&registry.authority(), USER, "not-the-password");
+    let (kind, message) =
+        registry_error(pull(&world.client(&wrong), &world.store("wrong"), &registry.reference(":amd64")));
+    assert_eq!(kind, RegistryErrorKind::Unauthorized);
+    assert!(
+        message.starts_with(&format!(
+            "Registry {}, repository {REPOSITORY}, amd64: unauthorized for user `{USER}` (HTTP 401, UNAUTHORIZED",
+            registry.authority()
+        )),
+        "{message}"
+    );
+    let (kind, message) = registry_error(pull(
+        &world.client(&world.path("no-config.json")),
+        &world.store("none"),
+        &registry.reference(":amd64"),
+    ));
+    assert_eq!(kind, RegistryErrorKind::Unauthorized);
+    assert!(message.ends_with("the registry asks for Basic credentials and config.json has none for it"), "{message}");
+}
+
+#[test]
 fn plain_http_is_spoken_only_to_a_registry_named_insecure() {
     let Some(world) = World::new() else { return };
-    let registry = Registry::start(world.dir.path(), None, None);
+    let registry = Registry::start(world.dir.path(), None, Auth::Open);
     registry.push(&world.layout, "amd64", None, None);
     let store = world.store("store");
     let (kind, message) =
