@@ -335,11 +335,14 @@ impl TokenServer {
     }
 }
 
+/// The OAuth2 refresh token a config.json's `identitytoken` carries.
+const REFRESH_TOKEN: &str = "kiln-test-refresh-token";
+
 fn serve_token(stream: TcpStream, key: &EcdsaKeyPair, cert: &str, kiln_requests: &AtomicUsize) {
     let mut reader = BufReader::new(stream.try_clone().unwrap());
     let mut request_line = String::new();
     reader.read_line(&mut request_line).unwrap();
-    let (mut authorization, mut user_agent) = (None, String::new());
+    let (mut authorization, mut user_agent, mut length) = (None, String::new(), 0);
     loop {
         let mut line = String::new();
         if reader.read_line(&mut line).unwrap() == 0 || line.trim().is_empty() {
@@ -349,6 +352,7 @@ fn serve_token(stream: TcpStream, key: &EcdsaKeyPair, cert: &str, kiln_requests:
             match name.trim().to_ascii_lowercase().as_str() {
                 "authorization" => authorization = Some(value.trim().to_owned()),
                 "user-agent" => user_agent = value.trim().to_owned(),
+                "content-length" => length = value.trim().parse().unwrap(),
                 _ => {}
             }
         }
@@ -356,16 +360,29 @@ fn serve_token(stream: TcpStream, key: &EcdsaKeyPair, cert: &str, kiln_requests:
     if user_agent.starts_with("kiln/") {
         kiln_requests.fetch_add(1, Ordering::SeqCst);
     }
+    // GET: the parameters are the query; POST (OAuth2): the form body.
+    let mut body = vec![0; length];
+    std::io::Read::read_exact(&mut reader, &mut body).unwrap();
     let target = request_line.split_whitespace().nth(1).unwrap_or_default();
     let query = target.split_once('?').map_or("", |(_, query)| query);
-    let scopes: Vec<String> =
-        query.split('&').filter_map(|pair| pair.strip_prefix("scope=")).map(percent_decode).collect();
-    let user = match authorization.as_deref().and_then(|value| value.strip_prefix("Basic ")) {
-        None => None,
-        Some(encoded) if STANDARD.decode(encoded).ok() == Some(format!("{USER}:{PASSWORD}").into_bytes()) => Some(USER),
-        Some(_) => {
-            let body = r#"{"details":"wrong credentials"}"#;
-            return respond(stream, "401 Unauthorized", body);
+    let body = String::from_utf8(body).unwrap();
+    let params = if request_line.starts_with("POST ") { body.as_str() } else { query };
+    let param = |name: &str| -> Vec<String> {
+        params.split('&').filter_map(|pair| pair.strip_prefix(name)?.strip_prefix('=')).map(percent_decode).collect()
+    };
+    let scopes = param("scope");
+    let user = if request_line.starts_with("POST ") {
+        if param("grant_type") != ["refresh_token"] || param("refresh_token") != [REFRESH_TOKEN] {
+            return respond(stream, "401 Unauthorized", r#"{"details":"bad refresh token"}"#);
+        }
+        Some(USER)
+    } else {
+        match authorization.as_deref().and_then(|value| value.strip_prefix("Basic ")) {
+            None => None,
+            Some(encoded) if STANDARD.decode(encoded).ok() == Some(format!("{USER}:{PASSWORD}").into_bytes()) => {
+                Some(USER)
+            }
+            Some(_) => return respond(stream, "401 Unauthorized", r#"{"details":"wrong credentials"}"#),
         }
     };
     let access: Vec<serde_json::Value> = scopes
@@ -597,7 +614,7 @@ fn token_registry(world: &World) -> (Registry, TokenServer) {
 }
 
 #[test]
-fn token_auth_pulls_with_config_json_credentials_asking_once() {
+fn token_auth_pulls_with_config_json_credentials_or_identity_token_asking_once() {
     let Some(world) = World::new() else { return };
     let (registry, server) = token_registry(&world);
     let config = world.docker_config(&registry.authority(), USER, PASSWORD);
@@ -611,6 +628,20 @@ fn token_auth_pulls_with_config_json_credentials_asking_once() {
     assert_eq!(pulled.manifest_digest(), &layout_digest(&world.layout, "amd64"));
     // The manifest, the config and the layer: one token, reused.
     assert_eq!(server.kiln_requests.load(Ordering::SeqCst), 1);
+
+    // An `identitytoken` is posted as an OAuth2 refresh token instead.
+    let identity = world.path("identity.json");
+    let entry = serde_json::json!({"auths": {registry.authority(): {"identitytoken": REFRESH_TOKEN}}});
+    std::fs::write(&identity, entry.to_string()).unwrap();
+    let client = RegistryClient::builder()
+        .extra_ca_file(&world.pki.ca)
+        .docker_config(&identity)
+        .insecure_registry(&format!("127.0.0.1:{}", server.port))
+        .build()
+        .unwrap();
+    let again = pull(&client, &world.store("identity"), &registry.reference(":amd64")).unwrap();
+    assert_eq!(again.manifest_digest(), pulled.manifest_digest());
+    assert_eq!(server.kiln_requests.load(Ordering::SeqCst), 2);
 }
 
 #[test]
