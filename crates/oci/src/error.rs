@@ -103,4 +103,45 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
+
+    // The registry client (registry.rs, auth.rs).
+    /// A Docker `config.json` could not be read or parsed.
+    #[error("Registry credentials in {path}: {reason}")]
+    DockerConfig { path: PathBuf, reason: String },
+
+    /// A CA certificate file for registries could not be read.
+    #[error("CA certificate file {path}: {reason}")]
+    CaFile { path: PathBuf, reason: String },
+
+    /// A registry (or its token endpoint) failed or refused a request.
+    #[error("Registry {registry}, repository {repository}, {reference}: {message}")]
+    Registry {
+        registry: String,
+        repository: String,
+        /// The tag or digest asked for.
+        reference: String,
+        kind: RegistryErrorKind,
+        message: String,
+        #[source]
+        source: Option<Box<dyn std::error::Error + Send + Sync>>,
+    },
+}
+
+/// What kind of registry failure an [`Error::Registry`] is, for callers
+/// that branch on it.
+#[non_exhaustive]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RegistryErrorKind {
+    /// HTTP 401/403, or the token endpoint refused the credentials.
+    Unauthorized,
+    /// HTTP 404: no such repository, tag, manifest or blob.
+    NotFound,
+    /// The TLS handshake failed (an unknown CA, a wrong name, not TLS).
+    Tls,
+    /// The connection failed or broke.
+    Transport,
+    /// The registry answered something the API does not allow.
+    Protocol,
+    /// Any other HTTP status.
+    Status,
 }

@@ -14,19 +14,22 @@
 //! and the `kiln` binary decides where the cache lives.
 
 mod archive;
+mod auth;
 mod config;
 mod digest;
 mod error;
 mod layers;
 mod layout;
+mod registry;
 mod source;
 mod store;
 mod tar;
 
 pub use config::{Compression, MANIFEST_MEDIA_TYPES};
 pub use digest::{Digest, chain_ids};
-pub use error::{Error, Result};
+pub use error::{Error, RegistryErrorKind, Result};
 pub use layers::{LayerTar, layer_tree};
+pub use registry::{RegistryClient, RegistryClientBuilder, RegistrySource};
 pub use source::{BlobSource, Fetched, ImageSource, RegistryReference};
 pub use store::{BlobProgress, GcReport, Image, Layer, RuntimeConfig, Store, StoreGuard};
 

@@ -763,3 +763,55 @@ fn remove_tree(path: &Path) -> Result<u64> {
     fs::remove_dir(path).map_err(|source| Error::Write { path: path.to_owned(), source })?;
     Ok(bytes)
 }
+
+#[cfg(test)]
+mod tests {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    fn digest() -> impl Strategy<Value = Digest> {
+        any::<[u8; 32]>().prop_map(|bytes| Digest::of(&bytes))
+    }
+
+    fn image() -> impl Strategy<Value = Image> {
+        let strings = || proptest::collection::vec(".{0,12}", 0..4);
+        let layer = (digest(), digest(), ".{0,40}", any::<u64>())
+            .prop_map(|(digest, diff_id, media_type, size)| Layer { digest, diff_id, media_type, size });
+        (
+            ".{0,30}",
+            digest(),
+            digest(),
+            (strings(), strings(), strings(), proptest::option::of(".{1,12}"), proptest::option::of(".{1,12}")),
+            proptest::collection::vec(layer, 0..5),
+        )
+            .prop_map(
+                |(source, manifest_digest, config_digest, (entrypoint, cmd, env, working_dir, user), layers)| Image {
+                    source,
+                    manifest_digest,
+                    config_digest,
+                    runtime: RuntimeConfig { entrypoint, cmd, env, working_dir, user },
+                    layers,
+                },
+            )
+    }
+
+    #[test]
+    fn zstd_layers_of_several_frames_decompress_whole() {
+        use ruzstd::encoding::{CompressionLevel, compress_to_vec};
+        let mut stream = compress_to_vec(&b"first frame, "[..], CompressionLevel::Fastest);
+        stream.extend(compress_to_vec(&b"second frame"[..], CompressionLevel::Fastest));
+        let mut out = Vec::new();
+        ZstdFrames::new(&stream[..]).unwrap().read_to_end(&mut out).unwrap();
+        assert_eq!(out, b"first frame, second frame");
+    }
+
+    proptest! {
+        #[test]
+        fn image_record_round_trips_through_its_json(image in image()) {
+            let bytes = serde_json::to_vec_pretty(&ImageRecord::from(&image)).unwrap();
+            let back: ImageRecord = parse_json(&bytes, "record").unwrap();
+            prop_assert_eq!(Image::from(back), image);
+        }
+    }
+}
