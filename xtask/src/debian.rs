@@ -35,6 +35,10 @@ pub(crate) const TEST_PACKAGES: &[&[&str]] = &[
     &["iproute2"],
     // python3 -m venv: the venv xtask pip-installs kubernetes-validate into (kiln-k8s).
     &["python3-venv"],
+    // umoci: kiln-oci's layer tests build an OCI image with it and compare
+    // kiln's flattened image against `umoci unpack` (python3's tarfile,
+    // already here, makes the other test layers).
+    &["umoci"],
 ];
 
 /// Makes sure every package in `groups` is installed. As root, installs the
