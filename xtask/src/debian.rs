@@ -35,7 +35,10 @@ pub(crate) const TEST_PACKAGES: &[&[&str]] = &[
     &["iproute2"],
     // umoci (init/new/unpack/repack/config) and skopeo (copy to oci-archive,
     // docker-archive, zstd layers): kiln-oci's test images, made by
-    // third-party tools, never by kiln.
+    // third-party tools, never by kiln; umoci also makes the images of the
+    // container boot tests (tests/it/oci_guest.rs), kiln's `image oci` and
+    // `run` tests (tests/it/cli_oci.rs) and the layer tests' reference
+    // (`umoci unpack`).
     &["umoci"],
     &["skopeo"],
     // docker-registry (the distribution reference server) serves kiln-oci's
@@ -46,8 +49,6 @@ pub(crate) const TEST_PACKAGES: &[&[&str]] = &[
     &["apache2-utils"],
     // python3 -m venv: the venv xtask pip-installs kubernetes-validate into (kiln-k8s).
     &["python3-venv"],
-    // umoci: the OCI test images of the container boot tests (tests/it/oci_guest.rs), made by a third party.
-    &["umoci"],
 ];
 
 /// Makes sure every package in `groups` is installed. As root, installs the

@@ -669,3 +669,67 @@ fn random_layer_stacks_flatten_and_stack_to_what_a_reference_model_says() {
         })
         .unwrap();
 }
+
+/// Builds a three-layer image with umoci in `dir` (a deleted file, a
+/// replaced directory, a hard link across layers, one of its names
+/// deleted, a device node, a setuid file, an owner) and returns its
+/// layers, decompressed with gzip, bottom first.
+fn umoci_image(umoci: &Path, gzip: &Path, dir: &Path) -> Vec<LayerTar> {
+    let script = r#"set -eu
+umoci="$1"; cd "$2"
+"$umoci" init --layout L
+"$umoci" new --image L:t
+"$umoci" unpack --image L:t B >/dev/null
+R=B/rootfs
+mkdir -p $R/etc $R/bin $R/old/sub $R/dev $R/tmp
+echo hi > $R/etc/motd; chown 1000:1000 $R/etc/motd
+echo tool > $R/bin/tool; ln $R/bin/tool $R/bin/tool2
+echo su > $R/bin/su; chmod 4755 $R/bin/su
+echo o > $R/old/sub/f; echo gone > $R/etc/gone
+mknod $R/dev/null c 1 3; chmod 1777 $R/tmp
+"$umoci" repack --refresh-bundle --image L:t B
+rm $R/etc/gone; rm -rf $R/old; mkdir -p $R/old/new; echo n > $R/old/new/g
+ln $R/bin/tool $R/bin/tool3
+"$umoci" repack --refresh-bundle --image L:t B
+rm $R/bin/tool2; echo new > $R/etc/motd
+"$umoci" repack --refresh-bundle --image L:t B
+"#;
+    let out = Command::new("bash").arg("-c").arg(script).arg("bash").arg(umoci).arg(dir).output().unwrap();
+    assert!(out.status.success(), "umoci: {}", String::from_utf8_lossy(&out.stderr));
+    let blob = |digest: &str| dir.join("L/blobs/sha256").join(digest.trim_start_matches("sha256:"));
+    let index: Value = serde_json::from_slice(&fs::read(dir.join("L/index.json")).unwrap()).unwrap();
+    let manifest: Value =
+        serde_json::from_slice(&fs::read(blob(index["manifests"][0]["digest"].as_str().unwrap())).unwrap()).unwrap();
+    let layers = manifest["layers"].as_array().unwrap();
+    assert_eq!(layers.len(), 3, "{manifest}");
+    layers
+        .iter()
+        .enumerate()
+        .map(|(index, layer)| {
+            let digest = layer["digest"].as_str().unwrap();
+            let tar = dir.join(format!("layer{index}.tar"));
+            let out = Command::new(gzip).arg("-dc").arg(blob(digest)).output().unwrap();
+            assert!(out.status.success());
+            fs::write(&tar, out.stdout).unwrap();
+            LayerTar::new(&tar, digest)
+        })
+        .collect()
+}
+
+#[test]
+fn a_umoci_image_flattened_and_stacked_equals_umoci_unpack() {
+    let test = kiln_testkit::current_test_name();
+    let Some(tools) = kiln_testkit::require_tools(&test, &["umoci", "gzip"]) else { return };
+    if !needs_root() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let layers = umoci_image(&tools[0], &tools[1], dir.path());
+    let seen = flatten_and_stack("umoci:t", dir.path(), &layers);
+    let out = Command::new(&tools[0]).args(["unpack", "--image", "L:t", "U"]).current_dir(dir.path()).output().unwrap();
+    assert!(out.status.success(), "umoci unpack: {}", String::from_utf8_lossy(&out.stderr));
+    let unpacked = manifest(&dir.path().join("U/rootfs"));
+    assert_eq!(seen, unpacked, "kiln's flattened image and umoci unpack's rootfs differ");
+    assert!(entry(&seen, "bin/tool3").contains("nlink=2"), "{}", entry(&seen, "bin/tool3"));
+    assert!(!seen.contains_key("etc/gone") && !seen.contains_key("old/sub"), "{seen:#?}");
+}
