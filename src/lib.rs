@@ -32,9 +32,9 @@ pub use hostnet::{CIDR_ENV, DEFAULT_CIDR, HostNet, UPLINK_ENV};
 pub use k8s::{ClusterDefaults, K8S_DEFAULTS_ENV, K8sWorkload, workload};
 pub use launch::LaunchScript;
 pub use run::{
-    DEFAULT_GRACE, FAILURE_EXIT_CODE, ImageEvent, LayerDisk, MAX_LAYER_DISKS, OCI_STORE_DIR, PlannedVm, ROOTFS_FORMAT,
-    RunObserver, RunOptions, RunOutcome, STOP_MARGIN, VmFiles, build_images, cached_image, image_rootfs,
-    open_image_store, parse_image_source, plan_vm, pull_image, request_stop, run,
+    DEFAULT_GRACE, FAILURE_EXIT_CODE, INSECURE_REGISTRIES_ENV, ImageEvent, LayerDisk, MAX_LAYER_DISKS, OCI_STORE_DIR,
+    PlannedVm, REGISTRY_CA_ENV, ROOTFS_FORMAT, RunObserver, RunOptions, RunOutcome, STOP_MARGIN, VmFiles, build_images,
+    cached_image, image_rootfs, open_image_store, parse_image_source, plan_vm, pull_image, request_stop, run,
 };
 pub use service_disk::{DiskTree, ServiceDisk};
 pub use size::parse_size;

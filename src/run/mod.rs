@@ -36,8 +36,8 @@ use crate::{Error, HostNet, Result, Spec, VmProgram};
 pub use images::build_images;
 use images::service_disk;
 pub use oci::{
-    ImageEvent, LayerDisk, MAX_LAYER_DISKS, OCI_STORE_DIR, ROOTFS_FORMAT, cached_image, image_rootfs, open_image_store,
-    parse_image_source, pull_image,
+    INSECURE_REGISTRIES_ENV, ImageEvent, LayerDisk, MAX_LAYER_DISKS, OCI_STORE_DIR, REGISTRY_CA_ENV, ROOTFS_FORMAT,
+    cached_image, image_rootfs, open_image_store, parse_image_source, pull_image,
 };
 use plan::{GuestFiles, check_vm_policies, choose_backend, vm_plan};
 pub use plan::{PlannedVm, VmFiles, plan_vm};

@@ -68,12 +68,39 @@ fn absolute(path: PathBuf) -> PathBuf {
 
 /// Pulls `source` into `store` (every blob verified; warm, only its
 /// manifest is read) and returns the image.
+///
+/// A registry is reached over HTTPS with the system's roots plus the CA
+/// file [`REGISTRY_CA_ENV`] names, with credentials from Docker's
+/// `config.json`; plain HTTP only to the hosts [`INSECURE_REGISTRIES_ENV`] lists.
 pub fn pull_image(store: &Store, source: &ImageSource, events: &mut dyn FnMut(ImageEvent<'_>)) -> Result<Image> {
-    let opened = source.open()?;
     let mut progress = |blob: &BlobProgress| {
         events(ImageEvent::Blob { digest: &blob.digest, done: blob.done, total: blob.total });
     };
-    Ok(store.pull(opened.as_ref(), &mut progress)?)
+    match source {
+        ImageSource::Registry(reference) => {
+            let client = registry_client()?;
+            Ok(store.pull(&client.source(reference), &mut progress)?)
+        }
+        local => Ok(store.pull(local.open()?.as_ref(), &mut progress)?),
+    }
+}
+
+/// A CA certificate file (PEM) registries are trusted with, besides the system's roots.
+pub const REGISTRY_CA_ENV: &str = "KILN_REGISTRY_CA";
+/// Registries (`host[:port]`, comma-separated) spoken to over plain HTTP.
+pub const INSECURE_REGISTRIES_ENV: &str = "KILN_INSECURE_REGISTRIES";
+
+fn registry_client() -> Result<kiln_oci::RegistryClient> {
+    let mut builder = kiln_oci::RegistryClient::builder();
+    if let Some(ca) = std::env::var_os(REGISTRY_CA_ENV).filter(|ca| !ca.is_empty()) {
+        builder = builder.extra_ca_file(Path::new(&ca));
+    }
+    for host in std::env::var(INSECURE_REGISTRIES_ENV).unwrap_or_default().split(',').map(str::trim) {
+        if !host.is_empty() {
+            builder = builder.insecure_registry(host);
+        }
+    }
+    Ok(builder.build()?)
 }
 
 /// The image's layers grouped into at most [`MAX_LAYER_DISKS`]

@@ -426,3 +426,132 @@ fn run_of_a_umoci_busybox_image_runs_its_program_as_its_user_and_exits_with_its_
     let derived = std::fs::read_dir(world.state_dir().join("oci/derived/sha256")).unwrap().count();
     assert_eq!(derived, 0, "gc removed the layer filesystems no VM uses: {}", text(&gc.stdout));
 }
+
+/// A `docker-registry serve` on 127.0.0.1 inside a network namespace the
+/// test creates; the registry and the namespace go on drop.
+struct NetnsRegistry {
+    netns: String,
+    port: u16,
+    child: std::process::Child,
+}
+
+impl NetnsRegistry {
+    fn start(dir: &Path) -> NetnsRegistry {
+        let netns = format!("kiln-oci-reg-{}", std::process::id());
+        assert!(Command::new("ip").args(["netns", "add", &netns]).status().unwrap().success());
+        assert!(
+            Command::new("ip")
+                .args(["netns", "exec", &netns, "ip", "link", "set", "lo", "up"])
+                .status()
+                .unwrap()
+                .success()
+        );
+        let port = 5000;
+        let config = dir.join("registry.yml");
+        std::fs::write(
+            &config,
+            format!(
+                "version: 0.1\nstorage:\n  filesystem:\n    rootdirectory: {}\nhttp:\n  addr: 127.0.0.1:{port}\n",
+                dir.join("registry-data").display()
+            ),
+        )
+        .unwrap();
+        let child = Command::new("ip")
+            .args(["netns", "exec", &netns, "docker-registry", "serve"])
+            .arg(&config)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        NetnsRegistry { netns, port, child }
+    }
+
+    /// `ARGV` inside the namespace.
+    fn exec(&self, argv: &[&str]) -> Command {
+        let mut command = Command::new("ip");
+        command.args(["netns", "exec", &self.netns]).args(argv);
+        command
+    }
+}
+
+impl Drop for NetnsRegistry {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = Command::new("ip").args(["netns", "del", &self.netns]).status();
+    }
+}
+
+#[cfg(feature = "k8s")]
+#[test]
+fn render_k8s_of_a_registry_image_the_store_has_pulled_names_it_by_digest() {
+    let test = kiln_testkit::current_test_name();
+    if !kiln_testkit::require_root(&test, "a network namespace for the registry") {
+        return;
+    }
+    let Some(tools) = kiln_testkit::require_tools(&test, &["umoci", "skopeo", "docker-registry", "ip"]) else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let image = UmociImage::build(dir.path(), &tools[0]);
+    let registry = NetnsRegistry::start(dir.path());
+    let reference = format!("127.0.0.1:{}/team/bb:1", registry.port);
+    // skopeo pushes (third party); retried while the registry starts.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        let push = registry
+            .exec(&["skopeo", "--insecure-policy", "copy", "--dest-tls-verify=false", &image.source()])
+            .arg(format!("docker://{reference}"))
+            .output()
+            .unwrap();
+        if push.status.success() {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "skopeo copy: {}", String::from_utf8_lossy(&push.stderr));
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+    let remote = registry
+        .exec(&["skopeo", "inspect", "--tls-verify=false"])
+        .arg(format!("docker://{reference}"))
+        .output()
+        .unwrap();
+    let remote: Value = serde_json::from_slice(&remote.stdout).unwrap();
+    let digest = remote["Digest"].as_str().unwrap().to_owned();
+
+    let state = dir.path().join("state");
+    let spec = dir.path().join("web.toml");
+    std::fs::write(&spec, format!("name = \"web\"\n[service]\nimage = \"{reference}\"\n")).unwrap();
+    let kiln = |args: &[&str]| {
+        registry
+            .exec(&[env!("CARGO_BIN_EXE_kiln")])
+            .args(args)
+            .env("KILN_STATE_DIR", &state)
+            .env("KILN_INSECURE_REGISTRIES", format!("127.0.0.1:{}", registry.port))
+            .env_remove("KILN_K8S_DEFAULTS")
+            .output()
+            .unwrap()
+    };
+    let render = || {
+        let yaml = assert_success(&kiln(&["render", "--target", "k8s", spec.to_str().unwrap()]));
+        // The container's image, a long one folded (`image: >-` and the next line).
+        let lines: Vec<&str> = yaml.lines().collect();
+        let at = lines.iter().position(|line| line.contains("image: ")).unwrap_or_else(|| panic!("no image:\n{yaml}"));
+        let value = lines[at].split_once("image: ").unwrap().1;
+        let value = if value == ">-" { lines[at + 1].trim() } else { value };
+        format!("image: {value}")
+    };
+    assert_eq!(render(), format!("image: {reference}"), "not pulled: the spec's reference as it is");
+    let pulled = assert_success(&kiln(&["image", "oci", "pull", &reference]));
+    assert!(pulled.contains(&format!("manifest {digest}")), "the registry's digest: {pulled}");
+    assert_eq!(
+        render(),
+        format!("image: 127.0.0.1:{}/team/bb@{digest}", registry.port),
+        "the Pod runs the bytes the store holds"
+    );
+    // Without the insecure opt-in, kiln speaks only HTTPS, and says which registry failed.
+    let refused = registry
+        .exec(&[env!("CARGO_BIN_EXE_kiln"), "image", "oci", "pull", &reference])
+        .env("KILN_STATE_DIR", dir.path().join("state2"))
+        .env_remove("KILN_INSECURE_REGISTRIES")
+        .output()
+        .unwrap();
+    assert_error(&refused, 1, "127.0.0.1");
+}
