@@ -90,7 +90,7 @@ fn pull(text: &str) -> anyhow::Result<Image> {
     let mut bars = Bars::new();
     let image = kiln::pull_image(&store, &source, &mut |event| bars.event(event));
     bars.finish();
-    Ok(image.with_context(|| format!("Cannot pull {text}"))?)
+    image.with_context(|| format!("Cannot pull {text}"))
 }
 
 /// The `--json` object of `pull` and `inspect` (docs/cli.md).

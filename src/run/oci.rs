@@ -242,7 +242,11 @@ pub(crate) fn image_runtime(image: &Image) -> ImageRuntime {
 /// The image the store holds for source string `source`, if a pull of it
 /// recorded one; of several (a tag that moved), the latest pulled. No
 /// source is opened and nothing is written: `kiln render` touches nothing.
+/// A source kiln cannot parse (a Pod's image may be any reference the
+/// cluster's runtime takes) is in no store: `None`.
 pub fn cached_image(state: &StateDir, source: &str) -> Result<Option<Image>> {
+    let Ok(wanted) = parse_image_source(source) else { return Ok(None) };
+    let wanted = wanted.to_string();
     let dir = state.root().join(OCI_STORE_DIR).join("images/sha256");
     let entries = match std::fs::read_dir(&dir) {
         Ok(entries) => entries,
@@ -251,7 +255,6 @@ pub fn cached_image(state: &StateDir, source: &str) -> Result<Option<Image>> {
     };
     // The directory exists, so opening the store creates nothing.
     let store = open_image_store(state)?;
-    let wanted = parse_image_source(source)?.to_string();
     let mut latest: Option<(std::time::SystemTime, Image)> = None;
     for entry in entries.flatten() {
         let name = entry.file_name();
