@@ -252,7 +252,7 @@ fn launch_and_wait(
     let prepared = match spec.vm_program() {
         Some(VmProgram::Image(source)) => {
             let mut events = |event: ImageEvent<'_>| observer.image_event(event);
-            Some(oci::prepare_for_vm(&host.images, source, claim, &mut events)?)
+            Some(oci::prepare_for_vm(&host.image_store()?, source, claim, &mut events)?)
         }
         _ => None,
     };
