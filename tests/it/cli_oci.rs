@@ -409,13 +409,19 @@ fn run_of_a_umoci_busybox_image_runs_its_program_as_its_user_and_exits_with_its_
     let stderr = text(&second.stderr);
     assert_eq!(second.status.code(), Some(7), "{stderr}");
     assert!(stderr.contains("layers_built=0"), "a warm run builds nothing:\n{stderr}");
-    let image_ms: f64 = stderr
-        .split("image_ms=")
-        .nth(1)
-        .and_then(|rest| rest.split_whitespace().next())
-        .and_then(|value| value.trim_start_matches("Some(").trim_end_matches(')').parse().ok())
-        .unwrap_or_else(|| panic!("no image_ms in:\n{stderr}"));
-    println!("warm image host-side work: {image_ms:.2} ms");
+    let image_ms = |stderr: &str| -> f64 {
+        stderr
+            .split("image_ms=")
+            .nth(1)
+            .and_then(|rest| rest.split_whitespace().next())
+            .and_then(|value| value.trim_start_matches("Some(").trim_end_matches(')').parse().ok())
+            .unwrap_or_else(|| panic!("no image_ms in:\n{stderr}"))
+    };
+    println!(
+        "image host-side work: cold {:.2} ms (pull + 2 layer filesystems), warm {:.2} ms",
+        image_ms(&text(&first.stderr)),
+        image_ms(&stderr)
+    );
 
     // The VM's store reference went with it; gc then sweeps the unused image.
     let refs = std::fs::read_to_string(world.state_dir().join("oci/refs.json")).unwrap_or_default();
@@ -554,4 +560,47 @@ fn render_k8s_of_a_registry_image_the_store_has_pulled_names_it_by_digest() {
         .output()
         .unwrap();
     assert_error(&refused, 1, "127.0.0.1");
+}
+
+#[test]
+fn a_launcher_killed_after_its_image_was_referenced_leaves_gc_the_reference_to_release_and_the_store_to_sweep() {
+    use std::io::Read;
+
+    use crate::run_e2e::{RUN_DEADLINE, World, text};
+    let test = kiln_testkit::current_test_name();
+    let Some(world) = World::new("ocikill") else { return };
+    let Some(tools) = kiln_testkit::require_tools(&test, &["umoci"]) else { return };
+    let image = UmociImage::build(world.dir.path(), &tools[0]);
+    let spec = world.spec("killed", &format!("name = \"killed\"\n[service]\nimage = \"{}\"\n", image.source()));
+    // Held once the images step is over: pulled, referenced, layers built.
+    let mut child = world
+        .kiln(&["run", spec.to_str().unwrap()])
+        .env("KILN_CRASH_TEST_HOLD_AFTER", "images")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stderr = child.stderr.take().unwrap();
+    let deadline = std::time::Instant::now() + RUN_DEADLINE;
+    let (mut seen, mut buffer) = (Vec::new(), [0u8; 4096]);
+    while !String::from_utf8_lossy(&seen).contains("holding after") {
+        assert!(std::time::Instant::now() < deadline, "never held: {}", String::from_utf8_lossy(&seen));
+        let n = stderr.read(&mut buffer).unwrap();
+        assert!(n > 0, "kiln run exited first: {}", String::from_utf8_lossy(&seen));
+        seen.extend_from_slice(&buffer[..n]);
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let refs_path = world.state_dir().join("oci/refs.json");
+    assert!(std::fs::read_to_string(&refs_path).unwrap().contains("killed"), "the dead VM still holds its image");
+
+    let gc = world.kiln(&["gc"]).output().unwrap();
+    let said = text(&gc.stdout);
+    assert!(gc.status.success(), "{}", text(&gc.stderr));
+    assert!(said.contains("release the image store's reference of VM killed"), "{said}");
+    assert!(said.contains("from the image store"), "{said}");
+    assert!(!std::fs::read_to_string(&refs_path).unwrap().contains("killed"));
+    let left = |sub: &str| std::fs::read_dir(world.state_dir().join("oci").join(sub)).unwrap().count();
+    assert_eq!((left("images/sha256"), left("layers/sha256"), left("derived/sha256")), (0, 0, 0), "{said}");
+    world.assert_nothing_left();
 }
