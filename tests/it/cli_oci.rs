@@ -356,7 +356,8 @@ fn image_oci_convert_writes_the_layer_chain_ext4s_in_overlay_format_and_a_shared
 /// working directory, with the spec's env merged over the image's, on the
 /// image's merged tree (the upper layer's whiteout and new file).
 const RUN_PROBE: &str = "echo run-oci: uid=$(busybox id -u) gid=$(busybox id -g) pwd=$(pwd) mode=$MODE path=$PATH \
-     data=[$(busybox ls /data)] opq=[$(busybox ls /opq)] hello=$(busybox cat /hello.txt); exit 7";
+     data=[$(busybox ls /data)] opq=[$(busybox ls /opq)] hello=$(busybox cat /hello.txt) \
+     conf=$(busybox cat /srv/conf/greeting) ro=$(busybox touch /srv/conf/x 2>/dev/null && echo no || echo yes); exit 7";
 
 #[test]
 fn run_of_a_umoci_busybox_image_runs_its_program_as_its_user_and_exits_with_its_status_then_warm_builds_nothing() {
@@ -365,10 +366,12 @@ fn run_of_a_umoci_busybox_image_runs_its_program_as_its_user_and_exits_with_its_
     let Some(world) = World::new("oci") else { return };
     let Some(tools) = kiln_testkit::require_tools(&test, &["umoci"]) else { return };
     let image = UmociImage::build(world.dir.path(), &tools[0]);
+    std::fs::create_dir(world.dir.path().join("conf")).unwrap();
+    std::fs::write(world.dir.path().join("conf/greeting"), "from-the-files-tree").unwrap();
     let spec = world.spec(
         "bbimg",
         &format!(
-            "name = \"bbimg\"\n[service]\nimage = \"{}\"\nargs = [{:?}]\nenv = {{ MODE = \"spec\" }}\n[resources]\nmemory = \"256MiB\"\n",
+            "name = \"bbimg\"\n[service]\nimage = \"{}\"\nargs = [{:?}]\nenv = {{ MODE = \"spec\" }}\nfiles = {{ conf = {{ path = \"conf\" }} }}\n[resources]\nmemory = \"256MiB\"\n",
             image.source(),
             RUN_PROBE
         ),
@@ -387,7 +390,7 @@ fn run_of_a_umoci_busybox_image_runs_its_program_as_its_user_and_exits_with_its_
     assert_eq!(first.status.code(), Some(7), "the image's program's status\nstdout:\n{stdout}\nstderr:\n{stderr}");
     assert!(
         stdout.contains(
-            "run-oci: uid=1000 gid=1000 pwd=/work mode=spec path=/bin data=[] opq=[new.txt] hello=hello from the image"
+            "run-oci: uid=1000 gid=1000 pwd=/work mode=spec path=/bin data=[] opq=[new.txt] hello=hello from the image conf=from-the-files-tree ro=yes"
         ),
         "stdout:\n{stdout}\nstderr:\n{stderr}"
     );
