@@ -173,7 +173,10 @@ pub fn run(
             service_disk(spec, &lease)?.tree()?;
         }
         Some(VmProgram::Image(source)) => {
-            oci::parse_image_source(source)?;
+            oci::parse_image_source(source).map_err(|err| Error::Spec {
+                path: spec_path.to_path_buf(),
+                message: format!("service.image: {err}"),
+            })?;
         }
         None => return Err(Error::NoBinary),
     }

@@ -607,3 +607,83 @@ fn a_launcher_killed_after_its_image_was_referenced_leaves_gc_the_reference_to_r
     assert_eq!((left("images/sha256"), left("layers/sha256"), left("derived/sha256")), (0, 0, 0), "{said}");
     world.assert_nothing_left();
 }
+
+#[test]
+fn image_oci_convert_of_a_ten_layer_image_merges_the_lowest_three_so_a_vm_gets_eight_disks() {
+    let test = kiln_testkit::current_test_name();
+    let Some(tools) = kiln_testkit::require_tools(&test, &["umoci", "e2fsck", "debugfs"]) else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let layout = dir.path().join("layout");
+    let bundle = dir.path().join("bundle");
+    let image = format!("{}:deep", layout.display());
+    let umoci = |args: &[&str]| assert!(Command::new(&tools[0]).args(args).status().unwrap().success(), "{args:?}");
+    umoci(&["init", "--layout", layout.to_str().unwrap()]);
+    umoci(&["new", "--image", &image]);
+    umoci(&["unpack", "--image", &image, bundle.to_str().unwrap()]);
+    for layer in 0..10 {
+        std::fs::write(bundle.join(format!("rootfs/layer{layer}.txt")), format!("layer {layer}\n")).unwrap();
+        umoci(&["repack", "--refresh-bundle", "--image", &image, bundle.to_str().unwrap()]);
+    }
+    let state = dir.path().join("state");
+    let out = dir.path().join("rootfs");
+    let source = format!("oci:{image}");
+    let json =
+        assert_success(&kiln_in(&state, &["image", "oci", "convert", "--json", &source, "-o", out.to_str().unwrap()]));
+    let manifest: Value = serde_json::from_str(&json).unwrap();
+    assert_eq!(manifest["layers"].as_array().unwrap().len(), 10);
+    let disks = manifest["disks"].as_array().unwrap();
+    assert_eq!(disks.len(), 8, "{json}");
+    assert_eq!(disks[0]["layers"], serde_json::json!([0, 2]), "the lowest three merged");
+    assert_eq!(disks[7]["layers"], serde_json::json!([9, 9]));
+    let debugfs = |image: &Path, request: &str| {
+        let out = Command::new(&tools[2]).args(["-R", request]).arg(image).output().unwrap();
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let first = out.join("layer0.ext4");
+    for layer in 0..3 {
+        assert_eq!(debugfs(&first, &format!("cat /layer{layer}.txt")), format!("layer {layer}\n"));
+    }
+    assert_eq!(debugfs(&first, "cat /layer3.txt"), "", "layer 3 has a disk of its own");
+    assert_eq!(debugfs(&out.join("layer1.ext4"), "cat /layer3.txt"), "layer 3\n");
+    for index in 0..8 {
+        let fsck = Command::new(&tools[1]).arg("-fn").arg(out.join(format!("layer{index}.ext4"))).output().unwrap();
+        assert!(fsck.status.success(), "layer{index}: {}", String::from_utf8_lossy(&fsck.stdout));
+    }
+}
+
+#[test]
+fn run_refuses_a_bad_image_spec_naming_the_field_and_a_missing_layout_naming_its_path() {
+    use crate::run_e2e::{World, text};
+    let Some(world) = World::new("ocibad") else { return };
+    let missing = world.dir.path().join("no-layout");
+    let cases: &[(&str, String, String)] = &[
+        (
+            "both",
+            "name = \"x\"\n[service]\nbinary = \"/bin/true\"\nimage = \"oci:img\"\n".into(),
+            "set vm.uses = \"binary\" or \"image\"".into(),
+        ),
+        ("transport", "name = \"x\"\n[service]\nimage = \"ftp://host/img\"\n".into(), "service.image: ".into()),
+        (
+            "uses-unset",
+            "name = \"x\"\n[service]\nbinary = \"/bin/true\"\n[vm]\nuses = \"image\"\n".into(),
+            "vm.uses is \"image\" but service.image is not set".into(),
+        ),
+        (
+            "missing-layout",
+            format!("name = \"x\"\n[service]\nimage = \"oci:{}\"\n", missing.display()),
+            missing.join("oci-layout").display().to_string(),
+        ),
+        ("neither", "name = \"x\"\n[service]\n".into(), "neither service.binary nor service.image".into()),
+    ];
+    for (name, spec, needle) in cases {
+        let path = world.spec(name, spec);
+        let output = world.run(&path);
+        let stderr = text(&output.stderr);
+        assert_eq!(output.status.code(), Some(1), "{name}: {stderr}");
+        assert!(stderr.contains(needle.as_str()), "{name}: {needle:?} in\n{stderr}");
+    }
+    world.assert_nothing_left();
+    // The image store holds nothing from the failed pull.
+    let images = world.state_dir().join("oci/images/sha256");
+    assert!(std::fs::read_dir(&images).map_or(true, |mut d| d.next().is_none()), "a failed pull left an image record");
+}
