@@ -26,6 +26,9 @@ mod store;
 pub use config::{Compression, MANIFEST_MEDIA_TYPES};
 pub use digest::{Digest, chain_ids};
 pub use error::{Error, RegistryErrorKind, Result};
+/// The registry client's readers, for the fuzz targets only.
+#[doc(hidden)]
+pub use registry::fuzzing;
 pub use registry::{RegistryClient, RegistryClientBuilder, RegistrySource};
 pub use source::{BlobSource, Fetched, ImageSource, RegistryReference};
 pub use store::{BlobProgress, GcReport, Image, Layer, RuntimeConfig, Store, StoreGuard};
