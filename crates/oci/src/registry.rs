@@ -1,6 +1,6 @@
-//! Pulling from a registry over the OCI distribution API: image references
-//! (`host[:port]/path[:tag][@digest]`, with Docker Hub's defaults), and a
-//! blocking client that fetches manifests and streams blobs over HTTPS,
+//! Pulling from a registry over the OCI distribution API: a blocking
+//! client that fetches manifests and streams blobs over HTTPS for the
+//! references source.rs parses (Docker Hub asked on its API host),
 //! answering Bearer and Basic challenges with credentials from a Docker
 //! `config.json`.
 //!
