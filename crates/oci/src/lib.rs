@@ -33,9 +33,11 @@ pub use registry::{RegistryClient, RegistryClientBuilder, RegistrySource};
 pub use source::{BlobSource, Fetched, ImageSource, RegistryReference};
 pub use store::{BlobProgress, GcReport, Image, Layer, RuntimeConfig, Store, StoreGuard};
 
-/// The layer reader over bytes in memory, for the fuzz target.
+/// The layer reader over bytes in memory and the registry client's
+/// readers, for the fuzz targets only.
 #[doc(hidden)]
 pub mod fuzzing {
+    pub use crate::registry::fuzzing::*;
     use crate::layers::{BytesLayer, build};
 
     /// [`layer_tree`](crate::layer_tree) over layer tars held in memory

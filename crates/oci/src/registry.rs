@@ -1,6 +1,6 @@
-//! Pulling from a registry over the OCI distribution API: image references
-//! (`host[:port]/path[:tag][@digest]`, with Docker Hub's defaults), and a
-//! blocking client that fetches manifests and streams blobs over HTTPS,
+//! Pulling from a registry over the OCI distribution API: a blocking
+//! client that fetches manifests and streams blobs over HTTPS for the
+//! references source.rs parses (Docker Hub asked on its API host),
 //! answering Bearer and Basic challenges with credentials from a Docker
 //! `config.json`.
 //!
@@ -449,9 +449,45 @@ fn realm_authority(realm: &str) -> Option<&str> {
 
 /// `, CODE: message` from a distribution error body, or nothing.
 fn registry_error_detail(response: Response<ureq::Body>) -> String {
-    let Ok(body) = response.into_body().with_config().limit(64 << 10).read_to_vec() else { return String::new() };
-    let Ok(parsed) = serde_json::from_slice::<ErrorBody>(&body) else { return String::new() };
+    match response.into_body().with_config().limit(64 << 10).read_to_vec() {
+        Ok(body) => error_detail(&body),
+        Err(_) => String::new(),
+    }
+}
+
+fn error_detail(body: &[u8]) -> String {
+    let Ok(parsed) = serde_json::from_slice::<ErrorBody>(body) else { return String::new() };
     parsed.errors.iter().map(|entry| format!(", {}: {}", entry.code, entry.message)).collect()
+}
+
+/// The registry client's readers of untrusted bytes, for the fuzz targets only.
+pub(crate) mod fuzzing {
+    /// A Bearer challenge's `realm`, `service` and `scope`.
+    pub type Bearer = (String, Option<String>, Option<String>);
+
+    /// A `WWW-Authenticate` value → (`realm`, `service`, `scope`) of a
+    /// Bearer challenge, `None` for Basic, or the parse error.
+    pub fn parse_challenge(header: &str) -> Result<Option<Bearer>, String> {
+        Ok(match crate::auth::parse_challenge(header)? {
+            crate::auth::Challenge::Bearer { realm, service, scope } => Some((realm, service, scope)),
+            crate::auth::Challenge::Basic => None,
+        })
+    }
+
+    /// A Docker `config.json`: whether it parses.
+    pub fn parse_docker_config(bytes: &[u8]) -> Result<(), String> {
+        crate::auth::DockerConfig::parse(bytes).map(drop)
+    }
+
+    /// A token endpoint's answer → the token.
+    pub fn parse_token_answer(bytes: &[u8]) -> Result<String, String> {
+        crate::auth::parse_token_answer(bytes)
+    }
+
+    /// A distribution error body → the detail put in messages.
+    pub fn error_detail(bytes: &[u8]) -> String {
+        super::error_detail(bytes)
+    }
 }
 
 fn status_error(target: &Target<'_>, status: u16, response: Response<ureq::Body>) -> Error {

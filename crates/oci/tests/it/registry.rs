@@ -722,6 +722,51 @@ fn basic_auth_pulls_with_config_json_credentials_and_refuses_wrong_ones() {
     assert!(message.ends_with("the registry asks for Basic credentials and config.json has none for it"), "{message}");
 }
 
+/// Answers every request with a 307 to the same path on `target`: a fake
+/// front standing in for a registry that keeps its blobs elsewhere
+/// (docker-registry's filesystem storage never redirects). Counts its answers.
+fn redirecting_front(target: String) -> (String, Arc<AtomicUsize>) {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let authority = listener.local_addr().unwrap().to_string();
+    let redirects = Arc::new(AtomicUsize::new(0));
+    let counter = Arc::clone(&redirects);
+    std::thread::spawn(move || {
+        for stream in listener.incoming().flatten() {
+            let mut request_line = String::new();
+            let mut reader = BufReader::new(stream.try_clone().unwrap());
+            reader.read_line(&mut request_line).unwrap();
+            while reader.read_line(&mut String::new()).unwrap() > 2 {}
+            let path = request_line.split_whitespace().nth(1).unwrap_or("/").to_owned();
+            counter.fetch_add(1, Ordering::SeqCst);
+            let mut stream = stream;
+            let _ = write!(
+                stream,
+                "HTTP/1.1 307 Temporary Redirect\r\nLocation: http://{target}{path}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+            );
+        }
+    });
+    (authority, redirects)
+}
+
+#[test]
+fn manifests_and_blobs_behind_a_redirect_are_followed_fake_redirecting_front() {
+    let Some(world) = World::new() else { return };
+    let registry = Registry::start(world.dir.path(), None, Auth::Open);
+    registry.push(&world.layout, "amd64", None, None);
+    let (front, redirects) = redirecting_front(registry.authority());
+    let client = RegistryClient::builder()
+        .insecure_registry(&front)
+        .insecure_registry(&registry.authority())
+        .docker_config(&world.path("no-config.json"))
+        .build()
+        .unwrap();
+    let reference: RegistryReference = format!("{front}/{REPOSITORY}:amd64").parse().unwrap();
+    let pulled = pull(&client, &world.store("store"), &reference).unwrap();
+    assert_eq!(pulled.manifest_digest(), &layout_digest(&world.layout, "amd64"));
+    // The manifest, the config and the one layer, each redirected once.
+    assert_eq!(redirects.load(Ordering::SeqCst), 3);
+}
+
 #[test]
 fn plain_http_is_spoken_only_to_a_registry_named_insecure() {
     let Some(world) = World::new() else { return };
