@@ -285,7 +285,7 @@ fn read_out(data: &Path, dir: &Path, names: &[&str]) -> Vec<String> {
                 Ok(meta) if meta.file_type().is_char_device() => {
                     format!("char {}:{}", rustix::fs::major(meta.rdev()), rustix::fs::minor(meta.rdev()))
                 }
-                _ => fs::read_to_string(mnt.join(name)).unwrap_or_default(),
+                _ => fs::read_to_string(mnt.join(name)).unwrap_or_else(|err| format!("<{name}: {err}>")),
             }
         })
         .collect();
@@ -469,7 +469,7 @@ fn meta(mode: u32) -> Ext4Metadata {
 /// both layers', the upper's version of a file wins, and neither the
 /// whiteouts nor the opaque xattr show in the container. The upper layer
 /// is on the data disk: what the container writes (and deletes) is there
-/// after power-off, in overlayfs's format.
+/// after power-off, in overlayfs's format, and the container cannot see it.
 #[test]
 fn two_layer_disks_merge_with_whiteouts_and_opaque_directories() {
     let test = "oci_guest_layers";
@@ -512,7 +512,8 @@ fn two_layer_disks_merge_with_whiteouts_and_opaque_directories() {
     }
     let script = "tree-manifest --skip proc --skip sys --skip dev --skip mnt --skip etc --skip lost+found \
                   --manifest / - > /mnt/data/out/manifest 2> /mnt/data/out/manifest.err \
-                  && echo persisted > /persisted && busybox rm /keep";
+                  && echo persisted > /persisted && busybox rm /keep \
+                  && busybox ls -A /mnt/data/.kiln-upper > /mnt/data/out/upper-seen";
     let mut config = ContainerConfig::new(2, ["/bin/sh", "-c", script].map(str::to_owned).to_vec());
     config.env = merge_env(&[], &[("PATH".to_owned(), "/bin".to_owned())]);
     config.upper = UpperKind::DataDisk { dir: ".kiln-upper/layers".to_owned() };
@@ -520,10 +521,16 @@ fn two_layer_disks_merge_with_whiteouts_and_opaque_directories() {
     let data = data_disk(dir.path());
     let console = boot(test, dir.path(), &assets, &service, &layers, &data);
     assert!(console.contains("kiln-init: service exited with status 0"), "the program failed:\n{console}");
-    let written =
-        ["out/manifest", "out/manifest.err", ".kiln-upper/layers/upper/persisted", ".kiln-upper/layers/upper/keep"];
-    let [manifest, manifest_err, persisted, deleted] =
-        <[String; 4]>::try_from(read_out(&data, dir.path(), &written)).unwrap();
+    let written = [
+        "out/manifest",
+        "out/manifest.err",
+        ".kiln-upper/layers/upper/persisted",
+        ".kiln-upper/layers/upper/keep",
+        "out/upper-seen",
+    ];
+    let [manifest, manifest_err, persisted, deleted, upper_seen] =
+        <[String; 5]>::try_from(read_out(&data, dir.path(), &written)).unwrap();
+    assert_eq!(upper_seen, "", "the container sees its own upper layer on the data disk");
     assert_eq!(persisted, "persisted\n", "a file the container wrote is not in its upper layer on the data disk");
     assert_eq!(deleted, "char 0:0", "a file the container deleted is not a whiteout in its upper layer");
     assert!(manifest.ends_with(" entries\n"), "the manifest is cut short ({manifest_err}):\n{manifest}");
