@@ -222,19 +222,22 @@ fn service_disk(dir: &Path, config: &ContainerConfig, trees: &[(&str, &[(&str, &
 /// Boots the guest; returns the console once it powered off, kiln-init
 /// having failed at nothing.
 fn boot(test: &str, dir: &Path, assets: &GuestAssets, service: &Path, layers: &[PathBuf], data: &Path) -> String {
-    let log = boot_expecting_failure(test, dir, assets, service, layers, data);
+    let log = boot_guest(test, dir, assets, service, layers, data, None);
     assert!(!log.contains("kiln-init: FAILED"), "{test}: kiln-init failed:\n{log}");
     log
 }
 
-/// Boots the guest; returns the console once it powered off.
-fn boot_expecting_failure(
+/// Boots the guest; returns the console once it powered off. With
+/// `power_button_after`, presses the ACPI power button (QMP
+/// `system_powerdown`) once the console shows that line.
+fn boot_guest(
     test: &str,
     dir: &Path,
     assets: &GuestAssets,
     service: &Path,
     layers: &[PathBuf],
     data: &Path,
+    power_button_after: Option<&str>,
 ) -> String {
     let log = dir.join(format!("{test}.console"));
     let mut plan = VmPlan::new(test, &assets.bzimage, "console=ttyS0 panic=-1 no_timer_check kiln.grace=5");
@@ -263,6 +266,20 @@ fn boot_expecting_failure(
         if started.elapsed() > BOOT_DEADLINE {
             let _ = vm.kill();
             panic!("{test}: the guest did not power off within {BOOT_DEADLINE:?} (hung?); console:\n{}", console());
+        }
+        if let Some(marker) = power_button_after
+            && console().lines().any(|line| line.trim_end() == marker)
+        {
+            let grace = BOOT_DEADLINE.saturating_sub(started.elapsed());
+            let stopped =
+                vm.shutdown(grace).unwrap_or_else(|err| panic!("{test}: cannot press the power button: {err}"));
+            assert_eq!(
+                stopped,
+                Status::ShutDown(ShutdownHow::Guest),
+                "{test}: the guest ignored the power button:\n{}",
+                console()
+            );
+            break;
         }
         std::thread::sleep(Duration::from_millis(50));
     }
@@ -595,8 +612,42 @@ fn container_that_cannot_start_is_reported_as_a_failure_naming_the_cause() {
     config.user = "ghost".to_owned();
     let service = service_disk(dir.path(), &config, &[]);
     let data = data_disk(dir.path());
-    let log = boot_expecting_failure(test, dir.path(), &assets, &service, &layers, &data);
+    let log = boot_guest(test, dir.path(), &assets, &service, &layers, &data, None);
     let want = "kiln-init: FAILED: container: Cannot run the container as user \"ghost\": no user \"ghost\" in the image's /etc/passwd";
     assert!(log.lines().any(|l| l.trim_end() == want), "the console lacks {want:?}:\n{log}");
     assert!(!log.contains("service exited"), "a failure is not an exit:\n{log}");
+}
+
+/// The power button stops a container as it stops a binary service:
+/// SIGTERM reaches the container's program (a numeric uid without a
+/// passwd entry, so gid 0), whose own exit status is reported.
+#[test]
+fn power_button_stops_the_container_and_its_exit_status_is_reported() {
+    let test = "oci_guest_power";
+    let Some((assets, _tool)) = setup(test) else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let mut layer = Ext4Tree::new();
+    layer.add_dir("bin", meta(0o755)).unwrap();
+    layer.add_file_from_path("bin/busybox", BUSYBOX, meta(0o755)).unwrap();
+    for applet in ["sh", "sleep", "id"] {
+        layer.add_symlink(&format!("bin/{applet}"), "busybox", meta(0o777)).unwrap();
+    }
+    let layers = vec![dir.path().join("layer0.ext4")];
+    layer.layout(&Ext4Options::default()).unwrap().write_file(&layers[0]).unwrap();
+    let script = "trap 'echo container: got SIGTERM; exit 3' TERM; echo \"container: ready as $(id -u):$(id -g)\"; \
+                  while :; do sleep 1; done";
+    let mut config = ContainerConfig::new(1, ["sh", "-c", script].map(str::to_owned).to_vec());
+    config.env = merge_env(&[], &[("PATH".to_owned(), "/bin".to_owned())]);
+    config.user = "4242".to_owned();
+    let service = service_disk(dir.path(), &config, &[]);
+    let data = data_disk(dir.path());
+    let log = boot_guest(test, dir.path(), &assets, &service, &layers, &data, Some("container: ready as 4242:0"));
+    let position = |line: &str| {
+        log.lines().position(|l| l.trim_end() == line).unwrap_or_else(|| panic!("the console lacks {line:?}:\n{log}"))
+    };
+    let pressed = position("kiln-init: power button: sending SIGTERM to the service, grace 5.0s");
+    let trapped = position("container: got SIGTERM");
+    let exited = position("kiln-init: service exited with status 3");
+    assert!(pressed < trapped && trapped < exited, "out of order:\n{log}");
+    assert!(!log.contains("kiln-init: FAILED"), "kiln-init failed:\n{log}");
 }
