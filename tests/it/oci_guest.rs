@@ -222,19 +222,22 @@ fn service_disk(dir: &Path, config: &ContainerConfig, trees: &[(&str, &[(&str, &
 /// Boots the guest; returns the console once it powered off, kiln-init
 /// having failed at nothing.
 fn boot(test: &str, dir: &Path, assets: &GuestAssets, service: &Path, layers: &[PathBuf], data: &Path) -> String {
-    let log = boot_expecting_failure(test, dir, assets, service, layers, data);
+    let log = boot_guest(test, dir, assets, service, layers, data, None);
     assert!(!log.contains("kiln-init: FAILED"), "{test}: kiln-init failed:\n{log}");
     log
 }
 
-/// Boots the guest; returns the console once it powered off.
-fn boot_expecting_failure(
+/// Boots the guest; returns the console once it powered off. With
+/// `power_button_after`, presses the ACPI power button (QMP
+/// `system_powerdown`) once the console shows that line.
+fn boot_guest(
     test: &str,
     dir: &Path,
     assets: &GuestAssets,
     service: &Path,
     layers: &[PathBuf],
     data: &Path,
+    power_button_after: Option<&str>,
 ) -> String {
     let log = dir.join(format!("{test}.console"));
     let mut plan = VmPlan::new(test, &assets.bzimage, "console=ttyS0 panic=-1 no_timer_check kiln.grace=5");
@@ -264,10 +267,29 @@ fn boot_expecting_failure(
             let _ = vm.kill();
             panic!("{test}: the guest did not power off within {BOOT_DEADLINE:?} (hung?); console:\n{}", console());
         }
+        if let Some(marker) = power_button_after
+            && console().lines().any(|line| line.trim_end() == marker)
+        {
+            let grace = BOOT_DEADLINE.saturating_sub(started.elapsed());
+            let stopped =
+                vm.shutdown(grace).unwrap_or_else(|err| panic!("{test}: cannot press the power button: {err}"));
+            assert_eq!(
+                stopped,
+                Status::ShutDown(ShutdownHow::Guest),
+                "{test}: the guest ignored the power button:\n{}",
+                console()
+            );
+            break;
+        }
         std::thread::sleep(Duration::from_millis(50));
     }
     eprintln!("{test}: the guest ran {:.1} s", started.elapsed().as_secs_f64());
     let log = console();
+    // A figure for the reader (not asserted): disks_ready to service_start
+    // is the overlay's and the container setup's cost.
+    if let Some(timing) = log.lines().find(|l| l.contains("kiln-init: timing kernel_start")) {
+        eprintln!("{test}: {}", timing.trim_end());
+    }
     assert!(!log.contains("Kernel panic"), "{test}: the kernel panicked:\n{log}");
     log
 }
@@ -285,7 +307,7 @@ fn read_out(data: &Path, dir: &Path, names: &[&str]) -> Vec<String> {
                 Ok(meta) if meta.file_type().is_char_device() => {
                     format!("char {}:{}", rustix::fs::major(meta.rdev()), rustix::fs::minor(meta.rdev()))
                 }
-                _ => fs::read_to_string(mnt.join(name)).unwrap_or_default(),
+                _ => fs::read_to_string(mnt.join(name)).unwrap_or_else(|err| format!("<{name}: {err}>")),
             }
         })
         .collect();
@@ -469,7 +491,7 @@ fn meta(mode: u32) -> Ext4Metadata {
 /// both layers', the upper's version of a file wins, and neither the
 /// whiteouts nor the opaque xattr show in the container. The upper layer
 /// is on the data disk: what the container writes (and deletes) is there
-/// after power-off, in overlayfs's format.
+/// after power-off, in overlayfs's format, and the container cannot see it.
 #[test]
 fn two_layer_disks_merge_with_whiteouts_and_opaque_directories() {
     let test = "oci_guest_layers";
@@ -512,18 +534,26 @@ fn two_layer_disks_merge_with_whiteouts_and_opaque_directories() {
     }
     let script = "tree-manifest --skip proc --skip sys --skip dev --skip mnt --skip etc --skip lost+found \
                   --manifest / - > /mnt/data/out/manifest 2> /mnt/data/out/manifest.err \
-                  && echo persisted > /persisted && busybox rm /keep";
-    let mut config = ContainerConfig::new(2, ["/bin/sh", "-c", script].map(str::to_owned).to_vec());
+                  && echo persisted > /persisted && busybox rm /keep \
+                  && busybox ls -A /mnt/data/.kiln-upper > /mnt/data/out/upper-seen";
+    // argv[0] without a `/`: looked up in the container's PATH.
+    let mut config = ContainerConfig::new(2, ["sh", "-c", script].map(str::to_owned).to_vec());
     config.env = merge_env(&[], &[("PATH".to_owned(), "/bin".to_owned())]);
     config.upper = UpperKind::DataDisk { dir: ".kiln-upper/layers".to_owned() };
     let service = service_disk(dir.path(), &config, &[]);
     let data = data_disk(dir.path());
     let console = boot(test, dir.path(), &assets, &service, &layers, &data);
     assert!(console.contains("kiln-init: service exited with status 0"), "the program failed:\n{console}");
-    let written =
-        ["out/manifest", "out/manifest.err", ".kiln-upper/layers/upper/persisted", ".kiln-upper/layers/upper/keep"];
-    let [manifest, manifest_err, persisted, deleted] =
-        <[String; 4]>::try_from(read_out(&data, dir.path(), &written)).unwrap();
+    let written = [
+        "out/manifest",
+        "out/manifest.err",
+        ".kiln-upper/layers/upper/persisted",
+        ".kiln-upper/layers/upper/keep",
+        "out/upper-seen",
+    ];
+    let [manifest, manifest_err, persisted, deleted, upper_seen] =
+        <[String; 5]>::try_from(read_out(&data, dir.path(), &written)).unwrap();
+    assert_eq!(upper_seen, "", "the container sees its own upper layer on the data disk");
     assert_eq!(persisted, "persisted\n", "a file the container wrote is not in its upper layer on the data disk");
     assert_eq!(deleted, "char 0:0", "a file the container deleted is not a whiteout in its upper layer");
     assert!(manifest.ends_with(" entries\n"), "the manifest is cut short ({manifest_err}):\n{manifest}");
@@ -582,8 +612,42 @@ fn container_that_cannot_start_is_reported_as_a_failure_naming_the_cause() {
     config.user = "ghost".to_owned();
     let service = service_disk(dir.path(), &config, &[]);
     let data = data_disk(dir.path());
-    let log = boot_expecting_failure(test, dir.path(), &assets, &service, &layers, &data);
+    let log = boot_guest(test, dir.path(), &assets, &service, &layers, &data, None);
     let want = "kiln-init: FAILED: container: Cannot run the container as user \"ghost\": no user \"ghost\" in the image's /etc/passwd";
     assert!(log.lines().any(|l| l.trim_end() == want), "the console lacks {want:?}:\n{log}");
     assert!(!log.contains("service exited"), "a failure is not an exit:\n{log}");
+}
+
+/// The power button stops a container as it stops a binary service:
+/// SIGTERM reaches the container's program (a numeric uid without a
+/// passwd entry, so gid 0), whose own exit status is reported.
+#[test]
+fn power_button_stops_the_container_and_its_exit_status_is_reported() {
+    let test = "oci_guest_power";
+    let Some((assets, _tool)) = setup(test) else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let mut layer = Ext4Tree::new();
+    layer.add_dir("bin", meta(0o755)).unwrap();
+    layer.add_file_from_path("bin/busybox", BUSYBOX, meta(0o755)).unwrap();
+    for applet in ["sh", "sleep", "id"] {
+        layer.add_symlink(&format!("bin/{applet}"), "busybox", meta(0o777)).unwrap();
+    }
+    let layers = vec![dir.path().join("layer0.ext4")];
+    layer.layout(&Ext4Options::default()).unwrap().write_file(&layers[0]).unwrap();
+    let script = "trap 'echo container: got SIGTERM; exit 3' TERM; echo \"container: ready as $(id -u):$(id -g)\"; \
+                  while :; do sleep 1; done";
+    let mut config = ContainerConfig::new(1, ["sh", "-c", script].map(str::to_owned).to_vec());
+    config.env = merge_env(&[], &[("PATH".to_owned(), "/bin".to_owned())]);
+    config.user = "4242".to_owned();
+    let service = service_disk(dir.path(), &config, &[]);
+    let data = data_disk(dir.path());
+    let log = boot_guest(test, dir.path(), &assets, &service, &layers, &data, Some("container: ready as 4242:0"));
+    let position = |line: &str| {
+        log.lines().position(|l| l.trim_end() == line).unwrap_or_else(|| panic!("the console lacks {line:?}:\n{log}"))
+    };
+    let pressed = position("kiln-init: power button: sending SIGTERM to the service, grace 5.0s");
+    let trapped = position("container: got SIGTERM");
+    let exited = position("kiln-init: service exited with status 3");
+    assert!(pressed < trapped && trapped < exited, "out of order:\n{log}");
+    assert!(!log.contains("kiln-init: FAILED"), "kiln-init failed:\n{log}");
 }

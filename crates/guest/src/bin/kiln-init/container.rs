@@ -218,6 +218,17 @@ fn setup_and_exec() -> std::result::Result<Never, String> {
             .map_err(|err| format!("cannot remount {target} with its flags: {err}"))?;
     }
     drop(binds);
+    if let UpperKind::DataDisk { dir } = &config.upper
+        && sys::is_mount_point(DATA_DIR)
+    {
+        // The container must not reach its own upper layer through the
+        // data disk (overlayfs forbids changing a layer under a mount):
+        // an empty read-only tmpfs hides the directory holding it.
+        let top = dir.split('/').next().unwrap_or(dir);
+        let hidden = format!("{DATA_DIR}/{top}");
+        sys::mount("tmpfs", &hidden, "tmpfs", libc::MS_RDONLY | libc::MS_NOSUID | libc::MS_NODEV, "mode=0555")
+            .map_err(|err| format!("cannot hide the upper layer's {hidden}: {err}"))?;
+    }
     make_dirs("/etc")?;
     for (name, bytes) in &etc {
         let path = format!("/etc/{name}");
