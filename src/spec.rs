@@ -581,7 +581,9 @@ fn resolve_local_image(image: &str, base: &Path) -> String {
     image.to_owned()
 }
 
-/// Whether `image` names a local source rather than a registry reference.
+/// Whether `image` names a local source rather than a registry reference
+/// (which a Pod cannot pull).
+#[cfg_attr(not(feature = "k8s"), allow(dead_code))]
 pub(crate) fn is_local_image(image: &str) -> bool {
     LOCAL_IMAGE_TRANSPORTS.iter().any(|transport| image.starts_with(transport))
 }

@@ -37,8 +37,8 @@ pub use store::{BlobProgress, GcReport, Image, Layer, RuntimeConfig, Store, Stor
 /// readers, for the fuzz targets only.
 #[doc(hidden)]
 pub mod fuzzing {
-    pub use crate::registry::fuzzing::*;
     use crate::layers::{BytesLayer, build};
+    pub use crate::registry::fuzzing::*;
 
     /// [`layer_tree`](crate::layer_tree) over layer tars held in memory
     /// (labelled by index); file data is copied into the tree.
