@@ -97,8 +97,14 @@ pub enum Error {
         "The spec cannot run as a VM: confidentiality is \"tee-required\", but kiln starts no confidential VMs (SEV-SNP, TDX); run it on Kubernetes with a kata RuntimeClass"
     )]
     TeeRequired,
-    #[error("The spec has no service.binary, which a VM needs")]
+    #[error("The spec has neither service.binary nor service.image, one of which a VM needs")]
     NoBinary,
+    #[error("Image {image} cannot run in a VM")]
+    ContainerConfig { image: String, source: kiln_guest::Error },
+    #[error(
+        "service.image `{image}` is a local image source, which a Pod cannot pull: push it to a registry and name it there"
+    )]
+    K8sLocalImage { image: String },
     #[error("The spec has no service.image, which Kubernetes needs (service.binary is for VMs)")]
     NoImage,
     #[error("service.files.{tree} cannot go into a Pod: {why}")]
@@ -122,6 +128,8 @@ pub enum Error {
     Net(#[from] kiln_net::Error),
     #[error(transparent)]
     Image(#[from] kiln_imagefmt::Error),
+    #[error(transparent)]
+    Oci(#[from] kiln_oci::Error),
 }
 
 /// `16777216 bytes (16 MiB)`: exact, and readable.
@@ -152,6 +160,8 @@ impl Error {
             | Error::DataDiskForeign { .. }
             | Error::NoBinary
             | Error::NoImage
+            | Error::K8sLocalImage { .. }
+            | Error::ContainerConfig { .. }
             | Error::K8sFiles { .. }
             | Error::K8sDefaults { .. } => ErrorKind::InvalidInput,
             Error::GpuWithoutVfio | Error::TeeRequired => ErrorKind::Unsupported,
@@ -162,7 +172,7 @@ impl Error {
             Error::VmNeedsGc { .. } => ErrorKind::NeedsGc,
             Error::Vmm(_) => ErrorKind::Vmm,
             Error::HostNet(_) | Error::Net(_) => ErrorKind::Network,
-            Error::Image(_) | Error::DataDisk { .. } => ErrorKind::Image,
+            Error::Image(_) | Error::DataDisk { .. } | Error::Oci(_) => ErrorKind::Image,
             #[cfg(feature = "k8s")]
             Error::K8s(_) => ErrorKind::Kubernetes,
         }

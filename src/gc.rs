@@ -9,10 +9,11 @@
 //! listing to its last orphan (see [`crate::state`] for the protocol), so
 //! no VM is claimed in between and two passes never overlap.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use kiln_net::{Ledger, Nft, Tap, tap_name};
+use kiln_oci::Store;
 
 use crate::state::{StateDir, VmRecord, VmmInfo};
 use crate::{HostNet, Result};
@@ -22,13 +23,22 @@ use crate::{HostNet, Result};
 pub struct HostHandles {
     pub nft: Nft,
     pub ledger: Ledger,
+    /// Where the OCI image store is (VMs of images hold references there);
+    /// opened only when an image is run or released, so a kiln that never
+    /// ran one has none.
+    pub images: PathBuf,
 }
 
 impl HostHandles {
-    /// `nft` in the current namespace and the ledger in `state`.
+    /// `nft` in the current namespace, the ledger and the image store's place in `state`.
     pub fn open(state: &StateDir, net: &HostNet) -> Result<HostHandles> {
         let ledger = Ledger::open(state.ledger_dir(), net.cidr, net.prefix)?;
-        Ok(HostHandles { nft: Nft::new(), ledger })
+        Ok(HostHandles { nft: Nft::new(), ledger, images: state.root().join(crate::run::OCI_STORE_DIR) })
+    }
+
+    /// The image store, created if need be.
+    pub fn image_store(&self) -> Result<Store> {
+        Ok(Store::open(&self.images)?)
     }
 }
 
@@ -75,6 +85,16 @@ pub fn release_vm(record: &VmRecord, host: &HostHandles, dry_run: bool) -> Resul
     };
     if had_lease {
         actions.push(format!("release the lease of VM {name}"));
+    }
+    // Named in the record before the reference is taken, like every resource.
+    if record.image.is_some() {
+        let store = host.image_store()?;
+        if !store.references(name)?.is_empty() {
+            actions.push(format!("release the image store's reference of VM {name}"));
+            if !dry_run {
+                store.release(name)?;
+            }
+        }
     }
     Ok(actions)
 }
@@ -131,6 +151,17 @@ pub fn collect_garbage(state: &StateDir, host: &HostHandles, dry_run: bool) -> R
             if !dry_run {
                 Tap::delete(&tap)?;
             }
+        }
+    }
+    // Last, once every dead VM's reference is gone: images no VM uses, and
+    // the layer tars and layer filesystems only they had.
+    if !dry_run && host.images.is_dir() {
+        let swept = host.image_store()?.gc()?;
+        if swept.images + swept.layers + swept.blobs + swept.derived > 0 {
+            actions.push(format!(
+                "remove from the image store {} images, {} layer tars, {} blobs and {} layer filesystem directories ({} bytes) no VM uses",
+                swept.images, swept.layers, swept.blobs, swept.derived, swept.bytes
+            ));
         }
     }
     drop(gc_lock);
@@ -247,6 +278,7 @@ mod tests {
         let host = HostHandles {
             nft: Nft::new(),
             ledger: Ledger::open(ledger_dir.path(), "10.213.0.0/16".parse().unwrap(), 30).unwrap(),
+            images: ledger_dir.path().join("oci"),
         };
         let record = VmRecord { name: "web".into(), vmm: Some(recorded), ..VmRecord::default() };
         let actions = release_vm(&record, &host, false).unwrap();

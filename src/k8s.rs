@@ -38,6 +38,9 @@ pub struct K8sWorkload {
 /// spec has no `service.image` or a tree cannot be carried.
 pub fn workload(spec: &Spec) -> Result<K8sWorkload> {
     let image = spec.service.image.clone().ok_or(Error::NoImage)?;
+    if crate::spec::is_local_image(&image) {
+        return Err(Error::K8sLocalImage { image });
+    }
     let mut warnings = Vec::new();
     let resources = &spec.resources;
     let data_volume = resources.storage.map(|size| {
@@ -103,6 +106,26 @@ pub fn workload(spec: &Spec) -> Result<K8sWorkload> {
     workload.kubernetes.service_account = kubernetes.service_account.clone();
     workload.kubernetes.security = kubernetes.security.clone();
     Ok(K8sWorkload { workload, warnings })
+}
+
+/// `image` (a registry reference) pinned to `manifest` (`sha256:...`), the
+/// digest kiln's image store resolved it to: `repo@sha256:...`, the tag
+/// dropped, so the Pod runs the bytes a VM of the spec runs. A reference
+/// that carries a digest already is the user's pin and stays as it is.
+pub(crate) fn pin_image(image: &str, manifest: &str) -> String {
+    if image.contains('@') {
+        return image.to_owned();
+    }
+    // A `:` after the last `/` starts the tag; one before it is a registry's port.
+    let name_end = image.rfind(':').filter(|&colon| !image[colon..].contains('/')).unwrap_or(image.len());
+    format!("{}@{manifest}", &image[..name_end])
+}
+
+impl K8sWorkload {
+    /// Pins the workload's image to `manifest` (see [`pin_image`]).
+    pub fn pin_image(&mut self, manifest: &str) {
+        self.workload.image = pin_image(&self.workload.image, manifest);
+    }
 }
 
 /// The Kubernetes options that the spec's `[kubernetes]` table and the
@@ -239,5 +262,39 @@ impl ClusterDefaults {
             allow_cluster_dns: self.cluster_dns.unwrap_or(base.allow_cluster_dns),
             ..base
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use super::*;
+
+    #[test]
+    fn the_pods_image_is_pinned_by_digest_tag_dropped_port_kept() {
+        let digest = "sha256:0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef";
+        let cases = [
+            ("registry.example/web:1", "registry.example/web@"),
+            ("127.0.0.1:5000/team/web:1.2", "127.0.0.1:5000/team/web@"),
+            ("127.0.0.1:5000/team/web", "127.0.0.1:5000/team/web@"),
+            ("busybox", "busybox@"),
+        ];
+        for (image, pinned) in cases {
+            assert_eq!(pin_image(image, digest), format!("{pinned}{digest}"), "{image}");
+        }
+        let already = "registry.example/web@sha256:ffff";
+        assert_eq!(pin_image(already, digest), already, "the spec's own pin stays");
+    }
+
+    #[test]
+    fn a_pod_refuses_a_local_image_source_naming_service_image() {
+        let spec =
+            Spec::parse("name = \"web\"\n[service]\nimage = \"oci:img:1\"\n", Path::new("/specs/web.toml")).unwrap();
+        let err = workload(&spec).unwrap_err().to_string();
+        assert_eq!(
+            err,
+            "service.image `oci:/specs/img:1` is a local image source, which a Pod cannot pull: push it to a registry and name it there"
+        );
     }
 }

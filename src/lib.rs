@@ -32,18 +32,20 @@ pub use hostnet::{CIDR_ENV, DEFAULT_CIDR, HostNet, UPLINK_ENV};
 pub use k8s::{ClusterDefaults, K8S_DEFAULTS_ENV, K8sWorkload, workload};
 pub use launch::LaunchScript;
 pub use run::{
-    DEFAULT_GRACE, FAILURE_EXIT_CODE, PlannedVm, RunObserver, RunOptions, RunOutcome, STOP_MARGIN, VmFiles,
-    build_images, plan_vm, request_stop, run,
+    DEFAULT_GRACE, FAILURE_EXIT_CODE, INSECURE_REGISTRIES_ENV, ImageEvent, LayerDisk, MAX_LAYER_DISKS, OCI_STORE_DIR,
+    PlannedVm, REGISTRY_CA_ENV, ROOTFS_FORMAT, RunObserver, RunOptions, RunOutcome, STOP_MARGIN, VmFiles, build_images,
+    cached_image, image_rootfs, open_image_store, parse_image_source, plan_vm, pull_image, request_stop, run,
 };
 pub use service_disk::{DiskTree, ServiceDisk};
 pub use size::parse_size;
 pub use spec::{
     Backend, ByteSize, Confidentiality, FileSource, FileTree, GRACE_PARAMETER, Gpu, GpuPolicy, Guest, Kubernetes, Name,
-    Network, PciAddress, PodSecurity, PortSpec, PublishSpec, Resources, Service, Spec, Toleration, VmSettings,
-    rewrite_loopback_urls,
+    Network, PciAddress, PodSecurity, PortSpec, PublishSpec, Resources, Service, Spec, Toleration, VmProgram,
+    VmSettings, VmUses, rewrite_loopback_urls,
 };
 pub use state::{
-    ExitInfo, ExitSource, LeaseInfo, Phase, STATE_DIR_ENV, StateDir, StateLock, VmClaim, VmEntry, VmRecord, VmmInfo,
+    ExitInfo, ExitSource, LeaseInfo, Phase, STATE_DIR_ENV, StateDir, StateLock, VmClaim, VmEntry, VmImage, VmRecord,
+    VmmInfo,
 };
 
 /// The root README's Rust snippets, compiled (and run, unless `no_run`) as doctests.

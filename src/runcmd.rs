@@ -88,7 +88,13 @@ pub(crate) fn run(args: &RunArgs) -> Result<ExitCode> {
     let outcome = kiln::run(&spec, &args.spec, &state()?, &options, &mut observer);
     observer.finish();
     let outcome = outcome?;
-    tracing::info!(launch_ms = outcome.launch_ms, reused = outcome.images_reused, "run finished");
+    tracing::info!(
+        launch_ms = outcome.launch_ms,
+        reused = outcome.images_reused,
+        image_ms = outcome.image_ms,
+        layers_built = outcome.layers_built,
+        "run finished"
+    );
     // One line saying what ended the run and who says so; details (the VMM's log) after it.
     let (summary, details) = outcome.exit.how.split_once('\n').unwrap_or((&outcome.exit.how, ""));
     let source = outcome.exit.source.map(|source| format!(" ({source})")).unwrap_or_default();
@@ -199,6 +205,20 @@ impl RunObserver for TerminalObserver {
         }
     }
 
+    fn image_event(&mut self, event: kiln::ImageEvent<'_>) {
+        let Some(spinner) = &self.spinner else { return };
+        match event {
+            kiln::ImageEvent::Blob { digest, done, total } if total > 0 => {
+                let short: String = digest.to_string().chars().take(19).collect();
+                spinner.set_message(format!("pulling {short} {}%", done.saturating_mul(100) / total));
+            }
+            kiln::ImageEvent::Converting { index, count } => {
+                spinner.set_message(format!("building layer filesystem {}/{count}", index + 1));
+            }
+            _ => {}
+        }
+    }
+
     fn console(&mut self, bytes: &[u8]) {
         if self.quiet {
             return;
@@ -227,8 +247,18 @@ fn render_vm(spec: &Spec, args: &RenderArgs) -> Result<ExitCode> {
     options.guest_dir = args.guest_dir.clone();
     let state = kiln::StateDir::open(&kiln::StateDir::default_root()?)?;
     let planned = kiln::plan_vm(spec, &state, &options)?;
+    // A shell comment before QEMU's command line; on stderr beside the JSON.
+    let image_line = planned.image.as_ref().map(|(source, manifest)| match manifest {
+        Some(manifest) => format!("# service.image: {source} (manifest {manifest})"),
+        None => format!(
+            "# service.image: {source} (not in the image store yet: kiln run or `kiln image oci pull` pulls it; its layer disks are not shown)"
+        ),
+    });
     match planned.backend {
         kiln_vmm::Backend::CloudHypervisor => {
+            if let Some(line) = &image_line {
+                eprintln!("{line}");
+            }
             println!("{}", serde_json::to_string_pretty(&kiln_vmm::ch_vm_config(&planned.plan))?);
         }
         kiln_vmm::Backend::Qemu => {
@@ -238,6 +268,9 @@ fn render_vm(spec: &Spec, args: &RenderArgs) -> Result<ExitCode> {
                 .iter()
                 .map(|arg| shell_quote(&arg.to_string_lossy()))
                 .collect();
+            if let Some(line) = &image_line {
+                println!("{line}");
+            }
             println!("qemu-system-x86_64 \\");
             println!("  {}", flag_lines(&argv).join(" \\\n  "));
         }

@@ -52,33 +52,49 @@ impl ServiceDisk {
     /// [`ServiceDisk::LABEL`]. Checks names, the launch script and every
     /// source path; reads no file contents.
     pub fn tree(&self) -> Result<FatTree> {
-        let mut seen = HashSet::new();
-        for tree in &self.trees {
-            validate_tree_name(&tree.name)?;
-            if !seen.insert(tree.name.to_lowercase()) {
-                return Err(Error::DuplicateTree { name: tree.name.clone() });
-            }
-        }
         let script = self.launch.render()?;
         let mut image = FatTree::new();
         image.add_file_from_path(SERVICE_FILE, &self.binary)?;
         image.add_file_from_bytes(LAUNCH_FILE, script)?;
-        for tree in &self.trees {
-            // A file here would land as a file named like the tree; only a
-            // directory means what the caller asked for. Other stat errors are
-            // left to add_host_path, which names the path and the cause.
-            if fs::metadata(&tree.source).is_ok_and(|meta| !meta.is_dir()) {
-                return Err(Error::TreeNotADirectory { name: tree.name.clone(), source_path: tree.source.clone() });
-            }
-            // Created first so an empty source still gives an empty directory.
-            image.add_dir(&tree.name)?;
-            image.add_host_path(&tree.name, &tree.source)?;
-            if tree.secret {
-                image.mark_secret();
-            }
-        }
+        add_trees(&mut image, &self.trees)?;
         Ok(image)
     }
+}
+
+/// The service disk of a VM that runs an OCI image: kiln-init's container
+/// config (`config_name`, holding `config`) instead of `service` and
+/// `launch`, and the same extra trees.
+pub(crate) fn container_disk_tree(config_name: &str, config: &[u8], trees: &[DiskTree]) -> Result<FatTree> {
+    let mut image = FatTree::new();
+    image.add_file_from_bytes(config_name, config.to_vec())?;
+    add_trees(&mut image, trees)?;
+    Ok(image)
+}
+
+/// Checks the trees' names and adds each under its name.
+fn add_trees(image: &mut FatTree, trees: &[DiskTree]) -> Result<()> {
+    let mut seen = HashSet::new();
+    for tree in trees {
+        validate_tree_name(&tree.name)?;
+        if !seen.insert(tree.name.to_lowercase()) {
+            return Err(Error::DuplicateTree { name: tree.name.clone() });
+        }
+    }
+    for tree in trees {
+        // A file here would land as a file named like the tree; only a
+        // directory means what the caller asked for. Other stat errors are
+        // left to add_host_path, which names the path and the cause.
+        if fs::metadata(&tree.source).is_ok_and(|meta| !meta.is_dir()) {
+            return Err(Error::TreeNotADirectory { name: tree.name.clone(), source_path: tree.source.clone() });
+        }
+        // Created first so an empty source still gives an empty directory.
+        image.add_dir(&tree.name)?;
+        image.add_host_path(&tree.name, &tree.source)?;
+        if tree.secret {
+            image.mark_secret();
+        }
+    }
+    Ok(())
 }
 
 /// A tree name is one path component that does not shadow `service` or

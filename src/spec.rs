@@ -91,15 +91,20 @@ impl<'de> Deserialize<'de> for Name {
     }
 }
 
-/// The service: a binary for VMs, an image for Kubernetes, and what both get.
+/// The service: a binary or an OCI image for VMs, the image for
+/// Kubernetes, and what both get.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct Service {
     /// The service binary, copied onto the service disk (VMs only).
     pub binary: Option<PathBuf>,
-    /// The container image (Kubernetes only).
+    /// The OCI image: what a Pod runs, and what a VM runs when it has no
+    /// binary (or `vm.uses = "image"`). A registry reference, or a local
+    /// source (`oci:DIR[:TAG]`, `oci-archive:FILE`, `docker-archive:FILE`)
+    /// for VMs.
     pub image: Option<String>,
-    /// Arguments, passed exactly (the launch script quotes them).
+    /// Arguments, passed exactly (the launch script quotes them). With an
+    /// image they replace its cmd, as `docker run IMAGE ARGS...` does.
     #[serde(default)]
     pub args: Vec<String>,
     /// Environment. Loopback URLs (`127.0.0.1`, `localhost`, `[::1]`) are
@@ -340,6 +345,28 @@ pub struct VmSettings {
     /// PCI devices passed through with VFIO, as `0000:01:00.0`.
     #[serde(default)]
     pub vfio: Vec<PciAddress>,
+    /// What the VM runs when the service has both a binary and an image
+    /// (required then; with only one of them, that one).
+    pub uses: Option<VmUses>,
+}
+
+/// The value of [`VmSettings::uses`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum VmUses {
+    /// `service.binary`, with the generated launch script.
+    Binary,
+    /// `service.image`, as a container in the VM.
+    Image,
+}
+
+/// What a VM of the spec runs (see [`Spec::vm_program`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum VmProgram<'a> {
+    /// `service.binary`.
+    Binary(&'a Path),
+    /// `service.image`, as the spec writes it.
+    Image(&'a str),
 }
 
 /// A VMM choice (`auto`, `cloud-hypervisor`, `qemu`): kiln-vmm's
@@ -458,6 +485,7 @@ impl Spec {
         {
             return Err(format!("service.image `{}` is empty or holds whitespace", image.escape_debug()));
         }
+        self.check_vm_uses()?;
         if let Some(namespace) = &self.kubernetes.namespace
             && !is_dns_label(namespace)
         {
@@ -466,6 +494,20 @@ impl Spec {
             ));
         }
         self.firewall().validate::<kiln_types::Error>().map_err(|e| format!("network: {e}"))
+    }
+
+    /// `vm.uses` must name a field that is set, and is needed when both are.
+    fn check_vm_uses(&self) -> std::result::Result<(), String> {
+        let (binary, image) = (self.service.binary.is_some(), self.service.image.is_some());
+        match self.vm.uses {
+            None if binary && image => Err(
+                "service.binary and service.image are both set: set vm.uses = \"binary\" or \"image\" to say which one the VM runs (a Pod always runs the image)"
+                    .to_owned(),
+            ),
+            Some(VmUses::Binary) if !binary => Err("vm.uses is \"binary\" but service.binary is not set".to_owned()),
+            Some(VmUses::Image) if !image => Err("vm.uses is \"image\" but service.image is not set".to_owned()),
+            _ => Ok(()),
+        }
     }
 
     fn resolve_paths(&mut self, base: &Path) {
@@ -477,12 +519,29 @@ impl Spec {
         if let Some(binary) = &mut self.service.binary {
             resolve(binary);
         }
+        if let Some(image) = &mut self.service.image {
+            *image = resolve_local_image(image, base);
+        }
         for tree in self.service.files.values_mut() {
             resolve(&mut tree.path);
         }
         let paths = [&mut self.guest.kernel, &mut self.guest.initramfs, &mut self.resources.storage_seed];
         for path in paths.into_iter().flatten() {
             resolve(path);
+        }
+    }
+
+    /// What a VM of this spec runs: the one of `service.binary` and
+    /// `service.image` that is set, or the one `vm.uses` names when both
+    /// are (checked while parsing); `None` when neither is.
+    pub fn vm_program(&self) -> Option<VmProgram<'_>> {
+        let service = &self.service;
+        match (service.binary.as_deref(), service.image.as_deref(), self.vm.uses) {
+            (Some(binary), None, _) | (Some(binary), Some(_), Some(VmUses::Binary)) => Some(VmProgram::Binary(binary)),
+            (None, Some(image), _) | (Some(_), Some(image), Some(VmUses::Image)) => Some(VmProgram::Image(image)),
+            // Refused while parsing; a spec built by hand runs the binary, as before images.
+            (Some(binary), Some(_), None) => Some(VmProgram::Binary(binary)),
+            (None, None, _) => None,
         }
     }
 
@@ -501,6 +560,32 @@ impl Spec {
     pub fn guest_env(&self, host_addr: Ipv4Addr) -> BTreeMap<String, String> {
         self.service.env.iter().map(|(k, v)| (k.clone(), rewrite_loopback_urls(v, &host_addr.to_string()))).collect()
     }
+}
+
+/// The transports of image sources on the host's file system; their path is
+/// relative to the spec file, like `service.binary`.
+pub(crate) const LOCAL_IMAGE_TRANSPORTS: [&str; 3] = ["oci:", "oci-archive:", "docker-archive:"];
+
+/// `image` with the relative path of a local source (`oci:DIR[:TAG]` and
+/// the archives) anchored at `base`; a registry reference as it is.
+fn resolve_local_image(image: &str, base: &Path) -> String {
+    for transport in LOCAL_IMAGE_TRANSPORTS {
+        if let Some(rest) = image.strip_prefix(transport)
+            && !rest.starts_with('/')
+            && !rest.is_empty()
+        {
+            // Joined as text: the `:TAG` stays at the end, after the anchored path.
+            return format!("{transport}{}", base.join(rest).display());
+        }
+    }
+    image.to_owned()
+}
+
+/// Whether `image` names a local source rather than a registry reference
+/// (which a Pod cannot pull).
+#[cfg_attr(not(feature = "k8s"), allow(dead_code))]
+pub(crate) fn is_local_image(image: &str) -> bool {
+    LOCAL_IMAGE_TRANSPORTS.iter().any(|transport| image.starts_with(transport))
 }
 
 /// Replaces the host of every `scheme://host` URL in `value` whose host is
@@ -629,6 +714,7 @@ cmdline = "quiet"
 [vm]
 backend = "qemu"
 vfio = ["0000:01:00.0"]
+uses = "binary"
 
 [kubernetes]
 namespace = "apps"
@@ -739,6 +825,9 @@ security = { run_as_root = true, add_capabilities = ["NET_ADMIN"], run_as_user =
                                 "0000:01:00.0",
                             ),
                         ],
+                        uses: Some(
+                            Binary,
+                        ),
                     },
                     kubernetes: Kubernetes {
                         namespace: Some(
@@ -834,6 +923,7 @@ security = { run_as_root = true, add_capabilities = ["NET_ADMIN"], run_as_user =
                     vm: VmSettings {
                         backend: Auto,
                         vfio: [],
+                        uses: None,
                     },
                     kubernetes: Kubernetes {
                         namespace: None,
@@ -879,6 +969,10 @@ security = { run_as_root = true, add_capabilities = ["NET_ADMIN"], run_as_user =
             "name = \"a\"\n[service]\n[guest]\ncmdline = \"kiln.grace=86401\"\n",
             "name = \"a\"\n[service]\n[resources]\nstorage_seed = \"seed\"\n",
             "name = \"a\"\n[service]\n[resources]\nstorage = \"4MiB\"\n",
+            "name = \"a\"\n[service]\nbinary = \"b\"\nimage = \"i\"\n",
+            "name = \"a\"\n[service]\nimage = \"i\"\n[vm]\nuses = \"binary\"\n",
+            "name = \"a\"\n[service]\nbinary = \"b\"\n[vm]\nuses = \"image\"\n",
+            "name = \"a\"\n[service]\nbinary = \"b\"\n[vm]\nuses = \"both\"\n",
         ];
         let actual: String = cases
             .iter()
@@ -974,7 +1068,49 @@ security = { run_as_root = true, add_capabilities = ["NET_ADMIN"], run_as_user =
             ---
             Spec app.toml: resources.storage must be at least 8MiB: the data disk is journaled ext4
             ---
+            Spec app.toml: service.binary and service.image are both set: set vm.uses = "binary" or "image" to say which one the VM runs (a Pod always runs the image)
+            ---
+            Spec app.toml: vm.uses is "binary" but service.binary is not set
+            ---
+            Spec app.toml: vm.uses is "image" but service.image is not set
+            ---
+            Spec app.toml: TOML parse error at line 5, column 8
+              |
+            5 | uses = "both"
+              |        ^^^^^^
+            unknown variant `both`, expected `binary` or `image`
+            ---
         "#]]
+        .assert_eq(&actual);
+    }
+
+    #[test]
+    fn a_vm_runs_the_image_alone_the_binary_alone_or_the_one_vm_uses_names() {
+        let program = |text: &str| {
+            let spec = Spec::parse(&format!("name = \"a\"\n{text}"), Path::new("/s/a.toml")).unwrap();
+            format!("{:?}", spec.vm_program())
+        };
+        let binary_and_image = "[service]\nbinary = \"b\"\nimage = \"oci:img:1\"\n";
+        let actual = [
+            program("[service]\nimage = \"oci:img:1\"\n"),
+            program("[service]\nbinary = \"b\"\n"),
+            program(&format!("{binary_and_image}[vm]\nuses = \"image\"\n")),
+            program(&format!("{binary_and_image}[vm]\nuses = \"binary\"\n")),
+            program("[service]\n"),
+            program("[service]\nimage = \"oci:/abs/img\"\n"),
+            program("[service]\nimage = \"docker-archive:save.tar\"\n"),
+            program("[service]\nimage = \"registry.example/x:1\"\n"),
+        ]
+        .join("\n");
+        expect![[r#"
+            Some(Image("oci:/s/img:1"))
+            Some(Binary("/s/b"))
+            Some(Image("oci:/s/img:1"))
+            Some(Binary("/s/b"))
+            None
+            Some(Image("oci:/abs/img"))
+            Some(Image("docker-archive:/s/save.tar"))
+            Some(Image("registry.example/x:1"))"#]]
         .assert_eq(&actual);
     }
 

@@ -92,6 +92,27 @@ pub struct VmRecord {
     pub console_log: Option<PathBuf>,
     /// How the service ended, once it did.
     pub exit: Option<ExitInfo>,
+    /// The OCI image the VM runs, once it is pulled (none for a binary).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image: Option<VmImage>,
+}
+
+/// The image of a VM as the record keeps it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VmImage {
+    /// `service.image` as the spec gives it (relative paths anchored).
+    pub source: String,
+    /// The manifest digest it resolved to, `sha256:...`.
+    pub manifest: String,
+}
+
+impl VmImage {
+    /// `SOURCE@sha256:<12 hex>`: what `kiln ps` shows.
+    pub fn short(&self) -> String {
+        let hex = self.manifest.strip_prefix("sha256:").unwrap_or(&self.manifest);
+        format!("{}@sha256:{}", self.source, &hex[..hex.len().min(12)])
+    }
 }
 
 /// The launcher's steps, in order.

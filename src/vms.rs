@@ -41,13 +41,14 @@ pub(crate) fn ps(args: &PsArgs) -> Result<ExitCode> {
         println!("{}", serde_json::to_string_pretty(&json)?);
         return Ok(ExitCode::SUCCESS);
     }
-    println!("{:<24} {:<10} {:<10} {:<16} {:<16} EXIT", "NAME", "STATE", "PHASE", "TAP", "GUEST");
+    println!("{:<24} {:<10} {:<10} {:<16} {:<16} {:<40} EXIT", "NAME", "STATE", "PHASE", "TAP", "GUEST", "IMAGE");
     for entry in &entries {
         let record = &entry.record;
         let guest = record.lease.map(|l| l.guest.to_string()).unwrap_or_else(|| "-".into());
         let exit = record.exit.as_ref().map_or_else(|| "-".to_owned(), exit_summary);
+        let image = record.image.as_ref().map_or_else(|| "-".to_owned(), kiln::VmImage::short);
         println!(
-            "{:<24} {:<10} {:<10} {:<16} {:<16} {exit}",
+            "{:<24} {:<10} {:<10} {:<16} {:<16} {image:<40} {exit}",
             record.name,
             state_word(entry),
             serde_json::to_value(record.phase).ok().and_then(|v| v.as_str().map(str::to_owned)).unwrap_or_default(),

@@ -1,7 +1,9 @@
 //! Hostile bytes into the readers kiln-init and `cargo xtask guest` trust
 //! least: a module's `.modinfo` (and compressed modules), a disk's first
 //! sectors, the seed's `meta-data`/`network-config`, netlink replies and
-//! requests (kiln-rtnetlink), the control channel's lines (both ways). Each must answer, never panic.
+//! requests (kiln-rtnetlink), the control channel's lines (both ways), a
+//! container config and the passwd/group text a user is resolved in. Each
+//! must answer, never panic.
 //!
 //! Round trip: a module ELF built here from arbitrary `name`/`depends`
 //! reads back the same name and dependencies.
@@ -10,7 +12,8 @@
 use arbitrary::{Arbitrary, Unstructured};
 use kiln_guest::fuzzing::fake_module;
 use kiln_guest::{
-    GuestConfig, GuestReport, HostCommand, LineBuffer, MAX_LINE, ModInfo, classify_disk, decompress_module, netlink,
+    ContainerConfig, GuestConfig, GuestReport, HostCommand, LineBuffer, MAX_LINE, ModInfo, classify_disk,
+    decompress_module, netlink, resolve_user,
 };
 use libfuzzer_sys::fuzz_target;
 
@@ -25,6 +28,8 @@ enum Shape {
     BuiltModule { name: String, depends: Vec<String> },
     // Last, so that the corpus's inputs keep selecting the shapes they did.
     NetlinkRequest,
+    // After the others, for the same reason.
+    Container { user: String },
 }
 
 /// Module names as the kernel writes them: no NUL, `,` or `=`, trimmed.
@@ -78,6 +83,15 @@ fuzz_target!(|data: &[u8]| {
                     assert_eq!(command.to_line(), format!("{line}\n"));
                 }
             }
+        }
+        Shape::Container { user } => {
+            // What parses writes back to text that parses to the same config.
+            let text = String::from_utf8_lossy(rest);
+            if let Ok(config) = ContainerConfig::parse(&text) {
+                let again = config.to_text().expect("a parsed config writes");
+                assert_eq!(ContainerConfig::parse(&again).ok(), Some(config));
+            }
+            let _ = resolve_user(&user, Some(&text), Some(&text));
         }
         Shape::BuiltModule { name, depends } => {
             let name = clean(&name);

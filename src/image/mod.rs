@@ -6,6 +6,7 @@ mod ext4;
 mod fat;
 mod info;
 mod initramfs;
+mod oci;
 mod qcow2;
 
 use std::ffi::OsStr;
@@ -37,6 +38,9 @@ pub(crate) enum ImageCommand {
     Initramfs(initramfs::InitramfsArgs),
     /// Identify an image (FAT, ext2/3/4, qcow2, cpio) and summarise it.
     Info(info::InfoArgs),
+    /// Pull, inspect and convert OCI container images, as `kiln run` does.
+    #[command(subcommand)]
+    Oci(oci::OciCommand),
 }
 
 pub(crate) fn run(command: ImageCommand) -> anyhow::Result<()> {
@@ -50,6 +54,7 @@ pub(crate) fn run(command: ImageCommand) -> anyhow::Result<()> {
         ImageCommand::Qcow2(qcow2::Qcow2Command::Convert(args)) => qcow2::convert(args, started),
         ImageCommand::Initramfs(args) => initramfs::initramfs(args, started),
         ImageCommand::Info(args) => info::info(args),
+        ImageCommand::Oci(command) => oci::run(command),
     }
 }
 

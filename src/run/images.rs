@@ -6,7 +6,7 @@ use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
-use kiln_guest::DATA_DISK_LABEL;
+use kiln_guest::{CONTAINER_CONFIG_FILE, ContainerConfig, DATA_DISK_LABEL};
 use kiln_imagefmt::{Ext4Options, Ext4Tree, FatOptions, FatTree, NoCloudSeed};
 use kiln_types::hash::Fnv1a64;
 
@@ -20,10 +20,24 @@ use crate::{DiskTree, Error, LaunchScript, Result, ServiceDisk, Spec};
 /// `resources.storage` is refused ([`Error::DataDiskSizeChanged`]).
 /// Returns whether the service disk was reused.
 pub fn build_images(spec: &Spec, files: &VmFiles, lease: &LeaseInfo) -> Result<bool> {
+    build_vm_images(spec, files, lease, None)
+}
+
+/// [`build_images`], for a VM of an OCI image when `container` is given:
+/// its service disk then holds that config instead of `service` and `launch`.
+pub(crate) fn build_vm_images(
+    spec: &Spec,
+    files: &VmFiles,
+    lease: &LeaseInfo,
+    container: Option<&ContainerConfig>,
+) -> Result<bool> {
     if let (Some(data), Some(size)) = (&files.data, spec.resources.storage) {
         check_data_disk(data, size.0)?;
     }
-    let reused = build_service_disk(spec, &files.service, lease)?;
+    let reused = match container {
+        None => build_service_disk(spec, &files.service, lease)?,
+        Some(config) => build_container_disk(spec, &files.service, config)?,
+    };
     let seed = seed(spec, lease);
     let tree = seed.tree()?;
     let options = FatOptions::default().with_label(NoCloudSeed::LABEL);
@@ -157,13 +171,41 @@ pub(super) fn service_disk(spec: &Spec, lease: &LeaseInfo) -> Result<ServiceDisk
         env: spec.guest_env(lease.host).into_iter().map(|(k, v)| (k, v.into_bytes())).collect(),
         ..LaunchScript::default()
     };
-    let trees = spec
-        .service
+    Ok(ServiceDisk { binary, launch, trees: disk_trees(spec) })
+}
+
+/// The `files` trees of `spec`, as the service disk carries them.
+fn disk_trees(spec: &Spec) -> Vec<DiskTree> {
+    spec.service
         .files
         .iter()
         .map(|(name, tree)| DiskTree { name: name.clone(), source: tree.path.clone(), secret: tree.secret })
-        .collect();
-    Ok(ServiceDisk { binary, launch, trees })
+        .collect()
+}
+
+/// The service disk of a VM of an OCI image: `config` and the `files` trees.
+pub(crate) fn container_disk(spec: &Spec, config: &ContainerConfig) -> Result<FatTree> {
+    let text = config
+        .to_text()
+        .map_err(|source| Error::ContainerConfig { image: spec.service.image.clone().unwrap_or_default(), source })?;
+    crate::service_disk::container_disk_tree(CONTAINER_CONFIG_FILE, text.as_bytes(), &disk_trees(spec))
+}
+
+/// [`build_service_disk`] for a VM of an OCI image, warm-cached the same way.
+fn build_container_disk(spec: &Spec, path: &Path, config: &ContainerConfig) -> Result<bool> {
+    let tree = container_disk(spec, config)?;
+    let options = FatOptions::default().with_label(ServiceDisk::LABEL);
+    let text = config.to_text().unwrap_or_default();
+    let trees = disk_trees(spec);
+    let key = format!("{:016x}", disk_key(text.as_bytes(), None, &trees, &options, env!("CARGO_PKG_VERSION"))?);
+    let key_path = path.with_extension("key");
+    if path.is_file() && fs::read_to_string(&key_path).is_ok_and(|old| old == key) {
+        return Ok(true);
+    }
+    tree.layout(&options)?.write_file(path, None)?;
+    make_private(path)?;
+    crate::state::write_private_atomically(&key_path, key.as_bytes())?;
+    Ok(false)
 }
 
 /// Writes the service disk unless the one there was built from the same
@@ -189,11 +231,23 @@ fn build_service_disk(spec: &Spec, path: &Path, lease: &LeaseInfo) -> Result<boo
 /// field length-delimited into kiln's stable hash (a toolchain upgrade
 /// keeps the key, so the cache stays warm).
 fn inputs_key(disk: &ServiceDisk, options: &FatOptions, kiln_version: &str) -> Result<u64> {
+    disk_key(disk.launch.render()?.as_ref(), Some(&disk.binary), &disk.trees, options, kiln_version)
+}
+
+/// The key of a service disk holding `script` (the launch script, or a
+/// container's config), `binary` if any, and `trees`.
+fn disk_key(
+    script: &[u8],
+    binary: Option<&Path>,
+    trees: &[DiskTree],
+    options: &FatOptions,
+    kiln_version: &str,
+) -> Result<u64> {
     let mut hasher = Fnv1a64::new();
     // The writer's version, then every layout option (label, epoch from
     // SOURCE_DATE_EPOCH, volume id, type, size, cluster size) as it stands.
     hasher.field(kiln_version.as_bytes()).field(format!("{options:?}").as_bytes());
-    hasher.field(disk.launch.render()?.as_ref());
+    hasher.field(script);
     let stat = |path: &Path, hasher: &mut Fnv1a64| -> Result<()> {
         let meta = fs::metadata(path).map_err(|source| Error::InputIo { path: path.to_path_buf(), source })?;
         hasher.field(path.as_os_str().as_bytes());
@@ -202,8 +256,13 @@ fn inputs_key(disk: &ServiceDisk, options: &FatOptions, kiln_version: &str) -> R
         }
         Ok(())
     };
-    stat(&disk.binary, &mut hasher)?;
-    for tree in &disk.trees {
+    match binary {
+        Some(binary) => stat(binary, &mut hasher)?,
+        None => {
+            hasher.field(b"container");
+        }
+    }
+    for tree in trees {
         hasher.field(tree.name.as_bytes()).feed(&[u8::from(tree.secret)]);
         let mut stack = vec![tree.source.clone()];
         while let Some(dir) = stack.pop() {

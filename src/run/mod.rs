@@ -11,7 +11,9 @@
 //! SIGKILL leaves a record from which `kiln gc` releases it.
 
 mod console;
+mod container;
 mod images;
+mod oci;
 mod plan;
 
 use std::fs;
@@ -29,10 +31,14 @@ use kiln_vmm::{Backend, BackendChoice, LaunchOptions, Status, Vmm, VsockListener
 use crate::control::ControlChannel;
 use crate::gc::{HostHandles, release_vm};
 use crate::state::{ExitInfo, ExitSource, LeaseInfo, Phase, StateDir, VmClaim, VmRecord, VmmInfo};
-use crate::{Error, HostNet, Result, Spec};
+use crate::{Error, HostNet, Result, Spec, VmProgram};
 
 pub use images::build_images;
 use images::service_disk;
+pub use oci::{
+    INSECURE_REGISTRIES_ENV, ImageEvent, LayerDisk, MAX_LAYER_DISKS, OCI_STORE_DIR, REGISTRY_CA_ENV, ROOTFS_FORMAT,
+    cached_image, image_rootfs, open_image_store, parse_image_source, pull_image,
+};
 use plan::{GuestFiles, check_vm_policies, choose_backend, vm_plan};
 pub use plan::{PlannedVm, VmFiles, plan_vm};
 
@@ -83,6 +89,8 @@ pub trait RunObserver {
     fn phase(&mut self, phase: Phase, detail: &str);
     /// New bytes on the guest's console.
     fn console(&mut self, bytes: &[u8]);
+    /// Progress pulling and converting the VM's OCI image.
+    fn image_event(&mut self, _event: ImageEvent<'_>) {}
 }
 
 /// How a run ended.
@@ -103,6 +111,12 @@ pub struct RunOutcome {
     pub launch_ms: f64,
     /// Whether the service disk image was reused from a previous run.
     pub images_reused: bool,
+    /// For a VM of an OCI image, milliseconds of host-side work on it: the
+    /// pull (warm: reading its manifest), the store reference, finding or
+    /// building its layer filesystems.
+    pub image_ms: Option<f64>,
+    /// How many layer filesystems this run built (0 on a warm cache).
+    pub layers_built: usize,
 }
 
 /// The one grace period of a stop: `kiln stop --timeout` if it gave one,
@@ -153,7 +167,19 @@ pub fn run(
     check_vm_policies(spec)?;
     let guest = GuestFiles::find(spec, options.guest_dir.as_deref())?;
     let backend = choose_backend(spec, options.backend)?;
-    service_disk(spec, &LeaseInfo { host: Ipv4Addr::LOCALHOST, guest: Ipv4Addr::LOCALHOST, prefix_len: 30 })?.tree()?;
+    match spec.vm_program() {
+        Some(VmProgram::Binary(_)) => {
+            let lease = LeaseInfo { host: Ipv4Addr::LOCALHOST, guest: Ipv4Addr::LOCALHOST, prefix_len: 30 };
+            service_disk(spec, &lease)?.tree()?;
+        }
+        Some(VmProgram::Image(source)) => {
+            oci::parse_image_source(source).map_err(|err| Error::Spec {
+                path: spec_path.to_path_buf(),
+                message: format!("service.image: {err}"),
+            })?;
+        }
+        None => return Err(Error::NoBinary),
+    }
     options.net.check_no_collision()?;
     let host = HostHandles::open(state, &options.net)?;
 
@@ -226,7 +252,25 @@ fn launch_and_wait(
     claim.save()?;
 
     step(claim, observer, Phase::Images, "building the images")?;
-    let images_reused = build_images(spec, &files, &lease)?;
+    let prepared = match spec.vm_program() {
+        Some(VmProgram::Image(source)) => {
+            let mut events = |event: ImageEvent<'_>| observer.image_event(event);
+            Some(oci::prepare_for_vm(&host.image_store()?, source, claim, &mut events)?)
+        }
+        _ => None,
+    };
+    let container = match &prepared {
+        Some(prepared) => Some(container::container_config(
+            spec,
+            &oci::image_runtime(&prepared.image),
+            &prepared.image.manifest_digest().hex(),
+            u32::try_from(prepared.disks.len()).unwrap_or(u32::MAX),
+            &lease,
+        )?),
+        None => None,
+    };
+    let images_reused = images::build_vm_images(spec, &files, &lease, container.as_ref())?;
+    let layers: Vec<PathBuf> = prepared.iter().flat_map(|p| p.disks.iter().map(|d| d.path.clone())).collect();
 
     let tap = tap_name(name)?;
     claim.record.tap = Some(tap.clone());
@@ -243,7 +287,7 @@ fn launch_and_wait(
     host.nft.apply(&rules)?;
     *slots.rules = Some(rules);
 
-    let plan = vm_plan(spec, guest, backend, &files, &tap, &lease)?;
+    let plan = vm_plan(spec, guest, backend, &files, &layers, &tap, &lease)?;
     // The console log starts empty for this run; it holds the service's
     // output, so only the owner reads it.
     fs::OpenOptions::new()
@@ -291,6 +335,8 @@ fn launch_and_wait(
         boot_request_ms,
         launch_ms,
         images_reused,
+        image_ms: prepared.as_ref().map(|p| p.host_ms),
+        layers_built: prepared.as_ref().map_or(0, |p| p.disks.iter().filter(|d| d.built).count()),
     })
 }
 

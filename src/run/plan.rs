@@ -3,7 +3,7 @@
 
 use std::path::{Path, PathBuf};
 
-use kiln_guest::{CONTROL_PORT_NAME, DATA_DISK_SERIAL};
+use kiln_guest::{CONTROL_PORT_NAME, DATA_DISK_SERIAL, LAYER_SERIAL_PREFIX};
 use kiln_types::hash::Fnv1a64;
 use kiln_vmm::{Backend, BackendChoice, Console, Disk, DiskFormat, MacAddr, SerialPort, VmPlan};
 
@@ -125,12 +125,23 @@ impl VmFiles {
     }
 }
 
-/// The VM plan for `spec` with its files, tap and lease.
+/// The virtio-blk serial of layer disk `index` (bottom layer first), as
+/// kiln-init looks for it.
+pub(crate) fn layer_serial(index: usize) -> String {
+    format!("{LAYER_SERIAL_PREFIX}{index}")
+}
+
+/// The VM plan for `spec` with its files, tap and lease. `layers` are an
+/// image's layer-chain filesystems, bottom first (none for a binary): each
+/// is attached read-only (the image store shares them between VMs) with
+/// the serial [`layer_serial`] of its place.
+#[allow(clippy::too_many_arguments)]
 pub(crate) fn vm_plan(
     spec: &Spec,
     guest: &GuestFiles,
     backend: Backend,
     files: &VmFiles,
+    layers: &[PathBuf],
     tap: &str,
     lease: &LeaseInfo,
 ) -> Result<VmPlan> {
@@ -149,6 +160,9 @@ pub(crate) fn vm_plan(
     plan.disks.push(Disk::new(&files.seed, DiskFormat::Raw).with_read_only(true));
     if let Some(data) = &files.data {
         plan.disks.push(Disk::new(data, DiskFormat::Raw).with_serial(DATA_DISK_SERIAL));
+    }
+    for (index, layer) in layers.iter().enumerate() {
+        plan.disks.push(Disk::new(layer, DiskFormat::Raw).with_read_only(true).with_serial(layer_serial(index)));
     }
     let mut network = kiln_vmm::Network::new(tap, mac_for(spec.name.as_str()));
     network.guest = Some(lease.guest);
@@ -175,6 +189,9 @@ pub struct PlannedVm {
     pub plan: VmPlan,
     /// The VM's run directory (the VMM's sockets and log).
     pub run_dir: PathBuf,
+    /// The OCI image the VM runs: its source, and the manifest digest once
+    /// the image store holds it (`kiln run` or `kiln image oci pull`).
+    pub image: Option<(String, Option<String>)>,
 }
 
 /// What `kiln run` would hand the VMM for `spec`, with the pool's first
@@ -190,8 +207,21 @@ pub fn plan_vm(spec: &Spec, state: &StateDir, options: &RunOptions) -> Result<Pl
         prefix_len: options.net.prefix,
     };
     let tap = kiln_net::tap_name(spec.name.as_str())?;
-    let plan = vm_plan(spec, &guest, backend, &files, &tap, &lease)?;
-    Ok(PlannedVm { backend, plan, run_dir: files.run_dir })
+    let (image, layers) = match spec.vm_program() {
+        Some(crate::VmProgram::Image(source)) => {
+            let name = super::oci::parse_image_source(source)?.to_string();
+            match super::oci::cached_image(state, source)? {
+                Some(cached) => (
+                    Some((name, Some(cached.manifest_digest().to_string()))),
+                    super::oci::planned_layer_disks(state, &cached),
+                ),
+                None => (Some((name, None)), Vec::new()),
+            }
+        }
+        _ => (None, Vec::new()),
+    };
+    let plan = vm_plan(spec, &guest, backend, &files, &layers, &tap, &lease)?;
+    Ok(PlannedVm { backend, plan, run_dir: files.run_dir, image })
 }
 
 #[cfg(test)]
@@ -213,15 +243,41 @@ mod tests {
             initramfs: "/g/initramfs.cpio.gz".into(),
         };
         let lease = LeaseInfo { host: Ipv4Addr::new(10, 0, 0, 1), guest: Ipv4Addr::new(10, 0, 0, 2), prefix_len: 30 };
-        let qemu = vm_plan(&spec, &guest, kiln_vmm::Backend::Qemu, &files, "kt-g", &lease).unwrap();
+        let qemu = vm_plan(&spec, &guest, kiln_vmm::Backend::Qemu, &files, &[], "kt-g", &lease).unwrap();
         let port = qemu.control.expect("QEMU gets the control port");
         assert_eq!((port.name.as_str(), port.socket), (CONTROL_PORT_NAME, files.run_dir.join("control.sock")));
         assert_eq!(qemu.vsock, None, "no vhost-vsock here");
-        let ch = vm_plan(&spec, &guest, kiln_vmm::Backend::CloudHypervisor, &files, "kt-g", &lease).unwrap();
+        let ch = vm_plan(&spec, &guest, kiln_vmm::Backend::CloudHypervisor, &files, &[], "kt-g", &lease).unwrap();
         assert_eq!(ch.control, None);
         assert_eq!(kiln_vmm::ch_vm_config(&ch)["vsock"]["socket"], files.vsock_socket.to_str().unwrap());
         let vsock = ch.vsock.expect("cloud-hypervisor gets vsock");
         assert_eq!((vsock.cid, vsock.socket), (GUEST_CID, files.run_dir.join("vsock.sock")));
+    }
+
+    #[test]
+    fn an_images_layer_disks_are_read_only_in_order_with_serials_kiln_layer0_up() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = StateDir::open(dir.path()).unwrap();
+        let spec = spec_with_cmdline(None);
+        let files = VmFiles::new(&state, &spec);
+        let guest =
+            GuestFiles { bzimage: "/g/vmlinuz".into(), vmlinux: None, initramfs: "/g/initramfs.cpio.gz".into() };
+        let lease = LeaseInfo { host: Ipv4Addr::new(10, 0, 0, 1), guest: Ipv4Addr::new(10, 0, 0, 2), prefix_len: 30 };
+        let layers: Vec<PathBuf> = vec!["/oci/rootfs/base.ext4".into(), "/oci/rootfs/top.ext4".into()];
+        let plan = vm_plan(&spec, &guest, kiln_vmm::Backend::Qemu, &files, &layers, "kt-g", &lease).unwrap();
+        let attached: Vec<String> = plan
+            .disks
+            .iter()
+            .filter(|disk| disk.serial.as_deref().is_some_and(|s| s.starts_with(LAYER_SERIAL_PREFIX)))
+            .map(|disk| {
+                format!("{} ro={} {}", disk.serial.as_deref().unwrap_or(""), disk.read_only, disk.path.display())
+            })
+            .collect();
+        assert_eq!(
+            attached,
+            ["kiln-layer0 ro=true /oci/rootfs/base.ext4", "kiln-layer1 ro=true /oci/rootfs/top.ext4"],
+            "bottom layer first"
+        );
     }
 
     #[test]

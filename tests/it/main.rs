@@ -11,6 +11,7 @@ mod cli_info;
 mod cli_initramfs;
 #[cfg(feature = "k8s")]
 mod cli_k8s;
+mod cli_oci;
 mod cli_qcow2;
 mod cli_render;
 mod cli_writers;
@@ -19,6 +20,7 @@ mod ext4_guest;
 mod fake_k8s;
 mod guest_boot;
 mod launch_sh;
+mod oci_guest;
 mod run_ch;
 mod run_e2e;
 mod run_egress;

@@ -33,6 +33,20 @@ pub(crate) const TEST_PACKAGES: &[&[&str]] = &[
     &["nftables"],
     // ip netns / ip link (veth pairs): kiln-net's namespace tests.
     &["iproute2"],
+    // umoci (init/new/unpack/repack/config) and skopeo (copy to oci-archive,
+    // docker-archive, zstd layers): kiln-oci's test images, made by
+    // third-party tools, never by kiln; umoci also makes the images of the
+    // container boot tests (tests/it/oci_guest.rs), kiln's `image oci` and
+    // `run` tests (tests/it/cli_oci.rs) and the layer tests' reference
+    // (`umoci unpack`).
+    &["umoci"],
+    &["skopeo"],
+    // docker-registry (the distribution reference server) serves kiln-oci's
+    // registry tests on 127.0.0.1; openssl makes their throwaway CA and certificates.
+    &["docker-registry"],
+    &["openssl"],
+    // htpasswd -B: the bcrypt password file of the registry tests' Basic-auth registry.
+    &["apache2-utils"],
     // python3 -m venv: the venv xtask pip-installs kubernetes-validate into (kiln-k8s).
     &["python3-venv"],
     // debootstrap: the Debian 12 rootfs the Debian-based OCI test images

@@ -31,7 +31,8 @@ const KERNEL_METAPACKAGE: &str = "linux-image-cloud-amd64";
 /// Modules kiln-init loads, in the order wanted (dependencies come first
 /// anyway): virtio PCI transport, disks, network, console, vsock, the
 /// service disk's vfat with its code pages, the ACPI power button and the
-/// evdev interface kiln-init reads it through.
+/// evdev interface kiln-init reads it through, and overlayfs, which stacks
+/// an OCI container's layer disks.
 const WANTED_MODULES: &[&str] = &[
     "virtio_pci",
     "virtio_blk",
@@ -43,6 +44,7 @@ const WANTED_MODULES: &[&str] = &[
     "nls_ascii",
     "button",
     "evdev",
+    "overlay",
 ];
 /// kiln-guest's examples the boot tests run, built static and copied to
 /// `target/guest/` under these names.

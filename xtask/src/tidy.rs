@@ -265,8 +265,9 @@ struct TreeRule {
 }
 
 /// The one-way dependency rules (ARCHITECTURE.md), for the workspace
-/// packages `members`: the VM path of `kiln` compiles no Kubernetes stack,
-/// kiln-k8s no host networking, kiln-guest no host-only crate; tokio only
+/// packages `members`: the VM path of `kiln` compiles no Kubernetes stack
+/// (TLS, rustls, it may: registries need it), kiln-oci no async runtime or
+/// C TLS library, kiln-k8s no host networking, kiln-guest no host-only crate; tokio only
 /// under kiln-k8s (and so kiln's default `k8s` feature), anyhow only in the
 /// kiln package (its binary) and xtask.
 fn tree_rules(members: &[&str]) -> Vec<TreeRule> {
@@ -275,8 +276,15 @@ fn tree_rules(members: &[&str]) -> Vec<TreeRule> {
         rule(
             "kiln",
             &["--no-default-features"][..],
-            &["kube", "k8s-openapi", "hyper", "rustls", "tokio"][..],
+            // rustls may come in: kiln-oci's registry client speaks HTTPS (blocking, ureq).
+            &["kube", "k8s-openapi", "hyper", "tokio"][..],
             "kiln's VM path (without the `k8s` feature) compiles no Kubernetes stack",
+        ),
+        rule(
+            "kiln-oci",
+            &[],
+            &["tokio", "hyper", "aws-lc-rs", "aws-lc-sys", "openssl-sys"],
+            "kiln-oci's registry client is blocking and uses rustls with ring: no async runtime, no C TLS library",
         ),
         rule(
             "kiln-k8s",
@@ -539,6 +547,25 @@ mod tests {
                  feature) compiles no Kubernetes stack",
             ]
         );
+    }
+
+    #[test]
+    fn rustls_is_allowed_under_kiln_without_default_features_but_not_hyper() {
+        let rule = rule_for("kiln", &["--no-default-features"]);
+        let registry_client =
+            format!("{KILN_VM_ONLY}kiln-oci v0.1.0 (/o)\nureq v3.5.2\nrustls v0.23.46\nring v0.17.14\n");
+        assert_eq!(check_listing(&rule, &registry_client), []);
+        let async_client = format!("{registry_client}hyper v1.8.1\n");
+        let shown: Vec<String> = check_listing(&rule, &async_client).iter().map(ToString::to_string).collect();
+        assert_eq!(
+            shown,
+            ["crate kiln (--no-default-features): [dependencies] depends on hyper: kiln's VM path (without the `k8s` \
+              feature) compiles no Kubernetes stack"]
+        );
+        let oci = rule_for("kiln-oci", &[]);
+        assert_eq!(check_listing(&oci, "kiln-oci v0.1.0 (/o)\nureq v3.5.2\nrustls v0.23.46\nring v0.17.14\n"), []);
+        let aws = "kiln-oci v0.1.0 (/o)\nrustls v0.23.46\naws-lc-rs v1.15.0\naws-lc-sys v0.34.0\ntokio v1.48.0\n";
+        assert_eq!(check_listing(&oci, aws).len(), 3);
     }
 
     #[test]

@@ -23,7 +23,9 @@
 //! `disk:SERIAL` the raw virtio disk with that serial, followed by a NUL;
 //! `--write-files DIR COUNT` writes COUNT files of made-up content and
 //! sizes, then syncs; `--write-files-fsync DIR COUNT` fsyncs each file and
-//! DIR and prints `tree-manifest: fsynced N` after each; `--umount DIR`.
+//! DIR and prints `tree-manifest: fsynced N` after each; `--umount DIR`;
+//! `--skip PATH` leaves PATH (relative to the listed DIR) and everything
+//! under it out of the manifests that follow (a container's `/proc`).
 //! Each step says what it did on one line starting `tree-manifest: `.
 
 use std::collections::BTreeMap;
@@ -50,11 +52,12 @@ fn main() {
 
 fn run(args: &[String]) -> io::Result<()> {
     match args {
-        [dir] if !dir.starts_with("--") => return write_manifest(Path::new(dir), "-"),
+        [dir] if !dir.starts_with("--") => return write_manifest(Path::new(dir), "-", &[]),
         [] => return Err(other("usage: tree-manifest DIR, or steps (see the source)".into())),
         _ => {}
     }
     let mut rest = args.iter();
+    let mut skip: Vec<Vec<u8>> = Vec::new();
     while let Some(option) = rest.next() {
         let mut value = || rest.next().cloned().ok_or_else(|| other(format!("{option} needs more values")));
         match option.as_str() {
@@ -64,7 +67,11 @@ fn run(args: &[String]) -> io::Result<()> {
             }
             "--manifest" => {
                 let (dir, to) = (value()?, value()?);
-                write_manifest(Path::new(&dir), &to)?;
+                write_manifest(Path::new(&dir), &to, &skip)?;
+            }
+            "--skip" => {
+                let path = value()?;
+                skip.push(path.trim_matches('/').as_bytes().to_vec());
             }
             "--write-files" => {
                 let (dir, count) = (value()?, value()?);
@@ -142,9 +149,9 @@ struct Entry {
     detail: String,
 }
 
-fn write_manifest(root: &Path, to: &str) -> io::Result<()> {
+fn write_manifest(root: &Path, to: &str, skip: &[Vec<u8>]) -> io::Result<()> {
     let mut entries = Vec::new();
-    walk(root, Vec::new(), &mut entries)?;
+    walk(root, Vec::new(), skip, &mut entries)?;
     entries.sort_by(|a, b| a.path.cmp(&b.path));
     // The first path of each multiply-linked inode: what its other names link to.
     let mut first_name: BTreeMap<(u64, u64), Vec<u8>> = BTreeMap::new();
@@ -194,7 +201,10 @@ fn write_manifest(root: &Path, to: &str) -> io::Result<()> {
     Ok(())
 }
 
-fn walk(root: &Path, relative: Vec<u8>, entries: &mut Vec<Entry>) -> io::Result<()> {
+fn walk(root: &Path, relative: Vec<u8>, skip: &[Vec<u8>], entries: &mut Vec<Entry>) -> io::Result<()> {
+    if skip.contains(&relative) {
+        return Ok(());
+    }
     let full = if relative.is_empty() { root.to_path_buf() } else { root.join(OsStr::from_bytes(&relative)) };
     let meta = fs::symlink_metadata(&full).map_err(|err| io::Error::new(err.kind(), format!("{full:?}: {err}")))?;
     let file_type = meta.file_type();
@@ -218,7 +228,7 @@ fn walk(root: &Path, relative: Vec<u8>, entries: &mut Vec<Entry>) -> io::Result<
                 path.push(b'/');
             }
             path.extend_from_slice(name.as_bytes());
-            walk(root, path, entries)?;
+            walk(root, path, skip, entries)?;
         }
     }
     Ok(())

@@ -28,6 +28,15 @@ pub enum Error {
     Netlink { reason: String },
     #[error("Invalid control line {line:?}: {reason}")]
     Control { line: String, reason: String },
+    /// `line` 0: the config as a whole (a field's value), not one line.
+    #[error("Invalid container config{}: {reason}", line_suffix(*.line))]
+    ContainerConfig { line: usize, reason: String },
+    #[error("Cannot run the container as user {user:?}: {reason}")]
+    User { user: String, reason: String },
+}
+
+fn line_suffix(line: usize) -> String {
+    if line == 0 { String::new() } else { format!(", line {line}") }
 }
 
 /// `Result` with kiln-guest's [`Error`].

@@ -17,7 +17,10 @@
 //! - [`GuestReport`], [`HostCommand`] and [`LineBuffer`]: the line protocol
 //!   of the control channel between kiln's launcher and kiln-init (the exit
 //!   report one way, `stop <grace>` the other), which the service's output
-//!   never reaches.
+//!   never reaches;
+//! - [`ContainerConfig`]: an OCI container's runtime config on the service
+//!   disk, and the pure parts of running it as `docker run` does
+//!   ([`resolve_user`], [`merge_env`], [`overlay_options`], [`hosts_file`]..).
 //!
 //! It is not a VMM and not an image writer: it never spawns a process and
 //! never touches the host; only the `kiln-init` binary makes system calls,
@@ -34,6 +37,7 @@
 //! # Ok::<(), kiln_guest::Error>(())
 //! ```
 
+mod container;
 mod control;
 mod disk;
 mod error;
@@ -42,6 +46,11 @@ mod modinfo;
 pub mod netlink;
 mod seed;
 
+pub use container::{
+    CONTAINER_CONFIG_FILE, ContainerConfig, DEFAULT_PATH, FilesMount, LAYER_SERIAL_PREFIX, MAX_LAYERS, ResolvedUser,
+    UpperKind, combine_argv, find_in_path, hostname_file, hosts_file, merge_env, overlay_options, resolv_conf,
+    resolve_user,
+};
 pub use control::{CONTROL_PORT_NAME, GuestReport, HostCommand, LineBuffer, MAX_GRACE_SECONDS, MAX_LINE};
 pub use disk::{CLASSIFY_BYTES, DiskKind, classify_disk};
 pub use error::{Error, Result};

@@ -28,11 +28,18 @@ pub(crate) trait Sink {
     /// Writes `data` at `offset`.
     fn write_at(&mut self, offset: u64, data: &[u8]) -> io::Result<()>;
 
-    /// Copies the first `len` bytes of `src` to `offset`, calling
+    /// Copies `len` bytes of `src` from `src_offset` to `offset`, calling
     /// `progress` with each run of bytes copied. Returns the bytes copied,
     /// fewer than `len` only if `src` is shorter.
-    fn copy_file_at(&mut self, offset: u64, src: &File, len: u64, progress: Progress<'_>) -> Result<u64, CopyError> {
-        copy_through_buffer(self, offset, src, 0, len, progress)
+    fn copy_file_at(
+        &mut self,
+        offset: u64,
+        src: &File,
+        src_offset: u64,
+        len: u64,
+        progress: Progress<'_>,
+    ) -> Result<u64, CopyError> {
+        copy_through_buffer(self, offset, src, src_offset, len, progress)
     }
 
     /// Sets the final image length.
@@ -52,7 +59,36 @@ pub(crate) enum CopyError {
 #[derive(Debug, Clone)]
 pub(crate) enum Source {
     Host(PathBuf),
+    /// The file's bytes are a range of a host file starting at `offset`
+    /// (a member of an uncompressed archive, such as a cached layer tar);
+    /// the path is shared by every file of that archive.
+    HostRange {
+        path: Arc<Path>,
+        offset: u64,
+    },
     Bytes(Arc<[u8]>),
+}
+
+/// Opens the host file `path` to read `len` bytes from `offset`:
+/// `SourceChanged` if it no longer holds them (it may be longer).
+pub(crate) fn open_holding(path: &Path, offset: u64, len: u64) -> Result<File> {
+    let read_error = |source| Error::ReadSource { path: path.to_path_buf(), source };
+    let src = File::open(path).map_err(read_error)?;
+    let needed = offset.saturating_add(len);
+    if src.metadata().map_err(read_error)?.len() < needed {
+        return Err(Error::SourceChanged { path: path.to_path_buf(), expected: needed });
+    }
+    Ok(src)
+}
+
+/// Appends `len` bytes of host file `path` from `offset` to `out`:
+/// `SourceChanged` if it no longer holds them.
+pub(crate) fn read_host_range(path: &Path, offset: u64, len: u64, out: &mut Vec<u8>) -> Result<()> {
+    let src = open_holding(path, offset, len)?;
+    let before = out.len();
+    out.resize(before + len as usize, 0);
+    src.read_exact_at(&mut out[before..], offset)
+        .map_err(|_| Error::SourceChanged { path: path.to_path_buf(), expected: offset.saturating_add(len) })
 }
 
 /// Opens the host file `path`, which was `expected` bytes long when it was
@@ -68,16 +104,23 @@ pub(crate) fn open_unchanged(path: &Path, expected: u64) -> Result<File> {
 
 /// Copies the host file `path` (`expected` bytes when it was added) to
 /// `offset` with [`Sink::copy_file_at`], calling `progress` with each run
-/// copied; `SourceChanged` if it is not that long now.
+/// copied; `SourceChanged` if it is not that long now. With `range_start`,
+/// the bytes are `expected` bytes of `path` from there, and the file need
+/// only still hold them.
 pub(crate) fn copy_host_file(
     sink: &mut dyn Sink,
     offset: u64,
     path: &Path,
+    range_start: Option<u64>,
     expected: u64,
     progress: Progress<'_>,
 ) -> Result<()> {
-    let src = open_unchanged(path, expected)?;
-    let copied = sink.copy_file_at(offset, &src, expected, progress).map_err(|error| match error {
+    let src = match range_start {
+        None => open_unchanged(path, expected)?,
+        Some(start) => open_holding(path, start, expected)?,
+    };
+    let src_offset = range_start.unwrap_or(0);
+    let copied = sink.copy_file_at(offset, &src, src_offset, expected, progress).map_err(|error| match error {
         CopyError::Read(source) => Error::ReadSource { path: path.to_path_buf(), source },
         // The image's side: write_atomically names the image.
         CopyError::Write(source) => Error::Write(source),
@@ -234,10 +277,18 @@ impl Sink for FileSink<'_> {
         self.file.write_all_at(data, offset)
     }
 
-    fn copy_file_at(&mut self, offset: u64, src: &File, len: u64, progress: Progress<'_>) -> Result<u64, CopyError> {
+    fn copy_file_at(
+        &mut self,
+        offset: u64,
+        src: &File,
+        src_offset: u64,
+        len: u64,
+        progress: Progress<'_>,
+    ) -> Result<u64, CopyError> {
+        let base = src_offset;
         let mut done = 0;
         while done < len && self.copy_file_range_works {
-            let mut src_offset = done;
+            let mut src_offset = base + done;
             let mut dst_offset = offset + done;
             let want = (len - done).min(COPY_CHUNK) as usize;
             match rustix::fs::copy_file_range(src, Some(&mut src_offset), self.file, Some(&mut dst_offset), want) {
@@ -261,7 +312,7 @@ impl Sink for FileSink<'_> {
             }
         }
         if done < len {
-            done += copy_through_buffer(self, offset + done, src, done, len - done, progress)?;
+            done += copy_through_buffer(self, offset + done, src, base + done, len - done, progress)?;
         }
         Ok(done)
     }

@@ -50,6 +50,9 @@ struct HostRead<'t> {
     len: usize,
     path: &'t Path,
     size: u64,
+    /// Where the file's bytes start in `path` when they are a range of it
+    /// (which may then be longer); `None`: all of `path`.
+    range_start: Option<u64>,
 }
 
 /// A staged chunk: where it goes, its bytes, and the host files still to
@@ -149,7 +152,12 @@ impl<'scope, 'env, 't: 'scope> DataWriter<'scope, 'env, 't> {
                 slot[..data.len()].copy_from_slice(data);
                 slot[data.len()..].fill(0);
             }
-            Source::Host(path) => staging.reads.push(HostRead { at, len: bytes, path, size: file.size }),
+            Source::Host(path) => {
+                staging.reads.push(HostRead { at, len: bytes, path, size: file.size, range_start: None });
+            }
+            Source::HostRange { path, offset } => {
+                staging.reads.push(HostRead { at, len: bytes, path, size: file.size, range_start: Some(*offset) });
+            }
         }
         staging.len += bytes;
         Ok(true)
@@ -265,9 +273,25 @@ fn read_all(chunk: &mut [u8], reads: &[HostRead<'_>]) -> Result<()> {
 fn read_into(read: &HostRead<'_>, slot: &mut [u8]) -> Result<()> {
     let path = read.path;
     let read_error = |source| Error::ReadSource { path: path.to_path_buf(), source };
-    let changed = || Error::SourceChanged { path: path.to_path_buf(), expected: read.size };
     let size = read.size as usize;
     let file = File::open(path).map_err(read_error)?;
+    if let Some(start) = read.range_start {
+        // A range of a longer file: exactly its bytes must be there.
+        let expected = start.saturating_add(read.size);
+        let changed = || Error::SourceChanged { path: path.to_path_buf(), expected };
+        let mut got = 0;
+        while got < size {
+            match file.read_at(&mut slot[got..size], start + got as u64) {
+                Ok(0) => return Err(changed()),
+                Ok(n) => got += n,
+                Err(error) if error.kind() == io::ErrorKind::Interrupted => {}
+                Err(error) => return Err(read_error(error)),
+            }
+        }
+        slot[size..].fill(0);
+        return Ok(());
+    }
+    let changed = || Error::SourceChanged { path: path.to_path_buf(), expected: read.size };
     // With no slack in the slot (a size of whole blocks), the extra byte goes here.
     let mut probe = [0u8; 1];
     let want = (size + 1).min(slot.len());
@@ -351,7 +375,7 @@ mod tests {
         let path = dir.path().join("file");
         std::fs::write(&path, content).map_err(Error::Write)?;
         let mut slot = vec![0xAAu8; slot_len];
-        read_into(&HostRead { at: 0, len: slot_len, path: &path, size: expected }, &mut slot)?;
+        read_into(&HostRead { at: 0, len: slot_len, path: &path, size: expected, range_start: None }, &mut slot)?;
         Ok(slot)
     }
 

@@ -12,7 +12,7 @@ use super::layout::{
 };
 use super::tree::{DataRange, FileNode, SpecialKind};
 use super::{BLOCK, DeviceKind, extent, journal, xattr};
-use crate::sink::{Sink, Source, copy_host_file, open_unchanged, write_nonzero};
+use crate::sink::{Sink, Source, copy_host_file, open_holding, open_unchanged, write_nonzero};
 use crate::{Error, Result};
 
 /// Inodes encoded per inode-table write: 1 MiB, a multiple of the block.
@@ -287,9 +287,17 @@ pub(crate) fn write_file_data(sink: &mut dyn Sink, plan: &InodePlan<'_>, file: &
         return Ok(());
     }
     if file.ranges.is_none() {
-        if let (Source::Host(path), [run]) = (&file.source, runs.as_slice()) {
+        if let [run] = runs.as_slice() {
             // Dense and in one run: the kernel copies (or shares) the bytes.
-            return copy_host_file(sink, run.start * BLOCK, path, file.size, &mut |_| {});
+            match &file.source {
+                Source::Host(path) => {
+                    return copy_host_file(sink, run.start * BLOCK, path, None, file.size, &mut |_| {});
+                }
+                Source::HostRange { path, offset } => {
+                    return copy_host_file(sink, run.start * BLOCK, path, Some(*offset), file.size, &mut |_| {});
+                }
+                Source::Bytes(_) => {}
+            }
         }
     }
     let ranges = file.data_ranges();
@@ -303,7 +311,8 @@ pub(crate) fn write_file_data(sink: &mut dyn Sink, plan: &InodePlan<'_>, file: &
             }
             Ok(())
         }
-        Source::Host(path) => copy_ranges(sink, runs, path, file.size, &ranges),
+        Source::Host(path) => copy_ranges(sink, runs, path, None, file.size, &ranges),
+        Source::HostRange { path, offset } => copy_ranges(sink, runs, path, Some(*offset), file.size, &ranges),
     }
 }
 
@@ -328,23 +337,29 @@ fn write_mapped(sink: &mut dyn Sink, runs: &[Run], offset: u64, data: &[u8]) -> 
     Ok(())
 }
 
-/// Copies the data ranges of host file `path` through a buffer.
+/// Copies the data ranges of host file `path` through a buffer; with
+/// `range_start`, the file's bytes start there in `path`.
 fn copy_ranges(
     sink: &mut dyn Sink,
     runs: &[Run],
     path: &std::path::Path,
+    range_start: Option<u64>,
     size: u64,
     ranges: &[DataRange],
 ) -> Result<()> {
-    let src = open_unchanged(path, size)?;
-    let changed = || Error::SourceChanged { path: path.to_path_buf(), expected: size };
+    let src = match range_start {
+        None => open_unchanged(path, size)?,
+        Some(start) => open_holding(path, start, size)?,
+    };
+    let base = range_start.unwrap_or(0);
+    let changed = || Error::SourceChanged { path: path.to_path_buf(), expected: base + size };
     let mut buffer = vec![0u8; COPY_BUFFER];
     for range in ranges {
         let mut at = range.offset;
         let end = range.offset + range.len;
         while at < end {
             let want = ((end - at) as usize).min(COPY_BUFFER);
-            src.read_exact_at(&mut buffer[..want], at).map_err(|_| changed())?;
+            src.read_exact_at(&mut buffer[..want], base + at).map_err(|_| changed())?;
             write_mapped(sink, runs, at, &buffer[..want])?;
             at += want as u64;
         }

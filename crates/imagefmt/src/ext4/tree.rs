@@ -253,6 +253,39 @@ impl Ext4Tree {
         Ok(())
     }
 
+    /// Adds a regular file at `dest` whose content is the `len` bytes of
+    /// host file `src` from byte `offset`: a member of an uncompressed
+    /// archive, such as a cached layer tar, copied without unpacking it.
+    /// `src` is shared (an `Arc`), so a tree of many members of one archive
+    /// holds its path once. The host file must hold those bytes now and
+    /// when the image is written (it may be longer); else `SourceChanged`
+    /// then.
+    pub fn add_file_from_host_range(
+        &mut self,
+        dest: &str,
+        src: &Arc<Path>,
+        offset: u64,
+        len: u64,
+        meta: Metadata,
+    ) -> Result<()> {
+        let read_error = |source| Error::ReadSource { path: src.to_path_buf(), source };
+        let host = fs::metadata(src).map_err(read_error)?;
+        if !host.file_type().is_file() {
+            return Err(Error::UnsupportedFileType { path: src.to_path_buf(), kind: "not a regular file" });
+        }
+        let needed = offset.checked_add(len).filter(|&end| end <= host.size());
+        if needed.is_none() {
+            return Err(invalid(
+                dest,
+                format!("{len} bytes from {offset} are past the end of {} ({} bytes)", src.display(), host.size()),
+            ));
+        }
+        let source = Source::HostRange { path: Arc::clone(src), offset };
+        self.insert_file(dest, FileNode { meta, xattrs: Vec::new(), source, size: len, ranges: None })?;
+        self.secret |= crate::sink::is_private(&host);
+        Ok(())
+    }
+
     /// Adds a symbolic link at `dest` pointing at `target` (stored as
     /// given, never resolved). A link's mode is always 0777; `meta` gives
     /// its owner and time.

@@ -9,7 +9,7 @@ use super::layout::{DirPlan, EntryTarget, FatLayout, Geometry, SECTOR};
 use super::names;
 use super::time::DosTime;
 use crate::le::{put16, put32};
-use crate::sink::{Sink, Source, copy_host_file, write_nonzero};
+use crate::sink::{Sink, Source, copy_host_file, read_host_range, write_nonzero};
 use crate::{Error, Result};
 
 const ATTR_VOLUME_ID: u8 = 0x08;
@@ -74,6 +74,7 @@ impl FatLayout<'_> {
                 match &file.node.source {
                     Source::Bytes(bytes) => batch.bytes.extend_from_slice(bytes),
                     Source::Host(path) => read_exactly(path, expected, &mut batch.bytes)?,
+                    Source::HostRange { path, offset } => read_host_range(path, *offset, expected, &mut batch.bytes)?,
                 }
                 // Slack up to the cluster end, so the next file stays adjacent.
                 batch.bytes.resize(batch.bytes.len().next_multiple_of(cluster), 0);
@@ -84,21 +85,22 @@ impl FatLayout<'_> {
                 batch.flush(sink)?;
                 progress(done);
             }
-            match &file.node.source {
+            let (path, range_start) = match &file.node.source {
                 Source::Bytes(bytes) => {
                     write_nonzero(sink, offset, bytes).map_err(Error::Write)?;
                     done += expected;
                     progress(done);
+                    continue;
                 }
-                Source::Host(path) => {
-                    let base = done;
-                    copy_host_file(sink, offset, path, expected, &mut |n| {
-                        done += n;
-                        progress(done);
-                    })?;
-                    done = base + expected;
-                }
-            }
+                Source::Host(path) => (path.as_path(), None),
+                Source::HostRange { path, offset } => (&**path, Some(*offset)),
+            };
+            let base = done;
+            copy_host_file(sink, offset, path, range_start, expected, &mut |n| {
+                done += n;
+                progress(done);
+            })?;
+            done = base + expected;
         }
         batch.flush(sink)?;
         progress(done);

@@ -9,6 +9,7 @@ mod ext4_data;
 mod ext4_entries;
 mod ext4_htree;
 mod ext4_journal;
+mod ext4_ranges;
 mod harness;
 mod interop;
 mod output;

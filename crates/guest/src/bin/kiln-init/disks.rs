@@ -6,7 +6,7 @@ use std::fs::{self, File};
 use std::io::{self, Read};
 use std::time::{Duration, Instant};
 
-use kiln_guest::{DATA_DISK_LABEL, DATA_DISK_SERIAL, DiskKind, classify_disk};
+use kiln_guest::{DATA_DISK_LABEL, DATA_DISK_SERIAL, DiskKind, LAYER_SERIAL_PREFIX, classify_disk};
 
 use crate::{Context, Failure, Result, say, sys};
 
@@ -99,6 +99,15 @@ pub(crate) fn mount_fat(device: &str, target: &str) -> Result<()> {
     fs::create_dir_all(target).context(|| format!("cannot create {target}"))?;
     sys::mount(device, target, "vfat", libc::MS_RDONLY | libc::MS_NODEV | libc::MS_NOSUID, "utf8")
         .context(|| format!("cannot mount {device} (vfat, read-only) on {target}"))
+}
+
+/// Layer disk `index` of a container: the disk with virtio serial
+/// `kiln-layer<index>` (0 is the bottom layer).
+pub(crate) fn layer_disk(disks: &[Disk], index: u32) -> Result<&Disk> {
+    let serial = format!("{LAYER_SERIAL_PREFIX}{index}");
+    disks.iter().find(|d| d.serial == serial).ok_or_else(|| {
+        Failure(format!("layer disk {index} not found: no disk has the serial {serial} (disks: {})", describe(disks)))
+    })
 }
 
 /// The ext4 mount options of the data disk: a filesystem error makes it

@@ -4,7 +4,8 @@
 //! `/lib/modules/kiln/load-order`, finds the service disk (`SERVICEDISK`),
 //! the seed (`CIDATA`) and the data disk by what they hold, never by order,
 //! sets the hostname, eth0's address and default route from the seed, runs
-//! `/srv/launch`, reaps orphans, turns the ACPI power button (or `stop` on
+//! `/srv/launch` (or, when the service disk holds `container.conf`, an OCI
+//! container's program in an overlay of its layer disks), reaps orphans, turns the ACPI power button (or `stop` on
 //! the control channel) into SIGTERM for the service, and powers off when
 //! the service ends. Every outcome is one console line starting
 //! `kiln-init: ` for people, and one report on the control channel for the
@@ -13,6 +14,7 @@
 //! (`crates/guest`).
 
 mod channel;
+mod container;
 mod disks;
 mod network;
 mod service;
@@ -42,6 +44,10 @@ const DEFAULT_GRACE: Duration = Duration::from_secs(10);
 
 fn main() {
     let init_start = sys::monotonic_seconds();
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    if args.first().is_some_and(|arg| arg == container::EXEC_FLAG) {
+        container::exec_main(&args[1..]);
+    }
     std::panic::set_hook(Box::new(|info| fail(&format!("kiln-init panicked: {info}"))));
     if std::process::id() != 1 {
         eprintln!("{MARKER_PREFIX}FAILED: kiln-init must run as PID 1 (it powers the machine off)");
@@ -112,7 +118,7 @@ fn shut_down() -> ! {
     }
     let _ = sys::kill(-1, libc::SIGKILL);
     while sys::reap_one().is_some() {}
-    for target in ["/mnt/data", "/srv"] {
+    for target in [container::ROOT, "/mnt/data", "/srv"] {
         let _ = sys::umount(target);
     }
     say("powering off");
@@ -144,14 +150,19 @@ fn run(init_start: f64) -> Result<ExitStatus> {
         )));
     };
     mount_fat(&service_disk.device, "/srv")?;
-    if let Some(seed) = disks.iter().find(|d| d.is_fat(SEED_LABEL)) {
-        apply_seed(&seed.device)?;
-    }
+    let seed = match disks.iter().find(|d| d.is_fat(SEED_LABEL)) {
+        Some(seed) => Some(apply_seed(&seed.device)?),
+        None => None,
+    };
     mount_data_disk(&disks)?;
+    let container = container::read_config()?;
     let disks_ready = sys::monotonic_seconds();
     let power_buttons = power_buttons();
     let signals = sys::signal_fd().context(|| "cannot block signals".to_owned())?;
-    let service = spawn_service()?;
+    let service = match &container {
+        Some(config) => container::start(config, &disks, seed.as_ref())?,
+        None => spawn_service()?,
+    };
     let service_start = sys::monotonic_seconds();
     say(&format!(
         "timing kernel_start=0.000000 init_start={init_start:.6} modules_loaded={modules_loaded:.6} \

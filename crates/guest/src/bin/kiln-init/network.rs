@@ -11,7 +11,8 @@ use crate::{Context, Failure, Result, say, sys};
 
 const SEED_MOUNT: &str = "/run/kiln/seed";
 
-pub(crate) fn apply_seed(device: &str) -> Result<()> {
+/// Applies the seed and returns it (container mode writes `/etc/hosts` from it).
+pub(crate) fn apply_seed(device: &str) -> Result<GuestConfig> {
     mount_fat(device, SEED_MOUNT)?;
     let meta_data = fs::read_to_string(format!("{SEED_MOUNT}/meta-data")).unwrap_or_default();
     let network_config = fs::read_to_string(format!("{SEED_MOUNT}/network-config")).ok();
@@ -42,7 +43,7 @@ pub(crate) fn apply_seed(device: &str) -> Result<()> {
             ipv4.gateway.map_or_else(|| "none".to_owned(), |g| g.to_string())
         ));
     }
-    Ok(())
+    Ok(config)
 }
 
 fn interface_index(name: &str) -> Result<u32> {

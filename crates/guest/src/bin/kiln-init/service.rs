@@ -61,13 +61,15 @@ pub(crate) fn spawn_service() -> Result<i32> {
         return Err(Failure(format!("{SERVICE} does not exist on the service disk")));
     }
     let mut command = Command::new(SERVICE);
-    command
-        .env_clear()
-        .env("PATH", "/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin")
-        .env("HOME", "/")
-        .current_dir("/")
-        .stdin(Stdio::null())
-        .process_group(0);
+    command.env_clear().env("PATH", "/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin").env("HOME", "/").current_dir("/");
+    spawn_command(command, SERVICE)
+}
+
+/// Starts `command` as the service: stdin from /dev/null, its own process
+/// group, signals unblocked, output to the console (and the vsock log when
+/// the host listens). Returns its pid; `what` names it in errors.
+pub(crate) fn spawn_command(mut command: Command, what: &str) -> Result<i32> {
+    command.stdin(Stdio::null()).process_group(0);
     // SAFETY: the hook only calls `pthread_sigmask`, which is async-signal-safe
     // and does not allocate. Without it the service would start with
     // SIGTERM blocked (kiln-init's signalfd mask), deaf to its stop.
@@ -83,7 +85,7 @@ pub(crate) fn spawn_service() -> Result<i32> {
     } else {
         None
     };
-    let child = command.spawn().context(|| format!("cannot start {SERVICE}"))?;
+    let child = command.spawn().context(|| format!("cannot start {what}"))?;
     drop(command); // Closes our copies of the pipe's write end.
     if let (Some(reader), Some(log)) = (pipe, log) {
         let handle = std::thread::spawn(move || tee(reader, log));

@@ -262,3 +262,82 @@ pub(crate) fn write_all_within(file: &mut File, mut bytes: &[u8], limit: Duratio
     }
     Ok(())
 }
+
+/// `unshare(CLONE_NEWNS)`, then every mount made private, so the
+/// container's mounts never show in kiln-init's namespace (nor its in theirs).
+pub(crate) fn new_mount_namespace() -> io::Result<()> {
+    // SAFETY: unshare has no memory-safety preconditions.
+    check(unsafe { libc::unshare(libc::CLONE_NEWNS) })?;
+    // SAFETY: the target is a valid C string; source, type and data may be null for MS_PRIVATE.
+    check(unsafe {
+        libc::mount(
+            std::ptr::null(),
+            c"/".as_ptr(),
+            std::ptr::null(),
+            libc::MS_REC | libc::MS_PRIVATE,
+            std::ptr::null(),
+        )
+    })?;
+    Ok(())
+}
+
+/// `mount(2)` of an existing mount or directory (`MS_BIND`), or a remount
+/// of one: no filesystem type, no data.
+pub(crate) fn bind_mount(source: &str, target: &str, flags: libc::c_ulong) -> io::Result<()> {
+    let (source, target) = (cstring(source)?, cstring(target)?);
+    // SAFETY: both pointers are valid NUL-terminated strings; type and data may be null for a bind.
+    check(unsafe { libc::mount(source.as_ptr(), target.as_ptr(), std::ptr::null(), flags, std::ptr::null()) })?;
+    Ok(())
+}
+
+/// `chroot(".")` after `chdir(dir)`, then `chdir("/")`: from here on every
+/// path, and every symlink in one, resolves inside `dir`.
+pub(crate) fn chroot_into(dir: &str) -> io::Result<()> {
+    std::env::set_current_dir(dir)?;
+    // SAFETY: "." is a valid C string.
+    check(unsafe { libc::chroot(c".".as_ptr()) })?;
+    std::env::set_current_dir("/")
+}
+
+/// `mknod(2)` of a character device (its mode goes through the umask).
+pub(crate) fn mknod_char(path: &str, mode: libc::mode_t, major: u32, minor: u32) -> io::Result<()> {
+    let path = cstring(path)?;
+    // SAFETY: mknod takes a valid C string and plain values.
+    check(unsafe { libc::mknod(path.as_ptr(), libc::S_IFCHR | mode, libc::makedev(major, minor)) })?;
+    Ok(())
+}
+
+/// `umask(2)`.
+pub(crate) fn set_umask(mask: libc::mode_t) {
+    // SAFETY: umask takes a plain value and cannot fail.
+    unsafe { libc::umask(mask) };
+}
+
+/// `setgroups`, `setgid`, then `setuid`: the order in which each call is
+/// still allowed (after setuid to non-root, the others would fail).
+pub(crate) fn become_user(uid: u32, gid: u32, groups: &[u32]) -> io::Result<()> {
+    // SAFETY: the pointer and length describe `groups`, a slice of gid_t (u32).
+    check(unsafe { libc::setgroups(groups.len(), groups.as_ptr()) })?;
+    // SAFETY: setgid and setuid take plain values.
+    check(unsafe { libc::setgid(gid) })?;
+    // SAFETY: as above.
+    check(unsafe { libc::setuid(uid) })?;
+    Ok(())
+}
+
+/// Sets or clears `FD_CLOEXEC` on `fd` (async-signal-safe: for `pre_exec`).
+pub(crate) fn set_cloexec(fd: RawFd, on: bool) -> io::Result<()> {
+    // SAFETY: fcntl on a descriptor number with plain values.
+    check(unsafe { libc::fcntl(fd, libc::F_SETFD, if on { libc::FD_CLOEXEC } else { 0 }) })?;
+    Ok(())
+}
+
+/// Whether `path` is a mount point: its device differs from its parent's.
+pub(crate) fn is_mount_point(path: &str) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    let parent = Path::new(path).parent().unwrap_or(Path::new("/"));
+    match (std::fs::metadata(path), std::fs::metadata(parent)) {
+        (Ok(this), Ok(parent)) => this.dev() != parent.dev(),
+        _ => false,
+    }
+}

@@ -1,0 +1,333 @@
+//! Container mode: when the service disk holds `container.conf`, kiln-init
+//! runs an OCI container instead of `/srv/launch`.
+//!
+//! kiln-init itself (PID 1, in the first mount namespace) mounts each
+//! layer disk read-only under `/run/kiln/layers/N`, the upper layer (a
+//! tmpfs under `/run/kiln/upper`, or a directory on the data disk) and the
+//! overlay at `/run/kiln/root`, and writes the VM's `/etc` files under
+//! `/run/kiln/etc`. It then starts itself again as `kiln-init
+//! --container-exec FD`, a fresh single-threaded process that may do
+//! anything before its `exec` (unlike a `pre_exec` hook): it takes a mount
+//! namespace of its own, opens the bind sources, chroots into the overlay
+//! (after which no path from the image, symlinks included, can reach
+//! outside it), mounts `/proc`, `/sys`, `/dev`, binds the files trees and
+//! the data disk, writes `/etc/hostname`, `/etc/hosts`, `/etc/resolv.conf`,
+//! takes the image's user and `exec`s the program: same pid, same process
+//! group, same output as a `/srv/launch` service, so supervision is
+//! unchanged. A setup failure is written to pipe FD (close-on-exec, so a
+//! successful exec leaves it empty) and becomes kiln-init's failure report.
+
+use std::ffi::OsStr;
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Read, Write};
+use std::net::IpAddr;
+use std::os::fd::{AsRawFd, FromRawFd};
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::os::unix::process::CommandExt;
+use std::process::Command;
+
+use kiln_guest::{
+    CONTAINER_CONFIG_FILE, ContainerConfig, DiskKind, GuestConfig, UpperKind, find_in_path, hostname_file, hosts_file,
+    overlay_options, resolv_conf, resolve_user,
+};
+
+use crate::disks::{Disk, layer_disk};
+use crate::service::spawn_command;
+use crate::{Context, Failure, Result, say, sys};
+
+/// The flag that makes kiln-init the container's setup process.
+pub(crate) const EXEC_FLAG: &str = "--container-exec";
+
+const CONFIG_PATH: &str = "/srv/container.conf";
+const LAYERS_DIR: &str = "/run/kiln/layers";
+const UPPER_TMPFS: &str = "/run/kiln/upper";
+pub(crate) const ROOT: &str = "/run/kiln/root";
+const ETC_DIR: &str = "/run/kiln/etc";
+const DATA_DIR: &str = "/mnt/data";
+/// The `/etc` files kiln-init writes for the VM, as the container sees them.
+const ETC_FILES: [&str; 3] = ["hostname", "hosts", "resolv.conf"];
+
+/// The container config, if the service disk has one (then kiln-init is in container mode).
+pub(crate) fn read_config() -> Result<Option<ContainerConfig>> {
+    let text = match fs::read_to_string(CONFIG_PATH) {
+        Ok(text) => text,
+        Err(err) if err.kind() == io::ErrorKind::NotFound => return Ok(None),
+        Err(err) => return Err(Failure(format!("cannot read {CONFIG_PATH}: {err}"))),
+    };
+    let config =
+        ContainerConfig::parse(&text).context(|| format!("{CONFIG_PATH} (service disk {CONTAINER_CONFIG_FILE})"))?;
+    Ok(Some(config))
+}
+
+/// Mounts the layers, the upper layer and the overlay, writes the `/etc`
+/// files, and starts the container's setup process; returns its pid.
+pub(crate) fn start(config: &ContainerConfig, disks: &[Disk], seed: Option<&GuestConfig>) -> Result<i32> {
+    let mut lowers = Vec::new();
+    for index in 0..config.layers {
+        let disk = layer_disk(disks, index)?;
+        if !matches!(disk.kind, DiskKind::Ext { .. }) {
+            return Err(Failure(format!(
+                "layer disk {} (serial {}) holds {:?}, not an ext4 layer",
+                disk.device, disk.serial, disk.kind
+            )));
+        }
+        let target = format!("{LAYERS_DIR}/{index}");
+        fs::create_dir_all(&target).context(|| format!("cannot create {target}"))?;
+        // Read-only, and `noload`: the image is shared by every VM of that
+        // image, so nothing, not even a journal replay, may write it.
+        sys::mount(&disk.device, &target, "ext4", libc::MS_RDONLY, "noload")
+            .context(|| format!("cannot mount layer disk {} (ext4, ro,noload) on {target}", disk.device))?;
+        lowers.push(target);
+    }
+    let upper_base = match &config.upper {
+        UpperKind::Tmpfs => {
+            fs::create_dir_all(UPPER_TMPFS).context(|| format!("cannot create {UPPER_TMPFS}"))?;
+            sys::mount("tmpfs", UPPER_TMPFS, "tmpfs", 0, "mode=0755")
+                .context(|| format!("cannot mount a tmpfs on {UPPER_TMPFS}"))?;
+            UPPER_TMPFS.to_owned()
+        }
+        UpperKind::DataDisk { dir } => {
+            if !sys::is_mount_point(DATA_DIR) {
+                return Err(Failure(format!(
+                    "the container's upper layer is on the data disk ({dir}), but the VM has no data disk"
+                )));
+            }
+            data_dir(dir)?
+        }
+        other => return Err(Failure(format!("unsupported upper layer {other:?}"))),
+    };
+    let (upper, work) = (format!("{upper_base}/upper"), format!("{upper_base}/work"));
+    for dir in [&upper, &work] {
+        make_real_dir(dir)?;
+    }
+    fs::create_dir_all(ROOT).context(|| format!("cannot create {ROOT}"))?;
+    let options = overlay_options(&lowers, &upper, &work);
+    sys::mount("overlay", ROOT, "overlay", 0, &options)
+        .context(|| format!("cannot mount the container's overlay on {ROOT} ({options})"))?;
+    say(&format!("container: {} layer(s) and the upper layer on {upper_base} mounted on {ROOT}", lowers.len()));
+    write_etc_files(config, seed)?;
+
+    let (mut reader, writer) = sys::pipe().context(|| "cannot create the container's error pipe".to_owned())?;
+    let writer_fd = writer.as_raw_fd();
+    let mut command = Command::new("/proc/self/exe");
+    command.arg0("kiln-init").arg(EXEC_FLAG).arg(writer_fd.to_string());
+    // SAFETY: fcntl is async-signal-safe and allocates nothing; the pipe
+    // must survive the exec of kiln-init itself (and only that one).
+    unsafe {
+        command.pre_exec(move || sys::set_cloexec(writer_fd, false));
+    }
+    let pid = spawn_command(command, "the container's setup process")?;
+    drop(writer);
+    let mut error = String::new();
+    let _ = reader.read_to_string(&mut error);
+    if !error.is_empty() {
+        return Err(Failure(format!("container: {error}")));
+    }
+    Ok(pid)
+}
+
+/// `/mnt/data/DIR`, made as real directories: a component that is a
+/// symlink (the container may have left one there last time) is refused.
+fn data_dir(dir: &str) -> Result<String> {
+    let mut path = DATA_DIR.to_owned();
+    for part in dir.split('/') {
+        path = format!("{path}/{part}");
+        make_real_dir(&path)?;
+    }
+    Ok(path)
+}
+
+fn make_real_dir(path: &str) -> Result<()> {
+    match fs::symlink_metadata(path) {
+        Ok(meta) if meta.is_dir() => Ok(()),
+        Ok(_) => Err(Failure(format!("{path} exists and is not a directory (a symlink is never followed here)"))),
+        Err(err) if err.kind() == io::ErrorKind::NotFound => {
+            fs::create_dir(path).context(|| format!("cannot create {path}"))
+        }
+        Err(err) => Err(Failure(format!("cannot look at {path}: {err}"))),
+    }
+}
+
+/// The VM is the container's only tenant, so the config's hostname
+/// becomes the VM's own (`uname -n`), as `docker run --hostname` gives the
+/// container's UTS namespace.
+fn write_etc_files(config: &ContainerConfig, seed: Option<&GuestConfig>) -> Result<()> {
+    if let Some(hostname) = &config.hostname {
+        sys::sethostname(hostname).context(|| format!("cannot set the hostname to {hostname:?}"))?;
+    }
+    let hostname = config.hostname.as_deref().or(seed.and_then(|s| s.hostname.as_deref()));
+    let address = seed.and_then(|s| s.ipv4.as_ref()).map(|ip| IpAddr::V4(ip.address));
+    fs::create_dir_all(ETC_DIR).context(|| format!("cannot create {ETC_DIR}"))?;
+    let contents = [hostname_file(hostname), hosts_file(hostname, address), resolv_conf(&config.nameservers)];
+    for (name, text) in ETC_FILES.iter().zip(contents) {
+        let path = format!("{ETC_DIR}/{name}");
+        fs::write(&path, text).context(|| format!("cannot write {path}"))?;
+    }
+    Ok(())
+}
+
+/// `kiln-init --container-exec FD`: sets the container up and execs its
+/// program; on failure writes why to FD and exits 127. Never returns.
+pub(crate) fn exec_main(args: &[String]) -> ! {
+    let Some(fd) = args.first().and_then(|fd| fd.parse::<i32>().ok()) else {
+        eprintln!("kiln-init: {EXEC_FLAG} needs the error pipe's descriptor");
+        std::process::exit(2);
+    };
+    // SAFETY: kiln-init passed this descriptor, the pipe's write end, to us alone.
+    let mut errors = unsafe { File::from_raw_fd(fd) };
+    let _ = sys::set_cloexec(fd, true);
+    let err = match setup_and_exec() {
+        Ok(never) => match never {},
+        Err(err) => err,
+    };
+    let _ = errors.write_all(err.as_bytes());
+    std::process::exit(127);
+}
+
+enum Never {}
+
+fn setup_and_exec() -> std::result::Result<Never, String> {
+    let text = fs::read_to_string(CONFIG_PATH).map_err(|err| format!("cannot read {CONFIG_PATH}: {err}"))?;
+    let config = ContainerConfig::parse(&text).map_err(|err| err.to_string())?;
+    sys::new_mount_namespace().map_err(|err| format!("cannot make a mount namespace: {err}"))?;
+    // Everything from outside the root is opened before the chroot, and
+    // bound through /proc/self/fd after it.
+    let mut binds = Vec::new();
+    for files in &config.files {
+        let source = format!("/srv/{}", files.name);
+        let dir = open_dir(&source)?;
+        binds.push((dir, files.path.clone(), libc::MS_RDONLY | libc::MS_NOSUID | libc::MS_NODEV));
+    }
+    if sys::is_mount_point(DATA_DIR) {
+        binds.push((open_dir(DATA_DIR)?, DATA_DIR.to_owned(), libc::MS_NOSUID | libc::MS_NODEV));
+    }
+    let mut etc = Vec::new();
+    for name in ETC_FILES {
+        let path = format!("{ETC_DIR}/{name}");
+        etc.push((name, fs::read(&path).map_err(|err| format!("cannot read {path}: {err}"))?));
+    }
+    sys::chroot_into(ROOT).map_err(|err| format!("cannot chroot into {ROOT}: {err}"))?;
+
+    mount_runtime_filesystems()?;
+    for (dir, target, flags) in &binds {
+        make_dirs(target)?;
+        let source = format!("/proc/self/fd/{}", dir.as_raw_fd());
+        sys::bind_mount(&source, target, libc::MS_BIND | libc::MS_REC)
+            .map_err(|err| format!("cannot bind a mount on {target}: {err}"))?;
+        sys::bind_mount("none", target, libc::MS_BIND | libc::MS_REMOUNT | flags)
+            .map_err(|err| format!("cannot remount {target} with its flags: {err}"))?;
+    }
+    drop(binds);
+    if let UpperKind::DataDisk { dir } = &config.upper
+        && sys::is_mount_point(DATA_DIR)
+    {
+        // The container must not reach its own upper layer through the
+        // data disk (overlayfs forbids changing a layer under a mount):
+        // an empty read-only tmpfs hides the directory holding it.
+        let top = dir.split('/').next().unwrap_or(dir);
+        let hidden = format!("{DATA_DIR}/{top}");
+        sys::mount("tmpfs", &hidden, "tmpfs", libc::MS_RDONLY | libc::MS_NOSUID | libc::MS_NODEV, "mode=0555")
+            .map_err(|err| format!("cannot hide the upper layer's {hidden}: {err}"))?;
+    }
+    make_dirs("/etc")?;
+    for (name, bytes) in &etc {
+        let path = format!("/etc/{name}");
+        // The image's own file is replaced, never written through: a
+        // symlink there is removed first (paths resolve inside the root anyway).
+        if fs::symlink_metadata(&path).is_ok_and(|meta| meta.file_type().is_symlink()) {
+            fs::remove_file(&path).map_err(|err| format!("cannot replace {path}: {err}"))?;
+        }
+        fs::write(&path, bytes).map_err(|err| format!("cannot write {path}: {err}"))?;
+        let _ = fs::set_permissions(&path, fs::Permissions::from_mode(0o644));
+    }
+
+    let passwd = read_optional("/etc/passwd")?;
+    let group = read_optional("/etc/group")?;
+    let user = resolve_user(&config.user, passwd.as_deref(), group.as_deref()).map_err(|err| err.to_string())?;
+    let env = config.program_env(&user);
+    // Docker creates a missing working directory (as root) before it starts.
+    make_dirs(&config.workdir)?;
+    let program = find_in_path(&config.argv[0], config.path(), is_executable)
+        .ok_or_else(|| format!("{:?}: executable file not found in $PATH ({})", config.argv[0], config.path()))?;
+    sys::become_user(user.uid, user.gid, &user.groups)
+        .map_err(|err| format!("cannot become uid {} gid {} groups {:?}: {err}", user.uid, user.gid, user.groups))?;
+    std::env::set_current_dir(&config.workdir)
+        .map_err(|err| format!("cannot enter the working directory {}: {err}", config.workdir))?;
+    // runc's default, whatever kiln-init's own was.
+    sys::set_umask(0o022);
+    let mut command = Command::new(&program);
+    command.arg0(&config.argv[0]).args(&config.argv[1..]).env_clear();
+    for entry in &env {
+        if let Some((name, value)) = entry.split_once('=') {
+            command.env(name, value);
+        }
+    }
+    let err = command.exec();
+    Err(format!("cannot run {program}: {err}"))
+}
+
+fn open_dir(path: &str) -> std::result::Result<File, String> {
+    OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_DIRECTORY | libc::O_CLOEXEC)
+        .open(path)
+        .map_err(|err| format!("cannot open {path}: {err}"))
+}
+
+fn make_dirs(path: &str) -> std::result::Result<(), String> {
+    fs::create_dir_all(path).map_err(|err| format!("cannot create {path} in the container: {err}"))
+}
+
+fn read_optional(path: &str) -> std::result::Result<Option<String>, String> {
+    match fs::read(path) {
+        Ok(bytes) => Ok(Some(String::from_utf8_lossy(&bytes).into_owned())),
+        Err(err) if err.kind() == io::ErrorKind::NotFound => Ok(None),
+        Err(err) => Err(format!("cannot read {path}: {err}")),
+    }
+}
+
+fn is_executable(path: &str) -> bool {
+    fs::metadata(OsStr::new(path)).is_ok_and(|meta| meta.is_file() && meta.permissions().mode() & 0o111 != 0)
+}
+
+/// `/proc`, a read-only `/sys`, and a `/dev` tmpfs with the usual nodes,
+/// `/dev/pts` and `/dev/shm`, as runc's default spec has them. `/tmp` is
+/// the image's own directory, on the overlay, as with `docker run`.
+fn mount_runtime_filesystems() -> std::result::Result<(), String> {
+    let nosuid_nodev_noexec = libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC;
+    let mount = |fstype: &str, target: &str, flags: libc::c_ulong, data: &str| {
+        make_dirs(target)?;
+        sys::mount(fstype, target, fstype, flags, data)
+            .map_err(|err| format!("cannot mount {fstype} on {target}: {err}"))
+    };
+    mount("proc", "/proc", nosuid_nodev_noexec, "")?;
+    mount("sysfs", "/sys", nosuid_nodev_noexec | libc::MS_RDONLY, "")?;
+    mount("tmpfs", "/dev", libc::MS_NOSUID, "mode=755,size=65536k")?;
+    for (name, major, minor) in [
+        ("null", 1, 3),
+        ("zero", 1, 5),
+        ("full", 1, 7),
+        ("random", 1, 8),
+        ("urandom", 1, 9),
+        ("tty", 5, 0),
+        ("console", 5, 1),
+    ] {
+        let path = format!("/dev/{name}");
+        sys::mknod_char(&path, 0o666, major, minor).map_err(|err| format!("cannot make {path}: {err}"))?;
+        let mode = if name == "console" { 0o620 } else { 0o666 };
+        fs::set_permissions(&path, fs::Permissions::from_mode(mode))
+            .map_err(|err| format!("cannot chmod {path}: {err}"))?;
+    }
+    mount("devpts", "/dev/pts", libc::MS_NOSUID | libc::MS_NOEXEC, "newinstance,ptmxmode=0666,mode=0620,gid=5")?;
+    mount("tmpfs", "/dev/shm", nosuid_nodev_noexec, "mode=1777,size=65536k")?;
+    for (link, target) in [
+        ("/dev/ptmx", "pts/ptmx"),
+        ("/dev/fd", "/proc/self/fd"),
+        ("/dev/stdin", "/proc/self/fd/0"),
+        ("/dev/stdout", "/proc/self/fd/1"),
+        ("/dev/stderr", "/proc/self/fd/2"),
+    ] {
+        std::os::unix::fs::symlink(target, link).map_err(|err| format!("cannot make {link}: {err}"))?;
+    }
+    Ok(())
+}

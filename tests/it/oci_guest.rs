@@ -1,0 +1,653 @@
+//! kiln-init's container mode, booted: Debian's cloud kernel under QEMU
+//! TCG with `cargo xtask guest`'s kiln-init, a service disk holding a
+//! `container.conf` (kiln-guest's `ContainerConfig`) and layer disks
+//! found by their virtio serials `kiln-layerN`.
+//!
+//! The image is made by umoci (third party), never by kiln: a busybox
+//! base layer, a layer adding a non-root user, a WORKDIR and a setuid
+//! file, and a layer with the probe (a shell script) and the static
+//! `tree-manifest`; `umoci config` sets the user, workdir, entrypoint, cmd
+//! and env. `umoci unpack` (as root, so owners are real) gives the rootfs
+//! and umoci's own runtime config (argv, env, cwd, uid/gid), the reference
+//! the guest is held to. Until kiln-oci's per-layer conversion lands, the
+//! unpacked rootfs becomes ONE layer disk with `Ext4Tree::add_host_path`
+//! (swap `layer_disks_from_rootfs` for the converter). The probe writes
+//! its report and the container's manifest of `/` to the data disk, read
+//! back through the host's loop driver after power-off.
+//!
+//! The second guest stacks two layer disks written with `Ext4Tree`
+//! directly, in overlayfs's format (the one kiln-oci's layers writer
+//! uses): a whiteout is a char device 0:0, an opaque directory has
+//! `trusted.overlay.opaque=y`.
+
+use std::collections::BTreeSet;
+use std::fs;
+use std::os::unix::fs::{PermissionsExt, symlink};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use kiln_guest::{CONTAINER_CONFIG_FILE, ContainerConfig, FilesMount, LAYER_SERIAL_PREFIX, UpperKind, merge_env};
+use kiln_imagefmt::{DeviceKind, Ext4Options, Ext4Tree, FatOptions, FatTree, Metadata as Ext4Metadata};
+use kiln_testkit::{GuestAssets, guest_assets, require_root, require_tools};
+use kiln_vmm::{AccelChoice, Backend, Console, Disk, DiskFormat, LaunchOptions, ShutdownHow, Status, VmPlan, launch};
+use rustix::fs::{AtFlags, CWD, Gid, Uid};
+
+/// Generous: TCG on a loaded 2-core machine; a good boot takes ~5 s.
+const BOOT_DEADLINE: Duration = Duration::from_secs(300);
+const QEMU: &str = "qemu-system-x86_64";
+const BUSYBOX: &str = "/usr/bin/busybox";
+const HOSTNAME: &str = "oci-guest";
+const NAMESERVER: &str = "10.0.2.3";
+/// The probe's exit status, which kiln-init must report.
+const PROBE_STATUS: u8 = 7;
+// The probe's manifest skips what kiln-init mounts or writes at run time
+// (and the overlay's mount points for them): /proc /sys /dev /mnt /srv
+// /etc/app (the keys tree) /etc/hostname /etc/hosts /etc/resolv.conf.
+// /tmp is the image's own, as with `docker run`, so it is compared.
+
+/// The probe, run by the image's entrypoint: one `key=value` line per
+/// fact, to the data disk (the console is the kernel's too).
+const PROBE: &str = r#"#!/bin/sh
+out=/mnt/data/out
+# The manifest first: the checks below write to the container's /tmp and /work.
+tree-manifest --skip proc --skip sys --skip dev --skip mnt --skip srv --skip etc/app --skip etc/hostname \
+  --skip etc/hosts --skip etc/resolv.conf --skip lost+found --manifest / - > "$out/manifest" 2> "$out/manifest.err"
+{
+echo "argc=$#"
+for arg in "$@"; do echo "arg=$arg"; done
+echo "ids=$(id -u) $(id -g) $(id -G)"
+echo "pwd=$(pwd)"
+echo "umask=$(umask)"
+env | sort | sed 's/^/env:/'
+echo "hostname-file=$(cat /etc/hostname)"
+echo "uname-n=$(uname -n)"
+sed 's/^/hosts:/' /etc/hosts
+sed 's/^/resolv:/' /etc/resolv.conf
+for path in /proc/self/status /sys/kernel /dev/null /dev/zero /dev/full /dev/random /dev/urandom /dev/tty /dev/pts/ptmx /dev/shm; do
+  [ -e "$path" ] && echo "exists=$path"
+done
+ls /dev/vda >/dev/null 2>&1 && echo "sees=/dev/vda"
+[ -e /run/kiln ] && echo "sees=/run/kiln"
+echo "zero=$(head -c 4 /dev/zero | od -An -tx1 | tr -d ' ')"
+echo "greeting=$(cat /srv/config/greeting)"
+echo "key=$(cat /etc/app/keys/key)"
+touch /srv/config/new 2>/dev/null && echo "writable=/srv/config"
+touch /etc/app/keys/new 2>/dev/null && echo "writable=/etc/app/keys"
+touch /sys/kernel/new 2>/dev/null && echo "writable=/sys"
+touch /usr/new 2>/dev/null || echo "denied=/usr"
+touch /tmp/new && echo "writable=/tmp"
+touch /work/new && echo "writable=/work"
+echo "setuid=$(stat -c %a /usr/local/bin/setuid-tool)"
+while read -r _ target fstype options _; do
+  case "$target" in /|/proc|/sys|/dev|/dev/pts|/dev/shm|/srv/config|/etc/app/keys|/mnt/data) echo "mount=$target $fstype ${options%%,*}";; esac
+done < /proc/self/mounts
+echo "done"
+} > "$out/report" 2>&1
+exit 7
+"#;
+
+fn setup(test: &str) -> Option<(GuestAssets, PathBuf)> {
+    if !require_root(test, "umoci unpack with real owners, loop mounts of the data disk") {
+        return None;
+    }
+    require_tools(test, &[QEMU, "umoci", "mount", "umount", BUSYBOX])?;
+    let assets = guest_assets(test, &["bzimage", "initramfs"])?;
+    let tool = assets.dir.join("tree-manifest");
+    assert!(tool.is_file(), "{} is missing; run `cargo xtask guest`", tool.display());
+    Some((assets, tool))
+}
+
+fn run(command: &mut Command) -> String {
+    let out = command.output().unwrap_or_else(|err| panic!("cannot run {command:?}: {err}"));
+    assert!(out.status.success(), "{command:?} failed ({}):\n{}", out.status, String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn umoci(args: &[&str]) -> String {
+    run(Command::new("umoci").args(args))
+}
+
+fn chown(path: &Path, uid: u32, gid: u32) {
+    rustix::fs::chownat(CWD, path, Some(Uid::from_raw(uid)), Some(Gid::from_raw(gid)), AtFlags::SYMLINK_NOFOLLOW)
+        .unwrap_or_else(|err| panic!("chown {}: {err}", path.display()));
+}
+
+fn write_mode(path: &Path, bytes: &[u8], mode: u32) {
+    fs::create_dir_all(path.parent().unwrap()).unwrap();
+    fs::write(path, bytes).unwrap();
+    fs::set_permissions(path, fs::Permissions::from_mode(mode)).unwrap();
+}
+
+/// The umoci image: three layers and a config, in layout `layout` tag `t`.
+fn build_umoci_image(dir: &Path, tool: &Path) -> PathBuf {
+    let layout = dir.join("layout");
+    let bundle = dir.join("bundle");
+    let image = format!("{}:t", layout.display());
+    umoci(&["init", "--layout", layout.to_str().unwrap()]);
+    umoci(&["new", "--image", &image]);
+    umoci(&["unpack", "--image", &image, bundle.to_str().unwrap()]);
+    let rootfs = bundle.join("rootfs");
+    // Layer 1: busybox and root.
+    write_mode(&rootfs.join("bin/busybox"), &fs::read(BUSYBOX).unwrap(), 0o755);
+    for applet in ["sh", "id", "env", "sort", "sed", "cat", "uname", "ls", "head", "od", "tr", "touch", "stat"] {
+        symlink("busybox", rootfs.join("bin").join(applet)).unwrap();
+    }
+    write_mode(&rootfs.join("etc/passwd"), b"root:x:0:0:root:/root:/bin/sh\n", 0o644);
+    write_mode(&rootfs.join("etc/group"), b"root:x:0:\n", 0o644);
+    fs::create_dir_all(rootfs.join("tmp")).unwrap();
+    fs::set_permissions(rootfs.join("tmp"), fs::Permissions::from_mode(0o1777)).unwrap();
+    fs::create_dir_all(rootfs.join("usr/local/bin")).unwrap();
+    umoci(&["repack", "--image", &image, bundle.to_str().unwrap()]);
+    // Layer 2: a non-root user with a supplementary group, its WORKDIR, a setuid file.
+    write_mode(
+        &rootfs.join("etc/passwd"),
+        b"root:x:0:0:root:/root:/bin/sh\napp:x:1000:1001:App:/home/app:/bin/sh\n",
+        0o644,
+    );
+    write_mode(&rootfs.join("etc/group"), b"root:x:0:\napp:x:1001:\nextra:x:2000:app\n", 0o644);
+    for (path, mode) in [("home/app", 0o750), ("work", 0o755)] {
+        fs::create_dir_all(rootfs.join(path)).unwrap();
+        fs::set_permissions(rootfs.join(path), fs::Permissions::from_mode(mode)).unwrap();
+        chown(&rootfs.join(path), 1000, 1001);
+    }
+    write_mode(&rootfs.join("usr/local/bin/setuid-tool"), b"#!/bin/sh\nid\n", 0o755);
+    fs::set_permissions(rootfs.join("usr/local/bin/setuid-tool"), fs::Permissions::from_mode(0o4755)).unwrap();
+    umoci(&["repack", "--refresh-bundle", "--image", &image, bundle.to_str().unwrap()]);
+    // Layer 3: the probe (a test program, not kiln's).
+    write_mode(&rootfs.join("usr/local/bin/probe"), PROBE.as_bytes(), 0o755);
+    write_mode(&rootfs.join("usr/local/bin/tree-manifest"), &fs::read(tool).unwrap(), 0o755);
+    umoci(&["repack", "--refresh-bundle", "--image", &image, bundle.to_str().unwrap()]);
+    let config = |args: &[&str]| umoci(&[&["config", "--image", &image][..], args].concat());
+    config(&[
+        "--config.user",
+        "app",
+        "--config.workingdir",
+        "/work",
+        "--config.entrypoint",
+        "/usr/local/bin/probe",
+        "--config.cmd",
+        "first",
+        "--config.cmd",
+        "second arg",
+        "--config.env",
+        "PATH=/usr/local/bin:/bin",
+        "--config.env",
+        "IMAGE_VAR=from the image",
+        "--config.env",
+        "SHARED=image",
+    ]);
+    // The reference: umoci's own unpack of the finished image.
+    let reference = dir.join("reference");
+    umoci(&["unpack", "--image", &image, reference.to_str().unwrap()]);
+    reference
+}
+
+/// The unpacked rootfs as one layer disk (until kiln-oci converts layers).
+fn layer_disks_from_rootfs(rootfs: &Path, dir: &Path) -> Vec<PathBuf> {
+    let mut tree = Ext4Tree::new();
+    tree.add_host_path("", rootfs).unwrap();
+    let path = dir.join("layer0.ext4");
+    tree.layout(&Ext4Options::default()).unwrap().write_file(&path).unwrap();
+    vec![path]
+}
+
+/// A data disk whose `out` directory anyone may write (the probe runs as uid 1000).
+fn data_disk(dir: &Path) -> PathBuf {
+    let mut tree = Ext4Tree::new();
+    tree.add_dir("out", Ext4Metadata::default().with_mode(0o777)).unwrap();
+    let path = dir.join("data.ext4");
+    let options = Ext4Options::default().with_label(kiln_guest::DATA_DISK_LABEL).with_journal(true).with_size(64 << 20);
+    tree.layout(&options).unwrap().write_file(&path).unwrap();
+    path
+}
+
+fn service_disk(dir: &Path, config: &ContainerConfig, trees: &[(&str, &[(&str, &str)])]) -> PathBuf {
+    let mut fat = FatTree::new();
+    fat.add_file_from_bytes(CONTAINER_CONFIG_FILE, config.to_text().unwrap()).unwrap();
+    for (name, files) in trees {
+        fat.add_dir(name).unwrap();
+        for (file, text) in *files {
+            fat.add_file_from_bytes(&format!("{name}/{file}"), text.as_bytes().to_vec()).unwrap();
+        }
+    }
+    let path = dir.join("service.img");
+    fat.layout(&FatOptions::default().with_label(kiln_guest::SERVICE_DISK_LABEL))
+        .unwrap()
+        .write_file(&path, None)
+        .unwrap();
+    path
+}
+
+/// Boots the guest; returns the console once it powered off, kiln-init
+/// having failed at nothing.
+fn boot(test: &str, dir: &Path, assets: &GuestAssets, service: &Path, layers: &[PathBuf], data: &Path) -> String {
+    let log = boot_guest(test, dir, assets, service, layers, data, None);
+    assert!(!log.contains("kiln-init: FAILED"), "{test}: kiln-init failed:\n{log}");
+    log
+}
+
+/// Boots the guest; returns the console once it powered off. With
+/// `power_button_after`, presses the ACPI power button (QMP
+/// `system_powerdown`) once the console shows that line.
+fn boot_guest(
+    test: &str,
+    dir: &Path,
+    assets: &GuestAssets,
+    service: &Path,
+    layers: &[PathBuf],
+    data: &Path,
+    power_button_after: Option<&str>,
+) -> String {
+    let log = dir.join(format!("{test}.console"));
+    let mut plan = VmPlan::new(test, &assets.bzimage, "console=ttyS0 panic=-1 no_timer_check kiln.grace=5");
+    plan.initramfs = Some(assets.initramfs.clone());
+    plan.serial = Console::File(log.clone());
+    plan.disks.push(Disk::new(data, DiskFormat::Raw).with_serial(kiln_guest::DATA_DISK_SERIAL));
+    // Top layer first on the bus: kiln-init must go by serial, not order.
+    for (index, layer) in layers.iter().enumerate().rev() {
+        let serial = format!("{LAYER_SERIAL_PREFIX}{index}");
+        plan.disks.push(Disk::new(layer, DiskFormat::Raw).with_read_only(true).with_serial(&serial));
+    }
+    plan.disks.push(Disk::new(service, DiskFormat::Raw).with_read_only(true));
+    let mut options = LaunchOptions::new(dir.join(test));
+    options.accel = AccelChoice::Tcg;
+    let started = Instant::now();
+    let mut vm =
+        launch(Backend::Qemu, &plan, &options).unwrap_or_else(|err| panic!("{test}: cannot start {QEMU}: {err}"));
+    vm.boot().unwrap_or_else(|err| panic!("{test}: cannot boot: {err}"));
+    let console = || fs::read_to_string(&log).unwrap_or_default();
+    loop {
+        match vm.status().unwrap_or_else(|err| panic!("{test}: cannot read the VM's status: {err}")) {
+            Status::ShutDown(ShutdownHow::Guest) => break,
+            Status::Created | Status::Running | Status::Paused => {}
+            other => panic!("{test}: {QEMU} failed ({other}); console:\n{}", console()),
+        }
+        if started.elapsed() > BOOT_DEADLINE {
+            let _ = vm.kill();
+            panic!("{test}: the guest did not power off within {BOOT_DEADLINE:?} (hung?); console:\n{}", console());
+        }
+        if let Some(marker) = power_button_after
+            && console().lines().any(|line| line.trim_end() == marker)
+        {
+            let grace = BOOT_DEADLINE.saturating_sub(started.elapsed());
+            let stopped =
+                vm.shutdown(grace).unwrap_or_else(|err| panic!("{test}: cannot press the power button: {err}"));
+            assert_eq!(
+                stopped,
+                Status::ShutDown(ShutdownHow::Guest),
+                "{test}: the guest ignored the power button:\n{}",
+                console()
+            );
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    eprintln!("{test}: the guest ran {:.1} s", started.elapsed().as_secs_f64());
+    let log = console();
+    // A figure for the reader (not asserted): disks_ready to service_start
+    // is the overlay's and the container setup's cost.
+    if let Some(timing) = log.lines().find(|l| l.contains("kiln-init: timing kernel_start")) {
+        eprintln!("{test}: {}", timing.trim_end());
+    }
+    assert!(!log.contains("Kernel panic"), "{test}: the kernel panicked:\n{log}");
+    log
+}
+
+/// Files of the data disk (paths from its root), read through the host's loop driver.
+fn read_out(data: &Path, dir: &Path, names: &[&str]) -> Vec<String> {
+    let mnt = dir.join("data-mnt");
+    fs::create_dir_all(&mnt).unwrap();
+    run(Command::new("mount").args(["-t", "ext4", "-o", "loop,ro"]).arg(data).arg(&mnt));
+    let read = names
+        .iter()
+        .map(|name| {
+            use std::os::unix::fs::{FileTypeExt, MetadataExt};
+            match fs::symlink_metadata(mnt.join(name)) {
+                Ok(meta) if meta.file_type().is_char_device() => {
+                    format!("char {}:{}", rustix::fs::major(meta.rdev()), rustix::fs::minor(meta.rdev()))
+                }
+                _ => fs::read_to_string(mnt.join(name)).unwrap_or_else(|err| format!("<{name}: {err}>")),
+            }
+        })
+        .collect();
+    run(Command::new("umount").arg(&mnt));
+    read
+}
+
+fn without_field(line: &str, name: &str) -> String {
+    let prefix = format!("{name}=");
+    line.split(' ').filter(|field| !field.starts_with(&prefix)).collect::<Vec<_>>().join(" ")
+}
+
+/// A manifest made comparable: what overlayfs and the runtime legitimately
+/// change, and only that:
+/// - a directory's size is its filesystem's (the host's, the layer disk's);
+/// - `/` and `/etc` are the only directories the runtime writes into (its
+///   mount points, the `/etc` files), which copies them up: their times are
+///   the boot's, and overlayfs reports a merged directory's link count as 1
+///   (measured: every other directory keeps the layer's count, which equals
+///   umoci's);
+/// - the layer disk's `lost+found` (kiln's ext4 writer makes one) goes.
+fn normalise(manifest: &str) -> Vec<String> {
+    let mut lines = Vec::new();
+    for line in manifest.lines() {
+        let path = line.split(' ').next().unwrap_or_default();
+        if line.starts_with("# ") || path == "lost+found" {
+            continue;
+        }
+        let mut line = line.to_owned();
+        if line.split(' ').nth(1) == Some("dir") {
+            line = without_field(&line, "size");
+            if path == "." || path == "etc" {
+                line = without_field(&without_field(&line, "mtime"), "nlink");
+            }
+        }
+        lines.push(line);
+    }
+    lines
+}
+
+fn diff(host: &[String], guest: &[String]) -> String {
+    let host: BTreeSet<&String> = host.iter().collect();
+    let guest: BTreeSet<&String> = guest.iter().collect();
+    let mut out = String::new();
+    for line in host.difference(&guest).take(40) {
+        out.push_str(&format!("umoci only: {line}\n"));
+    }
+    for line in guest.difference(&host).take(40) {
+        out.push_str(&format!("guest only: {line}\n"));
+    }
+    out
+}
+
+fn json_strings(value: &serde_json::Value) -> Vec<String> {
+    value
+        .as_array()
+        .map(|items| items.iter().filter_map(|v| v.as_str().map(str::to_owned)).collect())
+        .unwrap_or_default()
+}
+
+/// An image made by umoci runs in the guest as `docker run` would run it:
+/// argv (entrypoint + cmd), the image's env with the spec's on top, the
+/// image's user and groups, its WORKDIR, `/proc`, a read-only `/sys`, a
+/// `/dev` of the usual nodes only, the VM's hostname, hosts and
+/// resolv.conf, files trees read-only at their paths, the data disk, the
+/// exit status reported; and the container's `/` is umoci's rootfs, entry
+/// for entry, but for the runtime's files.
+#[test]
+fn umoci_image_runs_in_the_guest_as_docker_run_would_and_its_root_is_umocis_rootfs() {
+    let test = "oci_guest_umoci";
+    let Some((assets, tool)) = setup(test) else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let reference = build_umoci_image(dir.path(), &tool);
+    let runtime: serde_json::Value =
+        serde_json::from_str(&fs::read_to_string(reference.join("config.json")).unwrap()).unwrap();
+    let process = &runtime["process"];
+    let argv = json_strings(&process["args"]);
+    assert_eq!(argv, ["/usr/local/bin/probe", "first", "second arg"], "umoci's argv");
+    let spec_env = [("SHARED".to_owned(), "from the spec".to_owned()), ("SPEC_VAR".to_owned(), "a=b c".to_owned())];
+    let mut config = ContainerConfig::new(1, argv.clone());
+    config.env = merge_env(&json_strings(&process["env"]), &spec_env);
+    config.workdir = process["cwd"].as_str().unwrap().to_owned();
+    config.user = "app".to_owned();
+    config.hostname = Some(HOSTNAME.to_owned());
+    config.nameservers = vec![NAMESERVER.parse().unwrap()];
+    config.files = vec![
+        FilesMount { name: "config".to_owned(), path: "/srv/config".to_owned() },
+        FilesMount { name: "keys".to_owned(), path: "/etc/app/keys".to_owned() },
+    ];
+    let layers = layer_disks_from_rootfs(&reference.join("rootfs"), dir.path());
+    let data = data_disk(dir.path());
+    let trees: [(&str, &[(&str, &str)]); 2] = [("config", &[("greeting", "hello")]), ("keys", &[("key", "s3cret")])];
+    let service = service_disk(dir.path(), &config, &trees);
+    let console = boot(test, dir.path(), &assets, &service, &layers, &data);
+    assert!(
+        console.lines().any(|l| l.trim_end() == format!("kiln-init: service exited with status {PROBE_STATUS}")),
+        "the probe's exit status did not come back:\n{console}"
+    );
+    let [report, manifest, manifest_err] =
+        <[String; 3]>::try_from(read_out(&data, dir.path(), &["out/report", "out/manifest", "out/manifest.err"]))
+            .unwrap();
+    assert!(report.ends_with("done\n"), "the probe's report is cut short:\n{report}\nconsole:\n{console}");
+    let lines: BTreeSet<&str> = report.lines().collect();
+    let has = |line: &str| assert!(lines.contains(line), "the report lacks {line:?}:\n{report}");
+    let lacks = |prefix: &str| {
+        assert!(!report.lines().any(|l| l.starts_with(prefix)), "the report has {prefix:?}:\n{report}");
+    };
+    // argv as umoci combined it; ids as umoci resolved the image's user.
+    has("argc=2");
+    has("arg=first");
+    has("arg=second arg");
+    let user = &process["user"];
+    let mut groups: Vec<u64> = vec![user["gid"].as_u64().unwrap()];
+    groups.extend(user["additionalGids"].as_array().into_iter().flatten().filter_map(|g| g.as_u64()));
+    groups.dedup();
+    let groups: Vec<String> = groups.iter().map(u64::to_string).collect();
+    has(&format!("ids={} {} {}", user["uid"], user["gid"], groups.join(" ")));
+    has("ids=1000 1001 1001 2000");
+    has("pwd=/work");
+    has("umask=0022");
+    for entry in &config.env {
+        has(&format!("env:{entry}"));
+    }
+    has("env:SHARED=from the spec");
+    has("env:IMAGE_VAR=from the image");
+    has("env:HOME=/home/app");
+    has(&format!("hostname-file={HOSTNAME}"));
+    has(&format!("uname-n={HOSTNAME}"));
+    has("hosts:127.0.0.1\tlocalhost");
+    has(&format!("hosts:127.0.1.1\t{HOSTNAME}"));
+    has(&format!("resolv:nameserver {NAMESERVER}"));
+    for path in [
+        "/proc/self/status",
+        "/sys/kernel",
+        "/dev/null",
+        "/dev/zero",
+        "/dev/full",
+        "/dev/random",
+        "/dev/urandom",
+        "/dev/tty",
+        "/dev/pts/ptmx",
+        "/dev/shm",
+    ] {
+        has(&format!("exists={path}"));
+    }
+    lacks("sees=");
+    has("zero=00000000");
+    has("greeting=hello");
+    has("key=s3cret");
+    has("denied=/usr");
+    has("writable=/tmp");
+    has("writable=/work");
+    lacks("writable=/srv/config");
+    lacks("writable=/etc/app/keys");
+    lacks("writable=/sys");
+    has("setuid=4755");
+    has("mount=/ overlay rw");
+    has("mount=/proc proc rw");
+    has("mount=/sys sysfs ro");
+    has("mount=/dev tmpfs rw");
+    has("mount=/dev/pts devpts rw");
+    has("mount=/dev/shm tmpfs rw");
+    has("mount=/srv/config vfat ro");
+    has("mount=/etc/app/keys vfat ro");
+    has("mount=/mnt/data ext4 rw");
+
+    // The container's `/` is umoci's rootfs (manifests by the same program).
+    assert!(manifest.ends_with(" entries\n"), "the container's manifest is cut short ({manifest_err}):\n{manifest}");
+    let expected = normalise(&run(Command::new(&tool).arg(reference.join("rootfs"))));
+    let found = normalise(&manifest);
+    assert!(expected == found, "the container's / differs from umoci's rootfs:\n{}", diff(&expected, &found));
+}
+
+fn meta(mode: u32) -> Ext4Metadata {
+    Ext4Metadata::default().with_mode(mode).with_mtime(1_700_000_000, 5)
+}
+
+/// Two layer disks in overlayfs's format stack as overlayfs should: the
+/// upper layer's whiteouts hide the lower's file and directory, its opaque
+/// directory hides the lower's entries there, a merged directory shows
+/// both layers', the upper's version of a file wins, and neither the
+/// whiteouts nor the opaque xattr show in the container. The upper layer
+/// is on the data disk: what the container writes (and deletes) is there
+/// after power-off, in overlayfs's format, and the container cannot see it.
+#[test]
+fn two_layer_disks_merge_with_whiteouts_and_opaque_directories() {
+    let test = "oci_guest_layers";
+    let Some((assets, tool)) = setup(test) else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let mut lower = Ext4Tree::new();
+    for path in ["bin", "opaque", "merged", "gone-dir", "mnt"] {
+        lower.add_dir(path, meta(0o755)).unwrap();
+    }
+    lower.add_file_from_path("bin/busybox", BUSYBOX, meta(0o755)).unwrap();
+    lower.add_symlink("bin/sh", "busybox", meta(0o777)).unwrap();
+    lower.add_file_from_path("bin/tree-manifest", &tool, meta(0o755)).unwrap();
+    for (path, text) in [
+        ("keep", "kept"),
+        ("gone", "whited out"),
+        ("replaced", "old"),
+        ("opaque/old", "hidden by opaque"),
+        ("merged/low", "from below"),
+        ("gone-dir/inside", "whited out with its dir"),
+    ] {
+        lower.add_file_from_bytes(path, text.as_bytes().to_vec(), meta(0o644)).unwrap();
+    }
+    let mut upper = Ext4Tree::new();
+    for path in ["opaque", "merged"] {
+        upper.add_dir(path, meta(0o755)).unwrap();
+    }
+    upper.set_xattr("opaque", "trusted.overlay.opaque", b"y").unwrap();
+    upper.add_device("gone", DeviceKind::Char, 0, 0, meta(0)).unwrap();
+    upper.add_device("gone-dir", DeviceKind::Char, 0, 0, meta(0)).unwrap();
+    for (path, text) in
+        [("replaced", "new"), ("opaque/new", "above"), ("merged/high", "from above"), ("added", "added")]
+    {
+        upper.add_file_from_bytes(path, text.as_bytes().to_vec(), meta(0o644)).unwrap();
+    }
+    let mut layers = Vec::new();
+    for (index, tree) in [lower, upper].iter().enumerate() {
+        let path = dir.path().join(format!("layer{index}.ext4"));
+        tree.layout(&Ext4Options::default()).unwrap().write_file(&path).unwrap();
+        layers.push(path);
+    }
+    let script = "tree-manifest --skip proc --skip sys --skip dev --skip mnt --skip etc --skip lost+found \
+                  --manifest / - > /mnt/data/out/manifest 2> /mnt/data/out/manifest.err \
+                  && echo persisted > /persisted && busybox rm /keep \
+                  && busybox ls -A /mnt/data/.kiln-upper > /mnt/data/out/upper-seen";
+    // argv[0] without a `/`: looked up in the container's PATH.
+    let mut config = ContainerConfig::new(2, ["sh", "-c", script].map(str::to_owned).to_vec());
+    config.env = merge_env(&[], &[("PATH".to_owned(), "/bin".to_owned())]);
+    config.upper = UpperKind::DataDisk { dir: ".kiln-upper/layers".to_owned() };
+    let service = service_disk(dir.path(), &config, &[]);
+    let data = data_disk(dir.path());
+    let console = boot(test, dir.path(), &assets, &service, &layers, &data);
+    assert!(console.contains("kiln-init: service exited with status 0"), "the program failed:\n{console}");
+    let written = [
+        "out/manifest",
+        "out/manifest.err",
+        ".kiln-upper/layers/upper/persisted",
+        ".kiln-upper/layers/upper/keep",
+        "out/upper-seen",
+    ];
+    let [manifest, manifest_err, persisted, deleted, upper_seen] =
+        <[String; 5]>::try_from(read_out(&data, dir.path(), &written)).unwrap();
+    assert_eq!(upper_seen, "", "the container sees its own upper layer on the data disk");
+    assert_eq!(persisted, "persisted\n", "a file the container wrote is not in its upper layer on the data disk");
+    assert_eq!(deleted, "char 0:0", "a file the container deleted is not a whiteout in its upper layer");
+    assert!(manifest.ends_with(" entries\n"), "the manifest is cut short ({manifest_err}):\n{manifest}");
+    let paths: Vec<&str> =
+        manifest.lines().filter(|l| !l.starts_with("# ")).filter_map(|l| l.split(' ').next()).collect();
+    assert_eq!(
+        paths,
+        [
+            ".",
+            "added",
+            "bin",
+            "bin/busybox",
+            "bin/sh",
+            "bin/tree-manifest",
+            "keep",
+            "merged",
+            "merged/high",
+            "merged/low",
+            "opaque",
+            "opaque/new",
+            "replaced"
+        ],
+        "the merged tree:\n{manifest}"
+    );
+    let sha = |text: &str| {
+        use sha2::Digest;
+        sha2::Sha256::digest(text.as_bytes()).iter().map(|b| format!("{b:02x}")).collect::<String>()
+    };
+    let line = |path: &str| manifest.lines().find(|l| l.split(' ').next() == Some(path)).unwrap().to_owned();
+    assert!(
+        line("replaced").contains(&format!("sha256={}", sha("new"))),
+        "the upper file must win: {}",
+        line("replaced")
+    );
+    assert!(line("merged/low").contains(&format!("sha256={}", sha("from below"))));
+    assert!(!manifest.contains("trusted.overlay"), "overlayfs's own xattrs show in the container:\n{manifest}");
+    assert!(!manifest.contains("rdev=0:0"), "a whiteout shows in the container:\n{manifest}");
+}
+
+/// A container that cannot start is a failure kiln-init reports with the
+/// reason (its `FAILED` line, which also goes to the control channel), not
+/// an exit status: here the image has no such user.
+#[test]
+fn container_that_cannot_start_is_reported_as_a_failure_naming_the_cause() {
+    let test = "oci_guest_failure";
+    let Some((assets, _tool)) = setup(test) else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let mut layer = Ext4Tree::new();
+    layer.add_dir("bin", meta(0o755)).unwrap();
+    layer.add_file_from_path("bin/busybox", BUSYBOX, meta(0o755)).unwrap();
+    layer.add_dir("etc", meta(0o755)).unwrap();
+    layer.add_file_from_bytes("etc/passwd", b"root:x:0:0::/root:/bin/sh\n".to_vec(), meta(0o644)).unwrap();
+    let layers = vec![dir.path().join("layer0.ext4")];
+    layer.layout(&Ext4Options::default()).unwrap().write_file(&layers[0]).unwrap();
+    let mut config = ContainerConfig::new(1, vec!["/bin/busybox".to_owned(), "true".to_owned()]);
+    config.user = "ghost".to_owned();
+    let service = service_disk(dir.path(), &config, &[]);
+    let data = data_disk(dir.path());
+    let log = boot_guest(test, dir.path(), &assets, &service, &layers, &data, None);
+    let want = "kiln-init: FAILED: container: Cannot run the container as user \"ghost\": no user \"ghost\" in the image's /etc/passwd";
+    assert!(log.lines().any(|l| l.trim_end() == want), "the console lacks {want:?}:\n{log}");
+    assert!(!log.contains("service exited"), "a failure is not an exit:\n{log}");
+}
+
+/// The power button stops a container as it stops a binary service:
+/// SIGTERM reaches the container's program (a numeric uid without a
+/// passwd entry, so gid 0), whose own exit status is reported.
+#[test]
+fn power_button_stops_the_container_and_its_exit_status_is_reported() {
+    let test = "oci_guest_power";
+    let Some((assets, _tool)) = setup(test) else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let mut layer = Ext4Tree::new();
+    layer.add_dir("bin", meta(0o755)).unwrap();
+    layer.add_file_from_path("bin/busybox", BUSYBOX, meta(0o755)).unwrap();
+    for applet in ["sh", "sleep", "id"] {
+        layer.add_symlink(&format!("bin/{applet}"), "busybox", meta(0o777)).unwrap();
+    }
+    let layers = vec![dir.path().join("layer0.ext4")];
+    layer.layout(&Ext4Options::default()).unwrap().write_file(&layers[0]).unwrap();
+    let script = "trap 'echo container: got SIGTERM; exit 3' TERM; echo \"container: ready as $(id -u):$(id -g)\"; \
+                  while :; do sleep 1; done";
+    let mut config = ContainerConfig::new(1, ["sh", "-c", script].map(str::to_owned).to_vec());
+    config.env = merge_env(&[], &[("PATH".to_owned(), "/bin".to_owned())]);
+    config.user = "4242".to_owned();
+    let service = service_disk(dir.path(), &config, &[]);
+    let data = data_disk(dir.path());
+    let log = boot_guest(test, dir.path(), &assets, &service, &layers, &data, Some("container: ready as 4242:0"));
+    let position = |line: &str| {
+        log.lines().position(|l| l.trim_end() == line).unwrap_or_else(|| panic!("the console lacks {line:?}:\n{log}"))
+    };
+    let pressed = position("kiln-init: power button: sending SIGTERM to the service, grace 5.0s");
+    let trapped = position("container: got SIGTERM");
+    let exited = position("kiln-init: service exited with status 3");
+    assert!(pressed < trapped && trapped < exited, "out of order:\n{log}");
+    assert!(!log.contains("kiln-init: FAILED"), "kiln-init failed:\n{log}");
+}
