@@ -18,6 +18,7 @@ mod auth;
 mod config;
 mod digest;
 mod error;
+mod image;
 mod layers;
 mod layout;
 mod registry;
@@ -31,7 +32,8 @@ pub use error::{Error, RegistryErrorKind, Result};
 pub use layers::{LayerTar, layer_tree};
 pub use registry::{RegistryClient, RegistryClientBuilder, RegistrySource};
 pub use source::{BlobSource, Fetched, ImageSource, RegistryReference};
-pub use store::{BlobProgress, GcReport, Image, Layer, RuntimeConfig, Store, StoreGuard};
+pub use image::{Image, Layer, RuntimeConfig};
+pub use store::{BlobProgress, GcReport, Store, StoreGuard};
 
 /// The layer reader over bytes in memory and the registry client's
 /// readers, for the fuzz targets only.
