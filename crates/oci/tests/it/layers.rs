@@ -19,7 +19,7 @@ use proptest::test_runner::TestRunner;
 use serde_json::{Value, json};
 
 /// Writes tars from a JSON description: a list of
-/// `{"out", "format": pax|gnu|ustar, "members": [{"name", "type", "data", "mode", "uid", "gid", "mtime",
+/// `{"out", "format": pax|gnu|ustar, "global": {PAX global records}, "members": [{"name", "type", "data", "mode", "uid", "gid", "mtime",
 /// "linkname", "devmajor", "devminor", "pax": {...}}]}`.
 const MAKE_TARS: &str = r#"
 import io, json, sys, tarfile
@@ -27,7 +27,8 @@ kinds = {"file": tarfile.REGTYPE, "dir": tarfile.DIRTYPE, "symlink": tarfile.SYM
          "char": tarfile.CHRTYPE, "block": tarfile.BLKTYPE, "fifo": tarfile.FIFOTYPE}
 formats = {"pax": tarfile.PAX_FORMAT, "gnu": tarfile.GNU_FORMAT, "ustar": tarfile.USTAR_FORMAT}
 for layer in json.load(sys.stdin):
-    with tarfile.open(layer["out"], "w", format=formats[layer.get("format", "pax")]) as tar:
+    fmt = formats[layer.get("format", "pax")]
+    with tarfile.open(layer["out"], "w", format=fmt, pax_headers=layer.get("global")) as tar:
         for m in layer["members"]:
             info = tarfile.TarInfo(m["name"])
             info.type = kinds[m.get("type", "file")]
@@ -389,6 +390,26 @@ fn pax_and_gnu_long_names_xattrs_devices_setuid_and_nanoseconds_survive_flatteni
     assert!(entry(&seen, "run/pipe").starts_with("fifo 600"));
     assert!(entry(&seen, &long_gnu).starts_with("file 644 3000000:3000001"), "{}", entry(&seen, &long_gnu));
     assert!(entry(&seen, "g/link").contains(&format!("-> {long_target}")));
+}
+
+#[test]
+fn pax_global_records_apply_to_every_later_entry_and_per_entry_records_win() {
+    let Some(python) = python() else { return };
+    if !needs_root() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let layers = make_layers(
+        &python,
+        dir.path(),
+        &[json!({"global": {"uid": "77", "mtime": "1600000000.25", "comment": "made by git archive"}, "members": [
+            file("a", "a"),
+            {"name": "b", "data": "b", "pax": {"uid": "88"}},
+        ]})],
+    );
+    let seen = flatten_and_stack("global:test", dir.path(), &layers);
+    assert!(entry(&seen, "a").starts_with("file 644 77:0 mtime=1600000000.250000000"), "{}", entry(&seen, "a"));
+    assert!(entry(&seen, "b").starts_with("file 644 88:0 mtime=1600000000.250000000"), "{}", entry(&seen, "b"));
 }
 
 /// Builds `layers`, asks for the flattened tree and the last layer's chain
