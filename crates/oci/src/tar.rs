@@ -169,20 +169,9 @@ impl<R: Read + Seek> TarReader<R> {
             }
             // The entry itself: PAX over GNU over the header's own fields.
             let pax = merged(&self.global, &local);
-            let mut name = raw_name;
-            if let Some(long) = long_name.take() {
-                name = long;
-            }
-            if let Some(path) = pax.path.clone() {
-                name = path;
-            }
-            let mut link = until_nul(&header[157..257]).to_vec();
-            if let Some(long) = long_link.take() {
-                link = long;
-            }
-            if let Some(path) = pax.linkpath.clone() {
-                link = path;
-            }
+            let name = pax.path.clone().or(long_name.take()).unwrap_or(raw_name);
+            let link =
+                pax.linkpath.clone().or(long_link.take()).unwrap_or_else(|| until_nul(&header[157..257]).to_vec());
             let shown = display_name(&name);
             let size = pax.size.unwrap_or(size);
             let field = |range: std::ops::Range<usize>, what: &str| -> Result<i64, TarError> {
