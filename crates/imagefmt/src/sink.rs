@@ -44,6 +44,14 @@ pub(crate) trait Sink {
 
     /// Sets the final image length.
     fn finish(&mut self, len: u64) -> io::Result<()>;
+
+    /// A second handle on the image file that threads may `pwrite` to in
+    /// place of [`Sink::write_at`], for a sink that writes a plain file
+    /// and buffers nothing; `None` for sinks every write must go through
+    /// (qcow2, `Write + Seek`).
+    fn positional_file(&self) -> Option<File> {
+        None
+    }
 }
 
 /// A copy failed reading the source or writing the image: the caller names
@@ -275,6 +283,10 @@ impl Write for FileSink<'_> {
 impl Sink for FileSink<'_> {
     fn write_at(&mut self, offset: u64, data: &[u8]) -> io::Result<()> {
         self.file.write_all_at(data, offset)
+    }
+
+    fn positional_file(&self) -> Option<File> {
+        if self.pending.is_empty() { self.file.try_clone().ok() } else { None }
     }
 
     fn copy_file_at(

@@ -20,12 +20,13 @@ use std::fs::File;
 use std::io;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
+use std::sync::Arc;
 use std::sync::mpsc::{Receiver, Sender, channel};
 use std::thread::{Scope, ScopedJoinHandle};
 
 use super::BLOCK;
 use super::layout::{InodeKind, InodePlan};
-use crate::sink::{AlignedBuffer, Sink, Source, write_nonzero};
+use crate::sink::{AlignedBuffer, FileSink, Sink, Source, write_nonzero};
 use crate::{Error, Result};
 
 /// The staging buffer: bounds memory whatever the tree holds. 1 MiB is
@@ -64,6 +65,8 @@ struct Chunk<'t> {
     /// Bytes staged so far, a whole number of blocks.
     len: usize,
     reads: Vec<HostRead<'t>>,
+    /// Written to the image file by the reader that filled it.
+    written: bool,
 }
 
 impl Chunk<'_> {
@@ -97,22 +100,33 @@ pub(crate) struct DataWriter<'scope, 'env, 't> {
     max_readers: usize,
     next_reader: usize,
     handles: Vec<ScopedJoinHandle<'scope, ()>>,
+    /// The image file, for readers to write their chunks to themselves.
+    image: Option<Arc<File>>,
 }
 
 impl<'scope, 'env, 't: 'scope> DataWriter<'scope, 'env, 't> {
     /// A writer whose reader threads, started at the first chunk that
     /// needs them, live in `scope`.
-    pub(crate) fn new(scope: &'scope Scope<'scope, 'env>) -> DataWriter<'scope, 'env, 't> {
+    /// With `image`, a reader writes the chunk it filled itself, taking
+    /// the copy into the page cache off the emitting thread.
+    pub(crate) fn new(scope: &'scope Scope<'scope, 'env>, image: Option<File>) -> DataWriter<'scope, 'env, 't> {
         let cores = std::thread::available_parallelism().map_or(1, usize::from);
         DataWriter {
             scope,
-            staging: Chunk { buffer: AlignedBuffer::new(CHUNK_BYTES), start_block: 0, len: 0, reads: Vec::new() },
+            staging: Chunk {
+                buffer: AlignedBuffer::new(CHUNK_BYTES),
+                start_block: 0,
+                len: 0,
+                reads: Vec::new(),
+                written: false,
+            },
             pending: VecDeque::new(),
             spare: Vec::new(),
             readers: Vec::new(),
             max_readers: if cores > 1 { cores.min(MAX_READERS) } else { 0 },
             next_reader: 0,
             handles: Vec::new(),
+            image: image.map(Arc::new),
         }
     }
 
@@ -182,7 +196,7 @@ impl<'scope, 'env, 't: 'scope> DataWriter<'scope, 'env, 't> {
             Some(buffer) => buffer,
             None => AlignedBuffer::new(CHUNK_BYTES),
         };
-        let fresh = Chunk { buffer, start_block: 0, len: 0, reads: Vec::new() };
+        let fresh = Chunk { buffer, start_block: 0, len: 0, reads: Vec::new(), written: false };
         let mut chunk = std::mem::replace(&mut self.staging, fresh);
         if chunk.reads.len() < MIN_FILES_PER_READER || self.max_readers == 0 {
             let result = chunk.read();
@@ -208,9 +222,16 @@ impl<'scope, 'env, 't: 'scope> DataWriter<'scope, 'env, 't> {
     fn start_reader(&mut self) {
         let (jobs, job_queue) = channel::<Chunk<'t>>();
         let (done_queue, done) = channel();
+        let image = self.image.clone();
         self.handles.push(self.scope.spawn(move || {
             for mut chunk in job_queue {
-                let result = chunk.read();
+                let mut result = chunk.read();
+                if let (Ok(()), Some(image)) = (&result, &image) {
+                    let bytes = &chunk.buffer.as_slice()[..chunk.len];
+                    result = write_nonzero(&mut FileSink::new(image), chunk.start_block * BLOCK, bytes)
+                        .map_err(Error::Write);
+                    chunk.written = true;
+                }
                 if done_queue.send((chunk, result)).is_err() {
                     return;
                 }
@@ -229,8 +250,10 @@ impl<'scope, 'env, 't: 'scope> DataWriter<'scope, 'env, 't> {
             },
         };
         result?;
-        let bytes = &chunk.buffer.as_slice()[..chunk.len];
-        write_nonzero(sink, chunk.start_block * BLOCK, bytes).map_err(Error::Write)?;
+        if !chunk.written {
+            let bytes = &chunk.buffer.as_slice()[..chunk.len];
+            write_nonzero(sink, chunk.start_block * BLOCK, bytes).map_err(Error::Write)?;
+        }
         self.spare.push(chunk.buffer);
         Ok(())
     }

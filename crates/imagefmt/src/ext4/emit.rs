@@ -60,8 +60,9 @@ impl Ext4Layout<'_> {
             sink.write_at(journal.first_block() * BLOCK, &superblock).map_err(Error::Write)?;
         }
         // Small files go through the staging writer; the rest one by one.
+        let image = sink.positional_file();
         std::thread::scope(|scope| {
-            let mut data = DataWriter::new(scope);
+            let mut data = DataWriter::new(scope, image);
             for (index, plan) in self.inodes.iter().enumerate() {
                 if !data.stage(sink, plan)? {
                     self.write_data(sink, Ext4Layout::ino(index), plan, seed)?;
