@@ -103,7 +103,7 @@ pub fn release_vm(record: &VmRecord, host: &HostHandles, dry_run: bool) -> Resul
 /// holds that no live VM claims (rules, leases, `kt-` taps).
 pub fn collect_garbage(state: &StateDir, host: &HostHandles, dry_run: bool) -> Result<Vec<GcAction>> {
     let mut actions = Vec::new();
-    // Held to the end: no claim and no other gc until the orphans are done.
+    // Held until the orphans are done: no claim and no other gc meanwhile.
     let gc_lock = state.lock_for_gc()?;
     let entries = state.list()?;
     let alive: Vec<&VmRecord> = entries.iter().filter(|e| e.alive).map(|e| &e.record).collect();
@@ -153,6 +153,10 @@ pub fn collect_garbage(state: &StateDir, host: &HostHandles, dry_run: bool) -> R
             }
         }
     }
+    // Launchers may claim again: the store sweep below waits for running
+    // pulls (the store's own locks keep it correct), and a launcher must
+    // not wait on gc.lock behind a slow pull.
+    drop(gc_lock);
     // Last, once every dead VM's reference is gone: images no VM uses, and
     // the layer tars and layer filesystems only they had.
     if !dry_run && host.images.is_dir() {
@@ -164,7 +168,6 @@ pub fn collect_garbage(state: &StateDir, host: &HostHandles, dry_run: bool) -> R
             ));
         }
     }
-    drop(gc_lock);
     Ok(actions)
 }
 

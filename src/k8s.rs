@@ -41,6 +41,9 @@ pub fn workload(spec: &Spec) -> Result<K8sWorkload> {
     if crate::spec::is_local_image(&image) {
         return Err(Error::K8sLocalImage { image });
     }
+    // `docker://` is kiln's (and skopeo's) transport prefix; a Pod's image
+    // is the bare reference.
+    let image = image.strip_prefix("docker://").map(str::to_owned).unwrap_or(image);
     let mut warnings = Vec::new();
     let resources = &spec.resources;
     let data_volume = resources.storage.map(|size| {
@@ -285,6 +288,20 @@ mod tests {
         }
         let already = "registry.example/web@sha256:ffff";
         assert_eq!(pin_image(already, digest), already, "the spec's own pin stays");
+    }
+
+    #[test]
+    fn a_pods_image_is_the_bare_reference_of_a_docker_transport_source() {
+        let spec = Spec::parse(
+            "name = \"web\"\n[service]\nimage = \"docker://127.0.0.1:5000/team/web:1\"\n",
+            Path::new("/specs/web.toml"),
+        )
+        .unwrap();
+        let mut pod = workload(&spec).unwrap();
+        assert_eq!(pod.workload.image, "127.0.0.1:5000/team/web:1");
+        let digest = "sha256:0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef";
+        pod.pin_image(digest);
+        assert_eq!(pod.workload.image, format!("127.0.0.1:5000/team/web@{digest}"));
     }
 
     #[test]

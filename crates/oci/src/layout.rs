@@ -2,8 +2,8 @@
 //! `index.json`, `blobs/sha256/<hex>`. The same reading serves a layout
 //! directory and an `oci-archive` (a tar of one), through [`LayoutFiles`].
 
-use std::fs::File;
 use std::io::{BufReader, Read};
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::PathBuf;
 
 use serde::Deserialize;
@@ -27,7 +27,18 @@ pub(crate) struct Directory(pub(crate) PathBuf);
 impl LayoutFiles for Directory {
     fn open(&self, path: &str) -> Result<Box<dyn Read + '_>> {
         let full = self.0.join(path);
-        let file = File::open(&full).map_err(|source| Error::Read { path: full, source })?;
+        // Non-blocking, so a FIFO or a device in the layout's place of a blob
+        // is refused rather than read forever; a regular file reads as usual.
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(rustix::fs::OFlags::NONBLOCK.bits() as i32)
+            .open(&full)
+            .map_err(|source| Error::Read { path: full.clone(), source })?;
+        let is_file = file.metadata().map_err(|source| Error::Read { path: full.clone(), source })?.is_file();
+        if !is_file {
+            let source = std::io::Error::new(std::io::ErrorKind::InvalidInput, "not a regular file");
+            return Err(Error::Read { path: full, source });
+        }
         Ok(Box::new(BufReader::with_capacity(64 * 1024, file)))
     }
 }
@@ -167,5 +178,16 @@ mod tests {
         assert_eq!(error, "oci:L holds 2 images; name one with :TAG (its tags: one, two)");
         let one = index(&[("a", None)]);
         assert_eq!(choose_entry(&one, None, "oci:L").unwrap().digest, Digest::of(b"a"));
+    }
+
+    #[test]
+    fn a_fifo_in_a_layouts_place_of_a_blob_is_refused_not_read_forever() {
+        let dir = tempfile::tempdir().unwrap();
+        let fifo = dir.path().join("blob");
+        rustix::fs::mknodat(rustix::fs::CWD, &fifo, rustix::fs::FileType::Fifo, rustix::fs::Mode::from(0o644), 0)
+            .unwrap();
+        let error = Directory(dir.path().to_path_buf()).open("blob").err().unwrap().to_string();
+        assert_eq!(error, format!("Cannot read {}", fifo.display()));
+        assert!(Directory(dir.path().to_path_buf()).open("missing").is_err());
     }
 }

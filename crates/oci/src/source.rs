@@ -133,6 +133,8 @@ impl FromStr for RegistryReference {
             Some((first, path)) if first.contains(['.', ':']) || first == "localhost" => (first, path),
             _ => ("docker.io", name),
         };
+        // Docker Hub's old name is the same registry, with the same `library/` rule.
+        let registry = if registry == "index.docker.io" { "docker.io" } else { registry };
         if path.is_empty() || !path.split('/').all(valid_path_component) {
             return Err(invalid(
                 "a repository is lowercase components of [a-z0-9] joined by '.', '_', '__' or '-', separated by '/'",
@@ -365,6 +367,7 @@ mod tests {
             docker-archive:d.tar -> DockerArchive { file: "d.tar", reference: None }
             docker-archive:d.tar:docker.io/library/busybox:t -> DockerArchive { file: "d.tar", reference: Some("docker.io/library/busybox:t") }
             busybox -> Registry(RegistryReference { registry: "docker.io", repository: "library/busybox", tag: Some("latest"), digest: None })
+            index.docker.io/busybox:1 -> Registry(RegistryReference { registry: "docker.io", repository: "library/busybox", tag: Some("1"), digest: None })
             docker://127.0.0.1:5000/team/app:v2 -> Registry(RegistryReference { registry: "127.0.0.1:5000", repository: "team/app", tag: Some("v2"), digest: None })
             localhost/app@sha256:e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855 -> Registry(RegistryReference { registry: "localhost", repository: "app", tag: None, digest: Some(sha256:e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855) })
             ghcr.io/a/b:1@sha512:00 -> error: Invalid digest "sha512:00": algorithm "sha512" is not supported; kiln accepts sha256 only
@@ -382,6 +385,7 @@ mod tests {
                 "docker-archive:d.tar",
                 "docker-archive:d.tar:docker.io/library/busybox:t",
                 "busybox",
+                "index.docker.io/busybox:1",
                 "docker://127.0.0.1:5000/team/app:v2",
                 "localhost/app@sha256:e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855",
                 "ghcr.io/a/b:1@sha512:00",
