@@ -20,6 +20,9 @@ pub(crate) const MAX_PATH_BYTES: usize = 4095;
 /// so that a hostile header cannot make the reader hold much memory
 /// (xattrs, such as file capabilities or SELinux labels, are small).
 const MAX_EXTENSION_BYTES: u64 = 1 << 20;
+/// xattrs one entry may carry: parsing stays linear enough, and an ext4
+/// inode holds far fewer.
+const MAX_XATTRS: usize = 1024;
 
 /// One entry of a layer tar, with its path normalized (relative, no `.`
 /// or empty components, no trailing `/`; the root directory is `""`).
@@ -82,9 +85,10 @@ fn bad(entry: impl Into<String>, reason: impl Into<String>) -> TarError {
     TarError::Bad { entry: entry.into(), reason: reason.into() }
 }
 
-/// PAX records that apply to an entry: from its own `x` header over the
-/// global `g` ones. An empty value deletes the key (POSIX), which for `x`
-/// means "the header's own field".
+/// PAX records that apply to an entry: from its own `x` header. Global
+/// `g` headers are checked and then ignored, as Go's `archive/tar` users
+/// (containerd, umoci) ignore them, so a layer gives the files they give.
+/// An empty value deletes the key (POSIX): "the header's own field".
 #[derive(Debug, Clone, Default)]
 struct Pax {
     path: Option<Vec<u8>>,
@@ -103,7 +107,6 @@ pub(crate) struct TarReader<R> {
     position: u64,
     /// The stream's length, to check sizes before seeking over data.
     len: u64,
-    global: Pax,
     finished: bool,
 }
 
@@ -117,7 +120,6 @@ impl<R: Read + Seek> TarReader<R> {
             input: BufReader::with_capacity(64 << 10, input),
             position: 0,
             len: end.saturating_sub(start),
-            global: Pax::default(),
             finished: false,
         })
     }
@@ -159,7 +161,7 @@ impl<R: Read + Seek> TarReader<R> {
                     let body = self.read_body(size).map_err(|e| self.short(e, named(), size))?;
                     match typeflag {
                         b'x' => parse_pax(&body, &mut local).map_err(|reason| bad(named(), reason))?,
-                        b'g' => parse_pax(&body, &mut self.global).map_err(|reason| bad(named(), reason))?,
+                        b'g' => parse_pax(&body, &mut Pax::default()).map_err(|reason| bad(named(), reason))?,
                         b'L' => long_name = Some(until_nul(&body).to_vec()),
                         _ => long_link = Some(until_nul(&body).to_vec()),
                     }
@@ -168,7 +170,7 @@ impl<R: Read + Seek> TarReader<R> {
                 _ => {}
             }
             // The entry itself: PAX over GNU over the header's own fields.
-            let pax = merged(&self.global, &local);
+            let pax = local;
             let name = pax.path.clone().or(long_name.take()).unwrap_or(raw_name);
             let link =
                 pax.linkpath.clone().or(long_link.take()).unwrap_or_else(|| until_nul(&header[157..257]).to_vec());
@@ -200,7 +202,8 @@ impl<R: Read + Seek> TarReader<R> {
                 Ok((major, minor))
             };
             let kind = match typeflag {
-                b'0' | b'\0' | b'7' if name.ends_with(b"/") => EntryKind::Dir,
+                // Old archives mark directories by a trailing slash; Go reads that for '\0' only.
+                b'\0' if name.ends_with(b"/") => EntryKind::Dir,
                 b'0' | b'\0' | b'7' => EntryKind::File { size, offset: data_offset },
                 b'1' => {
                     let target =
@@ -228,10 +231,12 @@ impl<R: Read + Seek> TarReader<R> {
                 b'S' => return Err(bad(shown, "GNU sparse files are not supported")),
                 other => return Err(bad(shown, format!("unsupported entry type {:?}", char::from(other)))),
             };
-            // Only regular files carry data; for other types the size is
-            // skipped all the same (a hard link with a size is legal, and
-            // its bytes are not the file's).
-            self.skip(size).map_err(|e| self.short(e, shown.clone(), size))?;
+            // Only regular files carry data: links, devices, directories
+            // and fifos are header-only whatever their size field says, as
+            // Go's reader (and so containerd and umoci) takes them.
+            if let EntryKind::File { .. } = kind {
+                self.skip(size).map_err(|e| self.short(e, shown.clone(), size))?;
+            }
             let mode = u32::try_from(mode).map_err(|_| bad(shown.clone(), "a negative mode"))? & 0o7777;
             return Ok(Some(TarEntry { path, kind, mode, uid, gid, mtime, mtime_nsec, xattrs: pax.xattrs }));
         }
@@ -254,8 +259,13 @@ impl<R: Read + Seek> TarReader<R> {
             return Ok(None);
         }
         if header.iter().all(|&b| b == 0) {
-            // The end marker: a second zero block, if there, is not checked;
-            // whatever follows the marker is not part of the archive.
+            // The end marker: two zero blocks, or one and the end of the
+            // stream. A header after one zero block is an error, as in Go's
+            // reader, rather than entries silently left out.
+            let at = self.position;
+            if self.read_block(&mut header)? && header.iter().any(|&b| b != 0) {
+                return Err(bad(format!("(the header at byte {at})"), "a header follows a zero block"));
+            }
             return Ok(None);
         }
         Ok(Some(header))
@@ -322,24 +332,6 @@ impl<R: Read + Seek> TarReader<R> {
     }
 }
 
-/// `local` over `global`.
-fn merged(global: &Pax, local: &Pax) -> Pax {
-    let mut xattrs = global.xattrs.clone();
-    for (name, value) in &local.xattrs {
-        xattrs.retain(|(existing, _)| existing != name);
-        xattrs.push((name.clone(), value.clone()));
-    }
-    Pax {
-        path: local.path.clone().or_else(|| global.path.clone()),
-        linkpath: local.linkpath.clone().or_else(|| global.linkpath.clone()),
-        size: local.size.or(global.size),
-        uid: local.uid.or(global.uid),
-        gid: local.gid.or(global.gid),
-        mtime: local.mtime.or(global.mtime),
-        xattrs,
-    }
-}
-
 /// Parses PAX records (`LEN KEY=VALUE\n`, LEN counting the whole record)
 /// into `pax`.
 fn parse_pax(mut body: &[u8], pax: &mut Pax) -> Result<(), String> {
@@ -377,6 +369,10 @@ fn parse_pax(mut body: &[u8], pax: &mut Pax) -> Result<(), String> {
                     return Err("an xattr record with no name".into());
                 }
                 pax.xattrs.retain(|(existing, _)| existing != name);
+                // ext4 holds a few hundred at most (in the inode and one block).
+                if pax.xattrs.len() >= MAX_XATTRS {
+                    return Err(format!("more than {MAX_XATTRS} xattrs"));
+                }
                 pax.xattrs.push((name.to_owned(), value.to_vec()));
             }
             _ if key.starts_with("GNU.sparse.") => return Err("GNU sparse files are not supported".into()),
@@ -574,5 +570,60 @@ mod tests {
         assert!(normalize(b"..").is_err());
         assert!(normalize(&[b'a', 0xff]).is_err());
         assert!(normalize("x".repeat(256).as_bytes()).is_err());
+    }
+
+    /// A ustar header with a valid checksum.
+    fn header(name: &str, typeflag: u8, size: u64, link: &str) -> [u8; 512] {
+        let mut block = [0u8; 512];
+        block[..name.len()].copy_from_slice(name.as_bytes());
+        block[100..108].copy_from_slice(b"0000644\0");
+        block[108..116].copy_from_slice(b"0000000\0");
+        block[116..124].copy_from_slice(b"0000000\0");
+        block[124..136].copy_from_slice(format!("{size:011o}\0").as_bytes());
+        block[136..148].copy_from_slice(b"00000000000\0");
+        block[156] = typeflag;
+        block[157..157 + link.len()].copy_from_slice(link.as_bytes());
+        block[257..263].copy_from_slice(b"ustar\0");
+        block[263..265].copy_from_slice(b"00");
+        block[148..156].fill(b' ');
+        let sum: u32 = block.iter().map(|&b| u32::from(b)).sum();
+        block[148..156].copy_from_slice(format!("{sum:06o}\0 ").as_bytes());
+        block
+    }
+
+    fn names(tar: Vec<u8>) -> Result<Vec<String>, TarError> {
+        let mut reader = TarReader::new(io::Cursor::new(tar)).unwrap();
+        let mut names = Vec::new();
+        while let Some(entry) = reader.next_entry()? {
+            names.push(entry.path);
+        }
+        Ok(names)
+    }
+
+    #[test]
+    fn links_and_other_header_only_entries_carry_no_data_whatever_their_size_says() {
+        // A symlink whose size field says 512, then a header Go's reader
+        // (containerd, umoci) reads as the next entry: so must kiln.
+        let mut tar = Vec::new();
+        tar.extend_from_slice(&header("s", b'2', 512, "target"));
+        tar.extend_from_slice(&header("hidden", b'0', 0, ""));
+        tar.extend_from_slice(&header("shown", b'0', 0, ""));
+        tar.extend_from_slice(&[0u8; 1024]);
+        assert_eq!(names(tar).unwrap(), ["s", "hidden", "shown"]);
+    }
+
+    #[test]
+    fn a_header_after_a_single_zero_block_is_an_error_not_the_end() {
+        let mut tar = Vec::new();
+        tar.extend_from_slice(&header("a", b'0', 0, ""));
+        tar.extend_from_slice(&[0u8; 512]);
+        tar.extend_from_slice(&header("b", b'0', 0, ""));
+        tar.extend_from_slice(&[0u8; 1024]);
+        let error = names(tar).unwrap_err();
+        assert!(matches!(&error, TarError::Bad { reason, .. } if reason.contains("follows a zero block")), "{error:?}");
+        // One zero block and then the end of the stream is a proper end.
+        let mut short = header("a", b'0', 0, "").to_vec();
+        short.extend_from_slice(&[0u8; 512]);
+        assert_eq!(names(short).unwrap(), ["a"]);
     }
 }
