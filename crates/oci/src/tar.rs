@@ -626,4 +626,24 @@ mod tests {
         short.extend_from_slice(&[0u8; 512]);
         assert_eq!(names(short).unwrap(), ["a"]);
     }
+
+    #[test]
+    fn an_entry_with_more_xattrs_than_an_inode_could_hold_is_refused() {
+        let record = |index: usize| {
+            let body = format!(" SCHILY.xattr.user.x{index}=v\n");
+            // LEN counts its own digits too.
+            let mut len = body.len() + 1;
+            while len.to_string().len() + body.len() != len {
+                len += 1;
+            }
+            format!("{len}{body}")
+        };
+        let body: String = (0..MAX_XATTRS).map(record).collect();
+        assert!(parse_pax(body.as_bytes(), &mut Pax::default()).is_ok());
+        let body: String = (0..=MAX_XATTRS).map(record).collect();
+        assert_eq!(
+            parse_pax(body.as_bytes(), &mut Pax::default()).unwrap_err(),
+            format!("more than {MAX_XATTRS} xattrs")
+        );
+    }
 }
