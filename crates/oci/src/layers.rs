@@ -340,18 +340,30 @@ fn read_entries<L: LayerSource>(context: &Context<'_, L>, index: usize) -> Resul
 }
 
 /// Applies layer `index` to `merged`: its whiteouts first, then the rest.
+/// A whiteout whose parent is not a directory below (`RUN rm /a && mkdir
+/// /a` gives `a/` and `a/.wh..wh..opq` over a lower file `a`, as Docker's
+/// and containers/storage's differs write it) hides nothing there; it is
+/// refused only if the parent is still no directory once the layer's own
+/// entries are in, so a whiteout through a symlink stays refused.
 fn apply<L: LayerSource>(context: &Context<'_, L>, merged: &mut Merged, index: usize) -> Result<()> {
     let entries = read_entries(context, index)?;
     let base = |path: &str| path.rsplit('/').next().unwrap_or("").to_owned();
+    let mut deferred = Vec::new();
     for entry in &entries {
         let name = base(&entry.path);
-        if name.starts_with(WHITEOUT_PREFIX) {
-            whiteout(context, merged, index, entry, &name)?;
+        if name.starts_with(WHITEOUT_PREFIX) && !whiteout(context, merged, index, entry, &name)? {
+            deferred.push(entry.path.clone());
         }
     }
     for entry in entries {
         if !base(&entry.path).starts_with(WHITEOUT_PREFIX) {
             add(context, merged, index, entry)?;
+        }
+    }
+    for path in deferred {
+        let components = split(&path);
+        if let Err(Walk::Refused(reason)) = merged.dir_mut(&components[..components.len().saturating_sub(1)], None) {
+            return Err(context.bad(index, &path, reason));
         }
     }
     Ok(())
@@ -363,7 +375,7 @@ fn whiteout<L: LayerSource>(
     index: usize,
     entry: &TarEntry,
     name: &str,
-) -> Result<()> {
+) -> Result<bool> {
     let components = split(&entry.path);
     let parent = &components[..components.len().saturating_sub(1)];
     if name == OPAQUE_MARKER {
@@ -379,14 +391,14 @@ fn whiteout<L: LayerSource>(
                 }
             }
             Err(Walk::Missing) => {}
-            Err(Walk::Refused(reason)) => return Err(context.bad(index, &entry.path, reason)),
+            Err(Walk::Refused(_)) => return Ok(false),
         }
-        return Ok(());
+        return Ok(true);
     }
     if name.starts_with(WHITEOUT_META_PREFIX) {
         // Other AUFS metadata (.wh..wh.plnk and the like): never applied,
         // as containerd does.
-        return Ok(());
+        return Ok(true);
     }
     let hidden = &name[WHITEOUT_PREFIX.len()..];
     if hidden.is_empty() || hidden == "." || hidden == ".." {
@@ -397,9 +409,9 @@ fn whiteout<L: LayerSource>(
             dir.children.remove(hidden);
         }
         Err(Walk::Missing) => {}
-        Err(Walk::Refused(reason)) => return Err(context.bad(index, &entry.path, reason)),
+        Err(Walk::Refused(_)) => return Ok(false),
     }
-    Ok(())
+    Ok(true)
 }
 
 fn add<L: LayerSource>(context: &Context<'_, L>, merged: &mut Merged, index: usize, entry: TarEntry) -> Result<()> {

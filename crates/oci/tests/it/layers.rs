@@ -312,6 +312,49 @@ fn three_layers_that_whiteout_and_opaque_each_other_flatten_and_stack_as_the_spe
     assert!(!step.contains_key("keep"), "an unchanged directory is not in the step: {step:#?}");
 }
 
+/// `RUN rm /a /b && mkdir /a /b` over a lower file `a` and symlink `b`:
+/// Docker's and containers/storage's differs write `a/`, `a/.wh..wh..opq`
+/// (the kernel marks a directory made over a whited-out name opaque). The
+/// marker hides nothing there, and the layer must not be refused for it.
+#[test]
+fn a_directory_made_opaque_over_a_lower_file_or_symlink_replaces_it() {
+    let Some(python) = python() else { return };
+    if !needs_root() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let symlink = |name: &str, target: &str| json!({"name": name, "type": "symlink", "linkname": target});
+    let layers = make_layers(
+        &python,
+        dir.path(),
+        &[
+            layer(vec![file("a", "was a file"), symlink("b", "a")]),
+            layer(vec![
+                dir_entry("a"),
+                file("a/.wh..wh..opq", ""),
+                file("a/new", "new"),
+                dir_entry("b"),
+                file("b/.wh..wh..opq", ""),
+                file("b/.wh.nothing", ""),
+            ]),
+        ],
+    );
+    let seen = flatten_and_stack("replaced:test", dir.path(), &layers);
+    let expected: Vec<(String, String)> = [("a", "dir"), ("a/new", "file"), ("b", "dir")]
+        .iter()
+        .map(|(p, k)| ((*p).to_owned(), (*k).to_owned()))
+        .collect();
+    assert_eq!(kinds(&seen), expected, "{seen:#?}");
+    // A whiteout through a symlink the layer leaves a symlink is still refused.
+    assert_refused(
+        &python,
+        &[layer(vec![dir_entry("d"), symlink("s", "d")]), layer(vec![file("s/.wh.x", "")])],
+        "s/.wh.x",
+        "layer1",
+        "is a symlink",
+    );
+}
+
 #[test]
 fn hard_links_within_and_across_layers_keep_one_inode_and_their_link_count() {
     let Some(python) = python() else { return };
