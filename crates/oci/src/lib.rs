@@ -29,10 +29,10 @@ mod tar;
 pub use config::{Compression, MANIFEST_MEDIA_TYPES};
 pub use digest::{Digest, chain_ids};
 pub use error::{Error, RegistryErrorKind, Result};
+pub use image::{Image, Layer, RuntimeConfig};
 pub use layers::{LayerTar, layer_tree};
 pub use registry::{RegistryClient, RegistryClientBuilder, RegistrySource};
 pub use source::{BlobSource, Fetched, ImageSource, RegistryReference};
-pub use image::{Image, Layer, RuntimeConfig};
 pub use store::{BlobProgress, GcReport, Store, StoreGuard};
 
 /// The layer reader over bytes in memory and the registry client's
