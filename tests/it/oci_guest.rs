@@ -81,7 +81,7 @@ touch /tmp/new && echo "writable=/tmp"
 touch /work/new && echo "writable=/work"
 echo "setuid=$(stat -c %a /usr/local/bin/setuid-tool)"
 while read -r _ target fstype options _; do
-  case "$target" in /|/proc|/sys|/dev|/dev/pts|/dev/shm|/srv/config|/etc/app/keys|/mnt/data) echo "mount=$target $fstype ${options%%,*}";; esac
+  case "$target" in /|/proc|/sys|/dev|/dev/pts|/dev/shm|/srv/config|/etc/app/keys|/mnt/data) echo "mount=$target $fstype $options";; esac
 done < /proc/self/mounts
 echo "done"
 } > "$out/report" 2>&1
@@ -92,7 +92,7 @@ fn setup(test: &str) -> Option<(GuestAssets, PathBuf)> {
     if !require_root(test, "umoci unpack with real owners, loop mounts of the data disk") {
         return None;
     }
-    require_tools(test, &[QEMU, "umoci", "mount", "umount", BUSYBOX])?;
+    require_tools(test, &[QEMU, "umoci", "mount", "umount", "e2fsck", BUSYBOX])?;
     let assets = guest_assets(test, &["bzimage", "initramfs"])?;
     let tool = assets.dir.join("tree-manifest");
     assert!(tool.is_file(), "{} is missing; run `cargo xtask guest`", tool.display());
@@ -473,15 +473,26 @@ fn umoci_image_runs_in_the_guest_as_docker_run_would_and_its_root_is_umocis_root
     lacks("writable=/etc/app/keys");
     lacks("writable=/sys");
     has("setuid=4755");
-    has("mount=/ overlay rw");
-    has("mount=/proc proc rw");
-    has("mount=/sys sysfs ro");
-    has("mount=/dev tmpfs rw");
-    has("mount=/dev/pts devpts rw");
-    has("mount=/dev/shm tmpfs rw");
-    has("mount=/srv/config vfat ro");
-    has("mount=/etc/app/keys vfat ro");
-    has("mount=/mnt/data ext4 rw");
+    has(&format!("env:HOSTNAME={HOSTNAME}"));
+    // Every option that matters, not just the first.
+    let mount_has = |target: &str, fstype: &str, wanted: &[&str]| {
+        let prefix = format!("mount={target} {fstype} ");
+        let line = report.lines().find(|l| l.starts_with(&prefix));
+        let line = line.unwrap_or_else(|| panic!("the report has no {prefix:?} line:\n{report}"));
+        let options: BTreeSet<&str> = line[prefix.len()..].split(',').collect();
+        for option in wanted {
+            assert!(options.contains(option), "{target} is mounted without {option}: {line}");
+        }
+    };
+    mount_has("/", "overlay", &["rw", "nodev"]);
+    mount_has("/proc", "proc", &["rw", "nosuid", "nodev", "noexec"]);
+    mount_has("/sys", "sysfs", &["ro", "nosuid", "nodev", "noexec"]);
+    mount_has("/dev", "tmpfs", &["rw", "nosuid"]);
+    mount_has("/dev/pts", "devpts", &["rw", "nosuid", "noexec"]);
+    mount_has("/dev/shm", "tmpfs", &["rw", "nosuid", "nodev", "noexec"]);
+    mount_has("/srv/config", "vfat", &["ro", "nosuid", "nodev"]);
+    mount_has("/etc/app/keys", "vfat", &["ro", "nosuid", "nodev"]);
+    mount_has("/mnt/data", "ext4", &["rw", "nosuid", "nodev"]);
 
     // The container's `/` is umoci's rootfs (manifests by the same program).
     assert!(manifest.ends_with(" entries\n"), "the container's manifest is cut short ({manifest_err}):\n{manifest}");
@@ -563,6 +574,15 @@ fn two_layer_disks_merge_with_whiteouts_and_opaque_directories() {
     let [manifest, manifest_err, persisted, deleted, upper_seen] =
         <[String; 5]>::try_from(read_out(&data, dir.path(), &written)).unwrap();
     assert_eq!(upper_seen, "", "the container sees its own upper layer on the data disk");
+    // kiln-init unmounted the overlay before the data disk holding its upper.
+    let fsck = Command::new("e2fsck").args(["-fn"]).arg(&data).output().unwrap();
+    assert!(
+        fsck.status.success(),
+        "e2fsck -fn of the data disk after the boot: {}\n{}{}",
+        fsck.status,
+        String::from_utf8_lossy(&fsck.stdout),
+        String::from_utf8_lossy(&fsck.stderr)
+    );
     assert_eq!(persisted, "persisted\n", "a file the container wrote is not in its upper layer on the data disk");
     assert_eq!(deleted, "char 0:0", "a file the container deleted is not a whiteout in its upper layer");
     assert!(manifest.ends_with(" entries\n"), "the manifest is cut short ({manifest_err}):\n{manifest}");

@@ -267,11 +267,17 @@ impl ContainerConfig {
     }
 
     /// The environment the program gets: the config's, plus `HOME` from
-    /// the user's passwd entry when the config has none (as runc does).
-    pub fn program_env(&self, user: &ResolvedUser) -> Vec<String> {
+    /// the user's passwd entry when the config has none (as runc does),
+    /// and `HOSTNAME` (the VM's, `hostname`) when it has none (as Docker does).
+    pub fn program_env(&self, user: &ResolvedUser, hostname: Option<&str>) -> Vec<String> {
         let mut env = self.env.clone();
         if !env.iter().any(|entry| entry.starts_with("HOME=")) {
             env.push(format!("HOME={}", user.home));
+        }
+        if let Some(hostname) = hostname
+            && !env.iter().any(|entry| entry.starts_with("HOSTNAME="))
+        {
+            env.push(format!("HOSTNAME={hostname}"));
         }
         env
     }
@@ -639,10 +645,11 @@ mod tests {
     fn program_env_adds_home_and_path_comes_from_env() {
         let mut config = ContainerConfig::new(1, strings(&["sh"]));
         let user = resolve_user("app", Some(PASSWD), Some(GROUP)).unwrap();
-        assert_eq!(config.program_env(&user), strings(&["HOME=/home/app"]));
+        assert_eq!(config.program_env(&user, None), strings(&["HOME=/home/app"]));
+        assert_eq!(config.program_env(&user, Some("web")), strings(&["HOME=/home/app", "HOSTNAME=web"]));
         assert_eq!(config.path(), DEFAULT_PATH);
-        config.env = strings(&["HOME=/x", "PATH=/a:/b"]);
-        assert_eq!(config.program_env(&user), strings(&["HOME=/x", "PATH=/a:/b"]));
+        config.env = strings(&["HOME=/x", "PATH=/a:/b", "HOSTNAME=mine"]);
+        assert_eq!(config.program_env(&user, Some("web")), strings(&["HOME=/x", "PATH=/a:/b", "HOSTNAME=mine"]));
         assert_eq!(config.path(), "/a:/b");
     }
 

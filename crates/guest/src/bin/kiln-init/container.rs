@@ -315,7 +315,8 @@ fn setup_and_exec() -> std::result::Result<Never, String> {
     let passwd = read_account_file(&root, "/etc/passwd")?;
     let group = read_account_file(&root, "/etc/group")?;
     let user = resolve_user(&config.user, passwd.as_deref(), group.as_deref()).map_err(|err| err.to_string())?;
-    let env = config.program_env(&user);
+    let hostname = sys::hostname();
+    let env = config.program_env(&user, hostname.as_deref());
     // Docker creates a missing working directory (as root) before it
     // starts, and runc enters it as root, again as the user only if root
     // may not (a root-squashing network filesystem).

@@ -423,3 +423,15 @@ pub(crate) fn process_name(pid: i32) -> Option<String> {
     let (start, end) = (stat.find('(')?, stat.rfind(')')?);
     Some(stat.get(start + 1..end)?.to_owned())
 }
+
+/// The VM's hostname (`uname -n`), if it has one.
+pub(crate) fn hostname() -> Option<String> {
+    // SAFETY: utsname is plain data, filled by uname.
+    let mut name: libc::utsname = unsafe { mem::zeroed() };
+    // SAFETY: `name` is a valid utsname to fill.
+    check(unsafe { libc::uname(&raw mut name) }).ok()?;
+    // SAFETY: uname NUL-terminates nodename within its array.
+    let node = unsafe { std::ffi::CStr::from_ptr(name.nodename.as_ptr()) };
+    let node = node.to_str().ok()?;
+    (!node.is_empty() && node != "(none)").then(|| node.to_owned())
+}
