@@ -56,7 +56,8 @@ tree-manifest --skip proc --skip sys --skip dev --skip mnt --skip srv --skip etc
 {
 echo "argc=$#"
 for arg in "$@"; do echo "arg=$arg"; done
-echo "ids=$(id -u) $(id -g) $(id -G)"
+echo "ids=$(id -u) $(id -g)"
+echo groups=$(sed -n 's/^Groups:[[:space:]]*//p' /proc/self/status)
 echo "pwd=$(pwd)"
 echo "umask=$(umask)"
 env | sort | sed 's/^/env:/'
@@ -80,7 +81,7 @@ touch /tmp/new && echo "writable=/tmp"
 touch /work/new && echo "writable=/work"
 echo "setuid=$(stat -c %a /usr/local/bin/setuid-tool)"
 while read -r _ target fstype options _; do
-  case "$target" in /|/proc|/sys|/dev|/dev/pts|/dev/shm|/srv/config|/etc/app/keys|/mnt/data) echo "mount=$target $fstype ${options%%,*}";; esac
+  case "$target" in /|/proc|/sys|/dev|/dev/pts|/dev/shm|/srv/config|/etc/app/keys|/mnt/data) echo "mount=$target $fstype $options";; esac
 done < /proc/self/mounts
 echo "done"
 } > "$out/report" 2>&1
@@ -91,7 +92,7 @@ fn setup(test: &str) -> Option<(GuestAssets, PathBuf)> {
     if !require_root(test, "umoci unpack with real owners, loop mounts of the data disk") {
         return None;
     }
-    require_tools(test, &[QEMU, "umoci", "mount", "umount", BUSYBOX])?;
+    require_tools(test, &[QEMU, "umoci", "mount", "umount", "e2fsck", BUSYBOX])?;
     let assets = guest_assets(test, &["bzimage", "initramfs"])?;
     let tool = assets.dir.join("tree-manifest");
     assert!(tool.is_file(), "{} is missing; run `cargo xtask guest`", tool.display());
@@ -196,6 +197,8 @@ fn layer_disks_from_rootfs(rootfs: &Path, dir: &Path) -> Vec<PathBuf> {
 fn data_disk(dir: &Path) -> PathBuf {
     let mut tree = Ext4Tree::new();
     tree.add_dir("out", Ext4Metadata::default().with_mode(0o777)).unwrap();
+    // Where a hostile image's symlinks aim (`/proc/1/root/mnt/data/escape`): must stay empty.
+    tree.add_dir("escape", Ext4Metadata::default().with_mode(0o755)).unwrap();
     let path = dir.join("data.ext4");
     let options = Ext4Options::default().with_label(kiln_guest::DATA_DISK_LABEL).with_journal(true).with_size(64 << 20);
     tree.layout(&options).unwrap().write_file(&path).unwrap();
@@ -420,12 +423,18 @@ fn umoci_image_runs_in_the_guest_as_docker_run_would_and_its_root_is_umocis_root
     has("arg=first");
     has("arg=second arg");
     let user = &process["user"];
+    // The primary gid is a supplementary group too (CVE-2022-36109), once.
     let mut groups: Vec<u64> = vec![user["gid"].as_u64().unwrap()];
-    groups.extend(user["additionalGids"].as_array().into_iter().flatten().filter_map(|g| g.as_u64()));
-    groups.dedup();
+    for gid in user["additionalGids"].as_array().into_iter().flatten().filter_map(|g| g.as_u64()) {
+        if !groups.contains(&gid) {
+            groups.push(gid);
+        }
+    }
     let groups: Vec<String> = groups.iter().map(u64::to_string).collect();
-    has(&format!("ids={} {} {}", user["uid"], user["gid"], groups.join(" ")));
-    has("ids=1000 1001 1001 2000");
+    has(&format!("ids={} {}", user["uid"], user["gid"]));
+    has(&format!("groups={}", groups.join(" ")));
+    has("ids=1000 1001");
+    has("groups=1001 2000");
     has("pwd=/work");
     has("umask=0022");
     for entry in &config.env {
@@ -464,15 +473,26 @@ fn umoci_image_runs_in_the_guest_as_docker_run_would_and_its_root_is_umocis_root
     lacks("writable=/etc/app/keys");
     lacks("writable=/sys");
     has("setuid=4755");
-    has("mount=/ overlay rw");
-    has("mount=/proc proc rw");
-    has("mount=/sys sysfs ro");
-    has("mount=/dev tmpfs rw");
-    has("mount=/dev/pts devpts rw");
-    has("mount=/dev/shm tmpfs rw");
-    has("mount=/srv/config vfat ro");
-    has("mount=/etc/app/keys vfat ro");
-    has("mount=/mnt/data ext4 rw");
+    has(&format!("env:HOSTNAME={HOSTNAME}"));
+    // Every option that matters, not just the first.
+    let mount_has = |target: &str, fstype: &str, wanted: &[&str]| {
+        let prefix = format!("mount={target} {fstype} ");
+        let line = report.lines().find(|l| l.starts_with(&prefix));
+        let line = line.unwrap_or_else(|| panic!("the report has no {prefix:?} line:\n{report}"));
+        let options: BTreeSet<&str> = line[prefix.len()..].split(',').collect();
+        for option in wanted {
+            assert!(options.contains(option), "{target} is mounted without {option}: {line}");
+        }
+    };
+    mount_has("/", "overlay", &["rw", "nodev"]);
+    mount_has("/proc", "proc", &["rw", "nosuid", "nodev", "noexec"]);
+    mount_has("/sys", "sysfs", &["ro", "nosuid", "nodev", "noexec"]);
+    mount_has("/dev", "tmpfs", &["rw", "nosuid"]);
+    mount_has("/dev/pts", "devpts", &["rw", "nosuid", "noexec"]);
+    mount_has("/dev/shm", "tmpfs", &["rw", "nosuid", "nodev", "noexec"]);
+    mount_has("/srv/config", "vfat", &["ro", "nosuid", "nodev"]);
+    mount_has("/etc/app/keys", "vfat", &["ro", "nosuid", "nodev"]);
+    mount_has("/mnt/data", "ext4", &["rw", "nosuid", "nodev"]);
 
     // The container's `/` is umoci's rootfs (manifests by the same program).
     assert!(manifest.ends_with(" entries\n"), "the container's manifest is cut short ({manifest_err}):\n{manifest}");
@@ -554,6 +574,15 @@ fn two_layer_disks_merge_with_whiteouts_and_opaque_directories() {
     let [manifest, manifest_err, persisted, deleted, upper_seen] =
         <[String; 5]>::try_from(read_out(&data, dir.path(), &written)).unwrap();
     assert_eq!(upper_seen, "", "the container sees its own upper layer on the data disk");
+    // kiln-init unmounted the overlay before the data disk holding its upper.
+    let fsck = Command::new("e2fsck").args(["-fn"]).arg(&data).output().unwrap();
+    assert!(
+        fsck.status.success(),
+        "e2fsck -fn of the data disk after the boot: {}\n{}{}",
+        fsck.status,
+        String::from_utf8_lossy(&fsck.stdout),
+        String::from_utf8_lossy(&fsck.stderr)
+    );
     assert_eq!(persisted, "persisted\n", "a file the container wrote is not in its upper layer on the data disk");
     assert_eq!(deleted, "char 0:0", "a file the container deleted is not a whiteout in its upper layer");
     assert!(manifest.ends_with(" entries\n"), "the manifest is cut short ({manifest_err}):\n{manifest}");
@@ -650,4 +679,176 @@ fn power_button_stops_the_container_and_its_exit_status_is_reported() {
     let exited = position("kiln-init: service exited with status 3");
     assert!(pressed < trapped && trapped < exited, "out of order:\n{log}");
     assert!(!log.contains("kiln-init: FAILED"), "kiln-init failed:\n{log}");
+}
+
+/// A hostile image layer, written by Python's tarfile (not kiln) and
+/// converted by kiln-oci's layer writer: `escape` has `/etc` ->
+/// `/proc/1/root/mnt/data/escape` (PID 1's view of the data disk, reached
+/// once the container's /proc is mounted); `passwd-fifo` has /etc/passwd
+/// a FIFO; `replaced` has /etc/hosts a FIFO, /etc/hostname a device node,
+/// /etc/resolv.conf a link out, and a usable-looking `/node` (c 1:5, 0666).
+const HOSTILE_LAYER: &str = r#"
+import io, sys, tarfile
+out, variant, busybox = sys.argv[1:4]
+tar = tarfile.open(out, "w", format=tarfile.PAX_FORMAT)
+def add(name, kind, mode=0o755, data=b"", link="", dev=(0, 0)):
+    info = tarfile.TarInfo(name)
+    info.type, info.mode, info.mtime, info.linkname = kind, mode, 1700000000, link
+    info.devmajor, info.devminor = dev
+    info.size = len(data)
+    tar.addfile(info, io.BytesIO(data) if data else None)
+add("bin", tarfile.DIRTYPE)
+add("bin/busybox", tarfile.REGTYPE, data=open(busybox, "rb").read())
+for applet in ["sh", "cat", "stat", "ls", "sed", "head", "true", "pwd"]:
+    add("bin/" + applet, tarfile.SYMTYPE, 0o777, link="busybox")
+add("mnt", tarfile.DIRTYPE)
+if variant == "escape":
+    add("etc", tarfile.SYMTYPE, 0o777, link="/proc/1/root/mnt/data/escape")
+elif variant == "passwd-fifo":
+    add("etc", tarfile.DIRTYPE)
+    add("etc/passwd", tarfile.FIFOTYPE, 0o644)
+else:
+    add("etc", tarfile.DIRTYPE)
+    add("etc/hosts", tarfile.FIFOTYPE, 0o644)
+    add("etc/hostname", tarfile.CHRTYPE, 0o666, dev=(1, 3))
+    add("etc/resolv.conf", tarfile.SYMTYPE, 0o777, link="/proc/1/root/mnt/data/escape/resolv.conf")
+    add("etc/passwd", tarfile.REGTYPE, 0o644, data=b"root:x:0:0::/root:/bin/sh\napp:x:1000:1001::/:/bin/sh\n")
+    add("etc/group", tarfile.REGTYPE, 0o644, data=b"root:x:0:\napp:x:1001:\nextra:x:2000:app\n")
+    add("node", tarfile.CHRTYPE, 0o666, dev=(1, 5))
+tar.close()
+"#;
+
+/// The program of the `replaced` variant (as uid 1000): the fds a child
+/// inherits (busybox ash keeps its own fd 10 close-on-exec; whatever
+/// kiln-init leaked would pass through), then a report on the data disk.
+const HOSTILE_PROBE: &str = r#"out=/mnt/data/out
+ls /proc/self/fd > $out/fds
+{
+echo "hostname=$(cat /etc/hostname)"
+sed 's/^/hosts:/' /etc/hosts
+sed 's/^/resolv:/' /etc/resolv.conf
+echo "node=$(stat -c '%F %t:%T' /node)"
+head -c 1 /node > /dev/null 2>&1 && echo "node=usable" || echo "node=unusable"
+echo groups=$(sed -n 's/^Groups:[[:space:]]*//p' /proc/self/status)
+echo "pwd=$(pwd)"
+echo done
+} > $out/report 2>&1
+"#;
+
+fn hostile_layer(dir: &Path, variant: &str) -> Vec<PathBuf> {
+    let tar = dir.join(format!("{variant}.tar"));
+    run(Command::new("python3").arg("-c").arg(HOSTILE_LAYER).arg(&tar).arg(variant).arg(BUSYBOX));
+    let tree = kiln_oci::layer_tree(variant, &[], &[kiln_oci::LayerTar::new(&tar, variant)])
+        .unwrap_or_else(|err| panic!("kiln-oci refused the {variant} layer: {err}"));
+    let path = dir.join(format!("{variant}.ext4"));
+    tree.layout(&Ext4Options::default()).unwrap().write_file(&path).unwrap();
+    vec![path]
+}
+
+/// Boots the `variant` image; returns the console and what the data disk's
+/// `escape` directory holds (must be nothing).
+fn boot_hostile(test: &str, dir: &Path, assets: &GuestAssets, variant: &str, config: &ContainerConfig) -> String {
+    let layers = hostile_layer(dir, variant);
+    let service = service_disk(dir, config, &[]);
+    let data = data_disk(dir);
+    let log = boot_guest(test, dir, assets, &service, &layers, &data, None);
+    let mnt = dir.join("escape-mnt");
+    fs::create_dir_all(&mnt).unwrap();
+    run(Command::new("mount").args(["-t", "ext4", "-o", "loop,ro"]).arg(&data).arg(&mnt));
+    let escaped: Vec<String> = fs::read_dir(mnt.join("escape"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    let out: Vec<(String, String)> = fs::read_dir(mnt.join("out"))
+        .unwrap()
+        .map(|e| e.unwrap())
+        .map(|e| (e.file_name().to_string_lossy().into_owned(), fs::read_to_string(e.path()).unwrap_or_default()))
+        .collect();
+    run(Command::new("umount").arg(&mnt));
+    assert!(escaped.is_empty(), "{test}: kiln-init wrote outside the container, into PID 1's view: {escaped:?}\n{log}");
+    let mut text = log;
+    for (name, content) in out {
+        text.push_str(&format!("\n=== out/{name}\n{content}"));
+    }
+    text
+}
+
+fn hostile_setup(test: &str) -> Option<GuestAssets> {
+    if !require_root(test, "loop mounts of the data disk") {
+        return None;
+    }
+    require_tools(test, &[QEMU, "python3", "mount", "umount", BUSYBOX])?;
+    guest_assets(test, &["bzimage", "initramfs"])
+}
+
+/// `/etc` -> `/proc/1/root/mnt/data/escape`: kiln-init's writes of the
+/// `/etc` files must not follow it into PID 1's namespace (openat2
+/// RESOLVE_IN_ROOT | RESOLVE_NO_MAGICLINKS refuses the magic link); the
+/// container fails to start with a FAILED line naming /etc.
+#[test]
+fn image_symlinks_never_lead_kiln_init_writes_out_of_the_container() {
+    let test = "oci_guest_hostile_escape";
+    let Some(assets) = hostile_setup(test) else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let config = ContainerConfig::new(1, vec!["/bin/true".to_owned()]);
+    let log = boot_hostile(test, dir.path(), &assets, "escape", &config);
+    let failed = log.lines().find(|l| l.starts_with("kiln-init: FAILED: container: "));
+    let failed = failed.unwrap_or_else(|| panic!("no FAILED line:\n{log}"));
+    assert!(
+        failed.contains("cannot open /etc/ in the container") && failed.contains("leads out of the container"),
+        "the failure does not name /etc and why: {failed}"
+    );
+    assert!(!log.contains("service exited"), "a failure is not an exit:\n{log}");
+}
+
+/// /etc/passwd as a FIFO: kiln-init opens it without blocking and refuses
+/// it (not a regular file) instead of hanging the boot.
+#[test]
+fn passwd_that_is_a_fifo_fails_the_start_instead_of_hanging_it() {
+    let test = "oci_guest_hostile_passwd";
+    let Some(assets) = hostile_setup(test) else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let config = ContainerConfig::new(1, vec!["/bin/true".to_owned()]);
+    let log = boot_hostile(test, dir.path(), &assets, "passwd-fifo", &config);
+    let want = "kiln-init: FAILED: container: the image's /etc/passwd is not a regular file";
+    assert!(log.lines().any(|l| l.starts_with(want)), "the console lacks {want:?}:\n{log}");
+}
+
+/// /etc/hosts a FIFO, /etc/hostname a device node, /etc/resolv.conf a
+/// link out of the container: each is replaced by kiln-init's file (never
+/// written through or opened), the container starts as its user with the
+/// primary gid among its groups, the image's device node shows but opens
+/// nothing (the overlay is nodev), and the program inherits fds 0, 1, 2 only.
+#[test]
+fn hostile_etc_entries_are_replaced_and_image_device_nodes_are_unusable() {
+    let test = "oci_guest_hostile_replaced";
+    let Some(assets) = hostile_setup(test) else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = ContainerConfig::new(1, ["/bin/sh", "-c", HOSTILE_PROBE].map(str::to_owned).to_vec());
+    config.user = "app".to_owned();
+    config.workdir = "/made/deep".to_owned();
+    config.hostname = Some(HOSTNAME.to_owned());
+    config.nameservers = vec![NAMESERVER.parse().unwrap()];
+    let log = boot_hostile(test, dir.path(), &assets, "replaced", &config);
+    assert!(!log.contains("kiln-init: FAILED"), "kiln-init failed:\n{log}");
+    assert!(log.contains("kiln-init: service exited with status 0"), "the program failed:\n{log}");
+    let section = |name: &str| {
+        let start = log.find(&format!("=== out/{name}\n")).unwrap_or_else(|| panic!("no out/{name}:\n{log}"));
+        log[start..].lines().skip(1).take_while(|l| !l.starts_with("=== ")).collect::<Vec<_>>().join("\n")
+    };
+    let report = section("report");
+    for line in [
+        &format!("hostname={HOSTNAME}")[..],
+        "hosts:127.0.0.1\tlocalhost",
+        &format!("resolv:nameserver {NAMESERVER}"),
+        "node=character special file 1:5",
+        "node=unusable",
+        "groups=1001 2000",
+        "pwd=/made/deep",
+        "done",
+    ] {
+        assert!(report.lines().any(|l| l == line), "the report lacks {line:?}:\n{report}");
+    }
+    // 3 is `ls`'s own handle on the directory it lists.
+    assert_eq!(section("fds").trim_end(), "0\n1\n2\n3", "the program inherited more than 0, 1, 2:\n{log}");
 }

@@ -105,7 +105,14 @@ impl ContainerConfig {
         if self.argv.is_empty() || self.argv[0].is_empty() {
             return bad("no program to run: the image has no entrypoint or cmd and the spec no args".to_owned());
         }
-        for text in self.argv.iter().chain(&self.env).chain([&self.workdir, &self.user]) {
+        // Every string field: the text format cannot carry a NUL, so a
+        // config holding one would not read back as itself.
+        let upper_dir = match &self.upper {
+            UpperKind::DataDisk { dir } => Some(dir),
+            _ => None,
+        };
+        let files = self.files.iter().flat_map(|files| [&files.name, &files.path]);
+        for text in self.argv.iter().chain(&self.env).chain([&self.workdir, &self.user]).chain(upper_dir).chain(files) {
             if text.contains('\0') {
                 return bad(format!("{text:?} holds a NUL byte"));
             }
@@ -260,11 +267,17 @@ impl ContainerConfig {
     }
 
     /// The environment the program gets: the config's, plus `HOME` from
-    /// the user's passwd entry when the config has none (as runc does).
-    pub fn program_env(&self, user: &ResolvedUser) -> Vec<String> {
+    /// the user's passwd entry when the config has none (as runc does),
+    /// and `HOSTNAME` (the VM's, `hostname`) when it has none (as Docker does).
+    pub fn program_env(&self, user: &ResolvedUser, hostname: Option<&str>) -> Vec<String> {
         let mut env = self.env.clone();
         if !env.iter().any(|entry| entry.starts_with("HOME=")) {
             env.push(format!("HOME={}", user.home));
+        }
+        if let Some(hostname) = hostname
+            && !env.iter().any(|entry| entry.starts_with("HOSTNAME="))
+        {
+            env.push(format!("HOSTNAME={hostname}"));
         }
         env
     }
@@ -411,7 +424,11 @@ fn group_entries(group: &str) -> impl Iterator<Item = GroupEntry<'_>> {
 /// may be missing), as runc does: a name must have a passwd entry; a
 /// numeric uid needs none (its gid is then 0 unless given); a group given
 /// by name must be in `/etc/group`; supplementary groups are the groups
-/// listing the user's name, and only when no group is given.
+/// listing the user's name, and only when no group is given. The primary
+/// gid is always the first supplementary group too (Docker's fix for
+/// CVE-2022-36109, containerd's for CVE-2023-25173): a file readable by
+/// that group but not by its other members stays readable after a
+/// `newgrp`-like change, and a group the image denies stays denied.
 pub fn resolve_user(user: &str, passwd: Option<&str>, group: Option<&str>) -> Result<ResolvedUser> {
     let bad = |reason: String| Error::User { user: user.to_owned(), reason };
     let (user_part, group_part) = match user.split_once(':') {
@@ -443,19 +460,18 @@ pub fn resolve_user(user: &str, passwd: Option<&str>, group: Option<&str>) -> Re
                     .map(|g| g.gid)
                     .ok_or_else(|| bad(format!("no group {group_part:?} in the image's /etc/group")))?,
             };
-            (gid, Vec::new())
+            (gid, vec![gid])
         }
         _ => {
             let gid = entry.as_ref().map_or(0, |e| e.gid);
-            let groups = match &entry {
-                Some(entry) => {
-                    let mut gids: Vec<u32> =
-                        group_entries(group).filter(|g| g.members.contains(&entry.name)).map(|g| g.gid).collect();
-                    gids.dedup();
-                    gids
+            let mut groups = vec![gid];
+            if let Some(entry) = &entry {
+                for member_of in group_entries(group).filter(|g| g.members.contains(&entry.name)) {
+                    if !groups.contains(&member_of.gid) {
+                        groups.push(member_of.gid);
+                    }
                 }
-                None => Vec::new(),
-            };
+            }
             (gid, groups)
         }
     };
@@ -554,16 +570,23 @@ mod tests {
     #[test]
     fn user_resolution_follows_runc() {
         let (p, g) = (Some(PASSWD), Some(GROUP));
-        check_user("", p, g, expect!["uid=0 gid=0 groups=[] home=/root"]);
-        check_user("", None, None, expect!["uid=0 gid=0 groups=[] home=/"]);
-        check_user("app", p, g, expect!["uid=1000 gid=1001 groups=[2000, 10] home=/home/app"]);
-        check_user("1000", p, g, expect!["uid=1000 gid=1001 groups=[2000, 10] home=/home/app"]);
-        check_user("app:extra", p, g, expect!["uid=1000 gid=2000 groups=[] home=/home/app"]);
-        check_user("app:55", p, g, expect!["uid=1000 gid=55 groups=[] home=/home/app"]);
-        check_user("4242", p, g, expect!["uid=4242 gid=0 groups=[] home=/"]);
-        check_user("4242:77", None, None, expect!["uid=4242 gid=77 groups=[] home=/"]);
-        check_user("4242:", p, g, expect!["uid=4242 gid=0 groups=[] home=/"]);
-        check_user("nohome", p, g, expect!["uid=1002 gid=1002 groups=[] home=/"]);
+        check_user("", p, g, expect!["uid=0 gid=0 groups=[0] home=/root"]);
+        check_user("", None, None, expect!["uid=0 gid=0 groups=[0] home=/"]);
+        check_user("app", p, g, expect!["uid=1000 gid=1001 groups=[1001, 2000, 10] home=/home/app"]);
+        check_user("1000", p, g, expect!["uid=1000 gid=1001 groups=[1001, 2000, 10] home=/home/app"]);
+        check_user("app:extra", p, g, expect!["uid=1000 gid=2000 groups=[2000] home=/home/app"]);
+        check_user("app:55", p, g, expect!["uid=1000 gid=55 groups=[55] home=/home/app"]);
+        check_user("4242", p, g, expect!["uid=4242 gid=0 groups=[0] home=/"]);
+        check_user("4242:77", None, None, expect!["uid=4242 gid=77 groups=[77] home=/"]);
+        check_user("4242:", p, g, expect!["uid=4242 gid=0 groups=[0] home=/"]);
+        check_user("nohome", p, g, expect!["uid=1002 gid=1002 groups=[1002] home=/"]);
+        // The primary group listing the user too: once.
+        check_user(
+            "app",
+            p,
+            Some("app:x:1001:app\nextra:x:2000:app\n"),
+            expect!["uid=1000 gid=1001 groups=[1001, 2000] home=/home/app"],
+        );
         check_user(
             "ghost",
             p,
@@ -622,10 +645,11 @@ mod tests {
     fn program_env_adds_home_and_path_comes_from_env() {
         let mut config = ContainerConfig::new(1, strings(&["sh"]));
         let user = resolve_user("app", Some(PASSWD), Some(GROUP)).unwrap();
-        assert_eq!(config.program_env(&user), strings(&["HOME=/home/app"]));
+        assert_eq!(config.program_env(&user, None), strings(&["HOME=/home/app"]));
+        assert_eq!(config.program_env(&user, Some("web")), strings(&["HOME=/home/app", "HOSTNAME=web"]));
         assert_eq!(config.path(), DEFAULT_PATH);
-        config.env = strings(&["HOME=/x", "PATH=/a:/b"]);
-        assert_eq!(config.program_env(&user), strings(&["HOME=/x", "PATH=/a:/b"]));
+        config.env = strings(&["HOME=/x", "PATH=/a:/b", "HOSTNAME=mine"]);
+        assert_eq!(config.program_env(&user, Some("web")), strings(&["HOME=/x", "PATH=/a:/b", "HOSTNAME=mine"]));
         assert_eq!(config.path(), "/a:/b");
     }
 
@@ -743,6 +767,19 @@ mod tests {
             "kiln-container 1\nlayers 1\narg a b\n",
             expect!["error: Invalid container config, line 3: `arg` takes one field, not 2"],
         );
+        // A raw NUL (the fuzz target feeds from_utf8_lossy text) in any field.
+        check_parse(
+            "kiln-container 1\nlayers 1\narg x\nupper data a\0b\n",
+            expect![[r#"error: Invalid container config: "a\0b" holds a NUL byte"#]],
+        );
+        check_parse(
+            "kiln-container 1\nlayers 1\narg x\nfiles c\0 /etc/c\n",
+            expect![[r#"error: Invalid container config: "c\0" holds a NUL byte"#]],
+        );
+        check_parse(
+            "kiln-container 1\nlayers 1\narg x\nfiles c /etc/\0\n",
+            expect![[r#"error: Invalid container config: "/etc/\0" holds a NUL byte"#]],
+        );
         check_parse(
             "kiln-container 1\nlayers 1\narg a\\x00\n",
             expect![[r#"error: Invalid container config, line 3: "a\\x00" holds a NUL byte"#]],
@@ -785,8 +822,9 @@ mod tests {
         );
     }
 
+    /// Any char, NUL included: validate must refuse what cannot round-trip.
     fn any_text() -> impl Strategy<Value = String> {
-        "[^\u{0}]{0,12}"
+        proptest::collection::vec(any::<char>(), 0..12).prop_map(|chars| chars.into_iter().collect())
     }
 
     fn any_config() -> impl Strategy<Value = ContainerConfig> {
@@ -794,12 +832,12 @@ mod tests {
             1..=MAX_LAYERS,
             proptest::collection::vec(any_text(), 0..4),
             proptest::collection::vec(("[A-Za-z_][A-Za-z0-9_]{0,6}", any_text()), 0..4),
-            "(/[^/\u{0}]{1,5}){0,3}",
+            "(/[^/]{1,5}){0,3}",
             "[a-z0-9:]{0,10}",
-            proptest::option::of("[a-z0-9]{1,8}(/[a-z0-9.]{1,4}){0,2}"),
+            proptest::option::of("[^/]{1,8}(/[^/]{1,4}){0,2}"),
             proptest::option::of("[a-z0-9][a-z0-9.-]{0,10}"),
             proptest::collection::vec(any::<std::net::Ipv4Addr>(), 0..3),
-            proptest::collection::vec(("[a-z0-9 ]{1,6}", "(/[^/\u{0}]{1,5}){1,3}"), 0..3),
+            proptest::collection::vec(("[^/]{1,6}", "(/[^/]{1,5}){1,3}"), 0..3),
         )
             .prop_map(|(layers, rest, env, workdir, user, upper, hostname, servers, files)| {
                 let mut config = ContainerConfig::new(layers, [vec!["p".to_owned()], rest].concat());
@@ -827,7 +865,7 @@ mod tests {
         /// back to text that parses to the same config; nothing panics.
         #[test]
         fn what_parses_round_trips(
-            text in "kiln-container 1\nlayers [0-9]\n((layers|arg|env|user|upper|files|hostname|nameserver|workdir) [ -~]{0,20}\n){0,5}",
+            text in "kiln-container 1\nlayers [0-9]\n((layers|arg|env|user|upper|files|hostname|nameserver|workdir) [^\n]{0,20}\n){0,5}",
             user in "[a-z0-9:]{0,8}",
         ) {
             if let Ok(config) = ContainerConfig::parse(&text) {

@@ -21,10 +21,11 @@ use std::ffi::OsStr;
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read, Write};
 use std::net::IpAddr;
-use std::os::fd::{AsRawFd, FromRawFd};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::os::unix::process::CommandExt;
 use std::process::Command;
+use std::time::{Duration, Instant};
 
 use kiln_guest::{
     CONTAINER_CONFIG_FILE, ContainerConfig, DiskKind, GuestConfig, UpperKind, find_in_path, hostname_file, hosts_file,
@@ -46,6 +47,9 @@ const ETC_DIR: &str = "/run/kiln/etc";
 const DATA_DIR: &str = "/mnt/data";
 /// The `/etc` files kiln-init writes for the VM, as the container sees them.
 const ETC_FILES: [&str; 3] = ["hostname", "hosts", "resolv.conf"];
+/// The setup process's name (`comm`) until its `exec` replaces it: how
+/// kiln-init tells a setup that died from a program that started.
+const SETUP_NAME: &std::ffi::CStr = c"kiln-setup";
 
 /// The container config, if the service disk has one (then kiln-init is in container mode).
 pub(crate) fn read_config() -> Result<Option<ContainerConfig>> {
@@ -61,7 +65,13 @@ pub(crate) fn read_config() -> Result<Option<ContainerConfig>> {
 
 /// Mounts the layers, the upper layer and the overlay, writes the `/etc`
 /// files, and starts the container's setup process; returns its pid.
-pub(crate) fn start(config: &ContainerConfig, disks: &[Disk], seed: Option<&GuestConfig>) -> Result<i32> {
+pub(crate) fn start(
+    config: &ContainerConfig,
+    disks: &[Disk],
+    seed: Option<&GuestConfig>,
+    signals: &OwnedFd,
+    buttons: &[File],
+) -> Result<i32> {
     let mut lowers = Vec::new();
     for index in 0..config.layers {
         let disk = layer_disk(disks, index)?;
@@ -102,7 +112,9 @@ pub(crate) fn start(config: &ContainerConfig, disks: &[Disk], seed: Option<&Gues
     }
     fs::create_dir_all(ROOT).context(|| format!("cannot create {ROOT}"))?;
     let options = overlay_options(&lowers, &upper, &work);
-    sys::mount("overlay", ROOT, "overlay", 0, &options)
+    // nodev: the image's device nodes show (stat gives their numbers) but
+    // open none, so a `b 254:0` node gives no raw access to a VM disk.
+    sys::mount("overlay", ROOT, "overlay", libc::MS_NODEV, &options)
         .context(|| format!("cannot mount the container's overlay on {ROOT} ({options})"))?;
     say(&format!("container: {} layer(s) and the upper layer on {upper_base} mounted on {ROOT}", lowers.len()));
     write_etc_files(config, seed)?;
@@ -118,12 +130,66 @@ pub(crate) fn start(config: &ContainerConfig, disks: &[Disk], seed: Option<&Gues
     }
     let pid = spawn_command(command, "the container's setup process")?;
     drop(writer);
-    let mut error = String::new();
-    let _ = reader.read_to_string(&mut error);
-    if !error.is_empty() {
-        return Err(Failure(format!("container: {error}")));
+    match wait_for_setup(&mut reader, pid, signals, buttons) {
+        Ok(()) => Ok(pid),
+        Err(err) => {
+            // Dead already, or stuck: either way it never runs the program.
+            let _ = sys::kill(pid, libc::SIGKILL);
+            Err(err)
+        }
     }
-    Ok(pid)
+}
+
+/// How long the setup may take before it counts as stuck. It reads no
+/// file that could block and mounts nothing remote; TCG on a loaded host
+/// is the slow case.
+const SETUP_DEADLINE: Duration = Duration::from_secs(60);
+
+/// Waits until the setup process has exec'd the program (the error pipe,
+/// close-on-exec, reads empty) or said why it could not. A setup that
+/// died without a word (killed) is a failure too, not the program's exit:
+/// its `comm` is still [`SETUP_NAME`], which an exec would have replaced.
+/// A power button or a stop signal to PID 1 meanwhile stops the setup:
+/// a stop must not wait for it. (A `stop` on the control channel is read
+/// once supervision starts, within the deadline.)
+fn wait_for_setup(reader: &mut File, pid: i32, signals: &OwnedFd, buttons: &[File]) -> Result<()> {
+    let deadline = Instant::now() + SETUP_DEADLINE;
+    let mut fds = vec![reader.as_raw_fd(), signals.as_raw_fd()];
+    fds.extend(buttons.iter().map(|button| button.as_raw_fd()));
+    let mut error = Vec::new();
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(Failure(format!("container: the setup did not finish within {SETUP_DEADLINE:?}")));
+        }
+        let ready =
+            sys::poll_readable(&fds, Some(left)).context(|| "cannot wait for the container's setup".to_owned())?;
+        if ready[0] {
+            let mut chunk = [0u8; 4096];
+            match reader.read(&mut chunk) {
+                Ok(0) => break,
+                Ok(read) => error.extend_from_slice(&chunk[..read]),
+                Err(err) if err.kind() == io::ErrorKind::Interrupted => {}
+                Err(err) => return Err(Failure(format!("cannot read the container's error pipe: {err}"))),
+            }
+            continue;
+        }
+        // SIGCHLD (the setup's own end, or another child's) is no stop;
+        // supervise reaps whatever ended.
+        let stop_signal =
+            ready[1] && sys::read_signals(signals).iter().any(|&signal| signal as libc::c_int != libc::SIGCHLD);
+        if stop_signal || ready[2..].iter().any(|&readable| readable) {
+            return Err(Failure("container: stopped during its setup (power button, signal or stop)".to_owned()));
+        }
+    }
+    if !error.is_empty() {
+        return Err(Failure(format!("container: {}", String::from_utf8_lossy(&error))));
+    }
+    let setup_name = SETUP_NAME.to_str().unwrap_or_default();
+    if sys::process_name(pid).is_some_and(|name| name == setup_name) {
+        return Err(Failure("container: the setup process ended before it ran the program (killed?)".to_owned()));
+    }
+    Ok(())
 }
 
 /// `/mnt/data/DIR`, made as real directories: a component that is a
@@ -187,6 +253,7 @@ pub(crate) fn exec_main(args: &[String]) -> ! {
 enum Never {}
 
 fn setup_and_exec() -> std::result::Result<Never, String> {
+    let _ = sys::set_process_name(SETUP_NAME);
     let text = fs::read_to_string(CONFIG_PATH).map_err(|err| format!("cannot read {CONFIG_PATH}: {err}"))?;
     let config = ContainerConfig::parse(&text).map_err(|err| err.to_string())?;
     sys::new_mount_namespace().map_err(|err| format!("cannot make a mount namespace: {err}"))?;
@@ -207,14 +274,23 @@ fn setup_and_exec() -> std::result::Result<Never, String> {
         etc.push((name, fs::read(&path).map_err(|err| format!("cannot read {path}: {err}"))?));
     }
     sys::chroot_into(ROOT).map_err(|err| format!("cannot chroot into {ROOT}: {err}"))?;
+    // From here every image path goes through `root` with openat2's
+    // RESOLVE_IN_ROOT | RESOLVE_NO_MAGICLINKS: once /proc is mounted,
+    // /proc/1/root would lead out of a plain chroot, and the image's
+    // symlinks may point there.
+    let root = open_dir("/")?;
 
     mount_runtime_filesystems()?;
     for (dir, target, flags) in &binds {
-        make_dirs(target)?;
+        let target_dir = make_dirs(&root, target)?;
         let source = format!("/proc/self/fd/{}", dir.as_raw_fd());
-        sys::bind_mount(&source, target, libc::MS_BIND | libc::MS_REC)
+        let target_fd = format!("/proc/self/fd/{}", target_dir.as_raw_fd());
+        sys::bind_mount(&source, &target_fd, libc::MS_BIND | libc::MS_REC)
             .map_err(|err| format!("cannot bind a mount on {target}: {err}"))?;
-        sys::bind_mount("none", target, libc::MS_BIND | libc::MS_REMOUNT | flags)
+        // Opened again: now the bind mount's root, which the remount must name.
+        let mounted = open_in_root(&root, target, libc::O_PATH | libc::O_DIRECTORY)?;
+        let mounted = format!("/proc/self/fd/{}", mounted.as_raw_fd());
+        sys::bind_mount("none", &mounted, libc::MS_BIND | libc::MS_REMOUNT | flags)
             .map_err(|err| format!("cannot remount {target} with its flags: {err}"))?;
     }
     drop(binds);
@@ -226,33 +302,40 @@ fn setup_and_exec() -> std::result::Result<Never, String> {
         // an empty read-only tmpfs hides the directory holding it.
         let top = dir.split('/').next().unwrap_or(dir);
         let hidden = format!("{DATA_DIR}/{top}");
-        sys::mount("tmpfs", &hidden, "tmpfs", libc::MS_RDONLY | libc::MS_NOSUID | libc::MS_NODEV, "mode=0555")
+        let hidden_dir = open_in_root(&root, &hidden, libc::O_PATH | libc::O_DIRECTORY)?;
+        let target = format!("/proc/self/fd/{}", hidden_dir.as_raw_fd());
+        sys::mount("tmpfs", &target, "tmpfs", libc::MS_RDONLY | libc::MS_NOSUID | libc::MS_NODEV, "mode=0555")
             .map_err(|err| format!("cannot hide the upper layer's {hidden}: {err}"))?;
     }
-    make_dirs("/etc")?;
+    let etc_dir = make_dirs(&root, "/etc")?;
     for (name, bytes) in &etc {
-        let path = format!("/etc/{name}");
-        // The image's own file is replaced, never written through: a
-        // symlink there is removed first (paths resolve inside the root anyway).
-        if fs::symlink_metadata(&path).is_ok_and(|meta| meta.file_type().is_symlink()) {
-            fs::remove_file(&path).map_err(|err| format!("cannot replace {path}: {err}"))?;
-        }
-        fs::write(&path, bytes).map_err(|err| format!("cannot write {path}: {err}"))?;
-        let _ = fs::set_permissions(&path, fs::Permissions::from_mode(0o644));
+        write_etc_file(&etc_dir, name, bytes)?;
     }
 
-    let passwd = read_optional("/etc/passwd")?;
-    let group = read_optional("/etc/group")?;
+    let passwd = read_account_file(&root, "/etc/passwd")?;
+    let group = read_account_file(&root, "/etc/group")?;
     let user = resolve_user(&config.user, passwd.as_deref(), group.as_deref()).map_err(|err| err.to_string())?;
-    let env = config.program_env(&user);
-    // Docker creates a missing working directory (as root) before it starts.
-    make_dirs(&config.workdir)?;
-    let program = find_in_path(&config.argv[0], config.path(), is_executable)
-        .ok_or_else(|| format!("{:?}: executable file not found in $PATH ({})", config.argv[0], config.path()))?;
+    let hostname = sys::hostname();
+    let env = config.program_env(&user, hostname.as_deref());
+    // Docker creates a missing working directory (as root) before it
+    // starts, and runc enters it as root, again as the user only if root
+    // may not (a root-squashing network filesystem).
+    let workdir = make_dirs(&root, &config.workdir)?;
+    let entered_as_root = sys::change_dir_to(&workdir);
     sys::become_user(user.uid, user.gid, &user.groups)
         .map_err(|err| format!("cannot become uid {} gid {} groups {:?}: {err}", user.uid, user.gid, user.groups))?;
-    std::env::set_current_dir(&config.workdir)
-        .map_err(|err| format!("cannot enter the working directory {}: {err}", config.workdir))?;
+    if let Err(err) = entered_as_root {
+        if err.raw_os_error() != Some(libc::EPERM) && err.raw_os_error() != Some(libc::EACCES) {
+            return Err(format!("cannot enter the working directory {}: {err}", config.workdir));
+        }
+        sys::change_dir_to(&workdir)
+            .map_err(|err| format!("cannot enter the working directory {}: {err}", config.workdir))?;
+    }
+    drop((workdir, etc_dir, root));
+    // As execvp after runc's chdir and setuid: relative PATH entries from
+    // the working directory, executable for the user.
+    let program = find_in_path(&config.argv[0], config.path(), is_executable)
+        .ok_or_else(|| format!("{:?}: executable file not found in $PATH ({})", config.argv[0], config.path()))?;
     // runc's default, whatever kiln-init's own was.
     sys::set_umask(0o022);
     let mut command = Command::new(&program);
@@ -274,29 +357,106 @@ fn open_dir(path: &str) -> std::result::Result<File, String> {
         .map_err(|err| format!("cannot open {path}: {err}"))
 }
 
-fn make_dirs(path: &str) -> std::result::Result<(), String> {
-    fs::create_dir_all(path).map_err(|err| format!("cannot create {path} in the container: {err}"))
+fn open_in_root(root: &File, path: &str, flags: libc::c_int) -> std::result::Result<File, String> {
+    sys::open_in_root(root, path, flags, 0).map_err(|err| cannot_open(path, &err))
 }
 
-fn read_optional(path: &str) -> std::result::Result<Option<String>, String> {
-    match fs::read(path) {
-        Ok(bytes) => Ok(Some(String::from_utf8_lossy(&bytes).into_owned())),
-        Err(err) if err.kind() == io::ErrorKind::NotFound => Ok(None),
-        Err(err) => Err(format!("cannot read {path}: {err}")),
+fn cannot_open(path: &str, err: &io::Error) -> String {
+    let why = if err.raw_os_error() == Some(libc::ELOOP) {
+        " (a symlink on the way leads out of the container, or loops)"
+    } else {
+        ""
+    };
+    format!("cannot open {path} in the container: {err}{why}")
+}
+
+/// `mkdir -p path` in the container: each component made in the directory
+/// its prefix resolves to (symlinks followed, never out of `root`); the
+/// directory, opened `O_PATH`.
+fn make_dirs(root: &File, path: &str) -> std::result::Result<File, String> {
+    let mut prefix = String::from("/");
+    let mut dir = open_in_root(root, &prefix, libc::O_PATH | libc::O_DIRECTORY)?;
+    for part in path.split('/').filter(|part| !part.is_empty() && *part != ".") {
+        match sys::mkdir_at(&dir, part, 0o755) {
+            Ok(()) => {}
+            Err(err) if err.raw_os_error() == Some(libc::EEXIST) => {}
+            Err(err) => return Err(format!("cannot create {prefix}{part} in the container: {err}")),
+        }
+        prefix = format!("{prefix}{part}/");
+        dir = open_in_root(root, &prefix, libc::O_PATH | libc::O_DIRECTORY)?;
     }
+    Ok(dir)
+}
+
+/// One of kiln-init's `/etc` files, in place of whatever the image has
+/// there: a symlink, FIFO or device node is removed (never followed,
+/// written through or opened), then a new file is made.
+fn write_etc_file(etc: &File, name: &str, bytes: &[u8]) -> std::result::Result<(), String> {
+    match sys::unlink_at(etc, name) {
+        Ok(()) => {}
+        Err(err) if err.raw_os_error() == Some(libc::ENOENT) => {}
+        Err(err) => return Err(format!("cannot replace the image's /etc/{name}: {err}")),
+    }
+    let mut file = sys::create_new_at(etc, name, 0o644).map_err(|err| format!("cannot create /etc/{name}: {err}"))?;
+    file.write_all(bytes).map_err(|err| format!("cannot write /etc/{name}: {err}"))?;
+    file.set_permissions(fs::Permissions::from_mode(0o644)).map_err(|err| format!("cannot chmod /etc/{name}: {err}"))
+}
+
+/// The most of `/etc/passwd` or `/etc/group` kiln-init reads.
+const ACCOUNT_FILE_LIMIT: u64 = 1 << 20;
+
+/// The image's `/etc/passwd` or `/etc/group`, if it has one: opened
+/// without blocking (a FIFO must not stall the boot), and only a regular
+/// file of at most [`ACCOUNT_FILE_LIMIT`] is read.
+fn read_account_file(root: &File, path: &str) -> std::result::Result<Option<String>, String> {
+    let file = match sys::open_in_root(root, path, libc::O_RDONLY | libc::O_NONBLOCK | libc::O_NOCTTY, 0) {
+        Ok(file) => file,
+        Err(err) if err.raw_os_error() == Some(libc::ENOENT) => return Ok(None),
+        Err(err) => return Err(cannot_open(path, &err)),
+    };
+    let meta = file.metadata().map_err(|err| format!("cannot look at {path}: {err}"))?;
+    if !meta.is_file() {
+        return Err(format!("the image's {path} is not a regular file ({:?})", meta.file_type()));
+    }
+    if meta.len() > ACCOUNT_FILE_LIMIT {
+        return Err(format!(
+            "the image's {path} is {} bytes, more than kiln-init reads ({ACCOUNT_FILE_LIMIT})",
+            meta.len()
+        ));
+    }
+    let mut bytes = Vec::new();
+    file.take(ACCOUNT_FILE_LIMIT + 1).read_to_end(&mut bytes).map_err(|err| format!("cannot read {path}: {err}"))?;
+    if bytes.len() as u64 > ACCOUNT_FILE_LIMIT {
+        return Err(format!("the image's {path} grew past {ACCOUNT_FILE_LIMIT} bytes while read"));
+    }
+    Ok(Some(String::from_utf8_lossy(&bytes).into_owned()))
 }
 
 fn is_executable(path: &str) -> bool {
-    fs::metadata(OsStr::new(path)).is_ok_and(|meta| meta.is_file() && meta.permissions().mode() & 0o111 != 0)
+    fs::metadata(OsStr::new(path)).is_ok_and(|meta| meta.is_file()) && sys::may_execute(path)
 }
 
 /// `/proc`, a read-only `/sys`, and a `/dev` tmpfs with the usual nodes,
 /// `/dev/pts` and `/dev/shm`, as runc's default spec has them. `/tmp` is
 /// the image's own directory, on the overlay, as with `docker run`.
+/// `target` as a real directory (made if missing), for a mount: the
+/// image's `/proc`, `/sys` or `/dev` as a symlink is refused, not followed.
+/// Only for `/proc`, `/sys`, `/dev` and what kiln-init mounted under `/dev`.
+fn real_dir(target: &str) -> std::result::Result<(), String> {
+    match fs::symlink_metadata(target) {
+        Ok(meta) if meta.is_dir() => Ok(()),
+        Ok(meta) => Err(format!("the image's {target} is not a directory ({:?}): refused", meta.file_type())),
+        Err(err) if err.kind() == io::ErrorKind::NotFound => {
+            fs::create_dir(target).map_err(|err| format!("cannot create {target} in the container: {err}"))
+        }
+        Err(err) => Err(format!("cannot look at {target} in the container: {err}")),
+    }
+}
+
 fn mount_runtime_filesystems() -> std::result::Result<(), String> {
     let nosuid_nodev_noexec = libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC;
     let mount = |fstype: &str, target: &str, flags: libc::c_ulong, data: &str| {
-        make_dirs(target)?;
+        real_dir(target)?;
         sys::mount(fstype, target, fstype, flags, data)
             .map_err(|err| format!("cannot mount {fstype} on {target}: {err}"))
     };

@@ -160,7 +160,7 @@ fn run(init_start: f64) -> Result<ExitStatus> {
     let power_buttons = power_buttons();
     let signals = sys::signal_fd().context(|| "cannot block signals".to_owned())?;
     let service = match &container {
-        Some(config) => container::start(config, &disks, seed.as_ref())?,
+        Some(config) => container::start(config, &disks, seed.as_ref(), &signals, &power_buttons)?,
         None => spawn_service()?,
     };
     let service_start = sys::monotonic_seconds();

@@ -341,3 +341,97 @@ pub(crate) fn is_mount_point(path: &str) -> bool {
         _ => false,
     }
 }
+
+/// `openat2(root, path, flags, RESOLVE_IN_ROOT | RESOLVE_NO_MAGICLINKS)`
+/// (close-on-exec): `path` and every symlink in it resolve as if `root`
+/// were `/`, and a `/proc/PID/root`-like link fails (ELOOP) instead of
+/// leaving it. How kiln-init touches every path of a container's image.
+pub(crate) fn open_in_root(root: &File, path: &str, flags: libc::c_int, mode: libc::mode_t) -> io::Result<File> {
+    let path = cstring(path)?;
+    // SAFETY: open_how is plain data; zeroed is its "no options" value.
+    let mut how: libc::open_how = unsafe { mem::zeroed() };
+    how.flags = (flags | libc::O_CLOEXEC) as u64;
+    how.mode = u64::from(mode);
+    how.resolve = libc::RESOLVE_IN_ROOT | libc::RESOLVE_NO_MAGICLINKS;
+    // SAFETY: the path is a valid C string and `how` a valid open_how of the size given.
+    let fd = unsafe {
+        libc::syscall(
+            libc::SYS_openat2,
+            root.as_raw_fd(),
+            path.as_ptr(),
+            &raw const how,
+            mem::size_of::<libc::open_how>(),
+        )
+    };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: openat2 returned a new fd that nothing else owns.
+    Ok(unsafe { File::from_raw_fd(fd as RawFd) })
+}
+
+/// `mkdirat(dir, name, mode)`: `name` is one component.
+pub(crate) fn mkdir_at(dir: &File, name: &str, mode: libc::mode_t) -> io::Result<()> {
+    let name = cstring(name)?;
+    // SAFETY: a valid fd and C string.
+    check(unsafe { libc::mkdirat(dir.as_raw_fd(), name.as_ptr(), mode) })?;
+    Ok(())
+}
+
+/// `unlinkat(dir, name, 0)`: removes a non-directory, never following it.
+pub(crate) fn unlink_at(dir: &File, name: &str) -> io::Result<()> {
+    let name = cstring(name)?;
+    // SAFETY: a valid fd and C string.
+    check(unsafe { libc::unlinkat(dir.as_raw_fd(), name.as_ptr(), 0) })?;
+    Ok(())
+}
+
+/// `openat(dir, name, O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW)`: a new
+/// regular file, never anything that was there.
+pub(crate) fn create_new_at(dir: &File, name: &str, mode: libc::mode_t) -> io::Result<File> {
+    let name = cstring(name)?;
+    let flags = libc::O_WRONLY | libc::O_CREAT | libc::O_EXCL | libc::O_NOFOLLOW | libc::O_CLOEXEC;
+    // SAFETY: a valid fd and C string; the mode is passed as the variadic argument.
+    let fd = check(unsafe { libc::openat(dir.as_raw_fd(), name.as_ptr(), flags, libc::c_uint::from(mode)) })?;
+    // SAFETY: openat returned a new fd that nothing else owns.
+    Ok(unsafe { File::from_raw_fd(fd) })
+}
+
+/// `fchdir(2)`.
+pub(crate) fn change_dir_to(dir: &File) -> io::Result<()> {
+    // SAFETY: a valid fd.
+    check(unsafe { libc::fchdir(dir.as_raw_fd()) })?;
+    Ok(())
+}
+
+/// `access(path, X_OK)` with the real (here: the final) ids.
+pub(crate) fn may_execute(path: &str) -> bool {
+    // SAFETY: a valid C string.
+    cstring(path).is_ok_and(|path| unsafe { libc::access(path.as_ptr(), libc::X_OK) } == 0)
+}
+
+/// `prctl(PR_SET_NAME)`: the thread's `comm` (15 bytes), which an `exec` replaces.
+pub(crate) fn set_process_name(name: &std::ffi::CStr) -> io::Result<()> {
+    // SAFETY: a valid C string; PR_SET_NAME reads at most 16 bytes of it.
+    check(unsafe { libc::prctl(libc::PR_SET_NAME, name.as_ptr()) })?;
+    Ok(())
+}
+
+/// `PID`'s `comm` (from `/proc/PID/stat`; a zombie keeps it).
+pub(crate) fn process_name(pid: i32) -> Option<String> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let (start, end) = (stat.find('(')?, stat.rfind(')')?);
+    Some(stat.get(start + 1..end)?.to_owned())
+}
+
+/// The VM's hostname (`uname -n`), if it has one.
+pub(crate) fn hostname() -> Option<String> {
+    // SAFETY: utsname is plain data, filled by uname.
+    let mut name: libc::utsname = unsafe { mem::zeroed() };
+    // SAFETY: `name` is a valid utsname to fill.
+    check(unsafe { libc::uname(&raw mut name) }).ok()?;
+    // SAFETY: uname NUL-terminates nodename within its array.
+    let node = unsafe { std::ffi::CStr::from_ptr(name.nodename.as_ptr()) };
+    let node = node.to_str().ok()?;
+    (!node.is_empty() && node != "(none)").then(|| node.to_owned())
+}
