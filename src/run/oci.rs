@@ -26,8 +26,9 @@ pub const MAX_LAYER_DISKS: usize = 8;
 
 /// What a layer filesystem's bytes depend on besides its layers: kiln's
 /// version (the ext4 writer and the layer semantics are in its tree) and
-/// the revision of this layout. A kiln of another version builds its own.
-pub const ROOTFS_FORMAT: &str = concat!("kiln-", env!("CARGO_PKG_VERSION"), "-r1");
+/// the revision of this layout (r2: no lost+found of the writer's). A kiln
+/// of another version builds its own.
+pub const ROOTFS_FORMAT: &str = concat!("kiln-", env!("CARGO_PKG_VERSION"), "-r2");
 
 /// What happens as an image is pulled and converted, for a progress bar.
 #[derive(Debug, Clone, Copy)]
@@ -189,7 +190,9 @@ fn write_layer_disk(store: &Store, image: &Image, group: &Range<usize>, path: &P
     let name = path.file_name().map(|name| name.as_encoded_bytes()).unwrap_or_default();
     let chain = path.parent().and_then(Path::file_name).map(|name| name.as_encoded_bytes()).unwrap_or_default();
     let uuid = kiln_types::hash::Fnv1a64::new().field(b"kiln oci layer").field(chain).uuid(name);
-    let options = Ext4Options::default().with_uuid(uuid);
+    // No lost+found of the writer's: the container's / holds exactly the image's
+    // (a read-only disk is never repaired, so e2fsck needs none).
+    let options = Ext4Options::default().with_uuid(uuid).with_lost_found(false);
     tree.layout(&options)?.write_file(path)?;
     Ok(())
 }
