@@ -15,7 +15,7 @@ use serde::Serialize;
 
 use super::container::ImageRuntime;
 use crate::state::{VmClaim, VmImage};
-use crate::{Error, Result, StateDir};
+use crate::{Result, StateDir};
 
 /// The store's directory inside kiln's state directory.
 pub const OCI_STORE_DIR: &str = "oci";
@@ -249,29 +249,11 @@ pub(crate) fn image_runtime(image: &Image) -> ImageRuntime {
 /// cluster's runtime takes) is in no store: `None`.
 pub fn cached_image(state: &StateDir, source: &str) -> Result<Option<Image>> {
     let Ok(wanted) = parse_image_source(source) else { return Ok(None) };
-    let wanted = wanted.to_string();
-    let dir = state.root().join(OCI_STORE_DIR).join("images/sha256");
-    let entries = match std::fs::read_dir(&dir) {
-        Ok(entries) => entries,
-        Err(err) if err.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-        Err(source) => return Err(Error::InputIo { path: dir, source }),
-    };
-    // The directory exists, so opening the store creates nothing.
-    let store = open_image_store(state)?;
-    let mut latest: Option<(std::time::SystemTime, Image)> = None;
-    for entry in entries.flatten() {
-        let name = entry.file_name();
-        let Some(hex) = name.to_str().and_then(|name| name.strip_suffix(".json")) else { continue };
-        let Ok(manifest) = Digest::from_hex(hex) else { continue };
-        let pulled = entry.metadata().and_then(|meta| meta.modified()).unwrap_or(std::time::UNIX_EPOCH);
-        if let Some(image) = store.image(&manifest)?
-            && image.source() == wanted
-            && latest.as_ref().is_none_or(|(when, _)| pulled > *when)
-        {
-            latest = Some((pulled, image));
-        }
+    // No store yet: none is created just to look.
+    if !state.root().join(OCI_STORE_DIR).join("images/sha256").is_dir() {
+        return Ok(None);
     }
-    Ok(latest.map(|(_, image)| image))
+    Ok(open_image_store(state)?.find(&wanted.to_string())?)
 }
 
 #[cfg(test)]
