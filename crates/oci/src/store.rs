@@ -231,6 +231,8 @@ impl Store {
     fn read_sources(&self) -> Result<SourcesFile> {
         let path = self.root.join("sources.json");
         match fs::read(&path) {
+            // Empty: replaced, not fsynced, when the host crashed (see `replace`).
+            Ok(bytes) if bytes.is_empty() => Ok(SourcesFile::default()),
             Ok(bytes) => parse_json(&bytes, &path.display().to_string()),
             Err(error) if error.kind() == io::ErrorKind::NotFound => Ok(SourcesFile::default()),
             Err(source) => Err(Error::Read { path, source }),
@@ -329,7 +331,9 @@ impl Store {
 
     /// Replaces `path` whole (a temp file and a rename) but does not wait
     /// for the disk: for the files only a running host needs (refs.json,
-    /// sources.json), where an fsync would be most of a warm run's host-side work.
+    /// sources.json), where an fsync would be most of a warm run's host-side
+    /// work. After a host crash such a file may be old or empty (its data
+    /// not yet on disk), and is read as no entries: no VM survives a crash.
     fn replace(&self, path: &Path, bytes: &[u8]) -> Result<()> {
         let temp = TempFile::create(&self.root.join("tmp"))?;
         let mut file = temp.file()?;
@@ -340,6 +344,8 @@ impl Store {
     fn read_refs(&self) -> Result<RefsFile> {
         let path = self.root.join("refs.json");
         match fs::read(&path) {
+            // Empty: replaced, not fsynced, when the host crashed (see `replace`).
+            Ok(bytes) if bytes.is_empty() => Ok(RefsFile::default()),
             Ok(bytes) => parse_json(&bytes, &path.display().to_string()),
             Err(error) if error.kind() == io::ErrorKind::NotFound => Ok(RefsFile::default()),
             Err(source) => Err(Error::Read { path, source }),
@@ -692,6 +698,20 @@ mod tests {
                     layers,
                 },
             )
+    }
+
+    #[test]
+    fn an_empty_refs_or_sources_file_left_by_a_crash_reads_as_none_and_garbage_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        fs::write(dir.path().join("refs.json"), b"").unwrap();
+        fs::write(dir.path().join("sources.json"), b"").unwrap();
+        assert_eq!(store.references("vm").unwrap(), Vec::<Digest>::new());
+        assert!(store.find("oci:/x:1").unwrap().is_none());
+        assert_eq!(store.gc().unwrap(), GcReport::default());
+        fs::write(dir.path().join("refs.json"), b"{").unwrap();
+        let error = store.references("vm").unwrap_err().to_string();
+        assert!(error.contains("refs.json"), "{error}");
     }
 
     #[test]
