@@ -15,7 +15,7 @@ use serde::Serialize;
 
 use super::container::ImageRuntime;
 use crate::state::{VmClaim, VmImage};
-use crate::{Error, Result, StateDir};
+use crate::{Result, StateDir};
 
 /// The store's directory inside kiln's state directory.
 pub const OCI_STORE_DIR: &str = "oci";
@@ -26,8 +26,9 @@ pub const MAX_LAYER_DISKS: usize = 8;
 
 /// What a layer filesystem's bytes depend on besides its layers: kiln's
 /// version (the ext4 writer and the layer semantics are in its tree) and
-/// the revision of this layout. A kiln of another version builds its own.
-pub const ROOTFS_FORMAT: &str = concat!("kiln-", env!("CARGO_PKG_VERSION"), "-r1");
+/// the revision of this layout (r2: no lost+found of the writer's). A kiln
+/// of another version builds its own.
+pub const ROOTFS_FORMAT: &str = concat!("kiln-", env!("CARGO_PKG_VERSION"), "-r2");
 
 /// What happens as an image is pulled and converted, for a progress bar.
 #[derive(Debug, Clone, Copy)]
@@ -189,7 +190,9 @@ fn write_layer_disk(store: &Store, image: &Image, group: &Range<usize>, path: &P
     let name = path.file_name().map(|name| name.as_encoded_bytes()).unwrap_or_default();
     let chain = path.parent().and_then(Path::file_name).map(|name| name.as_encoded_bytes()).unwrap_or_default();
     let uuid = kiln_types::hash::Fnv1a64::new().field(b"kiln oci layer").field(chain).uuid(name);
-    let options = Ext4Options::default().with_uuid(uuid);
+    // No lost+found of the writer's: the container's / holds exactly the image's
+    // (a read-only disk is never repaired, so e2fsck needs none).
+    let options = Ext4Options::default().with_uuid(uuid).with_lost_found(false);
     tree.layout(&options)?.write_file(path)?;
     Ok(())
 }
@@ -246,29 +249,11 @@ pub(crate) fn image_runtime(image: &Image) -> ImageRuntime {
 /// cluster's runtime takes) is in no store: `None`.
 pub fn cached_image(state: &StateDir, source: &str) -> Result<Option<Image>> {
     let Ok(wanted) = parse_image_source(source) else { return Ok(None) };
-    let wanted = wanted.to_string();
-    let dir = state.root().join(OCI_STORE_DIR).join("images/sha256");
-    let entries = match std::fs::read_dir(&dir) {
-        Ok(entries) => entries,
-        Err(err) if err.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-        Err(source) => return Err(Error::InputIo { path: dir, source }),
-    };
-    // The directory exists, so opening the store creates nothing.
-    let store = open_image_store(state)?;
-    let mut latest: Option<(std::time::SystemTime, Image)> = None;
-    for entry in entries.flatten() {
-        let name = entry.file_name();
-        let Some(hex) = name.to_str().and_then(|name| name.strip_suffix(".json")) else { continue };
-        let Ok(manifest) = Digest::from_hex(hex) else { continue };
-        let pulled = entry.metadata().and_then(|meta| meta.modified()).unwrap_or(std::time::UNIX_EPOCH);
-        if let Some(image) = store.image(&manifest)?
-            && image.source() == wanted
-            && latest.as_ref().is_none_or(|(when, _)| pulled > *when)
-        {
-            latest = Some((pulled, image));
-        }
+    // No store yet: none is created just to look.
+    if !state.root().join(OCI_STORE_DIR).join("images/sha256").is_dir() {
+        return Ok(None);
     }
-    Ok(latest.map(|(_, image)| image))
+    Ok(open_image_store(state)?.find(&wanted.to_string())?)
 }
 
 #[cfg(test)]

@@ -407,11 +407,32 @@ fn run_of_a_umoci_busybox_image_runs_its_program_as_its_user_and_exits_with_its_
     let short = &manifest_digest["sha256:".len().."sha256:".len() + 12];
     assert!(table.contains(&format!("{}@sha256:{short}", image.source())), "{table}");
 
-    // Warm: the same image again converts nothing; the host-side image work is measured.
+    // Warm: the same image again converts nothing and reads no layer: the
+    // source's layer blobs are gone and the store's layer tars emptied, so
+    // only the layer filesystems run 1 built can give the same tree. The
+    // store's source index is not rewritten either.
+    let (_, manifest, config) = image.documents();
+    for layer in manifest["layers"].as_array().unwrap() {
+        let hex = layer["digest"].as_str().unwrap().trim_start_matches("sha256:");
+        std::fs::remove_file(image.layout.join("blobs/sha256").join(hex)).unwrap();
+    }
+    for diff_id in config["rootfs"]["diff_ids"].as_array().unwrap() {
+        let hex = diff_id.as_str().unwrap().trim_start_matches("sha256:");
+        let tar = world.state_dir().join("oci/layers/sha256").join(format!("{hex}.tar"));
+        std::fs::OpenOptions::new().write(true).open(&tar).unwrap().set_len(0).unwrap();
+    }
+    let index_stamp = || {
+        use std::os::unix::fs::MetadataExt;
+        let meta = std::fs::metadata(world.state_dir().join("oci/sources.json")).unwrap();
+        (meta.ino(), meta.mtime(), meta.mtime_nsec())
+    };
+    let index_before = index_stamp();
     let second = run();
-    let stderr = text(&second.stderr);
+    let (stdout, stderr) = (text(&second.stdout), text(&second.stderr));
     assert_eq!(second.status.code(), Some(7), "{stderr}");
     assert!(stderr.contains("layers_built=0"), "a warm run builds nothing:\n{stderr}");
+    assert!(stdout.contains("run-oci: uid=1000 gid=1000 pwd=/work"), "the warm run's tree:\n{stdout}\n{stderr}");
+    assert_eq!(index_stamp(), index_before, "a warm run rewrote the store's source index");
     let image_ms = |stderr: &str| -> f64 {
         stderr
             .split("image_ms=")

@@ -36,8 +36,6 @@ const OPAQUE_MARKER: &str = ".wh..wh..opq";
 /// Xattrs under this prefix steer overlayfs (whiteouts, opaque dirs,
 /// redirects, metacopy): a layer may not set them.
 const OVERLAY_XATTR_PREFIX: &str = "trusted.overlay.";
-/// The directory the ext4 writer makes at the root itself.
-const LOST_AND_FOUND: &str = "lost+found";
 
 /// A layer as an uncompressed tar file (in the cache), and the label that
 /// names it in errors (its diff_id, or its index).
@@ -551,27 +549,19 @@ impl<L: LayerSource> Emit<'_, '_, L> {
             let child = join(path, name);
             let below = before.and_then(|dir| dir.children.get(name));
             match node {
-                Node::Dir(sub) => {
-                    if path.is_empty() && name == LOST_AND_FOUND {
-                        // The writer makes its own; an empty one in a layer merges with it.
-                        if sub.children.is_empty() {
-                            continue;
-                        }
+                Node::Dir(sub) => match below {
+                    Some(Node::Dir(old)) if old.id == sub.id => {
+                        emitted |= self.dir(&child, sub, Some(old), touched)?;
                     }
-                    match below {
-                        Some(Node::Dir(old)) if old.id == sub.id => {
-                            emitted |= self.dir(&child, sub, Some(old), touched)?;
+                    _ => {
+                        self.dir(&child, sub, None, touched)?;
+                        if matches!(below, Some(Node::Dir(_))) {
+                            let opaque = self.tree.set_xattr(&child, "trusted.overlay.opaque", b"y");
+                            opaque.map_err(|e| self.context.for_ext4(sub.changed_in, &child, e))?;
                         }
-                        _ => {
-                            self.dir(&child, sub, None, touched)?;
-                            if matches!(below, Some(Node::Dir(_))) {
-                                let opaque = self.tree.set_xattr(&child, "trusted.overlay.opaque", b"y");
-                                opaque.map_err(|e| self.context.for_ext4(sub.changed_in, &child, e))?;
-                            }
-                            emitted = true;
-                        }
+                        emitted = true;
                     }
-                }
+                },
                 Node::Inode(inode) => {
                     if before.is_none() || touched(*inode) {
                         self.inodes.insert(*inode);

@@ -61,6 +61,13 @@ struct RefsFile {
     refs: BTreeMap<String, BTreeSet<Digest>>,
 }
 
+/// `sources.json`: the manifest each source string was last pulled as,
+/// so [`Store::find`] reads one small file, not every image record.
+#[derive(Default, Serialize, Deserialize)]
+struct SourcesFile {
+    sources: BTreeMap<String, Digest>,
+}
+
 /// A held lock on the store; dropping it (closing the file) releases it.
 #[derive(Debug)]
 pub struct StoreGuard {
@@ -148,10 +155,19 @@ impl Store {
         Ok(Some(record.into()))
     }
 
+    /// The image source string `source` (an [`ImageSource`](crate::ImageSource)
+    /// as displayed) was last pulled as, if the store still holds it: two
+    /// small files read, no source opened, nothing written.
+    pub fn find(&self, source: &str) -> Result<Option<Image>> {
+        let Some(manifest) = self.read_sources()?.sources.remove(source) else { return Ok(None) };
+        self.image(&manifest)
+    }
+
     /// Pulls the image `source` names into the store, verifying every blob,
     /// and returns it. Warm (record and layer tars present), it reads the
-    /// source's manifest and the record only. On error nothing unverified
-    /// or partial is left; layers verified before the failure stay, unreferenced, until gc.
+    /// source's manifest, the record and `sources.json` only. On error
+    /// nothing unverified or partial is left; layers verified before the
+    /// failure stay, unreferenced, until gc.
     pub fn pull(&self, source: &dyn BlobSource, progress: &mut dyn FnMut(&BlobProgress)) -> Result<Image> {
         let _guard = self.guard()?;
         let name = source.name().to_owned();
@@ -161,6 +177,7 @@ impl Store {
                 for layer in &image.layers {
                     progress(&BlobProgress { digest: layer.digest, done: layer.size, total: layer.size });
                 }
+                self.index_source(&name, &image.manifest_digest)?;
                 return Ok(image);
             }
         }
@@ -207,7 +224,39 @@ impl Store {
         let record = serde_json::to_vec_pretty(&ImageRecord::from(&image))
             .map_err(|source| Error::Json { what: "an image record".to_owned(), source })?;
         self.write_atomic(&self.record_path(&image.manifest_digest), &record)?;
+        self.index_source(&image.source, &image.manifest_digest)?;
         Ok(image)
+    }
+
+    fn read_sources(&self) -> Result<SourcesFile> {
+        let path = self.root.join("sources.json");
+        match fs::read(&path) {
+            // Empty: replaced, not fsynced, when the host crashed (see `replace`).
+            Ok(bytes) if bytes.is_empty() => Ok(SourcesFile::default()),
+            Ok(bytes) => parse_json(&bytes, &path.display().to_string()),
+            Err(error) if error.kind() == io::ErrorKind::NotFound => Ok(SourcesFile::default()),
+            Err(source) => Err(Error::Read { path, source }),
+        }
+    }
+
+    /// Records in `sources.json` that `source` is `manifest` now, unless it
+    /// says so already (a warm pull then writes nothing). Like refs.json it
+    /// is replaced atomically without an fsync: after a crash an older
+    /// index only makes `find` miss until the next pull.
+    fn index_source(&self, source: &str, manifest: &Digest) -> Result<()> {
+        let _lock = self.lock("sources.lock", rustix::fs::FlockOperation::LockExclusive)?;
+        let mut sources = self.read_sources()?;
+        if sources.sources.get(source) == Some(manifest) {
+            return Ok(());
+        }
+        sources.sources.insert(source.to_owned(), *manifest);
+        self.write_sources(&sources)
+    }
+
+    fn write_sources(&self, sources: &SourcesFile) -> Result<()> {
+        let bytes = serde_json::to_vec_pretty(sources)
+            .map_err(|source| Error::Json { what: "sources.json".to_owned(), source })?;
+        self.replace(&self.root.join("sources.json"), &bytes)
     }
 
     /// Streams layer `layer` from `source`, decompresses it and writes it
@@ -280,9 +329,23 @@ impl Store {
         temp.persist(path)
     }
 
+    /// Replaces `path` whole (a temp file and a rename) but does not wait
+    /// for the disk: for the files only a running host needs (refs.json,
+    /// sources.json), where an fsync would be most of a warm run's host-side
+    /// work. After a host crash such a file may be old or empty (its data
+    /// not yet on disk), and is read as no entries: no VM survives a crash.
+    fn replace(&self, path: &Path, bytes: &[u8]) -> Result<()> {
+        let temp = TempFile::create(&self.root.join("tmp"))?;
+        let mut file = temp.file()?;
+        file.write_all(bytes).map_err(|source| Error::Write { path: temp.path.clone(), source })?;
+        temp.persist(path)
+    }
+
     fn read_refs(&self) -> Result<RefsFile> {
         let path = self.root.join("refs.json");
         match fs::read(&path) {
+            // Empty: replaced, not fsynced, when the host crashed (see `replace`).
+            Ok(bytes) if bytes.is_empty() => Ok(RefsFile::default()),
             Ok(bytes) => parse_json(&bytes, &path.display().to_string()),
             Err(error) if error.kind() == io::ErrorKind::NotFound => Ok(RefsFile::default()),
             Err(source) => Err(Error::Read { path, source }),
@@ -292,7 +355,9 @@ impl Store {
     fn write_refs(&self, refs: &RefsFile) -> Result<()> {
         let bytes =
             serde_json::to_vec_pretty(refs).map_err(|source| Error::Json { what: "refs.json".to_owned(), source })?;
-        self.write_atomic(&self.root.join("refs.json"), &bytes)
+        // No fsync: references only matter while their VMs live, and after
+        // a host crash none does (ARCHITECTURE.md, the store's invariants).
+        self.replace(&self.root.join("refs.json"), &bytes)
     }
 
     /// Records that `user` (a VM name) uses image `manifest`, so gc keeps
@@ -366,6 +431,20 @@ impl Store {
             if !live_chains.contains(&chain) {
                 report.bytes += remove_tree(&path)?;
                 report.derived += 1;
+            }
+        }
+        if report.images > 0 {
+            let _lock = self.lock("sources.lock", rustix::fs::FlockOperation::LockExclusive)?;
+            let mut sources = self.read_sources()?;
+            let before = sources.sources.len();
+            sources.sources.retain(|_, manifest| self.record_path(manifest).is_file());
+            if sources.sources.is_empty() {
+                let path = self.root.join("sources.json");
+                if path.exists() {
+                    report.bytes += remove_file(&path)?;
+                }
+            } else if sources.sources.len() != before {
+                self.write_sources(&sources)?;
             }
         }
         // No pull runs while gc holds pull.lock, so every temp file is a leftover.
@@ -619,6 +698,20 @@ mod tests {
                     layers,
                 },
             )
+    }
+
+    #[test]
+    fn an_empty_refs_or_sources_file_left_by_a_crash_reads_as_none_and_garbage_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        fs::write(dir.path().join("refs.json"), b"").unwrap();
+        fs::write(dir.path().join("sources.json"), b"").unwrap();
+        assert_eq!(store.references("vm").unwrap(), Vec::<Digest>::new());
+        assert!(store.find("oci:/x:1").unwrap().is_none());
+        assert_eq!(store.gc().unwrap(), GcReport::default());
+        fs::write(dir.path().join("refs.json"), b"{").unwrap();
+        let error = store.references("vm").unwrap_err().to_string();
+        assert!(error.contains("refs.json"), "{error}");
     }
 
     #[test]

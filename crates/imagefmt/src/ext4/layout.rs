@@ -29,7 +29,7 @@ pub(crate) const INODE_SIZE: u64 = 256;
 pub(crate) const DESC_SIZE: u64 = 64;
 pub(crate) const ROOT_INO: u32 = 2;
 pub(crate) const LOST_AND_FOUND_INO: u32 = 11;
-/// Inodes 1 to 10 are reserved; the first ordinary one is 11 (lost+found).
+/// Inodes 1 to 10 are reserved; the first ordinary one is 11 (lost+found, when the writer makes it).
 const FIRST_INO: u32 = 11;
 /// Symlink targets shorter than this live in the inode's block map.
 pub(crate) const FAST_SYMLINK_MAX: usize = 59;
@@ -145,6 +145,11 @@ impl Ext4Tree {
     pub fn layout(&self, options: &Ext4Options) -> Result<Ext4Layout<'_>> {
         let label = label_bytes(options.label.as_deref())?;
         let counts = self.counts;
+        if options.lost_found && self.root.children.contains_key(LOST_AND_FOUND) {
+            let reason =
+                "the writer makes /lost+found itself (Ext4Options::with_lost_found(false) leaves it to the tree)";
+            return Err(super::tree::invalid(LOST_AND_FOUND, reason.into()));
+        }
         // The root, lost+found and one inode per entry that is not a hard link.
         let inodes = 2 + counts.files + counts.dirs + counts.symlinks + counts.specials;
         let mut numbering = Numbering {
@@ -153,7 +158,7 @@ impl Ext4Tree {
             keep_all_paths: counts.hardlinks > 0,
             ..Numbering::default()
         };
-        numbering.visit_root(&self.root);
+        numbering.visit_root(&self.root, options.lost_found);
         numbering.link_hardlinks()?;
         let mut inodes = numbering.plans;
         for (&index, path) in &numbering.paths {
@@ -162,7 +167,7 @@ impl Ext4Tree {
             }
         }
         let data_blocks: u64 = inodes.iter().map(|plan| blocks_for(plan)).sum();
-        let inode_count = u64::from(Ext4Layout::ino(inodes.len() - 1));
+        let inode_count = u64::from(last_inode(inodes.len()));
         let demand = Demand { inodes: inode_count, data_blocks, journal: options.journal };
         let geometry = size_geometry(options.size, demand)?;
         let mut allocator = Allocator::new(&geometry);
@@ -230,7 +235,7 @@ impl<'t> Ext4Layout<'t> {
 
     /// The highest inode number in use; every one below it is in use too.
     pub(crate) fn last_inode(&self) -> u32 {
-        Ext4Layout::ino(self.inodes.len() - 1)
+        last_inode(self.inodes.len())
     }
 
     /// The inode number of `self.inodes[index]`.
@@ -268,6 +273,13 @@ impl<'t> Ext4Layout<'t> {
     }
 }
 
+/// The highest inode number in use with `plans` inodes planned: at least
+/// the last reserved one (10), which is in use (the bitmap marks 1 to 10)
+/// even when the root is the only inode planned.
+fn last_inode(plans: usize) -> u32 {
+    Ext4Layout::ino(plans - 1).max(FIRST_INO - 1)
+}
+
 /// Numbers the inodes depth first, in name order, and hashes what it sees.
 #[derive(Default)]
 struct Numbering<'t> {
@@ -286,13 +298,19 @@ struct Numbering<'t> {
 }
 
 impl<'t> Numbering<'t> {
-    fn visit_root(&mut self, root: &'t Dir) {
-        let lost_and_found = Metadata::default().with_mode(0o700).with_mtime(root.meta.mtime, root.meta.mtime_nsec);
+    fn visit_root(&mut self, root: &'t Dir, lost_found: bool) {
         self.push("/", root.meta, &root.xattrs, InodeKind::Dir { parent: ROOT_INO, entries: Vec::new() });
-        self.push("/lost+found", lost_and_found, &[], InodeKind::Dir { parent: ROOT_INO, entries: Vec::new() });
-        let mut entries = vec![DirEntry { name: LOST_AND_FOUND, ino: LOST_AND_FOUND_INO, file_type: disk::FT_DIR }];
-        let subdirs = self.visit_children(root, 0, "", &mut entries);
-        self.plans[0].links = 3 + subdirs;
+        let mut entries = Vec::new();
+        if lost_found {
+            let meta = Metadata::default().with_mode(0o700).with_mtime(root.meta.mtime, root.meta.mtime_nsec);
+            self.push("/lost+found", meta, &[], InodeKind::Dir { parent: ROOT_INO, entries: Vec::new() });
+            entries.push(DirEntry { name: LOST_AND_FOUND, ino: LOST_AND_FOUND_INO, file_type: disk::FT_DIR });
+        } else {
+            // Two trees that differ only in the writer's lost+found get different UUIDs.
+            self.hash.field(b"no lost+found");
+        }
+        let subdirs = self.visit_children(root, 0, "", &mut entries) + u32::from(lost_found);
+        self.plans[0].links = 2 + subdirs;
         self.plans[0].kind = InodeKind::Dir { parent: ROOT_INO, entries };
     }
 

@@ -111,7 +111,7 @@ impl Metadata {
 }
 
 /// How to lay out the filesystem. Every field has an automatic default.
-#[derive(Debug, Clone, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct Ext4Options {
     /// Volume label, at most 16 bytes.
@@ -128,6 +128,19 @@ pub struct Ext4Options {
     /// The seed of the directory name hash (mke2fs `-E hash_seed=`); by
     /// default derived from the tree and the label, like the UUID.
     pub hash_seed: Option<[u8; 16]>,
+    /// Whether the writer makes `/lost+found` (inode 11, mode 0700) for
+    /// `e2fsck` to reconnect orphans into; on by default, as mke2fs does.
+    /// Off, the tree's first entry is inode 11 and a root `lost+found` of
+    /// the tree's own is an ordinary directory: what a read-only image of
+    /// someone else's tree (an OCI layer) wants, since e2fsck only needs
+    /// the directory to repair, and a read-only image is never repaired.
+    pub lost_found: bool,
+}
+
+impl Default for Ext4Options {
+    fn default() -> Ext4Options {
+        Ext4Options { label: None, size: None, uuid: None, journal: false, hash_seed: None, lost_found: true }
+    }
 }
 
 impl Ext4Options {
@@ -160,6 +173,12 @@ impl Ext4Options {
         self.hash_seed = seed.into();
         self
     }
+
+    /// Sets [`lost_found`](Self::lost_found).
+    pub fn with_lost_found(mut self, lost_found: bool) -> Self {
+        self.lost_found = lost_found;
+        self
+    }
 }
 
 /// What a layout holds, for reports and `--json` summaries.
@@ -174,7 +193,7 @@ pub struct Ext4Summary {
     pub free_inodes: u32,
     pub groups: u32,
     pub files: u64,
-    /// Directories, not counting the root and lost+found.
+    /// Directories, not counting the root and the writer's lost+found.
     pub dirs: u64,
     pub symlinks: u64,
     /// Directory entries that are hard links to an inode already counted.

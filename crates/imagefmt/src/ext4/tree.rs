@@ -14,7 +14,8 @@ use crate::sink::Source;
 use crate::{Error, Result};
 
 /// The directory the writer makes at the root for `e2fsck` to reconnect
-/// orphans into; a tree cannot put its own entry there.
+/// orphans into; a tree's own entry of that name is refused at layout
+/// unless [`Ext4Options::lost_found`](super::Ext4Options) is off.
 pub(crate) const LOST_AND_FOUND: &str = "lost+found";
 /// The largest device numbers Linux encodes: 12 bits of major, 20 of minor.
 const MAX_MAJOR: u32 = (1 << 12) - 1;
@@ -187,7 +188,7 @@ impl Ext4Tree {
         let components = split_dest(dest)?;
         check_meta(dest, meta)?;
         let mut created = 0;
-        let dir = walk_create(&mut self.root, &components, dest, &mut created)?;
+        let dir = walk_create(&mut self.root, &components, &mut created)?;
         dir.meta = meta;
         self.counts.dirs += created;
         Ok(())
@@ -442,11 +443,8 @@ impl Ext4Tree {
         let Some(name) = components.pop() else {
             return Err(invalid(dest, "only a directory can be the root".into()));
         };
-        if components.is_empty() && name == LOST_AND_FOUND {
-            return Err(invalid(dest, "the writer makes /lost+found itself".into()));
-        }
         let mut created = 0;
-        let dir = walk_create(&mut self.root, &components, dest, &mut created)?;
+        let dir = walk_create(&mut self.root, &components, &mut created)?;
         if dir.children.contains_key(name) {
             return Err(Error::AlreadyExists { path: dest.to_owned() });
         }
@@ -481,12 +479,9 @@ fn find_mut<'d>(root: &'d mut Dir, components: &[&str]) -> Option<&'d mut Node> 
     dir.children.get_mut(*last)
 }
 
-fn walk_create<'d>(root: &'d mut Dir, components: &[&str], dest: &str, created: &mut u64) -> Result<&'d mut Dir> {
+fn walk_create<'d>(root: &'d mut Dir, components: &[&str], created: &mut u64) -> Result<&'d mut Dir> {
     let mut dir = root;
     for (depth, component) in components.iter().enumerate() {
-        if depth == 0 && *component == LOST_AND_FOUND {
-            return Err(invalid(dest, "the writer makes /lost+found itself".into()));
-        }
         if !dir.children.contains_key(*component) {
             dir.children.insert((*component).to_owned(), Node::Dir(Dir::implied()));
             *created += 1;

@@ -202,7 +202,7 @@ pub(crate) fn check(case: &Case, options: &Ext4Options) -> (Ext4Summary, Vec<u8>
     if let Some((e2fsck, debugfs)) = tools() {
         assert_e2fsck_clean(&e2fsck, &path);
         let out = dir.path().join("rdump");
-        let actual = read_back(&debugfs, &path, &out, case);
+        let actual = read_back(&debugfs, &path, &out, case, options.lost_found);
         assert_same_tree(&actual, &case.expected);
     }
     (summary, image)
@@ -235,8 +235,9 @@ struct Listed {
 /// inode numbers, modes and owners from `ls -l` of every directory, device
 /// numbers from `stat`, xattrs from `ea_list` and `ea_get`. File mtimes are
 /// checked here too, against `case.mtimes`, and that hard links share
-/// their target's inode.
-fn read_back(debugfs: &Path, image: &Path, out: &Path, case: &Case) -> BTreeMap<String, Want> {
+/// their target's inode. The writer's `/lost+found` (when `lost_found`)
+/// is checked and set aside; without it, one in the image must be the case's.
+fn read_back(debugfs: &Path, image: &Path, out: &Path, case: &Case, lost_found: bool) -> BTreeMap<String, Want> {
     fs::create_dir(out).unwrap();
     run_debugfs(debugfs, image, &format!("rdump / {}\n", out.display()));
     let mut found = BTreeMap::new();
@@ -246,9 +247,11 @@ fn read_back(debugfs: &Path, image: &Path, out: &Path, case: &Case) -> BTreeMap<
         assert_eq!(seen, *mtime, "mtime of {path}");
     }
     let mut listed = list_dirs(debugfs, image, &found);
-    let lost = listed.remove("lost+found").expect("lost+found is missing");
-    assert_eq!((lost.mode & 0o7777, lost.uid, lost.gid), (0o700, 0, 0), "lost+found's mode and owner");
-    found.remove("lost+found");
+    if lost_found {
+        let lost = listed.remove("lost+found").expect("lost+found is missing");
+        assert_eq!((lost.mode & 0o7777, lost.uid, lost.gid), (0o700, 0, 0), "lost+found's mode and owner");
+        found.remove("lost+found");
+    }
     read_specials(debugfs, image, &listed, &mut found);
     for (link, target) in &case.hardlinks {
         assert_eq!(listed[link].ino, listed[target].ino, "hard link {link} and {target} share an inode");
@@ -554,7 +557,6 @@ fn bad_symlinks_modes_and_reserved_names_are_refused() {
     assert_eq!(invalid_entry(&tree.add_symlink("l", "", meta(0)).unwrap_err()), "l");
     assert_eq!(invalid_entry(&tree.add_symlink("l", &"t".repeat(4096), meta(0)).unwrap_err()), "l");
     assert_eq!(invalid_entry(&tree.add_file_from_bytes("f", Vec::new(), meta(0o10644)).unwrap_err()), "f");
-    assert_eq!(invalid_entry(&tree.add_dir("lost+found/x", meta(0o755)).unwrap_err()), "lost+found/x");
     let mut late = meta(0o644);
     late.mtime_nsec = 1_000_000_000;
     assert_eq!(invalid_entry(&tree.add_file_from_bytes("n", Vec::new(), late).unwrap_err()), "n");
@@ -748,6 +750,68 @@ fn add_hardlinks(mut case: Case, links: &[(prop::sample::Index, prop::sample::In
         }
     }
     case
+}
+
+#[test]
+fn a_root_lost_and_found_of_the_tree_is_refused_at_layout_unless_the_writer_leaves_its_own_out() {
+    let mut tree = Ext4Tree::new();
+    tree.add_file_from_bytes("lost+found/x", b"mine".to_vec(), meta(0o644)).unwrap();
+    let err = tree.layout(&Ext4Options::default()).unwrap_err();
+    assert_eq!(invalid_entry(&err), "lost+found", "{err}");
+    assert!(err.to_string().contains("with_lost_found(false)"), "{err}");
+    tree.layout(&Ext4Options::default().with_lost_found(false)).unwrap();
+}
+
+#[test]
+fn without_lost_found_the_first_entry_is_inode_11_and_e2fsck_is_clean() {
+    let Some((e2fsck, debugfs)) = tools() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let off = Ext4Options::default().with_lost_found(false);
+    // Empty: the root is the only inode, yet 1 to 10 stay reserved and used.
+    let empty = dir.path().join("empty.ext4");
+    let summary = Ext4Tree::new().layout(&off).unwrap().write_file(&empty).unwrap();
+    assert_eq!(summary.free_inodes, summary.inodes - 10, "inodes 1 to 10 in use, nothing else");
+    assert_e2fsck_clean(&e2fsck, &empty);
+    let listing = run_debugfs(&debugfs, &empty, "ls -l /\n");
+    assert!(!listing.contains("lost+found"), "the writer made lost+found:\n{listing}");
+    let mut tree = Ext4Tree::new();
+    tree.add_file_from_bytes("a", b"first".to_vec(), meta(0o644)).unwrap();
+    tree.add_dir("lost+found", meta(0o755).with_owner(7, 8)).unwrap();
+    let image = dir.path().join("tree.ext4");
+    tree.layout(&off).unwrap().write_file(&image).unwrap();
+    assert_e2fsck_clean(&e2fsck, &image);
+    let stat = run_debugfs(&debugfs, &image, "stat /a\nstat /lost+found\n");
+    assert!(stat.contains("Inode: 11 "), "the first entry is not inode 11:\n{stat}");
+    assert!(stat.contains("Inode: 12 ") && stat.contains("User:     7"), "lost+found is not the tree's:\n{stat}");
+    if let Some((facts, _)) = dumpe2fs_facts(&image) {
+        assert_eq!(facts["First inode"], "11");
+    }
+}
+
+#[test]
+fn random_trees_without_lost_found_round_trip_through_e2fsck_and_debugfs() {
+    if tools().is_none() {
+        return;
+    }
+    let cases = std::env::var("PROPTEST_CASES").ok().and_then(|v| v.parse().ok()).unwrap_or(12);
+    let config = ProptestConfig {
+        failure_persistence: Some(Box::new(FileFailurePersistence::WithSource("regressions"))),
+        source_file: Some(file!()),
+        ..ProptestConfig::with_cases(cases)
+    };
+    let mut runner = TestRunner::new(config);
+    runner
+        .run(&(prop::collection::vec(gen_tree(), 0..3), any::<bool>()), |(roots, own)| {
+            let mut case = Case::new();
+            for (i, root) in roots.iter().enumerate() {
+                // Sometimes the tree has a lost+found of its own, as an image may.
+                let name = if i == 0 && own { "lost+found".to_owned() } else { format!("top{i}") };
+                case = add_gen(case, &name, root, 1);
+            }
+            check(&case, &Ext4Options::default().with_lost_found(false));
+            Ok(())
+        })
+        .unwrap();
 }
 
 #[test]

@@ -85,7 +85,8 @@ fn layer(members: Vec<Value>) -> Value {
 
 /// Writes `tree` to `path` and checks it with `e2fsck -fn`.
 fn write_image(tree: &Ext4Tree, path: &Path) {
-    tree.layout(&Ext4Options::default()).unwrap().write_file(path).unwrap();
+    // As kiln writes layer disks: no lost+found of the writer's own.
+    tree.layout(&Ext4Options::default().with_lost_found(false)).unwrap().write_file(path).unwrap();
     let e2fsck = kiln_testkit::require_tool(&kiln_testkit::current_test_name(), "e2fsck");
     if let Some(e2fsck) = e2fsck {
         let out = Command::new(e2fsck).arg("-fn").arg(path).output().unwrap();
@@ -133,11 +134,10 @@ fn mount_overlay(lowers: &[PathBuf], empty: &Path, at: &Path) -> Mounted {
 /// What a container sees of each entry below `root`: kind, mode, owner,
 /// times, size and bytes, link targets, device numbers, link counts
 /// (not of directories: overlayfs counts those its own way) and xattrs.
-/// `/lost+found` (the ext4 writer's) and `with_lost_found` aside.
+/// Nothing is set aside: the layer disks have no lost+found of the writer's.
 fn manifest(root: &Path) -> BTreeMap<String, String> {
     let mut out = BTreeMap::new();
     walk(root, root, &mut out);
-    out.remove("lost+found");
     out
 }
 
@@ -146,9 +146,6 @@ fn walk(root: &Path, dir: &Path, out: &mut BTreeMap<String, String>) {
     entries.sort();
     for path in entries {
         let rel = path.strip_prefix(root).unwrap().to_str().unwrap().to_owned();
-        if rel == "lost+found" {
-            continue;
-        }
         let meta = fs::symlink_metadata(&path).unwrap();
         let ft = meta.file_type();
         let common = format!(
@@ -356,6 +353,29 @@ fn a_directory_made_opaque_over_a_lower_file_or_symlink_replaces_it() {
 }
 
 #[test]
+fn an_images_own_lost_and_found_is_an_ordinary_directory_of_its_layer_disks() {
+    let Some(python) = python() else { return };
+    if !needs_root() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let own = json!({"name": "lost+found", "type": "dir", "mode": 0o751, "uid": 3, "gid": 4});
+    let layers =
+        make_layers(&python, dir.path(), &[layer(vec![own, file("a", "a0")]), layer(vec![file("lost+found/x", "x1")])]);
+    let seen = flatten_and_stack("lost-found:test", dir.path(), &layers);
+    let expected: Vec<(String, String)> =
+        [("a", "file"), ("lost+found", "dir"), ("lost+found/x", "file")].map(|(p, k)| (p.into(), k.into())).into();
+    assert_eq!(kinds(&seen), expected, "{seen:#?}");
+    assert!(entry(&seen, "lost+found").starts_with("dir 751 3:4"), "{}", entry(&seen, "lost+found"));
+    // The bottom disk holds exactly the image's empty one, nothing of the writer's.
+    let step0 = dir.path().join("step0");
+    let _mounted = mount_image(&dir.path().join("step0.ext4"), &step0);
+    let step = manifest(&step0);
+    assert_eq!(kinds(&step), [("a", "file"), ("lost+found", "dir")].map(|(p, k)| (p.into(), k.into())), "{step:#?}");
+    assert!(entry(&step, "lost+found").starts_with("dir 751 3:4"), "{}", entry(&step, "lost+found"));
+}
+
+#[test]
 fn hard_links_within_and_across_layers_keep_one_inode_and_their_link_count() {
     let Some(python) = python() else { return };
     if !needs_root() {
@@ -514,8 +534,6 @@ fn hostile_layers_are_refused_naming_the_entry_the_layer_and_the_image() {
     let long = "n".repeat(256);
     assert_refused(&python, &[ok.clone(), layer(vec![file(&long, "x")])], &long, "layer1", "255");
     assert_refused(&python, &[ok.clone(), layer(vec![file(".wh...", "")])], ".wh...", "layer1", "no name");
-    // A name the ext4 writer refuses (its own /lost+found) names the entry too.
-    assert_refused(&python, &[ok.clone(), layer(vec![file("lost+found", "x")])], "lost+found", "layer1", "lost+found");
 }
 
 /// A tar made by Python, then damaged by `damage`: refused naming `entry`.

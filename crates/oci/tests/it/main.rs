@@ -7,3 +7,4 @@ mod images;
 mod layers;
 mod registry;
 mod sources;
+mod store_index;

@@ -333,6 +333,7 @@ fn two_pulls_of_the_same_image_at_once_leave_one_consistent_copy() {
         format!("blobs/sha256/{}", image.config_digest().hex()),
         format!("images/sha256/{}.json", image.manifest_digest().hex()),
         format!("layers/sha256/{}.tar", image.layers()[0].diff_id().hex()),
+        "sources.json".to_owned(),
     ];
     expected.sort();
     assert_eq!(store_files(&root), expected, "no temp file left, one copy of each");

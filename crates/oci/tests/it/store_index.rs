@@ -1,0 +1,70 @@
+//! `Store::find`: the image a source string was last pulled as, read from
+//! the store's small index, on images umoci made; a warm pull writes
+//! nothing, a tag that moved is found at its new image, gc drops what it
+//! removed.
+
+use std::os::unix::fs::MetadataExt;
+use std::path::Path;
+use std::process::Command;
+
+use kiln_oci::{Image, ImageSource, Store};
+
+use crate::images::{self, TAG};
+
+fn pull(store: &Store, source: &str) -> Image {
+    let opened = source.parse::<ImageSource>().unwrap().open().unwrap();
+    store.pull(opened.as_ref(), &mut |_| {}).unwrap_or_else(|error| panic!("{source}: {error}"))
+}
+
+/// The name the store files a source under: the source as kiln displays it.
+fn key(source: &str) -> String {
+    source.parse::<ImageSource>().unwrap().to_string()
+}
+
+/// The index's identity and time: any rewrite changes the inode (temp + rename).
+fn stamp(path: &Path) -> (u64, i64, i64) {
+    let meta = std::fs::metadata(path).unwrap();
+    (meta.ino(), meta.mtime(), meta.mtime_nsec())
+}
+
+#[test]
+fn find_returns_what_a_source_was_last_pulled_as_and_a_warm_pull_rewrites_no_index() {
+    let test = kiln_testkit::current_test_name();
+    let Some(images) = images::busybox(&test) else { return };
+    let Some(umoci) = kiln_testkit::require_tool(&test, "umoci") else { return };
+    let scratch = tempfile::tempdir().unwrap();
+    let layout = scratch.path().join("layout");
+    images::copy_dir(&images.two_tags, &layout);
+    let store = Store::open(scratch.path().join("store")).unwrap();
+    let (source_one, source_two) = (format!("oci:{}:{TAG}", layout.display()), format!("oci:{}:2", layout.display()));
+    assert_eq!(store.find(&key(&source_one)).unwrap(), None, "nothing pulled yet");
+
+    let one = pull(&store, &source_one);
+    assert_eq!(store.find(&key(&source_one)).unwrap().as_ref(), Some(&one));
+    assert_eq!(store.find(&key(&source_two)).unwrap(), None, "tag 2 was never pulled");
+    let two = pull(&store, &source_two);
+    assert_eq!(store.find(&key(&source_two)).unwrap().as_ref(), Some(&two));
+    assert_eq!(store.find(&key(&source_one)).unwrap().as_ref(), Some(&one));
+
+    // Warm: the index already says so, and is not rewritten.
+    let index = store.root().join("sources.json");
+    let before = stamp(&index);
+    assert_eq!(pull(&store, &source_one), one);
+    assert_eq!(stamp(&index), before, "a warm pull rewrote sources.json");
+
+    // Tag 1 moves to image two: the next pull of tag 1 finds image two.
+    let tagged = Command::new(&umoci).args(["tag", "--image"]).arg(format!("{}:2", layout.display())).arg(TAG).output();
+    let tagged = tagged.unwrap();
+    assert!(tagged.status.success(), "umoci tag: {}", String::from_utf8_lossy(&tagged.stderr));
+    assert_eq!(store.find(&key(&source_one)).unwrap().as_ref(), Some(&one), "no pull since: still image one");
+    pull(&store, &source_one);
+    let moved = store.find(&key(&source_one)).unwrap().expect("tag 1 is in the store");
+    assert_eq!(moved.manifest_digest(), two.manifest_digest(), "tag 1 after it moved");
+
+    // gc with no references removes both images, and the index with them.
+    let report = store.gc().unwrap();
+    assert_eq!(report.images, 2);
+    assert_eq!(store.find(&key(&source_one)).unwrap(), None);
+    assert_eq!(store.find(&key(&source_two)).unwrap(), None);
+    assert!(!index.exists(), "an index of nothing is left behind");
+}
