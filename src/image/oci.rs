@@ -201,8 +201,11 @@ fn convert(args: &ConvertArgs, started: Instant) -> anyhow::Result<()> {
     if fs::symlink_metadata(out).is_ok() {
         bail!("{} exists; convert writes a new directory (remove it first)", out.display());
     }
-    let image = pull(&args.image.source)?;
     let store = kiln::open_image_store(&state()?)?;
+    // Held from the pull to the last copy into OUT: a `kiln gc` meanwhile
+    // waits, rather than sweeping the unreferenced image from under us.
+    let _guard = store.guard().with_context(|| format!("Cannot lock the image store {}", store.root().display()))?;
+    let image = pull(&args.image.source)?;
     let mut bars = Bars::new();
     let disks = kiln::image_rootfs(&store, &image, &mut |event| bars.event(event));
     bars.finish();

@@ -23,6 +23,7 @@ mod layers;
 mod layout;
 mod registry;
 mod source;
+mod space;
 mod store;
 mod tar;
 

@@ -20,7 +20,9 @@ use crate::digest::{Digest, HashingWriter, VerifyingReader, read_verified};
 use crate::error::{Error, Result};
 use crate::image::ImageRecord;
 use crate::image::{Image, Layer, RuntimeConfig};
+use crate::layers::{LayerTar, layer_tree};
 use crate::source::{BlobSource, resolve_manifest};
+use crate::space::{Headroom, MIN_FREE_BYTES};
 
 use crate::image::RECORD_VERSION;
 const OCI_CONFIG: &str = "application/vnd.oci.image.config.v1+json";
@@ -197,12 +199,28 @@ impl Store {
         )?;
         let config: ImageConfig = parse_json(&config_bytes, &config_what)?;
         let layers = check_config(&config, manifest, &name)?;
+        let mut fetched = Vec::new();
         for layer in &layers {
             if self.layer_path(&layer.diff_id).is_file() {
                 progress(&BlobProgress { digest: layer.digest, done: layer.size, total: layer.size });
                 continue;
             }
-            self.fetch_layer(source, layer, &name, progress)?;
+            if let Err(error) = self.fetch_layer(source, layer, &name, progress) {
+                self.drop_layers(&fetched);
+                return Err(error);
+            }
+            fetched.push(layer.diff_id);
+        }
+        // The layers' entries are checked now (metadata only), so the store
+        // never records an image whose layers are hostile: it refuses them
+        // with the entry, layer and image named, and keeps none of them.
+        let tars: Vec<LayerTar> = layers
+            .iter()
+            .map(|layer| LayerTar::new(self.layer_path(&layer.diff_id), layer.diff_id.to_string()))
+            .collect();
+        if let Err(error) = layer_tree(&name, &[], &tars) {
+            self.drop_layers(&fetched);
+            return Err(error);
         }
         self.write_content(&self.blob_path(&resolved.digest), &resolved.bytes)?;
         self.write_content(&self.blob_path(&manifest.config.digest), &config_bytes)?;
@@ -226,6 +244,14 @@ impl Store {
         self.write_atomic(&self.record_path(&image.manifest_digest), &record)?;
         self.index_source(&image.source, &image.manifest_digest)?;
         Ok(image)
+    }
+
+    /// Removes layer tars this pull wrote for an image it then refused.
+    fn drop_layers(&self, diff_ids: &[Digest]) {
+        for diff_id in diff_ids {
+            // Best effort: the error being returned is the one that matters.
+            let _ = fs::remove_file(self.layer_path(diff_id));
+        }
     }
 
     fn read_sources(&self) -> Result<SourcesFile> {
@@ -278,7 +304,8 @@ impl Store {
             ProgressReader { inner: reader, digest: layer.digest, done: 0, reported: 0, total: layer.size, progress };
         let mut verifier = VerifyingReader::new(reporting, blob.clone(), layer.digest, Some(layer.size));
         let temp = TempFile::create(&self.root.join("tmp"))?;
-        let mut writer = HashingWriter::new(BufWriter::with_capacity(256 * 1024, temp.file()?));
+        let room = Headroom { inner: temp.file()?, dir: self.root.join("tmp"), unchecked: 0, min_free: MIN_FREE_BYTES };
+        let mut writer = HashingWriter::new(BufWriter::with_capacity(256 * 1024, room));
         let copied = match compression {
             Compression::None => copy(&mut verifier, &mut writer),
             Compression::Gzip => {
@@ -291,6 +318,9 @@ impl Store {
         };
         match copied {
             Ok(()) => verifier.finish()?,
+            Err(CopyError::Write(source)) if source.kind() == io::ErrorKind::StorageFull => {
+                return Err(Error::Decompress { blob, source });
+            }
             Err(CopyError::Write(source)) => return Err(Error::Write { path: temp.path.clone(), source }),
             Err(CopyError::Read(source)) => {
                 // A corrupt blob usually fails to decompress: say which check
@@ -305,7 +335,8 @@ impl Store {
         let (buffered, diff_id, _) = writer.finish();
         let file = buffered
             .into_inner()
-            .map_err(|error| Error::Write { path: temp.path.clone(), source: error.into_error() })?;
+            .map_err(|error| Error::Write { path: temp.path.clone(), source: error.into_error() })?
+            .inner;
         file.sync_all().map_err(|source| Error::Write { path: temp.path.clone(), source })?;
         if diff_id != layer.diff_id {
             return Err(Error::DiffIdMismatch { layer: blob, expected: layer.diff_id, actual: diff_id });

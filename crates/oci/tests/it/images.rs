@@ -150,6 +150,7 @@ pub(crate) fn copy_dir(from: &Path, to: &Path) {
 /// - `decompress-layers`: gunzips every layer and relabels it a plain tar;
 /// - `foreign-platform-index`: wraps the manifest in an index offering only linux/arm64/v8 and windows/amd64;
 /// - `amd64-index`: wraps it in an index offering linux/arm64/v8 and then linux/amd64;
+/// - `hostile-layer`: replaces the layer by a plain tar whose one entry is `../evil`;
 /// - `docker-manifest-list`: relabels manifest, config and layers with Docker's
 ///   v2 schema 2 media types and wraps the manifest in a Docker manifest list.
 ///
@@ -211,6 +212,20 @@ elif op == 'docker-manifest-list':
     entry['digest'], entry['size'] = put(json.dumps(manifest).encode())
     entry['mediaType'] = manifest['mediaType']
     wrap([{'architecture': 'amd64', 'os': 'linux'}], 'application/vnd.docker.distribution.manifest.list.v2+json')
+elif op == 'hostile-layer':
+    import io, tarfile
+    data = io.BytesIO()
+    with tarfile.open(fileobj=data, mode='w', format=tarfile.PAX_FORMAT) as tar:
+        member = tarfile.TarInfo('../evil')
+        member.size = 4
+        tar.addfile(member, io.BytesIO(b'evil'))
+    plain = data.getvalue()
+    layer['digest'], layer['size'] = put(plain)
+    layer['mediaType'] = 'application/vnd.oci.image.layer.v1.tar'
+    config = json.load(open(path(manifest['config']['digest'])))
+    config['rootfs']['diff_ids'][0] = layer['digest']
+    manifest['config']['digest'], manifest['config']['size'] = put(json.dumps(config).encode())
+    save_manifest()
 else:
     sys.exit('unknown operation ' + op)
 "#;

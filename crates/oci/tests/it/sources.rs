@@ -225,6 +225,26 @@ fn wrong_diff_id_names_the_layer_and_leaves_nothing_in_the_store() {
     );
 }
 
+/// A layer whose digests are right but whose entries are hostile is
+/// refused at pull, naming entry, layer and image, and the store keeps
+/// nothing of it: no record, no layer tar, no blob.
+#[test]
+fn hostile_layer_with_right_digests_is_refused_at_pull_and_leaves_nothing_in_the_store() {
+    let Some(images) = images("hostile_layer_with_right_digests_is_refused_at_pull_and_leaves_nothing_in_the_store")
+    else {
+        return;
+    };
+    let scratch = tempfile::tempdir().unwrap();
+    let layout = scratch.path().join("layout");
+    images::copy_dir(&images.layout, &layout);
+    images::mutate(&layout, "hostile-layer");
+    let store = Store::open(scratch.path().join("store")).unwrap();
+    let source = format!("oci:{}:{TAG}", layout.display());
+    let message = pull(&store, &source).unwrap_err().to_string();
+    assert!(message.contains(&source) && message.contains("\"../evil\""), "{message}");
+    assert_eq!(store_files(store.root()), Vec::<String>::new(), "nothing left in the store");
+}
+
 #[test]
 fn index_without_linux_amd64_names_the_image_and_the_platforms_it_offers() {
     let Some(images) = images("index_without_linux_amd64_names_the_image_and_the_platforms_it_offers") else {
