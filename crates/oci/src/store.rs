@@ -18,13 +18,11 @@ use crate::archive::CONFIG_LIMIT;
 use crate::config::{Compression, DOCKER_CONFIG, ImageConfig, parse_json};
 use crate::digest::{Digest, HashingWriter, VerifyingReader, read_verified};
 use crate::error::{Error, Result};
-use crate::image::ImageRecord;
-use crate::image::{Image, Layer, RuntimeConfig};
+use crate::image::{Image, ImageRecord, Layer, RECORD_VERSION, RuntimeConfig};
 use crate::layers::{LayerTar, layer_tree};
 use crate::source::{BlobSource, resolve_manifest};
 use crate::space::{Headroom, MIN_FREE_BYTES};
 
-use crate::image::RECORD_VERSION;
 const OCI_CONFIG: &str = "application/vnd.oci.image.config.v1+json";
 /// How often, in bytes, progress is reported while a layer streams.
 const PROGRESS_STEP: u64 = 256 * 1024;
