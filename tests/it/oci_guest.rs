@@ -9,9 +9,10 @@
 //! `tree-manifest`; `umoci config` sets the user, workdir, entrypoint, cmd
 //! and env. `umoci unpack` (as root, so owners are real) gives the rootfs
 //! and umoci's own runtime config (argv, env, cwd, uid/gid), the reference
-//! the guest is held to. Until kiln-oci's per-layer conversion lands, the
-//! unpacked rootfs becomes ONE layer disk with `Ext4Tree::add_host_path`
-//! (swap `layer_disks_from_rootfs` for the converter). The probe writes
+//! the guest is held to. The layout is pulled and converted as `kiln run`
+//! does it (kiln-oci: one ext4 per layer-chain step, stacked by
+//! overlayfs), so the container's `/` is kiln's conversion of the image
+//! held against umoci's own unpack of it. The probe writes
 //! its report and the container's manifest of `/` to the data disk, read
 //! back through the host's loop driver after power-off.
 //!
@@ -184,13 +185,16 @@ fn build_umoci_image(dir: &Path, tool: &Path) -> PathBuf {
     reference
 }
 
-/// The unpacked rootfs as one layer disk (until kiln-oci converts layers).
-fn layer_disks_from_rootfs(rootfs: &Path, dir: &Path) -> Vec<PathBuf> {
-    let mut tree = Ext4Tree::new();
-    tree.add_host_path("", rootfs).unwrap();
-    let path = dir.join("layer0.ext4");
-    tree.layout(&Ext4Options::default()).unwrap().write_file(&path).unwrap();
-    vec![path]
+/// The image's layer disks as `kiln run` makes them: the umoci layout
+/// pulled into a store in `dir` and converted by kiln-oci, one read-only
+/// ext4 per layer-chain step, bottom first.
+fn layer_disks_of_image(layout: &Path, dir: &Path) -> Vec<PathBuf> {
+    let store = kiln_oci::Store::open(dir.join("store")).unwrap();
+    let source = kiln::parse_image_source(&format!("oci:{}:t", layout.display())).unwrap();
+    let image = kiln::pull_image(&store, &source, &mut |_| {}).unwrap();
+    let disks = kiln::image_rootfs(&store, &image, &mut |_| {}).unwrap();
+    assert_eq!(disks.len(), image.layers().len(), "one disk per layer");
+    disks.into_iter().map(|disk| disk.path).collect()
 }
 
 /// A data disk whose `out` directory anyone may write (the probe runs as uid 1000).
@@ -326,24 +330,28 @@ fn without_field(line: &str, name: &str) -> String {
 /// A manifest made comparable: what overlayfs and the runtime legitimately
 /// change, and only that:
 /// - a directory's size is its filesystem's (the host's, the layer disk's);
+/// - a directory's link count: overlayfs reports 1 for a directory merged
+///   from several layers (measured), and otherwise the count is the
+///   number of subdirectories plus two, which the entries themselves
+///   already show; a file's link count is compared;
 /// - `/` and `/etc` are the only directories the runtime writes into (its
 ///   mount points, the `/etc` files), which copies them up: their times are
-///   the boot's, and overlayfs reports a merged directory's link count as 1
-///   (measured: every other directory keeps the layer's count, which equals
-///   umoci's);
-/// - the layer disk's `lost+found` (kiln's ext4 writer makes one) goes.
+///   the boot's.
+///
+/// Nothing else is set aside: layer disks carry no `lost+found` of the
+/// writer's, so one in the container would be a difference.
 fn normalise(manifest: &str) -> Vec<String> {
     let mut lines = Vec::new();
     for line in manifest.lines() {
         let path = line.split(' ').next().unwrap_or_default();
-        if line.starts_with("# ") || path == "lost+found" {
+        if line.starts_with("# ") {
             continue;
         }
         let mut line = line.to_owned();
         if line.split(' ').nth(1) == Some("dir") {
-            line = without_field(&line, "size");
+            line = without_field(&without_field(&line, "size"), "nlink");
             if path == "." || path == "etc" {
-                line = without_field(&without_field(&line, "mtime"), "nlink");
+                line = without_field(&line, "mtime");
             }
         }
         lines.push(line);
@@ -390,7 +398,8 @@ fn umoci_image_runs_in_the_guest_as_docker_run_would_and_its_root_is_umocis_root
     let argv = json_strings(&process["args"]);
     assert_eq!(argv, ["/usr/local/bin/probe", "first", "second arg"], "umoci's argv");
     let spec_env = [("SHARED".to_owned(), "from the spec".to_owned()), ("SPEC_VAR".to_owned(), "a=b c".to_owned())];
-    let mut config = ContainerConfig::new(1, argv.clone());
+    let layers = layer_disks_of_image(&dir.path().join("layout"), dir.path());
+    let mut config = ContainerConfig::new(layers.len() as u32, argv.clone());
     config.env = merge_env(&json_strings(&process["env"]), &spec_env);
     config.workdir = process["cwd"].as_str().unwrap().to_owned();
     config.user = "app".to_owned();
@@ -400,7 +409,6 @@ fn umoci_image_runs_in_the_guest_as_docker_run_would_and_its_root_is_umocis_root
         FilesMount { name: "config".to_owned(), path: "/srv/config".to_owned() },
         FilesMount { name: "keys".to_owned(), path: "/etc/app/keys".to_owned() },
     ];
-    let layers = layer_disks_from_rootfs(&reference.join("rootfs"), dir.path());
     let data = data_disk(dir.path());
     let trees: [(&str, &[(&str, &str)]); 2] = [("config", &[("greeting", "hello")]), ("keys", &[("key", "s3cret")])];
     let service = service_disk(dir.path(), &config, &trees);
