@@ -459,12 +459,14 @@ fn run_of_a_umoci_busybox_image_runs_its_program_as_its_user_and_exits_with_its_
 
 /// A `docker-registry serve` on 127.0.0.1 inside a network namespace the
 /// test creates; the registry and the namespace go on drop.
+#[cfg(feature = "k8s")]
 struct NetnsRegistry {
     netns: String,
     port: u16,
     child: std::process::Child,
 }
 
+#[cfg(feature = "k8s")]
 impl NetnsRegistry {
     fn start(dir: &Path) -> NetnsRegistry {
         let netns = format!("kiln-oci-reg-{}", std::process::id());
@@ -504,6 +506,7 @@ impl NetnsRegistry {
     }
 }
 
+#[cfg(feature = "k8s")]
 impl Drop for NetnsRegistry {
     fn drop(&mut self) {
         let _ = self.child.kill();
