@@ -70,6 +70,10 @@ struct Chunk<'t> {
 }
 
 impl Chunk<'_> {
+    fn empty(buffer: AlignedBuffer) -> Self {
+        Chunk { buffer, start_block: 0, len: 0, reads: Vec::new(), written: false }
+    }
+
     fn read(&mut self) -> Result<()> {
         let chunk = &mut self.buffer.as_mut_slice()[..self.len];
         read_all(chunk, &self.reads)
@@ -113,13 +117,7 @@ impl<'scope, 'env, 't: 'scope> DataWriter<'scope, 'env, 't> {
         let cores = std::thread::available_parallelism().map_or(1, usize::from);
         DataWriter {
             scope,
-            staging: Chunk {
-                buffer: AlignedBuffer::new(CHUNK_BYTES),
-                start_block: 0,
-                len: 0,
-                reads: Vec::new(),
-                written: false,
-            },
+            staging: Chunk::empty(AlignedBuffer::new(CHUNK_BYTES)),
             pending: VecDeque::new(),
             spare: Vec::new(),
             readers: Vec::new(),
@@ -192,12 +190,8 @@ impl<'scope, 'env, 't: 'scope> DataWriter<'scope, 'env, 't> {
     /// few host files or there is no core to spare), first writing the
     /// oldest chunk if every reader is busy, and starts a fresh one.
     fn hand_on(&mut self, sink: &mut dyn Sink) -> Result<()> {
-        let buffer = match self.spare.pop() {
-            Some(buffer) => buffer,
-            None => AlignedBuffer::new(CHUNK_BYTES),
-        };
-        let fresh = Chunk { buffer, start_block: 0, len: 0, reads: Vec::new(), written: false };
-        let mut chunk = std::mem::replace(&mut self.staging, fresh);
+        let buffer = self.spare.pop().unwrap_or_else(|| AlignedBuffer::new(CHUNK_BYTES));
+        let mut chunk = std::mem::replace(&mut self.staging, Chunk::empty(buffer));
         if chunk.reads.len() < MIN_FILES_PER_READER || self.max_readers == 0 {
             let result = chunk.read();
             self.pending.push_back(Pending::Read(chunk, result));
