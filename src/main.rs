@@ -105,6 +105,9 @@ impl PlacementArgs {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     init_tracing(cli.verbose);
+    if cli.command.only_prints() {
+        end_quietly_when_stdout_closes();
+    }
     let result = match cli.command {
         Command::Run(args) => runcmd::run(&args),
         Command::Render(args) => runcmd::render(&args),
@@ -124,6 +127,26 @@ fn main() -> ExitCode {
             }
             ExitCode::FAILURE
         }
+    }
+}
+
+impl Command {
+    /// Whether the command only prints (no VM, store or host state changes
+    /// under way), so being ended by a closed stdout loses nothing.
+    fn only_prints(&self) -> bool {
+        matches!(self, Command::Render(_) | Command::Ps(_) | Command::Logs(_))
+    }
+}
+
+/// `kiln render | head` ends as `cat` does, by SIGPIPE, instead of
+/// panicking in `println!` (Rust ignores SIGPIPE, so a write to a closed
+/// pipe fails with EPIPE). Only for commands that only print: a `kiln run`
+/// must outlive its terminal and clean up after its VM.
+fn end_quietly_when_stdout_closes() {
+    // SAFETY: called on the main thread before any other thread exists;
+    // restoring a signal's default disposition has no other effect.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
     }
 }
 

@@ -55,3 +55,27 @@ fn render_vm_prints_each_qemu_flag_with_its_value_on_one_line() {
     );
     assert!(args.iter().any(|line| line.starts_with("-drive file=")), "{stdout}");
 }
+
+/// `kiln render | head`: a reader that goes away ends kiln as it ends
+/// `cat` (SIGPIPE), never with a Rust panic and its exit status 101.
+#[cfg(feature = "k8s")]
+#[test]
+fn render_into_a_closed_pipe_ends_by_sigpipe_without_a_panic() {
+    use std::os::unix::process::ExitStatusExt;
+    let dir = tempfile::tempdir().unwrap();
+    let spec = dir.path().join("web.toml");
+    std::fs::write(&spec, "name = \"web\"\n[service]\nimage = \"registry.example/web:1\"\n").unwrap();
+    let (reader, writer) = std::io::pipe().unwrap();
+    drop(reader);
+    let output = Command::new(env!("CARGO_BIN_EXE_kiln"))
+        .args(["render", "--target", "k8s"])
+        .arg(&spec)
+        .stdout(writer)
+        .env_remove("KILN_K8S_DEFAULTS")
+        .env_remove("KUBECONFIG")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    assert_eq!(output.status.signal(), Some(rustix::process::Signal::PIPE.as_raw()), "{:?}\n{stderr}", output.status);
+}
