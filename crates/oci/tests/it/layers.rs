@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
 use kiln_imagefmt::{Ext4Options, Ext4Tree};
-use kiln_oci::{LayerTar, layer_tree};
+use kiln_oci::{ImageSource, LayerTar, Store, layer_tree};
 use proptest::prelude::*;
 use proptest::test_runner::TestRunner;
 use serde_json::{Value, json};
@@ -477,7 +477,8 @@ fn pax_global_records_are_ignored_as_go_containerd_and_umoci_ignore_them() {
 }
 
 /// Builds `layers`, asks for the flattened tree and the last layer's chain
-/// step, and checks both are refused naming the entry, the layer and the image.
+/// step, and checks both are refused naming the entry, the layer and the
+/// image; then pulls them as an image and checks that is refused too.
 fn assert_refused(python: &Path, layers: &[Value], entry: &str, layer: &str, reason: &str) {
     let dir = tempfile::tempdir().unwrap();
     let tars = make_layers(python, dir.path(), layers);
@@ -490,6 +491,48 @@ fn assert_refused(python: &Path, layers: &[Value], entry: &str, layer: &str, rea
         let chain = format!("{text}: {}", std::error::Error::source(&err).map(|s| s.to_string()).unwrap_or_default());
         assert!(chain.contains(reason), "{entry}: expected {reason:?} in {chain}");
     }
+    // The same layers as an image: its pull is refused the same way, and
+    // the store keeps nothing of it.
+    let layout = write_layout(dir.path(), layers.len());
+    let store = Store::open(dir.path().join("store")).unwrap();
+    let source = format!("oci:{}:hostile", layout.display());
+    let opened = source.parse::<ImageSource>().unwrap().open().unwrap();
+    let err = store.pull(opened.as_ref(), &mut |_| {}).err().unwrap_or_else(|| panic!("{entry}: pull not refused"));
+    let text = err.to_string();
+    assert!(text.contains(&source) && text.contains(&format!("{entry:?}")), "{entry}: {text}");
+    assert_eq!(super::sources::store_files(store.root()), Vec::<String>::new(), "{entry}: left in the store");
+}
+
+/// An OCI image layout in `dir/layout` whose layers are `dir/layer{N}.tar`
+/// as they are (uncompressed), tagged `hostile`: the JSON is the test's,
+/// the tars Python's.
+fn write_layout(dir: &Path, layers: usize) -> PathBuf {
+    use sha2::{Digest, Sha256};
+    let layout = dir.join("layout");
+    let blobs = layout.join("blobs/sha256");
+    fs::create_dir_all(&blobs).unwrap();
+    let add = |bytes: &[u8]| -> (String, usize) {
+        let hex: String = Sha256::digest(bytes).iter().map(|b| format!("{b:02x}")).collect();
+        fs::write(blobs.join(&hex), bytes).unwrap();
+        (format!("sha256:{hex}"), bytes.len())
+    };
+    let descriptor =
+        |media: &str, (digest, size): (String, usize)| json!({"mediaType": media, "digest": digest, "size": size});
+    let tars: Vec<(String, usize)> =
+        (0..layers).map(|index| add(&fs::read(dir.join(format!("layer{index}.tar"))).unwrap())).collect();
+    let diff_ids: Vec<&str> = tars.iter().map(|(digest, _)| digest.as_str()).collect();
+    let config = json!({"architecture": "amd64", "os": "linux", "config": {}, "rootfs": {"type": "layers", "diff_ids": diff_ids}});
+    let manifest = json!({
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.oci.image.manifest.v1+json",
+        "config": descriptor("application/vnd.oci.image.config.v1+json", add(config.to_string().as_bytes())),
+        "layers": tars.iter().cloned().map(|tar| descriptor("application/vnd.oci.image.layer.v1.tar", tar)).collect::<Vec<_>>(),
+    });
+    let mut top = descriptor("application/vnd.oci.image.manifest.v1+json", add(manifest.to_string().as_bytes()));
+    top["annotations"] = json!({"org.opencontainers.image.ref.name": "hostile"});
+    fs::write(layout.join("oci-layout"), r#"{"imageLayoutVersion":"1.0.0"}"#).unwrap();
+    fs::write(layout.join("index.json"), json!({"schemaVersion": 2, "manifests": [top]}).to_string()).unwrap();
+    layout
 }
 
 #[test]

@@ -29,7 +29,7 @@ fn pull_reporting(store: &Store, source: &str, events: &mut Vec<BlobProgress>) -
 }
 
 /// Every file under the store but its lock files, relative, sorted.
-fn store_files(root: &Path) -> Vec<String> {
+pub(crate) fn store_files(root: &Path) -> Vec<String> {
     let mut files = Vec::new();
     let mut pending = vec![root.to_owned()];
     while let Some(dir) = pending.pop() {
