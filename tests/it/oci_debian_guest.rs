@@ -8,7 +8,9 @@
 //! user the Debian way (Debian's own `groupadd`/`useradd`, chrooted into
 //! umoci's bundle), its WORKDIR, a character and a block device node
 //! (`mknod`), a setuid+setgid copy of Debian's `id`, a hard link to a
-//! layer-1 file, the probe and the static `tree-manifest`; `umoci config`
+//! layer-1 file, the probe and the static `tree-manifest` (setuid root:
+//! the probe runs as the user, the manifest must read root-only files);
+//! `umoci config`
 //! sets the user by NAME (resolved through the image's `/etc/passwd` and
 //! `/etc/group`), the workdir, entrypoint, cmd and env. The probe runs on
 //! Debian's userland (`/bin/sh` is dash; coreutils' `id`, `stat`), and the
@@ -47,7 +49,8 @@ const RUNTIME_PATHS: [&str; 7] = ["proc", "sys", "dev", "mnt/data", "etc/hostnam
 /// Directories the runtime writes into, so overlayfs copies them up and
 /// their mtime is the boot's: `/etc` (the three files), `/mnt` (kiln-init
 /// makes `mnt/data`). Measured: nothing else differs, `/` included (the
-/// Debian image has every mount point already).
+/// Debian image has every mount point, and kiln-init gives the overlay's
+/// upper the image's root attributes; before that `/` had the boot's mtime).
 const RUNTIME_WRITTEN_DIRS: [&str; 2] = ["etc", "mnt"];
 
 /// The probe, the image's entrypoint (`@SKIPS@` is [`RUNTIME_PATHS`] as
