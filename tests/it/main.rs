@@ -20,6 +20,7 @@ mod ext4_guest;
 mod fake_k8s;
 mod guest_boot;
 mod launch_sh;
+mod oci_debian_guest;
 mod oci_guest;
 mod run_ch;
 mod run_e2e;

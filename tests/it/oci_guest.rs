@@ -36,7 +36,7 @@ use rustix::fs::{AtFlags, CWD, Gid, Uid};
 
 /// Generous: TCG on a loaded 2-core machine; a good boot takes ~5 s.
 const BOOT_DEADLINE: Duration = Duration::from_secs(300);
-const QEMU: &str = "qemu-system-x86_64";
+pub(crate) const QEMU: &str = "qemu-system-x86_64";
 const BUSYBOX: &str = "/usr/bin/busybox";
 const HOSTNAME: &str = "oci-guest";
 const NAMESERVER: &str = "10.0.2.3";
@@ -89,7 +89,7 @@ echo "done"
 exit 7
 "#;
 
-fn setup(test: &str) -> Option<(GuestAssets, PathBuf)> {
+pub(crate) fn setup(test: &str) -> Option<(GuestAssets, PathBuf)> {
     if !require_root(test, "umoci unpack with real owners, loop mounts of the data disk") {
         return None;
     }
@@ -100,22 +100,22 @@ fn setup(test: &str) -> Option<(GuestAssets, PathBuf)> {
     Some((assets, tool))
 }
 
-fn run(command: &mut Command) -> String {
+pub(crate) fn run(command: &mut Command) -> String {
     let out = command.output().unwrap_or_else(|err| panic!("cannot run {command:?}: {err}"));
     assert!(out.status.success(), "{command:?} failed ({}):\n{}", out.status, String::from_utf8_lossy(&out.stderr));
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
-fn umoci(args: &[&str]) -> String {
+pub(crate) fn umoci(args: &[&str]) -> String {
     run(Command::new("umoci").args(args))
 }
 
-fn chown(path: &Path, uid: u32, gid: u32) {
+pub(crate) fn chown(path: &Path, uid: u32, gid: u32) {
     rustix::fs::chownat(CWD, path, Some(Uid::from_raw(uid)), Some(Gid::from_raw(gid)), AtFlags::SYMLINK_NOFOLLOW)
         .unwrap_or_else(|err| panic!("chown {}: {err}", path.display()));
 }
 
-fn write_mode(path: &Path, bytes: &[u8], mode: u32) {
+pub(crate) fn write_mode(path: &Path, bytes: &[u8], mode: u32) {
     fs::create_dir_all(path.parent().unwrap()).unwrap();
     fs::write(path, bytes).unwrap();
     fs::set_permissions(path, fs::Permissions::from_mode(mode)).unwrap();
@@ -188,7 +188,7 @@ fn build_umoci_image(dir: &Path, tool: &Path) -> PathBuf {
 /// The image's layer disks as `kiln run` makes them: the umoci layout
 /// pulled into a store in `dir` and converted by kiln-oci, one read-only
 /// ext4 per layer-chain step, bottom first.
-fn layer_disks_of_image(layout: &Path, dir: &Path) -> Vec<PathBuf> {
+pub(crate) fn layer_disks_of_image(layout: &Path, dir: &Path) -> Vec<PathBuf> {
     let store = kiln_oci::Store::open(dir.join("store")).unwrap();
     let source = kiln::parse_image_source(&format!("oci:{}:t", layout.display())).unwrap();
     let image = kiln::pull_image(&store, &source, &mut |_| {}).unwrap();
@@ -198,7 +198,7 @@ fn layer_disks_of_image(layout: &Path, dir: &Path) -> Vec<PathBuf> {
 }
 
 /// A data disk whose `out` directory anyone may write (the probe runs as uid 1000).
-fn data_disk(dir: &Path) -> PathBuf {
+pub(crate) fn data_disk(dir: &Path) -> PathBuf {
     let mut tree = Ext4Tree::new();
     tree.add_dir("out", Ext4Metadata::default().with_mode(0o777)).unwrap();
     // Where a hostile image's symlinks aim (`/proc/1/root/mnt/data/escape`): must stay empty.
@@ -209,7 +209,7 @@ fn data_disk(dir: &Path) -> PathBuf {
     path
 }
 
-fn service_disk(dir: &Path, config: &ContainerConfig, trees: &[(&str, &[(&str, &str)])]) -> PathBuf {
+pub(crate) fn service_disk(dir: &Path, config: &ContainerConfig, trees: &[(&str, &[(&str, &str)])]) -> PathBuf {
     let mut fat = FatTree::new();
     fat.add_file_from_bytes(CONTAINER_CONFIG_FILE, config.to_text().unwrap()).unwrap();
     for (name, files) in trees {
@@ -228,7 +228,14 @@ fn service_disk(dir: &Path, config: &ContainerConfig, trees: &[(&str, &[(&str, &
 
 /// Boots the guest; returns the console once it powered off, kiln-init
 /// having failed at nothing.
-fn boot(test: &str, dir: &Path, assets: &GuestAssets, service: &Path, layers: &[PathBuf], data: &Path) -> String {
+pub(crate) fn boot(
+    test: &str,
+    dir: &Path,
+    assets: &GuestAssets,
+    service: &Path,
+    layers: &[PathBuf],
+    data: &Path,
+) -> String {
     let log = boot_guest(test, dir, assets, service, layers, data, None);
     assert!(!log.contains("kiln-init: FAILED"), "{test}: kiln-init failed:\n{log}");
     log
@@ -302,7 +309,7 @@ fn boot_guest(
 }
 
 /// Files of the data disk (paths from its root), read through the host's loop driver.
-fn read_out(data: &Path, dir: &Path, names: &[&str]) -> Vec<String> {
+pub(crate) fn read_out(data: &Path, dir: &Path, names: &[&str]) -> Vec<String> {
     let mnt = dir.join("data-mnt");
     fs::create_dir_all(&mnt).unwrap();
     run(Command::new("mount").args(["-t", "ext4", "-o", "loop,ro"]).arg(data).arg(&mnt));
@@ -340,7 +347,13 @@ fn without_field(line: &str, name: &str) -> String {
 ///
 /// Nothing else is set aside: layer disks carry no `lost+found` of the
 /// writer's, so one in the container would be a difference.
-fn normalise(manifest: &str) -> Vec<String> {
+pub(crate) fn normalise(manifest: &str) -> Vec<String> {
+    normalise_written(manifest, &[".", "etc"])
+}
+
+/// [`normalise`] with the directories the runtime writes into (so copies
+/// up) named: `written_dirs`' times are the boot's.
+pub(crate) fn normalise_written(manifest: &str, written_dirs: &[&str]) -> Vec<String> {
     let mut lines = Vec::new();
     for line in manifest.lines() {
         let path = line.split(' ').next().unwrap_or_default();
@@ -350,7 +363,7 @@ fn normalise(manifest: &str) -> Vec<String> {
         let mut line = line.to_owned();
         if line.split(' ').nth(1) == Some("dir") {
             line = without_field(&without_field(&line, "size"), "nlink");
-            if path == "." || path == "etc" {
+            if written_dirs.contains(&path) {
                 line = without_field(&line, "mtime");
             }
         }
@@ -359,7 +372,7 @@ fn normalise(manifest: &str) -> Vec<String> {
     lines
 }
 
-fn diff(host: &[String], guest: &[String]) -> String {
+pub(crate) fn diff(host: &[String], guest: &[String]) -> String {
     let host: BTreeSet<&String> = host.iter().collect();
     let guest: BTreeSet<&String> = guest.iter().collect();
     let mut out = String::new();
@@ -372,7 +385,7 @@ fn diff(host: &[String], guest: &[String]) -> String {
     out
 }
 
-fn json_strings(value: &serde_json::Value) -> Vec<String> {
+pub(crate) fn json_strings(value: &serde_json::Value) -> Vec<String> {
     value
         .as_array()
         .map(|items| items.iter().filter_map(|v| v.as_str().map(str::to_owned)).collect())

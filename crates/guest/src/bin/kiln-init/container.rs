@@ -107,8 +107,12 @@ pub(crate) fn start(
         other => return Err(Failure(format!("unsupported upper layer {other:?}"))),
     };
     let (upper, work) = (format!("{upper_base}/upper"), format!("{upper_base}/work"));
+    let fresh_upper = !sys::exists(&upper);
     for dir in [&upper, &work] {
         make_real_dir(dir)?;
+    }
+    if fresh_upper && let Some(top) = lowers.last() {
+        take_root_attributes(top, &upper)?;
     }
     fs::create_dir_all(ROOT).context(|| format!("cannot create {ROOT}"))?;
     let options = overlay_options(&lowers, &upper, &work);
@@ -201,6 +205,23 @@ fn data_dir(dir: &str) -> Result<String> {
         make_real_dir(&path)?;
     }
     Ok(path)
+}
+
+/// overlayfs shows the upper directory's mode, owner and times as the
+/// container's `/`: a fresh one takes the image's (the top layer's root,
+/// as a copy-up would), not those kiln-init made it with.
+fn take_root_attributes(top: &str, upper: &str) -> Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    let meta = fs::metadata(top).context(|| format!("cannot look at {top}"))?;
+    std::os::unix::fs::chown(upper, Some(meta.uid()), Some(meta.gid()))
+        .context(|| format!("cannot give {upper} the owner of the image's /"))?;
+    fs::set_permissions(upper, fs::Permissions::from_mode(meta.mode() & 0o7777))
+        .context(|| format!("cannot give {upper} the mode of the image's /"))?;
+    let times = fs::FileTimes::new().set_accessed(meta.accessed().context(|| format!("no atime of {top}"))?);
+    let times = times.set_modified(meta.modified().context(|| format!("no mtime of {top}"))?);
+    File::open(upper)
+        .and_then(|dir| dir.set_times(times))
+        .context(|| format!("cannot give {upper} the times of the image's /"))
 }
 
 fn make_real_dir(path: &str) -> Result<()> {
