@@ -3,13 +3,14 @@
 //! IMAGE ARGS... -e NAME=VALUE` combines them. Pure; the image store's side
 //! is in [`super::oci`].
 
-use kiln_guest::{ContainerConfig, FilesMount, UpperKind, combine_argv, merge_env};
+use kiln_guest::{ContainerConfig, FilesMount, StopSignal, UpperKind, combine_argv, merge_env};
 
 use crate::state::LeaseInfo;
 use crate::{Error, Result, Spec};
 
 /// What of an image's config a container runs with (OCI image-spec
-/// `config.config`: `Entrypoint`, `Cmd`, `Env`, `WorkingDir`, `User`).
+/// `config.config`: `Entrypoint`, `Cmd`, `Env`, `WorkingDir`, `User`,
+/// `StopSignal`).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub(crate) struct ImageRuntime {
     pub(crate) entrypoint: Vec<String>,
@@ -20,6 +21,8 @@ pub(crate) struct ImageRuntime {
     pub(crate) working_dir: String,
     /// Empty: root.
     pub(crate) user: String,
+    /// As the image wrote it; empty: SIGTERM.
+    pub(crate) stop_signal: String,
 }
 
 /// Where the container's writes go when the spec has a data disk: a
@@ -33,7 +36,8 @@ pub(crate) fn data_disk_upper(manifest_hex: &str) -> String {
 /// `manifest_hex`) on `layers` layer disks: the spec's `args` replace the
 /// image's cmd (its entrypoint stays), the spec's `env` (loopback URLs
 /// rewritten for the guest) is merged on top of the image's, the image's
-/// working directory and user are kept, the upper layer is a tmpfs or, with
+/// working directory, user and stop signal are kept (a stop signal Docker
+/// would refuse is refused, naming the image), the upper layer is a tmpfs or, with
 /// `resources.storage`, a directory on the data disk, and each `files`
 /// tree is mounted read-only at `/srv/NAME`, the path it has in a Pod.
 pub(crate) fn container_config(
@@ -52,6 +56,10 @@ pub(crate) fn container_config(
         config.workdir = image.working_dir.clone();
     }
     config.user = image.user.clone();
+    if !image.stop_signal.is_empty() {
+        config.stop_signal = StopSignal::parse(&image.stop_signal)
+            .map_err(|source| Error::ContainerConfig { image: image_name(spec), source })?;
+    }
     if spec.resources.storage.is_some() {
         config.upper = UpperKind::DataDisk { dir: data_disk_upper(manifest_hex) };
     }
@@ -95,6 +103,7 @@ mod tests {
             env: vec!["PATH=/bin".into(), "MODE=image".into()],
             working_dir: "/work".into(),
             user: "app:app".into(),
+            stop_signal: String::new(),
         }
     }
 
@@ -118,10 +127,16 @@ mod tests {
                 hostname web
             "#]],
         );
-        // No args: the image's cmd; no working dir: `/`; a data disk holds the upper layer.
+        // No args: the image's cmd; no working dir: `/`; a data disk holds
+        // the upper layer; the image's stop signal, by number.
         check(
             "files = { conf = { path = \"conf\" } }\n[resources]\nstorage = \"64MiB\"\n",
-            &ImageRuntime { working_dir: String::new(), user: String::new(), ..busybox() },
+            &ImageRuntime {
+                working_dir: String::new(),
+                user: String::new(),
+                stop_signal: "sigquit".into(),
+                ..busybox()
+            },
             expect![[r#"
                 kiln-container 1
                 layers 2
@@ -134,7 +149,19 @@ mod tests {
                 upper data .kiln-upper/0123456789abcdef
                 hostname web
                 files conf /srv/conf
+                stopsignal 3
             "#]],
+        );
+    }
+
+    #[test]
+    fn an_image_stop_signal_docker_would_refuse_is_refused_naming_the_image_and_the_value() {
+        check(
+            "",
+            &ImageRuntime { stop_signal: "SIGNOPE".into(), ..busybox() },
+            expect![[
+                r#"error: Image oci:/s/img cannot run in a VM: Stop signal "SIGNOPE" is not a signal: a name (SIGQUIT, QUIT, quit, SIGRTMIN+3) or a number from 1 to 64"#
+            ]],
         );
     }
 

@@ -239,6 +239,7 @@ pub(crate) fn image_runtime(image: &Image) -> ImageRuntime {
         env: runtime.env().to_vec(),
         working_dir: runtime.working_dir().unwrap_or_default().to_owned(),
         user: runtime.user().unwrap_or_default().to_owned(),
+        stop_signal: runtime.stop_signal().unwrap_or_default().to_owned(),
     }
 }
 

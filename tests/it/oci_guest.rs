@@ -668,35 +668,68 @@ fn container_that_cannot_start_is_reported_as_a_failure_naming_the_cause() {
     assert!(!log.contains("service exited"), "a failure is not an exit:\n{log}");
 }
 
-/// The power button stops a container as it stops a binary service:
-/// SIGTERM reaches the container's program (a numeric uid without a
-/// passwd entry, so gid 0), whose own exit status is reported.
+/// The power button stops a container with its image's stop signal, as
+/// `docker stop` does: umoci's image sets `StopSignal` SIGQUIT, kiln-oci
+/// reads it, and SIGQUIT (not SIGTERM) reaches the container's program (a
+/// numeric uid without a passwd entry, so gid 0), whose own exit status,
+/// saying which signal came, is reported.
 #[test]
 fn power_button_stops_the_container_and_its_exit_status_is_reported() {
     let test = "oci_guest_power";
     let Some((assets, _tool)) = setup(test) else { return };
     let dir = tempfile::tempdir().unwrap();
-    let mut layer = Ext4Tree::new();
-    layer.add_dir("bin", meta(0o755)).unwrap();
-    layer.add_file_from_path("bin/busybox", BUSYBOX, meta(0o755)).unwrap();
+    let (layout, bundle) = (dir.path().join("layout"), dir.path().join("bundle"));
+    let image = format!("{}:t", layout.display());
+    umoci(&["init", "--layout", layout.to_str().unwrap()]);
+    umoci(&["new", "--image", &image]);
+    umoci(&["unpack", "--image", &image, bundle.to_str().unwrap()]);
+    let rootfs = bundle.join("rootfs");
+    write_mode(&rootfs.join("bin/busybox"), &fs::read(BUSYBOX).unwrap(), 0o755);
     for applet in ["sh", "sleep", "id"] {
-        layer.add_symlink(&format!("bin/{applet}"), "busybox", meta(0o777)).unwrap();
+        symlink("busybox", rootfs.join("bin").join(applet)).unwrap();
     }
-    let layers = vec![dir.path().join("layer0.ext4")];
-    layer.layout(&Ext4Options::default()).unwrap().write_file(&layers[0]).unwrap();
-    let script = "trap 'echo container: got SIGTERM; exit 3' TERM; echo \"container: ready as $(id -u):$(id -g)\"; \
-                  while :; do sleep 1; done";
-    let mut config = ContainerConfig::new(1, ["sh", "-c", script].map(str::to_owned).to_vec());
-    config.env = merge_env(&[], &[("PATH".to_owned(), "/bin".to_owned())]);
-    config.user = "4242".to_owned();
+    umoci(&["repack", "--image", &image, bundle.to_str().unwrap()]);
+    // The status says which signal came: 3 for SIGQUIT, 4 for SIGTERM.
+    let script = "trap 'echo container: got SIGQUIT; exit 3' QUIT; trap 'echo container: got SIGTERM; exit 4' TERM; \
+                  echo \"container: ready as $(id -u):$(id -g)\"; while :; do sleep 1; done";
+    umoci(&[
+        "config",
+        "--image",
+        &image,
+        "--config.user",
+        "4242",
+        "--config.env",
+        "PATH=/bin",
+        "--config.entrypoint",
+        "sh",
+        "--config.entrypoint",
+        "-c",
+        "--config.cmd",
+        script,
+        "--config.stopsignal",
+        "SIGQUIT",
+    ]);
+    // Pulled and converted as `kiln run` does it.
+    let store = kiln_oci::Store::open(dir.path().join("store")).unwrap();
+    let source = kiln::parse_image_source(&format!("oci:{image}")).unwrap();
+    let pulled = kiln::pull_image(&store, &source, &mut |_| {}).unwrap();
+    let runtime = pulled.runtime();
+    assert_eq!(runtime.stop_signal(), Some("SIGQUIT"), "kiln-oci lost the image's StopSignal");
+    let layers: Vec<PathBuf> =
+        kiln::image_rootfs(&store, &pulled, &mut |_| {}).unwrap().into_iter().map(|disk| disk.path).collect();
+    let argv = kiln_guest::combine_argv(runtime.entrypoint(), runtime.cmd(), None);
+    let mut config = ContainerConfig::new(u32::try_from(layers.len()).unwrap(), argv);
+    config.env = merge_env(runtime.env(), &[]);
+    config.user = runtime.user().unwrap_or_default().to_owned();
+    config.stop_signal = kiln_guest::StopSignal::parse(runtime.stop_signal().unwrap()).unwrap();
     let service = service_disk(dir.path(), &config, &[]);
     let data = data_disk(dir.path());
     let log = boot_guest(test, dir.path(), &assets, &service, &layers, &data, Some("container: ready as 4242:0"));
     let position = |line: &str| {
         log.lines().position(|l| l.trim_end() == line).unwrap_or_else(|| panic!("the console lacks {line:?}:\n{log}"))
     };
-    let pressed = position("kiln-init: power button: sending SIGTERM to the service, grace 5.0s");
-    let trapped = position("container: got SIGTERM");
+    let pressed = position("kiln-init: power button: sending SIGQUIT to the service, grace 5.0s");
+    let trapped = position("container: got SIGQUIT");
     let exited = position("kiln-init: service exited with status 3");
     assert!(pressed < trapped && trapped < exited, "out of order:\n{log}");
     assert!(!log.contains("kiln-init: FAILED"), "kiln-init failed:\n{log}");

@@ -3,7 +3,7 @@
 //! parts of running it the way `docker run` does: the argv (entrypoint and
 //! cmd), the environment merge, the user resolved against the image's
 //! `/etc/passwd` and `/etc/group` (runc's rules), the PATH lookup of
-//! argv\[0\], the overlayfs mount options, and the contents of
+//! argv\[0\], the image's stop signal, the overlayfs mount options, and the contents of
 //! `/etc/hosts`, `/etc/hostname` and `/etc/resolv.conf`. The host writes
 //! the config with [`ContainerConfig::to_text`]; kiln-init reads it with
 //! [`ContainerConfig::parse`].
@@ -77,6 +77,9 @@ pub struct ContainerConfig {
     /// `/etc/resolv.conf`'s name servers.
     pub nameservers: Vec<IpAddr>,
     pub files: Vec<FilesMount>,
+    /// What a stop sends the program first (the image's `StopSignal`,
+    /// SIGTERM by default); SIGKILL follows after the grace period.
+    pub stop_signal: StopSignal,
 }
 
 impl ContainerConfig {
@@ -93,6 +96,7 @@ impl ContainerConfig {
             hostname: None,
             nameservers: Vec::new(),
             files: Vec::new(),
+            stop_signal: StopSignal::TERM,
         }
     }
 
@@ -182,6 +186,11 @@ impl ContainerConfig {
         for files in &self.files {
             line("files", &[&files.name, &files.path]);
         }
+        // Only when not the default: a config without the line (an older
+        // kiln's) means SIGTERM.
+        if self.stop_signal != StopSignal::TERM {
+            line("stopsignal", &[&self.stop_signal.number().to_string()]);
+        }
         Ok(text)
     }
 
@@ -205,6 +214,7 @@ impl ContainerConfig {
         }
         let mut config = ContainerConfig::new(0, Vec::new());
         let (mut layers, mut workdir, mut user, mut upper, mut hostname) = (false, false, false, false, false);
+        let mut stop_signal = false;
         for (number, line) in lines {
             let bad = |reason: String| Error::ContainerConfig { line: number, reason };
             if line.is_empty() {
@@ -251,6 +261,16 @@ impl ContainerConfig {
                 "nameserver" => {
                     let field = one(&fields)?;
                     config.nameservers.push(field.parse().map_err(|_| bad(format!("{field:?} is not an IP address")))?);
+                }
+                "stopsignal" => {
+                    once(&mut stop_signal)?;
+                    let field = one(&fields)?;
+                    config.stop_signal = match field.parse::<u8>() {
+                        Ok(number) if field == number.to_string() => {
+                            StopSignal::from_number(number).map_err(|err| bad(err.to_string()))?
+                        }
+                        _ => return Err(bad(format!("{field:?} is not a signal number"))),
+                    };
                 }
                 "files" => match fields.as_slice() {
                     [name, path] => config.files.push(FilesMount { name: name.clone(), path: path.clone() }),
@@ -334,6 +354,124 @@ fn unescape(field: &str) -> std::result::Result<String, String> {
         }
     }
     Ok(out)
+}
+
+/// A signal that stops a container's program (OCI `StopSignal`): Linux
+/// signals 1 to 64.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StopSignal(u8);
+
+/// The highest Linux signal number (SIGRTMAX).
+const SIGRTMAX: u8 = 64;
+/// The lowest real-time signal a program may use: glibc keeps 32 and 33,
+/// so SIGRTMIN is 34 (as Docker counts it).
+const SIGRTMIN: u8 = 34;
+
+/// The names of signals 1 to 31 (x86_64), and the aliases Docker also takes.
+const SIGNAL_NAMES: [(&str, u8); 34] = [
+    ("HUP", 1),
+    ("INT", 2),
+    ("QUIT", 3),
+    ("ILL", 4),
+    ("TRAP", 5),
+    ("ABRT", 6),
+    ("BUS", 7),
+    ("FPE", 8),
+    ("KILL", 9),
+    ("USR1", 10),
+    ("SEGV", 11),
+    ("USR2", 12),
+    ("PIPE", 13),
+    ("ALRM", 14),
+    ("TERM", 15),
+    ("STKFLT", 16),
+    ("CHLD", 17),
+    ("CONT", 18),
+    ("STOP", 19),
+    ("TSTP", 20),
+    ("TTIN", 21),
+    ("TTOU", 22),
+    ("URG", 23),
+    ("XCPU", 24),
+    ("XFSZ", 25),
+    ("VTALRM", 26),
+    ("PROF", 27),
+    ("WINCH", 28),
+    ("IO", 29),
+    ("PWR", 30),
+    ("SYS", 31),
+    // Aliases: their numbers' names are the ones above.
+    ("IOT", 6),
+    ("CLD", 17),
+    ("POLL", 29),
+];
+
+impl StopSignal {
+    /// SIGTERM, what a stop sends when the image names no signal.
+    pub const TERM: StopSignal = StopSignal(15);
+
+    /// Signal `number`, if Linux has it (1 to 64).
+    pub fn from_number(number: u8) -> Result<StopSignal> {
+        if (1..=SIGRTMAX).contains(&number) {
+            Ok(StopSignal(number))
+        } else {
+            Err(Error::StopSignal { value: number.to_string() })
+        }
+    }
+
+    /// An image's `StopSignal` as Docker reads it: a number (1 to 64), or
+    /// a name in any case with or without `SIG` (`SIGQUIT`, `quit`),
+    /// `RTMIN+N` and `RTMAX-N` included. Anything else is refused, as
+    /// `docker run` refuses it.
+    pub fn parse(text: &str) -> Result<StopSignal> {
+        let bad = || Error::StopSignal { value: text.to_owned() };
+        if !text.is_empty() && text.bytes().all(|b| b.is_ascii_digit()) {
+            return text.parse::<u8>().map_err(|_| bad()).and_then(StopSignal::from_number).map_err(|_| bad());
+        }
+        let upper = text.to_ascii_uppercase();
+        let name = upper.strip_prefix("SIG").unwrap_or(&upper);
+        if let Some(&(_, number)) = SIGNAL_NAMES.iter().find(|(known, _)| *known == name) {
+            return Ok(StopSignal(number));
+        }
+        // Plain decimal offsets only, as in Docker's table (RTMIN+1..+15, RTMAX-14..-1).
+        let offset = |digits: &str| {
+            (!digits.is_empty() && !digits.starts_with('0') && digits.bytes().all(|b| b.is_ascii_digit()))
+                .then(|| digits.parse::<u8>().ok())
+                .flatten()
+        };
+        let number = match name {
+            "RTMIN" => Some(SIGRTMIN),
+            "RTMAX" => Some(SIGRTMAX),
+            _ => match (name.strip_prefix("RTMIN+"), name.strip_prefix("RTMAX-")) {
+                (Some(digits), _) => offset(digits).filter(|n| *n <= 15).map(|n| SIGRTMIN + n),
+                (_, Some(digits)) => offset(digits).filter(|n| *n <= 14).map(|n| SIGRTMAX - n),
+                _ => None,
+            },
+        };
+        number.map(StopSignal).ok_or_else(bad)
+    }
+
+    /// The signal's number, for kill(2).
+    pub fn number(self) -> i32 {
+        i32::from(self.0)
+    }
+}
+
+/// `SIGQUIT`, `SIGRTMIN+3`; `signal 32` for the two glibc keeps.
+impl std::fmt::Display for StopSignal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let number = self.0;
+        if let Some((name, _)) = SIGNAL_NAMES[..31].iter().find(|(_, n)| *n == number) {
+            return write!(f, "SIG{name}");
+        }
+        match number {
+            SIGRTMIN => f.write_str("SIGRTMIN"),
+            SIGRTMAX => f.write_str("SIGRTMAX"),
+            n if n > SIGRTMIN && n - SIGRTMIN <= 15 => write!(f, "SIGRTMIN+{}", n - SIGRTMIN),
+            n if n > SIGRTMIN => write!(f, "SIGRTMAX-{}", SIGRTMAX - n),
+            n => write!(f, "signal {n}"),
+        }
+    }
 }
 
 /// The argv `docker run` gives: the entrypoint, then the spec's `args` if
@@ -718,6 +856,7 @@ mod tests {
         config.hostname = Some("web-1".to_owned());
         config.nameservers = vec!["10.0.2.3".parse().unwrap()];
         config.files = vec![FilesMount { name: "config".to_owned(), path: "/etc/app".to_owned() }];
+        config.stop_signal = StopSignal::parse("SIGQUIT").unwrap();
         let text = config.to_text().unwrap();
         expect![[r#"
             kiln-container 1
@@ -733,9 +872,14 @@ mod tests {
             hostname web-1
             nameserver 10.0.2.3
             files config /etc/app
+            stopsignal 3
         "#]]
         .assert_eq(&text);
         assert_eq!(ContainerConfig::parse(&text).unwrap(), config);
+        // An older kiln's config, without the line: SIGTERM.
+        let old = ContainerConfig::parse("kiln-container 1\nlayers 1\narg x\n").unwrap();
+        assert_eq!(old.stop_signal, StopSignal::TERM);
+        assert!(!old.to_text().unwrap().contains("stopsignal"), "the default is not written");
 
         check_parse("", expect!["error: Invalid container config, line 1: does not start with `kiln-container 1`"]);
         check_parse(
@@ -817,9 +961,89 @@ mod tests {
             ]],
         );
         check_parse(
+            "kiln-container 1\nlayers 1\narg x\nstopsignal QUIT\n",
+            expect![[r#"error: Invalid container config, line 4: "QUIT" is not a signal number"#]],
+        );
+        check_parse(
+            "kiln-container 1\nlayers 1\narg x\nstopsignal 03\n",
+            expect![[r#"error: Invalid container config, line 4: "03" is not a signal number"#]],
+        );
+        check_parse(
+            "kiln-container 1\nlayers 1\narg x\nstopsignal 65\n",
+            expect![[
+                r#"error: Invalid container config, line 4: Stop signal "65" is not a signal: a name (SIGQUIT, QUIT, quit, SIGRTMIN+3) or a number from 1 to 64"#
+            ]],
+        );
+        check_parse(
+            "kiln-container 1\nlayers 1\narg x\nstopsignal 3\nstopsignal 3\n",
+            expect!["error: Invalid container config, line 5: a second `stopsignal` line"],
+        );
+        check_parse(
             "kiln-container 1\nlayers 1\narg x\nnameserver dns\n",
             expect![[r#"error: Invalid container config, line 4: "dns" is not an IP address"#]],
         );
+    }
+
+    fn check_signal(text: &str, expected: Expect) {
+        let actual = match StopSignal::parse(text) {
+            Ok(signal) => format!("{} {signal}", signal.number()),
+            Err(err) => format!("error: {err}"),
+        };
+        expected.assert_eq(&actual);
+    }
+
+    #[test]
+    fn stop_signals_are_read_as_docker_reads_them_and_bad_ones_refused() {
+        check_signal("SIGQUIT", expect!["3 SIGQUIT"]);
+        check_signal("QUIT", expect!["3 SIGQUIT"]);
+        check_signal("sigint", expect!["2 SIGINT"]);
+        check_signal("Term", expect!["15 SIGTERM"]);
+        check_signal("SIGWINCH", expect!["28 SIGWINCH"]);
+        check_signal("IOT", expect!["6 SIGABRT"]);
+        check_signal("SIGCLD", expect!["17 SIGCHLD"]);
+        check_signal("9", expect!["9 SIGKILL"]);
+        check_signal("10", expect!["10 SIGUSR1"]);
+        check_signal("32", expect!["32 signal 32"]);
+        check_signal("SIGRTMIN", expect!["34 SIGRTMIN"]);
+        check_signal("RTMIN+3", expect!["37 SIGRTMIN+3"]);
+        check_signal("SIGRTMAX-1", expect!["63 SIGRTMAX-1"]);
+        check_signal("64", expect!["64 SIGRTMAX"]);
+        check_signal("50", expect!["50 SIGRTMAX-14"]);
+        let refused = [
+            "",
+            "0",
+            "65",
+            "300",
+            "-3",
+            "+3",
+            "SIG",
+            "SIGFOO",
+            "SIG QUIT",
+            " QUIT",
+            "RTMIN+16",
+            "RTMAX-15",
+            "RTMIN+03",
+            "RTMIN-1",
+            "SIGSIGQUIT",
+        ];
+        for text in refused {
+            let err = StopSignal::parse(text).expect_err(text).to_string();
+            assert!(err.contains(&format!("{text:?}")), "the error names the value {text:?}: {err}");
+        }
+        check_signal(
+            "SIGFOO",
+            expect![[
+                r#"error: Stop signal "SIGFOO" is not a signal: a name (SIGQUIT, QUIT, quit, SIGRTMIN+3) or a number from 1 to 64"#
+            ]],
+        );
+        // Every number's name reads back as that number.
+        for number in 1..=64u8 {
+            let signal = StopSignal::from_number(number).unwrap();
+            let name = signal.to_string();
+            if !name.starts_with("signal ") {
+                assert_eq!(StopSignal::parse(&name).unwrap(), signal, "{name}");
+            }
+        }
     }
 
     /// Any char, NUL included: validate must refuse what cannot round-trip.
@@ -838,8 +1062,9 @@ mod tests {
             proptest::option::of("[a-z0-9][a-z0-9.-]{0,10}"),
             proptest::collection::vec(any::<std::net::Ipv4Addr>(), 0..3),
             proptest::collection::vec(("[^/]{1,6}", "(/[^/]{1,5}){1,3}"), 0..3),
+            1..=64u8,
         )
-            .prop_map(|(layers, rest, env, workdir, user, upper, hostname, servers, files)| {
+            .prop_map(|(layers, rest, env, workdir, user, upper, hostname, servers, files, signal)| {
                 let mut config = ContainerConfig::new(layers, [vec!["p".to_owned()], rest].concat());
                 config.env = env.into_iter().map(|(k, v)| format!("{k}={v}")).collect();
                 config.workdir = if workdir.is_empty() { "/".to_owned() } else { workdir };
@@ -848,6 +1073,7 @@ mod tests {
                 config.hostname = hostname;
                 config.nameservers = servers.into_iter().map(IpAddr::V4).collect();
                 config.files = files.into_iter().map(|(name, path)| FilesMount { name, path }).collect();
+                config.stop_signal = StopSignal::from_number(signal).unwrap();
                 config
             })
             .prop_filter("valid", |config| config.validate().is_ok())
@@ -865,7 +1091,7 @@ mod tests {
         /// back to text that parses to the same config; nothing panics.
         #[test]
         fn what_parses_round_trips(
-            text in "kiln-container 1\nlayers [0-9]\n((layers|arg|env|user|upper|files|hostname|nameserver|workdir) [^\n]{0,20}\n){0,5}",
+            text in "kiln-container 1\nlayers [0-9]\n((layers|arg|env|user|upper|files|hostname|nameserver|workdir|stopsignal) [^\n]{0,20}\n){0,5}",
             user in "[a-z0-9:]{0,8}",
         ) {
             if let Ok(config) = ContainerConfig::parse(&text) {

@@ -31,6 +31,8 @@ pub enum Error {
     /// `line` 0: the config as a whole (a field's value), not one line.
     #[error("Invalid container config{}: {reason}", line_suffix(*.line))]
     ContainerConfig { line: usize, reason: String },
+    #[error("Stop signal {value:?} is not a signal: a name (SIGQUIT, QUIT, quit, SIGRTMIN+3) or a number from 1 to 64")]
+    StopSignal { value: String },
     #[error("Cannot run the container as user {user:?}: {reason}")]
     User { user: String, reason: String },
 }

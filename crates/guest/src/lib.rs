@@ -48,8 +48,8 @@ mod seed;
 
 pub use container::{
     CONTAINER_CONFIG_FILE, ContainerConfig, DEFAULT_PATH, FilesMount, LAYER_SERIAL_PREFIX, MAX_LAYERS, ResolvedUser,
-    UpperKind, combine_argv, find_in_path, hostname_file, hosts_file, merge_env, overlay_options, resolv_conf,
-    resolve_user,
+    StopSignal, UpperKind, combine_argv, find_in_path, hostname_file, hosts_file, merge_env, overlay_options,
+    resolv_conf, resolve_user,
 };
 pub use control::{CONTROL_PORT_NAME, GuestReport, HostCommand, LineBuffer, MAX_GRACE_SECONDS, MAX_LINE};
 pub use disk::{CLASSIFY_BYTES, DiskKind, classify_disk};

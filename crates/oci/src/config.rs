@@ -147,6 +147,10 @@ pub(crate) struct ContainerConfig {
     pub(crate) cmd: Option<Vec<String>>,
     #[serde(default)]
     pub(crate) working_dir: Option<String>,
+    /// As the image gives it (`SIGQUIT`, `3`): kiln-guest's `StopSignal`
+    /// reads it where it is used, as `docker run` does.
+    #[serde(default)]
+    pub(crate) stop_signal: Option<String>,
 }
 
 /// `rootfs` of an image config: the diff_ids of the layers, base first.
@@ -237,5 +241,22 @@ mod tests {
         assert_eq!(ManifestKind::of(manifest, Some(DOCKER_MANIFEST_LIST), "x").unwrap(), ManifestKind::Index);
         let error = ManifestKind::of(manifest, Some("text/plain"), "the manifest of y").unwrap_err().to_string();
         assert!(error.contains("text/plain") && error.contains("the manifest of y"), "{error}");
+    }
+
+    #[test]
+    fn image_config_carries_the_stop_signal_as_written() {
+        let config = |json: &str| -> ImageConfig { parse_json(json.as_bytes(), "config").unwrap() };
+        let with =
+            config(r#"{"config":{"StopSignal":"SIGQUIT","Cmd":["nginx"]},"rootfs":{"type":"layers","diff_ids":[]}}"#);
+        assert_eq!(with.config.unwrap().stop_signal.as_deref(), Some("SIGQUIT"));
+        let without = config(r#"{"config":{"Cmd":["sh"]},"rootfs":{"type":"layers","diff_ids":[]}}"#);
+        assert_eq!(without.config.unwrap().stop_signal, None);
+        let error = parse_json::<ImageConfig>(
+            br#"{"config":{"StopSignal":3},"rootfs":{"type":"layers","diff_ids":[]}}"#,
+            "the config of z",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(error.contains("the config of z"), "a StopSignal that is not a string: {error}");
     }
 }

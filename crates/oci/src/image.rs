@@ -50,6 +50,7 @@ pub struct RuntimeConfig {
     pub(crate) env: Vec<String>,
     pub(crate) working_dir: Option<String>,
     pub(crate) user: Option<String>,
+    pub(crate) stop_signal: Option<String>,
 }
 
 impl RuntimeConfig {
@@ -72,6 +73,11 @@ impl RuntimeConfig {
     /// `User` (`uid[:gid]` or names), if set and not empty.
     pub fn user(&self) -> Option<&str> {
         self.user.as_deref()
+    }
+    /// `StopSignal` as the image wrote it (`SIGQUIT`, `3`), if set and not
+    /// empty; not checked here (kiln-guest's `StopSignal::parse` reads it).
+    pub fn stop_signal(&self) -> Option<&str> {
+        self.stop_signal.as_deref()
     }
 }
 
@@ -99,7 +105,7 @@ impl Image {
     pub fn config_digest(&self) -> &Digest {
         &self.config_digest
     }
-    /// Entrypoint, cmd, env, working dir and user.
+    /// Entrypoint, cmd, env, working dir, user and stop signal.
     pub fn runtime(&self) -> &RuntimeConfig {
         &self.runtime
     }
@@ -125,6 +131,11 @@ pub(crate) struct ImageRecord {
     env: Vec<String>,
     working_dir: Option<String>,
     user: Option<String>,
+    /// Absent in a record written before kiln carried it: read as none
+    /// (SIGTERM). The version is not bumped for it, since gc would sweep a
+    /// record of another version, and with it the disks of running VMs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    stop_signal: Option<String>,
     layers: Vec<LayerRecord>,
 }
 
@@ -149,6 +160,7 @@ impl From<&Image> for ImageRecord {
             env: runtime.env,
             working_dir: runtime.working_dir,
             user: runtime.user,
+            stop_signal: runtime.stop_signal,
             layers: image
                 .layers
                 .iter()
@@ -175,6 +187,7 @@ impl From<ImageRecord> for Image {
                 env: record.env,
                 working_dir: record.working_dir,
                 user: record.user,
+                stop_signal: record.stop_signal,
             },
             layers: record
                 .layers

@@ -234,6 +234,7 @@ impl Store {
                 env: runtime.env.unwrap_or_default(),
                 working_dir: non_empty(runtime.working_dir),
                 user: non_empty(runtime.user),
+                stop_signal: non_empty(runtime.stop_signal),
             },
             layers,
         };
@@ -715,15 +716,28 @@ mod tests {
             ".{0,30}",
             digest(),
             digest(),
-            (strings(), strings(), strings(), proptest::option::of(".{1,12}"), proptest::option::of(".{1,12}")),
+            (
+                strings(),
+                strings(),
+                strings(),
+                proptest::option::of(".{1,12}"),
+                proptest::option::of(".{1,12}"),
+                proptest::option::of(".{1,8}"),
+            ),
             proptest::collection::vec(layer, 0..5),
         )
             .prop_map(
-                |(source, manifest_digest, config_digest, (entrypoint, cmd, env, working_dir, user), layers)| Image {
+                |(
                     source,
                     manifest_digest,
                     config_digest,
-                    runtime: RuntimeConfig { entrypoint, cmd, env, working_dir, user },
+                    (entrypoint, cmd, env, working_dir, user, stop_signal),
+                    layers,
+                )| Image {
+                    source,
+                    manifest_digest,
+                    config_digest,
+                    runtime: RuntimeConfig { entrypoint, cmd, env, working_dir, user, stop_signal },
                     layers,
                 },
             )

@@ -33,7 +33,7 @@ use kiln_guest::{
 };
 
 use crate::disks::{Disk, layer_disk};
-use crate::service::spawn_command;
+use crate::service::{HostCommands, spawn_command};
 use crate::{Context, Failure, Result, say, sys};
 
 /// The flag that makes kiln-init the container's setup process.
@@ -71,6 +71,7 @@ pub(crate) fn start(
     seed: Option<&GuestConfig>,
     signals: &OwnedFd,
     buttons: &[File],
+    commands: &mut HostCommands,
 ) -> Result<i32> {
     let mut lowers = Vec::new();
     for index in 0..config.layers {
@@ -134,7 +135,7 @@ pub(crate) fn start(
     }
     let pid = spawn_command(command, "the container's setup process")?;
     drop(writer);
-    match wait_for_setup(&mut reader, pid, signals, buttons) {
+    match wait_for_setup(&mut reader, pid, signals, buttons, commands) {
         Ok(()) => Ok(pid),
         Err(err) => {
             // Dead already, or stuck: either way it never runs the program.
@@ -153,39 +154,14 @@ const SETUP_DEADLINE: Duration = Duration::from_secs(60);
 /// close-on-exec, reads empty) or said why it could not. A setup that
 /// died without a word (killed) is a failure too, not the program's exit:
 /// its `comm` is still [`SETUP_NAME`], which an exec would have replaced.
-/// A power button or a stop signal to PID 1 meanwhile stops the setup:
-/// a stop must not wait for it. (A `stop` on the control channel is read
-/// once supervision starts, within the deadline.)
-fn wait_for_setup(reader: &mut File, pid: i32, signals: &OwnedFd, buttons: &[File]) -> Result<()> {
-    let deadline = Instant::now() + SETUP_DEADLINE;
-    let mut fds = vec![reader.as_raw_fd(), signals.as_raw_fd()];
-    fds.extend(buttons.iter().map(|button| button.as_raw_fd()));
-    let mut error = Vec::new();
-    loop {
-        let left = deadline.saturating_duration_since(Instant::now());
-        if left.is_zero() {
-            return Err(Failure(format!("container: the setup did not finish within {SETUP_DEADLINE:?}")));
-        }
-        let ready =
-            sys::poll_readable(&fds, Some(left)).context(|| "cannot wait for the container's setup".to_owned())?;
-        if ready[0] {
-            let mut chunk = [0u8; 4096];
-            match reader.read(&mut chunk) {
-                Ok(0) => break,
-                Ok(read) => error.extend_from_slice(&chunk[..read]),
-                Err(err) if err.kind() == io::ErrorKind::Interrupted => {}
-                Err(err) => return Err(Failure(format!("cannot read the container's error pipe: {err}"))),
-            }
-            continue;
-        }
-        // SIGCHLD (the setup's own end, or another child's) is no stop;
-        // supervise reaps whatever ended.
-        let stop_signal =
-            ready[1] && sys::read_signals(signals).iter().any(|&signal| signal as libc::c_int != libc::SIGCHLD);
-        if stop_signal || ready[2..].iter().any(|&readable| readable) {
-            return Err(Failure("container: stopped during its setup (power button, signal or stop)".to_owned()));
-        }
-    }
+fn wait_for_setup(
+    reader: &mut File,
+    pid: i32,
+    signals: &OwnedFd,
+    buttons: &[File],
+    commands: &mut HostCommands,
+) -> Result<()> {
+    let error = read_setup_errors(reader, signals, buttons, commands, SETUP_DEADLINE)?;
     if !error.is_empty() {
         return Err(Failure(format!("container: {}", String::from_utf8_lossy(&error))));
     }
@@ -194,6 +170,59 @@ fn wait_for_setup(reader: &mut File, pid: i32, signals: &OwnedFd, buttons: &[Fil
         return Err(Failure("container: the setup process ended before it ran the program (killed?)".to_owned()));
     }
     Ok(())
+}
+
+/// Reads the setup's error pipe to its end (the exec, or the setup's
+/// exit) and returns what the setup wrote there. A power button, a stop
+/// signal to PID 1 or a `stop` on the control channel meanwhile ends the
+/// wait as a failure: a stop must not wait for the setup, and the
+/// program never started. The pipe is read first, so a stop that comes
+/// as the program starts is left to supervise, which stops the program;
+/// `commands` keeps a line cut short for it.
+fn read_setup_errors(
+    reader: &mut File,
+    signals: &OwnedFd,
+    buttons: &[File],
+    commands: &mut HostCommands,
+    limit: Duration,
+) -> Result<Vec<u8>> {
+    let deadline = Instant::now() + limit;
+    let mut error = Vec::new();
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(Failure(format!("container: the setup did not finish within {limit:?}")));
+        }
+        let mut fds = vec![reader.as_raw_fd(), signals.as_raw_fd()];
+        fds.extend(buttons.iter().map(|button| button.as_raw_fd()));
+        // Polled while the host's end is open (`commands` drops it on a hang-up).
+        fds.extend(commands.fd());
+        let ready =
+            sys::poll_readable(&fds, Some(left)).context(|| "cannot wait for the container's setup".to_owned())?;
+        if ready[0] {
+            let mut chunk = [0u8; 4096];
+            match reader.read(&mut chunk) {
+                Ok(0) => return Ok(error),
+                Ok(read) => error.extend_from_slice(&chunk[..read]),
+                Err(err) if err.kind() == io::ErrorKind::Interrupted => {}
+                Err(err) => return Err(Failure(format!("cannot read the container's error pipe: {err}"))),
+            }
+            continue;
+        }
+        // SIGCHLD (the setup's own end, or another child's) is no stop;
+        // supervise reaps whatever ended.
+        let signalled =
+            ready[1] && sys::read_signals(signals).iter().any(|&signal| signal as libc::c_int != libc::SIGCHLD);
+        let pressed = ready[2..2 + buttons.len()].iter().any(|&readable| readable);
+        let asked = ready.get(2 + buttons.len()) == Some(&true) && commands.read().is_some();
+        let why = match (signalled, pressed, asked) {
+            (true, _, _) => "a stop signal to PID 1",
+            (_, true, _) => "power button",
+            (_, _, true) => "stop asked on the control channel",
+            _ => continue,
+        };
+        return Err(Failure(format!("container: stopped during its setup ({why})")));
+    }
 }
 
 /// `/mnt/data/DIR`, made as real directories: a component that is a
@@ -511,4 +540,87 @@ fn mount_runtime_filesystems() -> std::result::Result<(), String> {
         std::os::unix::fs::symlink(target, link).map_err(|err| format!("cannot make {link}: {err}"))?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The wait's descriptors over pipes: the setup's error pipe (and its
+    /// write end, the setup's), PID 1's signals (never readable here) and
+    /// the control channel (and the host's end).
+    struct Setup {
+        errors: File,
+        setup_end: Option<File>,
+        signals: OwnedFd,
+        _signal_sender: File,
+        commands: HostCommands,
+        host_end: Option<File>,
+    }
+
+    fn setup() -> Setup {
+        let (errors, setup_end) = sys::pipe().unwrap();
+        let (signals, signal_sender) = sys::pipe().unwrap();
+        let (control, host_end) = sys::pipe().unwrap();
+        Setup {
+            errors,
+            setup_end: Some(setup_end),
+            signals: OwnedFd::from(signals),
+            _signal_sender: signal_sender,
+            commands: HostCommands::new(Some(control)),
+            host_end: Some(host_end),
+        }
+    }
+
+    impl Setup {
+        fn wait(&mut self, limit: Duration) -> std::result::Result<String, String> {
+            read_setup_errors(&mut self.errors, &self.signals, &[], &mut self.commands, limit)
+                .map(|bytes| String::from_utf8_lossy(&bytes).into_owned())
+                .map_err(|failure| failure.0)
+        }
+
+        fn host_says(&mut self, text: &str) {
+            self.host_end.as_mut().unwrap().write_all(text.as_bytes()).unwrap();
+        }
+    }
+
+    #[test]
+    fn a_stop_on_the_control_channel_ends_the_wait_for_a_setup_that_has_not_finished() {
+        let mut setup = setup();
+        setup.host_says("stop 5\n");
+        // Long enough that a wait deaf to the channel fails on the deadline instead.
+        let outcome = setup.wait(Duration::from_secs(20));
+        assert_eq!(outcome, Err("container: stopped during its setup (stop asked on the control channel)".to_owned()));
+    }
+
+    #[test]
+    fn other_lines_stop_nothing_and_a_line_cut_short_during_the_setup_is_read_whole_after_it() {
+        let mut setup = setup();
+        setup.host_says("hello\nsto");
+        let outcome = setup.wait(Duration::from_millis(300));
+        assert_eq!(outcome, Err("container: the setup did not finish within 300ms".to_owned()));
+        setup.host_says("p 2\n");
+        assert_eq!(setup.commands.read(), Some(Duration::from_secs(2)), "the stop is lost");
+    }
+
+    #[test]
+    fn the_setup_exec_ends_the_wait_before_a_stop_that_came_with_it_which_is_left_to_supervise() {
+        let mut setup = setup();
+        setup.host_says("stop 7\n");
+        drop(setup.setup_end.take());
+        assert_eq!(setup.wait(Duration::from_secs(20)), Ok(String::new()));
+        assert_eq!(setup.commands.read(), Some(Duration::from_secs(7)), "the stop is lost");
+    }
+
+    #[test]
+    fn a_setup_error_is_returned_and_a_host_hang_up_stops_nothing() {
+        let mut setup = setup();
+        drop(setup.host_end.take());
+        let outcome = setup.wait(Duration::from_millis(300));
+        assert_eq!(outcome, Err("container: the setup did not finish within 300ms".to_owned()));
+        assert_eq!(setup.commands.fd(), None, "the hung-up channel is still polled");
+        setup.setup_end.as_mut().unwrap().write_all(b"cannot chroot").unwrap();
+        drop(setup.setup_end.take());
+        assert_eq!(setup.wait(Duration::from_secs(20)), Ok("cannot chroot".to_owned()));
+    }
 }

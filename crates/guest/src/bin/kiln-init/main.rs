@@ -6,7 +6,7 @@
 //! sets the hostname, eth0's address and default route from the seed, runs
 //! `/srv/launch` (or, when the service disk holds `container.conf`, an OCI
 //! container's program in an overlay of its layer disks), reaps orphans, turns the ACPI power button (or `stop` on
-//! the control channel) into SIGTERM for the service, and powers off when
+//! the control channel) into SIGTERM (or the image's stop signal) for the service, and powers off when
 //! the service ends. Every outcome is one console line starting
 //! `kiln-init: ` for people, and one report on the control channel for the
 //! launcher (the console is the service's too, so it proves nothing). A
@@ -25,12 +25,12 @@ use std::fs::{self, File};
 use std::io::{self, Write};
 use std::time::{Duration, Instant};
 
-use kiln_guest::{GuestReport, MARKER_PREFIX, SEED_LABEL, SERVICE_DISK_LABEL};
+use kiln_guest::{GuestReport, MARKER_PREFIX, SEED_LABEL, SERVICE_DISK_LABEL, StopSignal};
 
 use channel::{open_control_channel, report_to_host};
 use disks::{describe, find_disks, mount_data_disk, mount_fat};
 use network::apply_seed;
-use service::{drain_service_output, power_buttons, spawn_service, supervise};
+use service::{HostCommands, drain_service_output, power_buttons, spawn_service, supervise};
 use sys::ExitStatus;
 
 /// Where `cargo xtask guest` puts the module load order (one file per line).
@@ -141,7 +141,7 @@ fn run(init_start: f64) -> Result<ExitStatus> {
     // As soon as its driver is loaded: long before the service exists (it
     // must never get hold of the channel), and early enough that a failure
     // finding the disks is reported on it too.
-    let commands = open_control_channel();
+    let mut commands = HostCommands::new(open_control_channel());
     let disks = find_disks()?;
     let Some(service_disk) = disks.iter().find(|d| d.is_fat(SERVICE_DISK_LABEL)) else {
         return Err(Failure(format!(
@@ -160,7 +160,7 @@ fn run(init_start: f64) -> Result<ExitStatus> {
     let power_buttons = power_buttons();
     let signals = sys::signal_fd().context(|| "cannot block signals".to_owned())?;
     let service = match &container {
-        Some(config) => container::start(config, &disks, seed.as_ref(), &signals, &power_buttons)?,
+        Some(config) => container::start(config, &disks, seed.as_ref(), &signals, &power_buttons, &mut commands)?,
         None => spawn_service()?,
     };
     let service_start = sys::monotonic_seconds();
@@ -168,7 +168,8 @@ fn run(init_start: f64) -> Result<ExitStatus> {
         "timing kernel_start=0.000000 init_start={init_start:.6} modules_loaded={modules_loaded:.6} \
          disks_ready={disks_ready:.6} service_start={service_start:.6}"
     ));
-    supervise(service, &signals, &power_buttons, commands, grace)
+    let stop_signal = container.as_ref().map_or(StopSignal::TERM, |config| config.stop_signal);
+    supervise(service, &signals, &power_buttons, commands, grace, stop_signal)
 }
 
 fn mount_basics() -> Result<()> {

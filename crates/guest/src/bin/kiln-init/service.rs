@@ -4,13 +4,13 @@
 
 use std::fs::{self, File};
 use std::io::{self, Read, Write};
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::os::unix::process::CommandExt;
 use std::process::{Command, Stdio};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use kiln_guest::{HostCommand, LineBuffer, VSOCK_LOG_PORT};
+use kiln_guest::{HostCommand, LineBuffer, StopSignal, VSOCK_LOG_PORT};
 
 use crate::sys::{self, ExitStatus};
 use crate::{Context, Failure, Result, say};
@@ -126,23 +126,73 @@ fn tee(mut reader: File, log: File) {
     }
 }
 
+/// The host's commands on the control channel, read as they arrive. One
+/// reader for the whole boot: the container setup's wait and supervise
+/// share it, so a line cut in two between them is still read whole.
+pub(crate) struct HostCommands {
+    channel: Option<File>,
+    lines: LineBuffer,
+}
+
+impl HostCommands {
+    pub(crate) fn new(channel: Option<File>) -> HostCommands {
+        HostCommands { channel, lines: LineBuffer::new() }
+    }
+
+    /// The descriptor to poll, while the host's end is open.
+    pub(crate) fn fd(&self) -> Option<RawFd> {
+        self.channel.as_ref().map(|channel| channel.as_raw_fd())
+    }
+
+    /// Reads what arrived (call once [`HostCommands::fd`] polls readable);
+    /// the grace period of a `stop` among the lines it completed, if any.
+    pub(crate) fn read(&mut self) -> Option<Duration> {
+        let channel = self.channel.as_ref()?;
+        let mut bytes = [0; 512];
+        let mut asked = None;
+        match (&*channel).read(&mut bytes) {
+            Ok(0) => {
+                // The host hung up: stop listening (a virtio port would
+                // poll as readable forever), but keep the port held.
+                say("control channel: the host closed its end");
+                self.channel = None;
+            }
+            Ok(len) => {
+                for line in self.lines.push(&bytes[..len]) {
+                    match HostCommand::parse(&line) {
+                        Ok(HostCommand::Stop { grace_seconds }) => asked = Some(Duration::from_secs(grace_seconds)),
+                        Err(err) => say(&format!("control channel: ignored: {err}")),
+                    }
+                }
+            }
+            Err(err) if err.kind() == io::ErrorKind::WouldBlock || err.kind() == io::ErrorKind::Interrupted => {}
+            Err(err) => {
+                say(&format!("control channel: cannot read: {err}"));
+                self.channel = None;
+            }
+        }
+        asked
+    }
+}
+
 /// Waits for the service to end, reaping every child, turning the power
-/// button (or SIGTERM/SIGINT/SIGPWR to PID 1) into SIGTERM for the service
-/// and SIGKILL for its process group after `grace`; `stop SECONDS` from the
-/// control channel does the same with its own grace.
+/// button (or SIGTERM/SIGINT/SIGPWR to PID 1) into `stop_signal` (SIGTERM,
+/// or the container image's) for the service and SIGKILL for its process
+/// group after `grace`; `stop SECONDS` from the control channel does the
+/// same with its own grace.
 pub(crate) fn supervise(
     service: i32,
     signals: &OwnedFd,
     buttons: &[File],
-    mut commands: Option<File>,
+    mut commands: HostCommands,
     grace: Duration,
+    stop_signal: StopSignal,
 ) -> Result<ExitStatus> {
     let mut kill_at: Option<Instant> = None;
-    let mut lines = LineBuffer::new();
     loop {
         let mut fds = vec![signals.as_raw_fd()];
         fds.extend(buttons.iter().map(|b| b.as_raw_fd()));
-        fds.extend(commands.as_ref().map(|c| c.as_raw_fd()));
+        fds.extend(commands.fd());
         // A child may have ended before the signalfd existed; reap first.
         while let Some((pid, status)) = sys::reap_one() {
             if pid == service {
@@ -164,39 +214,15 @@ pub(crate) fn supervise(
                 stop |= power_pressed(&events[..len]);
             }
         }
-        let mut asked: Option<Duration> = None;
-        if let (Some(channel), Some(true)) = (&commands, ready.get(1 + buttons.len())) {
-            let mut bytes = [0; 512];
-            match (&*channel).read(&mut bytes) {
-                Ok(0) => {
-                    // The host hung up: stop listening (a virtio port would
-                    // poll as readable forever), but keep the port held.
-                    say("control channel: the host closed its end");
-                    commands = None;
-                }
-                Ok(len) => {
-                    for line in lines.push(&bytes[..len]) {
-                        match HostCommand::parse(&line) {
-                            Ok(HostCommand::Stop { grace_seconds }) => asked = Some(Duration::from_secs(grace_seconds)),
-                            Err(err) => say(&format!("control channel: ignored: {err}")),
-                        }
-                    }
-                }
-                Err(err) if err.kind() == io::ErrorKind::WouldBlock || err.kind() == io::ErrorKind::Interrupted => {}
-                Err(err) => {
-                    say(&format!("control channel: cannot read: {err}"));
-                    commands = None;
-                }
-            }
-        }
+        let asked = if ready.get(1 + buttons.len()) == Some(&true) { commands.read() } else { None };
         if kill_at.is_none() {
             let start = match asked {
                 Some(asked) => Some(("stop asked on the control channel", asked)),
                 None => stop.then_some(("power button", grace)),
             };
             if let Some((why, grace)) = start {
-                say(&format!("{why}: sending SIGTERM to the service, grace {:.1}s", grace.as_secs_f64()));
-                let _ = sys::kill(service, libc::SIGTERM);
+                say(&format!("{why}: sending {stop_signal} to the service, grace {:.1}s", grace.as_secs_f64()));
+                let _ = sys::kill(service, stop_signal.number());
                 kill_at = Some(Instant::now() + grace);
             }
         }
