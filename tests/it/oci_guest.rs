@@ -140,7 +140,7 @@ fn build_umoci_image(dir: &Path, tool: &Path) -> PathBuf {
     fs::create_dir_all(rootfs.join("tmp")).unwrap();
     fs::set_permissions(rootfs.join("tmp"), fs::Permissions::from_mode(0o1777)).unwrap();
     fs::create_dir_all(rootfs.join("usr/local/bin")).unwrap();
-    umoci(&["repack", "--image", &image, bundle.to_str().unwrap()]);
+    umoci(&["repack", "--refresh-bundle", "--image", &image, bundle.to_str().unwrap()]);
     // Layer 2: a non-root user with a supplementary group, its WORKDIR, a setuid file.
     write_mode(
         &rootfs.join("etc/passwd"),
@@ -412,6 +412,9 @@ fn umoci_image_runs_in_the_guest_as_docker_run_would_and_its_root_is_umocis_root
     assert_eq!(argv, ["/usr/local/bin/probe", "first", "second arg"], "umoci's argv");
     let spec_env = [("SHARED".to_owned(), "from the spec".to_owned()), ("SPEC_VAR".to_owned(), "a=b c".to_owned())];
     let layers = layer_disks_of_image(&dir.path().join("layout"), dir.path());
+    // umoci repacks a diff against the bundle's last state: without
+    // --refresh-bundle on the first repack, the second would hold both.
+    assert_eq!(layers.len(), 3, "the busybox, user and probe layers");
     let mut config = ContainerConfig::new(layers.len() as u32, argv.clone());
     config.env = merge_env(&json_strings(&process["env"]), &spec_env);
     config.workdir = process["cwd"].as_str().unwrap().to_owned();
