@@ -305,21 +305,25 @@ fn kiln_peer(kiln: &Path, work: &Path, output: PathBuf) -> Peer {
 /// inode tables written out rather than left for the kernel to zero.
 fn mke2fs_peer(work: &Path, output: PathBuf, features: String, blocks: u64, inodes: u64) -> Peer {
     let work = work.to_path_buf();
-    Peer::new("mke2fs -d", output, move |output| {
-        let mut command = Command::new("mke2fs");
-        command
-            .args(["-F", "-q", "-t", "ext4", "-b", "4096", "-I", "256", "-m", "0"])
-            .args(["-N", &inodes.to_string(), "-O", &format!("none,{features}")])
-            .args(["-E", "lazy_itable_init=0", "-d"])
-            .arg(&work)
-            .arg(output)
-            .arg(blocks.to_string());
-        command
-    })
+    Peer::new("mke2fs -d", output, move |output| mke2fs_command(&work, output, &features, blocks, inodes))
+}
+
+/// The `mke2fs -d` of [`mke2fs_peer`], for areas that make the same
+/// filesystem from another tree (`bench oci`).
+pub(super) fn mke2fs_command(work: &Path, output: &Path, features: &str, blocks: u64, inodes: u64) -> Command {
+    let mut command = Command::new("mke2fs");
+    command
+        .args(["-F", "-q", "-t", "ext4", "-b", "4096", "-I", "256", "-m", "0"])
+        .args(["-N", &inodes.to_string(), "-O", &format!("none,{features}")])
+        .args(["-E", "lazy_itable_init=0", "-d"])
+        .arg(work)
+        .arg(output)
+        .arg(blocks.to_string());
+    command
 }
 
 /// The features of an image as `dumpe2fs -h` names them, comma-separated.
-fn features_of(image: &Path) -> Result<String> {
+pub(super) fn features_of(image: &Path) -> Result<String> {
     let output = Command::new("dumpe2fs").arg("-h").arg(image).output().context("cannot run dumpe2fs")?;
     let text = String::from_utf8_lossy(&output.stdout);
     let Some(line) = text.lines().find_map(|line| line.strip_prefix("Filesystem features:")) else {
@@ -329,7 +333,7 @@ fn features_of(image: &Path) -> Result<String> {
 }
 
 /// `e2fsck -fn` on an image: "clean", or the first line it complained with.
-fn e2fsck(image: &Path) -> Result<String> {
+pub(super) fn e2fsck(image: &Path) -> Result<String> {
     let output = Command::new("e2fsck").arg("-fn").arg(image).output().context("cannot run e2fsck")?;
     if output.status.success() {
         return Ok("clean".into());
