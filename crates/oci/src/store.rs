@@ -68,6 +68,12 @@ struct SourcesFile {
     sources: BTreeMap<String, Digest>,
 }
 
+/// The one field every version of an image record has.
+#[derive(Deserialize)]
+struct RecordVersion {
+    version: u32,
+}
+
 /// A held lock on the store; dropping it (closing the file) releases it.
 #[derive(Debug)]
 pub struct StoreGuard {
@@ -148,8 +154,15 @@ impl Store {
             Err(error) if error.kind() == io::ErrorKind::NotFound => return Ok(None),
             Err(source) => return Err(Error::Read { path, source }),
         };
-        let record: ImageRecord = parse_json(&bytes, &path.display().to_string())?;
-        if record.version != RECORD_VERSION || record.manifest != *manifest {
+        let what = path.display().to_string();
+        // The version first: another kiln's record may have another shape,
+        // and is "not here" (pull again), not a broken store.
+        let RecordVersion { version } = parse_json(&bytes, &what)?;
+        if version != RECORD_VERSION {
+            return Ok(None);
+        }
+        let record: ImageRecord = parse_json(&bytes, &what)?;
+        if record.manifest != *manifest {
             return Ok(None);
         }
         Ok(Some(record.into()))

@@ -68,3 +68,31 @@ fn find_returns_what_a_source_was_last_pulled_as_and_a_warm_pull_rewrites_no_ind
     assert_eq!(store.find(&key(&source_two)).unwrap(), None);
     assert!(!index.exists(), "an index of nothing is left behind");
 }
+
+#[test]
+fn a_record_of_another_kiln_version_whatever_its_shape_is_not_here_and_a_pull_writes_it_again() {
+    let test = kiln_testkit::current_test_name();
+    let Some(images) = images::busybox(&test) else { return };
+    let scratch = tempfile::tempdir().unwrap();
+    let store = Store::open(scratch.path().join("store")).unwrap();
+    let source = format!("oci:{}:{TAG}", images.layout.display());
+    let image = pull(&store, &source);
+    let record = store.root().join("images/sha256").join(format!("{}.json", image.manifest_digest().hex()));
+    // An older and a newer kiln's records: another version, fields renamed or retyped.
+    let others = [
+        serde_json::json!({"version": 0, "manifest": image.manifest_digest().to_string(), "layers": "one string"}),
+        serde_json::json!({"version": 2, "image": {"manifest": image.manifest_digest().to_string()}, "cmd": 7}),
+    ];
+    for other in others {
+        std::fs::write(&record, serde_json::to_vec(&other).unwrap()).unwrap();
+        assert_eq!(store.image(image.manifest_digest()).unwrap(), None, "{other}");
+        assert_eq!(store.find(&key(&source)).unwrap(), None, "{other}");
+        // Not here: the pull writes this kiln's record again.
+        assert_eq!(pull(&store, &source), image);
+        assert_eq!(store.image(image.manifest_digest()).unwrap().as_ref(), Some(&image));
+    }
+    // A record of this version that is not one is still an error, naming the file.
+    std::fs::write(&record, br#"{"version": 1, "manifest": 3}"#).unwrap();
+    let error = store.image(image.manifest_digest()).unwrap_err().to_string();
+    assert!(error.contains(&record.display().to_string()), "{error}");
+}
