@@ -621,13 +621,28 @@ fn a_launcher_killed_after_its_image_was_referenced_leaves_gc_the_reference_to_r
     let refs_path = world.state_dir().join("oci/refs.json");
     assert!(std::fs::read_to_string(&refs_path).unwrap().contains("killed"), "the dead VM still holds its image");
 
+    let left = |sub: &str| std::fs::read_dir(world.state_dir().join("oci").join(sub)).unwrap().count();
+    // A dry run says what the store sweep would remove once the dead VM's
+    // reference is released, and removes nothing.
+    let dry = world.kiln(&["gc", "--dry-run"]).output().unwrap();
+    let planned = text(&dry.stdout);
+    assert!(dry.status.success(), "{}", text(&dry.stderr));
+    assert!(planned.contains("would release the image store's reference of VM killed"), "{planned}");
+    assert!(
+        planned.contains(
+            "would remove from the image store 1 images, 2 layer tars, 2 blobs and 2 layer filesystem directories no VM uses"
+        ),
+        "{planned}"
+    );
+    assert!(std::fs::read_to_string(&refs_path).unwrap().contains("killed"), "a dry run released the reference");
+    assert_eq!((left("images/sha256"), left("layers/sha256"), left("derived/sha256")), (1, 2, 2), "{planned}");
+
     let gc = world.kiln(&["gc"]).output().unwrap();
     let said = text(&gc.stdout);
     assert!(gc.status.success(), "{}", text(&gc.stderr));
     assert!(said.contains("release the image store's reference of VM killed"), "{said}");
     assert!(said.contains("from the image store"), "{said}");
     assert!(!std::fs::read_to_string(&refs_path).unwrap().contains("killed"));
-    let left = |sub: &str| std::fs::read_dir(world.state_dir().join("oci").join(sub)).unwrap().count();
     assert_eq!((left("images/sha256"), left("layers/sha256"), left("derived/sha256")), (0, 0, 0), "{said}");
     world.assert_nothing_left();
 }
