@@ -562,8 +562,8 @@ fn render_k8s_of_a_registry_image_the_store_has_pulled_names_it_by_digest() {
             .output()
             .unwrap()
     };
-    let render = || {
-        let yaml = assert_success(&kiln(&["render", "--target", "k8s", spec.to_str().unwrap()]));
+    let render_yaml = || assert_success(&kiln(&["render", "--target", "k8s", spec.to_str().unwrap()]));
+    let image_line = |yaml: &str| {
         // The container's image, a long one folded (`image: >-` and the next line).
         let lines: Vec<&str> = yaml.lines().collect();
         let at = lines.iter().position(|line| line.contains("image: ")).unwrap_or_else(|| panic!("no image:\n{yaml}"));
@@ -571,7 +571,10 @@ fn render_k8s_of_a_registry_image_the_store_has_pulled_names_it_by_digest() {
         let value = if value == ">-" { lines[at + 1].trim() } else { value };
         format!("image: {value}")
     };
-    assert_eq!(render(), format!("image: {reference}"), "not pulled: the spec's reference as it is");
+    let render = || image_line(&render_yaml());
+    let unpinned = render_yaml();
+    assert_eq!(image_line(&unpinned), format!("image: {reference}"), "not pulled: the spec's reference as it is");
+    assert!(!unpinned.contains("nodeSelector"), "{unpinned}");
     let pulled = assert_success(&kiln(&["image", "oci", "pull", &reference]));
     assert!(pulled.contains(&format!("manifest {digest}")), "the registry's digest: {pulled}");
     assert_eq!(
@@ -579,6 +582,13 @@ fn render_k8s_of_a_registry_image_the_store_has_pulled_names_it_by_digest() {
         format!("image: 127.0.0.1:{}/team/bb@{digest}", registry.port),
         "the Pod runs the bytes the store holds"
     );
+    // Those bytes are the store's linux/amd64 manifest: the Pod lands on such nodes only.
+    let pinned = render_yaml();
+    assert!(
+        pinned.contains("  nodeSelector:\n    kubernetes.io/arch: amd64\n    kubernetes.io/os: linux\n"),
+        "{pinned}"
+    );
+    kiln_testkit::assert_k8s_valid(&pinned, kiln_k8s::KUBERNETES_VERSION);
     // Without the insecure opt-in, kiln speaks only HTTPS, and says which registry failed.
     let refused = registry
         .exec(&[env!("CARGO_BIN_EXE_kiln"), "image", "oci", "pull", &reference])
