@@ -107,6 +107,10 @@ pub enum Error {
     K8sLocalImage { image: String },
     #[error("The spec has no service.image, which Kubernetes needs (service.binary is for VMs)")]
     NoImage,
+    #[error(
+        "kubernetes.node_selector sets `{key}` to `{spec}`, but the Pod's image is pinned to {manifest}, the linux/amd64 manifest kiln's image store holds, which needs `{key}` = `{pinned}`"
+    )]
+    K8sPinnedPlatform { key: String, spec: String, pinned: String, manifest: String },
     #[error("service.files.{tree} cannot go into a Pod: {why}")]
     K8sFiles { tree: String, why: String },
     #[error("Kubernetes defaults {}: {message}", path.display())]
@@ -161,6 +165,7 @@ impl Error {
             | Error::NoBinary
             | Error::NoImage
             | Error::K8sLocalImage { .. }
+            | Error::K8sPinnedPlatform { .. }
             | Error::ContainerConfig { .. }
             | Error::K8sFiles { .. }
             | Error::K8sDefaults { .. } => ErrorKind::InvalidInput,

@@ -158,14 +158,26 @@ pub fn collect_garbage(state: &StateDir, host: &HostHandles, dry_run: bool) -> R
     // not wait on gc.lock behind a slow pull.
     drop(gc_lock);
     // Last, once every dead VM's reference is gone: images no VM uses, and
-    // the layer tars and layer filesystems only they had.
-    if !dry_run && host.images.is_dir() {
-        let swept = host.image_store()?.gc()?;
+    // the layer tars and layer filesystems only they had. Dry, the dead
+    // VMs' references (released first by a real pass) count as released.
+    if host.images.is_dir() {
+        let dead: Vec<String> = entries.iter().filter(|e| !e.alive).map(|e| e.record.name.clone()).collect();
+        let swept = crate::run::sweep_image_store(&host.image_store()?, dry_run.then_some(&dead[..]))?;
+        let mut parts = Vec::new();
         if swept.images + swept.layers + swept.blobs + swept.derived > 0 {
-            actions.push(format!(
-                "remove from the image store {} images, {} layer tars, {} blobs and {} layer filesystem directories ({} bytes) no VM uses",
-                swept.images, swept.layers, swept.blobs, swept.derived, swept.bytes
+            parts.push(format!(
+                "{} images, {} layer tars, {} blobs and {} layer filesystem directories no VM uses",
+                swept.images, swept.layers, swept.blobs, swept.derived
             ));
+        }
+        if swept.derived_files > 0 {
+            parts.push(format!(
+                "{} stale files (killed builds' temp files, another kiln version's layer filesystems) in layer filesystem directories VMs use",
+                swept.derived_files
+            ));
+        }
+        if !parts.is_empty() {
+            actions.push(format!("remove from the image store {} ({} bytes)", parts.join(", and "), swept.bytes));
         }
     }
     Ok(actions)

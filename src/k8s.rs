@@ -124,10 +124,42 @@ pub(crate) fn pin_image(image: &str, manifest: &str) -> String {
     format!("{}@{manifest}", &image[..name_end])
 }
 
+/// The node labels of the platform kiln's store pulls: it resolves an
+/// index to its linux/amd64 manifest (and refuses any other platform), so
+/// a Pod pinned to that manifest runs on such a node only.
+const PINNED_PLATFORM: [(&str, &str); 2] = [("kubernetes.io/os", "linux"), ("kubernetes.io/arch", "amd64")];
+
 impl K8sWorkload {
-    /// Pins the workload's image to `manifest` (see [`pin_image`]).
-    pub fn pin_image(&mut self, manifest: &str) {
-        self.workload.image = pin_image(&self.workload.image, manifest);
+    /// Pins the workload's image to `manifest` (see [`pin_image`]), the
+    /// linux/amd64 manifest kiln's store resolved (of an index, one
+    /// platform's), and so selects linux/amd64 nodes: `kubernetes.io/os`
+    /// and `kubernetes.io/arch`, unless the spec's node selector sets them
+    /// already (to another value: an error naming both). An image the spec
+    /// pins itself (`@sha256:`, maybe an index) is left as it is.
+    pub fn pin_image(&mut self, manifest: &str) -> Result<()> {
+        let pinned = pin_image(&self.workload.image, manifest);
+        if pinned == self.workload.image {
+            return Ok(());
+        }
+        let selector = &mut self.workload.kubernetes.node_selector;
+        for (key, value) in PINNED_PLATFORM {
+            match selector.get(key) {
+                Some(set) if set != value => {
+                    return Err(Error::K8sPinnedPlatform {
+                        key: key.to_owned(),
+                        spec: set.clone(),
+                        pinned: value.to_owned(),
+                        manifest: manifest.to_owned(),
+                    });
+                }
+                Some(_) => {}
+                None => {
+                    selector.insert(key.to_owned(), value.to_owned());
+                }
+            }
+        }
+        self.workload.image = pinned;
+        Ok(())
     }
 }
 
@@ -300,8 +332,38 @@ mod tests {
         let mut pod = workload(&spec).unwrap();
         assert_eq!(pod.workload.image, "127.0.0.1:5000/team/web:1");
         let digest = "sha256:0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef";
-        pod.pin_image(digest);
+        pod.pin_image(digest).unwrap();
         assert_eq!(pod.workload.image, format!("127.0.0.1:5000/team/web@{digest}"));
+    }
+
+    #[test]
+    fn a_pod_pinned_to_the_stores_linux_amd64_manifest_selects_linux_amd64_nodes() {
+        let digest = "sha256:0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef";
+        let pinned = |image: &str, selector: &str| {
+            let text = format!(
+                "name = \"web\"\n[service]\nimage = \"{image}\"\n[kubernetes]\nnode_selector = {{ {selector} }}\n"
+            );
+            let mut pod = workload(&Spec::parse(&text, Path::new("/specs/web.toml")).unwrap()).unwrap();
+            match pod.pin_image(digest) {
+                Ok(()) => format!("{} {:?}", pod.workload.image, pod.workload.kubernetes.node_selector),
+                Err(error) => format!("error: {error}"),
+            }
+        };
+        let actual = [
+            pinned("registry.example/web:1", ""),
+            pinned("registry.example/web:1", "pool = \"a\", \"kubernetes.io/os\" = \"linux\""),
+            pinned("registry.example/web:1", "\"kubernetes.io/arch\" = \"arm64\""),
+            pinned("registry.example/web:1", "\"kubernetes.io/os\" = \"windows\""),
+            pinned("registry.example/web@sha256:ffff", "\"kubernetes.io/arch\" = \"arm64\""),
+        ]
+        .join("\n");
+        expect_test::expect![[r#"
+            registry.example/web@sha256:0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef {"kubernetes.io/arch": "amd64", "kubernetes.io/os": "linux"}
+            registry.example/web@sha256:0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef {"kubernetes.io/arch": "amd64", "kubernetes.io/os": "linux", "pool": "a"}
+            error: kubernetes.node_selector sets `kubernetes.io/arch` to `arm64`, but the Pod's image is pinned to sha256:0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef, the linux/amd64 manifest kiln's image store holds, which needs `kubernetes.io/arch` = `amd64`
+            error: kubernetes.node_selector sets `kubernetes.io/os` to `windows`, but the Pod's image is pinned to sha256:0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef, the linux/amd64 manifest kiln's image store holds, which needs `kubernetes.io/os` = `linux`
+            registry.example/web@sha256:ffff {"kubernetes.io/arch": "arm64"}"#]]
+        .assert_eq(&actual);
     }
 
     #[test]

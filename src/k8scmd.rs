@@ -108,7 +108,7 @@ fn prepare(spec_path: &Path, placement: &PlacementArgs, namespace: Option<&str>)
     if let Some(image) = &spec.service.image {
         let state = kiln::StateDir::open(&kiln::StateDir::default_root()?)?;
         if let Some(cached) = kiln::cached_image(&state, image)? {
-            k8s.pin_image(&cached.manifest_digest().to_string());
+            k8s.pin_image(&cached.manifest_digest().to_string())?;
         }
     }
     let K8sWorkload { mut workload, warnings } = k8s;

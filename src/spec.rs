@@ -574,7 +574,9 @@ fn resolve_local_image(image: &str, base: &Path) -> String {
             && !rest.starts_with('/')
             && !rest.is_empty()
         {
-            // Joined as text: the `:TAG` stays at the end, after the anchored path.
+            // Joined as text: the `:TAG` stays at the end, after the anchored
+            // path, and a `:` in `base` stays the path's (kiln-oci's
+            // ImageSource takes a tag only after the last `:`, never a `/`).
             return format!("{transport}{}", base.join(rest).display());
         }
     }

@@ -35,6 +35,7 @@ use crate::{Error, HostNet, Result, Spec, VmProgram};
 
 pub use images::build_images;
 use images::service_disk;
+pub(crate) use oci::sweep_image_store;
 pub use oci::{
     INSECURE_REGISTRIES_ENV, ImageEvent, LayerDisk, MAX_LAYER_DISKS, OCI_STORE_DIR, REGISTRY_CA_ENV, ROOTFS_FORMAT,
     cached_image, image_rootfs, open_image_store, parse_image_source, pull_image,

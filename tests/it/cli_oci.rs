@@ -562,8 +562,8 @@ fn render_k8s_of_a_registry_image_the_store_has_pulled_names_it_by_digest() {
             .output()
             .unwrap()
     };
-    let render = || {
-        let yaml = assert_success(&kiln(&["render", "--target", "k8s", spec.to_str().unwrap()]));
+    let render_yaml = || assert_success(&kiln(&["render", "--target", "k8s", spec.to_str().unwrap()]));
+    let image_line = |yaml: &str| {
         // The container's image, a long one folded (`image: >-` and the next line).
         let lines: Vec<&str> = yaml.lines().collect();
         let at = lines.iter().position(|line| line.contains("image: ")).unwrap_or_else(|| panic!("no image:\n{yaml}"));
@@ -571,7 +571,10 @@ fn render_k8s_of_a_registry_image_the_store_has_pulled_names_it_by_digest() {
         let value = if value == ">-" { lines[at + 1].trim() } else { value };
         format!("image: {value}")
     };
-    assert_eq!(render(), format!("image: {reference}"), "not pulled: the spec's reference as it is");
+    let render = || image_line(&render_yaml());
+    let unpinned = render_yaml();
+    assert_eq!(image_line(&unpinned), format!("image: {reference}"), "not pulled: the spec's reference as it is");
+    assert!(!unpinned.contains("nodeSelector"), "{unpinned}");
     let pulled = assert_success(&kiln(&["image", "oci", "pull", &reference]));
     assert!(pulled.contains(&format!("manifest {digest}")), "the registry's digest: {pulled}");
     assert_eq!(
@@ -579,6 +582,13 @@ fn render_k8s_of_a_registry_image_the_store_has_pulled_names_it_by_digest() {
         format!("image: 127.0.0.1:{}/team/bb@{digest}", registry.port),
         "the Pod runs the bytes the store holds"
     );
+    // Those bytes are the store's linux/amd64 manifest: the Pod lands on such nodes only.
+    let pinned = render_yaml();
+    assert!(
+        pinned.contains("  nodeSelector:\n    kubernetes.io/arch: amd64\n    kubernetes.io/os: linux\n"),
+        "{pinned}"
+    );
+    kiln_testkit::assert_k8s_valid(&pinned, kiln_k8s::KUBERNETES_VERSION);
     // Without the insecure opt-in, kiln speaks only HTTPS, and says which registry failed.
     let refused = registry
         .exec(&[env!("CARGO_BIN_EXE_kiln"), "image", "oci", "pull", &reference])
@@ -621,13 +631,28 @@ fn a_launcher_killed_after_its_image_was_referenced_leaves_gc_the_reference_to_r
     let refs_path = world.state_dir().join("oci/refs.json");
     assert!(std::fs::read_to_string(&refs_path).unwrap().contains("killed"), "the dead VM still holds its image");
 
+    let left = |sub: &str| std::fs::read_dir(world.state_dir().join("oci").join(sub)).unwrap().count();
+    // A dry run says what the store sweep would remove once the dead VM's
+    // reference is released, and removes nothing.
+    let dry = world.kiln(&["gc", "--dry-run"]).output().unwrap();
+    let planned = text(&dry.stdout);
+    assert!(dry.status.success(), "{}", text(&dry.stderr));
+    assert!(planned.contains("would release the image store's reference of VM killed"), "{planned}");
+    assert!(
+        planned.contains(
+            "would remove from the image store 1 images, 2 layer tars, 2 blobs and 2 layer filesystem directories no VM uses"
+        ),
+        "{planned}"
+    );
+    assert!(std::fs::read_to_string(&refs_path).unwrap().contains("killed"), "a dry run released the reference");
+    assert_eq!((left("images/sha256"), left("layers/sha256"), left("derived/sha256")), (1, 2, 2), "{planned}");
+
     let gc = world.kiln(&["gc"]).output().unwrap();
     let said = text(&gc.stdout);
     assert!(gc.status.success(), "{}", text(&gc.stderr));
     assert!(said.contains("release the image store's reference of VM killed"), "{said}");
     assert!(said.contains("from the image store"), "{said}");
     assert!(!std::fs::read_to_string(&refs_path).unwrap().contains("killed"));
-    let left = |sub: &str| std::fs::read_dir(world.state_dir().join("oci").join(sub)).unwrap().count();
     assert_eq!((left("images/sha256"), left("layers/sha256"), left("derived/sha256")), (0, 0, 0), "{said}");
     world.assert_nothing_left();
 }

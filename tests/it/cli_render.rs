@@ -79,3 +79,44 @@ fn render_into_a_closed_pipe_ends_by_sigpipe_without_a_panic() {
     assert!(!stderr.contains("panicked"), "{stderr}");
     assert_eq!(output.status.signal(), Some(rustix::process::Signal::PIPE.as_raw()), "{:?}\n{stderr}", output.status);
 }
+
+#[test]
+fn a_spec_in_a_directory_holding_a_colon_names_its_relative_oci_layout_and_tag() {
+    let test = kiln_testkit::current_test_name();
+    let Some(tools) = kiln_testkit::require_tools(&test, &["umoci", "qemu-system-x86_64"]) else { return };
+    let dir = tempfile::tempdir().unwrap();
+    // umoci builds where no ':' is, then the directory is renamed.
+    let built = crate::cli_oci::UmociImage::build(&dir.path().join("plain"), &tools[0]);
+    let specs = dir.path().join("specs:v2");
+    std::fs::rename(dir.path().join("plain"), &specs).unwrap();
+    let layout = specs.join("layout");
+    let (manifest_digest, _, _) = crate::cli_oci::UmociImage { layout: layout.clone(), tag: built.tag }.documents();
+    let guest = dir.path().join("guest");
+    std::fs::create_dir(&guest).unwrap();
+    for file in ["vmlinuz", "initramfs.cpio.gz"] {
+        std::fs::write(guest.join(file), b"").unwrap();
+    }
+    let spec = specs.join("bb.toml");
+    std::fs::write(&spec, "name = \"bb\"\n[service]\nimage = \"oci:layout:t\"\n").unwrap();
+    let state = dir.path().join("state");
+    // The source as the spec anchors it: the directory's ':' is the path's.
+    let source = format!("oci:{}:t", layout.display());
+    let pulled = assert_success(&crate::cli_oci::kiln_in(&state, &["image", "oci", "pull", &source]));
+    assert!(pulled.starts_with(&format!("Pulled {source}: manifest {manifest_digest}")), "{pulled}");
+    let output = Command::new(env!("CARGO_BIN_EXE_kiln"))
+        .args(["render", "--target", "vm", "--vmm", "qemu", "--guest-dir"])
+        .arg(&guest)
+        .arg(&spec)
+        .env("KILN_STATE_DIR", &state)
+        .env("KILN_QEMU_ACCEL", "tcg")
+        .env_remove("KILN_NET_CIDR")
+        .output()
+        .unwrap();
+    let rendered = assert_success(&output);
+    assert_eq!(
+        rendered.lines().next().unwrap(),
+        format!("# service.image: {source} (manifest {manifest_digest})"),
+        "{rendered}"
+    );
+    assert!(rendered.contains("serial=kiln-layer1"), "{rendered}");
+}

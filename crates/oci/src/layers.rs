@@ -196,9 +196,25 @@ struct Meta {
     mtime_nsec: u32,
 }
 
+/// The seconds an ext4 inode time holds (256-byte inodes: signed 32 bits
+/// and two epoch bits; the kernel's `s_time_min`..=`s_time_max`,
+/// 1901-12-13 to 2446-05-10), which kiln-imagefmt refuses to leave.
+const EXT4_TIME_MIN: i64 = -(1 << 31);
+const EXT4_TIME_MAX: i64 = (1 << 34) - 1 - (1 << 31);
+
+/// A layer entry's time as ext4 can hold it: clamped to its range, the
+/// nanoseconds dropped at a bound, as Linux's `timestamp_truncate` stores
+/// it there (and so GNU tar and umoci extracting such a layer onto ext4).
+fn ext4_time(seconds: i64, nanoseconds: u32) -> (i64, u32) {
+    let clamped = seconds.clamp(EXT4_TIME_MIN, EXT4_TIME_MAX);
+    let at_bound = clamped == EXT4_TIME_MIN || clamped == EXT4_TIME_MAX;
+    (clamped, if at_bound { 0 } else { nanoseconds })
+}
+
 impl Meta {
     fn of(entry: &TarEntry) -> Meta {
-        Meta { mode: entry.mode, uid: entry.uid, gid: entry.gid, mtime: entry.mtime, mtime_nsec: entry.mtime_nsec }
+        let (mtime, mtime_nsec) = ext4_time(entry.mtime, entry.mtime_nsec);
+        Meta { mode: entry.mode, uid: entry.uid, gid: entry.gid, mtime, mtime_nsec }
     }
 
     /// What an implied parent gets, as containerd and the ext4 writer give it.
@@ -621,5 +637,40 @@ impl<L: LayerSource> Emit<'_, '_, L> {
             }
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    /// Whether kiln-imagefmt takes an entry with this time.
+    fn ext4_takes(seconds: i64, nanoseconds: u32) -> bool {
+        Ext4Tree::new().add_dir("d", Metadata::default().with_mtime(seconds, nanoseconds)).is_ok()
+    }
+
+    #[test]
+    fn ext4_time_range_is_exactly_what_the_ext4_writer_takes() {
+        assert!(ext4_takes(EXT4_TIME_MIN, 0) && ext4_takes(EXT4_TIME_MAX, 0));
+        assert!(!ext4_takes(EXT4_TIME_MIN - 1, 0) && !ext4_takes(EXT4_TIME_MAX + 1, 0));
+        let shown = |seconds, nanoseconds| format!("{:?}", ext4_time(seconds, nanoseconds));
+        assert_eq!(shown(1_700_000_000, 5), "(1700000000, 5)");
+        assert_eq!(shown(EXT4_TIME_MIN + 1, 7), "(-2147483647, 7)");
+        assert_eq!(shown(i64::MIN, 999_999_999), "(-2147483648, 0)");
+        assert_eq!(shown(i64::MAX, 1), "(15032385535, 0)");
+        assert_eq!(shown(EXT4_TIME_MAX, 3), "(15032385535, 0)");
+    }
+
+    proptest! {
+        #[test]
+        fn every_layer_time_becomes_one_the_ext4_writer_takes(seconds in any::<i64>(), nanoseconds in 0u32..1_000_000_000) {
+            let (clamped, nanos) = ext4_time(seconds, nanoseconds);
+            prop_assert!(ext4_takes(clamped, nanos));
+            if (EXT4_TIME_MIN + 1..EXT4_TIME_MAX).contains(&seconds) {
+                prop_assert_eq!((clamped, nanos), (seconds, nanoseconds));
+            }
+        }
     }
 }

@@ -34,7 +34,7 @@ pub use image::{Image, Layer, RuntimeConfig};
 pub use layers::{LayerTar, layer_tree};
 pub use registry::{RegistryClient, RegistryClientBuilder, RegistrySource};
 pub use source::{BlobSource, Fetched, ImageSource, RegistryReference};
-pub use store::{BlobProgress, GcReport, Store, StoreGuard};
+pub use store::{BlobProgress, GcOptions, GcReport, Store, StoreGuard};
 
 /// The layer reader over bytes in memory and the registry client's
 /// readers, for the fuzz targets only.

@@ -121,11 +121,7 @@ impl FromStr for RegistryReference {
             None => (rest, None),
         };
         if let Some(tag) = tag {
-            let valid = !tag.is_empty()
-                && tag.len() <= 128
-                && tag.chars().all(|c| c.is_ascii_alphanumeric() || "_.-".contains(c))
-                && !tag.starts_with(['.', '-']);
-            if !valid {
+            if !is_tag(tag) || tag.starts_with(['.', '-']) {
                 return Err(invalid("a tag is 1 to 128 of [A-Za-z0-9_.-], not starting with '.' or '-'"));
             }
         }
@@ -148,6 +144,19 @@ impl FromStr for RegistryReference {
         };
         Ok(RegistryReference { registry: registry.to_owned(), repository, tag, digest })
     }
+}
+
+/// 1 to 128 of `[A-Za-z0-9_.-]`: a tag (a registry's also does not start
+/// with `.` or `-`), and what may follow a local path's last `:`.
+fn is_tag(text: &str) -> bool {
+    !text.is_empty() && text.len() <= 128 && text.chars().all(|c| c.is_ascii_alphanumeric() || "_.-".contains(c))
+}
+
+/// A registry reference with its tag or digest written out: what a
+/// docker-archive's RepoTags name (`busybox` alone could be a path's end).
+fn is_tagged_reference(text: &str) -> bool {
+    let last = &text[text.rfind('/').map_or(0, |i| i + 1)..];
+    (last.contains(':') || text.contains('@')) && text.parse::<RegistryReference>().is_ok()
 }
 
 /// `[a-z0-9]+((\.|_|__|-+)[a-z0-9]+)*`, the distribution spec's path component.
@@ -180,8 +189,12 @@ fn valid_path_component(component: &str) -> bool {
 
 /// An image source as the user writes it.
 ///
-/// The path of the three local kinds ends at the first `:` after the
-/// prefix, as in skopeo (a path holding `:` cannot be named).
+/// The path of a local kind may hold `:` (a spec's directory anchors it):
+/// a layout's or oci-archive's tag follows the last `:` when what follows
+/// is a tag (1 to 128 of `[A-Za-z0-9_.-]`, so never a `/`), and a
+/// docker-archive's reference the first `:` that starts a tagged (or
+/// digest-pinned) reference; otherwise the whole text is the path. skopeo
+/// cuts at the first `:` and refuses a path holding one.
 #[non_exhaustive]
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ImageSource {
@@ -202,9 +215,18 @@ impl FromStr for ImageSource {
 
     fn from_str(text: &str) -> Result<ImageSource> {
         let invalid = |reason: &str| Error::InvalidSource { spec: text.to_owned(), reason: reason.to_owned() };
-        let path_and_name = |rest: &str| -> Result<(PathBuf, Option<String>)> {
-            let (path, name) = match rest.split_once(':') {
-                Some((path, name)) => (path, Some(name)),
+        let path_and_name = |rest: &str, is_name: fn(&str) -> bool, first: bool| -> Result<(PathBuf, Option<String>)> {
+            let mut colons: Vec<usize> = rest.match_indices(':').map(|(at, _)| at).collect();
+            if !first {
+                colons.reverse();
+            }
+            let split = match colons.iter().find(|&&at| is_name(&rest[at + 1..])) {
+                Some(&at) => Some(at),
+                // `PATH:` stays an error rather than a path ending in ':'.
+                None => rest.strip_suffix(':').map(str::len),
+            };
+            let (path, name) = match split {
+                Some(at) => (&rest[..at], Some(&rest[at + 1..])),
                 None => (rest, None),
             };
             if path.is_empty() {
@@ -216,13 +238,13 @@ impl FromStr for ImageSource {
             Ok((PathBuf::from(path), name.map(str::to_owned)))
         };
         if let Some(rest) = text.strip_prefix("oci:") {
-            let (dir, tag) = path_and_name(rest)?;
+            let (dir, tag) = path_and_name(rest, is_tag, false)?;
             Ok(ImageSource::Layout { dir, tag })
         } else if let Some(rest) = text.strip_prefix("oci-archive:") {
-            let (file, tag) = path_and_name(rest)?;
+            let (file, tag) = path_and_name(rest, is_tag, false)?;
             Ok(ImageSource::OciArchive { file, tag })
         } else if let Some(rest) = text.strip_prefix("docker-archive:") {
-            let (file, reference) = path_and_name(rest)?;
+            let (file, reference) = path_and_name(rest, is_tagged_reference, true)?;
             Ok(ImageSource::DockerArchive { file, reference })
         } else if let Some(rest) = text.strip_prefix("docker://") {
             Ok(ImageSource::Registry(rest.parse()?))
@@ -363,9 +385,17 @@ mod tests {
         expect_test::expect![[r#"
             oci:/images/app -> Layout { dir: "/images/app", tag: None }
             oci:/images/app:1.0 -> Layout { dir: "/images/app", tag: Some("1.0") }
+            oci:/srv/a:b/images/app -> Layout { dir: "/srv/a:b/images/app", tag: None }
+            oci:/srv/a:b/images/app:1.0 -> Layout { dir: "/srv/a:b/images/app", tag: Some("1.0") }
+            oci:/srv/a:b -> Layout { dir: "/srv/a", tag: Some("b") }
             oci-archive:a.tar:t -> OciArchive { file: "a.tar", tag: Some("t") }
+            oci-archive:/srv/a:b/a.tar -> OciArchive { file: "/srv/a:b/a.tar", tag: None }
+            oci-archive:/srv/a:b/a.tar:t -> OciArchive { file: "/srv/a:b/a.tar", tag: Some("t") }
             docker-archive:d.tar -> DockerArchive { file: "d.tar", reference: None }
             docker-archive:d.tar:docker.io/library/busybox:t -> DockerArchive { file: "d.tar", reference: Some("docker.io/library/busybox:t") }
+            docker-archive:/srv/a:b/d.tar -> DockerArchive { file: "/srv/a:b/d.tar", reference: None }
+            docker-archive:/srv/a:b/d.tar:kiln-test/busybox:1 -> DockerArchive { file: "/srv/a:b/d.tar", reference: Some("kiln-test/busybox:1") }
+            docker-archive:/srv/a:b/d.tar:127.0.0.1:5000/bb:1 -> DockerArchive { file: "/srv/a:b/d.tar", reference: Some("127.0.0.1:5000/bb:1") }
             busybox -> Registry(RegistryReference { registry: "docker.io", repository: "library/busybox", tag: Some("latest"), digest: None })
             index.docker.io/busybox:1 -> Registry(RegistryReference { registry: "docker.io", repository: "library/busybox", tag: Some("1"), digest: None })
             docker://127.0.0.1:5000/team/app:v2 -> Registry(RegistryReference { registry: "127.0.0.1:5000", repository: "team/app", tag: Some("v2"), digest: None })
@@ -381,9 +411,17 @@ mod tests {
             &[
                 "oci:/images/app",
                 "oci:/images/app:1.0",
+                "oci:/srv/a:b/images/app",
+                "oci:/srv/a:b/images/app:1.0",
+                "oci:/srv/a:b",
                 "oci-archive:a.tar:t",
+                "oci-archive:/srv/a:b/a.tar",
+                "oci-archive:/srv/a:b/a.tar:t",
                 "docker-archive:d.tar",
                 "docker-archive:d.tar:docker.io/library/busybox:t",
+                "docker-archive:/srv/a:b/d.tar",
+                "docker-archive:/srv/a:b/d.tar:kiln-test/busybox:1",
+                "docker-archive:/srv/a:b/d.tar:127.0.0.1:5000/bb:1",
                 "busybox",
                 "index.docker.io/busybox:1",
                 "docker://127.0.0.1:5000/team/app:v2",
@@ -403,7 +441,15 @@ mod tests {
 
     #[test]
     fn source_display_parses_back_to_the_same_source() {
-        for text in ["oci:/a/b:t", "oci-archive:x.tar", "docker-archive:d.tar:busybox:t", "docker://quay.io/a/b:c"] {
+        for text in [
+            "oci:/a/b:t",
+            "oci:/a:b/c",
+            "oci:/a:b/c:t",
+            "oci-archive:x.tar",
+            "docker-archive:d.tar:busybox:t",
+            "docker-archive:/a:b/d.tar:busybox:t",
+            "docker://quay.io/a/b:c",
+        ] {
             let source: ImageSource = text.parse().unwrap();
             assert_eq!(source.to_string().parse::<ImageSource>().unwrap(), source, "{text}");
         }

@@ -23,6 +23,9 @@ use crate::layers::{LayerTar, layer_tree};
 use crate::source::{BlobSource, resolve_manifest};
 use crate::space::{Headroom, MIN_FREE_BYTES};
 
+mod gc;
+pub use gc::{GcOptions, GcReport};
+
 const OCI_CONFIG: &str = "application/vnd.oci.image.config.v1+json";
 /// How often, in bytes, progress is reported while a layer streams.
 const PROGRESS_STEP: u64 = 256 * 1024;
@@ -39,22 +42,6 @@ pub struct BlobProgress {
     pub total: u64,
 }
 
-/// What [`Store::gc`] removed.
-#[non_exhaustive]
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct GcReport {
-    /// Image records.
-    pub images: usize,
-    /// Layer tars.
-    pub layers: usize,
-    /// Manifest and config blobs.
-    pub blobs: usize,
-    /// Derived directories (by chain id).
-    pub derived: usize,
-    /// Bytes of regular files removed.
-    pub bytes: u64,
-}
-
 /// `refs.json`: which users hold which images.
 #[derive(Default, Serialize, Deserialize)]
 struct RefsFile {
@@ -66,6 +53,12 @@ struct RefsFile {
 #[derive(Default, Serialize, Deserialize)]
 struct SourcesFile {
     sources: BTreeMap<String, Digest>,
+}
+
+/// The one field every version of an image record has.
+#[derive(Deserialize)]
+struct RecordVersion {
+    version: u32,
 }
 
 /// A held lock on the store; dropping it (closing the file) releases it.
@@ -112,8 +105,9 @@ impl Store {
     /// A directory for files derived from the layer chain `chain_id` (a
     /// layer filesystem, keyed inside by its writer's version), created if
     /// need be. [`Store::gc`] removes it once no referenced image has that
-    /// chain. Write into it while holding [`Store::guard`], with temp file
-    /// and rename.
+    /// chain. Write into it while holding [`Store::guard`], with a temp
+    /// file whose name starts with `.` and a rename: gc, which waits for
+    /// guard holders, removes such a file as a killed writer's leftover.
     pub fn derived_dir(&self, chain_id: &Digest) -> Result<PathBuf> {
         let dir = self.root.join("derived/sha256").join(chain_id.hex());
         create_dir_all(&dir)?;
@@ -148,8 +142,15 @@ impl Store {
             Err(error) if error.kind() == io::ErrorKind::NotFound => return Ok(None),
             Err(source) => return Err(Error::Read { path, source }),
         };
-        let record: ImageRecord = parse_json(&bytes, &path.display().to_string())?;
-        if record.version != RECORD_VERSION || record.manifest != *manifest {
+        let what = path.display().to_string();
+        // The version first: another kiln's record may have another shape,
+        // and is "not here" (pull again), not a broken store.
+        let RecordVersion { version } = parse_json(&bytes, &what)?;
+        if version != RECORD_VERSION {
+            return Ok(None);
+        }
+        let record: ImageRecord = parse_json(&bytes, &what)?;
+        if record.manifest != *manifest {
             return Ok(None);
         }
         Ok(Some(record.into()))
@@ -420,69 +421,6 @@ impl Store {
         let _lock = self.lock("refs.lock", rustix::fs::FlockOperation::LockShared)?;
         Ok(self.read_refs()?.refs.remove(user).map(|set| set.into_iter().collect()).unwrap_or_default())
     }
-
-    /// Removes every image no user references, then every layer tar,
-    /// manifest, config and derived directory that no remaining image
-    /// uses, and leftover temp files. It waits for running pulls (and
-    /// holders of [`Store::guard`]) to finish, and they wait for it.
-    pub fn gc(&self) -> Result<GcReport> {
-        let _pulls = self.lock("pull.lock", rustix::fs::FlockOperation::LockExclusive)?;
-        let _refs = self.lock("refs.lock", rustix::fs::FlockOperation::LockExclusive)?;
-        let referenced: BTreeSet<Digest> = self.read_refs()?.refs.into_values().flatten().collect();
-        let mut report = GcReport::default();
-        let (mut live_layers, mut live_blobs, mut live_chains) = (BTreeSet::new(), BTreeSet::new(), BTreeSet::new());
-        for (path, digest) in digest_entries(&self.root.join("images/sha256"), ".json")? {
-            let image = if referenced.contains(&digest) { self.image(&digest)? } else { None };
-            match image {
-                Some(image) => {
-                    live_blobs.extend([image.manifest_digest, image.config_digest]);
-                    live_chains.extend(image.chain_ids());
-                    live_layers.extend(image.layers.iter().map(|l| l.diff_id));
-                }
-                None => {
-                    report.bytes += remove_file(&path)?;
-                    report.images += 1;
-                }
-            }
-        }
-        for (path, diff_id) in digest_entries(&self.root.join("layers/sha256"), ".tar")? {
-            if !live_layers.contains(&diff_id) {
-                report.bytes += remove_file(&path)?;
-                report.layers += 1;
-            }
-        }
-        for (path, digest) in digest_entries(&self.root.join("blobs/sha256"), "")? {
-            if !live_blobs.contains(&digest) {
-                report.bytes += remove_file(&path)?;
-                report.blobs += 1;
-            }
-        }
-        for (path, chain) in digest_entries(&self.root.join("derived/sha256"), "")? {
-            if !live_chains.contains(&chain) {
-                report.bytes += remove_tree(&path)?;
-                report.derived += 1;
-            }
-        }
-        if report.images > 0 {
-            let _lock = self.lock("sources.lock", rustix::fs::FlockOperation::LockExclusive)?;
-            let mut sources = self.read_sources()?;
-            let before = sources.sources.len();
-            sources.sources.retain(|_, manifest| self.record_path(manifest).is_file());
-            if sources.sources.is_empty() {
-                let path = self.root.join("sources.json");
-                if path.exists() {
-                    report.bytes += remove_file(&path)?;
-                }
-            } else if sources.sources.len() != before {
-                self.write_sources(&sources)?;
-            }
-        }
-        // No pull runs while gc holds pull.lock, so every temp file is a leftover.
-        for entry in read_dir(&self.root.join("tmp"))? {
-            report.bytes += remove_tree(&entry)?;
-        }
-        Ok(report)
-    }
 }
 
 /// Checks the config against the manifest (type, platform, one diff_id per
@@ -675,27 +613,6 @@ fn digest_entries(dir: &Path, suffix: &str) -> Result<Vec<(PathBuf, Digest)>> {
             Some((path, digest))
         })
         .collect())
-}
-
-/// Removes a file, returning its size.
-fn remove_file(path: &Path) -> Result<u64> {
-    let size = fs::symlink_metadata(path).map_or(0, |m| m.len());
-    fs::remove_file(path).map_err(|source| Error::Write { path: path.to_owned(), source })?;
-    Ok(size)
-}
-
-/// Removes a file or a directory tree, returning the bytes of its regular files.
-fn remove_tree(path: &Path) -> Result<u64> {
-    let metadata = fs::symlink_metadata(path).map_err(|source| Error::Read { path: path.to_owned(), source })?;
-    if !metadata.is_dir() {
-        return remove_file(path);
-    }
-    let mut bytes = 0;
-    for entry in read_dir(path)? {
-        bytes += remove_tree(&entry)?;
-    }
-    fs::remove_dir(path).map_err(|source| Error::Write { path: path.to_owned(), source })?;
-    Ok(bytes)
 }
 
 #[cfg(test)]

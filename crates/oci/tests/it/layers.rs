@@ -859,3 +859,50 @@ fn a_umoci_image_flattened_and_stacked_equals_umoci_unpack() {
     assert!(entry(&seen, "bin/tool3").contains("nlink=2"), "{}", entry(&seen, "bin/tool3"));
     assert!(!seen.contains_key("etc/gone") && !seen.contains_key("old/sub"), "{seen:#?}");
 }
+
+/// ext4's time range with 256-byte inodes (the kernel's `s_time_min` and
+/// `s_time_max`): signed 32-bit seconds plus two epoch bits.
+const EXT4_TIME_MIN: i64 = -(1 << 31);
+const EXT4_TIME_MAX: i64 = (1 << 34) - 1 - (1 << 31);
+
+#[test]
+fn times_outside_ext4s_range_are_clamped_to_it_as_linux_clamps_them() {
+    let Some(python) = python() else { return };
+    if !needs_root() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    // PAX `mtime` records (python writes them for times ustar cannot hold)
+    // and GNU base-256 numbers, before 1901-12-13 and after 2446-05-10.
+    let layers = make_layers(
+        &python,
+        dir.path(),
+        &[
+            json!({"format": "pax", "members": [
+                {"name": "old", "data": "1800", "mtime": -5_364_662_400_i64},
+                {"name": "late", "data": "3000", "mtime": 32_503_680_000_i64},
+                {"name": "late-ns", "data": "far", "pax": {"mtime": "99999999999.5"}},
+                {"name": "edge", "data": "edge", "mtime": EXT4_TIME_MAX},
+                {"name": "d", "type": "dir", "mtime": -(1_i64 << 40)},
+            ]}),
+            json!({"format": "gnu", "members": [
+                {"name": "gnu-old", "data": "gnu", "mtime": -(1_i64 << 35)},
+                {"name": "gnu-late", "data": "gnu", "mtime": 1_i64 << 36},
+            ]}),
+        ],
+    );
+    let seen = flatten_and_stack("times:test", dir.path(), &layers);
+    let min = format!("mtime={EXT4_TIME_MIN}.000000000");
+    let max = format!("mtime={EXT4_TIME_MAX}.000000000");
+    for (name, want) in [
+        ("old", &min),
+        ("late", &max),
+        ("late-ns", &max),
+        ("edge", &max),
+        ("d", &min),
+        ("gnu-old", &min),
+        ("gnu-late", &max),
+    ] {
+        assert!(entry(&seen, name).contains(want.as_str()), "{name}: {}", entry(&seen, name));
+    }
+}
