@@ -18,10 +18,10 @@
 //! once. Prints one line per timed run:
 //!
 //! ```text
-//! KIND host_ms H image_ms I|- layers_built N init_start S disks_ready S service_start S
+//! KIND host_ms H image_ms I|- layers_built N init_start S modules_loaded S disks_ready S service_start S
 //! ```
 //!
-//! where `host_ms` and `image_ms` are [`kiln::RunOutcome`]'s and the three
+//! where `host_ms` and `image_ms` are [`kiln::RunOutcome`]'s and the four
 //! times (seconds since kernel start) come from kiln-init's `timing` line
 //! on the console, as the observer received it.
 
@@ -45,12 +45,12 @@ impl RunObserver for ConsoleRecorder {
     }
 }
 
-/// The `init_start`, `disks_ready` and `service_start` of kiln-init's
-/// `timing kernel_start=0.000000 init_start=... service_start=...` line.
-fn boot_timing(console: &str) -> Option<(f64, f64, f64)> {
+/// The `init_start`, `modules_loaded`, `disks_ready` and `service_start` of
+/// kiln-init's `timing kernel_start=0.000000 init_start=... service_start=...` line.
+fn boot_timing(console: &str) -> Option<[f64; 4]> {
     let line = console.lines().find(|line| line.contains("timing kernel_start="))?;
     let value = |key: &str| line.split(key).nth(1)?.split_whitespace().next()?.parse::<f64>().ok();
-    Some((value("init_start=")?, value("disks_ready=")?, value("service_start=")?))
+    Some([value("init_start=")?, value("modules_loaded=")?, value("disks_ready=")?, value("service_start=")?])
 }
 
 fn main() -> ExitCode {
@@ -112,14 +112,14 @@ fn run() -> Result<(), Box<dyn Error>> {
                 )
                 .into());
             }
-            let Some((init_start, disks_ready, service_start)) = boot_timing(&console) else {
+            let Some([init_start, modules_loaded, disks_ready, service_start]) = boot_timing(&console) else {
                 return Err(format!("{kind}: no kiln-init timing line on the console:\n{console}").into());
             };
             if round > 0 {
                 let image_ms = outcome.image_ms.map_or_else(|| "-".to_owned(), |ms| format!("{ms:.3}"));
                 println!(
                     "{kind} host_ms {:.3} image_ms {image_ms} layers_built {} init_start {init_start:.6} \
-                     disks_ready {disks_ready:.6} service_start {service_start:.6}",
+                     modules_loaded {modules_loaded:.6} disks_ready {disks_ready:.6} service_start {service_start:.6}",
                     outcome.host_ms, outcome.layers_built
                 );
             }
