@@ -285,7 +285,8 @@ fn report(options: &Options, machine: &Machine, kinds: &[Vec<Run>; 3]) -> Result
             "disks".into(),
             "disks ready to the service (container setup)".into(),
         ],
-        bars: [("image, warm", &warm), ("binary, warm", &binary), ("image, cold", &cold)]
+        // The longest bar first: the legend sits in the lower right.
+        bars: [("image, cold", &cold), ("image, warm", &warm), ("binary, warm", &binary)]
             .into_iter()
             .map(|(label, m)| Bar::new(label, vec![m.init_start, m.modules, m.disks, m.disks_to_service]))
             .collect(),
