@@ -13,6 +13,7 @@ mod guest;
 mod launch;
 mod net;
 mod oci;
+mod oci_run;
 mod qcow2;
 mod vmm;
 
@@ -37,6 +38,7 @@ const AREAS: &[(&str, Area)] = &[
     ("guest", guest::run),
     ("launch", launch::run),
     ("oci", oci::run),
+    ("oci", oci_run::run),
 ];
 
 type Area = fn(&Options) -> Result<()>;
@@ -96,7 +98,9 @@ pub(crate) fn run(args: &[String]) -> Result<()> {
 }
 
 fn area_names() -> String {
-    AREAS.iter().map(|(name, _)| *name).collect::<Vec<_>>().join(", ")
+    let mut names: Vec<&str> = AREAS.iter().map(|(name, _)| *name).collect();
+    names.dedup();
+    names.join(", ")
 }
 
 /// One timed execution of a peer: its commands run one after the other.
