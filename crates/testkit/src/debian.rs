@@ -14,18 +14,34 @@ const MIRROR: &str = "http://deb.debian.org/debian";
 /// The rootfs directory under `cache` (e.g. `target/test-images`), built
 /// with `debootstrap --variant=minbase bookworm` the first time and then
 /// slimmed as Debian's `-slim` images are (no .deb cache, apt lists, docs,
-/// man pages or locales), to about 120 MiB. Needs root and the Debian
+/// man pages or locales), to about 80 MiB. Needs root and the Debian
 /// mirror; the error says which step failed.
 pub fn debian_rootfs(cache: &Path) -> Result<PathBuf, String> {
-    let root = cache.join(format!("debian-{VERSION}"));
+    debian_rootfs_with(cache, &[])
+}
+
+/// [`debian_rootfs`] with Debian's packages `include` installed too (and
+/// what they depend on), by debootstrap's `--include`: a Debian-based
+/// application image's base, e.g. with `python3`. Cached apart per list.
+pub fn debian_rootfs_with(cache: &Path, include: &[&str]) -> Result<PathBuf, String> {
+    let name = match include {
+        [] => format!("debian-{VERSION}"),
+        packages => format!("debian-{VERSION}-with-{}", packages.join("-")),
+    };
+    let root = cache.join(&name);
     if root.join("etc/debian_version").is_file() {
         return Ok(root);
     }
     fs::create_dir_all(cache).map_err(|e| format!("cannot create {}: {e}", cache.display()))?;
-    let staging = cache.join(format!(".debian-{VERSION}.{}", std::process::id()));
+    let staging = cache.join(format!(".{name}.{}", std::process::id()));
     let _ = fs::remove_dir_all(&staging);
+    let mut args = vec!["--variant=minbase".to_owned()];
+    if !include.is_empty() {
+        args.push(format!("--include={}", include.join(",")));
+    }
+    args.push("bookworm".to_owned());
     let output = Command::new("debootstrap")
-        .args(["--variant=minbase", "bookworm"])
+        .args(&args)
         .arg(&staging)
         .arg(MIRROR)
         .output()
@@ -33,7 +49,8 @@ pub fn debian_rootfs(cache: &Path) -> Result<PathBuf, String> {
     if !output.status.success() {
         let _ = fs::remove_dir_all(&staging);
         return Err(format!(
-            "debootstrap --variant=minbase bookworm failed ({}):\n{}{}",
+            "debootstrap {} failed ({}):\n{}{}",
+            args.join(" "),
             output.status,
             String::from_utf8_lossy(&output.stdout),
             String::from_utf8_lossy(&output.stderr)

@@ -14,7 +14,7 @@ mod debian;
 mod fat;
 mod k8s;
 
-pub use debian::debian_rootfs;
+pub use debian::{debian_rootfs, debian_rootfs_with};
 pub use fat::{
     Entry, FatDateTime, FatfsView, Tree, as_mtools_names, fsck_fat_clean, inspect_fat_with_fatfs, mdir_listing,
     mtools_extract, mtools_label, read_fat_file_with_fatfs, read_fat_with_fatfs, read_fat_with_mtools, read_tree,

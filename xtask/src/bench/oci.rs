@@ -2,8 +2,10 @@
 //! the bootable rootfs a VM of it boots, kiln against `umoci unpack`
 //! followed by `mke2fs -d`, on two images made by umoci (never by kiln):
 //!
-//! - a Debian 12 image (kiln-testkit's debootstrap minbase rootfs, one
-//!   layer) with a non-root user, a working directory and an entrypoint;
+//! - a Debian 12 image with Python, about 100 MiB as Debian-based
+//!   application images are (kiln-testkit's slimmed debootstrap minbase
+//!   rootfs with `python3` included, one layer), with a non-root user, a
+//!   working directory and an entrypoint;
 //! - a 10,000-file image: small files in 250 directories, symlinks and
 //!   hard links, some owned by another user.
 //!
@@ -39,7 +41,7 @@ use crate::json::Json;
 use crate::{announce, cargo, debian, format_bytes, run_command, show_command, target_dir};
 
 /// Bumped when what an image holds changes, so stale cached layouts are not reused.
-const LAYOUT_VERSION: &str = "v1";
+const LAYOUT_VERSION: &str = "v2";
 const FILE_DIRS: usize = 250;
 const FILES_PER_DIR: usize = 38;
 const SYMLINKS: usize = 300;
@@ -79,7 +81,7 @@ pub(super) fn run(options: &Options) -> Result<()> {
 
     let runs = options.runs;
     let conversions = vec![
-        convert_against_peer(&kiln, "Debian 12", &source(&debian, "base"), &bench_dir.join("debian"), runs)?,
+        convert_against_peer(&kiln, "Debian 12 + python3", &source(&debian, "base"), &bench_dir.join("debian"), runs)?,
         convert_against_peer(&kiln, "10,000 files", &source(&files, "files"), &bench_dir.join("files"), runs)?,
     ];
     let shared = shared_base(&kiln, &debian, &bench_dir.join("shared"), runs)?;
@@ -132,7 +134,7 @@ fn cached_layout(images: &Path, name: &str, fill: impl FnOnce(&Path, &Path) -> R
 /// image's; tag `app`: `base`'s very layer plus one of its own.
 fn debian_layout(images: &Path) -> Result<PathBuf> {
     cached_layout(images, "debian", |layout, scratch| {
-        let rootfs = kiln_testkit::debian_rootfs(&target_dir().join("test-images"))
+        let rootfs = kiln_testkit::debian_rootfs_with(&target_dir().join("test-images"), &["python3"])
             .map_err(anyhow::Error::msg)
             .context("cannot make the Debian rootfs")?;
         let base = format!("{}:base", layout.display());
