@@ -7,8 +7,10 @@ use crate::config::Compression;
 use crate::digest::{Digest, chain_ids};
 
 /// The version of the image record format; a record of another version is
-/// treated as absent (the image is pulled again).
-pub(crate) const RECORD_VERSION: u32 = 1;
+/// treated as absent (the image is pulled again). 2: the image's
+/// `StopSignal` is kept (a version-1 record never says, so it would read
+/// as SIGTERM for an image that names another).
+pub(crate) const RECORD_VERSION: u32 = 2;
 
 /// A layer of an image: its blob and what it decompresses to.
 #[derive(Debug, Clone, PartialEq, Eq)]

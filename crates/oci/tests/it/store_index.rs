@@ -81,7 +81,9 @@ fn a_record_of_another_kiln_version_whatever_its_shape_is_not_here_and_a_pull_wr
     // An older and a newer kiln's records: another version, fields renamed or retyped.
     let others = [
         serde_json::json!({"version": 0, "manifest": image.manifest_digest().to_string(), "layers": "one string"}),
-        serde_json::json!({"version": 2, "image": {"manifest": image.manifest_digest().to_string()}, "cmd": 7}),
+        // Version 1 kept no StopSignal: its image would stop with SIGTERM.
+        serde_json::json!({"version": 1, "manifest": image.manifest_digest().to_string()}),
+        serde_json::json!({"version": 99, "image": {"manifest": image.manifest_digest().to_string()}, "cmd": 7}),
     ];
     for other in others {
         std::fs::write(&record, serde_json::to_vec(&other).unwrap()).unwrap();
@@ -92,7 +94,7 @@ fn a_record_of_another_kiln_version_whatever_its_shape_is_not_here_and_a_pull_wr
         assert_eq!(store.image(image.manifest_digest()).unwrap().as_ref(), Some(&image));
     }
     // A record of this version that is not one is still an error, naming the file.
-    std::fs::write(&record, br#"{"version": 1, "manifest": 3}"#).unwrap();
+    std::fs::write(&record, br#"{"version": 2, "manifest": 3}"#).unwrap();
     let error = store.image(image.manifest_digest()).unwrap_err().to_string();
     assert!(error.contains(&record.display().to_string()), "{error}");
 }
@@ -160,16 +162,15 @@ fn gc_dry_run_reports_exactly_what_gc_then_removes_and_removes_nothing() {
     let temp = derived(&store, &base, ".from0.new.ext4.x1.kiln-tmp");
     derived(&store, &top, "from1.new.ext4");
     std::fs::write(store.root().join("tmp/4242-0-1"), b"a killed pull's").unwrap();
-    let keep = |name: &str| name.ends_with(".new.ext4");
-    let options = || kiln_oci::GcOptions::default().keep_derived(&keep);
+    let options = kiln_oci::GcOptions::default;
 
     let before = store_entries(store.root());
     let plan = store.gc_with(&options().dry_run(true)).unwrap();
     assert_eq!(store_entries(store.root()), before, "a dry run removed something");
     assert_eq!(store.find(&key(&source_two)).unwrap().as_ref(), Some(&two), "a dry run edited the index");
     // Image two (record, top layer, manifest, config), its top chain's
-    // directory, and in the base's the other format's file and the temp file.
-    assert_eq!((plan.images, plan.layers, plan.blobs, plan.derived, plan.derived_files), (1, 1, 2, 1, 2), "{plan:?}");
+    // directory, and in the base's the temp file (another format's file stays).
+    assert_eq!((plan.images, plan.layers, plan.blobs, plan.derived, plan.derived_files), (1, 1, 2, 1, 1), "{plan:?}");
     assert!(plan.bytes > 0, "{plan:?}");
 
     let done = store.gc_with(&options()).unwrap();
@@ -177,12 +178,13 @@ fn gc_dry_run_reports_exactly_what_gc_then_removes_and_removes_nothing() {
     let after = store_entries(store.root());
     let removed: Vec<&String> = before.iter().filter(|entry| !after.contains(entry)).collect();
     let top_dir = format!("derived/sha256/{}/", top.hex());
-    // Record, layer tar, 2 blobs, 2 stale files, the top directory and its file, the temp file in tmp/.
-    assert_eq!(removed.len(), 1 + 1 + 2 + 2 + 2 + 1, "{removed:#?}");
-    for gone in [&other_format, &temp, &top_dir, &"tmp/4242-0-1".to_owned()] {
+    // Record, layer tar, 2 blobs, the temp file, the top directory and its file, the temp file in tmp/.
+    assert_eq!(removed.len(), 1 + 1 + 2 + 1 + 2 + 1, "{removed:#?}");
+    for gone in [&temp, &top_dir, &"tmp/4242-0-1".to_owned()] {
         assert!(removed.contains(&gone), "{gone} stayed: {after:#?}");
     }
     assert!(after.contains(&kept), "{after:#?}");
+    assert!(after.contains(&other_format), "another format's file goes with its directory only: {after:#?}");
     assert_eq!(store.find(&key(&source_one)).unwrap().as_ref(), Some(&one));
     assert_eq!(store.find(&key(&source_two)).unwrap(), None);
     // Nothing left to remove: a dry run says so.
