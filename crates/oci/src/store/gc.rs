@@ -21,8 +21,9 @@ pub struct GcReport {
     pub blobs: usize,
     /// Derived directories (by chain id).
     pub derived: usize,
-    /// Stale files in derived directories still used: temp files a killed
-    /// writer left, and files [`GcOptions::keep_derived`] does not keep.
+    /// Temp files a killed writer left in derived directories still used.
+    /// (A layer filesystem of another format stays while its directory is
+    /// used: a VM of another kiln may be about to open it.)
     pub derived_files: usize,
     /// Bytes of regular files removed.
     pub bytes: u64,
@@ -33,7 +34,6 @@ pub struct GcReport {
 #[derive(Default)]
 pub struct GcOptions<'a> {
     dry_run: bool,
-    keep_derived: Option<&'a dyn Fn(&str) -> bool>,
     released: &'a [String],
 }
 
@@ -50,23 +50,11 @@ impl<'a> GcOptions<'a> {
         self.released = users;
         self
     }
-
-    /// In a derived directory still used, keeps only the files whose names
-    /// `keep` accepts (the caller knows which of its formats are current);
-    /// by default every file but temp ones is kept.
-    pub fn keep_derived(mut self, keep: &'a dyn Fn(&str) -> bool) -> GcOptions<'a> {
-        self.keep_derived = Some(keep);
-        self
-    }
 }
 
 impl std::fmt::Debug for GcOptions<'_> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("GcOptions")
-            .field("dry_run", &self.dry_run)
-            .field("keep_derived", &self.keep_derived.is_some())
-            .field("released", &self.released)
-            .finish()
+        f.debug_struct("GcOptions").field("dry_run", &self.dry_run).field("released", &self.released).finish()
     }
 }
 
@@ -125,12 +113,10 @@ impl Store {
                 report.derived += 1;
                 continue;
             }
-            // No writer runs while gc holds pull.lock: a temp file is a
-            // leftover, and a file the caller does not keep is stale.
+            // No writer runs while gc holds pull.lock: a temp file is a leftover.
             for entry in read_dir(&path)? {
                 let name = entry.file_name().map(|name| name.to_string_lossy()).unwrap_or_default();
-                let keep = !name.starts_with('.') && options.keep_derived.is_none_or(|keep| keep(&name));
-                if !keep {
+                if name.starts_with('.') {
                     report.bytes += remove_tree(&entry, dry_run)?;
                     report.derived_files += 1;
                 }
