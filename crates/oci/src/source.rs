@@ -5,7 +5,7 @@
 
 use std::fmt;
 use std::io::Read;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::str::FromStr;
 
 use crate::config::{Index, Manifest, ManifestKind, parse_json};
@@ -152,11 +152,29 @@ fn is_tag(text: &str) -> bool {
     !text.is_empty() && text.len() <= 128 && text.chars().all(|c| c.is_ascii_alphanumeric() || "_.-".contains(c))
 }
 
-/// A registry reference with its tag or digest written out: what a
-/// docker-archive's RepoTags name (`busybox` alone could be a path's end).
+/// A registry reference with its tag written out (`busybox:1`,
+/// `team/app:v2`): what a docker-archive's RepoTags hold.
 fn is_tagged_reference(text: &str) -> bool {
     let last = &text[text.rfind('/').map_or(0, |i| i + 1)..];
-    (last.contains(':') || text.contains('@')) && text.parse::<RegistryReference>().is_ok()
+    // `/srv/a:b/d.tar:busybox` is the archive `/srv/a:b/d.tar`, not the
+    // reference `b/d.tar:busybox`: no repository names a `.tar`.
+    let names_a_tar = text.split(['/', ':']).any(|part| part.ends_with(".tar"));
+    last.contains(':')
+        && !names_a_tar
+        && text.parse::<RegistryReference>().is_ok_and(|reference| reference.digest.is_none())
+}
+
+/// A repository name of one component (`busybox`): a docker-archive
+/// reference without its tag, as skopeo takes it (`:latest` implied).
+/// One component only: `b/d.tar` is more likely a path's end.
+fn is_bare_name(text: &str) -> bool {
+    valid_path_component(text)
+}
+
+/// Whether `path`'s text after its last `:` would parse as a tag.
+fn ends_like_a_tag(path: &Path) -> bool {
+    let text = path.to_string_lossy();
+    text.rfind(':').is_some_and(|at| is_tag(&text[at + 1..]))
 }
 
 /// `[a-z0-9]+((\.|_|__|-+)[a-z0-9]+)*`, the distribution spec's path component.
@@ -192,9 +210,11 @@ fn valid_path_component(component: &str) -> bool {
 /// The path of a local kind may hold `:` (a spec's directory anchors it):
 /// a layout's or oci-archive's tag follows the last `:` when what follows
 /// is a tag (1 to 128 of `[A-Za-z0-9_.-]`, so never a `/`), and a
-/// docker-archive's reference the first `:` that starts a tagged (or
-/// digest-pinned) reference; otherwise the whole text is the path. skopeo
-/// cuts at the first `:` and refuses a path holding one.
+/// docker-archive's reference the first `:` that starts a tagged
+/// reference, else the last `:` before a one-component name; otherwise
+/// the whole text is the path. A docker-archive's images are named by
+/// tag, never by digest. skopeo cuts at the first `:` and refuses a path
+/// holding one.
 #[non_exhaustive]
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ImageSource {
@@ -244,7 +264,13 @@ impl FromStr for ImageSource {
             let (file, tag) = path_and_name(rest, is_tag, false)?;
             Ok(ImageSource::OciArchive { file, tag })
         } else if let Some(rest) = text.strip_prefix("docker-archive:") {
-            let (file, reference) = path_and_name(rest, is_tagged_reference, true)?;
+            if rest.contains("@sha256:") {
+                return Err(invalid("a docker-archive's images are named by tag (its RepoTags), not by digest"));
+            }
+            let (file, reference) = match path_and_name(rest, is_tagged_reference, true)? {
+                (_, None) if !rest.ends_with(':') => path_and_name(rest, is_bare_name, false)?,
+                tagged => tagged,
+            };
             Ok(ImageSource::DockerArchive { file, reference })
         } else if let Some(rest) = text.strip_prefix("docker://") {
             Ok(ImageSource::Registry(rest.parse()?))
@@ -262,6 +288,9 @@ impl fmt::Display for ImageSource {
             write!(f, "{prefix}:{}", path.display())?;
             match name {
                 Some(name) => write!(f, ":{name}"),
+                // A directory `/srv/a:b` would read back as `/srv/a` tagged
+                // `b`: its trailing `/` keeps it one path.
+                None if prefix == "oci" && ends_like_a_tag(path) => write!(f, "/"),
                 None => Ok(()),
             }
         };
@@ -396,6 +425,9 @@ mod tests {
             docker-archive:/srv/a:b/d.tar -> DockerArchive { file: "/srv/a:b/d.tar", reference: None }
             docker-archive:/srv/a:b/d.tar:kiln-test/busybox:1 -> DockerArchive { file: "/srv/a:b/d.tar", reference: Some("kiln-test/busybox:1") }
             docker-archive:/srv/a:b/d.tar:127.0.0.1:5000/bb:1 -> DockerArchive { file: "/srv/a:b/d.tar", reference: Some("127.0.0.1:5000/bb:1") }
+            docker-archive:d.tar:busybox -> DockerArchive { file: "d.tar", reference: Some("busybox") }
+            docker-archive:/srv/a:b/d.tar:busybox -> DockerArchive { file: "/srv/a:b/d.tar", reference: Some("busybox") }
+            docker-archive:d.tar:busybox@sha256:e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855 -> error: Invalid image source "docker-archive:d.tar:busybox@sha256:e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855": a docker-archive's images are named by tag (its RepoTags), not by digest
             busybox -> Registry(RegistryReference { registry: "docker.io", repository: "library/busybox", tag: Some("latest"), digest: None })
             index.docker.io/busybox:1 -> Registry(RegistryReference { registry: "docker.io", repository: "library/busybox", tag: Some("1"), digest: None })
             docker://127.0.0.1:5000/team/app:v2 -> Registry(RegistryReference { registry: "127.0.0.1:5000", repository: "team/app", tag: Some("v2"), digest: None })
@@ -422,6 +454,9 @@ mod tests {
                 "docker-archive:/srv/a:b/d.tar",
                 "docker-archive:/srv/a:b/d.tar:kiln-test/busybox:1",
                 "docker-archive:/srv/a:b/d.tar:127.0.0.1:5000/bb:1",
+                "docker-archive:d.tar:busybox",
+                "docker-archive:/srv/a:b/d.tar:busybox",
+                "docker-archive:d.tar:busybox@sha256:e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855",
                 "busybox",
                 "index.docker.io/busybox:1",
                 "docker://127.0.0.1:5000/team/app:v2",
@@ -448,11 +483,16 @@ mod tests {
             "oci-archive:x.tar",
             "docker-archive:d.tar:busybox:t",
             "docker-archive:/a:b/d.tar:busybox:t",
+            "docker-archive:/a:b/d.tar:busybox",
             "docker://quay.io/a/b:c",
         ] {
             let source: ImageSource = text.parse().unwrap();
             assert_eq!(source.to_string().parse::<ImageSource>().unwrap(), source, "{text}");
         }
+        // `oci:.` in /srv/a:b anchors to this (the path made absolute drops the `.`).
+        let layout = ImageSource::Layout { dir: PathBuf::from("/srv/a:b"), tag: None };
+        assert_eq!(layout.to_string(), "oci:/srv/a:b/");
+        assert_eq!(layout.to_string().parse::<ImageSource>().unwrap(), layout);
     }
 
     #[test]
