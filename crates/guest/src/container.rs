@@ -421,8 +421,9 @@ impl StopSignal {
 
     /// An image's `StopSignal` as Docker reads it: a number (1 to 64), or
     /// a name in any case with or without `SIG` (`SIGQUIT`, `quit`),
-    /// `RTMIN+N` and `RTMAX-N` included. Anything else is refused, as
-    /// `docker run` refuses it.
+    /// `RTMIN+N` and `RTMAX-N` included. Anything else is refused: kiln is
+    /// stricter than Docker here, which takes any non-zero integer and
+    /// ignores an image's stop signal it cannot parse.
     pub fn parse(text: &str) -> Result<StopSignal> {
         let bad = || Error::StopSignal { value: text.to_owned() };
         if !text.is_empty() && text.bytes().all(|b| b.is_ascii_digit()) {

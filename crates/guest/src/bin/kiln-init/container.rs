@@ -33,7 +33,7 @@ use kiln_guest::{
 };
 
 use crate::disks::{Disk, layer_disk};
-use crate::service::{HostCommands, spawn_command};
+use crate::service::{HostCommands, read_power_press, spawn_command};
 use crate::{Context, Failure, Result, say, sys};
 
 /// The flag that makes kiln-init the container's setup process.
@@ -213,7 +213,9 @@ fn read_setup_errors(
         // supervise reaps whatever ended.
         let signalled =
             ready[1] && sys::read_signals(signals).iter().any(|&signal| signal as libc::c_int != libc::SIGCHLD);
-        let pressed = ready[2..2 + buttons.len()].iter().any(|&readable| readable);
+        // Read as supervise reads it: the key-up of a press, or another
+        // key on the same device, is no stop.
+        let pressed = buttons.iter().zip(&ready[2..]).any(|(button, &readable)| readable && read_power_press(button));
         let asked = ready.get(2 + buttons.len()) == Some(&true) && commands.read().is_some();
         let why = match (signalled, pressed, asked) {
             (true, _, _) => "a stop signal to PID 1",

@@ -46,6 +46,14 @@ pub(crate) fn power_buttons() -> Vec<File> {
     buttons
 }
 
+/// Reads what a readable evdev device has: whether it holds a
+/// power-button press (a key release or another key is no stop).
+pub(crate) fn read_power_press(button: &File) -> bool {
+    let mut events = [0; INPUT_EVENT_LEN * 16];
+    let len = (&*button).read(&mut events).unwrap_or(0);
+    power_pressed(&events[..len])
+}
+
 /// Whether the bytes read from an evdev device hold a power-button press.
 fn power_pressed(events: &[u8]) -> bool {
     events.chunks_exact(INPUT_EVENT_LEN).any(|event| {
@@ -208,11 +216,7 @@ pub(crate) fn supervise(
             }
         }
         for (button, is_ready) in buttons.iter().zip(&ready[1..]) {
-            if *is_ready {
-                let mut events = [0; INPUT_EVENT_LEN * 16];
-                let len = (&*button).read(&mut events).unwrap_or(0);
-                stop |= power_pressed(&events[..len]);
-            }
+            stop |= *is_ready && read_power_press(button);
         }
         let asked = if ready.get(1 + buttons.len()) == Some(&true) { commands.read() } else { None };
         if kill_at.is_none() {
