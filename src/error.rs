@@ -108,9 +108,9 @@ pub enum Error {
     #[error("The spec has no service.image, which Kubernetes needs (service.binary is for VMs)")]
     NoImage,
     #[error(
-        "kubernetes.node_selector sets `{key}` to `{spec}`, but the Pod's image is pinned to {manifest}, the linux/amd64 manifest kiln's image store holds, which needs `{key}` = `{pinned}`"
+        "{setter} sets `{key}` to `{spec}`, but the Pod's image is pinned to {manifest}, the linux/amd64 manifest kiln's image store holds, which needs `{key}` = `{pinned}`"
     )]
-    K8sPinnedPlatform { key: String, spec: String, pinned: String, manifest: String },
+    K8sPinnedPlatform { setter: String, key: String, spec: String, pinned: String, manifest: String },
     #[error("service.files.{tree} cannot go into a Pod: {why}")]
     K8sFiles { tree: String, why: String },
     #[error("Kubernetes defaults {}: {message}", path.display())]

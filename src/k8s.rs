@@ -134,29 +134,31 @@ impl K8sWorkload {
     /// linux/amd64 manifest kiln's store resolved (of an index, one
     /// platform's), and so selects linux/amd64 nodes: `kubernetes.io/os`
     /// and `kubernetes.io/arch`, unless the spec's node selector sets them
-    /// already (to another value: an error naming both). An image the spec
-    /// pins itself (`@sha256:`, maybe an index) is left as it is.
-    pub fn pin_image(&mut self, manifest: &str) -> Result<()> {
+    /// already. Another value there, or in the operator's defaults
+    /// (`defaults`, which the spec's would silently override), is an error
+    /// naming both. An image the spec pins itself (`@sha256:`, maybe an
+    /// index) is left as it is.
+    pub fn pin_image(&mut self, manifest: &str, defaults: &BTreeMap<String, String>) -> Result<()> {
         let pinned = pin_image(&self.workload.image, manifest);
         if pinned == self.workload.image {
             return Ok(());
         }
         let selector = &mut self.workload.kubernetes.node_selector;
         for (key, value) in PINNED_PLATFORM {
-            match selector.get(key) {
-                Some(set) if set != value => {
-                    return Err(Error::K8sPinnedPlatform {
-                        key: key.to_owned(),
-                        spec: set.clone(),
-                        pinned: value.to_owned(),
-                        manifest: manifest.to_owned(),
-                    });
-                }
-                Some(_) => {}
-                None => {
-                    selector.insert(key.to_owned(), value.to_owned());
-                }
+            let set = [
+                ("kubernetes.node_selector", selector.get(key)),
+                ("the Kubernetes defaults' node_selector", defaults.get(key)),
+            ];
+            if let Some((setter, Some(other))) = set.into_iter().find(|(_, set)| set.is_some_and(|set| set != value)) {
+                return Err(Error::K8sPinnedPlatform {
+                    setter: setter.to_owned(),
+                    key: key.to_owned(),
+                    spec: other.clone(),
+                    pinned: value.to_owned(),
+                    manifest: manifest.to_owned(),
+                });
             }
+            selector.entry(key.to_owned()).or_insert_with(|| value.to_owned());
         }
         self.workload.image = pinned;
         Ok(())
@@ -332,24 +334,28 @@ mod tests {
         let mut pod = workload(&spec).unwrap();
         assert_eq!(pod.workload.image, "127.0.0.1:5000/team/web:1");
         let digest = "sha256:0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef";
-        pod.pin_image(digest).unwrap();
+        pod.pin_image(digest, &BTreeMap::new()).unwrap();
         assert_eq!(pod.workload.image, format!("127.0.0.1:5000/team/web@{digest}"));
     }
 
     #[test]
     fn a_pod_pinned_to_the_stores_linux_amd64_manifest_selects_linux_amd64_nodes() {
         let digest = "sha256:0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef";
-        let pinned = |image: &str, selector: &str| {
+        let pinned_over = |image: &str, selector: &str, defaults: &[(&str, &str)]| {
             let text = format!(
                 "name = \"web\"\n[service]\nimage = \"{image}\"\n[kubernetes]\nnode_selector = {{ {selector} }}\n"
             );
             let mut pod = workload(&Spec::parse(&text, Path::new("/specs/web.toml")).unwrap()).unwrap();
-            match pod.pin_image(digest) {
+            let defaults = defaults.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+            match pod.pin_image(digest, &defaults) {
                 Ok(()) => format!("{} {:?}", pod.workload.image, pod.workload.kubernetes.node_selector),
                 Err(error) => format!("error: {error}"),
             }
         };
+        let pinned = |image: &str, selector: &str| pinned_over(image, selector, &[]);
         let actual = [
+            pinned_over("registry.example/web:1", "", &[("kubernetes.io/arch", "arm64")]),
+            pinned_over("registry.example/web:1", "", &[("kubernetes.io/os", "linux"), ("pool", "b")]),
             pinned("registry.example/web:1", ""),
             pinned("registry.example/web:1", "pool = \"a\", \"kubernetes.io/os\" = \"linux\""),
             pinned("registry.example/web:1", "\"kubernetes.io/arch\" = \"arm64\""),
@@ -358,6 +364,8 @@ mod tests {
         ]
         .join("\n");
         expect_test::expect![[r#"
+            error: the Kubernetes defaults' node_selector sets `kubernetes.io/arch` to `arm64`, but the Pod's image is pinned to sha256:0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef, the linux/amd64 manifest kiln's image store holds, which needs `kubernetes.io/arch` = `amd64`
+            registry.example/web@sha256:0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef {"kubernetes.io/arch": "amd64", "kubernetes.io/os": "linux"}
             registry.example/web@sha256:0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef {"kubernetes.io/arch": "amd64", "kubernetes.io/os": "linux"}
             registry.example/web@sha256:0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef {"kubernetes.io/arch": "amd64", "kubernetes.io/os": "linux", "pool": "a"}
             error: kubernetes.node_selector sets `kubernetes.io/arch` to `arm64`, but the Pod's image is pinned to sha256:0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef, the linux/amd64 manifest kiln's image store holds, which needs `kubernetes.io/arch` = `amd64`

@@ -104,15 +104,15 @@ struct Prepared {
 fn prepare(spec_path: &Path, placement: &PlacementArgs, namespace: Option<&str>) -> Result<Prepared> {
     let spec = Spec::load(spec_path)?;
     let mut k8s = kiln::workload(&spec)?;
+    let defaults = ClusterDefaults::find(placement.defaults.as_deref())?;
     // The bytes a VM of the spec runs, when kiln's image store has pulled them.
     if let Some(image) = &spec.service.image {
         let state = kiln::StateDir::open(&kiln::StateDir::default_root()?)?;
         if let Some(cached) = kiln::cached_image(&state, image)? {
-            k8s.pin_image(&cached.manifest_digest().to_string())?;
+            k8s.pin_image(&cached.manifest_digest().to_string(), &defaults.node_selector)?;
         }
     }
     let K8sWorkload { mut workload, warnings } = k8s;
-    let defaults = ClusterDefaults::find(placement.defaults.as_deref())?;
     let mut target = defaults.target();
     if let Some(address) = placement.host_address {
         target.host_address = Some(address);
