@@ -563,6 +563,9 @@ fn two_layer_disks_merge_with_whiteouts_and_opaque_directories() {
         upper.add_dir(path, meta(0o755)).unwrap();
     }
     upper.set_xattr("opaque", "trusted.overlay.opaque", b"y").unwrap();
+    // The image's / has an xattr (umoci writes the root as a layer's `.`
+    // entry): the container's / shows it, from the data-disk upper.
+    upper.set_xattr("", "user.kiln.root", b"of the image").unwrap();
     upper.add_device("gone", DeviceKind::Char, 0, 0, meta(0)).unwrap();
     upper.add_device("gone-dir", DeviceKind::Char, 0, 0, meta(0)).unwrap();
     for (path, text) in
@@ -644,6 +647,9 @@ fn two_layer_disks_merge_with_whiteouts_and_opaque_directories() {
     assert!(line("merged/low").contains(&format!("sha256={}", sha("from below"))));
     assert!(!manifest.contains("trusted.overlay"), "overlayfs's own xattrs show in the container:\n{manifest}");
     assert!(!manifest.contains("rdev=0:0"), "a whiteout shows in the container:\n{manifest}");
+    let root_xattr =
+        format!("xattrs=user.kiln.root={}", b"of the image".iter().map(|b| format!("{b:02x}")).collect::<String>());
+    assert!(line(".").ends_with(&root_xattr), "the image's / xattr: {}", line("."));
 }
 
 /// A container that cannot start is a failure kiln-init reports with the

@@ -238,12 +238,31 @@ fn data_dir(dir: &str) -> Result<String> {
     Ok(path)
 }
 
-/// overlayfs shows the upper directory's mode, owner and times as the
-/// container's `/`: a fresh one takes the image's (the top layer's root,
-/// as a copy-up would), not those kiln-init made it with.
+/// overlayfs shows the upper directory's mode, owner, xattrs and times as
+/// the container's `/`: a fresh one takes the image's (the top layer's
+/// root, as a copy-up would), not those kiln-init made it with.
 fn take_root_attributes(top: &str, upper: &str) -> Result<()> {
     use std::os::unix::fs::MetadataExt;
     let meta = fs::metadata(top).context(|| format!("cannot look at {top}"))?;
+    // overlayfs's own (trusted.overlay.*) are the layer disk's, not the image's.
+    for (name, value) in sys::xattrs(top).context(|| format!("cannot list the xattrs of {top}"))? {
+        if name.to_bytes().starts_with(b"trusted.overlay.") {
+            continue;
+        }
+        match sys::set_xattr(upper, &name, &value) {
+            // As overlayfs's copy-up does: an upper that holds no such
+            // xattr (tmpfs before Linux 6.6 has no user.*) goes without.
+            Err(err) if err.raw_os_error() == Some(libc::EOPNOTSUPP) => {
+                say(&format!(
+                    "container: the upper layer keeps no {} xattr; / shows without it",
+                    name.to_string_lossy()
+                ));
+            }
+            result => {
+                result.context(|| format!("cannot give {upper} the image's / xattr {}", name.to_string_lossy()))?
+            }
+        }
+    }
     std::os::unix::fs::chown(upper, Some(meta.uid()), Some(meta.gid()))
         .context(|| format!("cannot give {upper} the owner of the image's /"))?;
     fs::set_permissions(upper, fs::Permissions::from_mode(meta.mode() & 0o7777))

@@ -435,3 +435,35 @@ pub(crate) fn hostname() -> Option<String> {
     let node = node.to_str().ok()?;
     (!node.is_empty() && node != "(none)").then(|| node.to_owned())
 }
+
+/// Every extended attribute of `path` (not following a symlink), name and
+/// value, as `llistxattr(2)` and `lgetxattr(2)` give them.
+pub(crate) fn xattrs(path: &str) -> io::Result<Vec<(CString, Vec<u8>)>> {
+    let path = cstring(path)?;
+    // SAFETY: a NULL buffer of size 0 asks only for the list's length.
+    let len = unsafe { libc::llistxattr(path.as_ptr(), std::ptr::null_mut(), 0) };
+    let mut names = vec![0u8; usize::try_from(len).map_err(|_| io::Error::last_os_error())?];
+    // SAFETY: `names` is writable for its length; `path` is NUL-terminated.
+    let len = unsafe { libc::llistxattr(path.as_ptr(), names.as_mut_ptr().cast(), names.len()) };
+    names.truncate(usize::try_from(len).map_err(|_| io::Error::last_os_error())?);
+    let mut out = Vec::new();
+    for name in names.split(|&b| b == 0).filter(|name| !name.is_empty()) {
+        let name = CString::new(name).map_err(|_| io::Error::new(io::ErrorKind::InvalidData, "NUL in a name"))?;
+        // SAFETY: as above, a length query, then a read into a buffer of that length.
+        let size = unsafe { libc::lgetxattr(path.as_ptr(), name.as_ptr(), std::ptr::null_mut(), 0) };
+        let mut value = vec![0u8; usize::try_from(size).map_err(|_| io::Error::last_os_error())?];
+        // SAFETY: `value` is writable for its length; both strings are NUL-terminated.
+        let size = unsafe { libc::lgetxattr(path.as_ptr(), name.as_ptr(), value.as_mut_ptr().cast(), value.len()) };
+        value.truncate(usize::try_from(size).map_err(|_| io::Error::last_os_error())?);
+        out.push((name, value));
+    }
+    Ok(out)
+}
+
+/// `lsetxattr(2)`: sets (or replaces) one extended attribute of `path`.
+pub(crate) fn set_xattr(path: &str, name: &std::ffi::CStr, value: &[u8]) -> io::Result<()> {
+    let path = cstring(path)?;
+    // SAFETY: both strings are NUL-terminated and `value` is readable for its length.
+    check(unsafe { libc::lsetxattr(path.as_ptr(), name.as_ptr(), value.as_ptr().cast(), value.len(), 0) })?;
+    Ok(())
+}
