@@ -104,6 +104,8 @@ struct ImageReport {
     env: Vec<String>,
     working_dir: Option<String>,
     user: Option<String>,
+    /// As the image names it; `kiln run` sends SIGTERM when it names none.
+    stop_signal: Option<String>,
     layers: Vec<LayerReport>,
 }
 
@@ -127,6 +129,7 @@ impl ImageReport {
             env: runtime.env().to_vec(),
             working_dir: runtime.working_dir().map(str::to_owned),
             user: runtime.user().map(str::to_owned),
+            stop_signal: runtime.stop_signal().map(str::to_owned),
             layers: image
                 .layers()
                 .iter()
@@ -145,7 +148,7 @@ impl ImageReport {
 fn inspect_text(report: &ImageReport) -> String {
     let list = |items: &[String]| if items.is_empty() { "-".to_owned() } else { format!("{items:?}") };
     let mut text = format!(
-        "source: {}\nmanifest: {}\nconfig: {}\nentrypoint: {}\ncmd: {}\nworking_dir: {}\nuser: {}\n",
+        "source: {}\nmanifest: {}\nconfig: {}\nentrypoint: {}\ncmd: {}\nworking_dir: {}\nuser: {}\nstop_signal: {}\n",
         report.source,
         report.manifest,
         report.config,
@@ -153,6 +156,7 @@ fn inspect_text(report: &ImageReport) -> String {
         list(&report.cmd),
         report.working_dir.as_deref().unwrap_or("-"),
         report.user.as_deref().unwrap_or("-"),
+        report.stop_signal.as_deref().unwrap_or("-"),
     );
     for entry in &report.env {
         text.push_str(&format!("env: {entry}\n"));

@@ -74,6 +74,8 @@ impl UmociImage {
             "/work",
             "--config.user",
             "app",
+            "--config.stopsignal",
+            "SIGQUIT",
         ]);
         UmociImage { layout, tag: "t" }
     }
@@ -144,6 +146,7 @@ fn image_oci_inspect_reports_the_manifest_config_layers_and_diff_ids_umoci_wrote
     assert_eq!(report["env"], config["config"]["Env"]);
     assert_eq!(report["working_dir"], "/work");
     assert_eq!(report["user"], "app");
+    assert_eq!(report["stop_signal"], "SIGQUIT");
     let layers = report["layers"].as_array().unwrap();
     assert_eq!(layers.len(), 2);
     for (index, layer) in layers.iter().enumerate() {
@@ -157,7 +160,7 @@ fn image_oci_inspect_reports_the_manifest_config_layers_and_diff_ids_umoci_wrote
     let text = assert_success(&kiln_in(&state, &["image", "oci", "inspect", &image.source()]));
     assert!(text.contains(&format!("manifest: {manifest_digest}\n")), "{text}");
     assert!(text.contains(&format!("  diff_id: {}\n", config["rootfs"]["diff_ids"][1].as_str().unwrap())), "{text}");
-    assert!(text.contains("user: app\n") && text.contains("env: MODE=image\n"), "{text}");
+    assert!(text.contains("user: app\nstop_signal: SIGQUIT\n") && text.contains("env: MODE=image\n"), "{text}");
 }
 
 #[test]
