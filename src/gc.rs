@@ -172,9 +172,12 @@ pub fn collect_garbage(state: &StateDir, host: &HostHandles, dry_run: bool) -> R
         }
         if swept.derived_files > 0 {
             parts.push(format!(
-                "{} stale files (killed builds' temp files, another kiln version's layer filesystems) in layer filesystem directories VMs use",
+                "{} killed builds' temp files in layer filesystem directories VMs use",
                 swept.derived_files
             ));
+        }
+        if swept.temp_files > 0 {
+            parts.push(format!("{} killed pulls' temp files", swept.temp_files));
         }
         if !parts.is_empty() {
             actions.push(format!("remove from the image store {} ({} bytes)", parts.join(", and "), swept.bytes));

@@ -25,6 +25,8 @@ pub struct GcReport {
     /// (A layer filesystem of another format stays while its directory is
     /// used: a VM of another kiln may be about to open it.)
     pub derived_files: usize,
+    /// Killed pulls' leftovers in the store's `tmp/`.
+    pub temp_files: usize,
     /// Bytes of regular files removed.
     pub bytes: u64,
 }
@@ -141,6 +143,7 @@ impl Store {
         // No pull runs while gc holds pull.lock, so every temp file is a leftover.
         for entry in read_dir(&self.root.join("tmp"))? {
             report.bytes += remove_tree(&entry, dry_run)?;
+            report.temp_files += 1;
         }
         Ok(report)
     }

@@ -171,6 +171,7 @@ fn gc_dry_run_reports_exactly_what_gc_then_removes_and_removes_nothing() {
     // Image two (record, top layer, manifest, config), its top chain's
     // directory, and in the base's the temp file (another format's file stays).
     assert_eq!((plan.images, plan.layers, plan.blobs, plan.derived, plan.derived_files), (1, 1, 2, 1, 1), "{plan:?}");
+    assert_eq!(plan.temp_files, 1, "the killed pull's file in tmp/: {plan:?}");
     assert!(plan.bytes > 0, "{plan:?}");
 
     let done = store.gc_with(&options()).unwrap();
