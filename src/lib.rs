@@ -39,6 +39,10 @@ pub use run::{
 pub use service_disk::{DiskTree, ServiceDisk};
 pub use size::parse_size;
 pub use spec::{
+    AbsolutePath, Container, ContainerName, ContainerResources, Medium, MountSpec, Pod, PodContainer, PodMount,
+    PodVolume, Restart, SERVICE_CONTAINER, Volume,
+};
+pub use spec::{
     Backend, ByteSize, Confidentiality, FileSource, FileTree, GRACE_PARAMETER, Gpu, GpuPolicy, Guest, Kubernetes, Name,
     Network, PciAddress, PodSecurity, PortSpec, PublishSpec, Resources, Service, Spec, Toleration, VmProgram,
     VmSettings, VmUses, rewrite_loopback_urls,
