@@ -165,6 +165,9 @@ pub fn run(
 ) -> Result<RunOutcome> {
     let started = Instant::now();
     // Everything that can fail without touching the host fails here first.
+    if spec.is_pod_form() {
+        return Err(Error::PodNotInVm { path: spec_path.to_path_buf(), containers: spec.container.len() });
+    }
     check_vm_policies(spec)?;
     let guest = GuestFiles::find(spec, options.guest_dir.as_deref())?;
     let backend = choose_backend(spec, options.backend)?;

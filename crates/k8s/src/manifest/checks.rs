@@ -103,3 +103,56 @@ pub(super) fn check_file_key(key: &str) -> Result<(), String> {
         None => Ok(()),
     }
 }
+
+/// The pod form's own rules: container and volume names DNS labels and
+/// unique, images given, mounts of declared volumes at distinct, valid
+/// paths, working directories absolute.
+pub(super) fn check_pod_form(workload: &crate::Workload) -> Result<(), String> {
+    use std::collections::BTreeSet;
+
+    use kiln_types::syntax::{is_dns_label, is_image_reference};
+    let mut volumes = BTreeSet::new();
+    for volume in &workload.volumes {
+        if !is_dns_label(&volume.name) {
+            return Err(format!("volume name `{}` is not a DNS label", volume.name.escape_debug()));
+        }
+        if !volumes.insert(volume.name.as_str()) {
+            return Err(format!("volume `{}` is declared twice", volume.name));
+        }
+    }
+    let mut names = BTreeSet::new();
+    for container in &workload.containers {
+        let name = &container.name;
+        if !is_dns_label(name) {
+            return Err(format!("container name `{}` is not a DNS label", name.escape_debug()));
+        }
+        if !names.insert(name.as_str()) {
+            return Err(format!("container `{name}` is declared twice"));
+        }
+        if !is_image_reference(&container.image) {
+            return Err(format!(
+                "container `{name}`: image `{}` is empty or holds whitespace",
+                container.image.escape_debug()
+            ));
+        }
+        if let Some(dir) = &container.working_dir
+            && !dir.starts_with('/')
+        {
+            return Err(format!("container `{name}`: working directory `{}` is not absolute", dir.escape_debug()));
+        }
+        let mut paths = BTreeSet::new();
+        for mount in &container.mounts {
+            if !volumes.contains(mount.volume.as_str()) {
+                return Err(format!("container `{name}` mounts volume `{}`, which is not declared", mount.volume));
+            }
+            check_mount_path(&mount.path).map_err(|why| format!("container `{name}`: mount {why}"))?;
+            if !paths.insert(mount.path.trim_end_matches('/')) {
+                return Err(format!("container `{name}` has two mounts at `{}`", mount.path));
+            }
+        }
+    }
+    if workload.containers.iter().all(|container| container.init) {
+        return Err("the pod has no app container, only init containers".to_owned());
+    }
+    Ok(())
+}
