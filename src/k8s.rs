@@ -453,3 +453,56 @@ mod tests {
         );
     }
 }
+
+/// The single-service form is a pod of one: written either way, a service
+/// renders as the same Pod.
+#[cfg(test)]
+mod pod_of_one {
+    use std::path::Path;
+
+    use proptest::prelude::*;
+
+    use super::*;
+
+    fn quoted(text: &str) -> String {
+        // A JSON string of printable ASCII is a TOML basic string too.
+        serde_json::to_string(text).unwrap()
+    }
+
+    fn rendered_pod(text: &str) -> serde_json::Value {
+        let spec = Spec::parse(text, Path::new("/s/kiln.toml")).unwrap();
+        let manifests = kiln_k8s::render(&workload(&spec).unwrap().workload, &Target::default()).unwrap();
+        let pods: Vec<serde_json::Value> =
+            manifests.objects().into_iter().map(|object| object.to_json()).filter(|o| o["kind"] == "Pod").collect();
+        assert_eq!(pods.len(), 1);
+        pods[0].clone()
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(48))]
+        #[test]
+        fn a_service_and_its_one_container_pod_render_the_same_pod(
+            image in "[a-z]{1,8}(/[a-z]{1,8})?:[0-9]{1,3}",
+            args in proptest::collection::vec("[ -~]{0,12}", 0..4),
+            env in proptest::collection::btree_map("[A-Z_][A-Z0-9_]{0,6}", "[ -~]{0,12}", 0..4),
+            cpus in 1u8..5,
+            memory_mib in 64u64..2048,
+            publish in proptest::option::of(1u16..65535),
+            restart in prop_oneof![Just("never"), Just("on-failure"), Just("always")],
+        ) {
+            let args = format!("[{}]", args.iter().map(|a| quoted(a)).collect::<Vec<_>>().join(", "));
+            let env = format!("{{ {} }}", env.iter().map(|(k, v)| format!("{k} = {}", quoted(v))).collect::<Vec<_>>().join(", "));
+            let network = publish.map(|port| format!("[network]\npublish = [\"{port}:{port}\"]\n")).unwrap_or_default();
+            let head = format!("name = \"svc\"\nrestart = \"{restart}\"\n{network}");
+            let service = format!(
+                "{head}[resources]\ncpus = {cpus}\nmemory = \"{memory_mib}MiB\"\n[service]\nimage = {}\nargs = {args}\nenv = {env}\n",
+                quoted(&image)
+            );
+            let pod = format!(
+                "{head}[[container]]\nname = \"service\"\nimage = {}\nargs = {args}\nenv = {env}\nresources = {{ cpus = {cpus}, memory = \"{memory_mib}MiB\" }}\n",
+                quoted(&image)
+            );
+            prop_assert_eq!(rendered_pod(&service), rendered_pod(&pod));
+        }
+    }
+}

@@ -172,6 +172,10 @@ impl<'de> Deserialize<'de> for AbsolutePath {
         if path.trim_end_matches('/').is_empty() || path.contains('\0') {
             return Err(de::Error::custom(format!("the path `{shown}` names no directory below `/`")));
         }
+        // Kubernetes refuses these, so they are refused for both.
+        if path.trim_end_matches('/').split('/').skip(1).any(|part| part.is_empty() || part == ".") {
+            return Err(de::Error::custom(format!("the path `{shown}` has an empty or `.` component")));
+        }
         Ok(AbsolutePath(path))
     }
 }
@@ -373,6 +377,14 @@ pub(super) fn check(spec: &Spec, text: &str) -> std::result::Result<(), String> 
             );
         }
     }
+    if let Some(last) = spec.container.last()
+        && spec.container.iter().all(is_init)
+    {
+        return err(
+            last.name.span(),
+            "the pod has only init containers: at least one must be an app container".to_owned(),
+        );
+    }
     let mut names = BTreeSet::new();
     for container in &spec.container {
         let name = container.name.get_ref().as_str();
@@ -503,6 +515,9 @@ mounts = [{ volume = "seed", path = "/seed", read_only = true }, { volume = "fee
                 "[[container]]\nname = \"producer\"",
                 "[[volume]]\nname = \"feed\"\n[[container]]\nname = \"producer\"",
             ),
+            POD.replace("path = \"/feed\" }]\n[[container]]", "path = \"/feed/./x\" }]\n[[container]]"),
+            POD.replace("name = \"producer\"\n", "name = \"producer\"\ninit = true\n")
+                .replace("name = \"consumer\"\n", "name = \"consumer\"\ninit = true\n"),
         ];
         let actual: String = cases
             .iter()
@@ -589,6 +604,18 @@ mounts = [{ volume = "seed", path = "/seed", read_only = true }, { volume = "fee
             18 | name = "feed"
                |        ^^^^^^
             volume `feed` is declared twice
+            ---
+            Spec pod.toml: TOML parse error at line 20, column 37
+               |
+            20 | mounts = [{ volume = "feed", path = "/feed/./x" }]
+               |                                     ^^^^^^^^^^^
+            the path `/feed/./x` has an empty or `.` component
+            ---
+            Spec pod.toml: error at line 23, column 8
+               |
+            23 | name = "consumer"
+               |        ^^^^^^^^^^
+            the pod has only init containers: at least one must be an app container
             ---
         "#]].assert_eq(&actual);
     }
