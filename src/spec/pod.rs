@@ -654,4 +654,19 @@ mounts = [{ volume = "seed", path = "/seed", read_only = true }, { volume = "fee
         assert_eq!(service.args, ["-v"]);
         assert_eq!(pod.restart, Restart::Never);
     }
+
+    #[test]
+    fn the_pod_form_of_the_docs_and_the_example_parse() {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+        let docs = std::fs::read_to_string(root.join("docs/spec.md")).unwrap();
+        let pod_section = docs.split("## The pod form").nth(1).unwrap();
+        let toml = pod_section.split("```toml\n").nth(1).and_then(|rest| rest.split("```").next()).unwrap();
+        let spec = Spec::parse(toml, &root.join("docs/pod.toml")).unwrap();
+        assert_eq!(spec.pod().containers.len(), 2);
+        let example = Spec::load(&root.join("examples/pod/kiln.toml")).unwrap();
+        let pod = example.pod();
+        let names: Vec<&str> = pod.containers.iter().map(|c| c.name.as_str()).collect();
+        assert_eq!(names, ["prepare", "producer", "consumer"]);
+        assert_eq!(pod.volumes.iter().map(|v| v.medium).collect::<Vec<_>>(), [Medium::Disk, Medium::Memory]);
+    }
 }
