@@ -5,11 +5,13 @@
 
 use std::process::Command;
 
-use crate::support::{assert_error, assert_success, kiln, repo_root};
+use crate::support::{assert_error, repo_root};
 
 #[cfg(feature = "k8s")]
 #[test]
 fn the_three_container_pod_example_renders_as_one_valid_pod() {
+    use crate::support::{assert_success, kiln};
+
     let example = repo_root().join("examples/pod/kiln.toml");
     let output = kiln(["render", "--target", "k8s", example.to_str().unwrap()]);
     let yaml = assert_success(&output);
