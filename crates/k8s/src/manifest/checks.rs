@@ -156,3 +156,51 @@ pub(super) fn check_pod_form(workload: &crate::Workload) -> Result<(), String> {
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use expect_test::expect;
+
+    use crate::{PodContainer, SharedVolume, Target, VolumeMountSpec, Workload, render};
+
+    fn pod_workload(edit: impl FnOnce(&mut Workload)) -> String {
+        let mut workload = Workload::new("pod", "busybox:1");
+        let mut app = PodContainer::new("app", "busybox:1");
+        app.mounts = vec![VolumeMountSpec { volume: "feed".to_owned(), path: "/feed".to_owned(), read_only: false }];
+        app.user = Some("1000".to_owned());
+        workload.containers = vec![app];
+        workload.volumes = vec![SharedVolume { name: "feed".to_owned(), memory: true, size_limit: None }];
+        edit(&mut workload);
+        match render(&workload, &Target::default()) {
+            Ok(manifests) => format!("ok, warnings: {:?}\n", manifests.warnings),
+            Err(err) => format!("{err}\n"),
+        }
+    }
+
+    #[test]
+    fn a_pod_form_workload_is_checked_before_it_renders() {
+        let actual = [
+            pod_workload(|_| {}),
+            pod_workload(|w| w.containers[0].user = Some("nobody".to_owned())),
+            pod_workload(|w| w.containers.push(PodContainer::new("app", "busybox:1"))),
+            pod_workload(|w| w.containers[0].name = "App".to_owned()),
+            pod_workload(|w| w.containers[0].mounts[0].volume = "food".to_owned()),
+            pod_workload(|w| w.containers[0].mounts[0].path = "/feed/../etc".to_owned()),
+            pod_workload(|w| w.containers[0].init = true),
+            pod_workload(|w| w.containers[0].image = " ".to_owned()),
+            pod_workload(|w| w.volumes.push(w.volumes[0].clone())),
+        ]
+        .concat();
+        expect![[r#"
+            ok, warnings: []
+            ok, warnings: ["container `app`: user `nobody` is a name, which a Pod cannot express (runAsUser takes a number): the image's user runs"]
+            workload `pod`: container `app` is declared twice
+            workload `pod`: container name `App` is not a DNS label
+            workload `pod`: container `app` mounts volume `food`, which is not declared
+            workload `pod`: container `app`: mount `/feed/../etc` has an empty, `.` or `..` component
+            workload `pod`: the pod has no app container, only init containers
+            workload `pod`: container `app`: image ` ` is empty or holds whitespace
+            workload `pod`: volume `feed` is declared twice
+        "#]].assert_eq(&actual);
+    }
+}
