@@ -97,6 +97,11 @@ pub enum Error {
         "The spec cannot run as a VM: confidentiality is \"tee-required\", but kiln starts no confidential VMs (SEV-SNP, TDX); run it on Kubernetes with a kata RuntimeClass"
     )]
     TeeRequired,
+    #[error(
+        "Spec {}: a pod of {containers} container(s) ([[container]]) is not yet run in a VM; only the [service] form is (render it with `kiln render --target k8s`)",
+        path.display()
+    )]
+    PodNotInVm { path: std::path::PathBuf, containers: usize },
     #[error("The spec has neither service.binary nor service.image, one of which a VM needs")]
     NoBinary,
     #[error("Image {image} cannot run in a VM")]
@@ -107,6 +112,8 @@ pub enum Error {
     K8sLocalImage { image: String },
     #[error("The spec has no service.image, which Kubernetes needs (service.binary is for VMs)")]
     NoImage,
+    #[error("Container `{container}` has no image, which Kubernetes needs (a binary is for VMs)")]
+    K8sContainerNoImage { container: String },
     #[error(
         "{setter} sets `{key}` to `{spec}`, but the Pod's image is pinned to {manifest}, the linux/amd64 manifest kiln's image store holds, which needs `{key}` = `{pinned}`"
     )]
@@ -164,12 +171,13 @@ impl Error {
             | Error::DataDiskForeign { .. }
             | Error::NoBinary
             | Error::NoImage
+            | Error::K8sContainerNoImage { .. }
             | Error::K8sLocalImage { .. }
             | Error::K8sPinnedPlatform { .. }
             | Error::ContainerConfig { .. }
             | Error::K8sFiles { .. }
             | Error::K8sDefaults { .. } => ErrorKind::InvalidInput,
-            Error::GpuWithoutVfio | Error::TeeRequired => ErrorKind::Unsupported,
+            Error::GpuWithoutVfio | Error::TeeRequired | Error::PodNotInVm { .. } => ErrorKind::Unsupported,
             Error::SpecRead { .. } | Error::InputIo { .. } | Error::ControlChannel { .. } => ErrorKind::Io,
             Error::GuestFileMissing { .. } | Error::NoVmm { .. } | Error::BinaryMissing { .. } => ErrorKind::NotFound,
             Error::StateDirUnknown | Error::StateIo { .. } | Error::StateCorrupt { .. } => ErrorKind::State,

@@ -9,10 +9,13 @@ use std::io::Read;
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 
-use kiln_k8s::{DataVolume, KubernetesOptions, Mount, MountSource, Target, Workload};
+use kiln_k8s::{
+    DataVolume, KubernetesOptions, Mount, MountSource, PodContainer, RestartPolicy, SharedVolume, Target,
+    VolumeMountSpec, Workload,
+};
 use serde::Deserialize;
 
-use crate::spec::{FileSource, GpuPolicy, Spec, Toleration};
+use crate::spec::{FileSource, GpuPolicy, Medium, Restart, Spec, Toleration};
 use crate::{Error, Result};
 
 /// Where the data disk and `service.files` trees appear, as in the guest.
@@ -37,13 +40,12 @@ pub struct K8sWorkload {
 /// when they are carried inline (Secrets and ConfigMaps); fails when the
 /// spec has no `service.image` or a tree cannot be carried.
 pub fn workload(spec: &Spec) -> Result<K8sWorkload> {
-    let image = spec.service.image.clone().ok_or(Error::NoImage)?;
-    if crate::spec::is_local_image(&image) {
-        return Err(Error::K8sLocalImage { image });
+    if spec.is_pod_form() {
+        let mut warnings = Vec::new();
+        let workload = pod_form_workload(spec, &mut warnings)?;
+        return Ok(finish(spec, workload, warnings));
     }
-    // `docker://` is kiln's (and skopeo's) transport prefix; a Pod's image
-    // is the bare reference.
-    let image = image.strip_prefix("docker://").map(str::to_owned).unwrap_or(image);
+    let image = pod_image(spec.service.image.clone().ok_or(Error::NoImage)?)?;
     let mut warnings = Vec::new();
     let resources = &spec.resources;
     let data_volume = resources.storage.map(|size| {
@@ -69,6 +71,74 @@ pub fn workload(spec: &Spec) -> Result<K8sWorkload> {
         };
         mounts.push(Mount { name: name.clone(), mount_path: format!("{FILES_MOUNT_ROOT}/{name}"), source });
     }
+    let mut workload = Workload::new(spec.name.as_str(), image);
+    workload.args = spec.service.args.clone();
+    workload.env = spec.service.env.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+    workload.mounts = mounts;
+    workload.data_volume = data_volume;
+    workload.resources.millicpus = Some(u32::from(resources.cpus) * 1000);
+    workload.resources.memory_bytes = Some(resources.memory.0);
+    Ok(finish(spec, workload, warnings))
+}
+
+/// A spec image as a Pod's: a registry reference, without kiln's (and
+/// skopeo's) `docker://` transport prefix.
+fn pod_image(image: String) -> Result<String> {
+    if crate::spec::is_local_image(&image) {
+        return Err(Error::K8sLocalImage { image });
+    }
+    Ok(image.strip_prefix("docker://").map(str::to_owned).unwrap_or(image))
+}
+
+/// The pod form's containers and volumes as a [`Workload`]'s.
+fn pod_form_workload(spec: &Spec, warnings: &mut Vec<String>) -> Result<Workload> {
+    let pod = spec.pod();
+    if spec.resources.storage.is_some() {
+        warnings.push(
+            "resources.storage: the disk volumes are emptyDirs on the node's disk; they last as long as the Pod, not across runs like the VM's data disk".to_owned(),
+        );
+    }
+    let mut containers = Vec::new();
+    for container in &pod.containers {
+        let image =
+            container.image.clone().ok_or_else(|| Error::K8sContainerNoImage { container: container.name.clone() })?;
+        let mut out = PodContainer::new(container.name.clone(), pod_image(image)?);
+        out.init = container.init;
+        out.args = container.args.clone();
+        out.env = container.env.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+        out.working_dir = container.working_dir.clone();
+        out.user = container.user.clone();
+        out.resources.millicpus = container.resources.cpus.map(|cpus| u32::from(cpus) * 1000);
+        out.resources.memory_bytes = container.resources.memory.map(|memory| memory.0);
+        out.mounts = container
+            .mounts
+            .iter()
+            .map(|m| VolumeMountSpec { volume: m.volume.clone(), path: m.path.clone(), read_only: m.read_only })
+            .collect();
+        if !container.files.is_empty() {
+            warnings.push(format!(
+                "container `{}`: files are not carried into the Pod yet (only [service] files are); mount them from a volume",
+                container.name
+            ));
+        }
+        containers.push(out);
+    }
+    let first_app = containers.iter().find(|c| !c.init).map(|c| c.image.clone()).unwrap_or_default();
+    let mut workload = Workload::new(spec.name.as_str(), first_app);
+    workload.containers = containers;
+    workload.volumes = pod
+        .volumes
+        .iter()
+        .map(|v| SharedVolume { name: v.name.clone(), memory: v.medium == Medium::Memory, size_limit: v.size_limit })
+        .collect();
+    Ok(workload)
+}
+
+/// What both forms share: the restart policy, GPU, confidentiality, the
+/// firewall and the `[kubernetes]` table, and the warnings of the fields a
+/// Pod ignores.
+fn finish(spec: &Spec, mut workload: Workload, mut warnings: Vec<String>) -> K8sWorkload {
+    let (resources, kubernetes) = (&spec.resources, &spec.kubernetes);
     for port in &spec.network.publish {
         warnings.push(format!(
             "network.publish {}: port {} is the Service's port inside the cluster, not a port on a node",
@@ -88,13 +158,11 @@ pub fn workload(spec: &Spec) -> Result<K8sWorkload> {
             warnings.push(format!("{field} has no Pod equivalent and is ignored"));
         }
     }
-    let mut workload = Workload::new(spec.name.as_str(), image);
-    workload.args = spec.service.args.clone();
-    workload.env = spec.service.env.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
-    workload.mounts = mounts;
-    workload.data_volume = data_volume;
-    workload.resources.millicpus = Some(u32::from(resources.cpus) * 1000);
-    workload.resources.memory_bytes = Some(resources.memory.0);
+    workload.restart = match spec.restart {
+        Restart::Never => RestartPolicy::Never,
+        Restart::OnFailure => RestartPolicy::OnFailure,
+        Restart::Always => RestartPolicy::Always,
+    };
     workload.resources.gpu = (resources.gpu.policy != GpuPolicy::None).then_some(resources.gpu);
     workload.confidentiality = resources.confidentiality;
     workload.firewall = spec.firewall();
@@ -108,7 +176,7 @@ pub fn workload(spec: &Spec) -> Result<K8sWorkload> {
     workload.kubernetes.image_pull_secrets = kubernetes.pull_secret.iter().cloned().collect();
     workload.kubernetes.service_account = kubernetes.service_account.clone();
     workload.kubernetes.security = kubernetes.security.clone();
-    Ok(K8sWorkload { workload, warnings })
+    K8sWorkload { workload, warnings }
 }
 
 /// `image` (a registry reference) pinned to `manifest` (`sha256:...`), the
@@ -383,5 +451,58 @@ mod tests {
             err,
             "service.image `oci:/specs/img:1` is a local image source, which a Pod cannot pull: push it to a registry and name it there"
         );
+    }
+}
+
+/// The single-service form is a pod of one: written either way, a service
+/// renders as the same Pod.
+#[cfg(test)]
+mod pod_of_one {
+    use std::path::Path;
+
+    use proptest::prelude::*;
+
+    use super::*;
+
+    fn quoted(text: &str) -> String {
+        // A JSON string of printable ASCII is a TOML basic string too.
+        serde_json::to_string(text).unwrap()
+    }
+
+    fn rendered_pod(text: &str) -> serde_json::Value {
+        let spec = Spec::parse(text, Path::new("/s/kiln.toml")).unwrap();
+        let manifests = kiln_k8s::render(&workload(&spec).unwrap().workload, &Target::default()).unwrap();
+        let pods: Vec<serde_json::Value> =
+            manifests.objects().into_iter().map(|object| object.to_json()).filter(|o| o["kind"] == "Pod").collect();
+        assert_eq!(pods.len(), 1);
+        pods[0].clone()
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(48))]
+        #[test]
+        fn a_service_and_its_one_container_pod_render_the_same_pod(
+            image in "[a-z]{1,8}(/[a-z]{1,8})?:[0-9]{1,3}",
+            args in proptest::collection::vec("[ -~]{0,12}", 0..4),
+            env in proptest::collection::btree_map("[A-Z_][A-Z0-9_]{0,6}", "[ -~]{0,12}", 0..4),
+            cpus in 1u8..5,
+            memory_mib in 64u64..2048,
+            publish in proptest::option::of(1u16..65535),
+            restart in prop_oneof![Just("never"), Just("on-failure"), Just("always")],
+        ) {
+            let args = format!("[{}]", args.iter().map(|a| quoted(a)).collect::<Vec<_>>().join(", "));
+            let env = format!("{{ {} }}", env.iter().map(|(k, v)| format!("{k} = {}", quoted(v))).collect::<Vec<_>>().join(", "));
+            let network = publish.map(|port| format!("[network]\npublish = [\"{port}:{port}\"]\n")).unwrap_or_default();
+            let head = format!("name = \"svc\"\nrestart = \"{restart}\"\n{network}");
+            let service = format!(
+                "{head}[resources]\ncpus = {cpus}\nmemory = \"{memory_mib}MiB\"\n[service]\nimage = {}\nargs = {args}\nenv = {env}\n",
+                quoted(&image)
+            );
+            let pod = format!(
+                "{head}[[container]]\nname = \"service\"\nimage = {}\nargs = {args}\nenv = {env}\nresources = {{ cpus = {cpus}, memory = \"{memory_mib}MiB\" }}\n",
+                quoted(&image)
+            );
+            prop_assert_eq!(rendered_pod(&service), rendered_pod(&pod));
+        }
     }
 }

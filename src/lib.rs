@@ -34,10 +34,15 @@ pub use launch::LaunchScript;
 pub use run::{
     DEFAULT_GRACE, FAILURE_EXIT_CODE, INSECURE_REGISTRIES_ENV, ImageEvent, LayerDisk, MAX_LAYER_DISKS, OCI_STORE_DIR,
     PlannedVm, REGISTRY_CA_ENV, ROOTFS_FORMAT, RunObserver, RunOptions, RunOutcome, STOP_MARGIN, VmFiles, build_images,
-    cached_image, image_rootfs, open_image_store, parse_image_source, plan_vm, pull_image, request_stop, run,
+    cached_image, image_rootfs, open_image_store, parse_image_source, plan_vm, pull_image, refuse_pod, request_stop,
+    run,
 };
 pub use service_disk::{DiskTree, ServiceDisk};
 pub use size::parse_size;
+pub use spec::{
+    AbsolutePath, Container, ContainerName, ContainerResources, Medium, MountSpec, Pod, PodContainer, PodMount,
+    PodVolume, Restart, SERVICE_CONTAINER, Volume,
+};
 pub use spec::{
     Backend, ByteSize, Confidentiality, FileSource, FileTree, GRACE_PARAMETER, Gpu, GpuPolicy, Guest, Kubernetes, Name,
     Network, PciAddress, PodSecurity, PortSpec, PublishSpec, Resources, Service, Spec, Toleration, VmProgram,

@@ -73,6 +73,7 @@ pub(crate) fn run(args: &RunArgs) -> Result<ExitCode> {
     // Everything kiln run (and the VMM it starts) creates is the owner's only.
     rustix::process::umask(rustix::fs::Mode::from_raw_mode(0o077));
     let spec = Spec::load(&args.spec)?;
+    kiln::refuse_pod(&spec, &args.spec)?;
     if args.detach && std::env::var_os(DETACHED_ENV).is_none() {
         return detach(args, &spec);
     }

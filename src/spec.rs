@@ -23,6 +23,12 @@ use serde::{Deserialize, Serialize};
 
 use crate::{Error, Result, parse_size};
 
+mod pod;
+pub use pod::{
+    AbsolutePath, Container, ContainerName, ContainerResources, Medium, MountSpec, Pod, PodContainer, PodMount,
+    PodVolume, Restart, SERVICE_CONTAINER, Volume,
+};
+
 /// A parsed, validated spec.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
@@ -30,8 +36,19 @@ pub struct Spec {
     /// The service's name: lowercase letters, digits and `-`, starting with a
     /// letter, at most 63 bytes.
     pub name: Name,
-    /// What runs.
+    /// The pod's restart policy (`never` by default).
+    #[serde(default)]
+    pub restart: Restart,
+    /// What runs: the single-service form, a pod of one. Either this or
+    /// [`Spec::container`], not both (checked while parsing).
+    #[serde(default)]
     pub service: Service,
+    /// What runs: the pod form (see `docs/spec.md`).
+    #[serde(default)]
+    pub container: Vec<Container>,
+    /// The pod's volumes.
+    #[serde(default)]
+    pub volume: Vec<Volume>,
     /// What it gets.
     #[serde(default)]
     pub resources: Resources,
@@ -115,6 +132,14 @@ pub struct Service {
     /// `keystore = { path = "./keystore", secret = true }`.
     #[serde(default)]
     pub files: BTreeMap<String, FileTree>,
+    /// Whether the spec has a `[service]` table (a missing one is the
+    /// default, with this false).
+    #[serde(skip, default = "table_given")]
+    pub(crate) declared: bool,
+}
+
+fn table_given() -> bool {
+    true
 }
 
 /// One extra tree of [`Service::files`].
@@ -424,9 +449,11 @@ impl Spec {
         let mut spec: Spec = toml::from_str(text)
             .map_err(|e| Error::Spec { path: path.to_path_buf(), message: e.to_string().trim_end().to_owned() })?;
         let invalid = |message: String| Error::Spec { path: path.to_path_buf(), message };
+        pod::check(&spec, text).map_err(invalid)?;
         spec.check().map_err(invalid)?;
         let base = path.parent().unwrap_or(Path::new("."));
         spec.resolve_paths(base);
+        pod::resolve_paths(&mut spec.container, base);
         Ok(spec)
     }
 
@@ -733,6 +760,7 @@ security = { run_as_root = true, add_capabilities = ["NET_ADMIN"], run_as_user =
                     name: Name(
                         "hello",
                     ),
+                    restart: Never,
                     service: Service {
                         binary: Some(
                             "/specs/bin/hello",
@@ -757,7 +785,10 @@ security = { run_as_root = true, add_capabilities = ["NET_ADMIN"], run_as_user =
                                 secret: true,
                             },
                         },
+                        declared: true,
                     },
+                    container: [],
+                    volume: [],
                     resources: Resources {
                         cpus: 2,
                         memory: ByteSize(
@@ -889,6 +920,7 @@ security = { run_as_root = true, add_capabilities = ["NET_ADMIN"], run_as_user =
                     name: Name(
                         "a",
                     ),
+                    restart: Never,
                     service: Service {
                         binary: Some(
                             "/bin/true",
@@ -897,7 +929,10 @@ security = { run_as_root = true, add_capabilities = ["NET_ADMIN"], run_as_user =
                         args: [],
                         env: {},
                         files: {},
+                        declared: true,
                     },
+                    container: [],
+                    volume: [],
                     resources: Resources {
                         cpus: 1,
                         memory: ByteSize(
@@ -1040,11 +1075,11 @@ security = { run_as_root = true, add_capabilities = ["NET_ADMIN"], run_as_user =
               |           ^^^^^^^^^^^^^
             unknown variant `firecracker`, expected one of `auto`, `cloud-hypervisor`, `qemu`
             ---
-            Spec app.toml: TOML parse error at line 1, column 1
+            Spec app.toml: error at line 1, column 1
               |
             1 | name = "a"
               | ^
-            missing field `service`
+            the spec has neither a [service] table nor [[container]] entries
             ---
             Spec app.toml: service.env.U points at host port 7001, which network.host_ports does not allow
             ---

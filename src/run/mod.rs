@@ -155,6 +155,15 @@ pub(crate) fn parse_stop_timeout(text: &str) -> Option<u64> {
     text.parse().ok().filter(|seconds| *seconds <= MAX_GRACE_SECONDS)
 }
 
+/// Refuses a pod-form spec (`[[container]]`): kiln does not run pods in a
+/// VM yet, and running one of its containers would silently be wrong.
+pub fn refuse_pod(spec: &Spec, spec_path: &Path) -> Result<()> {
+    if spec.is_pod_form() {
+        return Err(Error::PodNotInVm { path: spec_path.to_path_buf(), containers: spec.container.len() });
+    }
+    Ok(())
+}
+
 /// Runs `spec` to completion. See the module doc.
 pub fn run(
     spec: &Spec,
@@ -165,6 +174,7 @@ pub fn run(
 ) -> Result<RunOutcome> {
     let started = Instant::now();
     // Everything that can fail without touching the host fails here first.
+    refuse_pod(spec, spec_path)?;
     check_vm_policies(spec)?;
     let guest = GuestFiles::find(spec, options.guest_dir.as_deref())?;
     let backend = choose_backend(spec, options.backend)?;

@@ -12,6 +12,7 @@ mod cli_initramfs;
 #[cfg(feature = "k8s")]
 mod cli_k8s;
 mod cli_oci;
+mod cli_pod;
 mod cli_qcow2;
 mod cli_render;
 mod cli_writers;

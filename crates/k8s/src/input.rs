@@ -38,6 +38,94 @@ pub struct Workload {
     pub firewall: Firewall,
     /// Per-instance Kubernetes settings; they override the operator's.
     pub kubernetes: KubernetesOptions,
+    /// The pod form: its containers, init ones marked. When empty the Pod
+    /// has the one container of the fields above (`image`, `command`,
+    /// `args`, `env`, `mounts`, `data_volume`, CPU and memory); when not,
+    /// those are unused, except `resources.gpu`, which goes to the first
+    /// app container.
+    pub containers: Vec<PodContainer>,
+    /// The pod form's shared volumes (`emptyDir`s).
+    pub volumes: Vec<SharedVolume>,
+    /// The Pod's `restartPolicy`.
+    pub restart: RestartPolicy,
+}
+
+/// One container of the pod form (see [`Workload::containers`]).
+/// `#[non_exhaustive]`: start from [`PodContainer::new`].
+#[derive(Debug, Clone, Default, PartialEq)]
+#[non_exhaustive]
+pub struct PodContainer {
+    /// Its name: a DNS label, unique in the Pod.
+    pub name: String,
+    /// Whether it is an init container (`initContainers`, in order).
+    pub init: bool,
+    /// Its image.
+    pub image: String,
+    /// Arguments.
+    pub args: Vec<String>,
+    /// Environment variables, in order.
+    pub env: Vec<(String, String)>,
+    /// The working directory (absolute).
+    pub working_dir: Option<String>,
+    /// The user: `UID` or `UID:GID` becomes `runAsUser`/`runAsGroup`; a
+    /// name cannot be expressed, which is a render warning.
+    pub user: Option<String>,
+    /// CPUs and memory (requests equal limits).
+    pub resources: Resources,
+    /// Its mounts of [`Workload::volumes`].
+    pub mounts: Vec<VolumeMountSpec>,
+}
+
+impl PodContainer {
+    /// A container `name` running `image`, with nothing else.
+    pub fn new(name: impl Into<String>, image: impl Into<String>) -> PodContainer {
+        PodContainer { name: name.into(), image: image.into(), ..PodContainer::default() }
+    }
+}
+
+/// A mount of a [`SharedVolume`] in a [`PodContainer`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VolumeMountSpec {
+    /// The volume's name.
+    pub volume: String,
+    /// Where it appears (absolute path).
+    pub path: String,
+    /// Whether it is mounted read-only.
+    pub read_only: bool,
+}
+
+/// A volume shared by the pod form's containers: an `emptyDir`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SharedVolume {
+    /// Its name: a DNS label, unique in the Pod.
+    pub name: String,
+    /// Whether it is a tmpfs (`medium: Memory`) rather than node disk.
+    pub memory: bool,
+    /// Its `sizeLimit` in bytes, if any.
+    pub size_limit: Option<u64>,
+}
+
+/// The Pod's `restartPolicy`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum RestartPolicy {
+    /// `Never` (kiln's default, as a VM's service is not restarted).
+    #[default]
+    Never,
+    /// `OnFailure`.
+    OnFailure,
+    /// `Always`.
+    Always,
+}
+
+impl RestartPolicy {
+    /// The value of `restartPolicy`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RestartPolicy::Never => "Never",
+            RestartPolicy::OnFailure => "OnFailure",
+            RestartPolicy::Always => "Always",
+        }
+    }
 }
 
 /// A read-only file tree in the container.

@@ -34,7 +34,10 @@ mod status;
 
 pub use client::{Applied, Cluster, Deleted, ForeignObjects, Instance};
 pub use error::{Error, Result};
-pub use input::{DataVolume, KubernetesOptions, Mount, MountSource, Resources, Target, Workload};
+pub use input::{
+    DataVolume, KubernetesOptions, Mount, MountSource, PodContainer, Resources, RestartPolicy, SharedVolume, Target,
+    VolumeMountSpec, Workload,
+};
 /// The shared vocabulary kiln's spec speaks too (kiln-types), re-exported
 /// so callers name the types the [`Workload`] holds.
 pub use kiln_types::firewall::{Firewall, HostPort, Protocol, PublishedPort};

@@ -103,3 +103,104 @@ pub(super) fn check_file_key(key: &str) -> Result<(), String> {
         None => Ok(()),
     }
 }
+
+/// The pod form's own rules: container and volume names DNS labels and
+/// unique, images given, mounts of declared volumes at distinct, valid
+/// paths, working directories absolute.
+pub(super) fn check_pod_form(workload: &crate::Workload) -> Result<(), String> {
+    use std::collections::BTreeSet;
+
+    use kiln_types::syntax::{is_dns_label, is_image_reference};
+    let mut volumes = BTreeSet::new();
+    for volume in &workload.volumes {
+        if !is_dns_label(&volume.name) {
+            return Err(format!("volume name `{}` is not a DNS label", volume.name.escape_debug()));
+        }
+        if !volumes.insert(volume.name.as_str()) {
+            return Err(format!("volume `{}` is declared twice", volume.name));
+        }
+    }
+    let mut names = BTreeSet::new();
+    for container in &workload.containers {
+        let name = &container.name;
+        if !is_dns_label(name) {
+            return Err(format!("container name `{}` is not a DNS label", name.escape_debug()));
+        }
+        if !names.insert(name.as_str()) {
+            return Err(format!("container `{name}` is declared twice"));
+        }
+        if !is_image_reference(&container.image) {
+            return Err(format!(
+                "container `{name}`: image `{}` is empty or holds whitespace",
+                container.image.escape_debug()
+            ));
+        }
+        if let Some(dir) = &container.working_dir
+            && !dir.starts_with('/')
+        {
+            return Err(format!("container `{name}`: working directory `{}` is not absolute", dir.escape_debug()));
+        }
+        let mut paths = BTreeSet::new();
+        for mount in &container.mounts {
+            if !volumes.contains(mount.volume.as_str()) {
+                return Err(format!("container `{name}` mounts volume `{}`, which is not declared", mount.volume));
+            }
+            check_mount_path(&mount.path).map_err(|why| format!("container `{name}`: mount {why}"))?;
+            if !paths.insert(mount.path.trim_end_matches('/')) {
+                return Err(format!("container `{name}` has two mounts at `{}`", mount.path));
+            }
+        }
+    }
+    if workload.containers.iter().all(|container| container.init) {
+        return Err("the pod has no app container, only init containers".to_owned());
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use expect_test::expect;
+
+    use crate::{PodContainer, SharedVolume, Target, VolumeMountSpec, Workload, render};
+
+    fn pod_workload(edit: impl FnOnce(&mut Workload)) -> String {
+        let mut workload = Workload::new("pod", "busybox:1");
+        let mut app = PodContainer::new("app", "busybox:1");
+        app.mounts = vec![VolumeMountSpec { volume: "feed".to_owned(), path: "/feed".to_owned(), read_only: false }];
+        app.user = Some("1000".to_owned());
+        workload.containers = vec![app];
+        workload.volumes = vec![SharedVolume { name: "feed".to_owned(), memory: true, size_limit: None }];
+        edit(&mut workload);
+        match render(&workload, &Target::default()) {
+            Ok(manifests) => format!("ok, warnings: {:?}\n", manifests.warnings),
+            Err(err) => format!("{err}\n"),
+        }
+    }
+
+    #[test]
+    fn a_pod_form_workload_is_checked_before_it_renders() {
+        let actual = [
+            pod_workload(|_| {}),
+            pod_workload(|w| w.containers[0].user = Some("nobody".to_owned())),
+            pod_workload(|w| w.containers.push(PodContainer::new("app", "busybox:1"))),
+            pod_workload(|w| w.containers[0].name = "App".to_owned()),
+            pod_workload(|w| w.containers[0].mounts[0].volume = "food".to_owned()),
+            pod_workload(|w| w.containers[0].mounts[0].path = "/feed/../etc".to_owned()),
+            pod_workload(|w| w.containers[0].init = true),
+            pod_workload(|w| w.containers[0].image = " ".to_owned()),
+            pod_workload(|w| w.volumes.push(w.volumes[0].clone())),
+        ]
+        .concat();
+        expect![[r#"
+            ok, warnings: []
+            ok, warnings: ["container `app`: user `nobody` is a name, which a Pod cannot express (runAsUser takes a number): the image's user runs"]
+            workload `pod`: container `app` is declared twice
+            workload `pod`: container name `App` is not a DNS label
+            workload `pod`: container `app` mounts volume `food`, which is not declared
+            workload `pod`: container `app`: mount `/feed/../etc` has an empty, `.` or `..` component
+            workload `pod`: the pod has no app container, only init containers
+            workload `pod`: container `app`: image ` ` is empty or holds whitespace
+            workload `pod`: volume `feed` is declared twice
+        "#]].assert_eq(&actual);
+    }
+}

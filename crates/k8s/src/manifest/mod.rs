@@ -218,7 +218,9 @@ impl<'a> Context<'a> {
     fn new(workload: &'a Workload, target: &'a Target) -> Result<Context<'a>> {
         let invalid = |why: String| Error::InvalidInput { workload: workload.name.clone(), why };
         let instance = instance_name(&workload.name)?;
-        if workload.image.trim().is_empty() {
+        if !workload.containers.is_empty() {
+            checks::check_pod_form(workload).map_err(invalid)?;
+        } else if workload.image.trim().is_empty() {
             return Err(Error::NoImage { workload: workload.name.clone() });
         }
         if !is_image_reference(&workload.image) {

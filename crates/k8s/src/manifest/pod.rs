@@ -16,7 +16,7 @@ use kiln_types::pod::Toleration;
 use kiln_types::resources::{Confidentiality, Gpu, GpuPolicy};
 
 use super::{CONTAINER_NAME, Context, NAME_ANNOTATION, cpu_quantity, dedup, loopback_url_rewrite, memory_quantity};
-use crate::{Error, Result};
+use crate::{Error, Resources, Result};
 
 /// The extended resource NVIDIA's device plugin serves.
 const GPU_RESOURCE: &str = "nvidia.com/gpu";
@@ -43,7 +43,7 @@ pub(super) fn pod(
     mounts: Vec<VolumeMount>,
     warnings: &mut Vec<String>,
 ) -> Result<Pod> {
-    let env = env(cx, warnings)?;
+    let env = env(cx, &cx.workload.env, warnings)?;
     let mut scheduling = resources(cx)?;
     if let Some(gpu) = cx.workload.resources.gpu.filter(|gpu| gpu.policy != GpuPolicy::None) {
         gpu_scheduling(cx, gpu, &mut scheduling, warnings)?;
@@ -51,7 +51,11 @@ pub(super) fn pod(
     dedup(&mut scheduling.tolerations);
     let runtime_class_name = runtime_class(cx, warnings)?;
     let Scheduling { node_selector, tolerations, requests, limits, affinity } = scheduling;
-    let container = container(cx, env, requests, limits, mounts);
+    let (containers, init_containers) = if cx.workload.containers.is_empty() {
+        (vec![container(cx, env, requests, limits, mounts)], Vec::new())
+    } else {
+        pod_form_containers(cx, limits.get(GPU_RESOURCE), &mounts, warnings)?
+    };
     let (options, security) = (&cx.options, &cx.options.security);
     let mut annotations = options.annotations.clone();
     annotations.insert(NAME_ANNOTATION.to_owned(), cx.workload.name.clone());
@@ -59,8 +63,9 @@ pub(super) fn pod(
     let pod = Pod {
         metadata: ObjectMeta { annotations: Some(annotations), ..cx.meta(cx.instance.clone()) },
         spec: Some(PodSpec {
-            containers: vec![container],
-            restart_policy: Some("Never".to_owned()),
+            containers,
+            init_containers: (!init_containers.is_empty()).then_some(init_containers),
+            restart_policy: Some(cx.workload.restart.as_str().to_owned()),
             // The service gets no Kubernetes API credentials unless the operator names an account.
             automount_service_account_token: Some(options.service_account.is_some()),
             service_account_name: options.service_account.clone(),
@@ -98,11 +103,11 @@ fn k8s_toleration(toleration: Toleration) -> K8sToleration {
 }
 
 /// The environment, with loopback URLs pointed at the host.
-fn env(cx: &Context<'_>, warnings: &mut Vec<String>) -> Result<Vec<EnvVar>> {
+fn env(cx: &Context<'_>, vars: &[(String, String)], warnings: &mut Vec<String>) -> Result<Vec<EnvVar>> {
     let host_address = cx.target.host_address;
     let mut env = Vec::new();
     let mut env_names = BTreeSet::new();
-    for (name, value) in &cx.workload.env {
+    for (name, value) in vars {
         if name.is_empty() || name.contains('=') {
             return Err(cx.invalid(format!("environment variable name `{name}` is not valid")));
         }
@@ -133,22 +138,103 @@ fn resources(cx: &Context<'_>) -> Result<Scheduling> {
         limits: BTreeMap::new(),
         affinity: None,
     };
-    let resources = &cx.workload.resources;
+    if cx.workload.containers.is_empty() {
+        (scheduling.requests, scheduling.limits) = quantities(cx, &cx.workload.resources)?;
+    }
+    Ok(scheduling)
+}
+
+/// CPU and memory requests and (equal) limits.
+fn quantities(
+    cx: &Context<'_>,
+    resources: &Resources,
+) -> Result<(BTreeMap<String, Quantity>, BTreeMap<String, Quantity>)> {
+    let (mut requests, mut limits) = (BTreeMap::new(), BTreeMap::new());
     if let Some(millicpus) = resources.millicpus {
         if millicpus == 0 {
             return Err(cx.invalid("0 CPUs requested".to_owned()));
         }
-        scheduling.requests.insert("cpu".to_owned(), cpu_quantity(millicpus));
-        scheduling.limits.insert("cpu".to_owned(), cpu_quantity(millicpus));
+        requests.insert("cpu".to_owned(), cpu_quantity(millicpus));
+        limits.insert("cpu".to_owned(), cpu_quantity(millicpus));
     }
     if let Some(memory) = resources.memory_bytes {
         if memory == 0 {
             return Err(cx.invalid("0 bytes of memory requested".to_owned()));
         }
-        scheduling.requests.insert("memory".to_owned(), memory_quantity(memory));
-        scheduling.limits.insert("memory".to_owned(), memory_quantity(memory));
+        requests.insert("memory".to_owned(), memory_quantity(memory));
+        limits.insert("memory".to_owned(), memory_quantity(memory));
     }
-    Ok(scheduling)
+    Ok((requests, limits))
+}
+
+/// The pod form's app and init containers (in order), each with its own
+/// image, args, env, resources, user and mounts. `gpu` (a limit) goes to
+/// the first app container, the published ports to the last (`containerPort`
+/// is informational: the Service targets the port number); `scratch` (the
+/// `/tmp` of a read-only root) to every container without a mount there.
+fn pod_form_containers(
+    cx: &Context<'_>,
+    gpu: Option<&Quantity>,
+    scratch: &[VolumeMount],
+    warnings: &mut Vec<String>,
+) -> Result<(Vec<Container>, Vec<Container>)> {
+    let last_app = cx.workload.containers.iter().rposition(|c| !c.init);
+    let first_app = cx.workload.containers.iter().position(|c| !c.init);
+    let (mut apps, mut inits) = (Vec::new(), Vec::new());
+    for (index, spec) in cx.workload.containers.iter().enumerate() {
+        let env = env(cx, &spec.env, warnings)?;
+        let (requests, mut limits) = quantities(cx, &spec.resources)?;
+        if let Some(gpu) = gpu.filter(|_| Some(index) == first_app) {
+            limits.insert(GPU_RESOURCE.to_owned(), gpu.clone());
+        }
+        let mut mounts: Vec<VolumeMount> = spec
+            .mounts
+            .iter()
+            .map(|m| VolumeMount {
+                name: m.volume.clone(),
+                mount_path: m.path.clone(),
+                read_only: m.read_only.then_some(true),
+                ..VolumeMount::default()
+            })
+            .collect();
+        let has_tmp = |mounts: &[VolumeMount]| mounts.iter().any(|m| m.mount_path.trim_end_matches('/') == "/tmp");
+        if !has_tmp(&mounts) {
+            mounts.extend(scratch.iter().cloned());
+        }
+        let mut container = container(cx, env, requests, limits, mounts);
+        container.name = spec.name.clone();
+        container.image = Some(spec.image.clone());
+        container.command = None;
+        container.args = (!spec.args.is_empty()).then(|| spec.args.clone());
+        container.working_dir = spec.working_dir.clone();
+        if Some(index) != last_app {
+            container.ports = None;
+        }
+        if let Some(user) = &spec.user {
+            match numeric_user(user) {
+                Some((uid, gid)) => {
+                    let security = container.security_context.get_or_insert_with(SecurityContext::default);
+                    security.run_as_user = Some(uid);
+                    security.run_as_group = gid;
+                }
+                None => warnings.push(format!(
+                    "container `{}`: user `{user}` is a name, which a Pod cannot express (runAsUser takes a number): the image's user runs",
+                    spec.name
+                )),
+            }
+        }
+        if spec.init { inits.push(container) } else { apps.push(container) }
+    }
+    Ok((apps, inits))
+}
+
+/// `UID` or `UID:GID`, both numbers.
+fn numeric_user(user: &str) -> Option<(i64, Option<i64>)> {
+    let number = |text: &str| text.parse::<u32>().ok().map(i64::from);
+    match user.split_once(':') {
+        None => Some((number(user)?, None)),
+        Some((uid, gid)) => Some((number(uid)?, Some(number(gid)?))),
+    }
 }
 
 /// A GPU requirement: `required` asks the device plugin for the GPUs and

@@ -24,7 +24,8 @@ pub(super) struct Volumes {
     pub(super) config_maps: Vec<ConfigMap>,
     /// The Pod's volumes.
     pub(super) volumes: Vec<Volume>,
-    /// The container's mounts of them.
+    /// The container's mounts of them (in the pod form, only the scratch
+    /// `/tmp`, which every container without a mount there gets).
     pub(super) mounts: Vec<VolumeMount>,
     /// Volume names taken so far.
     names: BTreeSet<String>,
@@ -36,11 +37,26 @@ pub(super) struct Volumes {
 /// absolute and normalised, inline trees within [`MAX_INLINE_BYTES`].
 pub(super) fn volumes(cx: &Context<'_>, warnings: &mut Vec<String>) -> Result<Volumes> {
     let mut out = Volumes::default();
-    for mount in &cx.workload.mounts {
-        out.add_mount(cx, mount, warnings)?;
+    if cx.workload.containers.is_empty() {
+        for mount in &cx.workload.mounts {
+            out.add_mount(cx, mount, warnings)?;
+        }
+        if let Some(data) = &cx.workload.data_volume {
+            out.add_data(cx, data)?;
+        }
     }
-    if let Some(data) = &cx.workload.data_volume {
-        out.add_data(cx, data)?;
+    for shared in &cx.workload.volumes {
+        // Mounted per container (see `pod::pod_form_containers`).
+        out.names.insert(shared.name.clone());
+        out.volumes.push(Volume {
+            name: shared.name.clone(),
+            empty_dir: Some(EmptyDirVolumeSource {
+                medium: shared.memory.then(|| "Memory".to_owned()),
+                size_limit: shared.size_limit.map(memory_quantity),
+                ..EmptyDirVolumeSource::default()
+            }),
+            ..Volume::default()
+        });
     }
     if !cx.options.security.writable_root_filesystem && !out.paths.contains("/tmp") && !out.names.contains("tmp") {
         // A read-only root still needs somewhere to write scratch files.
