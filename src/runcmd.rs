@@ -235,7 +235,12 @@ pub(crate) fn render(args: &RenderArgs) -> Result<ExitCode> {
         Target::Vm if args.namespace.is_some() || args.placement.any() => {
             bail!("--namespace, --defaults and --host-address are for --target k8s")
         }
-        Target::Vm => render_vm(&Spec::load(&args.spec)?, args),
+        Target::Vm => {
+            let spec = Spec::load(&args.spec)?;
+            // What a VM of a pod would be is not decided yet: no command line for one.
+            kiln::refuse_pod(&spec, &args.spec)?;
+            render_vm(&spec, args)
+        }
         Target::K8s => crate::k8scmd::render(&args.spec, &args.placement, args.namespace.as_deref()),
     }
 }

@@ -58,3 +58,16 @@ fn kiln_run_of_a_pod_fails_naming_the_spec_and_writes_no_state() {
     assert!(String::from_utf8_lossy(&output.stderr).contains(example.to_str().unwrap()), "names the spec");
     assert!(!state.path().join("state").join("vms").exists(), "no VM state is written");
 }
+
+#[test]
+fn kiln_render_for_a_vm_of_a_pod_fails_naming_the_spec() {
+    let example = repo_root().join("examples/pod/kiln.toml");
+    let output = Command::new(env!("CARGO_BIN_EXE_kiln"))
+        .args(["render", "--target", "vm", "--vmm", "qemu"])
+        .arg(&example)
+        .env("KILN_STATE_DIR", tempfile::tempdir().unwrap().path().join("state"))
+        .output()
+        .unwrap();
+    assert_error(&output, 1, "is not yet run in a VM");
+    assert!(String::from_utf8_lossy(&output.stderr).contains(example.to_str().unwrap()), "names the spec");
+}
