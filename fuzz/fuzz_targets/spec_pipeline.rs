@@ -5,6 +5,9 @@
 //! whatever renders must serialize as YAML, and every object name it
 //! emits must be a DNS label.
 //!
+//! The pod form (`Spec::pod`) is read too; `fuzz/seeds/spec_pipeline/pod`
+//! is the three-container example.
+//!
 //! The input is `SPEC \0 DEFAULTS`. `service.files` is cleared before the
 //! conversion so the fuzzer never reads the host's files.
 #![no_main]
@@ -19,6 +22,7 @@ fuzz_target!(|data: &[u8]| {
     let (spec_text, defaults_text) = text.split_once('\0').unwrap_or((text, ""));
     let Ok(mut spec) = Spec::parse(spec_text, Path::new("/fuzz/kiln.toml")) else { return };
     let _ = spec.guest_env(std::net::Ipv4Addr::new(10, 0, 0, 1));
+    let _ = spec.pod();
     spec.service.files.clear();
     let Ok(converted) = kiln::workload(&spec) else { return };
     let Ok(defaults) = ClusterDefaults::parse(defaults_text, Path::new("/fuzz/defaults.toml")) else { return };
