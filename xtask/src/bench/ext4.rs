@@ -28,7 +28,7 @@ use super::chart::BarChart;
 use super::fat::{generate_workload as generate_service_disk, write_random_file};
 use super::{
     Machine, Options, PeerRuns, Sample, Target, XorShift, kib_to_mib, measure, print_targets_and_markdown_heading,
-    remove_path, render_table, sync_filesystems,
+    remove_path, render_table, small_file, small_file_pool, sync_filesystems,
 };
 use crate::json::Json;
 use crate::{announce, cargo, debian, format_bytes, run_command, show_command, target_dir};
@@ -37,9 +37,6 @@ const SMALL_DIRS: usize = 1_000;
 const SMALL_FILES_PER_DIR: usize = 120;
 const ONE_DIR_ENTRIES: usize = 100_000;
 const SMALL_SEED: u64 = 0x0065_7874_3462;
-/// Small files are cut from one pool of random bytes, so generating 120,000
-/// of them costs their writes, not the PRNG.
-const POOL_BYTES: usize = 1 << 20;
 /// The memory run: this many files of `BIG_FILE_BYTES`.
 const BIG_FILES: usize = 4;
 const BIG_FILE_BYTES: u64 = 256 << 20;
@@ -119,22 +116,16 @@ impl Workload {
 /// 16 KiB, 1% of 16 to 128 KiB, as in a source tree.
 fn generate_small_files(work: &Path) -> Result<u64> {
     let mut random = XorShift::new(SMALL_SEED);
-    let mut pool = vec![0u8; POOL_BYTES];
-    random.fill(&mut pool);
+    let pool = small_file_pool(&mut random);
     let mut total = 0u64;
     for dir_index in 0..SMALL_DIRS {
         let dir = work.join(format!("d{dir_index:04}"));
         fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
         for file_index in 0..SMALL_FILES_PER_DIR {
-            let size = match random.next() % 100 {
-                0..85 => random.next() % 4096,
-                85..99 => 4096 + random.next() % (12 << 10),
-                _ => (16 << 10) + random.next() % (112 << 10),
-            } as usize;
-            let start = (random.next() % (POOL_BYTES - size) as u64) as usize;
+            let bytes = small_file(&mut random, &pool);
             let path = dir.join(format!("file{file_index:03}.rs"));
-            fs::write(&path, &pool[start..start + size]).with_context(|| format!("cannot write {}", path.display()))?;
-            total += size as u64;
+            fs::write(&path, bytes).with_context(|| format!("cannot write {}", path.display()))?;
+            total += bytes.len() as u64;
         }
     }
     Ok(total)

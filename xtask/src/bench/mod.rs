@@ -472,6 +472,29 @@ impl XorShift {
     }
 }
 
+/// Small files are cut from one pool of random bytes, so generating many
+/// thousands of them costs their writes, not the PRNG.
+const SMALL_FILE_POOL_BYTES: usize = 1 << 20;
+
+/// The pool [`small_file`] cuts from, filled by `random`.
+fn small_file_pool(random: &mut XorShift) -> Vec<u8> {
+    let mut pool = vec![0u8; SMALL_FILE_POOL_BYTES];
+    random.fill(&mut pool);
+    pool
+}
+
+/// One small file's bytes, sized as a source tree's are (85% under 4 KiB,
+/// 14% up to 16 KiB, 1% up to 128 KiB), cut from `pool` at a random offset.
+fn small_file<'p>(random: &mut XorShift, pool: &'p [u8]) -> &'p [u8] {
+    let size = match random.next() % 100 {
+        0..85 => random.next() % 4096,
+        85..99 => 4096 + random.next() % (12 << 10),
+        _ => (16 << 10) + random.next() % (112 << 10),
+    } as usize;
+    let start = (random.next() % (pool.len() - size) as u64) as usize;
+    &pool[start..start + size]
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -35,7 +35,8 @@ use anyhow::{Context, Result, bail};
 use super::chart::BarChart;
 use super::ext4::{e2fsck, features_of, mke2fs_command};
 use super::{
-    Machine, Options, PeerRuns, Sample, Target, XorShift, measure, print_report, remove_path, sync_filesystems,
+    Machine, Options, PeerRuns, Sample, Target, XorShift, measure, print_report, remove_path, small_file,
+    small_file_pool, sync_filesystems,
 };
 use crate::json::Json;
 use crate::{announce, cargo, debian, format_bytes, run_command, show_command, target_dir};
@@ -47,8 +48,6 @@ const FILES_PER_DIR: usize = 38;
 const SYMLINKS: usize = 300;
 const HARD_LINKS: usize = 200;
 const FILES_SEED: u64 = 0x6f63_6966_696c_6573;
-/// Small files are cut from one pool of random bytes (as in `bench ext4`).
-const POOL_BYTES: usize = 1 << 20;
 /// The app layer: one binary and a few configuration files.
 const APP_BINARY_BYTES: usize = 4 << 20;
 const APP_CONFIG_FILES: usize = 50;
@@ -199,21 +198,15 @@ fn files_layout(images: &Path) -> Result<PathBuf> {
 /// to files in other directories: 10,000 non-directory entries.
 fn write_files(root: &Path) -> Result<()> {
     let mut random = XorShift::new(FILES_SEED);
-    let mut pool = vec![0u8; POOL_BYTES];
-    random.fill(&mut pool);
+    let pool = small_file_pool(&mut random);
     let file = |dir: usize, index: usize| format!("d{dir:03}/file{index:02}");
     for dir in 0..FILE_DIRS {
         let path = root.join(format!("d{dir:03}"));
         fs::create_dir_all(&path).with_context(|| format!("cannot create {}", path.display()))?;
         for index in 0..FILES_PER_DIR {
-            let size = match random.next() % 100 {
-                0..85 => random.next() % 4096,
-                85..99 => 4096 + random.next() % (12 << 10),
-                _ => (16 << 10) + random.next() % (112 << 10),
-            } as usize;
-            let start = (random.next() % (POOL_BYTES - size) as u64) as usize;
+            let bytes = small_file(&mut random, &pool);
             let path = root.join(file(dir, index));
-            fs::write(&path, &pool[start..start + size]).with_context(|| format!("cannot write {}", path.display()))?;
+            fs::write(&path, bytes).with_context(|| format!("cannot write {}", path.display()))?;
             if (dir * FILES_PER_DIR + index) % 7 == 0 {
                 std::os::unix::fs::chown(&path, Some(1000), Some(1000))?;
                 fs::set_permissions(&path, fs::Permissions::from_mode(0o600))?;
